@@ -1,0 +1,121 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! cloud = "primary-cloud"        # the protection container this host is in
+//!
+//! [[machines]]                   # source role: physical servers to offer
+//! name = "web01"
+//! disks = [ { name = "disk0", path = "/var/lib/images/web01.img" } ]
+//!
+//! [target]                       # target role: keep a replica store
+//! listen = "127.0.0.1:0"         # data endpoint (TLS, vault-issued certificates)
+//! store = "/srv/siterec/store"   # default: DATA/store
+//! failover_dir = "/srv/failover" # default: DATA/failover
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The protection container ("cloud") of this host.
+    pub cloud: String,
+    /// Heartbeat interval in milliseconds (default 1000).
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+    #[serde(default)]
+    pub machines: Vec<MachineConfig>,
+    #[serde(default)]
+    pub target: Option<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    pub name: String,
+    pub disks: Vec<DiskConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub store: Option<PathBuf>,
+    #[serde(default)]
+    pub failover_dir: Option<PathBuf>,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<AgentConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the agent config {}", path.display()))?;
+        let cfg: AgentConfig = toml::from_str(&text)
+            .with_context(|| format!("the agent config {} is not valid", path.display()))?;
+        cfg.validate()
+            .with_context(|| format!("the agent config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use siterec_core::names::check_name;
+        check_name("cloud", &self.cloud)?;
+        let mut names = std::collections::HashSet::new();
+        for m in &self.machines {
+            check_name("machine", &m.name)?;
+            if !names.insert(m.name.to_ascii_lowercase()) {
+                anyhow::bail!("machine '{}' is listed twice", m.name);
+            }
+            if m.disks.is_empty() {
+                anyhow::bail!("machine '{}' has no disks: list at least one", m.name);
+            }
+            let mut disks = std::collections::HashSet::new();
+            for d in &m.disks {
+                check_name("disk", &d.name)?;
+                if !disks.insert(d.name.to_ascii_lowercase()) {
+                    anyhow::bail!("machine '{}' lists disk '{}' twice", m.name, d.name);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let cfg: AgentConfig = toml::from_str(
+            r#"
+cloud = "primary-cloud"
+[[machines]]
+name = "web01"
+disks = [ { name = "disk0", path = "/tmp/x.img" } ]
+[target]
+listen = "127.0.0.1:0"
+"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.machines[0].disks[0].name, "disk0");
+        assert!(cfg.target.is_some());
+
+        let bad: AgentConfig =
+            toml::from_str("cloud = \"c\"\n[[machines]]\nname = \"m\"\ndisks = []\n").unwrap();
+        assert!(bad.validate().unwrap_err().to_string().contains("no disks"));
+        assert!(toml::from_str::<AgentConfig>("cloud = \"c\"\nunknown = 1\n").is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! The siterec agent: one daemon per host.
+//!
+//! It enrols once with a registration key ([`identity`]), then opens every
+//! connection itself: heartbeats to the vault carry its inventory and
+//! counters and bring back tasks and replication assignments. In the source
+//! role ([`source`]) it replicates machines to their target agent; in the
+//! target role ([`target`]) it keeps a replica store, receives chunks and
+//! points from source agents, and materializes recovery points on failover.
+
+pub mod config;
+pub mod identity;
+pub mod source;
+pub mod target;
+mod util;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use siterec_core::wire::{
+    AgentTask, DiskInfo, HeartbeatRequest, HeartbeatResponse, ItemCounters, MachineInfo,
+    ReplicationAssignment, TaskResult,
+};
+use siterec_drivers::capture::DiskSource;
+use tokio::sync::watch;
+
+pub use config::AgentConfig;
+
+/// How to run an agent.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub data_dir: PathBuf,
+    /// Registration key file; needed only for the first start.
+    pub key_file: Option<PathBuf>,
+    pub config: AgentConfig,
+}
+
+/// Written to `DATA/status.json` after every heartbeat and cycle.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    pub agent_id: String,
+    pub fabric: String,
+    #[serde(default)]
+    pub data_url: Option<String>,
+    pub last_heartbeat_ms: Option<i64>,
+    #[serde(default)]
+    pub last_heartbeat_error: Option<String>,
+    pub items: BTreeMap<String, ItemCounters>,
+}
+
+impl AgentStatus {
+    pub fn read(data_dir: &Path) -> anyhow::Result<AgentStatus> {
+        let path = data_dir.join("status.json");
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "reading {} (has the agent started with this --data directory?)",
+                path.display()
+            )
+        })?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} is not an agent status file", path.display()))
+    }
+}
+
+struct Replication {
+    assignment: ReplicationAssignment,
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(
+    opts: AgentOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    siterec_pki::install_crypto_provider();
+    let data = opts.data_dir.clone();
+    std::fs::create_dir_all(&data)
+        .with_context(|| format!("creating the agent data directory {}", data.display()))?;
+    let cfg = opts.config.clone();
+    let mut extra_names = Vec::new();
+    if let Some(t) = &cfg.target
+        && !t.listen.ip().is_unspecified()
+    {
+        extra_names.push(t.listen.ip().to_string());
+    }
+    let id = identity::load_or_enrol(&data, opts.key_file.as_deref(), &extra_names).await?;
+    let client = siterec_pki::reqwest_client(
+        &id.ca_pem,
+        Some((&id.cert_pem, &id.key_pem)),
+        Duration::from_secs(120),
+    )?;
+
+    // Target role.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut target = None;
+    let mut data_url = None;
+    let mut server = None;
+    if let Some(t) = &cfg.target {
+        let store_dir = t.store.clone().unwrap_or_else(|| data.join("store"));
+        let failover_dir = t
+            .failover_dir
+            .clone()
+            .unwrap_or_else(|| data.join("failover"));
+        let tg = target::Target::open(&store_dir, failover_dir).await?;
+        let listener = tokio::net::TcpListener::bind(t.listen)
+            .await
+            .with_context(|| format!("binding the data endpoint {}", t.listen))?;
+        let addr = listener.local_addr()?;
+        let host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            addr.ip().to_string()
+        };
+        data_url = Some(format!("https://{host}:{}", addr.port()));
+        let tls = siterec_pki::server_config(
+            &id.cert_pem,
+            &id.key_pem,
+            Some(&id.ca_pem),
+            siterec_pki::ClientAuth::Required,
+        )?;
+        let router = tg.router();
+        let mut rx = stop_rx.clone();
+        server = Some(tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = siterec_pki::serve(listener, Some(tls), router, stop).await {
+                tracing::error!("data endpoint stopped: {e}");
+            }
+        }));
+        target = Some(tg);
+    }
+
+    let counters = Arc::new(Mutex::new(BTreeMap::<String, ItemCounters>::new()));
+    if let Ok(prev) = AgentStatus::read(&data)
+        && let Ok(mut c) = counters.lock()
+    {
+        *c = prev.items;
+    }
+    let ctx = Arc::new(source::SourceCtx {
+        data_dir: data.clone(),
+        client: client.clone(),
+        vault_url: id.agent_url.clone(),
+        counters: counters.clone(),
+    });
+    let mut status = AgentStatus {
+        agent_id: id.agent_id.clone(),
+        fabric: id.fabric.clone(),
+        data_url: data_url.clone(),
+        ..Default::default()
+    };
+    let mut replications: HashMap<String, Replication> = HashMap::new();
+    let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let finished_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let period = Duration::from_millis(cfg.heartbeat_ms.unwrap_or(1000).max(100));
+    tracing::info!(agent = %id.agent_id, fabric = %id.fabric, data_url = ?data_url, "agent running");
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let req = HeartbeatRequest {
+            cloud: cfg.cloud.clone(),
+            machines: inventory(&cfg),
+            data_url: data_url.clone(),
+            counters: counters.lock().map(|c| c.clone()).unwrap_or_default(),
+        };
+        match heartbeat(&client, &id.agent_url, &req).await {
+            Ok(resp) => {
+                status.last_heartbeat_ms = Some(util::now_ms());
+                status.last_heartbeat_error = None;
+                reconcile(&ctx, &mut replications, resp.replications);
+                for task in resp.tasks {
+                    start_task(
+                        &client,
+                        &id.agent_url,
+                        target.clone(),
+                        task,
+                        &running_tasks,
+                        &finished_tasks,
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!("heartbeat failed: {e:#}");
+                status.last_heartbeat_error = Some(format!("{e:#}"));
+            }
+        }
+        status.items = counters.lock().map(|c| c.clone()).unwrap_or_default();
+        if let Ok(bytes) = serde_json::to_vec_pretty(&status)
+            && let Err(e) = util::write_atomically(&data.join("status.json"), &bytes)
+        {
+            tracing::warn!("writing the status file: {e:#}");
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+
+    tracing::info!("agent stopping");
+    for (_, r) in replications.drain() {
+        let _ = r.stop.send(true);
+        r.handle.abort();
+    }
+    let _ = stop_tx.send(true);
+    if let Some(s) = server {
+        let _ = s.await;
+    }
+    if let Some(t) = target {
+        t.store.sync().await.context("syncing the replica store")?;
+    }
+    Ok(())
+}
+
+/// The machines of the config, with their disks' sizes; a disk that cannot
+/// be opened marks its machine with an error instead of failing the agent.
+fn inventory(cfg: &AgentConfig) -> Vec<MachineInfo> {
+    cfg.machines
+        .iter()
+        .map(|m| {
+            let mut disks = Vec::new();
+            let mut error = None;
+            for d in &m.disks {
+                match DiskSource::open(&d.path) {
+                    Ok(src) => disks.push(DiskInfo {
+                        name: d.name.clone(),
+                        path: d.path.display().to_string(),
+                        size_bytes: src.size(),
+                    }),
+                    Err(e) => {
+                        error = Some(format!("disk '{}': {e}", d.name));
+                        disks.push(DiskInfo {
+                            name: d.name.clone(),
+                            path: d.path.display().to_string(),
+                            size_bytes: 0,
+                        });
+                    }
+                }
+            }
+            MachineInfo {
+                name: m.name.clone(),
+                kind: "PhysicalServer".into(),
+                disks,
+                error,
+            }
+        })
+        .collect()
+}
+
+async fn heartbeat(
+    client: &reqwest::Client,
+    vault: &str,
+    req: &HeartbeatRequest,
+) -> anyhow::Result<HeartbeatResponse> {
+    let url = format!("{vault}/agent/v1/heartbeat");
+    let resp = client
+        .post(&url)
+        .json(req)
+        .send()
+        .await
+        .with_context(|| format!("contacting the vault at {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        anyhow::bail!(
+            "the vault answered {status}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    resp.json().await.context("reading the heartbeat answer")
+}
+
+/// Starts replicators for new assignments, restarts changed ones and stops
+/// those the vault no longer lists.
+fn reconcile(
+    ctx: &Arc<source::SourceCtx>,
+    running: &mut HashMap<String, Replication>,
+    wanted: Vec<ReplicationAssignment>,
+) {
+    let wanted: HashMap<String, ReplicationAssignment> =
+        wanted.into_iter().map(|a| (a.item.clone(), a)).collect();
+    running.retain(|item, r| {
+        let keep = wanted.get(item).is_some_and(|a| *a == r.assignment) && !r.handle.is_finished();
+        if !keep {
+            tracing::info!(item, "stopping replication");
+            let _ = r.stop.send(true);
+        }
+        keep
+    });
+    for (item, a) in wanted {
+        if running.contains_key(&item) {
+            continue;
+        }
+        tracing::info!(item = %item, target = %a.target_url, "starting replication");
+        let (stop, rx) = watch::channel(false);
+        let handle = tokio::spawn(source::run_item(ctx.clone(), a.clone(), rx));
+        running.insert(
+            item,
+            Replication {
+                assignment: a,
+                stop,
+                handle,
+            },
+        );
+    }
+}
+
+fn start_task(
+    client: &reqwest::Client,
+    vault: &str,
+    target: Option<Arc<target::Target>>,
+    task: AgentTask,
+    running: &Arc<Mutex<HashSet<String>>>,
+    finished: &Arc<Mutex<HashSet<String>>>,
+) {
+    {
+        let Ok(mut r) = running.lock() else { return };
+        let done = finished
+            .lock()
+            .map(|f| f.contains(&task.id))
+            .unwrap_or(false);
+        if done || !r.insert(task.id.clone()) {
+            return;
+        }
+    }
+    let client = client.clone();
+    let url = format!("{vault}/agent/v1/tasks/{}/result", task.id);
+    let running = running.clone();
+    let finished = finished.clone();
+    tokio::spawn(async move {
+        tracing::info!(task = %task.id, "running task {:?}", task.work);
+        let result = match &target {
+            Some(t) => t.run_task(&task.work).await,
+            None => Err(anyhow::anyhow!(
+                "this agent has no replica store (no [target] section in its config)"
+            )),
+        };
+        let body = match result {
+            Ok(output) => TaskResult {
+                ok: true,
+                error: None,
+                output,
+            },
+            Err(e) => {
+                tracing::warn!(task = %task.id, "task failed: {e:#}");
+                TaskResult {
+                    ok: false,
+                    error: Some(format!("{e:#}")),
+                    output: serde_json::Value::Null,
+                }
+            }
+        };
+        // Post the result until the vault has it.
+        for attempt in 0..60u32 {
+            match client.post(&url).json(&body).send().await {
+                Ok(r) if r.status().is_success() || r.status().is_client_error() => break,
+                Ok(r) => tracing::warn!(task = %task.id, "posting the result: {}", r.status()),
+                Err(e) => tracing::warn!(task = %task.id, "posting the result: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt.min(10) + 1))).await;
+        }
+        if let Ok(mut f) = finished.lock() {
+            f.insert(task.id.clone());
+        }
+        if let Ok(mut r) = running.lock() {
+            r.remove(&task.id);
+        }
+    });
+}

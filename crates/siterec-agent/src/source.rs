@@ -1,0 +1,413 @@
+//! The source role: replicate one machine's disks to its target, one cycle
+//! every copy frequency.
+//!
+//! A cycle scans each disk in fixed-size blocks, compares each block's hash
+//! with the state the target last acknowledged, and ships only the blocks
+//! that changed (compressed, as store chunks). It then sends the recovery
+//! point's manifest; once the target has committed it durably, the new
+//! state is saved (durably) and the point is reported to the vault.
+//!
+//! Crash points: a cycle killed before the commit leaves chunks at the
+//! target but no point; the next cycle starts from the same acknowledged
+//! state and re-sends what changed. Killed after the commit but before the
+//! state is saved: the next cycle compares with an older state and re-sends
+//! a little more than needed. Killed before the vault heard of the point:
+//! the report is kept in a pending file and re-sent. When the saved state is
+//! missing or damaged, the cycle resynchronizes: it asks the target which
+//! chunks it already has and sends only the others.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use siterec_core::Consistency;
+use siterec_core::wire::{CommitRefused, ItemCounters, PointReport, ReplicationAssignment};
+use siterec_drivers::capture::{
+    BlockHash, DiskSource, ScanOptions, decode_hashes, encode_hashes, scan,
+};
+use siterec_store::{ChunkId, DiskManifest, Manifest, encode_chunk};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::util::{now_ms, write_durably};
+
+/// Block (chunk) size of replicated disks.
+pub const CHUNK_SIZE: u32 = 256 * 1024;
+/// Chunk uploads in flight per disk.
+const UPLOAD_STREAMS: usize = 4;
+
+/// What every replicator of an agent shares.
+pub struct SourceCtx {
+    pub data_dir: PathBuf,
+    /// mTLS client (vault CA, this agent's certificate).
+    pub client: reqwest::Client,
+    pub vault_url: String,
+    pub counters: Arc<Mutex<BTreeMap<String, ItemCounters>>>,
+}
+
+impl SourceCtx {
+    fn state_dir(&self, item: &str) -> PathBuf {
+        self.data_dir.join("state").join(item)
+    }
+
+    fn update(&self, item: &str, f: impl FnOnce(&mut ItemCounters)) {
+        if let Ok(mut c) = self.counters.lock() {
+            f(c.entry(item.to_string()).or_default());
+        }
+    }
+}
+
+/// Replicates one item until `stop` turns true.
+pub async fn run_item(
+    ctx: Arc<SourceCtx>,
+    a: ReplicationAssignment,
+    mut stop: watch::Receiver<bool>,
+) {
+    if let Some(nb) = a.not_before {
+        let wait = nb * 1000 - now_ms();
+        if wait > 0 {
+            tracing::info!(item = %a.item, "initial replication scheduled in {} s", wait / 1000);
+            if sleep_or_stop(&mut stop, Duration::from_millis(wait as u64)).await {
+                return;
+            }
+        }
+    }
+    let period = Duration::from_secs(u64::from(a.copy_frequency_secs.max(1)));
+    loop {
+        let started = Instant::now();
+        if let Err(e) = flush_pending_reports(&ctx, &a.item).await {
+            tracing::warn!(item = %a.item, "reporting points to the vault: {e:#}");
+        }
+        match cycle(&ctx, &a).await {
+            Ok(point) => {
+                tracing::info!(item = %a.item, point = %point, "recovery point committed");
+                ctx.update(&a.item, |c| c.last_error = None);
+            }
+            Err(e) => {
+                tracing::warn!(item = %a.item, "replication cycle failed: {e:#}");
+                ctx.update(&a.item, |c| {
+                    c.failed_cycles += 1;
+                    c.last_error = Some(format!("{e:#}"));
+                });
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        // A failed cycle is retried sooner than a full period.
+        let failed = ctx
+            .counters
+            .lock()
+            .map(|c| c.get(&a.item).is_some_and(|c| c.last_error.is_some()))
+            .unwrap_or(false);
+        let wait = if failed {
+            period.min(Duration::from_secs(5))
+        } else {
+            period
+        };
+        let wait = wait.saturating_sub(started.elapsed());
+        if sleep_or_stop(&mut stop, wait).await {
+            return;
+        }
+    }
+}
+
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        r = stop.changed() => r.is_err() || *stop.borrow(),
+    }
+}
+
+struct DiskResult {
+    manifest: DiskManifest,
+    hashes: Vec<BlockHash>,
+    consistent: bool,
+    bytes_read: u64,
+    bytes_sent: u64,
+    chunks_sent: u64,
+}
+
+/// One replication cycle; returns the committed point's id.
+pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result<String> {
+    let state_dir = ctx.state_dir(&a.item);
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let created_ms = now_ms();
+    let before = disk_stamps(a);
+    let mut results = Vec::new();
+    for disk in &a.disks {
+        results.push(replicate_disk(ctx, a, &state_dir, &disk.name, Path::new(&disk.path)).await?);
+    }
+    // Disks are read one after another: the point is crash-consistent
+    // across disks only if none of them changed during the whole cycle.
+    let across = a.disks.len() <= 1 || before == disk_stamps(a);
+    let consistency = if across && results.iter().all(|r| r.consistent) {
+        Consistency::CrashConsistent
+    } else {
+        Consistency::Inconsistent
+    };
+    let point_id = format!(
+        "{created_ms}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let manifest = Manifest {
+        item: a.item.clone(),
+        point_id: point_id.clone(),
+        created_at_unix_ms: created_ms,
+        consistency,
+        disks: results.iter().map(|r| r.manifest.clone()).collect(),
+    };
+    let url = format!("{}/data/v1/items/{}/points", a.target_url, a.item);
+    let resp = ctx
+        .client
+        .post(&url)
+        .body(manifest.encode())
+        .send()
+        .await
+        .with_context(|| format!("sending the recovery point to the target {url}"))?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::CONFLICT {
+        let refused: Option<CommitRefused> = resp.json().await.ok();
+        // The target lacks chunks this agent believed it had: forget the
+        // saved state so that the next cycle resynchronizes.
+        for disk in &a.disks {
+            let _ = std::fs::remove_file(state_dir.join(format!("{}.hashes", disk.name)));
+        }
+        bail!(
+            "the target refused the point: {}; the next cycle resynchronizes",
+            refused
+                .map(|r| r.message)
+                .unwrap_or_else(|| "conflict".into())
+        );
+    }
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        bail!("the target refused the point ({status}): {body}");
+    }
+    // The target has the point durably: this is the new acknowledged state.
+    for (disk, r) in a.disks.iter().zip(&results) {
+        write_durably(
+            &state_dir.join(format!("{}.hashes", disk.name)),
+            &encode_hashes(&r.hashes),
+            0o600,
+        )?;
+    }
+    let bytes_sent: u64 = results.iter().map(|r| r.bytes_sent).sum();
+    let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
+    let chunks_sent: u64 = results.iter().map(|r| r.chunks_sent).sum();
+    ctx.update(&a.item, |c| {
+        c.cycles += 1;
+        c.bytes_read += bytes_read;
+        c.bytes_sent += bytes_sent;
+        c.chunks_sent += chunks_sent;
+        c.last_cycle_bytes_read = bytes_read;
+        c.last_cycle_bytes_sent = bytes_sent;
+        c.last_cycle_chunks_sent = chunks_sent;
+        c.last_point_id = Some(point_id.clone());
+    });
+    let report = PointReport {
+        item: a.item.clone(),
+        point_id: point_id.clone(),
+        created_at_ms: created_ms,
+        consistency,
+        bytes_sent,
+        bytes_read,
+    };
+    add_pending_report(&state_dir, report)?;
+    flush_pending_reports(ctx, &a.item).await?;
+    Ok(point_id)
+}
+
+/// (mtime, ctime) of each disk, to notice writes across a multi-disk cycle.
+fn disk_stamps(a: &ReplicationAssignment) -> Vec<Option<(i64, i64, i64, i64)>> {
+    use std::os::unix::fs::MetadataExt;
+    a.disks
+        .iter()
+        .map(|d| {
+            std::fs::metadata(&d.path)
+                .ok()
+                .map(|m| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+        })
+        .collect()
+}
+
+async fn replicate_disk(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    disk_name: &str,
+    path: &Path,
+) -> anyhow::Result<DiskResult> {
+    let hashes_path = state_dir.join(format!("{disk_name}.hashes"));
+    let baseline = match std::fs::read(&hashes_path) {
+        Ok(bytes) => match decode_hashes(&bytes) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(item = %a.item, disk = disk_name, "saved state unreadable, resynchronizing: {e}");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let resync = baseline.is_none();
+    let (tx, rx) = mpsc::channel::<(ChunkId, Vec<u8>)>(UPLOAD_STREAMS * 4);
+    let uploader = tokio::spawn(upload(
+        ctx.client.clone(),
+        format!("{}/data/v1/items/{}/chunks", a.target_url, a.item),
+        rx,
+        resync,
+    ));
+    let path_owned = path.to_path_buf();
+    let compress = a.compression;
+    let scratch = ctx.data_dir.join("scratch");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let scan_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let source = DiskSource::open(&path_owned)?;
+        let options = ScanOptions {
+            scratch_dir: Some(scratch),
+            ..ScanOptions::default()
+        };
+        let outcome = scan(
+            &source,
+            CHUNK_SIZE,
+            baseline.as_deref(),
+            &options,
+            |_, data| {
+                let enc = encode_chunk(data, compress);
+                tx.blocking_send((enc.id, enc.bytes))
+                    .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))
+            },
+        )?;
+        Ok(outcome)
+    });
+    let scanned = scan_task.await.context("disk scan task")?;
+    let uploaded = uploader.await.context("upload task")?;
+    // An upload error explains a scan stopped by a closed channel: report it first.
+    let (bytes_sent, chunks_sent) = uploaded?;
+    let outcome =
+        scanned.with_context(|| format!("reading disk '{disk_name}' ({})", path.display()))?;
+    let manifest = DiskManifest {
+        disk_id: disk_name.to_string(),
+        size: outcome.size_bytes,
+        chunk_size: CHUNK_SIZE,
+        chunks: outcome.hashes.iter().map(|h| h.map(ChunkId)).collect(),
+    };
+    Ok(DiskResult {
+        manifest,
+        consistent: outcome.consistent,
+        bytes_read: outcome.bytes_read,
+        hashes: outcome.hashes,
+        bytes_sent,
+        chunks_sent,
+    })
+}
+
+/// Uploads chunks with up to UPLOAD_STREAMS requests in flight. In resync
+/// mode it first asks whether the target already has each chunk.
+async fn upload(
+    client: reqwest::Client,
+    base: String,
+    mut rx: mpsc::Receiver<(ChunkId, Vec<u8>)>,
+    resync: bool,
+) -> anyhow::Result<(u64, u64)> {
+    let mut set: JoinSet<anyhow::Result<u64>> = JoinSet::new();
+    let mut bytes = 0u64;
+    let mut chunks = 0u64;
+    let mut account =
+        |r: Result<anyhow::Result<u64>, tokio::task::JoinError>| -> anyhow::Result<()> {
+            let sent = r.context("upload task")??;
+            if sent > 0 {
+                bytes += sent;
+                chunks += 1;
+            }
+            Ok(())
+        };
+    while let Some((id, body)) = rx.recv().await {
+        while set.len() >= UPLOAD_STREAMS {
+            if let Some(r) = set.join_next().await {
+                account(r)?;
+            }
+        }
+        let client = client.clone();
+        let url = format!("{base}/{}", id.to_hex());
+        set.spawn(async move {
+            if resync {
+                let head = client
+                    .head(&url)
+                    .send()
+                    .await
+                    .with_context(|| format!("asking the target for chunk {id}"))?;
+                if head.status().is_success() {
+                    return Ok(0);
+                }
+            }
+            let len = body.len() as u64;
+            let resp = client
+                .put(&url)
+                .body(body)
+                .send()
+                .await
+                .with_context(|| format!("sending chunk {id} to the target"))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                bail!(
+                    "the target refused chunk {id} ({status}): {}",
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            Ok(len)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        account(r)?;
+    }
+    Ok((bytes, chunks))
+}
+
+fn pending_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("pending-reports.json")
+}
+
+fn add_pending_report(state_dir: &Path, report: PointReport) -> anyhow::Result<()> {
+    let path = pending_path(state_dir);
+    let mut pending: Vec<PointReport> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    pending.push(report);
+    write_durably(&path, &serde_json::to_vec(&pending)?, 0o600)
+}
+
+/// Sends the recovery points the vault has not acknowledged yet, oldest first.
+async fn flush_pending_reports(ctx: &SourceCtx, item: &str) -> anyhow::Result<()> {
+    let state_dir = ctx.state_dir(item);
+    let path = pending_path(&state_dir);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return Ok(());
+    };
+    let mut pending: Vec<PointReport> = serde_json::from_slice(&bytes).unwrap_or_default();
+    while let Some(report) = pending.first() {
+        let url = format!("{}/agent/v1/points", ctx.vault_url);
+        let resp = ctx
+            .client
+            .post(&url)
+            .json(report)
+            .send()
+            .await
+            .with_context(|| format!("reporting a point to {url}"))?;
+        let status = resp.status();
+        if status.is_success() || status.is_client_error() {
+            if status.is_client_error() {
+                tracing::warn!(item, point = %report.point_id, "the vault did not record the point: {}", resp.text().await.unwrap_or_default());
+            }
+            pending.remove(0);
+            write_durably(&path, &serde_json::to_vec(&pending)?, 0o600)?;
+        } else {
+            bail!("the vault answered {status} to a point report");
+        }
+    }
+    Ok(())
+}

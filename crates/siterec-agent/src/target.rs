@@ -1,0 +1,317 @@
+//! The target role: a replica store, the data endpoint source agents ship
+//! to, and the tasks the vault gives a recovery-site agent (materialize a
+//! recovery point as disk images, prune points).
+//!
+//! Data endpoint (TLS; a client certificate from the vault CA is required):
+//! - `HEAD /data/v1/items/{item}/chunks/{id}`: 200 if the store has the chunk.
+//! - `PUT  /data/v1/items/{item}/chunks/{id}`: an encoded chunk (store format);
+//!   verified against its id before it is stored.
+//! - `POST /data/v1/items/{item}/points`: an encoded manifest; commits the
+//!   recovery point durably. 409 with the missing chunk ids if any chunk it
+//!   references is absent.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use axum::{Extension, Json, Router};
+use siterec_core::wire::{CommitRefused, MaterializedDisk, TaskWork, WireError};
+use siterec_drivers::export::{ImageFormat, create_writer};
+use siterec_pki::PeerIdentity;
+use siterec_store::{ChunkId, Manifest, Store, StoreError};
+
+/// The target role's shared state.
+pub struct Target {
+    pub store: Store,
+    pub failover_dir: PathBuf,
+    /// Chunks uploaded or vouched for per item since its last commit: kept
+    /// by garbage collection until the point that uses them is committed.
+    in_flight: Mutex<HashMap<String, HashSet<ChunkId>>>,
+}
+
+impl Target {
+    pub async fn open(store_dir: &Path, failover_dir: PathBuf) -> anyhow::Result<Arc<Target>> {
+        let store = Store::open_local(store_dir)
+            .await
+            .with_context(|| format!("opening the replica store {}", store_dir.display()))?;
+        if let Some(r) = store.last_recovery() {
+            tracing::warn!(
+                checked = r.chunks_checked,
+                removed = r.chunks_removed.len(),
+                "replica store recovered from an unclean shutdown"
+            );
+        }
+        std::fs::create_dir_all(&failover_dir).with_context(|| {
+            format!("creating the failover directory {}", failover_dir.display())
+        })?;
+        Ok(Arc::new(Target {
+            store,
+            failover_dir,
+            in_flight: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn remember(&self, item: &str, id: ChunkId) {
+        if let Ok(mut m) = self.in_flight.lock() {
+            m.entry(item.to_string()).or_default().insert(id);
+        }
+    }
+
+    fn keep_set(&self) -> HashSet<ChunkId> {
+        self.in_flight
+            .lock()
+            .map(|m| m.values().flat_map(|s| s.iter().copied()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route(
+                "/data/v1/items/{item}/chunks/{id}",
+                put(put_chunk).head(head_chunk),
+            )
+            .route("/data/v1/items/{item}/points", post(commit_point))
+            .with_state(self.clone())
+    }
+
+    /// Runs one task from the vault; the result's `output` is JSON.
+    pub async fn run_task(&self, work: &TaskWork) -> anyhow::Result<serde_json::Value> {
+        match work {
+            TaskWork::Materialize {
+                item,
+                point_id,
+                formats,
+            } => {
+                let disks = self.materialize(item, point_id, formats).await?;
+                Ok(serde_json::to_value(disks)?)
+            }
+            TaskWork::Prune { item, point_ids } => {
+                for p in point_ids {
+                    self.store.delete_point(item, p).await?;
+                }
+                let report = self.store.gc(&self.keep_set()).await?;
+                Ok(
+                    serde_json::json!({"deletedPoints": point_ids, "chunksDeleted": report.chunks_deleted, "chunksKept": report.chunks_kept}),
+                )
+            }
+        }
+    }
+
+    /// Writes every disk of a recovery point as images, one file per disk
+    /// and format, under `failover_dir/ITEM/`. Each file is written under a
+    /// temporary name, synced, then renamed: a crash never leaves a
+    /// half-written image under the final name.
+    pub async fn materialize(
+        &self,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        let manifest = self.store.read_manifest(item, point_id).await?;
+        let dir = self.failover_dir.join(item);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut out = Vec::new();
+        for (di, disk) in manifest.disks.iter().enumerate() {
+            for format in formats {
+                let (fmt, ext) = match format.as_str() {
+                    "raw" => (ImageFormat::Raw, "raw"),
+                    "qcow2" => (ImageFormat::Qcow2, "qcow2"),
+                    other => anyhow::bail!("unknown image format '{other}': use raw or qcow2"),
+                };
+                let path = dir.join(format!("{}.{ext}", disk.disk_id));
+                let tmp = dir.join(format!(".{}.{ext}.partial", disk.disk_id));
+                self.write_image(&manifest, di, fmt, &tmp).await?;
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming into {}", path.display()))?;
+                std::fs::File::open(&dir)?.sync_all()?;
+                out.push(MaterializedDisk {
+                    disk: disk.disk_id.clone(),
+                    format: ext.into(),
+                    path: path.display().to_string(),
+                    size_bytes: disk.size,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write_image(
+        &self,
+        manifest: &Manifest,
+        disk_index: usize,
+        fmt: ImageFormat,
+        path: &Path,
+    ) -> anyhow::Result<()> {
+        let disk = &manifest.disks[disk_index];
+        let size = disk.size;
+        let path_owned = path.to_path_buf();
+        let mut writer =
+            tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
+        let mut reader = self.store.read_disk(manifest, disk_index, 8)?;
+        while let Some(block) = reader.next().await {
+            let block = block?;
+            if let Some(data) = block.data {
+                let offset = block.offset;
+                writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                    writer.write_at(offset, &data)?;
+                    Ok(writer)
+                })
+                .await??;
+            }
+        }
+        tokio::task::spawn_blocking(move || writer.finish()).await??;
+        Ok(())
+    }
+}
+
+fn wire_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(WireError {
+            code: code.into(),
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    match e {
+        StoreError::CorruptChunk { .. }
+        | StoreError::ZeroChunk { .. }
+        | StoreError::InvalidName { .. }
+        | StoreError::InvalidManifest { .. }
+        | StoreError::CorruptManifest { .. } => {
+            wire_error(StatusCode::BAD_REQUEST, "Rejected", e.to_string())
+        }
+        StoreError::PointConflict { .. } => {
+            wire_error(StatusCode::CONFLICT, "PointConflict", e.to_string())
+        }
+        other => {
+            tracing::error!("store: {other}");
+            wire_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "StoreError",
+                other.to_string(),
+            )
+        }
+    }
+}
+
+fn check_peer(peer: &PeerIdentity) -> Result<(), Response> {
+    match peer.0 {
+        Some(_) => Ok(()),
+        None => Err(wire_error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "a client certificate issued by the vault is required",
+        )),
+    }
+}
+
+fn parse_id(item: &str, id: &str) -> Result<ChunkId, Response> {
+    siterec_core::names::check_name("item", item)
+        .map_err(|e| wire_error(StatusCode::BAD_REQUEST, "BadName", e.to_string()))?;
+    id.parse()
+        .map_err(|e| wire_error(StatusCode::BAD_REQUEST, "BadChunkId", format!("{e}")))
+}
+
+async fn head_chunk(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath((item, id)): UrlPath<(String, String)>,
+) -> Response {
+    if let Err(r) = check_peer(&peer) {
+        return r;
+    }
+    let id = match parse_id(&item, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    // Vouching for a chunk protects it from gc until the item's next commit.
+    t.remember(&item, id);
+    match t.store.has_chunk(id).await {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => StatusCode::NOT_FOUND.into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn put_chunk(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath((item, id)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_peer(&peer) {
+        return r;
+    }
+    let id = match parse_id(&item, &id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    t.remember(&item, id);
+    match t.store.put_encoded_chunk(id, body.to_vec()).await {
+        Ok(true) => StatusCode::CREATED.into_response(),
+        Ok(false) => StatusCode::OK.into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+async fn commit_point(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath(item): UrlPath<String>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_peer(&peer) {
+        return r;
+    }
+    let manifest = match Manifest::decode(&body) {
+        Ok(m) => m,
+        Err(e) => return store_error(e),
+    };
+    if manifest.item != item {
+        return wire_error(
+            StatusCode::BAD_REQUEST,
+            "Rejected",
+            format!("manifest is for item '{}', not '{item}'", manifest.item),
+        );
+    }
+    match t.store.commit_point(&manifest).await {
+        Ok(()) => {
+            if let Ok(mut m) = t.in_flight.lock() {
+                m.remove(&item);
+            }
+            Json(serde_json::json!({"item": item, "pointId": manifest.point_id})).into_response()
+        }
+        Err(StoreError::MissingChunk { .. }) => {
+            let ids: Vec<ChunkId> = manifest.referenced_chunks().into_iter().collect();
+            let present = t.store.has_chunks(&ids).await.unwrap_or_default();
+            let missing: Vec<String> = ids
+                .iter()
+                .zip(present.iter().chain(std::iter::repeat(&false)))
+                .filter(|(_, p)| !**p)
+                .map(|(id, _)| id.to_hex())
+                .collect();
+            (
+                StatusCode::CONFLICT,
+                Json(CommitRefused {
+                    message: format!(
+                        "{} chunk(s) referenced by the point are not in the store",
+                        missing.len()
+                    ),
+                    missing_chunks: missing,
+                }),
+            )
+                .into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}

@@ -1,0 +1,19 @@
+//! Domain types and state machines of siterec.
+//!
+//! This crate does no I/O: everything here is plain data and pure functions,
+//! tested without processes. The vault, the agent and the store build on it.
+//!
+//! - [`policy`]: replication policies and their validation.
+//! - [`state`]: the protected item and job state machines, and the steps of each job.
+//! - [`retention`]: which recovery points a policy lets go.
+//! - [`wire`]: the agent protocol's messages.
+//! - [`names`]: resource names and ARM ids.
+
+pub mod consistency;
+pub mod names;
+pub mod policy;
+pub mod retention;
+pub mod state;
+pub mod wire;
+
+pub use consistency::Consistency;

@@ -1,0 +1,311 @@
+//! Replication policies: what the operator chooses, and its validation.
+//!
+//! Values follow the Site Recovery guides (the seeds): copy frequency 30 s,
+//! 5 min or 15 min; recovery point retention either by time (0–24 hours, to
+//! cloud storage) or by count (0–15 additional points, site to site);
+//! app-consistent snapshot frequency 0 (off) to 12 hours.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Copy frequencies the seeds allow, in seconds.
+pub const COPY_FREQUENCIES_SECS: [u32; 3] = [30, 300, 900];
+/// Longest retention window by time, in hours.
+pub const MAX_RETENTION_HOURS: u32 = 24;
+/// Most additional recovery points kept by count.
+pub const MAX_ADDITIONAL_POINTS: u32 = 15;
+/// Longest app-consistent snapshot frequency, in hours.
+pub const MAX_APP_CONSISTENT_HOURS: u32 = 12;
+
+/// How long recovery points are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Retention {
+    /// Keep every point younger than this many hours (0 = only the latest).
+    Hours { hours: u32 },
+    /// Keep the latest point plus this many older ones.
+    Count { additional: u32 },
+}
+
+/// A validated replication policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Policy {
+    /// The ARM `instanceType` the policy was created with (kept as given).
+    pub instance_type: String,
+    pub copy_frequency_secs: u32,
+    pub retention: Retention,
+    /// 0 = no app-consistent snapshots.
+    pub app_consistent_frequency_hours: u32,
+    /// Compress replicated data on the wire and at rest.
+    pub compression: bool,
+    /// Unix seconds; `None` = start initial replication immediately.
+    pub initial_replication_start: Option<i64>,
+}
+
+/// Why a policy was refused. Each message names the field and the allowed values.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum PolicyError {
+    #[error("copy frequency {0} s is not allowed: use 30, 300 or 900 seconds")]
+    CopyFrequency(u32),
+    #[error("recovery point retention of {0} hours is out of range: use 0 to 24 hours")]
+    RetentionHours(u32),
+    #[error("{0} additional recovery points is out of range: use 0 to 15")]
+    RetentionCount(u32),
+    #[error(
+        "app-consistent snapshot frequency of {0} hours is out of range: use 0 (off) to 12 hours"
+    )]
+    AppConsistentFrequency(u32),
+    #[error(
+        "app-consistent snapshot frequency ({app} h) must be less than the recovery point retention ({window}); raise the retention or lower the frequency"
+    )]
+    AppConsistentBeyondRetention { app: u32, window: u32 },
+    #[error("{field}: {message}")]
+    Field { field: String, message: String },
+}
+
+impl Policy {
+    /// Checks every field against the limits of the seeds.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if !COPY_FREQUENCIES_SECS.contains(&self.copy_frequency_secs) {
+            return Err(PolicyError::CopyFrequency(self.copy_frequency_secs));
+        }
+        match self.retention {
+            Retention::Hours { hours } if hours > MAX_RETENTION_HOURS => {
+                return Err(PolicyError::RetentionHours(hours));
+            }
+            Retention::Count { additional } if additional > MAX_ADDITIONAL_POINTS => {
+                return Err(PolicyError::RetentionCount(additional));
+            }
+            _ => {}
+        }
+        let app = self.app_consistent_frequency_hours;
+        if app > MAX_APP_CONSISTENT_HOURS {
+            return Err(PolicyError::AppConsistentFrequency(app));
+        }
+        // The seeds: the app-consistent frequency must be less than the
+        // retention (hours of window, or number of additional points).
+        let window = match self.retention {
+            Retention::Hours { hours } => hours,
+            Retention::Count { additional } => additional,
+        };
+        if app > 0 && window > 0 && app >= window {
+            return Err(PolicyError::AppConsistentBeyondRetention { app, window });
+        }
+        Ok(())
+    }
+
+    /// Builds a policy from an ARM `providerSpecificInput` object, accepting
+    /// the field names of the Hyper-V to Azure (`HyperVReplicaAzure`), site to
+    /// site (`HyperVReplica2012R2`, `HyperVReplicaBase`) and VMware/physical
+    /// (`InMageAzureV2`) inputs. Unknown instance types are read with the
+    /// same field names. The result is validated.
+    pub fn from_arm_input(input: &serde_json::Value) -> Result<Policy, PolicyError> {
+        let obj = input.as_object().ok_or_else(|| PolicyError::Field {
+            field: "properties.providerSpecificInput".into(),
+            message: "must be a JSON object".into(),
+        })?;
+        let instance_type = obj
+            .get("instanceType")
+            .and_then(|v| v.as_str())
+            .unwrap_or("HyperVReplicaAzure")
+            .to_string();
+        let int = |names: &[&str]| -> Result<Option<i64>, PolicyError> {
+            for name in names {
+                if let Some(v) = obj.get(*name) {
+                    if v.is_null() {
+                        continue;
+                    }
+                    return v.as_i64().map(Some).ok_or_else(|| PolicyError::Field {
+                        field: (*name).to_string(),
+                        message: format!("must be an integer, got {v}"),
+                    });
+                }
+            }
+            Ok(None)
+        };
+        let non_negative = |name: &str, v: i64| -> Result<u32, PolicyError> {
+            u32::try_from(v).map_err(|_| PolicyError::Field {
+                field: name.to_string(),
+                message: format!("must be between 0 and {}, got {v}", u32::MAX),
+            })
+        };
+        let copy = int(&["replicationInterval", "replicationFrequencyInSeconds"])?.unwrap_or(300);
+        let copy_frequency_secs = non_negative("replicationInterval", copy)?;
+        let retention = if let Some(count) = int(&["recoveryPoints"])? {
+            Retention::Count {
+                additional: non_negative("recoveryPoints", count)?,
+            }
+        } else {
+            let hours = int(&[
+                "recoveryPointHistoryDuration",
+                "recoveryPointHistory",
+                "recoveryPointRetentionInHours",
+            ])?
+            .unwrap_or(24);
+            // InMage takes minutes; the others take hours.
+            let hours = if obj.contains_key("recoveryPointHistory")
+                && !obj.contains_key("recoveryPointHistoryDuration")
+            {
+                hours.div_euclid(60)
+            } else {
+                hours
+            };
+            Retention::Hours {
+                hours: non_negative("recoveryPointHistoryDuration", hours)?,
+            }
+        };
+        let app = int(&[
+            "applicationConsistentSnapshotFrequencyInHours",
+            "appConsistentFrequencyInMinutes",
+        ])?
+        .unwrap_or(0);
+        let app = if obj.contains_key("appConsistentFrequencyInMinutes")
+            && !obj.contains_key("applicationConsistentSnapshotFrequencyInHours")
+        {
+            app.div_euclid(60)
+        } else {
+            app
+        };
+        let app_consistent_frequency_hours =
+            non_negative("applicationConsistentSnapshotFrequencyInHours", app)?;
+        let compression = match obj.get("compression").and_then(|v| v.as_str()) {
+            None => true,
+            Some(s) if s.eq_ignore_ascii_case("enable") || s.eq_ignore_ascii_case("enabled") => {
+                true
+            }
+            Some(s) if s.eq_ignore_ascii_case("disable") || s.eq_ignore_ascii_case("disabled") => {
+                false
+            }
+            Some(other) => {
+                return Err(PolicyError::Field {
+                    field: "compression".into(),
+                    message: format!("must be \"Enable\" or \"Disable\", got \"{other}\""),
+                });
+            }
+        };
+        let initial_replication_start = match obj
+            .get("onlineReplicationStartTime")
+            .and_then(|v| v.as_str())
+        {
+            None | Some("") => None,
+            Some(s) => Some(parse_start_time(s)?),
+        };
+        let policy = Policy {
+            instance_type,
+            copy_frequency_secs,
+            retention,
+            app_consistent_frequency_hours,
+            compression,
+            initial_replication_start,
+        };
+        policy.validate()?;
+        Ok(policy)
+    }
+
+    /// The ARM `providerSpecificDetails` of this policy.
+    pub fn to_arm_details(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "instanceType": self.instance_type,
+            "replicationInterval": self.copy_frequency_secs,
+            "replicationFrequencyInSeconds": self.copy_frequency_secs,
+            "applicationConsistentSnapshotFrequencyInHours": self.app_consistent_frequency_hours,
+            "compression": if self.compression { "Enable" } else { "Disable" },
+            "initialReplicationMethod": "OverNetwork",
+        });
+        match self.retention {
+            Retention::Hours { hours } => v["recoveryPointHistoryDuration"] = hours.into(),
+            Retention::Count { additional } => v["recoveryPoints"] = additional.into(),
+        }
+        if let Some(t) = self.initial_replication_start
+            && let Ok(dt) = time::OffsetDateTime::from_unix_timestamp(t)
+            && let Ok(s) = dt.format(&time::format_description::well_known::Rfc3339)
+        {
+            v["onlineReplicationStartTime"] = s.into();
+        }
+        v
+    }
+}
+
+fn parse_start_time(s: &str) -> Result<i64, PolicyError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| PolicyError::Field {
+            field: "onlineReplicationStartTime".into(),
+            message: format!("must be an RFC 3339 time such as 2026-01-31T22:00:00Z ({e})"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn azure_input_is_read_and_validated() {
+        let p = Policy::from_arm_input(&json!({
+            "instanceType": "HyperVReplicaAzure",
+            "recoveryPointHistoryDuration": 4,
+            "applicationConsistentSnapshotFrequencyInHours": 1,
+            "replicationInterval": 30
+        }))
+        .unwrap();
+        assert_eq!(p.copy_frequency_secs, 30);
+        assert_eq!(p.retention, Retention::Hours { hours: 4 });
+        assert_eq!(p.app_consistent_frequency_hours, 1);
+        assert!(p.compression);
+    }
+
+    #[test]
+    fn site_to_site_input_uses_count() {
+        let p = Policy::from_arm_input(&json!({
+            "instanceType": "HyperVReplica2012R2",
+            "recoveryPoints": 15,
+            "replicationFrequencyInSeconds": 900,
+            "compression": "Disable"
+        }))
+        .unwrap();
+        assert_eq!(p.retention, Retention::Count { additional: 15 });
+        assert!(!p.compression);
+        assert_eq!(p.copy_frequency_secs, 900);
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_their_names() {
+        let cases = [
+            (json!({"replicationInterval": 60}), "copy frequency 60"),
+            (json!({"recoveryPointHistoryDuration": 25}), "25 hours"),
+            (json!({"recoveryPoints": 16}), "16 additional"),
+            (
+                json!({"applicationConsistentSnapshotFrequencyInHours": 13}),
+                "13 hours",
+            ),
+            (
+                json!({"recoveryPointHistoryDuration": 2, "applicationConsistentSnapshotFrequencyInHours": 3}),
+                "less than the recovery point retention",
+            ),
+            (json!({"replicationInterval": -5}), "replicationInterval"),
+            (json!({"replicationInterval": "fast"}), "must be an integer"),
+            (json!({"compression": "maybe"}), "compression"),
+            (
+                json!({"onlineReplicationStartTime": "tomorrow"}),
+                "RFC 3339",
+            ),
+        ];
+        for (input, needle) in cases {
+            let err = Policy::from_arm_input(&input).unwrap_err().to_string();
+            assert!(
+                err.contains(needle),
+                "{input}: {err} should mention {needle}"
+            );
+        }
+        assert!(Policy::from_arm_input(&json!([1])).is_err());
+    }
+
+    #[test]
+    fn details_round_trip() {
+        let p = Policy::from_arm_input(&json!({"recoveryPointHistoryDuration": 3, "replicationInterval": 300, "onlineReplicationStartTime": "2026-01-31T22:00:00Z"})).unwrap();
+        let again = Policy::from_arm_input(&p.to_arm_details()).unwrap();
+        assert_eq!(p, again);
+    }
+}

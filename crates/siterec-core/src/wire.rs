@@ -1,0 +1,211 @@
+//! The agent protocol: what agents and the vault, and source and target
+//! agents, say to each other. Version 1; see `docs/agent-protocol.md`.
+//!
+//! Agents open every connection themselves (to the vault, and a source agent
+//! to its target's data endpoint); the vault never connects to an agent.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Consistency;
+
+/// Version of the agent protocol; sent in the `siterec-agent-protocol` header.
+pub const AGENT_PROTOCOL_VERSION: u32 = 1;
+/// The `format` field of a registration key file.
+pub const KEY_FILE_FORMAT: &str = "siterec-registration-key/1";
+/// Registration keys are valid for 5 days, as in the seeds.
+pub const KEY_VALIDITY_SECS: i64 = 5 * 24 * 3600;
+
+/// A registration key file (the vault credentials an agent enrols with).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyFile {
+    pub format: String,
+    /// The vault's ARM resource id.
+    pub vault_id: String,
+    /// Base URL of the vault's agent API (https).
+    pub agent_url: String,
+    /// The vault CA certificate, trusted for the agent API and data endpoints.
+    pub ca_pem: String,
+    pub fabric: String,
+    pub key_id: String,
+    pub secret: String,
+    /// Unix seconds.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolRequest {
+    pub key_id: String,
+    pub secret: String,
+    pub csr_pem: String,
+    pub hostname: String,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnrolResponse {
+    pub agent_id: String,
+    pub fabric: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+/// A disk of a protectable machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskInfo {
+    /// Stable name within the machine (from the agent config).
+    pub name: String,
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// A protectable machine reported by an agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineInfo {
+    pub name: String,
+    /// "PhysicalServer" for now.
+    pub kind: String,
+    pub disks: Vec<DiskInfo>,
+    /// Set when the machine's disks cannot be read (the path is missing...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Counters an agent keeps per replicated item (also written to its status file).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemCounters {
+    pub cycles: u64,
+    pub failed_cycles: u64,
+    /// Bytes read from the source disks, all cycles.
+    pub bytes_read: u64,
+    /// Chunk bytes sent on the wire (after compression), all cycles.
+    pub bytes_sent: u64,
+    pub chunks_sent: u64,
+    pub last_cycle_bytes_read: u64,
+    pub last_cycle_bytes_sent: u64,
+    pub last_cycle_chunks_sent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_point_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatRequest {
+    /// The protection container ("cloud") the agent's host belongs to.
+    pub cloud: String,
+    pub machines: Vec<MachineInfo>,
+    /// The target role's data endpoint, if this agent keeps a replica store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_url: Option<String>,
+    #[serde(default)]
+    pub counters: std::collections::BTreeMap<String, ItemCounters>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResponse {
+    pub agent_id: String,
+    /// Work for this agent, oldest first. Delivered until a result is posted.
+    pub tasks: Vec<AgentTask>,
+    /// The items this agent must replicate as a source, complete each time:
+    /// an item missing from the list is no longer replicated.
+    pub replications: Vec<ReplicationAssignment>,
+}
+
+/// Replicate one machine to a target agent's data endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationAssignment {
+    /// The protected item's name (also its key in the replica store).
+    pub item: String,
+    pub machine: String,
+    pub disks: Vec<DiskInfo>,
+    pub target_agent_id: String,
+    pub target_url: String,
+    pub copy_frequency_secs: u32,
+    pub compression: bool,
+    /// Unix seconds before which initial replication must not start.
+    #[serde(default)]
+    pub not_before: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentTask {
+    pub id: String,
+    pub work: TaskWork,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum TaskWork {
+    /// Target: write the disks of a recovery point as images.
+    #[serde(rename_all = "camelCase")]
+    Materialize {
+        item: String,
+        point_id: String,
+        /// "raw", "qcow2".
+        formats: Vec<String>,
+    },
+    /// Target: delete these points of an item and collect unreferenced chunks.
+    #[serde(rename_all = "camelCase")]
+    Prune {
+        item: String,
+        point_ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResult {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub output: serde_json::Value,
+}
+
+/// What a materialize task produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct MaterializedDisk {
+    pub disk: String,
+    pub format: String,
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+/// A source agent reports a recovery point the target has committed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PointReport {
+    pub item: String,
+    pub point_id: String,
+    pub created_at_ms: i64,
+    pub consistency: Consistency,
+    pub bytes_sent: u64,
+    pub bytes_read: u64,
+}
+
+/// Answer of the target's commit endpoint when chunks are missing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRefused {
+    pub message: String,
+    pub missing_chunks: Vec<String>,
+}
+
+/// Error body of the agent API and data endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}

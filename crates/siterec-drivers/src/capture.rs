@@ -1,0 +1,744 @@
+//! Reading source disks and detecting changed blocks.
+//!
+//! A source disk is a regular file (disk image) or a block device. [`scan`]
+//! reads it in fixed-size blocks, hashes each block with BLAKE3 (all-zero
+//! blocks are recognised without hashing) and hands every block that differs
+//! from the last replicated state to a callback.
+//!
+//! Consistency: a recovery point must never silently mix blocks from
+//! different moments. [`scan`] first tries a reflink snapshot (regular files on
+//! btrfs / XFS / …); without one it does a *stable read* (compare the file's
+//! identity and timestamps before and after, retry on change) and reports
+//! `consistent: false` if the file never held still.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Hash of one block: `None` for an all-zero block (never shipped, never
+/// stored), else the block's BLAKE3 hash.
+pub type BlockHash = Option<[u8; 32]>;
+
+/// Largest accepted block size (64 MiB).
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+
+/// Target size of one read (several blocks are read at once).
+const READ_BATCH: usize = 8 << 20;
+
+/// Errors from opening or scanning a source disk.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The path does not exist.
+    #[error("source disk {} does not exist", path.display())]
+    NotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The path exists but is neither a regular file nor a block device.
+    #[error("source disk {} is a {kind}, not a regular file or block device", path.display())]
+    NotADisk {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead ("directory", "character device", …).
+        kind: &'static str,
+    },
+    /// The disk cannot be opened for reading (permissions, …).
+    #[error("source disk {} is not readable: {source}", path.display())]
+    Unreadable {
+        /// The path given.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// An I/O error while scanning.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A caller-supplied argument was rejected.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The `on_changed` callback failed; the scan was aborted.
+    #[error("handling a changed block failed: {0:#}")]
+    Callback(anyhow::Error),
+    /// A persisted hash list is torn, truncated or of an unknown version.
+    #[error("corrupt block hash list: {0}")]
+    CorruptHashes(String),
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> CaptureError {
+    CaptureError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What kind of object a [`DiskSource`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DiskKind {
+    /// A regular file (disk image).
+    File,
+    /// A block device (`/dev/sdb`, `/dev/vg/lv`, …).
+    BlockDevice,
+}
+
+/// A source disk: a regular file or a block device, checked to be readable.
+#[derive(Debug, Clone)]
+pub struct DiskSource {
+    path: PathBuf,
+    kind: DiskKind,
+    size: u64,
+}
+
+impl DiskSource {
+    /// Open `path`: it must exist, be a regular file or a block device, and
+    /// be readable. The size is the file length, or `BLKGETSIZE64` for block
+    /// devices.
+    pub fn open(path: impl AsRef<Path>) -> Result<DiskSource, CaptureError> {
+        let path = path.as_ref();
+        let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => CaptureError::NotFound {
+                path: path.to_path_buf(),
+            },
+            _ => CaptureError::Unreadable {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+        let ft = meta.file_type();
+        let kind = if ft.is_file() {
+            DiskKind::File
+        } else if ft.is_block_device() {
+            DiskKind::BlockDevice
+        } else {
+            let what = if ft.is_dir() {
+                "directory"
+            } else if ft.is_char_device() {
+                "character device"
+            } else if ft.is_fifo() {
+                "FIFO"
+            } else if ft.is_socket() {
+                "socket"
+            } else {
+                "special file"
+            };
+            return Err(CaptureError::NotADisk {
+                path: path.to_path_buf(),
+                kind: what,
+            });
+        };
+        let file = File::open(path).map_err(|e| CaptureError::Unreadable {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let size = disk_size(&file, kind, path)?;
+        Ok(DiskSource {
+            path: path.to_path_buf(),
+            kind,
+            size,
+        })
+    }
+
+    /// The path given to [`DiskSource::open`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// File or block device.
+    pub fn kind(&self) -> DiskKind {
+        self.kind
+    }
+
+    /// Size in bytes when opened (a scan re-reads the current size).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// `_IOR(0x12, 114, size_t)` with the asm-generic ioctl encoding.
+const BLKGETSIZE64: u64 =
+    (2 << 30) | ((std::mem::size_of::<usize>() as u64) << 16) | (0x12 << 8) | 114;
+/// `_IOW(0x94, 9, int)`.
+const FICLONE: u64 = (1 << 30) | (4 << 16) | (0x94 << 8) | 9;
+
+fn disk_size(file: &File, kind: DiskKind, path: &Path) -> Result<u64, CaptureError> {
+    match kind {
+        DiskKind::File => file
+            .metadata()
+            .map(|m| m.len())
+            .map_err(|e| io_err("stat", path, e)),
+        DiskKind::BlockDevice => {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points to a live, properly aligned u64.
+            let rc =
+                unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
+            if rc != 0 {
+                return Err(io_err(
+                    "BLKGETSIZE64 ioctl on",
+                    path,
+                    io::Error::last_os_error(),
+                ));
+            }
+            Ok(size)
+        }
+    }
+}
+
+/// How a scan obtained a consistent view of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum SnapshotMethod {
+    /// A reflink (FICLONE) copy of the file was scanned: point-in-time.
+    Reflink,
+    /// The live file was read and checked not to have changed meanwhile.
+    StableRead,
+    /// Nothing guarantees consistency (block devices without a snapshot).
+    None,
+}
+
+/// Options for [`scan`].
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    /// Where a reflink snapshot of a regular file may be created. It must be
+    /// on the same filesystem as the source for reflink to work. `None`
+    /// disables snapshots (stable read only).
+    pub scratch_dir: Option<PathBuf>,
+    /// Stable-read attempts before giving up with `consistent: false` (≥ 1).
+    pub max_attempts: u32,
+    /// Pause between the "before" stat and the read (see [`scan`]).
+    pub settle: Duration,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        ScanOptions {
+            scratch_dir: None,
+            max_attempts: 3,
+            settle: Duration::from_millis(20),
+        }
+    }
+}
+
+/// Result of a [`scan`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScanOutcome {
+    /// Per-block hashes of the disk as captured (the new replicated state
+    /// once the target has acknowledged every delivered block).
+    pub hashes: Vec<BlockHash>,
+    /// Whether all blocks come from one instant.
+    pub consistent: bool,
+    /// How consistency was obtained (or attempted).
+    pub method: SnapshotMethod,
+    /// Size of the disk as captured, in bytes.
+    pub size_bytes: u64,
+    /// Bytes read, over all attempts.
+    pub bytes_read: u64,
+    /// Non-zero blocks of the final state whose hash differs from `previous`.
+    pub changed_blocks: u64,
+    /// Number of `on_changed` calls, over all attempts.
+    pub delivered_blocks: u64,
+    /// Read attempts made (1 for a snapshot or a first-time-stable read).
+    pub attempts: u32,
+}
+
+impl ScanOutcome {
+    /// The recovery point consistency this scan supports: crash-consistent
+    /// when consistent, else inconsistent.
+    pub fn consistency(&self) -> siterec_core::Consistency {
+        if self.consistent {
+            siterec_core::Consistency::CrashConsistent
+        } else {
+            siterec_core::Consistency::Inconsistent
+        }
+    }
+}
+
+/// Whether `data` is all zeros (word-wise, no hashing).
+pub fn is_zero(data: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets
+        // the aligned middle part of the slice.
+        unsafe { data.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
+}
+
+/// The [`BlockHash`] of one block: `None` if all zeros, else BLAKE3.
+pub fn hash_block(data: &[u8]) -> BlockHash {
+    if is_zero(data) {
+        None
+    } else {
+        Some(*blake3::hash(data).as_bytes())
+    }
+}
+
+const HASHES_MAGIC: &[u8; 4] = b"SRBH";
+const HASHES_VERSION: u8 = 1;
+
+/// Serialise a hash list for persistence: magic `SRBH`, version byte,
+/// count (u64 LE), one tag byte per block (0 = zero, 1 = hash) followed by
+/// the 32-byte hash for tag 1, then a BLAKE3 checksum of everything before.
+pub fn encode_hashes(hashes: &[BlockHash]) -> Vec<u8> {
+    let present = hashes.iter().filter(|h| h.is_some()).count();
+    let mut out = Vec::with_capacity(4 + 1 + 8 + hashes.len() + present * 32 + 32);
+    out.extend_from_slice(HASHES_MAGIC);
+    out.push(HASHES_VERSION);
+    out.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
+    for h in hashes {
+        match h {
+            None => out.push(0),
+            Some(h) => {
+                out.push(1);
+                out.extend_from_slice(h);
+            }
+        }
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Inverse of [`encode_hashes`]; a torn, truncated or foreign file gives
+/// [`CaptureError::CorruptHashes`].
+pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
+    let corrupt = |m: &str| CaptureError::CorruptHashes(m.to_string());
+    if bytes.len() < 4 + 1 + 8 + 32 {
+        return Err(corrupt("too short"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if &body[..4] != HASHES_MAGIC {
+        return Err(corrupt("bad magic"));
+    }
+    if body[4] != HASHES_VERSION {
+        return Err(CaptureError::CorruptHashes(format!(
+            "unsupported version {}",
+            body[4]
+        )));
+    }
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(corrupt("checksum mismatch (torn or modified file)"));
+    }
+    let mut count_bytes = [0u8; 8];
+    count_bytes.copy_from_slice(&body[5..13]);
+    let count = u64::from_le_bytes(count_bytes);
+    let mut rest = &body[13..];
+    if count > rest.len() as u64 {
+        return Err(corrupt("count larger than data"));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let (&tag, tail) = rest.split_first().ok_or_else(|| corrupt("truncated"))?;
+        match tag {
+            0 => {
+                out.push(None);
+                rest = tail;
+            }
+            1 => {
+                if tail.len() < 32 {
+                    return Err(corrupt("truncated hash"));
+                }
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&tail[..32]);
+                out.push(Some(h));
+                rest = &tail[32..];
+            }
+            t => {
+                return Err(CaptureError::CorruptHashes(format!("bad tag {t}")));
+            }
+        }
+    }
+    if !rest.is_empty() {
+        return Err(corrupt("trailing data"));
+    }
+    Ok(out)
+}
+
+/// Identity and timestamps of the file, compared before and after a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Fingerprint {
+    fn of(meta: &std::fs::Metadata) -> Fingerprint {
+        Fingerprint {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Removes the snapshot file when dropped.
+struct TempSnapshot {
+    path: PathBuf,
+}
+
+impl Drop for TempSnapshot {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), "removing snapshot failed: {e}");
+        }
+    }
+}
+
+static SNAPSHOT_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Try to reflink `source` into a new file in `scratch_dir`. `Ok(None)` when
+/// the filesystem cannot do it (the caller falls back to a stable read).
+fn try_reflink(source: &Path, scratch_dir: &Path) -> Result<Option<TempSnapshot>, CaptureError> {
+    let src = File::open(source).map_err(|e| CaptureError::Unreadable {
+        path: source.to_path_buf(),
+        source: e,
+    })?;
+    let n = SNAPSHOT_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let path = scratch_dir.join(format!(".siterec-snapshot-{}-{n}", std::process::id()));
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io_err("creating snapshot file", &path, e))?;
+    let guard = TempSnapshot { path };
+    // SAFETY: FICLONE takes the source fd as its argument; both fds are open.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(Some(guard));
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS) => {
+            tracing::debug!(source = %source.display(), "reflink unsupported ({err}); using stable read");
+        }
+        _ => {
+            tracing::warn!(source = %source.display(), "reflink snapshot failed ({err}); using stable read");
+        }
+    }
+    Ok(None) // guard dropped: the empty file is removed
+}
+
+/// Per-scan state shared by the attempts.
+struct Delivery<'a, F> {
+    /// What the consumer is known to have for each block: the last delivered
+    /// hash, or `previous` before any delivery; `None` = nothing known.
+    baseline: Vec<Option<BlockHash>>,
+    on_changed: &'a mut F,
+    delivered: u64,
+}
+
+/// Scan `source` in `chunk_size` blocks (the last one may be short).
+///
+/// For every non-zero block whose hash differs from `previous` (every
+/// non-zero block when `previous` is `None` or has a different length),
+/// `on_changed(index, data)` is called. Blocking; run it in `spawn_blocking`.
+///
+/// # Consistency
+///
+/// 1. Regular file and `options.scratch_dir` set: try a reflink (FICLONE)
+///    copy into the scratch dir, scan the copy (point-in-time:
+///    `method: Reflink`, `consistent: true`), delete it.
+/// 2. Otherwise (e.g. ext4, where FICLONE fails with EOPNOTSUPP / EXDEV /
+///    EINVAL) a *stable read*: record (dev, inode, size, mtime ns, ctime ns),
+///    wait `options.settle` (20 ms), read and hash everything, stat again. If
+///    anything changed, retry, up to `options.max_attempts` attempts; after the
+///    last failed one, return `consistent: false`.
+///
+///    The pause exists because ext4 (like most Linux filesystems) stamps
+///    mtime/ctime from a coarse clock that advances once per timer tick
+///    (1–10 ms), not from the nanosecond clock. A write landing in the same
+///    tick as the "before" stat would get exactly the "before" timestamps and
+///    go unnoticed. Sleeping past a tick boundary before reading guarantees
+///    that any write that can race with the read gets a newer timestamp.
+/// 3. Block devices: writes to a block device (by a mounted filesystem or a
+///    VM) do not update any inode timestamp we could stat, so a stable read
+///    cannot be verified. Without a snapshot, one pass is made and the
+///    outcome is `consistent: false`, `method: None`.
+///
+/// # Delivery across attempts
+///
+/// A retried attempt re-delivers a block only when its content differs from
+/// what was last delivered for that index (or from `previous` if never
+/// delivered). So after a successful return, for each index whose final hash
+/// is non-zero, the last data delivered for it (if any) has exactly that
+/// hash, and indexes never delivered still equal `previous`. Blocks that
+/// became all-zero are never delivered: build the point from `hashes`.
+///
+/// An error from `on_changed` aborts the scan with [`CaptureError::Callback`].
+pub fn scan<F>(
+    source: &DiskSource,
+    chunk_size: u32,
+    previous: Option<&[BlockHash]>,
+    options: &ScanOptions,
+    mut on_changed: F,
+) -> Result<ScanOutcome, CaptureError>
+where
+    F: FnMut(u64, &[u8]) -> anyhow::Result<()>,
+{
+    if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
+        return Err(CaptureError::InvalidArgument(format!(
+            "chunk_size must be 1..={MAX_CHUNK_SIZE}, got {chunk_size}"
+        )));
+    }
+    let max_attempts = options.max_attempts.max(1);
+    let mut delivery = Delivery {
+        baseline: Vec::new(),
+        on_changed: &mut on_changed,
+        delivered: 0,
+    };
+    let mut bytes_read = 0u64;
+
+    if source.kind == DiskKind::File
+        && let Some(dir) = &options.scratch_dir
+        && let Some(snapshot) = try_reflink(&source.path, dir)?
+    {
+        let file = File::open(&snapshot.path).map_err(|e| CaptureError::Unreadable {
+            path: snapshot.path.clone(),
+            source: e,
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_err("stat", &snapshot.path, e))?
+            .len();
+        let pass = read_pass(
+            &file,
+            &snapshot.path,
+            size,
+            chunk_size,
+            previous,
+            &mut delivery,
+        )?;
+        bytes_read += pass.bytes_read;
+        let hashes = pass.hashes.ok_or_else(|| {
+            io_err(
+                "reading snapshot",
+                &snapshot.path,
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+            )
+        })?;
+        drop(snapshot);
+        return Ok(outcome(
+            hashes,
+            true,
+            SnapshotMethod::Reflink,
+            size,
+            bytes_read,
+            previous,
+            delivery.delivered,
+            1,
+        ));
+    }
+
+    let path = &source.path;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let file = File::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => CaptureError::NotFound { path: path.clone() },
+            _ => CaptureError::Unreadable {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        advise_sequential(&file);
+
+        if source.kind == DiskKind::BlockDevice {
+            let size = disk_size(&file, DiskKind::BlockDevice, path)?;
+            let pass = read_pass(&file, path, size, chunk_size, previous, &mut delivery)?;
+            bytes_read += pass.bytes_read;
+            let hashes = pass.hashes.ok_or_else(|| {
+                io_err(
+                    "reading",
+                    path,
+                    io::Error::from(io::ErrorKind::UnexpectedEof),
+                )
+            })?;
+            return Ok(outcome(
+                hashes,
+                false,
+                SnapshotMethod::None,
+                size,
+                bytes_read,
+                previous,
+                delivery.delivered,
+                attempt,
+            ));
+        }
+
+        let before = Fingerprint::of(&file.metadata().map_err(|e| io_err("stat", path, e))?);
+        std::thread::sleep(options.settle);
+        let pass = read_pass(
+            &file,
+            path,
+            before.size,
+            chunk_size,
+            previous,
+            &mut delivery,
+        )?;
+        bytes_read += pass.bytes_read;
+        let after_fd = Fingerprint::of(&file.metadata().map_err(|e| io_err("stat", path, e))?);
+        // The path may have been replaced (rename over it) meanwhile.
+        let after_path = std::fs::metadata(path).map(|m| Fingerprint::of(&m)).ok();
+        let stable = pass.hashes.is_some() && after_fd == before && after_path == Some(before);
+
+        if stable || attempt >= max_attempts {
+            if let Some(hashes) = pass.hashes {
+                if !stable {
+                    tracing::warn!(
+                        path = %path.display(),
+                        attempts = attempt,
+                        "disk kept changing while being read; recovery point is not consistent"
+                    );
+                }
+                return Ok(outcome(
+                    hashes,
+                    stable,
+                    SnapshotMethod::StableRead,
+                    before.size,
+                    bytes_read,
+                    previous,
+                    delivery.delivered,
+                    attempt,
+                ));
+            }
+            if attempt >= max_attempts {
+                return Err(io_err(
+                    "reading (file kept shrinking)",
+                    path,
+                    io::Error::from(io::ErrorKind::UnexpectedEof),
+                ));
+            }
+        }
+        tracing::debug!(path = %path.display(), attempt, "disk changed during read; retrying");
+        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt)));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn outcome(
+    hashes: Vec<BlockHash>,
+    consistent: bool,
+    method: SnapshotMethod,
+    size_bytes: u64,
+    bytes_read: u64,
+    previous: Option<&[BlockHash]>,
+    delivered_blocks: u64,
+    attempts: u32,
+) -> ScanOutcome {
+    let prev = previous.filter(|p| p.len() == hashes.len());
+    let changed_blocks = hashes
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| h.is_some() && prev.is_none_or(|p| p[*i] != **h))
+        .count() as u64;
+    ScanOutcome {
+        hashes,
+        consistent,
+        method,
+        size_bytes,
+        bytes_read,
+        changed_blocks,
+        delivered_blocks,
+        attempts,
+    }
+}
+
+fn advise_sequential(file: &File) {
+    // SAFETY: plain advisory syscall on an open fd.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+}
+
+struct Pass {
+    /// `None` when the file ended early (it shrank during the read).
+    hashes: Option<Vec<BlockHash>>,
+    bytes_read: u64,
+}
+
+fn read_pass<F>(
+    file: &File,
+    path: &Path,
+    size: u64,
+    chunk_size: u32,
+    previous: Option<&[BlockHash]>,
+    delivery: &mut Delivery<'_, F>,
+) -> Result<Pass, CaptureError>
+where
+    F: FnMut(u64, &[u8]) -> anyhow::Result<()>,
+{
+    let chunk = u64::from(chunk_size);
+    let blocks = size.div_ceil(chunk);
+    let blocks_usize = usize::try_from(blocks)
+        .map_err(|_| CaptureError::InvalidArgument("disk has too many blocks".into()))?;
+    let previous = previous.filter(|p| p.len() == blocks_usize);
+    if delivery.baseline.len() != blocks_usize {
+        // First attempt, or the size changed: start from `previous`.
+        delivery.baseline = match previous {
+            Some(p) => p.iter().map(|h| Some(*h)).collect(),
+            None => vec![None; blocks_usize],
+        };
+    }
+
+    let per_batch = (READ_BATCH as u64 / chunk).max(1);
+    let mut buf = vec![0u8; (per_batch * chunk) as usize];
+    let mut hashes = Vec::with_capacity(blocks_usize);
+    let mut bytes_read = 0u64;
+    let mut index = 0u64;
+    while index < blocks {
+        let offset = index * chunk;
+        let len = (per_batch * chunk).min(size - offset) as usize;
+        let dst = &mut buf[..len];
+        match file.read_exact_at(dst, offset) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Pass {
+                    hashes: None,
+                    bytes_read,
+                });
+            }
+            Err(e) => return Err(io_err("reading", path, e)),
+        }
+        bytes_read += len as u64;
+        for block in dst.chunks(chunk as usize) {
+            let h = hash_block(block);
+            let i = index as usize;
+            if h.is_some() && delivery.baseline[i] != Some(h) {
+                (delivery.on_changed)(index, block).map_err(CaptureError::Callback)?;
+                delivery.baseline[i] = Some(h);
+                delivery.delivered += 1;
+            }
+            hashes.push(h);
+            index += 1;
+        }
+    }
+    Ok(Pass {
+        hashes: Some(hashes),
+        bytes_read,
+    })
+}

@@ -1,0 +1,493 @@
+//! Where store objects live: the [`Backend`] trait and the [`LocalDir`] backend.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::error::StoreError;
+
+/// An object store: flat keys (`/`-separated, see [`validate_key`]) mapping
+/// to immutable byte strings.
+///
+/// Shaped after Azure Blob / S3 so that those can implement it too.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Stores `data` under `key`, replacing any previous object.
+    ///
+    /// Atomic: readers see the old object or the new one, never a part.
+    /// Durable only once a later [`Backend::barrier`] has returned.
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError>;
+
+    /// Like [`Backend::put`], but the object is durable when this returns,
+    /// and after a crash the key either does not exist or holds all of
+    /// `data`. Used for the few small objects that publish state
+    /// (manifests, markers). The default is `put` then `barrier`, which is
+    /// right for object stores where a put is durable once acknowledged.
+    async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.put(key, data).await?;
+        self.barrier().await
+    }
+
+    /// The object under `key`, or `None` if there is none.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Whether an object exists under `key`.
+    async fn exists(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// Deletes the object under `key`; succeeds if there is none.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// All keys starting with `prefix` (a plain string prefix), in any order.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Makes every put and delete that returned before this call durable.
+    async fn barrier(&self) -> Result<(), StoreError>;
+
+    /// Removes leftovers of interrupted puts (temporary files) older than
+    /// `min_age`; returns how many were removed. Backends without such
+    /// leftovers keep the default, which does nothing.
+    async fn remove_stale_temp(&self, min_age: Duration) -> Result<u64, StoreError> {
+        let _ = min_age;
+        Ok(0)
+    }
+
+    /// A human-readable description, e.g. `local:/var/lib/siterec/store`.
+    fn describe(&self) -> String;
+}
+
+const MAX_KEY_LEN: usize = 1024;
+
+/// Checks that `key` is a valid object key.
+///
+/// A key is 1 to 1024 characters from `[A-Za-z0-9._/-]`, made of non-empty
+/// `/`-separated components none of which starts with `.` (which excludes
+/// `.`, `..` and the backend's temporary files). It may not start or end
+/// with `/`.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason: &str| StoreError::InvalidKey {
+        key: key.chars().take(200).collect(),
+        reason: reason.to_string(),
+    };
+    if key.is_empty() {
+        return Err(bad("empty key"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(bad("longer than 1024 characters"));
+    }
+    validate_key_chars(key).map_err(|r| bad(&r))?;
+    if key.starts_with('/') {
+        return Err(bad("absolute keys are not allowed"));
+    }
+    for component in key.split('/') {
+        if component.is_empty() {
+            return Err(bad(
+                "empty path component (leading, trailing or double '/')",
+            ));
+        }
+        if component.starts_with('.') {
+            return Err(bad(
+                "path components must not start with '.' (no '.', '..' or hidden names)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a listing prefix: like a key, but may be empty or end in `/`,
+/// and its last component may be partial.
+pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+    validate_key(trimmed).map_err(|e| match e {
+        StoreError::InvalidKey { reason, .. } => StoreError::InvalidKey {
+            key: prefix.chars().take(200).collect(),
+            reason: format!("invalid prefix: {reason}"),
+        },
+        other => other,
+    })
+}
+
+fn validate_key_chars(key: &str) -> Result<(), String> {
+    match key
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
+    {
+        Some(c) => Err(format!(
+            "character {c:?} is not allowed (only [A-Za-z0-9._/-])"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Prefix of temporary file names. Keys cannot have components starting
+/// with `.`, so these never collide with objects and are never listed.
+const TEMP_PREFIX: &str = ".srtmp-";
+
+/// A backend storing each object as a file under a root directory:
+/// key `a/b/c` is the file `root/a/b/c`.
+///
+/// Puts write a temporary file in the target directory and rename it into
+/// place (atomic, not fsynced); [`Backend::barrier`] makes everything durable
+/// with one `syncfs(2)` of the root's filesystem. The root directory must not
+/// span several filesystems, and is owned by one process at a time.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: Arc<PathBuf>,
+}
+
+impl LocalDir {
+    /// Opens (creating it if needed) a store directory.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
+        Ok(LocalDir {
+            root: Arc::new(root),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The file holding `key` (validated).
+    pub fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let root = Arc::clone(&self.root);
+        tokio::task::spawn_blocking(move || f(&root))
+            .await
+            .map_err(StoreError::task)?
+    }
+}
+
+fn write_temp_and_rename(
+    root: &Path,
+    path: &Path,
+    data: &[u8],
+    durable: bool,
+) -> Result<(), StoreError> {
+    let dir = path.parent().ok_or_else(|| {
+        StoreError::io(
+            "find the parent of",
+            path,
+            std::io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+    let tmp = dir.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        f.write_all(data)
+            .map_err(|e| StoreError::io("write", &tmp, e))?;
+        if durable {
+            f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))?;
+        if durable {
+            // The new entry, and any directory create_dir_all may just have
+            // made, must survive a crash: fsync every directory from the
+            // file's up to the root (keys are at most a few levels deep).
+            let mut d = Some(dir);
+            while let Some(cur) = d {
+                let f = std::fs::File::open(cur).map_err(|e| StoreError::io("open", cur, e))?;
+                f.sync_all()
+                    .map_err(|e| StoreError::io("fsync directory", cur, e))?;
+                d = if cur == root { None } else { cur.parent() };
+            }
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn walk(
+    dir: &Path,
+    rel: &str,
+    out: &mut Vec<String>,
+    temps: &mut Vec<PathBuf>,
+) -> Result<(), StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io("list", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue; // Not a key we could have written.
+        };
+        let path = entry.path();
+        let ft = entry
+            .file_type()
+            .map_err(|e| StoreError::io("stat", &path, e))?;
+        if name.starts_with(TEMP_PREFIX) && ft.is_file() {
+            temps.push(path);
+            continue;
+        }
+        let key = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        if validate_key(&key).is_err() {
+            continue; // Foreign file: not ours to list.
+        }
+        if ft.is_dir() {
+            walk(&path, &key, out, temps)?;
+        } else if ft.is_file() {
+            out.push(key);
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Backend for LocalDir {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        self.blocking(move |root| write_temp_and_rename(root, &path, &data, false))
+            .await
+    }
+
+    async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        self.blocking(move |root| write_temp_and_rename(root, &path, &data, true))
+            .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.path_of(key)?;
+        self.blocking(move |_| match std::fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        })
+        .await
+    }
+
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path_of(key)?;
+        self.blocking(move |_| match std::fs::metadata(&path) {
+            Ok(m) => Ok(m.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("stat", &path, e)),
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        self.blocking(move |_| match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("delete", &path, e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        validate_prefix(prefix)?;
+        let prefix = prefix.to_string();
+        self.blocking(move |root| {
+            // Start at the deepest directory the prefix designates.
+            let rel = match prefix.rfind('/') {
+                Some(i) => &prefix[..i],
+                None => "",
+            };
+            let mut keys = Vec::new();
+            let mut temps = Vec::new();
+            walk(&root.join(rel), rel, &mut keys, &mut temps)?;
+            keys.retain(|k| k.starts_with(prefix.as_str()));
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn barrier(&self) -> Result<(), StoreError> {
+        self.blocking(|root| {
+            let dir = std::fs::File::open(root).map_err(|e| StoreError::io("open", root, e))?;
+            sync_filesystem(&dir).map_err(|e| StoreError::io("syncfs", root, e))
+        })
+        .await
+    }
+
+    async fn remove_stale_temp(&self, min_age: Duration) -> Result<u64, StoreError> {
+        self.blocking(move |root| {
+            let mut keys = Vec::new();
+            let mut temps = Vec::new();
+            walk(root, "", &mut keys, &mut temps)?;
+            let now = SystemTime::now();
+            let mut removed = 0;
+            for t in temps {
+                let old_enough = std::fs::metadata(&t)
+                    .and_then(|m| m.modified())
+                    .map(|m| now.duration_since(m).unwrap_or(Duration::ZERO) >= min_age)
+                    .unwrap_or(true);
+                if !old_enough {
+                    continue;
+                }
+                match std::fs::remove_file(&t) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("delete temporary file", &t, e)),
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("local:{}", self.root.display())
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn sync_filesystem(dir: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is valid for the lifetime of `dir`; syncfs only reads it.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn sync_filesystem(dir: &std::fs::File) -> std::io::Result<()> {
+    // No syncfs: flush everything, then the root directory itself.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    dir.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_validation() {
+        for good in [
+            "store.json",
+            "chunks/ab/abcdef",
+            "points/vm-1/p_2.manifest",
+            "a-b_c.d/E9",
+        ] {
+            validate_key(good).unwrap();
+        }
+        for bad in [
+            "",
+            "/abs",
+            "a/../b",
+            "..",
+            ".",
+            "a/./b",
+            "a//b",
+            "a/",
+            "a b",
+            "a\\b",
+            "é",
+            "a/.hidden",
+            ".srtmp-123",
+            "a\0b",
+        ] {
+            let err = validate_key(bad).unwrap_err();
+            assert!(
+                matches!(err, StoreError::InvalidKey { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(validate_key(&"a".repeat(1025)).is_err());
+        validate_prefix("").unwrap();
+        validate_prefix("chunks/").unwrap();
+        validate_prefix("chunks/a").unwrap();
+        assert!(validate_prefix("../").is_err());
+        assert!(validate_prefix("/").is_err());
+    }
+
+    #[tokio::test]
+    async fn local_dir_basics_and_invalid_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path().join("store")).unwrap();
+        assert_eq!(b.get("x/y").await.unwrap(), None);
+        assert!(!b.exists("x/y").await.unwrap());
+        b.put("x/y", b"one".to_vec()).await.unwrap();
+        b.put("x/y", b"two".to_vec()).await.unwrap();
+        b.put_durable("x/z", b"three".to_vec()).await.unwrap();
+        b.put("top", b"t".to_vec()).await.unwrap();
+        assert_eq!(b.get("x/y").await.unwrap().as_deref(), Some(&b"two"[..]));
+        assert!(b.exists("x/z").await.unwrap());
+        assert!(!b.exists("x").await.unwrap(), "directories are not objects");
+        b.barrier().await.unwrap();
+
+        for bad in ["../escape", "/etc/passwd", "x/../../y", "x/.srtmp-1"] {
+            assert!(matches!(
+                b.put(bad, b"no".to_vec()).await.unwrap_err(),
+                StoreError::InvalidKey { .. }
+            ));
+            assert!(b.get(bad).await.is_err());
+            assert!(b.delete(bad).await.is_err());
+            assert!(b.exists(bad).await.is_err());
+        }
+        assert!(!dir.path().join("escape").exists());
+        assert!(b.list("../").await.is_err());
+
+        let mut all = b.list("").await.unwrap();
+        all.sort();
+        assert_eq!(all, ["top", "x/y", "x/z"]);
+        let mut xs = b.list("x/").await.unwrap();
+        xs.sort();
+        assert_eq!(xs, ["x/y", "x/z"]);
+        assert_eq!(b.list("x/z").await.unwrap(), ["x/z"]);
+        assert_eq!(b.list("t").await.unwrap(), ["top"]);
+        assert!(b.list("nothing/").await.unwrap().is_empty());
+
+        b.delete("x/y").await.unwrap();
+        b.delete("x/y").await.unwrap(); // idempotent
+        assert_eq!(b.list("x/").await.unwrap(), ["x/z"]);
+    }
+
+    #[tokio::test]
+    async fn list_ignores_temp_files_and_cleanup_removes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path()).unwrap();
+        b.put("chunks/ab/k1", b"1".to_vec()).await.unwrap();
+        let tmp = dir.path().join("chunks/ab/.srtmp-deadbeef");
+        std::fs::write(&tmp, b"partial").unwrap();
+        std::fs::write(dir.path().join(".srtmp-top"), b"partial").unwrap();
+        // A foreign file with a name that is not a valid key.
+        std::fs::write(dir.path().join("chunks/ab/has space"), b"?").unwrap();
+
+        assert_eq!(b.list("").await.unwrap(), ["chunks/ab/k1"]);
+        assert_eq!(b.list("chunks/ab/").await.unwrap(), ["chunks/ab/k1"]);
+
+        // Too young to be stale.
+        assert_eq!(
+            b.remove_stale_temp(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(tmp.exists());
+        assert_eq!(b.remove_stale_temp(Duration::ZERO).await.unwrap(), 2);
+        assert!(!tmp.exists());
+        assert!(dir.path().join("chunks/ab/k1").exists());
+    }
+}

@@ -1,0 +1,411 @@
+//! Chunk ids and the encoding of chunk objects.
+//!
+//! A chunk object is `header ‖ payload`:
+//!
+//! | offset | size | field                                         |
+//! |--------|------|-----------------------------------------------|
+//! | 0      | 8    | magic `b"SRCHUNK1"` (the `1` is the version)  |
+//! | 8      | 1    | codec: 0 = raw, 1 = zstd                      |
+//! | 9      | 4    | plaintext length, u32 little-endian           |
+//! | 13     | ...  | payload (plaintext, or one zstd frame)        |
+//!
+//! The id of a chunk is the BLAKE3 hash of its plaintext, so it does not
+//! depend on the codec. See `FORMAT.md`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::StoreError;
+
+/// Magic bytes at the start of every chunk object (format version 1).
+pub const CHUNK_MAGIC: &[u8; 8] = b"SRCHUNK1";
+/// Length of the chunk object header.
+pub const CHUNK_HEADER_LEN: usize = 13;
+/// Largest plaintext a chunk may have (64 MiB).
+pub const MAX_CHUNK_LEN: usize = 64 * 1024 * 1024;
+/// Codec byte: payload is the plaintext.
+pub const CODEC_RAW: u8 = 0;
+/// Codec byte: payload is one zstd frame.
+pub const CODEC_ZSTD: u8 = 1;
+
+/// zstd level used for chunks: fast, still removes most redundancy.
+const ZSTD_LEVEL: i32 = 1;
+/// Chunks at least this long are sampled before being compressed.
+const SAMPLE_MIN_LEN: usize = 64 * 1024;
+/// Size of the sample compressed to detect incompressible data.
+const SAMPLE_LEN: usize = 4096;
+
+/// The id of a chunk: the BLAKE3 hash of its plaintext.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    /// The id of `plain`.
+    pub fn of(plain: &[u8]) -> ChunkId {
+        ChunkId(*blake3::hash(plain).as_bytes())
+    }
+
+    /// The raw hash bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+/// Why a string is not a chunk id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid chunk id {input:?}: expected 64 hexadecimal characters (a BLAKE3 hash), {reason}")]
+pub struct ParseChunkIdError {
+    input: String,
+    reason: String,
+}
+
+impl FromStr for ChunkId {
+    type Err = ParseChunkIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shown: String = s.chars().take(80).collect();
+        if s.len() != 64 {
+            return Err(ParseChunkIdError {
+                input: shown,
+                reason: format!("got {} characters", s.len()),
+            });
+        }
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|e| ParseChunkIdError {
+            input: shown,
+            reason: e.to_string(),
+        })?;
+        Ok(ChunkId(out))
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A chunk ready to be sent or stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChunk {
+    /// BLAKE3 of the plaintext.
+    pub id: ChunkId,
+    /// The chunk object (header and payload).
+    pub bytes: Vec<u8>,
+    /// Length of the plaintext.
+    pub plain_len: u32,
+}
+
+/// True if every byte of `data` is zero (also for empty data).
+pub fn is_all_zero(data: &[u8]) -> bool {
+    let mut words = data.chunks_exact(16);
+    let all_words = words
+        .by_ref()
+        .all(|w| u128::from_ne_bytes(w.try_into().unwrap_or([1; 16])) == 0);
+    all_words && words.remainder().iter().all(|&b| b == 0)
+}
+
+fn header(codec: u8, plain_len: u32, payload_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload_len);
+    out.extend_from_slice(CHUNK_MAGIC);
+    out.push(codec);
+    out.extend_from_slice(&plain_len.to_le_bytes());
+    out
+}
+
+fn raw_object(plain: &[u8], plain_len: u32) -> Vec<u8> {
+    let mut out = header(CODEC_RAW, plain_len, plain.len());
+    out.extend_from_slice(plain);
+    out
+}
+
+/// Encodes `plain` as a chunk object.
+///
+/// With `compress`, the payload is compressed with zstd (level 1) and kept
+/// compressed only if that makes it strictly smaller; chunks of 64 KiB or
+/// more whose first 4 KiB do not compress at all are stored raw without
+/// trying the whole chunk.
+///
+/// # Panics
+///
+/// If `plain` is longer than [`MAX_CHUNK_LEN`]: chunk sizes are chosen by the
+/// program, never by data, so this is a programming error.
+pub fn encode_chunk(plain: &[u8], compress: bool) -> EncodedChunk {
+    assert!(
+        plain.len() <= MAX_CHUNK_LEN,
+        "chunk of {} bytes exceeds the maximum of {MAX_CHUNK_LEN}",
+        plain.len()
+    );
+    let plain_len = plain.len() as u32;
+    let id = ChunkId::of(plain);
+    let bytes = if compress && worth_compressing(plain) {
+        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+            Ok(z) if z.len() < plain.len() => {
+                let mut out = header(CODEC_ZSTD, plain_len, z.len());
+                out.extend_from_slice(&z);
+                out
+            }
+            // Not smaller, or the compressor failed: raw is always correct.
+            _ => raw_object(plain, plain_len),
+        }
+    } else {
+        raw_object(plain, plain_len)
+    };
+    EncodedChunk {
+        id,
+        bytes,
+        plain_len,
+    }
+}
+
+/// Cheap test on a sample: false when the data is evidently incompressible.
+fn worth_compressing(plain: &[u8]) -> bool {
+    if plain.len() < SAMPLE_MIN_LEN {
+        return !plain.is_empty();
+    }
+    let sample = &plain[..SAMPLE_LEN];
+    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
+        Ok(z) => z.len() < sample.len(),
+        Err(_) => false,
+    }
+}
+
+/// The header fields of a chunk object, checked for shape but not content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// [`CODEC_RAW`] or [`CODEC_ZSTD`].
+    pub codec: u8,
+    /// Declared plaintext length.
+    pub plain_len: u32,
+}
+
+/// Parses the header of a chunk object.
+pub fn parse_chunk_header(id: ChunkId, bytes: &[u8]) -> Result<ChunkHeader, StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
+    if bytes.len() < CHUNK_HEADER_LEN {
+        return Err(corrupt(format!(
+            "object is {} bytes, shorter than the {CHUNK_HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if &bytes[..7] == b"SRCHUNK" && bytes[7] != b'1' && bytes[7].is_ascii_digit() {
+        return Err(StoreError::UnsupportedVersion {
+            what: format!("chunk {id}"),
+            found: u32::from(bytes[7] - b'0'),
+            supported: 1,
+        });
+    }
+    if &bytes[..8] != CHUNK_MAGIC {
+        return Err(corrupt(
+            "bad magic bytes (not a siterec chunk object)".into(),
+        ));
+    }
+    let codec = bytes[8];
+    if codec != CODEC_RAW && codec != CODEC_ZSTD {
+        return Err(corrupt(format!("unknown codec {codec}")));
+    }
+    let plain_len = u32::from_le_bytes([bytes[9], bytes[10], bytes[11], bytes[12]]);
+    if plain_len as usize > MAX_CHUNK_LEN {
+        return Err(corrupt(format!(
+            "declared plaintext length {plain_len} exceeds the maximum {MAX_CHUNK_LEN}"
+        )));
+    }
+    Ok(ChunkHeader { codec, plain_len })
+}
+
+/// Decodes a chunk object and checks that its plaintext hashes to `id`.
+///
+/// Decompression never produces more than the declared plaintext length,
+/// which itself is at most [`MAX_CHUNK_LEN`], so hostile input cannot make
+/// this allocate without bound.
+pub fn decode_chunk(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
+    let h = parse_chunk_header(id, bytes)?;
+    let payload = &bytes[CHUNK_HEADER_LEN..];
+    let plain_len = h.plain_len as usize;
+    let plain = match h.codec {
+        CODEC_RAW => {
+            if payload.len() != plain_len {
+                return Err(corrupt(format!(
+                    "raw payload is {} bytes but the header declares {plain_len}",
+                    payload.len()
+                )));
+            }
+            payload.to_vec()
+        }
+        _ => {
+            let out = zstd::bulk::decompress(payload, plain_len)
+                .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}")))?;
+            if out.len() != plain_len {
+                return Err(corrupt(format!(
+                    "zstd payload decompresses to {} bytes but the header declares {plain_len}",
+                    out.len()
+                )));
+            }
+            out
+        }
+    };
+    let actual = ChunkId::of(&plain);
+    if actual != id {
+        return Err(corrupt(format!("plaintext hashes to {actual}")));
+    }
+    Ok(plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    fn text(len: usize) -> Vec<u8> {
+        let line = b"2024-05-01T12:00:00Z INFO replication of disk scsi0 progressing, 42% done\n";
+        line.iter().copied().cycle().take(len).collect()
+    }
+
+    fn random(len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        rand::rng().fill_bytes(&mut v);
+        v
+    }
+
+    #[test]
+    fn round_trip_text_is_compressed() {
+        let plain = text(1 << 20);
+        let enc = encode_chunk(&plain, true);
+        assert_eq!(enc.id, ChunkId::of(&plain));
+        assert_eq!(enc.plain_len as usize, plain.len());
+        assert_eq!(enc.bytes[8], CODEC_ZSTD);
+        assert!(enc.bytes.len() < plain.len() / 10, "{}", enc.bytes.len());
+        assert_eq!(decode_chunk(enc.id, &enc.bytes).unwrap(), plain);
+    }
+
+    #[test]
+    fn round_trip_random_is_raw() {
+        for len in [100, 4096, 100_000, 1 << 20] {
+            let plain = random(len);
+            let enc = encode_chunk(&plain, true);
+            assert_eq!(enc.bytes[8], CODEC_RAW, "len {len}");
+            assert_eq!(enc.bytes.len(), CHUNK_HEADER_LEN + len);
+            assert_eq!(decode_chunk(enc.id, &enc.bytes).unwrap(), plain);
+        }
+    }
+
+    #[test]
+    fn round_trip_zeroish_and_uncompressed() {
+        let mut plain = vec![0u8; 65536];
+        plain[40_000] = 7;
+        assert!(!is_all_zero(&plain));
+        let enc = encode_chunk(&plain, true);
+        assert_eq!(enc.bytes[8], CODEC_ZSTD);
+        assert!(enc.bytes.len() < 1000);
+        assert_eq!(decode_chunk(enc.id, &enc.bytes).unwrap(), plain);
+
+        let enc_raw = encode_chunk(&plain, false);
+        assert_eq!(enc_raw.bytes[8], CODEC_RAW);
+        assert_eq!(enc_raw.id, enc.id);
+        assert_eq!(decode_chunk(enc.id, &enc_raw.bytes).unwrap(), plain);
+    }
+
+    #[test]
+    fn all_zero_detection() {
+        assert!(is_all_zero(&[]));
+        assert!(is_all_zero(&[0; 4096]));
+        assert!(is_all_zero(&[0; 33]));
+        for len in [1usize, 15, 16, 17, 4096, 4099] {
+            for pos in [0, len / 2, len - 1] {
+                let mut v = vec![0u8; len];
+                v[pos] = 0x80;
+                assert!(!is_all_zero(&v), "len {len} pos {pos}");
+            }
+        }
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let plain = text(100_000);
+        for compress in [false, true] {
+            let enc = encode_chunk(&plain, compress);
+            for pos in [CHUNK_HEADER_LEN, enc.bytes.len() / 2, enc.bytes.len() - 1] {
+                let mut bad = enc.bytes.clone();
+                bad[pos] ^= 0x01;
+                let err = decode_chunk(enc.id, &bad).unwrap_err();
+                assert!(matches!(err, StoreError::CorruptChunk { .. }), "{err}");
+            }
+            // Truncation, bad magic, bad codec, wrong id.
+            assert!(decode_chunk(enc.id, &enc.bytes[..enc.bytes.len() - 1]).is_err());
+            assert!(decode_chunk(enc.id, &enc.bytes[..5]).is_err());
+            let mut bad = enc.bytes.clone();
+            bad[0] = b'X';
+            assert!(decode_chunk(enc.id, &bad).is_err());
+            let mut bad = enc.bytes.clone();
+            bad[8] = 9;
+            assert!(decode_chunk(enc.id, &bad).is_err());
+            assert!(decode_chunk(ChunkId::of(b"other"), &enc.bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn oversized_and_lying_lengths_rejected() {
+        let enc = encode_chunk(&text(10_000), true);
+        let mut bad = enc.bytes.clone();
+        bad[9..13].copy_from_slice(&(MAX_CHUNK_LEN as u32 + 1).to_le_bytes());
+        assert!(decode_chunk(enc.id, &bad).is_err());
+        // Declared length smaller than the real output: bounded decompression fails.
+        let mut bad = enc.bytes.clone();
+        bad[9..13].copy_from_slice(&100u32.to_le_bytes());
+        assert!(decode_chunk(enc.id, &bad).is_err());
+    }
+
+    #[test]
+    fn newer_chunk_version_rejected() {
+        let mut enc = encode_chunk(b"hello", false).bytes;
+        enc[7] = b'2';
+        let err = decode_chunk(ChunkId::of(b"hello"), &enc).unwrap_err();
+        assert!(
+            matches!(err, StoreError::UnsupportedVersion { found: 2, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn chunk_id_hex_and_serde() {
+        let id = ChunkId::of(b"abc");
+        let s = id.to_string();
+        assert_eq!(s.len(), 64);
+        assert_eq!(s.parse::<ChunkId>().unwrap(), id);
+        assert_eq!(s.to_uppercase().parse::<ChunkId>().unwrap(), id);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{s}\""));
+        assert_eq!(serde_json::from_str::<ChunkId>(&json).unwrap(), id);
+        let err = "abc".parse::<ChunkId>().unwrap_err().to_string();
+        assert!(err.contains("64 hexadecimal"), "{err}");
+        assert!(s.replace(&s[..1], "g").parse::<ChunkId>().is_err());
+        assert!(serde_json::from_str::<ChunkId>("\"zz\"").is_err());
+    }
+}

@@ -1,0 +1,92 @@
+//! The replica store of siterec.
+//!
+//! The target agent keeps the replicated disks of every protected item in a
+//! store: disk contents cut into fixed-size chunks, each stored once under
+//! its BLAKE3 hash ([`ChunkId`]), plus one [`Manifest`] per recovery point
+//! listing, for each disk, the chunk at each offset (`None` for an all-zero
+//! block, which is never stored).
+//!
+//! Objects live in a [`Backend`] (an object-store-shaped async trait; the
+//! [`LocalDir`] backend keeps them as files). The layout and encodings are
+//! described precisely in `FORMAT.md` next to this crate's `Cargo.toml`.
+//!
+//! # Guarantees
+//!
+//! * **Atomic, durable points.** [`Store::commit_point`] checks that every
+//!   referenced chunk is present, makes all chunks durable with one
+//!   [`Backend::barrier`], and only then writes the manifest durably
+//!   ([`Backend::put_durable`]). A point is visible exactly when its manifest
+//!   exists, so a crash never leaves a visible, incomplete point.
+//! * **Chunks received before a crash.** Chunk writes are not fsynced one by
+//!   one, so after a power cut a chunk file may exist with damaged content
+//!   (e.g. empty). Before the first chunk write after a barrier, the store
+//!   durably writes the marker `state/unsynced`; the marker is removed once
+//!   a barrier covers every started write. If [`Store::open_or_create`]
+//!   finds the marker, it verifies every chunk and removes damaged ones, so
+//!   `has_chunk` never vouches for a chunk that did not survive the crash.
+//!   Call [`Store::sync`] before a clean shutdown to avoid that scan.
+//! * **No silent corruption.** Every chunk read is decoded and hashed
+//!   against its id ([`decode_chunk`]); manifests carry a BLAKE3 trailer
+//!   checked on every read. Failures are [`StoreError::CorruptChunk`] and
+//!   [`StoreError::CorruptManifest`]; wrong data is never returned.
+//! * **Garbage collection excludes writers.** The store holds an internal
+//!   read/write lock: chunk puts, commits and reads share it, [`Store::gc`]
+//!   takes it exclusively. Chunks uploaded for a point not yet committed
+//!   must be passed to `gc` in `keep`.
+//!
+//! A store is owned by one process at a time (one [`Store`] value and its
+//! clones); two processes sharing a directory are not supported.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), siterec_store::StoreError> {
+//! use siterec_store::{DiskManifest, Manifest, Store, encode_chunk};
+//!
+//! let store = Store::open_local("/var/lib/siterec/store").await?;
+//! let block = vec![7u8; 4096];
+//! let enc = encode_chunk(&block, true); // done by the source agent
+//! store.put_encoded_chunk(enc.id, enc.bytes).await?;
+//! let manifest = Manifest {
+//!     item: "vm-1".into(),
+//!     point_id: "p1".into(),
+//!     created_at_unix_ms: 0,
+//!     consistency: siterec_core::Consistency::CrashConsistent,
+//!     disks: vec![DiskManifest {
+//!         disk_id: "disk0".into(),
+//!         size: 8192,
+//!         chunk_size: 4096,
+//!         chunks: vec![Some(enc.id), None],
+//!     }],
+//! };
+//! store.commit_point(&manifest).await?;
+//! let mut reader = store.read_disk(&manifest, 0, 4)?;
+//! while let Some(block) = reader.next().await {
+//!     let block = block?; // block.offset, block.data (None = zeros)
+//! #   let _ = block;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod backend;
+mod chunk;
+mod error;
+mod manifest;
+mod store;
+
+#[cfg(test)]
+mod store_tests;
+
+pub use backend::{Backend, LocalDir, validate_key, validate_prefix};
+pub use chunk::{
+    CHUNK_HEADER_LEN, CHUNK_MAGIC, CODEC_RAW, CODEC_ZSTD, ChunkHeader, ChunkId, EncodedChunk,
+    MAX_CHUNK_LEN, ParseChunkIdError, decode_chunk, encode_chunk, is_all_zero, parse_chunk_header,
+};
+pub use error::StoreError;
+pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};
+pub use store::{
+    CHUNK_LAYOUT_V1, DiskBlock, DiskReader, GcReport, PointRef, PointVerify, RecoveryReport,
+    STORE_FORMAT_NAME, STORE_FORMAT_VERSION, STORE_INFO_KEY, Store, StoreInfo, UNSYNCED_MARKER_KEY,
+    VerifyReport, chunk_key, manifest_key, parse_chunk_key,
+};

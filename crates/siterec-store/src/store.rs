@@ -1,0 +1,897 @@
+//! The [`Store`]: chunks and recovery points on top of a [`Backend`].
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, OwnedRwLockReadGuard, RwLock};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::backend::{Backend, LocalDir};
+use crate::chunk::{ChunkId, decode_chunk, encode_chunk, is_all_zero};
+use crate::error::StoreError;
+use crate::manifest::{DiskManifest, Manifest, validate_name};
+
+/// The store format version this build writes and the newest it opens.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+/// Key of the store description.
+pub const STORE_INFO_KEY: &str = "store.json";
+/// Key of the marker saying chunks may have been written without a barrier.
+pub const UNSYNCED_MARKER_KEY: &str = "state/unsynced";
+/// Value of [`StoreInfo::format`].
+pub const STORE_FORMAT_NAME: &str = "siterec-store";
+/// Value of [`StoreInfo::chunk_layout`] for version 1.
+pub const CHUNK_LAYOUT_V1: &str = "chunks/<hex[0..2]>/<hex>";
+
+const CHUNKS_PREFIX: &str = "chunks/";
+const POINTS_PREFIX: &str = "points/";
+const MANIFEST_SUFFIX: &str = ".manifest";
+/// Concurrent backend requests for existence checks and deletes.
+const META_PARALLELISM: usize = 16;
+/// Concurrent chunk reads while verifying or scrubbing.
+const READ_PARALLELISM: usize = 4;
+
+/// The content of `store.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreInfo {
+    /// Always [`STORE_FORMAT_NAME`].
+    pub format: String,
+    /// Store format version.
+    pub version: u32,
+    /// When the store was created.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+    /// Where chunks live; [`CHUNK_LAYOUT_V1`].
+    pub chunk_layout: String,
+}
+
+/// The key of chunk `id`: `chunks/<first 2 hex digits>/<64 hex digits>`.
+pub fn chunk_key(id: &ChunkId) -> String {
+    let hex = id.to_hex();
+    format!("{CHUNKS_PREFIX}{}/{hex}", &hex[..2])
+}
+
+/// The chunk id a key designates, if it is a well-formed chunk key.
+pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
+    let rest = key.strip_prefix(CHUNKS_PREFIX)?;
+    let (dir, name) = rest.split_once('/')?;
+    let id: ChunkId = name.parse().ok()?;
+    // Only lower-case hex in the right directory is ours.
+    (dir.len() == 2 && name == id.to_hex() && name.starts_with(dir)).then_some(id)
+}
+
+/// The key of a manifest: `points/<item>/<point_id>.manifest`.
+pub fn manifest_key(item: &str, point_id: &str) -> Result<String, StoreError> {
+    validate_name("item", item)?;
+    validate_name("point id", point_id)?;
+    Ok(format!("{POINTS_PREFIX}{item}/{point_id}{MANIFEST_SUFFIX}"))
+}
+
+fn parse_manifest_key(key: &str) -> Option<PointRef> {
+    let rest = key.strip_prefix(POINTS_PREFIX)?;
+    let (item, file) = rest.split_once('/')?;
+    let point_id = file.strip_suffix(MANIFEST_SUFFIX)?;
+    if validate_name("item", item).is_err() || validate_name("point id", point_id).is_err() {
+        return None;
+    }
+    Some(PointRef {
+        item: item.to_string(),
+        point_id: point_id.to_string(),
+    })
+}
+
+/// Names a recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PointRef {
+    /// The protected item.
+    pub item: String,
+    /// The point within the item.
+    pub point_id: String,
+}
+
+/// What [`Store::gc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    /// Recovery points whose chunks were kept.
+    pub points: u64,
+    /// Chunks kept (referenced by a point or in `keep`).
+    pub chunks_kept: u64,
+    /// Chunks deleted.
+    pub chunks_deleted: u64,
+    /// Leftover temporary files removed.
+    pub temp_files_removed: u64,
+}
+
+/// The result of verifying one recovery point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointVerify {
+    /// The protected item.
+    pub item: String,
+    /// The point.
+    pub point_id: String,
+    /// True if the manifest and every chunk it references are intact.
+    pub ok: bool,
+    /// Referenced chunks that are missing, corrupt or of the wrong length.
+    pub damaged_chunks: Vec<ChunkId>,
+    /// What is wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// One entry per recovery point, sorted by item then point id.
+    pub points: Vec<PointVerify>,
+    /// Distinct chunks read and hashed.
+    pub chunks_checked: u64,
+}
+
+impl VerifyReport {
+    /// True if every point verified.
+    pub fn all_ok(&self) -> bool {
+        self.points.iter().all(|p| p.ok)
+    }
+}
+
+/// What opening the store did to recover from an unclean shutdown.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    /// Chunks read and verified.
+    pub chunks_checked: u64,
+    /// Chunks found damaged (e.g. not durable at the crash) and removed.
+    pub chunks_removed: Vec<ChunkId>,
+    /// Leftover temporary files removed.
+    pub temp_files_removed: u64,
+}
+
+/// One chunk-sized block of a disk, as yielded by [`DiskReader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBlock {
+    /// Index of the chunk in the disk.
+    pub index: u64,
+    /// Byte offset in the disk.
+    pub offset: u64,
+    /// Length of the block (the last one may be short).
+    pub len: u64,
+    /// The verified data (exactly `len` bytes), or `None` for a zero block.
+    pub data: Option<Vec<u8>>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    info: StoreInfo,
+    /// Chunk puts, commits, deletes and reads take it shared; gc takes it
+    /// exclusively so that it never sweeps a chunk a commit relies on.
+    gate: Arc<RwLock<()>>,
+    /// Serializes commits so that conflicting commits of one point id are
+    /// detected.
+    commit_lock: Mutex<()>,
+    /// Whether the unsynced marker exists; writers set it before writing.
+    unsynced: Mutex<bool>,
+    writes_started: AtomicU64,
+    writes_done: AtomicU64,
+    recovery: std::sync::OnceLock<RecoveryReport>,
+}
+
+/// The replica store. Cheap to clone; clones share everything.
+///
+/// See the crate documentation for the durability protocol.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.inner.backend.describe())
+            .field("info", &self.inner.info)
+            .finish()
+    }
+}
+
+/// Runs `f` on every item with at most `limit` running at once; results
+/// are in the order of `items`.
+async fn map_bounded<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> Result<Vec<R>, StoreError>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = R> + Send + 'static,
+{
+    let n = items.len();
+    let mut out: Vec<Option<R>> = (0..n).map(|_| None).collect();
+    let mut set = JoinSet::new();
+    let mut iter = items.into_iter().enumerate();
+    loop {
+        while set.len() < limit.max(1) {
+            let Some((i, t)) = iter.next() else { break };
+            let fut = f(t);
+            set.spawn(async move { (i, fut.await) });
+        }
+        match set.join_next().await {
+            Some(r) => {
+                let (i, v) = r.map_err(StoreError::task)?;
+                out[i] = Some(v);
+            }
+            None => break,
+        }
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
+impl Store {
+    /// Opens the store on `backend`, creating it (writing `store.json`) if
+    /// the backend holds none.
+    ///
+    /// If the previous owner stopped while chunks it had received were not
+    /// yet durable (the unsynced marker exists), every chunk is read and
+    /// verified and damaged ones are removed before the store is returned;
+    /// see [`Store::last_recovery`].
+    pub async fn open_or_create(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
+        let info = match backend.get(STORE_INFO_KEY).await? {
+            Some(bytes) => parse_store_info(&bytes)?,
+            None => {
+                let info = StoreInfo {
+                    format: STORE_FORMAT_NAME.to_string(),
+                    version: STORE_FORMAT_VERSION,
+                    created_at: time::OffsetDateTime::now_utc(),
+                    chunk_layout: CHUNK_LAYOUT_V1.to_string(),
+                };
+                let json =
+                    serde_json::to_vec_pretty(&info).map_err(|e| StoreError::CorruptMetadata {
+                        key: STORE_INFO_KEY.into(),
+                        reason: format!("cannot serialize: {e}"),
+                    })?;
+                backend.put_durable(STORE_INFO_KEY, json).await?;
+                tracing::info!(backend = %backend.describe(), "created replica store");
+                info
+            }
+        };
+        let unsynced = backend.exists(UNSYNCED_MARKER_KEY).await?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                backend,
+                info,
+                gate: Arc::new(RwLock::new(())),
+                commit_lock: Mutex::new(()),
+                unsynced: Mutex::new(unsynced),
+                writes_started: AtomicU64::new(0),
+                writes_done: AtomicU64::new(0),
+                recovery: std::sync::OnceLock::new(),
+            }),
+        };
+        if unsynced {
+            let report = store.recover_after_crash().await?;
+            let _ = store.inner.recovery.set(report);
+        }
+        Ok(store)
+    }
+
+    /// Opens or creates a store in a local directory.
+    pub async fn open_local(root: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let backend = LocalDir::new(root.as_ref())?;
+        Store::open_or_create(Arc::new(backend)).await
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.inner.backend
+    }
+
+    /// The content of `store.json`.
+    pub fn info(&self) -> &StoreInfo {
+        &self.inner.info
+    }
+
+    /// What opening did to recover from an unclean shutdown, if it had to.
+    pub fn last_recovery(&self) -> Option<&RecoveryReport> {
+        self.inner.recovery.get()
+    }
+
+    async fn recover_after_crash(&self) -> Result<RecoveryReport, StoreError> {
+        tracing::warn!(
+            backend = %self.inner.backend.describe(),
+            "store was not shut down cleanly while receiving chunks: verifying all chunks"
+        );
+        let _g = self.inner.gate.write().await;
+        let backend = &self.inner.backend;
+        let ids: Vec<ChunkId> = backend
+            .list(CHUNKS_PREFIX)
+            .await?
+            .iter()
+            .filter_map(|k| parse_chunk_key(k))
+            .collect();
+        let this = self.clone();
+        let results = map_bounded(ids.clone(), READ_PARALLELISM, move |id| {
+            let this = this.clone();
+            async move { this.get_chunk_unlocked(id).await }
+        })
+        .await?;
+        let mut report = RecoveryReport {
+            chunks_checked: ids.len() as u64,
+            ..Default::default()
+        };
+        for (id, r) in ids.into_iter().zip(results) {
+            match r {
+                Ok(_) => {}
+                Err(StoreError::CorruptChunk { reason, .. }) => {
+                    tracing::warn!(chunk = %id, %reason, "removing damaged chunk");
+                    backend.delete(&chunk_key(&id)).await?;
+                    report.chunks_removed.push(id);
+                }
+                // Missing (raced with nothing, we hold the gate) or a newer
+                // chunk version: not ours to remove.
+                Err(StoreError::MissingChunk { .. } | StoreError::UnsupportedVersion { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        report.temp_files_removed = backend.remove_stale_temp(Duration::ZERO).await?;
+        self.barrier_and_settle().await?;
+        Ok(report)
+    }
+
+    /// Makes everything written so far durable, and records that no chunk
+    /// is waiting for a barrier (if none is being written). Call it before
+    /// a clean shutdown so that the next open does not scrub.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.barrier_and_settle().await
+    }
+
+    /// Barrier, then remove the unsynced marker if every chunk write that
+    /// ever started was complete before the barrier began.
+    async fn barrier_and_settle(&self) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let started = inner.writes_started.load(Ordering::SeqCst);
+        let done = inner.writes_done.load(Ordering::SeqCst);
+        inner.backend.barrier().await?;
+        if started == done {
+            let mut flag = inner.unsynced.lock().await;
+            // Writers increment `writes_started` while holding `unsynced`,
+            // so no write has started since the counters were read.
+            if *flag && inner.writes_started.load(Ordering::SeqCst) == started {
+                inner.backend.delete(UNSYNCED_MARKER_KEY).await?;
+                *flag = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a chunk object received from the network, after decoding it
+    /// and checking it hashes to `id` (on a blocking thread). Returns
+    /// `false` if the chunk was already present (nothing written).
+    ///
+    /// All-zero chunks are refused ([`StoreError::ZeroChunk`]): manifests
+    /// record them as `None`.
+    pub async fn put_encoded_chunk(&self, id: ChunkId, bytes: Vec<u8>) -> Result<bool, StoreError> {
+        let guard = Arc::clone(&self.inner.gate).read_owned().await;
+        let key = chunk_key(&id);
+        if self.inner.backend.exists(&key).await? {
+            return Ok(false);
+        }
+        let bytes = tokio::task::spawn_blocking(move || {
+            let plain = decode_chunk(id, &bytes)?;
+            if is_all_zero(&plain) {
+                return Err(StoreError::ZeroChunk { id });
+            }
+            Ok(bytes)
+        })
+        .await
+        .map_err(StoreError::task)??;
+        self.write_chunk(guard, key, bytes).await?;
+        Ok(true)
+    }
+
+    /// Encodes and stores a plaintext chunk (used when the data is local).
+    /// Returns `None`, storing nothing, for an all-zero chunk.
+    pub async fn put_plain_chunk(
+        &self,
+        plain: Vec<u8>,
+        compress: bool,
+    ) -> Result<Option<ChunkId>, StoreError> {
+        let enc = tokio::task::spawn_blocking(move || {
+            (!is_all_zero(&plain)).then(|| encode_chunk(&plain, compress))
+        })
+        .await
+        .map_err(StoreError::task)?;
+        let Some(enc) = enc else { return Ok(None) };
+        let guard = Arc::clone(&self.inner.gate).read_owned().await;
+        let key = chunk_key(&enc.id);
+        if !self.inner.backend.exists(&key).await? {
+            self.write_chunk(guard, key, enc.bytes).await?;
+        }
+        Ok(Some(enc.id))
+    }
+
+    /// Writes a chunk object following the unsynced-marker protocol. The
+    /// write runs in its own task (holding `guard`) so that cancelling the
+    /// caller cannot leave a write the counters do not know about.
+    async fn write_chunk(
+        &self,
+        guard: OwnedRwLockReadGuard<()>,
+        key: String,
+        bytes: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        {
+            let mut flag = self.inner.unsynced.lock().await;
+            if !*flag {
+                let stamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+                self.inner
+                    .backend
+                    .put_durable(UNSYNCED_MARKER_KEY, stamp.into_bytes())
+                    .await?;
+                *flag = true;
+            }
+            self.inner.writes_started.fetch_add(1, Ordering::SeqCst);
+        }
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::spawn(async move {
+            let r = inner.backend.put(&key, bytes).await;
+            inner.writes_done.fetch_add(1, Ordering::SeqCst);
+            drop(guard);
+            r
+        });
+        task.await.map_err(StoreError::task)?
+    }
+
+    /// Whether chunk `id` is stored.
+    pub async fn has_chunk(&self, id: ChunkId) -> Result<bool, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.inner.backend.exists(&chunk_key(&id)).await
+    }
+
+    /// For each id, whether it is stored.
+    pub async fn has_chunks(&self, ids: &[ChunkId]) -> Result<Vec<bool>, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.exists_many(ids.to_vec()).await
+    }
+
+    async fn exists_many(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
+        let backend = Arc::clone(&self.inner.backend);
+        map_bounded(ids, META_PARALLELISM, move |id| {
+            let backend = Arc::clone(&backend);
+            async move { backend.exists(&chunk_key(&id)).await }
+        })
+        .await?
+        .into_iter()
+        .collect()
+    }
+
+    /// The verified plaintext of chunk `id`.
+    pub async fn get_chunk(&self, id: ChunkId) -> Result<Vec<u8>, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.get_chunk_unlocked(id).await
+    }
+
+    async fn get_chunk_unlocked(&self, id: ChunkId) -> Result<Vec<u8>, StoreError> {
+        let key = chunk_key(&id);
+        let bytes =
+            self.inner
+                .backend
+                .get(&key)
+                .await?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id,
+                    context: format!("object {key} not found"),
+                })?;
+        tokio::task::spawn_blocking(move || decode_chunk(id, &bytes))
+            .await
+            .map_err(StoreError::task)?
+    }
+
+    /// Commits a recovery point: makes it visible once every chunk it
+    /// references and the manifest itself are durable.
+    ///
+    /// 1. validate the manifest; if a manifest already exists under this
+    ///    point id, succeed (after a barrier) if it is byte-identical, else
+    ///    fail with [`StoreError::PointConflict`];
+    /// 2. check every referenced chunk exists ([`StoreError::MissingChunk`]
+    ///    names the first missing one; nothing is written);
+    /// 3. barrier: the chunks are durable;
+    /// 4. write the manifest durably (temp file, fsync, rename, fsync dir).
+    pub async fn commit_point(&self, manifest: &Manifest) -> Result<(), StoreError> {
+        manifest.validate()?;
+        let key = manifest_key(&manifest.item, &manifest.point_id)?;
+        let bytes = manifest.encode();
+        let _g = self.inner.gate.read().await;
+        let _c = self.inner.commit_lock.lock().await;
+        let backend = &self.inner.backend;
+        if let Some(existing) = backend.get(&key).await? {
+            if existing == bytes {
+                return self.barrier_and_settle().await;
+            }
+            return Err(StoreError::PointConflict {
+                item: manifest.item.clone(),
+                point_id: manifest.point_id.clone(),
+            });
+        }
+        let mut refs: Vec<ChunkId> = manifest.referenced_chunks().into_iter().collect();
+        refs.sort();
+        let present = self.exists_many(refs.clone()).await?;
+        if let Some((id, _)) = refs.iter().zip(&present).find(|(_, p)| !**p) {
+            let missing = present.iter().filter(|p| !**p).count();
+            return Err(StoreError::MissingChunk {
+                id: *id,
+                context: format!(
+                    "referenced by recovery point {}/{} ({missing} of {} chunks missing); \
+                     upload the missing chunks before committing",
+                    manifest.item,
+                    manifest.point_id,
+                    refs.len()
+                ),
+            });
+        }
+        self.barrier_and_settle().await?;
+        backend.put_durable(&key, bytes).await?;
+        tracing::info!(item = %manifest.item, point = %manifest.point_id, "committed recovery point");
+        Ok(())
+    }
+
+    /// The committed recovery points, of one item or all, sorted.
+    pub async fn list_points(&self, item: Option<&str>) -> Result<Vec<PointRef>, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.list_points_unlocked(item).await
+    }
+
+    async fn list_points_unlocked(&self, item: Option<&str>) -> Result<Vec<PointRef>, StoreError> {
+        let prefix = match item {
+            Some(i) => {
+                validate_name("item", i)?;
+                format!("{POINTS_PREFIX}{i}/")
+            }
+            None => POINTS_PREFIX.to_string(),
+        };
+        let mut points: Vec<PointRef> = self
+            .inner
+            .backend
+            .list(&prefix)
+            .await?
+            .iter()
+            .filter_map(|k| parse_manifest_key(k))
+            .collect();
+        points.sort();
+        Ok(points)
+    }
+
+    /// Reads and verifies the manifest of a recovery point.
+    pub async fn read_manifest(&self, item: &str, point_id: &str) -> Result<Manifest, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.read_manifest_unlocked(item, point_id).await
+    }
+
+    async fn read_manifest_unlocked(
+        &self,
+        item: &str,
+        point_id: &str,
+    ) -> Result<Manifest, StoreError> {
+        let key = manifest_key(item, point_id)?;
+        let bytes =
+            self.inner
+                .backend
+                .get(&key)
+                .await?
+                .ok_or_else(|| StoreError::PointNotFound {
+                    item: item.to_string(),
+                    point_id: point_id.to_string(),
+                })?;
+        let (item, point_id) = (item.to_string(), point_id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let m = Manifest::decode_named(&key, &bytes)?;
+            if m.item != item || m.point_id != point_id {
+                return Err(StoreError::CorruptManifest {
+                    what: key,
+                    reason: format!(
+                        "it describes point {}/{}, not the one its name says",
+                        m.item, m.point_id
+                    ),
+                });
+            }
+            Ok(m)
+        })
+        .await
+        .map_err(StoreError::task)?
+    }
+
+    /// Deletes a recovery point (its manifest; run [`Store::gc`] to free
+    /// chunks). Succeeds if the point does not exist. The deletion is
+    /// durable when this returns.
+    pub async fn delete_point(&self, item: &str, point_id: &str) -> Result<(), StoreError> {
+        let key = manifest_key(item, point_id)?;
+        let _g = self.inner.gate.read().await;
+        self.inner.backend.delete(&key).await?;
+        self.inner.backend.barrier().await
+    }
+
+    /// The verified data of chunk `index` of `disk`: `None` for a zero
+    /// block, else exactly `disk.len_of(index)` bytes.
+    pub async fn read_chunk_at(
+        &self,
+        disk: &DiskManifest,
+        index: usize,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let entry = *disk.chunks.get(index).ok_or(StoreError::OutOfRange {
+            what: "chunk",
+            index: index as u64,
+            count: disk.chunks.len() as u64,
+        })?;
+        let Some(id) = entry else { return Ok(None) };
+        let data = self.get_chunk(id).await?;
+        check_block_len(&disk.disk_id, index, disk.len_of(index), id, data.len())?;
+        Ok(Some(data))
+    }
+
+    /// Reads disk `disk_index` of `manifest` in ascending offset order,
+    /// fetching up to `parallelism` chunks ahead.
+    pub fn read_disk(
+        &self,
+        manifest: &Manifest,
+        disk_index: usize,
+        parallelism: usize,
+    ) -> Result<DiskReader, StoreError> {
+        let disk = manifest
+            .disks
+            .get(disk_index)
+            .ok_or(StoreError::OutOfRange {
+                what: "disk",
+                index: disk_index as u64,
+                count: manifest.disks.len() as u64,
+            })?;
+        Ok(DiskReader {
+            store: self.clone(),
+            disk: Arc::new(disk.clone()),
+            next_spawn: 0,
+            next_yield: 0,
+            window: parallelism.max(1),
+            pending: VecDeque::new(),
+            failed: false,
+        })
+    }
+
+    /// Deletes every chunk that no recovery point references and that is
+    /// not in `keep` (chunks of uploads whose point is not committed yet),
+    /// and removes leftover temporary files.
+    ///
+    /// Takes the store's exclusive lock: chunk puts, commits and reads made
+    /// through this `Store` (or its clones) wait until gc is done, so a
+    /// commit never relies on a chunk gc is sweeping. Chunks uploaded but
+    /// not committed before gc must be listed in `keep` or they are
+    /// deleted (and a later commit referencing them fails cleanly with
+    /// [`StoreError::MissingChunk`]). If any manifest cannot be read, gc
+    /// deletes nothing and returns the error.
+    pub async fn gc(&self, keep: &HashSet<ChunkId>) -> Result<GcReport, StoreError> {
+        let _g = self.inner.gate.write().await;
+        let backend = &self.inner.backend;
+        // Manifest deletions must be durable before chunks go.
+        backend.barrier().await?;
+        let mut report = GcReport {
+            temp_files_removed: backend.remove_stale_temp(Duration::ZERO).await?,
+            ..Default::default()
+        };
+        let mut marked = keep.clone();
+        for p in self.list_points_unlocked(None).await? {
+            let m = self.read_manifest_unlocked(&p.item, &p.point_id).await?;
+            marked.extend(m.referenced_chunks());
+            report.points += 1;
+        }
+        let mut doomed = Vec::new();
+        for key in backend.list(CHUNKS_PREFIX).await? {
+            match parse_chunk_key(&key) {
+                Some(id) if marked.contains(&id) => report.chunks_kept += 1,
+                Some(_) => doomed.push(key),
+                None => tracing::warn!(%key, "gc: ignoring unexpected object under chunks/"),
+            }
+        }
+        let b = Arc::clone(backend);
+        let results = map_bounded(doomed, META_PARALLELISM, move |key| {
+            let b = Arc::clone(&b);
+            async move { b.delete(&key).await }
+        })
+        .await?;
+        for r in results {
+            r?;
+            report.chunks_deleted += 1;
+        }
+        self.barrier_and_settle().await?;
+        tracing::info!(?report, "gc done");
+        Ok(report)
+    }
+
+    /// Re-reads every manifest and every chunk it references, decoding and
+    /// hashing each, and checks each chunk has the length its position
+    /// needs. Chunks shared by several points are read once.
+    pub async fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let _g = self.inner.gate.read().await;
+        // Per chunk: Ok(plain length) or what is wrong.
+        let mut cache: HashMap<ChunkId, Result<usize, String>> = HashMap::new();
+        let mut report = VerifyReport::default();
+        for p in self.list_points_unlocked(None).await? {
+            let m = match self.read_manifest_unlocked(&p.item, &p.point_id).await {
+                Ok(m) => m,
+                Err(e) => {
+                    report.points.push(PointVerify {
+                        item: p.item,
+                        point_id: p.point_id,
+                        ok: false,
+                        damaged_chunks: vec![],
+                        error: Some(e.to_string()),
+                    });
+                    continue;
+                }
+            };
+            let mut todo: Vec<ChunkId> = m
+                .referenced_chunks()
+                .into_iter()
+                .filter(|id| !cache.contains_key(id))
+                .collect();
+            todo.sort();
+            let this = self.clone();
+            let results = map_bounded(todo.clone(), READ_PARALLELISM, move |id| {
+                let this = this.clone();
+                async move {
+                    this.get_chunk_unlocked(id)
+                        .await
+                        .map(|plain| plain.len())
+                        .map_err(|e| e.to_string())
+                }
+            })
+            .await?;
+            cache.extend(todo.into_iter().zip(results));
+
+            let mut damaged = Vec::new();
+            let mut first_error = None;
+            for d in &m.disks {
+                for (i, entry) in d.chunks.iter().enumerate() {
+                    let Some(id) = entry else { continue };
+                    let problem = match cache.get(id) {
+                        Some(Ok(len)) => check_block_len(&d.disk_id, i, d.len_of(i), *id, *len)
+                            .err()
+                            .map(|e| e.to_string()),
+                        Some(Err(e)) => Some(e.clone()),
+                        None => Some(format!("chunk {id} was not checked")),
+                    };
+                    if let Some(problem) = problem {
+                        if !damaged.contains(id) {
+                            damaged.push(*id);
+                        }
+                        first_error.get_or_insert(problem);
+                    }
+                }
+            }
+            report.points.push(PointVerify {
+                item: p.item,
+                point_id: p.point_id,
+                ok: damaged.is_empty(),
+                error: first_error
+                    .map(|e| format!("{} damaged chunk(s); first: {e}", damaged.len())),
+                damaged_chunks: damaged,
+            });
+        }
+        report.chunks_checked = cache.len() as u64;
+        Ok(report)
+    }
+}
+
+fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptMetadata {
+        key: STORE_INFO_KEY.into(),
+        reason,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(format!("not JSON: {e}")))?;
+    if value.get("format").and_then(|f| f.as_str()) != Some(STORE_FORMAT_NAME) {
+        return Err(corrupt(format!(
+            "\"format\" is not {STORE_FORMAT_NAME:?}: this directory is not a siterec store"
+        )));
+    }
+    let version = value
+        .get("version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| corrupt("no numeric \"version\"".into()))?;
+    if version > u64::from(STORE_FORMAT_VERSION) {
+        return Err(StoreError::UnsupportedVersion {
+            what: format!("store ({STORE_INFO_KEY})"),
+            found: u32::try_from(version).unwrap_or(u32::MAX),
+            supported: STORE_FORMAT_VERSION,
+        });
+    }
+    let info: StoreInfo =
+        serde_json::from_value(value).map_err(|e| corrupt(format!("invalid: {e}")))?;
+    if info.version == 0 || info.chunk_layout != CHUNK_LAYOUT_V1 {
+        return Err(corrupt(format!(
+            "version {} with chunk layout {:?} is not a known combination",
+            info.version, info.chunk_layout
+        )));
+    }
+    Ok(info)
+}
+
+fn check_block_len(
+    disk_id: &str,
+    index: usize,
+    expected: u64,
+    id: ChunkId,
+    actual: usize,
+) -> Result<(), StoreError> {
+    if actual as u64 == expected {
+        return Ok(());
+    }
+    Err(StoreError::CorruptManifest {
+        what: format!("disk {disk_id}"),
+        reason: format!(
+            "chunk {index} references {id}, which holds {actual} bytes where {expected} are needed"
+        ),
+    })
+}
+
+/// Reads one disk of a recovery point in order; see [`Store::read_disk`].
+///
+/// Each chunk is read under the store's shared lock, so gc cannot run in
+/// the middle of one chunk read; deleting the point while reading it makes
+/// later chunks fail with [`StoreError::MissingChunk`] after gc.
+pub struct DiskReader {
+    store: Store,
+    disk: Arc<DiskManifest>,
+    next_spawn: usize,
+    next_yield: usize,
+    window: usize,
+    pending: VecDeque<JoinHandle<Result<Option<Vec<u8>>, StoreError>>>,
+    failed: bool,
+}
+
+impl DiskReader {
+    /// The disk being read.
+    pub fn disk(&self) -> &DiskManifest {
+        &self.disk
+    }
+
+    /// The next block, in ascending offset order; `None` at the end. After
+    /// an error, the reader yields nothing more.
+    pub async fn next(&mut self) -> Option<Result<DiskBlock, StoreError>> {
+        if self.failed || self.next_yield >= self.disk.chunks.len() {
+            return None;
+        }
+        while self.pending.len() < self.window && self.next_spawn < self.disk.chunks.len() {
+            let (store, disk, index) =
+                (self.store.clone(), Arc::clone(&self.disk), self.next_spawn);
+            self.pending.push_back(tokio::spawn(async move {
+                store.read_chunk_at(&disk, index).await
+            }));
+            self.next_spawn += 1;
+        }
+        let handle = self.pending.pop_front()?;
+        let index = self.next_yield;
+        self.next_yield += 1;
+        let result = match handle.await {
+            Ok(Ok(data)) => Ok(DiskBlock {
+                index: index as u64,
+                offset: self.disk.offset_of(index),
+                len: self.disk.len_of(index),
+                data,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(StoreError::task(e)),
+        };
+        if result.is_err() {
+            self.failed = true;
+            self.abort_pending();
+        }
+        Some(result)
+    }
+
+    fn abort_pending(&mut self) {
+        for h in self.pending.drain(..) {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for DiskReader {
+    fn drop(&mut self) {
+        self.abort_pending();
+    }
+}

@@ -1,0 +1,512 @@
+//! Tests of [`crate::Store`] on a [`crate::LocalDir`] backend.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+use siterec_core::Consistency;
+
+use crate::*;
+
+const CS: u32 = 64 * 1024;
+
+async fn new_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_local(dir.path()).await.unwrap();
+    (dir, store)
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::rng().fill_bytes(&mut v);
+    v
+}
+
+fn texty(len: usize, seed: u8) -> Vec<u8> {
+    format!("block {seed} of a text-like disk, compressible. ")
+        .into_bytes()
+        .into_iter()
+        .cycle()
+        .take(len)
+        .collect()
+}
+
+fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
+    dir.join(chunk_key(id))
+}
+
+/// Uploads `image` as a disk the way the source agent would, returning its
+/// manifest (without committing it).
+async fn upload_disk(store: &Store, disk_id: &str, image: &[u8]) -> DiskManifest {
+    let mut chunks = Vec::new();
+    for block in image.chunks(CS as usize) {
+        if is_all_zero(block) {
+            chunks.push(None);
+        } else {
+            let enc = encode_chunk(block, true);
+            store.put_encoded_chunk(enc.id, enc.bytes).await.unwrap();
+            chunks.push(Some(enc.id));
+        }
+    }
+    DiskManifest {
+        disk_id: disk_id.into(),
+        size: image.len() as u64,
+        chunk_size: CS,
+        chunks,
+    }
+}
+
+fn manifest(item: &str, point: &str, disks: Vec<DiskManifest>) -> Manifest {
+    Manifest {
+        item: item.into(),
+        point_id: point.into(),
+        created_at_unix_ms: 1_700_000_000_000,
+        consistency: Consistency::CrashConsistent,
+        disks,
+    }
+}
+
+/// A disk image with text, random and zero blocks and a short last block.
+fn image() -> Vec<u8> {
+    let mut img = Vec::new();
+    img.extend(texty(CS as usize, 1));
+    img.extend(vec![0u8; CS as usize]);
+    img.extend(random(CS as usize));
+    img.extend(texty(CS as usize, 1)); // duplicate of block 0
+    img.extend(random(1000)); // short last block
+    img
+}
+
+async fn read_back(store: &Store, m: &Manifest, disk: usize, parallelism: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut r = store.read_disk(m, disk, parallelism).unwrap();
+    let mut expected_index = 0;
+    while let Some(block) = r.next().await {
+        let block = block.unwrap();
+        assert_eq!(block.index, expected_index);
+        assert_eq!(block.offset, out.len() as u64);
+        match block.data {
+            Some(d) => {
+                assert_eq!(d.len() as u64, block.len);
+                out.extend(d);
+            }
+            None => out.extend(vec![0u8; block.len as usize]),
+        }
+        expected_index += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn commit_list_and_read_back() {
+    let (dir, store) = new_store().await;
+    assert!(dir.path().join("store.json").exists());
+    assert_eq!(store.info().version, STORE_FORMAT_VERSION);
+    let img = image();
+    let disk = upload_disk(&store, "disk0", &img).await;
+    assert_eq!(disk.chunks.len(), 5);
+    assert_eq!(disk.chunks[1], None);
+    assert_eq!(disk.chunks[0], disk.chunks[3]);
+    let m = manifest("vm-1", "p1", vec![disk]);
+    store.commit_point(&m).await.unwrap();
+
+    assert_eq!(
+        store.list_points(None).await.unwrap(),
+        [PointRef {
+            item: "vm-1".into(),
+            point_id: "p1".into()
+        }]
+    );
+    assert!(store.list_points(Some("vm-2")).await.unwrap().is_empty());
+    assert!(store.list_points(Some("../x")).await.is_err());
+    assert_eq!(store.read_manifest("vm-1", "p1").await.unwrap(), m);
+    for parallelism in [1, 3, 16] {
+        assert_eq!(read_back(&store, &m, 0, parallelism).await, img);
+    }
+    assert!(store.read_disk(&m, 1, 1).is_err());
+    assert_eq!(store.read_chunk_at(&m.disks[0], 1).await.unwrap(), None);
+    assert!(store.read_chunk_at(&m.disks[0], 5).await.is_err());
+    assert!(matches!(
+        store.read_manifest("vm-1", "nope").await,
+        Err(StoreError::PointNotFound { .. })
+    ));
+
+    // Zero blocks are never stored: 3 distinct non-zero blocks.
+    let chunk_files = store.backend().list("chunks/").await.unwrap();
+    assert_eq!(chunk_files.len(), 3);
+
+    let report = store.verify().await.unwrap();
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(report.chunks_checked, 3);
+}
+
+#[tokio::test]
+async fn put_encoded_chunk_verifies_and_dedups() {
+    let (dir, store) = new_store().await;
+    let plain = texty(10_000, 3);
+    let enc = encode_chunk(&plain, true);
+    assert!(
+        store
+            .put_encoded_chunk(enc.id, enc.bytes.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_encoded_chunk(enc.id, enc.bytes.clone())
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get_chunk(enc.id).await.unwrap(), plain);
+
+    // Bytes that do not match the id are refused and not stored.
+    let other = ChunkId::of(b"something else");
+    let err = store
+        .put_encoded_chunk(other, enc.bytes.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::CorruptChunk { .. }), "{err}");
+    assert!(!store.has_chunk(other).await.unwrap());
+    let mut damaged = enc.bytes.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0xff;
+    let plain2 = texty(10_000, 4);
+    let id2 = ChunkId::of(&plain2);
+    assert!(store.put_encoded_chunk(id2, damaged).await.is_err());
+    assert!(!chunk_path(dir.path(), &id2).exists());
+
+    // All-zero chunks are refused.
+    let zero = encode_chunk(&[0u8; 4096], true);
+    let err = store
+        .put_encoded_chunk(zero.id, zero.bytes)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::ZeroChunk { .. }), "{err}");
+    assert!(!store.has_chunk(zero.id).await.unwrap());
+    assert_eq!(
+        store.put_plain_chunk(vec![0; 100], true).await.unwrap(),
+        None
+    );
+
+    assert_eq!(
+        store.has_chunks(&[enc.id, other, id2]).await.unwrap(),
+        [true, false, false]
+    );
+    assert!(matches!(
+        store.get_chunk(other).await,
+        Err(StoreError::MissingChunk { .. })
+    ));
+}
+
+#[tokio::test]
+async fn corrupt_chunk_on_disk_is_detected() {
+    let (dir, store) = new_store().await;
+    let img = image();
+    let disk = upload_disk(&store, "disk0", &img).await;
+    let m = manifest("vm-1", "p1", vec![disk]);
+    store.commit_point(&m).await.unwrap();
+    let victim = m.disks[0].chunks[2].unwrap(); // a random (raw) block
+    let path = chunk_path(dir.path(), &victim);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let err = store.get_chunk(victim).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::CorruptChunk { id, .. } if id == victim),
+        "{err}"
+    );
+    assert!(store.read_chunk_at(&m.disks[0], 2).await.is_err());
+    // The ordered reader yields the good blocks, then the error, then stops.
+    let mut r = store.read_disk(&m, 0, 4).unwrap();
+    assert!(r.next().await.unwrap().is_ok());
+    assert!(r.next().await.unwrap().is_ok());
+    assert!(r.next().await.unwrap().is_err());
+    assert!(r.next().await.is_none());
+
+    let report = store.verify().await.unwrap();
+    assert!(!report.all_ok());
+    assert_eq!(report.points[0].damaged_chunks, [victim]);
+    assert!(
+        report.points[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("corrupt")
+    );
+
+    // A compressed chunk, truncated.
+    let victim = m.disks[0].chunks[0].unwrap();
+    let path = chunk_path(dir.path(), &victim);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    assert!(store.get_chunk(victim).await.is_err());
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.points[0].damaged_chunks.len(), 2);
+}
+
+#[tokio::test]
+async fn corrupt_manifest_on_disk_is_detected() {
+    let (dir, store) = new_store().await;
+    let disk = upload_disk(&store, "disk0", &image()).await;
+    let m = manifest("vm-1", "p1", vec![disk.clone()]);
+    store.commit_point(&m).await.unwrap();
+    let path = dir.path().join(manifest_key("vm-1", "p1").unwrap());
+    let good = std::fs::read(&path).unwrap();
+    let mut bad = good.clone();
+    bad[30] ^= 0x04;
+    std::fs::write(&path, &bad).unwrap();
+
+    let err = store.read_manifest("vm-1", "p1").await.unwrap_err();
+    assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
+    let report = store.verify().await.unwrap();
+    assert!(!report.points[0].ok);
+    assert!(report.points[0].error.is_some());
+    // gc refuses to run rather than sweep chunks a damaged manifest may need.
+    assert!(store.gc(&HashSet::new()).await.is_err());
+    assert_eq!(store.backend().list("chunks/").await.unwrap().len(), 3);
+
+    // A valid manifest stored under another point's name is refused too.
+    std::fs::write(&path, &good).unwrap();
+    let other = dir.path().join(manifest_key("vm-1", "p2").unwrap());
+    std::fs::write(&other, &good).unwrap();
+    assert!(matches!(
+        store.read_manifest("vm-1", "p2").await,
+        Err(StoreError::CorruptManifest { .. })
+    ));
+}
+
+#[tokio::test]
+async fn commit_refuses_missing_chunks_and_leaves_nothing_visible() {
+    let (dir, store) = new_store().await;
+    let mut disk = upload_disk(&store, "disk0", &image()).await;
+    let absent = ChunkId::of(b"never uploaded");
+    disk.chunks[1] = Some(absent);
+    let m = manifest("vm-1", "p1", vec![disk]);
+    let err = store.commit_point(&m).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::MissingChunk { id, .. } if id == absent),
+        "{err}"
+    );
+    assert!(store.list_points(None).await.unwrap().is_empty());
+    assert!(
+        !dir.path()
+            .join(manifest_key("vm-1", "p1").unwrap())
+            .exists()
+    );
+    assert!(matches!(
+        store.read_manifest("vm-1", "p1").await,
+        Err(StoreError::PointNotFound { .. })
+    ));
+
+    // An invalid manifest is refused before anything happens.
+    let mut bad = manifest("vm-1", "p1", vec![]);
+    bad.point_id = "a/b".into();
+    assert!(store.commit_point(&bad).await.is_err());
+}
+
+#[tokio::test]
+async fn recommit_is_idempotent_and_conflicts_are_refused() {
+    let (_dir, store) = new_store().await;
+    let disk = upload_disk(&store, "disk0", &image()).await;
+    let m = manifest("vm-1", "p1", vec![disk]);
+    store.commit_point(&m).await.unwrap();
+    store.commit_point(&m).await.unwrap();
+    let mut changed = m.clone();
+    changed.consistency = Consistency::AppConsistent;
+    let err = store.commit_point(&changed).await.unwrap_err();
+    assert!(matches!(err, StoreError::PointConflict { .. }), "{err}");
+    assert_eq!(store.read_manifest("vm-1", "p1").await.unwrap(), m);
+    assert_eq!(store.list_points(None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn wrong_length_chunk_is_reported() {
+    let (_dir, store) = new_store().await;
+    let short = store
+        .put_plain_chunk(texty(100, 9), true)
+        .await
+        .unwrap()
+        .unwrap();
+    // Position 0 of a disk with 4096-byte chunks needs 4096 bytes.
+    let disk = DiskManifest {
+        disk_id: "d".into(),
+        size: 8192,
+        chunk_size: 4096,
+        chunks: vec![Some(short), None],
+    };
+    let m = manifest("vm-1", "p1", vec![disk]);
+    store.commit_point(&m).await.unwrap();
+    assert!(store.read_chunk_at(&m.disks[0], 0).await.is_err());
+    let report = store.verify().await.unwrap();
+    assert_eq!(report.points[0].damaged_chunks, [short]);
+}
+
+#[tokio::test]
+async fn gc_sweeps_only_unreferenced_chunks() {
+    let (dir, store) = new_store().await;
+    let img1 = image();
+    let mut img2 = img1.clone();
+    img2[CS as usize * 2..CS as usize * 3].copy_from_slice(&random(CS as usize));
+    let d1 = upload_disk(&store, "disk0", &img1).await;
+    let d2 = upload_disk(&store, "disk0", &img2).await;
+    let m1 = manifest("vm-1", "p1", vec![d1.clone()]);
+    let m2 = manifest("vm-1", "p2", vec![d2.clone()]);
+    store.commit_point(&m1).await.unwrap();
+    store.commit_point(&m2).await.unwrap();
+    let orphan = store
+        .put_plain_chunk(texty(5000, 20), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let in_flight = store
+        .put_plain_chunk(texty(5000, 21), true)
+        .await
+        .unwrap()
+        .unwrap();
+    // A leftover temporary file from an interrupted put.
+    let tmp = dir.path().join("chunks/.srtmp-leftover");
+    std::fs::write(&tmp, b"partial").unwrap();
+
+    let keep: HashSet<ChunkId> = [in_flight].into();
+    let report = store.gc(&keep).await.unwrap();
+    assert_eq!(report.points, 2);
+    assert_eq!(report.chunks_deleted, 1);
+    assert_eq!(report.chunks_kept, 5); // 4 distinct referenced + 1 kept
+    assert_eq!(report.temp_files_removed, 1);
+    assert!(!tmp.exists());
+    assert!(!store.has_chunk(orphan).await.unwrap());
+    assert!(store.has_chunk(in_flight).await.unwrap());
+    assert_eq!(read_back(&store, &m1, 0, 4).await, img1);
+    assert_eq!(read_back(&store, &m2, 0, 4).await, img2);
+
+    // Deleting p1 frees its unique chunk, not the shared ones.
+    let unique_to_p1 = d1.chunks[2].unwrap();
+    store.delete_point("vm-1", "p1").await.unwrap();
+    store.delete_point("vm-1", "p1").await.unwrap(); // idempotent
+    assert_eq!(store.list_points(Some("vm-1")).await.unwrap().len(), 1);
+    let report = store.gc(&HashSet::new()).await.unwrap();
+    assert_eq!(report.chunks_deleted, 2); // p1's unique block and in_flight
+    assert!(!store.has_chunk(unique_to_p1).await.unwrap());
+    assert!(!store.has_chunk(in_flight).await.unwrap());
+    assert_eq!(read_back(&store, &m2, 0, 2).await, img2);
+    assert!(store.verify().await.unwrap().all_ok());
+}
+
+#[tokio::test]
+async fn unclean_shutdown_scrubs_damaged_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_local(dir.path()).await.unwrap();
+    assert!(store.last_recovery().is_none());
+    let good = store
+        .put_plain_chunk(texty(9000, 1), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let torn = store
+        .put_plain_chunk(texty(9000, 2), true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(dir.path().join(UNSYNCED_MARKER_KEY).exists());
+    drop(store);
+    // As after a power cut before the barrier: the file exists, but empty.
+    std::fs::write(chunk_path(dir.path(), &torn), b"").unwrap();
+
+    let store = Store::open_local(dir.path()).await.unwrap();
+    let rec = store.last_recovery().unwrap();
+    assert_eq!(rec.chunks_checked, 2);
+    assert_eq!(rec.chunks_removed, [torn]);
+    assert!(store.has_chunk(good).await.unwrap());
+    assert!(
+        !store.has_chunk(torn).await.unwrap(),
+        "a torn chunk must not be vouched for"
+    );
+    assert!(!dir.path().join(UNSYNCED_MARKER_KEY).exists());
+
+    // After a barrier covering all writes, reopening does not scrub.
+    store.put_plain_chunk(texty(9000, 3), true).await.unwrap();
+    assert!(dir.path().join(UNSYNCED_MARKER_KEY).exists());
+    store.sync().await.unwrap();
+    assert!(!dir.path().join(UNSYNCED_MARKER_KEY).exists());
+    drop(store);
+    let store = Store::open_local(dir.path()).await.unwrap();
+    assert!(store.last_recovery().is_none());
+
+    // A commit's barrier also clears it.
+    let id = store
+        .put_plain_chunk(texty(CS as usize, 4), true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(dir.path().join(UNSYNCED_MARKER_KEY).exists());
+    let disk = DiskManifest {
+        disk_id: "d".into(),
+        size: u64::from(CS),
+        chunk_size: CS,
+        chunks: vec![Some(id)],
+    };
+    store
+        .commit_point(&manifest("vm", "p", vec![disk]))
+        .await
+        .unwrap();
+    assert!(!dir.path().join(UNSYNCED_MARKER_KEY).exists());
+}
+
+#[tokio::test]
+async fn store_json_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_local(dir.path()).await.unwrap();
+    let created = store.info().created_at;
+    drop(store);
+    let store = Store::open_local(dir.path()).await.unwrap();
+    assert_eq!(
+        store.info().created_at,
+        created,
+        "reopening keeps store.json"
+    );
+    drop(store);
+
+    let path = dir.path().join(STORE_INFO_KEY);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["version"] = 2.into();
+    v["new_field"] = "x".into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    std::fs::write(&path, b"{\"hello\": 1}").unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(matches!(err, StoreError::CorruptMetadata { .. }), "{err}");
+    std::fs::write(&path, b"not json").unwrap();
+    assert!(Store::open_local(dir.path()).await.is_err());
+}
+
+#[test]
+fn chunk_keys() {
+    let id = ChunkId::of(b"x");
+    let key = chunk_key(&id);
+    let hex = id.to_hex();
+    assert_eq!(key, format!("chunks/{}/{hex}", &hex[..2]));
+    validate_key(&key).unwrap();
+    assert_eq!(parse_chunk_key(&key), Some(id));
+    assert_eq!(parse_chunk_key(&format!("chunks/zz/{hex}")), None);
+    assert_eq!(
+        parse_chunk_key(&format!("chunks/{}/{}", &hex[..2], hex.to_uppercase())),
+        None
+    );
+    assert_eq!(parse_chunk_key("chunks/ab/short"), None);
+    assert_eq!(manifest_key("vm", "p1").unwrap(), "points/vm/p1.manifest");
+    assert!(manifest_key("vm", "..").is_err());
+}

@@ -1,0 +1,385 @@
+//! The agent API (siterec's own, not ARM), served over TLS.
+//!
+//! - `POST /agent/v1/enrol`: a registration key and a CSR in, a certificate
+//!   signed by the vault CA out. The only call without a client certificate.
+//! - `POST /agent/v1/heartbeat`: inventory and counters in; pending tasks and
+//!   the complete list of replication assignments out.
+//! - `POST /agent/v1/tasks/{id}/result`: the outcome of a task.
+//! - `POST /agent/v1/points`: a source reports a recovery point its target
+//!   has committed durably.
+//!
+//! Every call after enrolment is authenticated by the client certificate,
+//! whose subject CN is the agent id the vault chose.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::db::{now_ms, secret_hash};
+use crate::error::{ApiError, ApiResult};
+use crate::jobs::ensure_task;
+use crate::{AppState, Shared};
+use siterec_core::Consistency;
+use siterec_core::names::check_name;
+use siterec_core::policy::Policy;
+use siterec_core::retention::{PointAge, points_to_prune};
+use siterec_core::wire::{
+    AgentTask, DiskInfo, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
+    PointReport, ReplicationAssignment, TaskResult, TaskWork,
+};
+use siterec_pki::PeerIdentity;
+
+pub fn router(st: Shared) -> Router {
+    Router::new()
+        .route("/agent/v1/enrol", post(enrol))
+        .route("/agent/v1/heartbeat", post(heartbeat))
+        .route("/agent/v1/tasks/{id}/result", post(task_result))
+        .route("/agent/v1/points", post(report_point))
+        .with_state(st)
+}
+
+fn unauthorized(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", message)
+}
+
+/// The enrolled agent behind the client certificate.
+async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, String)> {
+    let Some(id) = peer.0.as_deref() else {
+        return Err(unauthorized(
+            "this call needs the agent's client certificate; enrol the agent first",
+        ));
+    };
+    let fabric: Option<String> = sqlx::query_scalar("SELECT fabric FROM agents WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&st.db)
+        .await?;
+    match fabric {
+        Some(f) => Ok((id.to_string(), f)),
+        None => Err(unauthorized(format!(
+            "agent {id} is not enrolled in this vault"
+        ))),
+    }
+}
+
+async fn enrol(
+    State(st): State<Shared>,
+    Json(req): Json<EnrolRequest>,
+) -> ApiResult<Json<EnrolResponse>> {
+    let row: Option<(String, String, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT fabric, secret_hash, expires_ms, revoked_ms FROM registration_keys WHERE key_id = ?",
+    )
+    .bind(&req.key_id)
+    .fetch_optional(&st.db)
+    .await?;
+    let Some((fabric, hash, expires, revoked)) = row else {
+        return Err(unauthorized(
+            "the registration key is not known to this vault; create one with 'siterec vault key create'",
+        ));
+    };
+    if hash != secret_hash(&req.secret) {
+        return Err(unauthorized(
+            "the registration key's secret does not match; use the key file as the vault wrote it",
+        ));
+    }
+    if revoked.is_some() {
+        return Err(unauthorized(
+            "the registration key was revoked; create a new one with 'siterec vault key create'",
+        ));
+    }
+    let now = now_ms();
+    if expires < now {
+        return Err(unauthorized(format!(
+            "the registration key expired at {}; keys are valid for 5 days: create a new one with 'siterec vault key create'",
+            crate::db::rfc3339(expires)
+        )));
+    }
+    let agent_id = format!("agent-{}", uuid::Uuid::new_v4().simple());
+    let cert_pem = st.ca.sign_csr(&req.csr_pem, &agent_id, 3650).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the certificate signing request was refused: {e:#}"
+        ))
+    })?;
+    sqlx::query(
+        "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&agent_id)
+    .bind(&fabric)
+    .bind(&req.hostname)
+    .bind(&req.key_id)
+    .bind(&req.agent_version)
+    .bind(now)
+    .bind(now)
+    .execute(&st.db)
+    .await?;
+    tracing::info!(agent = %agent_id, fabric = %fabric, "agent enrolled");
+    Ok(Json(EnrolResponse {
+        agent_id,
+        fabric,
+        cert_pem,
+        ca_pem: st.ca.cert_pem().to_string(),
+    }))
+}
+
+async fn heartbeat(
+    State(st): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+    Json(req): Json<HeartbeatRequest>,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let (agent, fabric) = agent_of(&st, &peer).await?;
+    check_name("cloud", &req.cloud)?;
+    for m in &req.machines {
+        check_name("machine", &m.name)?;
+    }
+    let now = now_ms();
+    let mut tx = st.db.begin().await?;
+    sqlx::query(
+        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, counters = ? WHERE id = ?",
+    )
+    .bind(now)
+    .bind(&req.cloud)
+    .bind(&req.data_url)
+    .bind(serde_json::to_string(&req.counters).unwrap_or_else(|_| "{}".into()))
+    .bind(&agent)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO containers (fabric, name, created_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&fabric)
+    .bind(&req.cloud)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let cloud: String =
+        sqlx::query_scalar("SELECT name FROM containers WHERE fabric = ? AND name = ?")
+            .bind(&fabric)
+            .bind(&req.cloud)
+            .fetch_one(&mut *tx)
+            .await?;
+    let mut reported = Vec::new();
+    for m in &req.machines {
+        let info = serde_json::to_string(m).map_err(|e| ApiError::internal("machine info", e))?;
+        sqlx::query(
+            "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms",
+        )
+        .bind(&fabric)
+        .bind(&cloud)
+        .bind(&m.name)
+        .bind(&agent)
+        .bind(info)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        reported.push(m.name.to_ascii_lowercase());
+    }
+    let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = ?")
+        .bind(&agent)
+        .fetch_all(&mut *tx)
+        .await?;
+    for name in mine {
+        if !reported.contains(&name.to_ascii_lowercase()) {
+            sqlx::query("DELETE FROM machines WHERE agent_id = ? AND name = ?")
+                .bind(&agent)
+                .bind(&name)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE agent_id = ? AND state = 'Pending' ORDER BY created_ms")
+            .bind(&agent)
+            .fetch_all(&st.db)
+            .await?;
+    let mut tasks = Vec::new();
+    for (id, work) in rows {
+        match serde_json::from_str::<TaskWork>(&work) {
+            Ok(work) => tasks.push(AgentTask { id, work }),
+            Err(e) => tracing::error!("task {id} has unreadable work: {e}"),
+        }
+    }
+    let replications = assignments(&st, &agent, &fabric).await?;
+    Ok(Json(HeartbeatResponse {
+        agent_id: agent,
+        tasks,
+        replications,
+    }))
+}
+
+/// The items whose machines this agent hosts and which are replicating.
+async fn assignments(
+    st: &AppState,
+    agent: &str,
+    fabric: &str,
+) -> ApiResult<Vec<ReplicationAssignment>> {
+    let rows = sqlx::query(
+        "SELECT i.name, i.machine, i.state, i.policy, m.info, a.id AS target_id, a.data_url
+         FROM protected_items i
+         JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         JOIN agents a ON a.id = i.target_agent_id
+         WHERE m.agent_id = ? AND i.fabric = ?",
+    )
+    .bind(agent)
+    .bind(fabric)
+    .fetch_all(&st.db)
+    .await?;
+    let mut out = Vec::new();
+    for row in rows {
+        let state: String = row.try_get("state")?;
+        if !siterec_core::state::ProtectionState::parse(&state).is_some_and(|s| s.replicating()) {
+            continue;
+        }
+        let Some(target_url) = row.try_get::<Option<String>, _>("data_url")? else {
+            continue;
+        };
+        let (_, policy): (String, Policy) =
+            crate::model::load_policy(&st.db, &row.try_get::<String, _>("policy")?).await?;
+        let info: Value =
+            serde_json::from_str(&row.try_get::<String, _>("info")?).unwrap_or(Value::Null);
+        let disks: Vec<DiskInfo> =
+            serde_json::from_value(info.get("disks").cloned().unwrap_or(json!([])))
+                .unwrap_or_default();
+        out.push(ReplicationAssignment {
+            item: row.try_get("name")?,
+            machine: row.try_get("machine")?,
+            disks,
+            target_agent_id: row.try_get("target_id")?,
+            target_url,
+            copy_frequency_secs: policy.copy_frequency_secs,
+            compression: policy.compression,
+            not_before: policy.initial_replication_start,
+        });
+    }
+    Ok(out)
+}
+
+async fn task_result(
+    State(st): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+    Path(id): Path<String>,
+    Json(result): Json<TaskResult>,
+) -> ApiResult<Json<Value>> {
+    let (agent, _) = agent_of(&st, &peer).await?;
+    let state = if result.ok { "Succeeded" } else { "Failed" };
+    let body = serde_json::to_string(&result).map_err(|e| ApiError::internal("task result", e))?;
+    let n = sqlx::query("UPDATE agent_tasks SET state = ?, result = ?, updated_ms = ? WHERE id = ? AND agent_id = ? AND state = 'Pending'")
+        .bind(state)
+        .bind(body)
+        .bind(now_ms())
+        .bind(&id)
+        .bind(&agent)
+        .execute(&st.db)
+        .await?
+        .rows_affected();
+    if n == 0 {
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT state FROM agent_tasks WHERE id = ? AND agent_id = ?")
+                .bind(&id)
+                .bind(&agent)
+                .fetch_optional(&st.db)
+                .await?;
+        if exists.is_none() {
+            return Err(ApiError::not_found("task", &id));
+        }
+        // A result posted twice (the agent retried): the first one counts.
+    }
+    st.wake.notify_one();
+    Ok(Json(json!({"taskId": id, "state": state})))
+}
+
+async fn report_point(
+    State(st): State<Shared>,
+    Extension(peer): Extension<PeerIdentity>,
+    Json(rep): Json<PointReport>,
+) -> ApiResult<Json<Value>> {
+    let (agent, fabric) = agent_of(&st, &peer).await?;
+    let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT i.state, i.policy, i.name, i.target_agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         WHERE i.name = ? AND i.fabric = ? AND m.agent_id = ?",
+    )
+    .bind(&rep.item)
+    .bind(&fabric)
+    .bind(&agent)
+    .fetch_optional(&st.db)
+    .await?;
+    let Some((state, policy, item, target)) = row else {
+        return Err(ApiError::not_found(
+            "protected item replicated by this agent",
+            &rep.item,
+        ));
+    };
+    let replicating =
+        siterec_core::state::ProtectionState::parse(&state).is_some_and(|s| s.replicating());
+    if !replicating {
+        return Err(ApiError::conflict(format!(
+            "item '{item}' is {state}, not replicating: the point is not recorded"
+        )));
+    }
+    let now = now_ms();
+    let consistency = match rep.consistency {
+        Consistency::AppConsistent => "AppConsistent",
+        Consistency::CrashConsistent => "CrashConsistent",
+        Consistency::Inconsistent => "Inconsistent",
+    };
+    let mut tx = st.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(&item)
+    .bind(&rep.point_id)
+    .bind(rep.created_at_ms)
+    .bind(consistency)
+    .bind(rep.bytes_sent as i64)
+    .bind(rep.bytes_read as i64)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    // Retention: hide the points the policy lets go, then ask the target to
+    // delete them. A point is never listed again once hidden.
+    let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
+    let points: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT point_id, created_ms FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+    )
+    .bind(&item)
+    .fetch_all(&mut *tx)
+    .await?;
+    let ages: Vec<PointAge> = points
+        .into_iter()
+        .map(|(id, created_at_ms)| PointAge { id, created_at_ms })
+        .collect();
+    let prune = points_to_prune(&ages, policy.retention, now);
+    if !prune.is_empty() {
+        for id in &prune {
+            sqlx::query("UPDATE recovery_points SET pruned_ms = ? WHERE item = ? AND point_id = ?")
+                .bind(now)
+                .bind(&item)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(target) = target {
+            let work = TaskWork::Prune {
+                item: item.clone(),
+                point_ids: prune.clone(),
+            };
+            ensure_task(
+                &mut tx,
+                &format!("prune-{item}-{}", rep.point_id),
+                &target,
+                None,
+                &work,
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    st.wake.notify_one();
+    Ok(Json(
+        json!({"item": item, "pointId": rep.point_id, "pruned": prune}),
+    ))
+}

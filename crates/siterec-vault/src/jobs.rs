@@ -1,0 +1,629 @@
+//! The durable job engine.
+//!
+//! A job is a row in `jobs` with one row per step in `job_steps`. The API
+//! validates a request, then creates the job (and whatever rows it needs)
+//! in one transaction and answers 202. The engine advances jobs step by
+//! step: each step's effects and its completion are committed in one
+//! transaction, and every step is idempotent, so a vault killed at any
+//! moment resumes its jobs from the first unfinished step on restart.
+//!
+//! A step either finishes, waits (for an agent's task result, a recovery
+//! point, ...) or fails; a failed step fails the job and runs the job's
+//! compensation (for example an aborted failover returns the item to
+//! Protected). Database errors are treated as transient: the step is tried
+//! again on the next round.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::AppState;
+use crate::db::now_ms;
+use crate::model::AGENT_ONLINE_MS;
+use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
+use siterec_core::wire::TaskWork;
+
+type Tx<'a> = Transaction<'a, Sqlite>;
+
+/// How long a step waits for an agent that is not heard from before failing.
+const AGENT_WAIT_MS: i64 = 5 * 60_000;
+
+enum Step {
+    Done,
+    Wait,
+    Fail { code: &'static str, message: String },
+}
+
+fn fail(code: &'static str, message: impl Into<String>) -> Step {
+    Step::Fail {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Creates a job and its steps (NotStarted) inside the caller's transaction.
+pub async fn create_job(
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    target_type: &str,
+    target_name: &str,
+    target_id: &str,
+    input: &Value,
+) -> Result<String, sqlx::Error> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms) VALUES (?, ?, 'NotStarted', ?, ?, ?, ?, ?)",
+    )
+    .bind(&id)
+    .bind(kind.as_str())
+    .bind(target_type)
+    .bind(target_name)
+    .bind(target_id)
+    .bind(input.to_string())
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    for (idx, name) in kind.steps().iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO job_steps (job_id, idx, name, state) VALUES (?, ?, ?, 'NotStarted')",
+        )
+        .bind(&id)
+        .bind(idx as i64)
+        .bind(*name)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(id)
+}
+
+/// Runs until the task is aborted: advances every unfinished job, then
+/// sleeps until woken or for a second.
+pub async fn run_engine(st: crate::Shared) {
+    loop {
+        match active_jobs(&st).await {
+            Ok(ids) => {
+                for id in ids {
+                    if let Err(e) = advance(&st, &id).await {
+                        tracing::warn!(job = %id, "job step will be retried: {e:#}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("listing jobs: {e:#}"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), st.wake.notified()).await;
+    }
+}
+
+async fn active_jobs(st: &AppState) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE state IN ('NotStarted', 'InProgress') ORDER BY created_ms",
+    )
+    .fetch_all(&st.db)
+    .await
+}
+
+async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
+    loop {
+        let mut tx = st.db.begin().await?;
+        let row = sqlx::query("SELECT kind, state, input FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let kind_s: String = row.try_get("kind")?;
+        let state_s: String = row.try_get("state")?;
+        let input: Value = serde_json::from_str(&row.try_get::<String, _>("input")?)?;
+        let Some(kind) = JobKind::parse(&kind_s) else {
+            anyhow::bail!("unknown job kind {kind_s}");
+        };
+        let state = JobState::parse(&state_s).unwrap_or(JobState::Failed);
+        if state.is_terminal() {
+            return Ok(());
+        }
+        let now = now_ms();
+        if state == JobState::NotStarted {
+            sqlx::query("UPDATE jobs SET state = 'InProgress', start_ms = ? WHERE id = ?")
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let step: Option<(i64, String, Option<i64>)> = sqlx::query_as(
+            "SELECT idx, state, start_ms FROM job_steps WHERE job_id = ? AND state IN ('NotStarted', 'InProgress') ORDER BY idx LIMIT 1",
+        )
+        .bind(job_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((idx, step_state, step_start)) = step else {
+            sqlx::query("UPDATE jobs SET state = 'Succeeded', end_ms = ? WHERE id = ?")
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let started = step_start.unwrap_or(now);
+        if step_state == "NotStarted" {
+            sqlx::query("UPDATE job_steps SET state = 'InProgress', start_ms = ? WHERE job_id = ? AND idx = ?")
+                .bind(now)
+                .bind(job_id)
+                .bind(idx)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let ctx = StepCtx {
+            job_id,
+            input: &input,
+            started_ms: started,
+            now_ms: now,
+        };
+        let outcome = run_step(&ctx, &mut tx, kind, idx as usize).await?;
+        match outcome {
+            Step::Done => {
+                sqlx::query("UPDATE job_steps SET state = 'Succeeded', end_ms = ? WHERE job_id = ? AND idx = ?")
+                    .bind(now_ms())
+                    .bind(job_id)
+                    .bind(idx)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Step::Wait => {
+                tx.commit().await?;
+                return Ok(());
+            }
+            Step::Fail { code, message } => {
+                let end = now_ms();
+                sqlx::query("UPDATE job_steps SET state = 'Failed', end_ms = ?, error = ? WHERE job_id = ? AND idx = ?")
+                    .bind(end)
+                    .bind(&message)
+                    .bind(job_id)
+                    .bind(idx)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE job_steps SET state = 'Cancelled' WHERE job_id = ? AND state = 'NotStarted'")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET state = 'Failed', end_ms = ?, error_code = ?, error_message = ? WHERE id = ?")
+                    .bind(end)
+                    .bind(code)
+                    .bind(&message)
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                compensate(&mut tx, kind, &input, &message).await?;
+                tx.commit().await?;
+                tracing::warn!(job = %job_id, "job failed: {message}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct StepCtx<'a> {
+    job_id: &'a str,
+    input: &'a Value,
+    started_ms: i64,
+    now_ms: i64,
+}
+
+impl StepCtx<'_> {
+    fn str(&self, key: &str) -> anyhow::Result<String> {
+        self.input
+            .get(key)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("job input lacks {key}"))
+    }
+}
+
+async fn run_step(
+    ctx: &StepCtx<'_>,
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    idx: usize,
+) -> anyhow::Result<Step> {
+    match (kind, idx) {
+        (JobKind::CreatePolicy, 0) => {
+            let policy: siterec_core::policy::Policy =
+                serde_json::from_value(ctx.input["policy"].clone())?;
+            Ok(match policy.validate() {
+                Ok(()) => Step::Done,
+                Err(e) => fail("InvalidPolicy", e.to_string()),
+            })
+        }
+        (JobKind::CreatePolicy, 1) => {
+            let name = ctx.str("name")?;
+            sqlx::query(
+                "INSERT INTO policies (name, body, created_ms) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+            )
+            .bind(&name)
+            .bind(ctx.input["policy"].to_string())
+            .bind(ctx.now_ms)
+            .execute(&mut **tx)
+            .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::ConfigureProtection, 0) => {
+            let policy = ctx.str("policy")?;
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT name FROM policies WHERE name = ?")
+                    .bind(&policy)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            Ok(if exists.is_some() {
+                Step::Done
+            } else {
+                fail(
+                    "PolicyNotFound",
+                    format!("replication policy '{policy}' no longer exists"),
+                )
+            })
+        }
+        (JobKind::ConfigureProtection, 1) => {
+            sqlx::query("UPDATE container_mappings SET state = 'Paired' WHERE fabric = ? AND container = ? AND name = ?")
+                .bind(ctx.str("fabric")?)
+                .bind(ctx.str("container")?)
+                .bind(ctx.str("name")?)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::EnableProtection, 0) => enable_prereq(ctx, tx).await,
+        (JobKind::EnableProtection, 1) => identify_target(ctx, tx).await,
+        (JobKind::EnableProtection, 2) => {
+            transition(tx, &ctx.str("item")?, ItemAction::StartInitialReplication).await?;
+            Ok(Step::Done)
+        }
+        (JobKind::EnableProtection, 3) => {
+            let item = ctx.str("item")?;
+            let points: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+            )
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+            Ok(if points > 0 { Step::Done } else { Step::Wait })
+        }
+        (JobKind::EnableProtection, 4) => {
+            transition(tx, &ctx.str("item")?, ItemAction::FinishInitialReplication).await?;
+            Ok(Step::Done)
+        }
+        (JobKind::UnplannedFailover, 0) => failover_prereq(ctx, tx).await,
+        // Replication stops as soon as the item leaves the replicating
+        // states (the API moved it there): source agents drop it from their
+        // next heartbeat's assignments, and late points are refused.
+        (JobKind::UnplannedFailover, 1) => Ok(Step::Done),
+        (JobKind::UnplannedFailover, 2) => materialize(ctx, tx).await,
+        (JobKind::UnplannedFailover, 3) => {
+            let item = ctx.str("item")?;
+            transition(tx, &item, ItemAction::FinishUnplannedFailover).await?;
+            sqlx::query("UPDATE protected_items SET failover_ms = ?, failover_point_id = ?, updated_ms = ? WHERE name = ?")
+                .bind(ctx.now_ms)
+                .bind(ctx.str("pointId")?)
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::CommitFailover, 0) => {
+            let item = load_state(tx, &ctx.str("item")?).await?;
+            Ok(match item {
+                Some(
+                    ProtectionState::FailoverCommitInProgress | ProtectionState::FailoverCommitted,
+                ) => Step::Done,
+                other => fail(
+                    "InvalidState",
+                    format!("the item is {other:?}, not committing a failover"),
+                ),
+            })
+        }
+        (JobKind::CommitFailover, 1) => {
+            transition(tx, &ctx.str("item")?, ItemAction::FinishCommit).await?;
+            Ok(Step::Done)
+        }
+        (kind, idx) => anyhow::bail!("job kind {kind:?} has no step {idx}"),
+    }
+}
+
+async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT fabric, machine FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some((fabric, machine)) = row else {
+        return Ok(fail(
+            "ItemNotFound",
+            format!("protected item '{item}' no longer exists"),
+        ));
+    };
+    let info: Option<String> =
+        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+            .bind(&fabric)
+            .bind(&machine)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let Some(info) = info else {
+        return Ok(fail(
+            "MachineNotFound",
+            format!("machine '{machine}' is no longer reported by any agent of fabric '{fabric}'"),
+        ));
+    };
+    let info: Value = serde_json::from_str(&info)?;
+    if let Some(err) = info.get("error").and_then(|e| e.as_str()) {
+        return Ok(fail(
+            "MachineNotReady",
+            format!("machine '{machine}' cannot be protected: {err}"),
+        ));
+    }
+    Ok(Step::Done)
+}
+
+async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let (tf, tc, current): (String, String, Option<String>) =
+        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    if current.is_some() {
+        return Ok(Step::Done);
+    }
+    let agent: Option<String> = sqlx::query_scalar(
+        "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? ORDER BY last_seen_ms DESC LIMIT 1",
+    )
+    .bind(&tf)
+    .bind(&tc)
+    .bind(ctx.now_ms - AGENT_ONLINE_MS)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match agent {
+        Some(agent) => {
+            sqlx::query(
+                "UPDATE protected_items SET target_agent_id = ?, updated_ms = ? WHERE name = ?",
+            )
+            .bind(agent)
+            .bind(ctx.now_ms)
+            .bind(&item)
+            .execute(&mut **tx)
+            .await?;
+            Ok(Step::Done)
+        }
+        None if ctx.now_ms - ctx.started_ms > AGENT_WAIT_MS => Ok(fail(
+            "NoRecoveryAgent",
+            format!(
+                "no agent of recovery cloud {tf}/{tc} with a replica store has been heard from; start the recovery site's agent and enable protection again"
+            ),
+        )),
+        None => Ok(Step::Wait),
+    }
+}
+
+async fn failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    match load_state(tx, &item).await? {
+        Some(
+            ProtectionState::UnplannedFailoverInProgress
+            | ProtectionState::UnplannedFailoverCompleted,
+        ) => {}
+        other => {
+            return Ok(fail(
+                "InvalidState",
+                format!("the item is {other:?}, not failing over"),
+            ));
+        }
+    }
+    let pruned: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
+            .bind(&item)
+            .bind(&point)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match pruned {
+        Some(None) => Step::Done,
+        _ => fail(
+            "RecoveryPointNotFound",
+            format!("recovery point '{point}' of item '{item}' no longer exists"),
+        ),
+    })
+}
+
+async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    let agent: Option<String> =
+        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    let Some(agent) = agent else {
+        return Ok(fail(
+            "NoRecoveryAgent",
+            format!("item '{item}' has no recovery agent"),
+        ));
+    };
+    let task_id = format!("{}-materialize", ctx.job_id);
+    let work = TaskWork::Materialize {
+        item: item.clone(),
+        point_id: point,
+        formats: vec!["raw".into(), "qcow2".into()],
+    };
+    ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
+    let (state, result): (String, Option<String>) =
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            .bind(&task_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let result: Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(Value::Null);
+    match state.as_str() {
+        "Succeeded" => {
+            sqlx::query(
+                "UPDATE protected_items SET failover_output = ?, updated_ms = ? WHERE name = ?",
+            )
+            .bind(
+                result
+                    .get("output")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+                    .to_string(),
+            )
+            .bind(ctx.now_ms)
+            .bind(&item)
+            .execute(&mut **tx)
+            .await?;
+            Ok(Step::Done)
+        }
+        "Failed" => Ok(fail(
+            "MaterializeFailed",
+            format!(
+                "the recovery agent could not write the disks: {}",
+                result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+            ),
+        )),
+        _ => {
+            let last_seen: Option<i64> =
+                sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
+                    .bind(&agent)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            if ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
+                return Ok(fail(
+                    "RecoveryAgentNotConnected",
+                    format!(
+                        "recovery agent {agent} has not been heard from for 5 minutes; start it and retry the failover"
+                    ),
+                ));
+            }
+            Ok(Step::Wait)
+        }
+    }
+}
+
+/// Inserts an agent task unless it exists (steps are re-run after a restart).
+pub async fn ensure_task(
+    tx: &mut Tx<'_>,
+    id: &str,
+    agent: &str,
+    job: Option<&str>,
+    work: &TaskWork,
+) -> Result<(), sqlx::Error> {
+    let now = now_ms();
+    sqlx::query(
+        "INSERT INTO agent_tasks (id, agent_id, job_id, work, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'Pending', ?, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(agent)
+    .bind(job)
+    .bind(serde_json::to_string(work).unwrap_or_default())
+    .bind(now)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn load_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<ProtectionState>> {
+    let s: Option<String> = sqlx::query_scalar("SELECT state FROM protected_items WHERE name = ?")
+        .bind(item)
+        .fetch_optional(&mut **tx)
+        .await?;
+    Ok(s.and_then(|s| ProtectionState::parse(&s)))
+}
+
+/// Applies `action` to the item's state. Idempotent: if the item already is
+/// in the state the action leads to (a step re-run after a crash), nothing
+/// changes.
+pub async fn transition(
+    tx: &mut Tx<'_>,
+    item: &str,
+    action: ItemAction,
+) -> anyhow::Result<ProtectionState> {
+    let Some(state) = load_state(tx, item).await? else {
+        anyhow::bail!("protected item '{item}' does not exist");
+    };
+    let next = match state.apply(action) {
+        Ok(next) => next,
+        Err(e) => {
+            if already_there(state, action) {
+                return Ok(state);
+            }
+            return Err(e.into());
+        }
+    };
+    sqlx::query("UPDATE protected_items SET state = ?, updated_ms = ? WHERE name = ?")
+        .bind(next.as_str())
+        .bind(now_ms())
+        .bind(item)
+        .execute(&mut **tx)
+        .await?;
+    Ok(next)
+}
+
+fn already_there(state: ProtectionState, action: ItemAction) -> bool {
+    use ItemAction as A;
+    use ProtectionState as S;
+    matches!(
+        (state, action),
+        (
+            S::InitialReplicationInProgress | S::Protected,
+            A::StartInitialReplication
+        ) | (S::Protected, A::FinishInitialReplication)
+            | (S::UnplannedFailoverCompleted, A::FinishUnplannedFailover)
+            | (S::FailoverCommitted, A::FinishCommit)
+    )
+}
+
+async fn compensate(
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    input: &Value,
+    message: &str,
+) -> anyhow::Result<()> {
+    let item = input
+        .get("item")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    let action = match kind {
+        JobKind::EnableProtection => Some(ItemAction::FailProtection),
+        JobKind::UnplannedFailover => Some(ItemAction::AbortUnplannedFailover),
+        JobKind::CommitFailover => Some(ItemAction::AbortCommit),
+        JobKind::ConfigureProtection => {
+            sqlx::query("DELETE FROM container_mappings WHERE fabric = ? AND container = ? AND name = ? AND state = 'Pairing'")
+                .bind(input["fabric"].as_str().unwrap_or_default())
+                .bind(input["container"].as_str().unwrap_or_default())
+                .bind(input["name"].as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::CreatePolicy => None,
+    };
+    if let Some(action) = action {
+        if let Err(e) = transition(tx, item, action).await {
+            tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
+        }
+        sqlx::query("UPDATE protected_items SET last_error = ? WHERE name = ?")
+            .bind(message)
+            .bind(item)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The JSON input of a job, for tests and the API.
+pub fn input_for_item(item: &str) -> Value {
+    json!({"item": item})
+}

@@ -1,0 +1,286 @@
+//! The vault: siterec's control plane.
+//!
+//! - [`arm`]: the Site Recovery Resource Manager API (a compatible subset),
+//!   served over HTTP with a bearer token; the CLI uses only this.
+//! - [`agent_api`]: enrolment and the agents' work channel, over TLS with
+//!   certificates issued by the vault's CA. Agents always connect to the
+//!   vault; the vault never connects to them.
+//! - [`jobs`]: the durable job engine. Every state change is a job whose
+//!   steps are rows in the database; a restarted vault resumes them.
+//! - [`db`]: the SQLite database and its migrations.
+
+pub mod agent_api;
+pub mod arm;
+pub mod db;
+pub mod error;
+pub mod jobs;
+pub mod model;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+pub use db::Db;
+
+/// How to run a vault.
+#[derive(Debug, Clone)]
+pub struct VaultOptions {
+    pub data_dir: PathBuf,
+    /// The ARM API (plain HTTP; put a TLS proxy in front for remote clients).
+    pub listen: SocketAddr,
+    /// The agent API (TLS, vault CA).
+    pub agent_listen: SocketAddr,
+    /// Vault resource name, used on first start only.
+    pub name: String,
+}
+
+/// Identity of the one vault resource this process serves.
+#[derive(Debug, Clone)]
+pub struct VaultInfo {
+    pub subscription: String,
+    pub resource_group: String,
+    pub name: String,
+    pub location: String,
+}
+
+impl VaultInfo {
+    pub fn id(&self) -> String {
+        siterec_core::names::vault_id(&self.subscription, &self.resource_group, &self.name)
+    }
+}
+
+/// Written to `DATA/vault.json` once the vault listens: how to reach it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultEndpoint {
+    pub url: String,
+    pub agent_url: String,
+    pub vault_id: String,
+    pub token_file: PathBuf,
+}
+
+/// Shared state of the vault's servers and job engine.
+pub struct AppState {
+    pub db: Db,
+    pub info: VaultInfo,
+    pub ca: siterec_pki::Ca,
+    pub agent_url: String,
+    /// Wakes the job engine when something it waits for may have happened.
+    pub wake: Notify,
+}
+
+pub type Shared = Arc<AppState>;
+
+/// A vault that is up and serving.
+pub struct RunningVault {
+    pub endpoint: VaultEndpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: Arc<Notify>,
+}
+
+impl RunningVault {
+    /// Stops serving and waits for the servers to close.
+    pub async fn shutdown(self) {
+        self.stop.notify_waiters();
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// Opens (or creates) the vault in `opts.data_dir`, binds its listeners and
+/// starts serving in the background.
+pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
+    siterec_pki::install_crypto_provider();
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| {
+        format!(
+            "creating the vault data directory {}",
+            opts.data_dir.display()
+        )
+    })?;
+    let db = db::open(&opts.data_dir.join("vault.db")).await?;
+    let info = init_vault(&db, &opts.name).await?;
+    let token_file = opts.data_dir.join("admin.token");
+    init_admin_token(&db, &token_file).await?;
+    let ca_dir = opts.data_dir.join("ca");
+    let ca = if ca_dir.join("ca.crt").exists() {
+        siterec_pki::Ca::load(&ca_dir)
+            .with_context(|| format!("loading the vault CA from {}", ca_dir.display()))?
+    } else {
+        let ca = siterec_pki::Ca::generate(&format!("siterec vault {} CA", info.name))?;
+        ca.save(&ca_dir)?;
+        ca
+    };
+
+    let arm_listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "binding the API address {} (is another vault running?)",
+                opts.listen
+            )
+        })?;
+    let agent_listener = tokio::net::TcpListener::bind(opts.agent_listen)
+        .await
+        .with_context(|| format!("binding the agent API address {}", opts.agent_listen))?;
+    let arm_addr = arm_listener.local_addr()?;
+    let agent_addr = agent_listener.local_addr()?;
+    let mut names = vec!["localhost".to_string(), agent_addr.ip().to_string()];
+    if agent_addr.ip().is_unspecified() {
+        names.push("127.0.0.1".into());
+    }
+    let (cert, key) = ca.issue_server_cert(&names)?;
+    let tls = siterec_pki::server_config(
+        &cert,
+        &key,
+        Some(ca.cert_pem()),
+        siterec_pki::ClientAuth::Optional,
+    )?;
+    let host = |a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            format!("127.0.0.1:{}", a.port())
+        } else {
+            a.to_string()
+        }
+    };
+    let agent_url = format!("https://{}", host(agent_addr));
+    let endpoint = VaultEndpoint {
+        url: format!("http://{}", host(arm_addr)),
+        agent_url: agent_url.clone(),
+        vault_id: info.id(),
+        token_file: token_file.clone(),
+    };
+
+    let state: Shared = Arc::new(AppState {
+        db,
+        info,
+        ca,
+        agent_url,
+        wake: Notify::new(),
+    });
+    let stop = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    {
+        let stop = stop.clone();
+        let router = arm::router(state.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) =
+                siterec_pki::serve(
+                    arm_listener,
+                    None,
+                    router,
+                    async move { stop.notified().await },
+                )
+                .await
+            {
+                tracing::error!("API server stopped: {e:#}");
+            }
+        }));
+    }
+    {
+        let stop = stop.clone();
+        let router = agent_api::router(state.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = siterec_pki::serve(agent_listener, Some(tls), router, async move {
+                stop.notified().await
+            })
+            .await
+            {
+                tracing::error!("agent API server stopped: {e:#}");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(jobs::run_engine(state.clone())));
+    write_endpoint(&opts.data_dir, &endpoint)?;
+    Ok(RunningVault {
+        endpoint,
+        tasks,
+        stop,
+    })
+}
+
+fn write_endpoint(dir: &Path, endpoint: &VaultEndpoint) -> anyhow::Result<()> {
+    let body = serde_json::to_vec_pretty(endpoint)?;
+    write_durably(&dir.join("vault.json"), &body, 0o644)
+}
+
+/// temp file + fsync + rename + fsync of the directory.
+pub fn write_durably(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().context("path has no parent directory")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+async fn init_vault(db: &Db, name: &str) -> anyhow::Result<VaultInfo> {
+    if let Some((subscription, resource_group, name, location)) =
+        sqlx::query_as::<_, (String, String, String, String)>(
+            "SELECT subscription, resource_group, name, location FROM vault WHERE id = 1",
+        )
+        .fetch_optional(db)
+        .await?
+    {
+        return Ok(VaultInfo {
+            subscription,
+            resource_group,
+            name,
+            location,
+        });
+    }
+    siterec_core::names::check_name("vault", name)?;
+    let info = VaultInfo {
+        subscription: uuid::Uuid::new_v4().to_string(),
+        resource_group: "siterec".into(),
+        name: name.to_string(),
+        location: "local".into(),
+    };
+    sqlx::query("INSERT INTO vault (id, subscription, resource_group, name, location, created_ms) VALUES (1, ?, ?, ?, ?, ?)")
+        .bind(&info.subscription)
+        .bind(&info.resource_group)
+        .bind(&info.name)
+        .bind(&info.location)
+        .bind(db::now_ms())
+        .execute(db)
+        .await?;
+    Ok(info)
+}
+
+async fn init_admin_token(db: &Db, token_file: &Path) -> anyhow::Result<()> {
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
+        .fetch_one(db)
+        .await?;
+    if count > 0 {
+        return Ok(());
+    }
+    let token = db::random_secret(32);
+    // The file first: a crash between the two leaves a token file that does
+    // not work yet, and the next start writes a new one.
+    write_durably(token_file, token.as_bytes(), 0o600)?;
+    sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', ?)")
+        .bind(db::secret_hash(&token))
+        .bind(db::now_ms())
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,473 @@
+//! Rows of the vault database and their ARM JSON renderings.
+
+use serde_json::{Value, json};
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::VaultInfo;
+use crate::db::{Db, opt_rfc3339, rfc3339};
+use crate::error::{ApiError, ApiResult};
+use siterec_core::state::{JobKind, JobState, ProtectionState};
+
+pub const T_FABRIC: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics";
+pub const T_PROVIDER: &str =
+    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationRecoveryServicesProviders";
+pub const T_CONTAINER: &str =
+    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers";
+pub const T_PROTECTABLE: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectableItems";
+pub const T_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectionContainerMappings";
+pub const T_ITEM: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems";
+pub const T_POINT: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems/recoveryPoints";
+pub const T_POLICY: &str = "Microsoft.RecoveryServices/vaults/replicationPolicies";
+pub const T_JOB: &str = "Microsoft.RecoveryServices/vaults/replicationJobs";
+
+/// An agent is "connected" when heard from within this many milliseconds.
+pub const AGENT_ONLINE_MS: i64 = 60_000;
+
+pub fn fabric_id(v: &VaultInfo, fabric: &str) -> String {
+    format!("{}/replicationFabrics/{fabric}", v.id())
+}
+pub fn container_id(v: &VaultInfo, fabric: &str, container: &str) -> String {
+    format!(
+        "{}/replicationProtectionContainers/{container}",
+        fabric_id(v, fabric)
+    )
+}
+pub fn item_id(v: &VaultInfo, fabric: &str, container: &str, item: &str) -> String {
+    format!(
+        "{}/replicationProtectedItems/{item}",
+        container_id(v, fabric, container)
+    )
+}
+pub fn policy_id(v: &VaultInfo, policy: &str) -> String {
+    format!("{}/replicationPolicies/{policy}", v.id())
+}
+pub fn job_id(v: &VaultInfo, job: &str) -> String {
+    format!("{}/replicationJobs/{job}", v.id())
+}
+
+fn resource(id: String, name: &str, ty: &str, properties: Value) -> Value {
+    json!({"id": id, "name": name, "type": ty, "location": "local", "properties": properties})
+}
+
+pub fn list(value: Vec<Value>) -> Value {
+    json!({"value": value})
+}
+
+// ---------- fabrics, providers, containers ----------
+
+pub async fn fabric_exists(db: &Db, name: &str) -> ApiResult<String> {
+    sqlx::query_scalar::<_, String>("SELECT name FROM fabrics WHERE name = ?")
+        .bind(name)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("fabric", name))
+}
+
+pub async fn container_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
+    let fabric = fabric_exists(db, fabric).await?;
+    sqlx::query_scalar::<_, String>("SELECT name FROM containers WHERE fabric = ? AND name = ?")
+        .bind(&fabric)
+        .bind(name)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("protection container", &format!("{fabric}/{name}")))
+}
+
+pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<Value> {
+    let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE fabric = ?")
+        .bind(name)
+        .fetch_one(db)
+        .await?;
+    Ok(resource(
+        fabric_id(v, name),
+        name,
+        T_FABRIC,
+        json!({
+            "friendlyName": name,
+            "internalIdentifier": name,
+            "health": "Normal",
+            "customDetails": {"instanceType": "SiterecSite", "agents": agents},
+        }),
+    ))
+}
+
+pub async fn provider_json(row: &SqliteRow, v: &VaultInfo, now: i64) -> ApiResult<Value> {
+    let id: String = row.try_get("id")?;
+    let fabric: String = row.try_get("fabric")?;
+    let last_seen: Option<i64> = row.try_get("last_seen_ms")?;
+    let online = last_seen.is_some_and(|t| now - t < AGENT_ONLINE_MS);
+    let counters: String = row.try_get("counters")?;
+    Ok(resource(
+        format!(
+            "{}/replicationRecoveryServicesProviders/{id}",
+            fabric_id(v, &fabric)
+        ),
+        &id,
+        T_PROVIDER,
+        json!({
+            "friendlyName": row.try_get::<String, _>("hostname")?,
+            "fabricFriendlyName": fabric,
+            "providerVersion": row.try_get::<String, _>("version")?,
+            "connectionStatus": if online { "Connected" } else { "NotConnected" },
+            "lastHeartBeat": opt_rfc3339(last_seen),
+            "protectionContainerFriendlyName": row.try_get::<Option<String>, _>("cloud")?,
+            "dataEndpoint": row.try_get::<Option<String>, _>("data_url")?,
+            "counters": serde_json::from_str::<Value>(&counters).unwrap_or(Value::Null),
+        }),
+    ))
+}
+
+pub async fn container_json(db: &Db, v: &VaultInfo, fabric: &str, name: &str) -> ApiResult<Value> {
+    let paired: Option<(String, String)> = sqlx::query_as(
+        "SELECT fabric, container FROM container_mappings WHERE (fabric = ? AND container = ?) OR (target_fabric = ? AND target_container = ?) LIMIT 1",
+    )
+    .bind(fabric)
+    .bind(name)
+    .bind(fabric)
+    .bind(name)
+    .fetch_optional(db)
+    .await?;
+    Ok(resource(
+        container_id(v, fabric, name),
+        name,
+        T_CONTAINER,
+        json!({
+            "friendlyName": name,
+            "fabricFriendlyName": fabric,
+            "fabricType": "SiterecSite",
+            "pairingStatus": if paired.is_some() { "Paired" } else { "NotPaired" },
+            "role": match &paired { Some((f, c)) if f.eq_ignore_ascii_case(fabric) && c.eq_ignore_ascii_case(name) => "Primary", Some(_) => "Recovery", None => "" },
+        }),
+    ))
+}
+
+pub fn protectable_json(
+    v: &VaultInfo,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    info: &Value,
+    protected: bool,
+) -> Value {
+    resource(
+        format!(
+            "{}/replicationProtectableItems/{name}",
+            container_id(v, fabric, container)
+        ),
+        name,
+        T_PROTECTABLE,
+        json!({
+            "friendlyName": name,
+            "protectionStatus": if protected { "Protected" } else { "Unprotected" },
+            "protectionReadinessErrors": info.get("error").filter(|e| !e.is_null()).map(|e| vec![e.clone()]).unwrap_or_default(),
+            "supportedReplicationProviders": ["HyperVReplicaAzure", "HyperVReplica2012R2", "InMageAzureV2"],
+            "customDetails": {
+                "instanceType": info.get("kind").cloned().unwrap_or(json!("PhysicalServer")),
+                "disks": info.get("disks").cloned().unwrap_or(json!([])),
+            },
+        }),
+    )
+}
+
+// ---------- policies and mappings ----------
+
+pub fn policy_json(v: &VaultInfo, name: &str, policy: &siterec_core::policy::Policy) -> Value {
+    resource(
+        policy_id(v, name),
+        name,
+        T_POLICY,
+        json!({"friendlyName": name, "providerSpecificDetails": policy.to_arm_details()}),
+    )
+}
+
+pub async fn load_policy(db: &Db, name: &str) -> ApiResult<(String, siterec_core::policy::Policy)> {
+    let (name, body): (String, String) =
+        sqlx::query_as("SELECT name, body FROM policies WHERE name = ?")
+            .bind(name)
+            .fetch_optional(db)
+            .await?
+            .ok_or_else(|| ApiError::not_found("replication policy", name))?;
+    let policy = serde_json::from_str(&body).map_err(|e| ApiError::internal("stored policy", e))?;
+    Ok((name, policy))
+}
+
+pub fn mapping_json(v: &VaultInfo, row: &SqliteRow) -> ApiResult<Value> {
+    let fabric: String = row.try_get("fabric")?;
+    let container: String = row.try_get("container")?;
+    let name: String = row.try_get("name")?;
+    let tf: String = row.try_get("target_fabric")?;
+    let tc: String = row.try_get("target_container")?;
+    let policy: String = row.try_get("policy")?;
+    Ok(resource(
+        format!(
+            "{}/replicationProtectionContainerMappings/{name}",
+            container_id(v, &fabric, &container)
+        ),
+        &name,
+        T_MAPPING,
+        json!({
+            "sourceFabricFriendlyName": fabric,
+            "sourceProtectionContainerFriendlyName": container,
+            "targetFabricFriendlyName": tf,
+            "targetProtectionContainerFriendlyName": tc,
+            "targetProtectionContainerId": container_id(v, &tf, &tc),
+            "policyId": policy_id(v, &policy),
+            "policyFriendlyName": policy,
+            "state": row.try_get::<String, _>("state")?,
+            "health": "Normal",
+        }),
+    ))
+}
+
+// ---------- protected items and recovery points ----------
+
+#[derive(Debug, Clone)]
+pub struct ItemRow {
+    pub name: String,
+    pub fabric: String,
+    pub container: String,
+    pub machine: String,
+    pub policy: String,
+    pub target_fabric: String,
+    pub target_container: String,
+    pub target_agent_id: Option<String>,
+    pub state: ProtectionState,
+    pub last_error: Option<String>,
+    pub failover_point_id: Option<String>,
+    pub failover_output: Option<String>,
+    pub failover_ms: Option<i64>,
+    pub created_ms: i64,
+}
+
+impl ItemRow {
+    pub fn from_row(row: &SqliteRow) -> ApiResult<ItemRow> {
+        let state: String = row.try_get("state")?;
+        Ok(ItemRow {
+            name: row.try_get("name")?,
+            fabric: row.try_get("fabric")?,
+            container: row.try_get("container")?,
+            machine: row.try_get("machine")?,
+            policy: row.try_get("policy")?,
+            target_fabric: row.try_get("target_fabric")?,
+            target_container: row.try_get("target_container")?,
+            target_agent_id: row.try_get("target_agent_id")?,
+            state: ProtectionState::parse(&state).ok_or_else(|| {
+                ApiError::internal("stored item state", format!("unknown state {state}"))
+            })?,
+            last_error: row.try_get("last_error")?,
+            failover_point_id: row.try_get("failover_point_id")?,
+            failover_output: row.try_get("failover_output")?,
+            failover_ms: row.try_get("failover_ms")?,
+            created_ms: row.try_get("created_ms")?,
+        })
+    }
+}
+
+pub async fn load_item(db: &Db, name: &str) -> ApiResult<ItemRow> {
+    let row = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
+        .bind(name)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("protected item", name))?;
+    ItemRow::from_row(&row)
+}
+
+/// Loads an item addressed by its ARM path, checking fabric and container.
+pub async fn load_item_at(
+    db: &Db,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> ApiResult<ItemRow> {
+    container_exists(db, fabric, container).await?;
+    let item = load_item(db, name).await?;
+    if !item.fabric.eq_ignore_ascii_case(fabric) || !item.container.eq_ignore_ascii_case(container)
+    {
+        return Err(ApiError::not_found(
+            "protected item",
+            &format!("{fabric}/{container}/{name}"),
+        ));
+    }
+    Ok(item)
+}
+
+pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Value> {
+    let latest: Option<(String, i64)> = sqlx::query_as(
+        "SELECT point_id, created_ms FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
+    )
+    .bind(&item.name)
+    .fetch_optional(db)
+    .await?;
+    let points: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+    )
+    .bind(&item.name)
+    .fetch_one(db)
+    .await?;
+    let (policy_instance, copy_secs) = match load_policy(db, &item.policy).await {
+        Ok((_, p)) => (p.instance_type, i64::from(p.copy_frequency_secs)),
+        Err(_) => ("HyperVReplicaAzure".to_string(), 300),
+    };
+    let now = crate::db::now_ms();
+    let rpo_secs = latest.as_ref().map(|(_, t)| (now - t) / 1000);
+    let health = match (&item.last_error, item.state, rpo_secs) {
+        (Some(_), _, _) => "Warning",
+        (None, ProtectionState::Protected, Some(rpo)) if rpo > 2 * copy_secs + 60 => "Warning",
+        (None, ProtectionState::ProtectionFailed, _) => "Critical",
+        _ => "Normal",
+    };
+    let counters = source_counters(db, item).await?;
+    let failover_disks: Value = item
+        .failover_output
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    let active_location = match item.state {
+        ProtectionState::UnplannedFailoverCompleted
+        | ProtectionState::FailoverCommitInProgress
+        | ProtectionState::FailoverCommitted => "Recovery",
+        _ => "Primary",
+    };
+    Ok(resource(
+        item_id(v, &item.fabric, &item.container, &item.name),
+        &item.name,
+        T_ITEM,
+        json!({
+            "friendlyName": item.name,
+            "protectedItemType": "PhysicalServer",
+            "protectableItemId": format!("{}/replicationProtectableItems/{}", container_id(v, &item.fabric, &item.container), item.machine),
+            "recoveryServicesProviderId": item.target_agent_id,
+            "primaryFabricFriendlyName": item.fabric,
+            "recoveryFabricFriendlyName": item.target_fabric,
+            "primaryProtectionContainerFriendlyName": item.container,
+            "recoveryProtectionContainerFriendlyName": item.target_container,
+            "recoveryContainerId": container_id(v, &item.target_fabric, &item.target_container),
+            "policyId": policy_id(v, &item.policy),
+            "policyFriendlyName": item.policy,
+            "protectionState": item.state.as_str(),
+            "protectionStateDescription": item.state.description(),
+            "replicationHealth": health,
+            "replicationHealthErrors": item.last_error.iter().map(|e| json!({"errorMessage": e})).collect::<Vec<_>>(),
+            "activeLocation": active_location,
+            "allowedOperations": item.state.allowed_operations(),
+            "lastSuccessfulFailoverTime": opt_rfc3339(item.failover_ms),
+            "providerSpecificDetails": {
+                "instanceType": policy_instance,
+                "lastReplicatedTime": opt_rfc3339(latest.as_ref().map(|l| l.1)),
+                "rpoInSeconds": rpo_secs,
+                "recoveryPointCount": points,
+                "sourceAgentCounters": counters,
+                "failoverRecoveryPointId": item.failover_point_id,
+                "failoverDisks": failover_disks,
+            },
+        }),
+    ))
+}
+
+/// The source agent's counters for this item, as last reported.
+async fn source_counters(db: &Db, item: &ItemRow) -> ApiResult<Value> {
+    let agent: Option<String> =
+        sqlx::query_scalar("SELECT agent_id FROM machines WHERE fabric = ? AND name = ?")
+            .bind(&item.fabric)
+            .bind(&item.machine)
+            .fetch_optional(db)
+            .await?;
+    let Some(agent) = agent else {
+        return Ok(Value::Null);
+    };
+    let counters: Option<String> = sqlx::query_scalar("SELECT counters FROM agents WHERE id = ?")
+        .bind(agent)
+        .fetch_optional(db)
+        .await?;
+    Ok(counters
+        .and_then(|c| serde_json::from_str::<Value>(&c).ok())
+        .and_then(|c| c.get(&item.name).cloned())
+        .unwrap_or(Value::Null))
+}
+
+pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &SqliteRow) -> ApiResult<Value> {
+    let point_id: String = row.try_get("point_id")?;
+    let consistency: String = row.try_get("consistency")?;
+    Ok(resource(
+        format!(
+            "{}/recoveryPoints/{point_id}",
+            item_id(v, &item.fabric, &item.container, &item.name)
+        ),
+        &point_id,
+        T_POINT,
+        json!({
+            "recoveryPointTime": rfc3339(row.try_get("created_ms")?),
+            "recoveryPointType": consistency,
+            "providerSpecificDetails": {
+                "instanceType": "Siterec",
+                "bytesSent": row.try_get::<i64, _>("bytes_sent")?,
+                "bytesRead": row.try_get::<i64, _>("bytes_read")?,
+            },
+        }),
+    ))
+}
+
+// ---------- jobs ----------
+
+pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> {
+    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+        .bind(job_id)
+        .fetch_optional(db)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", job_id))?;
+    let steps = sqlx::query("SELECT * FROM job_steps WHERE job_id = ? ORDER BY idx")
+        .bind(job_id)
+        .fetch_all(db)
+        .await?;
+    let kind: String = row.try_get("kind")?;
+    let state: String = row.try_get("state")?;
+    let display = JobKind::parse(&kind)
+        .map(|k| k.display_name())
+        .unwrap_or("Job");
+    let mut tasks = Vec::new();
+    for s in &steps {
+        let st: String = s.try_get("state")?;
+        let err: Option<String> = s.try_get("error")?;
+        tasks.push(json!({
+            "taskId": format!("{job_id}-{}", s.try_get::<i64, _>("idx")?),
+            "name": s.try_get::<String, _>("name")?,
+            "friendlyName": s.try_get::<String, _>("name")?,
+            "state": st,
+            "stateDescription": st,
+            "startTime": opt_rfc3339(s.try_get("start_ms")?),
+            "endTime": opt_rfc3339(s.try_get("end_ms")?),
+            "errors": err.iter().map(|e| json!({"taskErrorDetails": {"errorMessage": e}})).collect::<Vec<_>>(),
+        }));
+    }
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
+    let errors: Vec<Value> = match (code, message) {
+        (Some(c), Some(m)) => vec![
+            json!({"serviceErrorDetails": {"code": c, "message": m}, "providerErrorDetails": null}),
+        ],
+        _ => vec![],
+    };
+    let st = JobState::parse(&state);
+    Ok(resource(
+        crate::model::job_id(v, job_id),
+        job_id,
+        T_JOB,
+        json!({
+            "activityId": job_id,
+            "scenarioName": kind,
+            "friendlyName": display,
+            "state": state,
+            "stateDescription": st.map(|s| s.as_str()).unwrap_or("Unknown"),
+            "tasks": tasks,
+            "errors": errors,
+            "startTime": opt_rfc3339(row.try_get("start_ms")?),
+            "endTime": opt_rfc3339(row.try_get("end_ms")?),
+            "allowedActions": [],
+            "targetObjectId": row.try_get::<String, _>("target_id")?,
+            "targetObjectName": row.try_get::<String, _>("target_name")?,
+            "targetInstanceType": row.try_get::<String, _>("target_type")?,
+            "customDetails": {"instanceType": "JobDetails"},
+        }),
+    ))
+}

@@ -1,0 +1,971 @@
+//! `siterec`: the one binary. Vault, agent, every operation, and the quickstart.
+
+mod client;
+mod output;
+mod quickstart;
+mod sample;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+use client::Api;
+use output::Format;
+
+#[derive(Parser)]
+#[command(
+    name = "siterec",
+    version,
+    about = "Self-hosted Site Recovery: replicate machines' disks, keep recovery points, fail over"
+)]
+struct Cli {
+    #[command(flatten)]
+    conn: Conn,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Format,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How the CLI finds the vault's API.
+#[derive(Args, Clone)]
+struct Conn {
+    /// The vault's data directory (reads vault.json and admin.token there).
+    #[arg(long, global = true, env = "SITEREC_VAULT_DIR")]
+    vault_dir: Option<PathBuf>,
+    /// The vault's API URL, with --token-file and --vault-id, instead of --vault-dir.
+    #[arg(long, global = true, env = "SITEREC_URL")]
+    url: Option<String>,
+    #[arg(long, global = true, env = "SITEREC_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    #[arg(long, global = true, env = "SITEREC_VAULT_ID")]
+    vault_id: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the vault (control plane), or manage its registration keys.
+    Vault(VaultCmd),
+    /// Run an agent, or show its status.
+    Agent(AgentCmd),
+    /// Sites (fabrics).
+    #[command(subcommand)]
+    Fabric(FabricCmd),
+    /// Protection containers ("clouds") of a site.
+    #[command(subcommand)]
+    Cloud(CloudCmd),
+    /// Machines agents discovered (protectable items).
+    #[command(subcommand)]
+    Machine(MachineCmd),
+    /// Replication policies.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Cloud pairings (protection container mappings).
+    #[command(subcommand)]
+    Pairing(PairingCmd),
+    /// Protected items: enable protection, list, show.
+    #[command(subcommand)]
+    Item(ItemCmd),
+    /// Recovery points of a protected item.
+    #[command(subcommand)]
+    Points(PointsCmd),
+    /// Fail a protected item over, and commit the failover.
+    #[command(subcommand)]
+    Failover(FailoverCmd),
+    /// Jobs: every long operation, with its steps.
+    #[command(subcommand)]
+    Jobs(JobsCmd),
+    /// Run everything once, unattended, and check the result.
+    Quickstart {
+        /// Working directory (created; everything goes under it).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Size of the sample disk in MiB.
+        #[arg(long, default_value_t = 256)]
+        disk_mib: u64,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct VaultCmd {
+    #[command(subcommand)]
+    sub: Option<VaultSub>,
+    /// Data directory (database, CA, token).
+    #[arg(long, default_value = "siterec-vault")]
+    data: PathBuf,
+    /// API address.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    listen: SocketAddr,
+    /// Agent API address (TLS).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    agent_listen: SocketAddr,
+    /// Vault name (first start only).
+    #[arg(long, default_value = "siterec-vault")]
+    name: String,
+}
+
+#[derive(Subcommand)]
+enum VaultSub {
+    /// Registration keys for enrolling agents.
+    #[command(subcommand)]
+    Key(KeyCmd),
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Write a registration key file, valid for 5 days, for agents of one site.
+    Create {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    List,
+    /// Revoke a key: agents can no longer enrol with it.
+    Revoke {
+        key_id: String,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentCmd {
+    #[command(subcommand)]
+    sub: Option<AgentSub>,
+    /// Registration key file (first start only).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Data directory (identity, state, replica store).
+    #[arg(long, default_value = "siterec-agent")]
+    data: PathBuf,
+    /// Agent configuration (TOML).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AgentSub {
+    /// Show the agent's identity and counters from its data directory.
+    Status {
+        #[arg(long, default_value = "siterec-agent")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FabricCmd {
+    List,
+    /// The agents (recovery services providers) of a site.
+    Agents {
+        fabric: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CloudCmd {
+    List {
+        #[arg(long)]
+        fabric: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachineCmd {
+    List {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        cloud: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    Create {
+        name: String,
+        /// Copy frequency in seconds: 30, 300 or 900.
+        #[arg(long, default_value_t = 300)]
+        copy_frequency: u32,
+        /// Keep recovery points for this many hours (0–24).
+        #[arg(long, conflicts_with = "recovery_points")]
+        retention_hours: Option<u32>,
+        /// Or keep this many additional recovery points (0–15).
+        #[arg(long)]
+        recovery_points: Option<u32>,
+        /// App-consistent snapshot frequency in hours (0 = off, up to 12).
+        #[arg(long, default_value_t = 0)]
+        app_consistent_hours: u32,
+        #[arg(long)]
+        no_compression: bool,
+        /// ARM instanceType of the policy.
+        #[arg(long, default_value = "HyperVReplicaAzure")]
+        instance_type: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PairingCmd {
+    /// Pair a primary cloud with a recovery cloud under a policy.
+    Create {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        cloud: String,
+        #[arg(long)]
+        target_fabric: String,
+        #[arg(long)]
+        target_cloud: String,
+        #[arg(long)]
+        policy: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum ItemCmd {
+    /// Enable protection of a machine (runs initial replication).
+    Enable {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        cloud: String,
+        #[arg(long)]
+        machine: String,
+        /// Protected item name (default: the machine's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Policy (default: the pairing's).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Return once the job has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    List,
+    Show {
+        item: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PointsCmd {
+    List { item: String },
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Unplanned failover to the recovery site.
+    Unplanned {
+        item: String,
+        /// `latest` or a recovery point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Commit a completed failover.
+    Commit {
+        item: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCmd {
+    List,
+    Show { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SITEREC_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn api(conn: &Conn) -> anyhow::Result<Api> {
+    if let Some(url) = &conn.url {
+        let Some(tf) = &conn.token_file else {
+            bail!("--url needs --token-file")
+        };
+        let token = client::read_token(tf)?;
+        return Api::new(url, &token, conn.vault_id.as_deref())?
+            .resolve()
+            .await;
+    }
+    let dir = conn
+        .vault_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("siterec-vault"));
+    Api::from_vault_dir(&dir)
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+const JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Prints the outcome of an operation; non-zero exit if it failed.
+fn finish(op: client::Operation, out: Format, what: &str) -> anyhow::Result<ExitCode> {
+    if op.status != "Succeeded" {
+        eprintln!(
+            "error: {what} failed: {} (job {})",
+            op.error.unwrap_or_else(|| op.status.clone()),
+            op.job_id
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    match out {
+        Format::Json => {
+            output::json(&json!({"jobId": op.job_id, "status": op.status, "result": op.result}))
+        }
+        Format::Table => println!("{what} succeeded (job {})", op.job_id),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn started(job: &str, out: Format, what: &str) -> ExitCode {
+    match out {
+        Format::Json => output::json(&json!({"jobId": job, "status": "InProgress"})),
+        Format::Table => println!("{what} started: job {job} ('siterec jobs show {job}')"),
+    }
+    ExitCode::SUCCESS
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let out = cli.output;
+    match cli.cmd {
+        Cmd::Vault(VaultCmd {
+            sub: None,
+            data,
+            listen,
+            agent_listen,
+            name,
+        }) => {
+            let v = siterec_vault::start(siterec_vault::VaultOptions {
+                data_dir: data.clone(),
+                listen,
+                agent_listen,
+                name,
+            })
+            .await?;
+            println!("vault {}", v.endpoint.vault_id);
+            println!("api   {}", v.endpoint.url);
+            println!("agent {}", v.endpoint.agent_url);
+            println!("token {}", v.endpoint.token_file.display());
+            shutdown_signal().await;
+            v.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vault(VaultCmd {
+            sub: Some(VaultSub::Key(k)),
+            ..
+        }) => {
+            let api = api(&cli.conn).await?;
+            match k {
+                KeyCmd::Create { fabric, out: path } => {
+                    let key = api.create_key(&fabric).await?;
+                    let body = serde_json::to_vec_pretty(&key)?;
+                    write_private(&path, &body)?;
+                    match out {
+                        Format::Json => output::json(
+                            &json!({"keyId": key["keyId"], "fabric": key["fabric"], "file": path, "expiresAt": key["expiresAt"]}),
+                        ),
+                        Format::Table => println!(
+                            "registration key for fabric '{}' written to {} (valid 5 days)",
+                            key["fabric"].as_str().unwrap_or(&fabric),
+                            path.display()
+                        ),
+                    }
+                }
+                KeyCmd::List => {
+                    let keys = api.list("siterecRegistrationKeys").await?;
+                    output::rows(
+                        out,
+                        &keys,
+                        &[
+                            ("KEY", "/keyId"),
+                            ("FABRIC", "/fabric"),
+                            ("STATE", "/state"),
+                            ("EXPIRES", "/expiryTime"),
+                        ],
+                    );
+                }
+                KeyCmd::Revoke { key_id } => {
+                    api.delete(&format!("siterecRegistrationKeys/{key_id}"))
+                        .await?;
+                    if out == Format::Table {
+                        println!("key {key_id} revoked");
+                    } else {
+                        output::json(&json!({"keyId": key_id, "state": "Revoked"}));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent(AgentCmd {
+            sub: Some(AgentSub::Status { data }),
+            ..
+        }) => {
+            let st = siterec_agent::AgentStatus::read(&data)?;
+            let v = serde_json::to_value(&st)?;
+            match out {
+                Format::Json => output::json(&v),
+                Format::Table => {
+                    output::object(
+                        out,
+                        &v,
+                        &[
+                            ("agent", "/agentId"),
+                            ("fabric", "/fabric"),
+                            ("data endpoint", "/dataUrl"),
+                            ("last heartbeat error", "/lastHeartbeatError"),
+                        ],
+                    );
+                    let rows: Vec<Value> = st
+                        .items
+                        .iter()
+                        .map(|(k, c)| {
+                            let mut r = serde_json::to_value(c).unwrap_or(Value::Null);
+                            r["item"] = k.clone().into();
+                            r
+                        })
+                        .collect();
+                    output::rows(
+                        out,
+                        &rows,
+                        &[
+                            ("ITEM", "/item"),
+                            ("CYCLES", "/cycles"),
+                            ("BYTES READ", "/bytesRead"),
+                            ("BYTES SENT", "/bytesSent"),
+                            ("LAST CYCLE SENT", "/lastCycleBytesSent"),
+                            ("LAST ERROR", "/lastError"),
+                        ],
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent(AgentCmd {
+            sub: None,
+            key,
+            data,
+            config,
+        }) => {
+            let Some(config) = config else {
+                bail!("--config FILE is required to run an agent")
+            };
+            let config = siterec_agent::AgentConfig::load(&config)?;
+            siterec_agent::run(
+                siterec_agent::AgentOptions {
+                    data_dir: data,
+                    key_file: key,
+                    config,
+                },
+                shutdown_signal(),
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fabric(FabricCmd::List) => {
+            let v = api(&cli.conn).await?.list("replicationFabrics").await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("NAME", "/name"),
+                    ("AGENTS", "/properties/customDetails/agents"),
+                    ("ID", "/id"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fabric(FabricCmd::Agents { fabric }) => {
+            let v = api(&cli.conn)
+                .await?
+                .list(&format!(
+                    "replicationFabrics/{fabric}/replicationRecoveryServicesProviders"
+                ))
+                .await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("AGENT", "/name"),
+                    ("HOST", "/properties/friendlyName"),
+                    ("CLOUD", "/properties/protectionContainerFriendlyName"),
+                    ("STATUS", "/properties/connectionStatus"),
+                    ("LAST HEARTBEAT", "/properties/lastHeartBeat"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cloud(CloudCmd::List { fabric }) => {
+            let v = api(&cli.conn)
+                .await?
+                .list(&format!(
+                    "replicationFabrics/{fabric}/replicationProtectionContainers"
+                ))
+                .await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("NAME", "/name"),
+                    ("FABRIC", "/properties/fabricFriendlyName"),
+                    ("PAIRING", "/properties/pairingStatus"),
+                    ("ROLE", "/properties/role"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Machine(MachineCmd::List { fabric, cloud }) => {
+            let v = api(&cli.conn)
+                .await?
+                .list(&format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectableItems"))
+                .await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("NAME", "/name"),
+                    ("STATUS", "/properties/protectionStatus"),
+                    ("KIND", "/properties/customDetails/instanceType"),
+                    ("ERRORS", "/properties/protectionReadinessErrors"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Policy(p) => policy(&cli.conn, out, p).await,
+        Cmd::Pairing(PairingCmd::Create {
+            fabric,
+            cloud,
+            target_fabric,
+            target_cloud,
+            policy,
+            name,
+        }) => {
+            let api = api(&cli.conn).await?;
+            let name = name.unwrap_or_else(|| format!("{cloud}-to-{target_cloud}"));
+            let body = json!({"properties": {
+                "targetProtectionContainerId": format!("{}/replicationFabrics/{target_fabric}/replicationProtectionContainers/{target_cloud}", api.vault_id()),
+                "policyId": format!("{}/replicationPolicies/{policy}", api.vault_id()),
+                "providerSpecificInput": {"instanceType": "ReplicationProviderSpecificContainerMappingInput"},
+            }});
+            let rel = format!(
+                "replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectionContainerMappings/{name}"
+            );
+            let op = api
+                .run(reqwest::Method::PUT, &rel, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("pairing {name}"))
+        }
+        Cmd::Pairing(PairingCmd::List) => {
+            let v = api(&cli.conn)
+                .await?
+                .list("replicationProtectionContainerMappings")
+                .await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("NAME", "/name"),
+                    ("SOURCE FABRIC", "/properties/sourceFabricFriendlyName"),
+                    (
+                        "SOURCE CLOUD",
+                        "/properties/sourceProtectionContainerFriendlyName",
+                    ),
+                    ("TARGET FABRIC", "/properties/targetFabricFriendlyName"),
+                    (
+                        "TARGET CLOUD",
+                        "/properties/targetProtectionContainerFriendlyName",
+                    ),
+                    ("POLICY", "/properties/policyFriendlyName"),
+                    ("STATE", "/properties/state"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Item(i) => item(&cli.conn, out, i).await,
+        Cmd::Points(PointsCmd::List { item }) => {
+            let api = api(&cli.conn).await?;
+            let (rel, _) = api.item_path(&item).await?;
+            let v = api.list(&format!("{rel}/recoveryPoints")).await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("ID", "/name"),
+                    ("TIME", "/properties/recoveryPointTime"),
+                    ("TYPE", "/properties/recoveryPointType"),
+                    (
+                        "BYTES SENT",
+                        "/properties/providerSpecificDetails/bytesSent",
+                    ),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Failover(f) => failover(&cli.conn, out, f).await,
+        Cmd::Jobs(JobsCmd::List) => {
+            let v = api(&cli.conn).await?.list("replicationJobs").await?;
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("ID", "/name"),
+                    ("JOB", "/properties/friendlyName"),
+                    ("TARGET", "/properties/targetObjectName"),
+                    ("STATE", "/properties/state"),
+                    ("START", "/properties/startTime"),
+                    ("END", "/properties/endTime"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Jobs(JobsCmd::Show { id }) => {
+            let v = api(&cli.conn)
+                .await?
+                .get(&format!("replicationJobs/{id}"))
+                .await?;
+            if out == Format::Json {
+                output::json(&v);
+            } else {
+                output::object(
+                    out,
+                    &v,
+                    &[
+                        ("job", "/name"),
+                        ("name", "/properties/friendlyName"),
+                        ("target", "/properties/targetObjectName"),
+                        ("state", "/properties/state"),
+                        ("start", "/properties/startTime"),
+                        ("end", "/properties/endTime"),
+                    ],
+                );
+                let steps = v["properties"]["tasks"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                output::rows(
+                    out,
+                    &steps,
+                    &[
+                        ("STEP", "/name"),
+                        ("STATE", "/state"),
+                        ("START", "/startTime"),
+                        ("END", "/endTime"),
+                        ("ERROR", "/errors/0/taskErrorDetails/errorMessage"),
+                    ],
+                );
+                if let Some(e) = v
+                    .pointer("/properties/errors/0/serviceErrorDetails/message")
+                    .and_then(|m| m.as_str())
+                {
+                    println!("error: {e}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Quickstart { dir, disk_mib } => quickstart::run(&dir, disk_mib, out).await,
+    }
+}
+
+async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    let cols = [
+        ("NAME", "/name"),
+        ("TYPE", "/properties/providerSpecificDetails/instanceType"),
+        (
+            "COPY FREQUENCY (S)",
+            "/properties/providerSpecificDetails/replicationInterval",
+        ),
+        (
+            "RETENTION (H)",
+            "/properties/providerSpecificDetails/recoveryPointHistoryDuration",
+        ),
+        (
+            "POINTS",
+            "/properties/providerSpecificDetails/recoveryPoints",
+        ),
+        (
+            "APP-CONSISTENT (H)",
+            "/properties/providerSpecificDetails/applicationConsistentSnapshotFrequencyInHours",
+        ),
+        (
+            "COMPRESSION",
+            "/properties/providerSpecificDetails/compression",
+        ),
+    ];
+    match cmd {
+        PolicyCmd::Create {
+            name,
+            copy_frequency,
+            retention_hours,
+            recovery_points,
+            app_consistent_hours,
+            no_compression,
+            instance_type,
+        } => {
+            let mut input = json!({
+                "instanceType": instance_type,
+                "replicationInterval": copy_frequency,
+                "applicationConsistentSnapshotFrequencyInHours": app_consistent_hours,
+                "compression": if no_compression { "Disable" } else { "Enable" },
+            });
+            match (retention_hours, recovery_points) {
+                (_, Some(n)) => input["recoveryPoints"] = n.into(),
+                (Some(h), None) => input["recoveryPointHistoryDuration"] = h.into(),
+                (None, None) => input["recoveryPointHistoryDuration"] = 24.into(),
+            }
+            let op = api
+                .run(
+                    reqwest::Method::PUT,
+                    &format!("replicationPolicies/{name}"),
+                    &json!({"properties": {"providerSpecificInput": input}}),
+                    JOB_TIMEOUT,
+                )
+                .await?;
+            finish(op, out, &format!("policy {name}"))
+        }
+        PolicyCmd::List => {
+            output::rows(out, &api.list("replicationPolicies").await?, &cols);
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCmd::Show { name } => {
+            output::object(
+                out,
+                &api.get(&format!("replicationPolicies/{name}")).await?,
+                &cols,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCmd::Delete { name } => {
+            api.delete(&format!("replicationPolicies/{name}")).await?;
+            if out == Format::Table {
+                println!("policy {name} deleted");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+const ITEM_COLS: [(&str, &str); 7] = [
+    ("NAME", "/name"),
+    ("STATE", "/properties/protectionState"),
+    ("HEALTH", "/properties/replicationHealth"),
+    ("ACTIVE", "/properties/activeLocation"),
+    (
+        "LAST REPLICATED",
+        "/properties/providerSpecificDetails/lastReplicatedTime",
+    ),
+    (
+        "RPO (S)",
+        "/properties/providerSpecificDetails/rpoInSeconds",
+    ),
+    (
+        "POINTS",
+        "/properties/providerSpecificDetails/recoveryPointCount",
+    ),
+];
+
+async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    match cmd {
+        ItemCmd::Enable {
+            fabric,
+            cloud,
+            machine,
+            name,
+            policy,
+            no_wait,
+        } => {
+            let name = name.unwrap_or_else(|| machine.clone());
+            let base =
+                format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}");
+            let mut props = json!({
+                "protectableItemId": format!("{}/{base}/replicationProtectableItems/{machine}", api.vault_id()),
+                "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure"},
+            });
+            if let Some(p) = policy {
+                props["policyId"] = format!("{}/replicationPolicies/{p}", api.vault_id()).into();
+            }
+            let rel = format!("{base}/replicationProtectedItems/{name}");
+            let body = json!({"properties": props});
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::PUT, &rel, &body).await?;
+                return Ok(started(&job, out, "enable protection"));
+            }
+            let op = api
+                .run(reqwest::Method::PUT, &rel, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("enable protection of {name}"))
+        }
+        ItemCmd::List => {
+            output::rows(
+                out,
+                &api.list("replicationProtectedItems").await?,
+                &ITEM_COLS,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ItemCmd::Show { item } => {
+            let (_, v) = api.item_path(&item).await?;
+            let mut fields = ITEM_COLS.to_vec();
+            fields.extend([
+                ("machine", "/properties/protectableItemId"),
+                ("policy", "/properties/policyFriendlyName"),
+                ("errors", "/properties/replicationHealthErrors"),
+                ("allowed operations", "/properties/allowedOperations"),
+                (
+                    "failover point",
+                    "/properties/providerSpecificDetails/failoverRecoveryPointId",
+                ),
+                (
+                    "failover disks",
+                    "/properties/providerSpecificDetails/failoverDisks",
+                ),
+            ]);
+            output::object(out, &v, &fields);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    match cmd {
+        FailoverCmd::Unplanned {
+            item,
+            point,
+            no_wait,
+        } => {
+            let (rel, _) = api.item_path(&item).await?;
+            let mut details = json!({"instanceType": "HyperVReplicaAzure"});
+            if point != "latest" {
+                details["recoveryPointId"] =
+                    format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
+            }
+            let body = json!({"properties": {"failoverDirection": "PrimaryToRecovery", "sourceSiteOperations": "NotRequired", "providerSpecificDetails": details}});
+            if no_wait {
+                let (job, _, _) = api
+                    .start(
+                        reqwest::Method::POST,
+                        &format!("{rel}/unplannedFailover"),
+                        &body,
+                    )
+                    .await?;
+                return Ok(started(&job, out, "unplanned failover"));
+            }
+            let op = api
+                .run(
+                    reqwest::Method::POST,
+                    &format!("{rel}/unplannedFailover"),
+                    &body,
+                    JOB_TIMEOUT,
+                )
+                .await?;
+            if op.status == "Succeeded"
+                && out == Format::Table
+                && let Some(disks) = op
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.pointer("/properties/providerSpecificDetails/failoverDisks"))
+                    .and_then(|d| d.as_array())
+            {
+                for d in disks {
+                    println!(
+                        "{} ({}): {}",
+                        output::cell(d.get("disk")),
+                        output::cell(d.get("format")),
+                        output::cell(d.get("path"))
+                    );
+                }
+            }
+            finish(op, out, &format!("unplanned failover of {item}"))
+        }
+        FailoverCmd::Commit { item, no_wait } => {
+            let (rel, _) = api.item_path(&item).await?;
+            if no_wait {
+                let (job, _, _) = api
+                    .start(
+                        reqwest::Method::POST,
+                        &format!("{rel}/failoverCommit"),
+                        &json!({}),
+                    )
+                    .await?;
+                return Ok(started(&job, out, "commit"));
+            }
+            let op = api
+                .run(
+                    reqwest::Method::POST,
+                    &format!("{rel}/failoverCommit"),
+                    &json!({}),
+                    JOB_TIMEOUT,
+                )
+                .await?;
+            finish(op, out, &format!("commit of {item}"))
+        }
+    }
+}
+
+/// Writes a secret file with mode 0600, refusing to overwrite.
+fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
+}
