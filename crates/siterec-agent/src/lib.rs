@@ -53,6 +53,16 @@ pub struct AgentStatus {
 }
 
 impl AgentStatus {
+    /// Writes the status file atomically; a failure is only logged.
+    pub fn save(&self, data_dir: &Path) {
+        let result = serde_json::to_vec_pretty(self)
+            .map_err(anyhow::Error::from)
+            .and_then(|bytes| util::write_atomically(&data_dir.join("status.json"), &bytes));
+        if let Err(e) = result {
+            tracing::warn!("writing the status file: {e:#}");
+        }
+    }
+
     pub fn read(data_dir: &Path) -> anyhow::Result<AgentStatus> {
         let path = data_dir.join("status.json");
         let bytes = std::fs::read(&path).with_context(|| {
@@ -136,24 +146,23 @@ pub async fn run(
         target = Some(tg);
     }
 
-    let counters = Arc::new(Mutex::new(BTreeMap::<String, ItemCounters>::new()));
-    if let Ok(prev) = AgentStatus::read(&data)
-        && let Ok(mut c) = counters.lock()
-    {
-        *c = prev.items;
-    }
+    // Counters survive restarts: start from the last status file.
+    let items = AgentStatus::read(&data)
+        .map(|s| s.items)
+        .unwrap_or_default();
+    let status = Arc::new(Mutex::new(AgentStatus {
+        agent_id: id.agent_id.clone(),
+        fabric: id.fabric.clone(),
+        data_url: data_url.clone(),
+        items,
+        ..Default::default()
+    }));
     let ctx = Arc::new(source::SourceCtx {
         data_dir: data.clone(),
         client: client.clone(),
         vault_url: id.agent_url.clone(),
-        counters: counters.clone(),
+        status: status.clone(),
     });
-    let mut status = AgentStatus {
-        agent_id: id.agent_id.clone(),
-        fabric: id.fabric.clone(),
-        data_url: data_url.clone(),
-        ..Default::default()
-    };
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let finished_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
@@ -166,12 +175,21 @@ pub async fn run(
             cloud: cfg.cloud.clone(),
             machines: inventory(&cfg),
             data_url: data_url.clone(),
-            counters: counters.lock().map(|c| c.clone()).unwrap_or_default(),
+            counters: status.lock().map(|s| s.items.clone()).unwrap_or_default(),
         };
-        match heartbeat(&client, &id.agent_url, &req).await {
+        let result = heartbeat(&client, &id.agent_url, &req).await;
+        if let Ok(mut st) = status.lock() {
+            match &result {
+                Ok(_) => {
+                    st.last_heartbeat_ms = Some(util::now_ms());
+                    st.last_heartbeat_error = None;
+                }
+                Err(e) => st.last_heartbeat_error = Some(format!("{e:#}")),
+            }
+            st.save(&data);
+        }
+        match result {
             Ok(resp) => {
-                status.last_heartbeat_ms = Some(util::now_ms());
-                status.last_heartbeat_error = None;
                 reconcile(&ctx, &mut replications, resp.replications);
                 for task in resp.tasks {
                     start_task(
@@ -184,16 +202,7 @@ pub async fn run(
                     );
                 }
             }
-            Err(e) => {
-                tracing::warn!("heartbeat failed: {e:#}");
-                status.last_heartbeat_error = Some(format!("{e:#}"));
-            }
-        }
-        status.items = counters.lock().map(|c| c.clone()).unwrap_or_default();
-        if let Ok(bytes) = serde_json::to_vec_pretty(&status)
-            && let Err(e) = util::write_atomically(&data.join("status.json"), &bytes)
-        {
-            tracing::warn!("writing the status file: {e:#}");
+            Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
         }
         tokio::select! {
             _ = &mut shutdown => break,

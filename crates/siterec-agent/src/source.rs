@@ -16,7 +16,6 @@
 //! missing or damaged, the cycle resynchronizes: it asks the target which
 //! chunks it already has and sends only the others.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,7 +43,8 @@ pub struct SourceCtx {
     /// mTLS client (vault CA, this agent's certificate).
     pub client: reqwest::Client,
     pub vault_url: String,
-    pub counters: Arc<Mutex<BTreeMap<String, ItemCounters>>>,
+    /// Counters and identity, written to `DATA/status.json` on every change.
+    pub status: Arc<Mutex<crate::AgentStatus>>,
 }
 
 impl SourceCtx {
@@ -53,9 +53,17 @@ impl SourceCtx {
     }
 
     fn update(&self, item: &str, f: impl FnOnce(&mut ItemCounters)) {
-        if let Ok(mut c) = self.counters.lock() {
-            f(c.entry(item.to_string()).or_default());
+        if let Ok(mut st) = self.status.lock() {
+            f(st.items.entry(item.to_string()).or_default());
+            st.save(&self.data_dir);
         }
+    }
+
+    fn failing(&self, item: &str) -> bool {
+        self.status
+            .lock()
+            .map(|st| st.items.get(item).is_some_and(|c| c.last_error.is_some()))
+            .unwrap_or(false)
     }
 }
 
@@ -97,12 +105,7 @@ pub async fn run_item(
             return;
         }
         // A failed cycle is retried sooner than a full period.
-        let failed = ctx
-            .counters
-            .lock()
-            .map(|c| c.get(&a.item).is_some_and(|c| c.last_error.is_some()))
-            .unwrap_or(false);
-        let wait = if failed {
+        let wait = if ctx.failing(&a.item) {
             period.min(Duration::from_secs(5))
         } else {
             period

@@ -1110,7 +1110,18 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
     let key_id = uuid::Uuid::new_v4().to_string();
     let secret = crate::db::random_secret(32);
     let now = now_ms();
-    let expires_ms = now + KEY_VALIDITY_SECS * 1000;
+    let valid_secs = match body.get("validSeconds") {
+        None | Some(Value::Null) => KEY_VALIDITY_SECS,
+        Some(v) => match v.as_i64() {
+            Some(n) if (1..=KEY_VALIDITY_SECS).contains(&n) => n,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "validSeconds must be an integer from 1 to {KEY_VALIDITY_SECS} (5 days), got {v}"
+                )));
+            }
+        },
+    };
+    let expires_ms = now + valid_secs * 1000;
     let mut tx = st.db.begin().await?;
     sqlx::query(
         "INSERT INTO fabrics (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",

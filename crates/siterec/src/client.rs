@@ -96,10 +96,6 @@ impl Api {
         &self.vault_id
     }
 
-    pub fn url(&self) -> &str {
-        &self.base
-    }
-
     fn full(&self, rel: &str) -> String {
         let sep = if rel.is_empty() || rel.starts_with('/') {
             ""
@@ -265,9 +261,13 @@ impl Api {
         Ok((rel, item))
     }
 
-    pub async fn create_key(&self, fabric: &str) -> anyhow::Result<Value> {
-        self.post_sync("siterecRegistrationKeys", &json!({"fabric": fabric}))
-            .await
+    pub async fn create_key(
+        &self,
+        fabric: &str,
+        valid_seconds: Option<i64>,
+    ) -> anyhow::Result<Value> {
+        let body = json!({"fabric": fabric, "validSeconds": valid_seconds});
+        self.post_sync("siterecRegistrationKeys", &body).await
     }
 }
 

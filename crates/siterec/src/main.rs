@@ -126,6 +126,9 @@ enum KeyCmd {
         fabric: String,
         #[arg(long)]
         out: PathBuf,
+        /// Validity in seconds (default and maximum: 432000, 5 days).
+        #[arg(long)]
+        valid_seconds: Option<i64>,
     },
     List,
     /// Revoke a key: agents can no longer enrol with it.
@@ -295,6 +298,8 @@ enum JobsCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider (aws-lc-rs) for every client and server.
+    siterec_pki::install_crypto_provider();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SITEREC_LOG")
         .unwrap_or_else(|_| "info,sqlx=warn".into());
     tracing_subscriber::fmt()
@@ -408,8 +413,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let api = api(&cli.conn).await?;
             match k {
-                KeyCmd::Create { fabric, out: path } => {
-                    let key = api.create_key(&fabric).await?;
+                KeyCmd::Create {
+                    fabric,
+                    out: path,
+                    valid_seconds,
+                } => {
+                    let key = api.create_key(&fabric, valid_seconds).await?;
                     let body = serde_json::to_vec_pretty(&key)?;
                     write_private(&path, &body)?;
                     match out {

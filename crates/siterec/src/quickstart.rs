@@ -79,7 +79,7 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
             "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n".to_string(),
         ),
     ] {
-        let key = api.create_key(fabric).await?;
+        let key = api.create_key(fabric, None).await?;
         let key_path = dir.join(format!("{fabric}.key"));
         std::fs::write(&key_path, serde_json::to_vec_pretty(&key)?)?;
         let cfg_path = dir.join(format!("{fabric}-agent.toml"));

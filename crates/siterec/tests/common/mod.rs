@@ -1,0 +1,336 @@
+//! Test harness: real `siterec` processes (vault, agents, CLI) on temporary
+//! directories. Processes are killed when the harness is dropped.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_siterec");
+
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub vault_dir: PathBuf,
+    pub procs: Vec<Proc>,
+}
+
+impl Env {
+    /// Starts a vault in a new temporary directory.
+    pub fn start() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("siterec-test-")
+            .tempdir()
+            .expect("tempdir");
+        let vault_dir = dir.path().join("vault");
+        let mut env = Env {
+            dir,
+            vault_dir: vault_dir.clone(),
+            procs: Vec::new(),
+        };
+        let vd = vault_dir.display().to_string();
+        env.spawn(
+            "vault",
+            &[
+                "vault",
+                "--data",
+                &vd,
+                "--listen",
+                "127.0.0.1:0",
+                "--agent-listen",
+                "127.0.0.1:0",
+            ],
+        );
+        wait_until(Duration::from_secs(30), "the vault to listen", || {
+            vault_dir.join("vault.json").exists()
+        });
+        env
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn spawn(&mut self, name: &str, args: &[&str]) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(BIN)
+            .args(args)
+            .env("SITEREC_LOG", "info,sqlx=warn")
+            .stdout(Stdio::from(f.try_clone().expect("clone")))
+            .stderr(Stdio::from(f))
+            .spawn()
+            .expect("spawn siterec");
+        self.procs.push(Proc {
+            name: name.into(),
+            child,
+            log,
+        });
+    }
+
+    /// Runs the CLI against this vault.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let vd = self.vault_dir.display().to_string();
+        Command::new(BIN)
+            .arg("--vault-dir")
+            .arg(&vd)
+            .args(args)
+            .env("SITEREC_LOG", "warn")
+            .output()
+            .expect("run siterec")
+    }
+
+    /// Runs the CLI with `--output json`, expecting success.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "siterec {args:?} failed: {}\n{}\n--- logs ---\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            self.logs()
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "siterec {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Runs the CLI expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "siterec {args:?} should have failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            s.push_str(&format!("== {} ==\n", p.name));
+            for l in tail.iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Writes a registration key for `fabric` and starts an agent with `config`.
+    pub fn start_agent(&mut self, fabric: &str, config: &str) -> PathBuf {
+        let key = self.path(&format!("{fabric}.key"));
+        let k = key.display().to_string();
+        self.json(&["vault", "key", "create", "--fabric", fabric, "--out", &k]);
+        let cfg = self.path(&format!("{fabric}-agent.toml"));
+        std::fs::write(&cfg, config).expect("write config");
+        let data = self.path(&format!("{fabric}-agent"));
+        let (c, d) = (cfg.display().to_string(), data.display().to_string());
+        self.spawn(
+            &format!("{fabric}-agent"),
+            &["agent", "--key", &k, "--data", &d, "--config", &c],
+        );
+        data
+    }
+
+    /// Waits until `fabric` has the protection container `cloud`.
+    pub fn wait_cloud(&self, fabric: &str, cloud: &str) {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("cloud {fabric}/{cloud}"),
+            || {
+                let out = self.cli(&["--output", "json", "cloud", "list", "--fabric", fabric]);
+                out.status.success()
+                    && serde_json::from_slice::<Value>(&out.stdout)
+                        .ok()
+                        .and_then(|v| v.as_array().cloned())
+                        .is_some_and(|a| a.iter().any(|c| c["name"] == cloud))
+            },
+        );
+    }
+
+    /// Primary agent with the given machines (name, [(disk, path)]) and a recovery agent.
+    pub fn start_sites(&mut self, machines: &[(&str, Vec<(&str, &Path)>)]) -> (PathBuf, PathBuf) {
+        let mut cfg = String::from("cloud = \"primary-cloud\"\n");
+        for (name, disks) in machines {
+            cfg.push_str(&format!("[[machines]]\nname = \"{name}\"\ndisks = [\n"));
+            for (d, p) in disks {
+                cfg.push_str(&format!(
+                    "  {{ name = \"{d}\", path = \"{}\" }},\n",
+                    p.display()
+                ));
+            }
+            cfg.push_str("]\n");
+        }
+        let primary = self.start_agent("primary", &cfg);
+        let recovery = self.start_agent(
+            "recovery",
+            "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n",
+        );
+        self.wait_cloud("primary", "primary-cloud");
+        self.wait_cloud("recovery", "recovery-cloud");
+        (primary, recovery)
+    }
+
+    /// Policy (30 s copy frequency) and pairing primary-cloud → recovery-cloud.
+    pub fn pair(&self, retention: &[&str]) {
+        let mut args = vec!["policy", "create", "pol", "--copy-frequency", "30"];
+        args.extend_from_slice(retention);
+        self.json(&args);
+        self.json(&[
+            "pairing",
+            "create",
+            "--fabric",
+            "primary",
+            "--cloud",
+            "primary-cloud",
+            "--target-fabric",
+            "recovery",
+            "--target-cloud",
+            "recovery-cloud",
+            "--policy",
+            "pol",
+        ]);
+    }
+
+    pub fn wait_machine(&self, name: &str) {
+        wait_until(Duration::from_secs(60), &format!("machine {name}"), || {
+            let out = self.cli(&[
+                "--output",
+                "json",
+                "machine",
+                "list",
+                "--fabric",
+                "primary",
+                "--cloud",
+                "primary-cloud",
+            ]);
+            serde_json::from_slice::<Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|a| a.iter().any(|m| m["name"] == name))
+        });
+    }
+
+    pub fn points(&self, item: &str) -> Vec<Value> {
+        self.json(&["points", "list", item])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits for a recovery point of `item` taken after `after_ms`; returns its id.
+    pub fn wait_point_after(&self, item: &str, after_ms: i64, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for p in self.points(item) {
+                let t = p["properties"]["recoveryPointTime"]
+                    .as_str()
+                    .unwrap_or_default();
+                if parse_ms(t) > after_ms {
+                    return p["name"].as_str().unwrap_or_default().to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no recovery point of {item} after {after_ms}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+pub fn parse_ms(s: &str) -> i64 {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+        .unwrap_or(0)
+}
+
+/// Writes a mixed-content image: 1 MiB extents of zeros, text and random bytes.
+pub fn make_image(path: &Path, size: u64, seed: u64) {
+    use rand::{Rng, RngCore, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; size as usize];
+    for chunk in data.chunks_mut(1 << 20) {
+        match rng.random_range(0..10) {
+            0..=3 => {}
+            4..=6 => {
+                for (i, b) in chunk.iter_mut().enumerate() {
+                    *b = b"lorem ipsum dolor sit amet\n"[i % 27];
+                }
+            }
+            _ => rng.fill_bytes(chunk),
+        }
+    }
+    std::fs::write(path, &data).expect("write image");
+}
+
+/// Overwrites `len` bytes at `offset` with random data (seeded).
+pub fn scribble(path: &Path, offset: u64, len: usize, seed: u64) {
+    use rand::{RngCore, SeedableRng};
+    use std::io::{Seek, SeekFrom, Write};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut buf = vec![0u8; len];
+    rng.fill_bytes(&mut buf);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    f.seek(SeekFrom::Start(offset)).expect("seek");
+    f.write_all(&buf).expect("write");
+    f.sync_all().expect("sync");
+}
+
+/// `qemu-img compare` of a raw reference against an image of `format`.
+pub fn qemu_img_identical(reference: &Path, image: &Path, format: &str) -> bool {
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", format])
+        .arg(reference)
+        .arg(image)
+        .output()
+        .expect("qemu-img is required for these tests: install the qemu-utils package");
+    if !out.status.success() {
+        eprintln!(
+            "qemu-img compare {}: {}{}",
+            image.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
+}
