@@ -170,44 +170,65 @@ impl Target {
     }
 }
 
-fn wire_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(WireError {
-            code: code.into(),
-            message: message.into(),
-        }),
-    )
-        .into_response()
+/// An error of the data endpoint: status plus a [`WireError`] body.
+pub struct DataError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn store_error(e: StoreError) -> Response {
-    match e {
-        StoreError::CorruptChunk { .. }
-        | StoreError::ZeroChunk { .. }
-        | StoreError::InvalidName { .. }
-        | StoreError::InvalidManifest { .. }
-        | StoreError::CorruptManifest { .. } => {
-            wire_error(StatusCode::BAD_REQUEST, "Rejected", e.to_string())
-        }
-        StoreError::PointConflict { .. } => {
-            wire_error(StatusCode::CONFLICT, "PointConflict", e.to_string())
-        }
-        other => {
-            tracing::error!("store: {other}");
-            wire_error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "StoreError",
-                other.to_string(),
-            )
+impl DataError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        DataError {
+            status,
+            code,
+            message: message.into(),
         }
     }
 }
 
-fn check_peer(peer: &PeerIdentity) -> Result<(), Response> {
+impl IntoResponse for DataError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(WireError {
+                code: self.code.into(),
+                message: self.message,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for DataError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::CorruptChunk { .. }
+            | StoreError::ZeroChunk { .. }
+            | StoreError::InvalidName { .. }
+            | StoreError::InvalidManifest { .. }
+            | StoreError::CorruptManifest { .. } => {
+                DataError::new(StatusCode::BAD_REQUEST, "Rejected", e.to_string())
+            }
+            StoreError::PointConflict { .. } => {
+                DataError::new(StatusCode::CONFLICT, "PointConflict", e.to_string())
+            }
+            other => {
+                tracing::error!("store: {other}");
+                DataError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "StoreError",
+                    other.to_string(),
+                )
+            }
+        }
+    }
+}
+
+fn check_peer(peer: &PeerIdentity) -> Result<(), DataError> {
     match peer.0 {
         Some(_) => Ok(()),
-        None => Err(wire_error(
+        None => Err(DataError::new(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "a client certificate issued by the vault is required",
@@ -215,32 +236,27 @@ fn check_peer(peer: &PeerIdentity) -> Result<(), Response> {
     }
 }
 
-fn parse_id(item: &str, id: &str) -> Result<ChunkId, Response> {
+fn parse_id(item: &str, id: &str) -> Result<ChunkId, DataError> {
     siterec_core::names::check_name("item", item)
-        .map_err(|e| wire_error(StatusCode::BAD_REQUEST, "BadName", e.to_string()))?;
+        .map_err(|e| DataError::new(StatusCode::BAD_REQUEST, "BadName", e.to_string()))?;
     id.parse()
-        .map_err(|e| wire_error(StatusCode::BAD_REQUEST, "BadChunkId", format!("{e}")))
+        .map_err(|e| DataError::new(StatusCode::BAD_REQUEST, "BadChunkId", format!("{e}")))
 }
 
 async fn head_chunk(
     State(t): State<Arc<Target>>,
     Extension(peer): Extension<PeerIdentity>,
     UrlPath((item, id)): UrlPath<(String, String)>,
-) -> Response {
-    if let Err(r) = check_peer(&peer) {
-        return r;
-    }
-    let id = match parse_id(&item, &id) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
+) -> Result<StatusCode, DataError> {
+    check_peer(&peer)?;
+    let id = parse_id(&item, &id)?;
     // Vouching for a chunk protects it from gc until the item's next commit.
     t.remember(&item, id);
-    match t.store.has_chunk(id).await {
-        Ok(true) => StatusCode::OK.into_response(),
-        Ok(false) => StatusCode::NOT_FOUND.into_response(),
-        Err(e) => store_error(e),
-    }
+    Ok(if t.store.has_chunk(id).await? {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    })
 }
 
 async fn put_chunk(
@@ -248,20 +264,15 @@ async fn put_chunk(
     Extension(peer): Extension<PeerIdentity>,
     UrlPath((item, id)): UrlPath<(String, String)>,
     body: Bytes,
-) -> Response {
-    if let Err(r) = check_peer(&peer) {
-        return r;
-    }
-    let id = match parse_id(&item, &id) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
+) -> Result<StatusCode, DataError> {
+    check_peer(&peer)?;
+    let id = parse_id(&item, &id)?;
     t.remember(&item, id);
-    match t.store.put_encoded_chunk(id, body.to_vec()).await {
-        Ok(true) => StatusCode::CREATED.into_response(),
-        Ok(false) => StatusCode::OK.into_response(),
-        Err(e) => store_error(e),
-    }
+    Ok(if t.store.put_encoded_chunk(id, body.to_vec()).await? {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    })
 }
 
 async fn commit_point(
@@ -269,49 +280,44 @@ async fn commit_point(
     Extension(peer): Extension<PeerIdentity>,
     UrlPath(item): UrlPath<String>,
     body: Bytes,
-) -> Response {
-    if let Err(r) = check_peer(&peer) {
-        return r;
-    }
-    let manifest = match Manifest::decode(&body) {
-        Ok(m) => m,
-        Err(e) => return store_error(e),
-    };
+) -> Result<Response, DataError> {
+    check_peer(&peer)?;
+    let manifest = Manifest::decode(&body)?;
     if manifest.item != item {
-        return wire_error(
+        return Err(DataError::new(
             StatusCode::BAD_REQUEST,
             "Rejected",
             format!("manifest is for item '{}', not '{item}'", manifest.item),
-        );
+        ));
     }
     match t.store.commit_point(&manifest).await {
         Ok(()) => {
             if let Ok(mut m) = t.in_flight.lock() {
                 m.remove(&item);
             }
-            Json(serde_json::json!({"item": item, "pointId": manifest.point_id})).into_response()
+            Ok(
+                Json(serde_json::json!({"item": item, "pointId": manifest.point_id}))
+                    .into_response(),
+            )
         }
         Err(StoreError::MissingChunk { .. }) => {
             let ids: Vec<ChunkId> = manifest.referenced_chunks().into_iter().collect();
-            let present = t.store.has_chunks(&ids).await.unwrap_or_default();
+            let present = t.store.has_chunks(&ids).await?;
             let missing: Vec<String> = ids
                 .iter()
-                .zip(present.iter().chain(std::iter::repeat(&false)))
+                .zip(&present)
                 .filter(|(_, p)| !**p)
                 .map(|(id, _)| id.to_hex())
                 .collect();
-            (
-                StatusCode::CONFLICT,
-                Json(CommitRefused {
-                    message: format!(
-                        "{} chunk(s) referenced by the point are not in the store",
-                        missing.len()
-                    ),
-                    missing_chunks: missing,
-                }),
-            )
-                .into_response()
+            let body = CommitRefused {
+                message: format!(
+                    "{} chunk(s) referenced by the point are not in the store",
+                    missing.len()
+                ),
+                missing_chunks: missing,
+            };
+            Ok((StatusCode::CONFLICT, Json(body)).into_response())
         }
-        Err(e) => store_error(e),
+        Err(e) => Err(e.into()),
     }
 }

@@ -1014,21 +1014,18 @@ async fn commit_failover(
 }
 
 async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
-    let row: Option<(
-        String,
-        Option<i64>,
-        Option<i64>,
-        Option<String>,
-        Option<String>,
-    )> = sqlx::query_as(
+    let row = sqlx::query(
         "SELECT state, start_ms, end_ms, error_code, error_message FROM jobs WHERE id = ?",
     )
     .bind(job_id)
     .fetch_optional(&st.db)
-    .await?;
-    let Some((state, start, end, code, message)) = row else {
-        return Err(ApiError::not_found("operation", job_id));
-    };
+    .await?
+    .ok_or_else(|| ApiError::not_found("operation", job_id))?;
+    let state: String = row.try_get("state")?;
+    let start: Option<i64> = row.try_get("start_ms")?;
+    let end: Option<i64> = row.try_get("end_ms")?;
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
     let status = JobState::parse(&state)
         .map(|s| s.operation_status())
         .unwrap_or("Failed");
@@ -1049,15 +1046,17 @@ async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
 /// succeeded, the resource it acted on (a failover returns the protected
 /// item); when it failed, the job's error.
 async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> ApiResult<Response> {
-    let row: Option<(String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT state, kind, input, error_code, error_message FROM jobs WHERE id = ?",
-    )
-    .bind(job_id)
-    .fetch_optional(&st.db)
-    .await?;
-    let Some((state, kind, input, code, message)) = row else {
-        return Err(ApiError::not_found("operation", job_id));
-    };
+    let row =
+        sqlx::query("SELECT state, kind, input, error_code, error_message FROM jobs WHERE id = ?")
+            .bind(job_id)
+            .fetch_optional(&st.db)
+            .await?
+            .ok_or_else(|| ApiError::not_found("operation", job_id))?;
+    let state: String = row.try_get("state")?;
+    let kind: String = row.try_get("kind")?;
+    let input: String = row.try_get("input")?;
+    let code: Option<String> = row.try_get("error_code")?;
+    let message: Option<String> = row.try_get("error_message")?;
     let state = JobState::parse(&state).unwrap_or(JobState::Failed);
     if !state.is_terminal() {
         return accepted(st, headers, job_id);

@@ -627,3 +627,227 @@ async fn compensate(
 pub fn input_for_item(item: &str) -> Value {
     json!({"item": item})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AppState, VaultInfo};
+
+    async fn open(dir: &std::path::Path) -> AppState {
+        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        AppState {
+            db,
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            ca: siterec_pki::Ca::generate("test CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    async fn new_job(st: &AppState, kind: JobKind, input: Value) -> String {
+        let mut tx = st.db.begin().await.unwrap();
+        let id = create_job(&mut tx, kind, "T", "t", "/t", &input)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        id
+    }
+
+    async fn steps(st: &AppState, job: &str) -> Vec<String> {
+        sqlx::query_scalar("SELECT state FROM job_steps WHERE job_id = ? ORDER BY idx")
+            .bind(job)
+            .fetch_all(&st.db)
+            .await
+            .unwrap()
+    }
+
+    async fn job_state(st: &AppState, job: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+            .bind(job)
+            .fetch_one(&st.db)
+            .await
+            .unwrap()
+    }
+
+    async fn item_state(st: &AppState, item: &str) -> String {
+        sqlx::query_scalar("SELECT state FROM protected_items WHERE name = ?")
+            .bind(item)
+            .fetch_one(&st.db)
+            .await
+            .unwrap()
+    }
+
+    async fn exec(st: &AppState, sql: &'static str) {
+        sqlx::raw_sql(sql).execute(&st.db).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_policy_job_runs_every_step_and_persists_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let policy =
+            siterec_core::policy::Policy::from_arm_input(&json!({"replicationInterval": 30}))
+                .unwrap();
+        let job = new_job(
+            &st,
+            JobKind::CreatePolicy,
+            json!({"name": "p1", "policy": policy}),
+        )
+        .await;
+        assert_eq!(job_state(&st, &job).await, "NotStarted");
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(steps(&st, &job).await, ["Succeeded", "Succeeded"]);
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM policies WHERE name = 'p1'")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        // Advancing a finished job changes nothing.
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+    }
+
+    async fn protected_setup(st: &AppState, state: &str) {
+        let now = now_ms();
+        exec(
+            st,
+            "INSERT INTO fabrics (name, created_ms) VALUES ('primary', 0), ('recovery', 0)",
+        )
+        .await;
+        exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc', 0), ('recovery', 'rc', 0)").await;
+        exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm1', 'agent-src', '{"name":"m1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt', 'recovery', 'h', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, ?)")
+            .bind(now)
+            .execute(&st.db)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', ?, 0, 0)")
+            .bind(state)
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn enable_protection_waits_for_initial_replication_and_resumes_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let job;
+        {
+            let st = open(dir.path()).await;
+            protected_setup(&st, "EnablingProtection").await;
+            job = new_job(&st, JobKind::EnableProtection, json!({"item": "i1"})).await;
+            advance(&st, &job).await.unwrap();
+            // Target chosen, replication enabled, waiting for the first point.
+            assert_eq!(
+                steps(&st, &job).await,
+                [
+                    "Succeeded",
+                    "Succeeded",
+                    "Succeeded",
+                    "InProgress",
+                    "NotStarted"
+                ]
+            );
+            assert_eq!(job_state(&st, &job).await, "InProgress");
+            assert_eq!(item_state(&st, "i1").await, "InitialReplicationInProgress");
+            let target: Option<String> =
+                sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = 'i1'")
+                    .fetch_one(&st.db)
+                    .await
+                    .unwrap();
+            assert_eq!(target.as_deref(), Some("agent-tgt"));
+            advance(&st, &job).await.unwrap();
+            assert_eq!(
+                job_state(&st, &job).await,
+                "InProgress",
+                "still waiting without a point"
+            );
+            st.db.close().await;
+        }
+        // A new vault process on the same database picks the job up.
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(steps(&st, &job).await, ["Succeeded"; 5]);
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn a_failed_failover_returns_the_item_to_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "UnplannedFailoverInProgress").await;
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "gone"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert_eq!(
+            steps(&st, &job).await,
+            ["Failed", "Cancelled", "Cancelled", "Cancelled"]
+        );
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+        let (code, msg): (String, String) =
+            sqlx::query_as("SELECT error_code, error_message FROM jobs WHERE id = ?")
+                .bind(&job)
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(code, "RecoveryPointNotFound");
+        assert!(msg.contains("'gone'"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn failover_hands_materialization_to_the_target_agent_and_waits_for_its_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "UnplannedFailoverInProgress").await;
+        exec(
+            &st,
+            "UPDATE protected_items SET target_agent_id = 'agent-tgt'",
+        )
+        .await;
+        exec(&st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "p1"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        advance(&st, &job).await.unwrap(); // idempotent: one task only
+        let tasks: Vec<(String, String)> = sqlx::query_as("SELECT agent_id, work FROM agent_tasks")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].0, "agent-tgt");
+        assert!(
+            tasks[0].1.contains("materialize") && tasks[0].1.contains("p1"),
+            "{}",
+            tasks[0].1
+        );
+        assert_eq!(job_state(&st, &job).await, "InProgress");
+        exec(&st, r#"UPDATE agent_tasks SET state = 'Succeeded', result = '{"ok":true,"output":[{"disk":"d","format":"raw","path":"/x","sizeBytes":1}]}'"#).await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "UnplannedFailoverCompleted");
+        let out: String =
+            sqlx::query_scalar("SELECT failover_output FROM protected_items WHERE name = 'i1'")
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert!(out.contains("/x"));
+    }
+}
