@@ -128,6 +128,8 @@ struct DiskResult {
     manifest: DiskManifest,
     hashes: Vec<BlockHash>,
     consistent: bool,
+    /// Unix ms of the instant the captured content belongs to.
+    captured_ms: i64,
     bytes_read: u64,
     bytes_sent: u64,
     chunks_sent: u64,
@@ -138,7 +140,6 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     let state_dir = ctx.state_dir(&a.item);
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    let created_ms = now_ms();
     let before = disk_stamps(a);
     let mut results = Vec::new();
     for disk in &a.disks {
@@ -152,6 +153,14 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     } else {
         Consistency::Inconsistent
     };
+    // The point's time is the instant its content belongs to (for several
+    // disks read one after another and unchanged throughout, any instant of
+    // the cycle; the last capture is used).
+    let created_ms = results
+        .iter()
+        .map(|r| r.captured_ms)
+        .max()
+        .unwrap_or_else(now_ms);
     let point_id = format!(
         "{created_ms}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -301,6 +310,11 @@ async fn replicate_disk(
     Ok(DiskResult {
         manifest,
         consistent: outcome.consistent,
+        captured_ms: outcome
+            .captured_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_else(|_| now_ms()),
         bytes_read: outcome.bytes_read,
         hashes: outcome.hashes,
         bytes_sent,

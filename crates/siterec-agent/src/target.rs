@@ -321,3 +321,128 @@ async fn commit_point(
         Err(e) => Err(e.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use siterec_core::Consistency;
+    use siterec_store::{DiskManifest, encode_chunk};
+
+    const CS: usize = 64 * 1024;
+
+    async fn put(t: &Target, data: &[u8]) -> ChunkId {
+        let enc = encode_chunk(data, true);
+        t.store.put_encoded_chunk(enc.id, enc.bytes).await.unwrap();
+        enc.id
+    }
+
+    fn manifest(point: &str, size: u64, chunks: Vec<Option<ChunkId>>) -> Manifest {
+        Manifest {
+            item: "web01".into(),
+            point_id: point.into(),
+            created_at_unix_ms: 1,
+            consistency: Consistency::CrashConsistent,
+            disks: vec![DiskManifest {
+                disk_id: "disk0".into(),
+                size,
+                chunk_size: CS as u32,
+                chunks,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn materializes_points_as_images_and_prunes_with_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
+            .await
+            .unwrap();
+        let a = vec![b'a'; CS];
+        let b: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8 + 1).collect(); // short last block
+        let c: Vec<u8> = (0..CS as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        let size = (2 * CS + b.len()) as u64;
+        let (ia, ib, ic) = (put(&t, &a).await, put(&t, &b).await, put(&t, &c).await);
+        t.store
+            .commit_point(&manifest("p1", size, vec![Some(ia), None, Some(ib)]))
+            .await
+            .unwrap();
+        t.store
+            .commit_point(&manifest("p2", size, vec![Some(ia), Some(ic), None]))
+            .await
+            .unwrap();
+
+        let out = t
+            .run_task(&TaskWork::Materialize {
+                item: "web01".into(),
+                point_id: "p1".into(),
+                formats: vec!["raw".into(), "qcow2".into()],
+            })
+            .await
+            .unwrap();
+        let disks: Vec<MaterializedDisk> = serde_json::from_value(out).unwrap();
+        assert_eq!(disks.len(), 2);
+        let raw = disks.iter().find(|d| d.format == "raw").unwrap();
+        let mut expected = a.clone();
+        expected.extend(vec![0u8; CS]);
+        expected.extend(&b);
+        assert_eq!(std::fs::read(&raw.path).unwrap(), expected);
+        let qcow2 = disks.iter().find(|d| d.format == "qcow2").unwrap();
+        let cmp = std::process::Command::new("qemu-img")
+            .args([
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "qcow2",
+                &raw.path,
+                &qcow2.path,
+            ])
+            .status()
+            .expect("qemu-img (install qemu-utils)");
+        assert!(cmp.success(), "qcow2 differs from raw");
+        let err = t
+            .run_task(&TaskWork::Materialize {
+                item: "web01".into(),
+                point_id: "p1".into(),
+                formats: vec!["vmdk".into()],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("unknown image format 'vmdk'"),
+            "{err}"
+        );
+
+        // A chunk still being uploaded for the next point survives gc.
+        let d = vec![b'd'; CS];
+        let id_d = put(&t, &d).await;
+        t.remember("web01", id_d);
+        t.run_task(&TaskWork::Prune {
+            item: "web01".into(),
+            point_ids: vec!["p1".into()],
+        })
+        .await
+        .unwrap();
+        let points: Vec<String> = t
+            .store
+            .list_points(Some("web01"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.point_id)
+            .collect();
+        assert_eq!(points, ["p2"]);
+        assert!(
+            !t.store.has_chunk(ib).await.unwrap(),
+            "the chunk only p1 used is collected"
+        );
+        assert!(t.store.has_chunk(ia).await.unwrap() && t.store.has_chunk(ic).await.unwrap());
+        assert!(
+            t.store.has_chunk(id_d).await.unwrap(),
+            "in-flight chunk kept"
+        );
+        assert!(t.store.verify().await.unwrap().all_ok());
+    }
+}

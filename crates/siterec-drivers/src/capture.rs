@@ -256,6 +256,11 @@ pub struct ScanOutcome {
     pub delivered_blocks: u64,
     /// Read attempts made (1 for a snapshot or a first-time-stable read).
     pub attempts: u32,
+    /// The instant the captured content belongs to: when the snapshot was
+    /// taken, or when the successful stable read began (the disk did not
+    /// change from then until the read ended). For an inconsistent capture,
+    /// when its last pass began.
+    pub captured_at: std::time::SystemTime,
 }
 
 impl ScanOutcome {
@@ -515,6 +520,7 @@ where
     };
     let mut bytes_read = 0u64;
 
+    let snapshot_time = std::time::SystemTime::now();
     if source.kind == DiskKind::File
         && let Some(dir) = &options.scratch_dir
         && let Some(snapshot) = try_reflink(&source.path, dir)?
@@ -544,7 +550,7 @@ where
             )
         })?;
         drop(snapshot);
-        return Ok(outcome(
+        let mut o = outcome(
             hashes,
             true,
             SnapshotMethod::Reflink,
@@ -553,7 +559,9 @@ where
             previous,
             delivery.delivered,
             1,
-        ));
+        );
+        o.captured_at = snapshot_time;
+        return Ok(o);
     }
 
     let path = &source.path;
@@ -570,6 +578,7 @@ where
         advise_sequential(&file);
 
         if source.kind == DiskKind::BlockDevice {
+            let pass_time = std::time::SystemTime::now();
             let size = disk_size(&file, DiskKind::BlockDevice, path)?;
             let pass = read_pass(&file, path, size, chunk_size, previous, &mut delivery)?;
             bytes_read += pass.bytes_read;
@@ -580,7 +589,7 @@ where
                     io::Error::from(io::ErrorKind::UnexpectedEof),
                 )
             })?;
-            return Ok(outcome(
+            let mut o = outcome(
                 hashes,
                 false,
                 SnapshotMethod::None,
@@ -589,9 +598,12 @@ where
                 previous,
                 delivery.delivered,
                 attempt,
-            ));
+            );
+            o.captured_at = pass_time;
+            return Ok(o);
         }
 
+        let pass_time = std::time::SystemTime::now();
         let before = Fingerprint::of(&file.metadata().map_err(|e| io_err("stat", path, e))?);
         std::thread::sleep(options.settle);
         let pass = read_pass(
@@ -617,7 +629,7 @@ where
                         "disk kept changing while being read; recovery point is not consistent"
                     );
                 }
-                return Ok(outcome(
+                let mut o = outcome(
                     hashes,
                     stable,
                     SnapshotMethod::StableRead,
@@ -626,7 +638,9 @@ where
                     previous,
                     delivery.delivered,
                     attempt,
-                ));
+                );
+                o.captured_at = pass_time;
+                return Ok(o);
             }
             if attempt >= max_attempts {
                 return Err(io_err(
@@ -667,6 +681,7 @@ fn outcome(
         changed_blocks,
         delivered_blocks,
         attempts,
+        captured_at: std::time::SystemTime::now(),
     }
 }
 
