@@ -134,7 +134,7 @@ async fn heartbeat(
         check_name("machine", &m.name)?;
     }
     let now = now_ms();
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
         "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, counters = ? WHERE id = ?",
     )
@@ -326,7 +326,7 @@ async fn report_point(
         Consistency::CrashConsistent => "CrashConsistent",
         Consistency::Inconsistent => "Inconsistent",
     };
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
         "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     )

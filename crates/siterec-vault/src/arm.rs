@@ -600,7 +600,7 @@ async fn create_policy(
     })?;
     let policy = Policy::from_arm_input(input)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidPolicy", e.to_string()))?;
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     let job = create_job(
         &mut tx,
         JobKind::CreatePolicy,
@@ -677,7 +677,7 @@ async fn create_mapping(
             "a cloud cannot be paired with itself: choose a recovery cloud in another site",
         ));
     }
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     let existing = sqlx::query(
         "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",
     )
@@ -807,7 +807,7 @@ async fn enable_protection(
             format!("machine '{machine}' cannot be protected: {err}"),
         ));
     }
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     let existing = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
         .bind(name)
         .fetch_optional(&mut *tx)
@@ -924,7 +924,7 @@ async fn unplanned_failover(
         .and_then(|v| v.as_str())
         .filter(|s| !s.is_empty())
         .map(|s| last_segment(s).to_string());
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     if item.state == ProtectionState::UnplannedFailoverInProgress
         && let Some(job) = running_job(&mut tx, JobKind::UnplannedFailover, &item.name).await?
     {
@@ -983,7 +983,7 @@ async fn commit_failover(
     name: &str,
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     if item.state == ProtectionState::FailoverCommitInProgress
         && let Some(job) = running_job(&mut tx, JobKind::CommitFailover, &item.name).await?
     {
@@ -1121,7 +1121,7 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         },
     };
     let expires_ms = now + valid_secs * 1000;
-    let mut tx = st.db.begin().await?;
+    let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
         "INSERT INTO fabrics (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
     )

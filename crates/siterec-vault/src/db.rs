@@ -101,3 +101,10 @@ pub fn random_secret(bytes: usize) -> String {
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
 }
+
+/// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock
+/// up front: a deferred transaction that reads and then writes can fail with
+/// "database is locked" without waiting, when another writer got in between.
+pub async fn begin(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+    db.begin_with("BEGIN IMMEDIATE").await
+}

@@ -106,7 +106,7 @@ async fn active_jobs(st: &AppState) -> Result<Vec<String>, sqlx::Error> {
 
 async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
     loop {
-        let mut tx = st.db.begin().await?;
+        let mut tx = crate::db::begin(&st.db).await?;
         let row = sqlx::query("SELECT kind, state, input FROM jobs WHERE id = ?")
             .bind(job_id)
             .fetch_one(&mut *tx)
@@ -650,7 +650,7 @@ mod tests {
     }
 
     async fn new_job(st: &AppState, kind: JobKind, input: Value) -> String {
-        let mut tx = st.db.begin().await.unwrap();
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
         let id = create_job(&mut tx, kind, "T", "t", "/t", &input)
             .await
             .unwrap();
