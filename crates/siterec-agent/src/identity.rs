@@ -20,7 +20,10 @@ pub struct Identity {
     pub fabric: String,
     pub vault_id: String,
     pub agent_url: String,
-    pub ca_pem: String,
+    /// Trusted for the vault's agent API.
+    pub vault_ca_pem: String,
+    /// Trusted for data endpoints (the CA of every agent's certificate).
+    pub agent_ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
 }
@@ -124,7 +127,8 @@ pub async fn load_or_enrol(
         fabric: enrolled.fabric,
         vault_id: key.vault_id,
         agent_url: key.agent_url,
-        ca_pem: enrolled.ca_pem,
+        vault_ca_pem: key.ca_pem,
+        agent_ca_pem: enrolled.agent_ca_pem,
         cert_pem: enrolled.cert_pem,
         key_pem,
     };

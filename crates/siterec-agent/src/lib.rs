@@ -99,11 +99,12 @@ pub async fn run(
         extra_names.push(t.listen.ip().to_string());
     }
     let id = identity::load_or_enrol(&data, opts.key_file.as_deref(), &extra_names).await?;
-    let client = siterec_pki::reqwest_client(
-        &id.ca_pem,
-        Some((&id.cert_pem, &id.key_pem)),
-        Duration::from_secs(120),
-    )?;
+    // Two trust roots: the vault's server CA for the vault, the agent CA
+    // for other agents' data endpoints.
+    let identity = Some((id.cert_pem.as_str(), id.key_pem.as_str()));
+    let client = siterec_pki::reqwest_client(&id.vault_ca_pem, identity, Duration::from_secs(120))?;
+    let data_client =
+        siterec_pki::reqwest_client(&id.agent_ca_pem, identity, Duration::from_secs(120))?;
 
     // Target role.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -130,7 +131,7 @@ pub async fn run(
         let tls = siterec_pki::server_config(
             &id.cert_pem,
             &id.key_pem,
-            Some(&id.ca_pem),
+            Some(&id.agent_ca_pem),
             siterec_pki::ClientAuth::Required,
         )?;
         let router = tg.router();
@@ -159,7 +160,8 @@ pub async fn run(
     }));
     let ctx = Arc::new(source::SourceCtx {
         data_dir: data.clone(),
-        client: client.clone(),
+        vault: client.clone(),
+        data: data_client,
         vault_url: id.agent_url.clone(),
         status: status.clone(),
     });

@@ -40,8 +40,10 @@ const UPLOAD_STREAMS: usize = 4;
 /// What every replicator of an agent shares.
 pub struct SourceCtx {
     pub data_dir: PathBuf,
-    /// mTLS client (vault CA, this agent's certificate).
-    pub client: reqwest::Client,
+    /// mTLS client of the vault (trusts the vault's server CA).
+    pub vault: reqwest::Client,
+    /// mTLS client of target data endpoints (trusts the agent CA).
+    pub data: reqwest::Client,
     pub vault_url: String,
     /// Counters and identity, written to `DATA/status.json` on every change.
     pub status: Arc<Mutex<crate::AgentStatus>>,
@@ -174,7 +176,7 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     };
     let url = format!("{}/data/v1/items/{}/points", a.target_url, a.item);
     let resp = ctx
-        .client
+        .data
         .post(&url)
         .body(manifest.encode())
         .send()
@@ -267,7 +269,7 @@ async fn replicate_disk(
     let resync = baseline.is_none();
     let (tx, rx) = mpsc::channel::<(ChunkId, Vec<u8>)>(UPLOAD_STREAMS * 4);
     let uploader = tokio::spawn(upload(
-        ctx.client.clone(),
+        ctx.data.clone(),
         format!("{}/data/v1/items/{}/chunks", a.target_url, a.item),
         rx,
         resync,
@@ -409,7 +411,7 @@ async fn flush_pending_reports(ctx: &SourceCtx, item: &str) -> anyhow::Result<()
     while let Some(report) = pending.first() {
         let url = format!("{}/agent/v1/points", ctx.vault_url);
         let resp = ctx
-            .client
+            .vault
             .post(&url)
             .json(report)
             .send()

@@ -24,7 +24,9 @@ pub struct KeyFile {
     pub vault_id: String,
     /// Base URL of the vault's agent API (https).
     pub agent_url: String,
-    /// The vault CA certificate, trusted for the agent API and data endpoints.
+    /// The vault's server CA certificate: agents trust it for the agent API
+    /// only (agent certificates come from another CA, so no agent can pose
+    /// as the vault).
     pub ca_pem: String,
     pub fabric: String,
     pub key_id: String,
@@ -49,7 +51,9 @@ pub struct EnrolResponse {
     pub agent_id: String,
     pub fabric: String,
     pub cert_pem: String,
-    pub ca_pem: String,
+    /// The CA of agent certificates: trusted for data endpoints (source to
+    /// target), not for the vault.
+    pub agent_ca_pem: String,
 }
 
 /// A disk of a protectable machine.

@@ -97,11 +97,14 @@ async fn enrol(
         )));
     }
     let agent_id = format!("agent-{}", uuid::Uuid::new_v4().simple());
-    let cert_pem = st.ca.sign_csr(&req.csr_pem, &agent_id, 3650).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the certificate signing request was refused: {e:#}"
-        ))
-    })?;
+    let cert_pem = st
+        .agent_ca
+        .sign_csr(&req.csr_pem, &agent_id, 3650)
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "the certificate signing request was refused: {e:#}"
+            ))
+        })?;
     sqlx::query(
         "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
@@ -119,7 +122,7 @@ async fn enrol(
         agent_id,
         fabric,
         cert_pem,
-        ca_pem: st.ca.cert_pem().to_string(),
+        agent_ca_pem: st.agent_ca.cert_pem().to_string(),
     }))
 }
 

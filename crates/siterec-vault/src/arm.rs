@@ -1146,7 +1146,7 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         format: KEY_FILE_FORMAT.into(),
         vault_id: st.info.id(),
         agent_url: st.agent_url.clone(),
-        ca_pem: st.ca.cert_pem().to_string(),
+        ca_pem: st.vault_ca.cert_pem().to_string(),
         fabric,
         key_id,
         secret,

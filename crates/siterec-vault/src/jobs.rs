@@ -643,7 +643,8 @@ mod tests {
                 name: "v".into(),
                 location: "local".into(),
             },
-            ca: siterec_pki::Ca::generate("test CA").unwrap(),
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
         }

@@ -67,7 +67,12 @@ pub struct VaultEndpoint {
 pub struct AppState {
     pub db: Db,
     pub info: VaultInfo,
-    pub ca: siterec_pki::Ca,
+    /// Signs agents' certificates (client certificates for the agent API,
+    /// both ends of source-to-target connections).
+    pub agent_ca: siterec_pki::Ca,
+    /// Signs only the vault's own server certificate; its certificate is in
+    /// registration key files.
+    pub vault_ca: siterec_pki::Ca,
     pub agent_url: String,
     /// Wakes the job engine when something it waits for may have happened.
     pub wake: Notify,
@@ -107,15 +112,14 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
     let info = init_vault(&db, &opts.name).await?;
     let token_file = opts.data_dir.join("admin.token");
     init_admin_token(&db, &token_file).await?;
-    let ca_dir = opts.data_dir.join("ca");
-    let ca = if ca_dir.join("ca.crt").exists() {
-        siterec_pki::Ca::load(&ca_dir)
-            .with_context(|| format!("loading the vault CA from {}", ca_dir.display()))?
-    } else {
-        let ca = siterec_pki::Ca::generate(&format!("siterec vault {} CA", info.name))?;
-        ca.save(&ca_dir)?;
-        ca
-    };
+    let vault_ca = load_or_create_ca(
+        &opts.data_dir.join("ca"),
+        &format!("siterec vault {} CA", info.name),
+    )?;
+    let agent_ca = load_or_create_ca(
+        &opts.data_dir.join("agent-ca"),
+        &format!("siterec vault {} agent CA", info.name),
+    )?;
 
     let arm_listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -134,11 +138,11 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
     if agent_addr.ip().is_unspecified() {
         names.push("127.0.0.1".into());
     }
-    let (cert, key) = ca.issue_server_cert(&names)?;
+    let (cert, key) = vault_ca.issue_server_cert(&names)?;
     let tls = siterec_pki::server_config(
         &cert,
         &key,
-        Some(ca.cert_pem()),
+        Some(agent_ca.cert_pem()),
         siterec_pki::ClientAuth::Optional,
     )?;
     let host = |a: SocketAddr| {
@@ -159,7 +163,8 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
     let state: Shared = Arc::new(AppState {
         db,
         info,
-        ca,
+        agent_ca,
+        vault_ca,
         agent_url,
         wake: Notify::new(),
     });
@@ -202,6 +207,16 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
         tasks,
         stop,
     })
+}
+
+fn load_or_create_ca(dir: &Path, name: &str) -> anyhow::Result<siterec_pki::Ca> {
+    if siterec_pki::Ca::exists(dir) {
+        return siterec_pki::Ca::load(dir)
+            .with_context(|| format!("loading the CA in {}", dir.display()));
+    }
+    let ca = siterec_pki::Ca::generate(name)?;
+    ca.save(dir)?;
+    Ok(ca)
 }
 
 fn write_endpoint(dir: &Path, endpoint: &VaultEndpoint) -> anyhow::Result<()> {
