@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// Heartbeat interval in milliseconds (default 1000).
     #[serde(default)]
     pub heartbeat_ms: Option<u64>,
+    /// Chunk uploads in flight per disk (1–32, default 4; the seeds'
+    /// UploadThreadsPerVM).
+    #[serde(default)]
+    pub upload_streams: Option<usize>,
     #[serde(default)]
     pub machines: Vec<MachineConfig>,
     #[serde(default)]
@@ -71,6 +75,14 @@ impl AgentConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         use siterec_core::names::check_name;
         check_name("cloud", &self.cloud)?;
+        if let Some(n) = self.upload_streams
+            && !(1..=crate::source::MAX_UPLOAD_STREAMS).contains(&n)
+        {
+            anyhow::bail!(
+                "upload_streams = {n} is out of range: use 1 to {}",
+                crate::source::MAX_UPLOAD_STREAMS
+            );
+        }
         let mut names = std::collections::HashSet::new();
         for m in &self.machines {
             check_name("machine", &m.name)?;
@@ -117,5 +129,12 @@ listen = "127.0.0.1:0"
             toml::from_str("cloud = \"c\"\n[[machines]]\nname = \"m\"\ndisks = []\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("no disks"));
         assert!(toml::from_str::<AgentConfig>("cloud = \"c\"\nunknown = 1\n").is_err());
+        let many: AgentConfig = toml::from_str("cloud = \"c\"\nupload_streams = 33\n").unwrap();
+        assert!(
+            many.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("upload_streams = 33")
+        );
     }
 }

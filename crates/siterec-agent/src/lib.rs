@@ -164,6 +164,7 @@ pub async fn run(
         data: data_client,
         vault_url: id.agent_url.clone(),
         status: status.clone(),
+        upload_streams: cfg.upload_streams.unwrap_or(source::DEFAULT_UPLOAD_STREAMS),
     });
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));

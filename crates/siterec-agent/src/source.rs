@@ -34,8 +34,10 @@ use crate::util::{now_ms, write_durably};
 
 /// Block (chunk) size of replicated disks.
 pub const CHUNK_SIZE: u32 = 256 * 1024;
-/// Chunk uploads in flight per disk.
-const UPLOAD_STREAMS: usize = 4;
+/// Chunk uploads in flight per disk, by default (the seeds' UploadThreadsPerVM).
+pub const DEFAULT_UPLOAD_STREAMS: usize = 4;
+/// The most upload streams per disk.
+pub const MAX_UPLOAD_STREAMS: usize = 32;
 
 /// What every replicator of an agent shares.
 pub struct SourceCtx {
@@ -47,6 +49,8 @@ pub struct SourceCtx {
     pub vault_url: String,
     /// Counters and identity, written to `DATA/status.json` on every change.
     pub status: Arc<Mutex<crate::AgentStatus>>,
+    /// Chunks in flight per disk (each encoded on a blocking thread, then sent).
+    pub upload_streams: usize,
 }
 
 impl SourceCtx {
@@ -94,6 +98,9 @@ pub async fn run_item(
             Ok(point) => {
                 tracing::info!(item = %a.item, point = %point, "recovery point committed");
                 ctx.update(&a.item, |c| c.last_error = None);
+                if let Err(e) = flush_pending_reports(&ctx, &a.item).await {
+                    tracing::warn!(item = %a.item, "reporting the point to the vault (will retry): {e:#}");
+                }
             }
             Err(e) => {
                 tracing::warn!(item = %a.item, "replication cycle failed: {e:#}");
@@ -231,7 +238,6 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
         bytes_read,
     };
     add_pending_report(&state_dir, report)?;
-    flush_pending_reports(ctx, &a.item).await?;
     Ok(point_id)
 }
 
@@ -267,15 +273,19 @@ async fn replicate_disk(
         Err(_) => None,
     };
     let resync = baseline.is_none();
-    let (tx, rx) = mpsc::channel::<(ChunkId, Vec<u8>)>(UPLOAD_STREAMS * 4);
+    let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(streams * 2);
     let uploader = tokio::spawn(upload(
         ctx.data.clone(),
         format!("{}/data/v1/items/{}/chunks", a.target_url, a.item),
         rx,
-        resync,
+        Upload {
+            resync,
+            compress: a.compression,
+            streams,
+        },
     ));
     let path_owned = path.to_path_buf();
-    let compress = a.compression;
     let scratch = ctx.data_dir.join("scratch");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let scan_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -290,8 +300,7 @@ async fn replicate_disk(
             baseline.as_deref(),
             &options,
             |_, data| {
-                let enc = encode_chunk(data, compress);
-                tx.blocking_send((enc.id, enc.bytes))
+                tx.blocking_send(data.to_vec())
                     .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))
             },
         )?;
@@ -324,13 +333,22 @@ async fn replicate_disk(
     })
 }
 
-/// Uploads chunks with up to UPLOAD_STREAMS requests in flight. In resync
-/// mode it first asks whether the target already has each chunk.
+struct Upload {
+    /// Ask the target before sending (no trusted saved state).
+    resync: bool,
+    compress: bool,
+    streams: usize,
+}
+
+/// Encodes and uploads changed blocks, `streams` at a time: each block is
+/// compressed on a blocking thread (so encoding uses every core) and sent
+/// on its own request. In resync mode it first asks whether the target
+/// already has the chunk. Returns (bytes sent, chunks sent).
 async fn upload(
     client: reqwest::Client,
     base: String,
-    mut rx: mpsc::Receiver<(ChunkId, Vec<u8>)>,
-    resync: bool,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    opts: Upload,
 ) -> anyhow::Result<(u64, u64)> {
     let mut set: JoinSet<anyhow::Result<u64>> = JoinSet::new();
     let mut bytes = 0u64;
@@ -344,16 +362,20 @@ async fn upload(
             }
             Ok(())
         };
-    while let Some((id, body)) = rx.recv().await {
-        while set.len() >= UPLOAD_STREAMS {
+    while let Some(block) = rx.recv().await {
+        while set.len() >= opts.streams {
             if let Some(r) = set.join_next().await {
                 account(r)?;
             }
         }
         let client = client.clone();
-        let url = format!("{base}/{}", id.to_hex());
+        let base = base.clone();
+        let (resync, compress) = (opts.resync, opts.compress);
         set.spawn(async move {
             if resync {
+                let (id, block) =
+                    tokio::task::spawn_blocking(move || (ChunkId::of(&block), block)).await?;
+                let url = format!("{base}/{}", id.to_hex());
                 let head = client
                     .head(&url)
                     .send()
@@ -362,28 +384,40 @@ async fn upload(
                 if head.status().is_success() {
                     return Ok(0);
                 }
+                return put_chunk(&client, &base, block, compress).await;
             }
-            let len = body.len() as u64;
-            let resp = client
-                .put(&url)
-                .body(body)
-                .send()
-                .await
-                .with_context(|| format!("sending chunk {id} to the target"))?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                bail!(
-                    "the target refused chunk {id} ({status}): {}",
-                    resp.text().await.unwrap_or_default()
-                );
-            }
-            Ok(len)
+            put_chunk(&client, &base, block, compress).await
         });
     }
     while let Some(r) = set.join_next().await {
         account(r)?;
     }
     Ok((bytes, chunks))
+}
+
+async fn put_chunk(
+    client: &reqwest::Client,
+    base: &str,
+    block: Vec<u8>,
+    compress: bool,
+) -> anyhow::Result<u64> {
+    let enc = tokio::task::spawn_blocking(move || encode_chunk(&block, compress)).await?;
+    let id = enc.id;
+    let len = enc.bytes.len() as u64;
+    let resp = client
+        .put(format!("{base}/{}", id.to_hex()))
+        .body(enc.bytes)
+        .send()
+        .await
+        .with_context(|| format!("sending chunk {id} to the target"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!(
+            "the target refused chunk {id} ({status}): {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    Ok(len)
 }
 
 fn pending_path(state_dir: &Path) -> PathBuf {

@@ -1,5 +1,6 @@
 //! `siterec`: the one binary. Vault, agent, every operation, and the quickstart.
 
+mod bench;
 mod client;
 mod output;
 mod quickstart;
@@ -81,6 +82,9 @@ enum Cmd {
     /// Jobs: every long operation, with its steps.
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// Benchmarks that run the peers (restic, borg, rsync, qemu-img) side by side.
+    #[command(subcommand)]
+    Bench(BenchCmd),
     /// Run everything once, unattended, and check the result.
     Quickstart {
         /// Working directory (created; everything goes under it).
@@ -89,6 +93,22 @@ enum Cmd {
         /// Size of the sample disk in MiB.
         #[arg(long, default_value_t = 256)]
         disk_mib: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Initial replication, a 1% delta cycle and restore, against restic, borg, rsync and qemu-img.
+    Replication {
+        /// Working directory (needs about 5× the image size free).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Image size in MiB.
+        #[arg(long, default_value_t = 2048)]
+        size_mib: u64,
+        /// Percentage of 4 KiB blocks overwritten before the delta cycle.
+        #[arg(long, default_value_t = 1.0)]
+        churn_percent: f64,
     },
 }
 
@@ -723,6 +743,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Quickstart { dir, disk_mib } => quickstart::run(&dir, disk_mib, out).await,
+        Cmd::Bench(BenchCmd::Replication {
+            dir,
+            size_mib,
+            churn_percent,
+        }) => {
+            bench::replication(
+                bench::BenchOptions {
+                    dir,
+                    size_mib,
+                    churn_percent,
+                },
+                out,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,462 @@
+//! `siterec bench replication`: the data plane measured side by side with
+//! the tools people would otherwise use, in one run on one machine.
+//!
+//! It builds a mixed-content image (4 MiB extents: 40% zero, 30% text-like,
+//! 30% random), then measures:
+//! - initial replication into a local replica store, through the real
+//!   source pipeline and a real target data endpoint over TLS, against
+//!   `restic backup`, `borg create --compression zstd,1`, `rsync` and
+//!   `qemu-img convert -O qcow2`;
+//! - the next cycle after 1% of the 4 KiB blocks were overwritten at
+//!   random, against restic, borg and `rsync --inplace --no-whole-file`;
+//! - materializing the latest point as a raw image against `restic restore`
+//!   and `borg extract`;
+//! - this process's peak memory (it runs both the source and the target).
+//!
+//! Peers that are not installed are skipped with a note. Machines are
+//! shared and noisy: read the ratios, not the absolute times.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::output::Format;
+use crate::sample;
+
+pub struct BenchOptions {
+    pub dir: PathBuf,
+    pub size_mib: u64,
+    pub churn_percent: f64,
+}
+
+struct Row {
+    phase: &'static str,
+    tool: String,
+    secs: Option<f64>,
+    note: String,
+}
+
+pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&opts.dir)
+        .with_context(|| format!("creating {}", opts.dir.display()))?;
+    let dir = opts.dir.canonicalize()?;
+    let image = dir.join("disk.img");
+    let size = opts.size_mib * 1024 * 1024;
+    eprintln!("building a {} MiB mixed image…", opts.size_mib);
+    sample::make_mixed_image(&image, size, 1)?;
+    let mut rows: Vec<Row> = Vec::new();
+
+    // ---- ours: initial replication through the real pipeline ----
+    let rig = Rig::start(&dir.join("siterec")).await?;
+    let assignment = rig.assignment(&image, size);
+    let t = Instant::now();
+    let p1 = siterec_agent::source::cycle(&rig.ctx, &assignment).await?;
+    rows.push(Row {
+        phase: "initial",
+        tool: "siterec".into(),
+        secs: Some(t.elapsed().as_secs_f64()),
+        note: rig.sent_note(),
+    });
+    let store_bytes = du(&dir.join("siterec/store"));
+
+    // ---- peers: initial ----
+    let restic_repo = dir.join("restic");
+    let borg_repo = dir.join("borg");
+    let rsync_dest = dir.join("rsync");
+    std::fs::create_dir_all(&rsync_dest)?;
+    let has = |tool: &str, arg: &str| {
+        Command::new(tool)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let (restic, borg, rsync, qemu_img) = (
+        has("restic", "version"),
+        has("borg", "--version"),
+        has("rsync", "--version"),
+        has("qemu-img", "--version"),
+    );
+    if restic {
+        run(Command::new("restic")
+            .args(["init", "--repo"])
+            .arg(&restic_repo)
+            .env("RESTIC_PASSWORD", "bench"))?;
+        rows.push(timed(
+            "initial",
+            "restic backup",
+            Command::new("restic")
+                .args(["backup", "--quiet", "--repo"])
+                .arg(&restic_repo)
+                .arg(&image)
+                .env("RESTIC_PASSWORD", "bench"),
+        )?);
+    } else {
+        rows.push(missing("initial", "restic"));
+    }
+    if borg {
+        run(Command::new("borg")
+            .args(["init", "-e", "repokey"])
+            .arg(&borg_repo)
+            .env("BORG_PASSPHRASE", "bench"))?;
+        rows.push(timed(
+            "initial",
+            "borg create zstd,1",
+            Command::new("borg")
+                .args(["create", "--compression", "zstd,1"])
+                .arg(format!("{}::a", borg_repo.display()))
+                .arg(&image)
+                .env("BORG_PASSPHRASE", "bench")
+                .current_dir(&dir),
+        )?);
+    } else {
+        rows.push(missing("initial", "borg"));
+    }
+    if rsync {
+        rows.push(timed(
+            "initial",
+            "rsync",
+            Command::new("rsync").arg(&image).arg(&rsync_dest),
+        )?);
+    } else {
+        rows.push(missing("initial", "rsync"));
+    }
+    if qemu_img {
+        rows.push(timed(
+            "initial",
+            "qemu-img convert -O qcow2",
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&image)
+                .arg(dir.join("convert.qcow2")),
+        )?);
+    } else {
+        rows.push(missing("initial", "qemu-img"));
+    }
+
+    // ---- churn: overwrite 1% of the 4 KiB blocks at random ----
+    let blocks = churn(&image, size, opts.churn_percent)?;
+    eprintln!(
+        "overwrote {blocks} random 4 KiB blocks ({}%)",
+        opts.churn_percent
+    );
+    let t = Instant::now();
+    let p2 = siterec_agent::source::cycle(&rig.ctx, &assignment).await?;
+    rows.push(Row {
+        phase: "delta",
+        tool: "siterec".into(),
+        secs: Some(t.elapsed().as_secs_f64()),
+        note: rig.sent_note(),
+    });
+    if restic {
+        rows.push(timed(
+            "delta",
+            "restic backup",
+            Command::new("restic")
+                .args(["backup", "--quiet", "--repo"])
+                .arg(&restic_repo)
+                .arg(&image)
+                .env("RESTIC_PASSWORD", "bench"),
+        )?);
+    }
+    if borg {
+        rows.push(timed(
+            "delta",
+            "borg create zstd,1",
+            Command::new("borg")
+                .args(["create", "--compression", "zstd,1"])
+                .arg(format!("{}::b", borg_repo.display()))
+                .arg(&image)
+                .env("BORG_PASSPHRASE", "bench")
+                .current_dir(&dir),
+        )?);
+    }
+    if rsync {
+        rows.push(timed(
+            "delta",
+            "rsync --inplace --no-whole-file",
+            Command::new("rsync")
+                .args(["--inplace", "--no-whole-file"])
+                .arg(&image)
+                .arg(&rsync_dest),
+        )?);
+    }
+
+    // ---- restore the latest point ----
+    let t = Instant::now();
+    let disks = rig
+        .target
+        .materialize("bench", &p2, &["raw".to_string()])
+        .await?;
+    rows.push(Row {
+        phase: "restore",
+        tool: "siterec".into(),
+        secs: Some(t.elapsed().as_secs_f64()),
+        note: String::new(),
+    });
+    let restored = disks
+        .first()
+        .map(|d| PathBuf::from(&d.path))
+        .context("no disk materialized")?;
+    let identical = sample::hash_file(&restored)? == sample::hash_file(&image)?;
+    if !identical {
+        bail!("the materialized image differs from the source: the benchmark is void");
+    }
+    if restic {
+        let target = dir.join("restic-restore");
+        rows.push(timed(
+            "restore",
+            "restic restore",
+            Command::new("restic")
+                .args(["restore", "latest", "--quiet", "--repo"])
+                .arg(&restic_repo)
+                .arg("--target")
+                .arg(&target)
+                .env("RESTIC_PASSWORD", "bench"),
+        )?);
+    }
+    if borg {
+        let target = dir.join("borg-extract");
+        std::fs::create_dir_all(&target)?;
+        rows.push(timed(
+            "restore",
+            "borg extract",
+            Command::new("borg")
+                .arg("extract")
+                .arg(format!("{}::b", borg_repo.display()))
+                .env("BORG_PASSPHRASE", "bench")
+                .current_dir(&target),
+        )?);
+    }
+    let peak = peak_rss_mib();
+    let _ = p1;
+
+    // ---- report ----
+    let ours = |phase: &str| {
+        rows.iter()
+            .find(|r| r.phase == phase && r.tool == "siterec")
+            .and_then(|r| r.secs)
+    };
+    let report: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let ratio = match (r.secs, ours(r.phase)) {
+                (Some(peer), Some(us)) if r.tool != "siterec" && us > 0.0 => Some(peer / us),
+                _ => None,
+            };
+            json!({"phase": r.phase, "tool": r.tool, "seconds": r.secs.map(round2), "peerOverSiterec": ratio.map(round2), "note": r.note})
+        })
+        .collect();
+    match out {
+        Format::Json => crate::output::json(
+            &json!({"sizeMiB": opts.size_mib, "churnPercent": opts.churn_percent, "rows": report, "peakRssMiB": peak, "storeBytes": store_bytes, "restoredIdentical": identical}),
+        ),
+        Format::Table => {
+            println!(
+                "image {} MiB, churn {}% of 4 KiB blocks; restored image identical: {identical}",
+                opts.size_mib, opts.churn_percent
+            );
+            crate::output::rows(
+                out,
+                &report,
+                &[
+                    ("PHASE", "/phase"),
+                    ("TOOL", "/tool"),
+                    ("SECONDS", "/seconds"),
+                    ("PEER / SITEREC", "/peerOverSiterec"),
+                    ("NOTE", "/note"),
+                ],
+            );
+            println!("peak memory of this process (source + target + store): {peak} MiB");
+            println!(
+                "replica store on disk after the initial copy: {:.1} MiB",
+                store_bytes as f64 / 1048576.0
+            );
+        }
+    }
+    rig.stop().await;
+    Ok(())
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn missing(phase: &'static str, tool: &str) -> Row {
+    Row {
+        phase,
+        tool: tool.into(),
+        secs: None,
+        note: format!(
+            "{tool} not installed (apt-get install {})",
+            match tool {
+                "borg" => "borgbackup",
+                "qemu-img" => "qemu-utils",
+                t => t,
+            }
+        ),
+    }
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<Row> {
+    eprintln!("{phase}: {tool}…");
+    let t = Instant::now();
+    run(cmd)?;
+    Ok(Row {
+        phase,
+        tool: tool.into(),
+        secs: Some(t.elapsed().as_secs_f64()),
+        note: String::new(),
+    })
+}
+
+/// Overwrites `percent`% of the 4 KiB blocks with random data; returns how many.
+fn churn(path: &Path, size: u64, percent: f64) -> anyhow::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut rng = StdRng::seed_from_u64(99);
+    let blocks = size / 4096;
+    let n = ((blocks as f64) * percent / 100.0).round() as u64;
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut buf = [0u8; 4096];
+    for _ in 0..n {
+        rng.fill_bytes(&mut buf);
+        f.write_all_at(&buf, rng.random_range(0..blocks) * 4096)?;
+    }
+    f.sync_all()?;
+    Ok(n)
+}
+
+fn du(path: &Path) -> u64 {
+    let Ok(out) = Command::new("du").args(["-sb"]).arg(path).output() else {
+        return 0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn peak_rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(0)
+}
+
+/// A source context and a target data endpoint in this process, with
+/// throwaway certificates.
+struct Rig {
+    ctx: siterec_agent::source::SourceCtx,
+    target: Arc<siterec_agent::target::Target>,
+    url: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Rig {
+    async fn start(dir: &Path) -> anyhow::Result<Rig> {
+        std::fs::create_dir_all(dir)?;
+        let ca = siterec_pki::Ca::generate("bench CA")?;
+        let names = ["127.0.0.1".to_string(), "localhost".to_string()];
+        let (csr, key) = siterec_pki::generate_csr(&names)?;
+        let cert = ca.sign_csr(&csr, "agent-bench", 1)?;
+        let target =
+            siterec_agent::target::Target::open(&dir.join("store"), dir.join("failover")).await?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("https://{}", listener.local_addr()?);
+        let tls = siterec_pki::server_config(
+            &cert,
+            &key,
+            Some(ca.cert_pem()),
+            siterec_pki::ClientAuth::Required,
+        )?;
+        let (stop, mut rx) = tokio::sync::watch::channel(false);
+        let router = target.router();
+        let server = tokio::spawn(async move {
+            let _ = siterec_pki::serve(listener, Some(tls), router, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+        });
+        let client = siterec_pki::reqwest_client(
+            ca.cert_pem(),
+            Some((&cert, &key)),
+            Duration::from_secs(300),
+        )?;
+        let ctx = siterec_agent::source::SourceCtx {
+            data_dir: dir.join("source"),
+            vault: client.clone(),
+            data: client,
+            vault_url: "https://127.0.0.1:9".into(),
+            status: Arc::new(Mutex::new(siterec_agent::AgentStatus::default())),
+            upload_streams: siterec_agent::source::DEFAULT_UPLOAD_STREAMS,
+        };
+        Ok(Rig {
+            ctx,
+            target,
+            url,
+            stop,
+            server,
+        })
+    }
+
+    fn assignment(&self, image: &Path, size: u64) -> siterec_core::wire::ReplicationAssignment {
+        siterec_core::wire::ReplicationAssignment {
+            item: "bench".into(),
+            machine: "bench".into(),
+            disks: vec![siterec_core::wire::DiskInfo {
+                name: "disk0".into(),
+                path: image.display().to_string(),
+                size_bytes: size,
+            }],
+            target_agent_id: "agent-bench".into(),
+            target_url: self.url.clone(),
+            copy_frequency_secs: 30,
+            compression: true,
+            not_before: None,
+        }
+    }
+
+    fn sent_note(&self) -> String {
+        let st = self
+            .ctx
+            .status
+            .lock()
+            .map(|s| s.items.get("bench").cloned())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        format!(
+            "read {:.0} MiB, sent {:.1} MiB in {} chunks",
+            st.last_cycle_bytes_read as f64 / 1048576.0,
+            st.last_cycle_bytes_sent as f64 / 1048576.0,
+            st.last_cycle_chunks_sent
+        )
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.target.store.sync().await;
+    }
+}
