@@ -355,7 +355,7 @@ async fn report_point(
         .into_iter()
         .map(|(id, created_at_ms)| PointAge { id, created_at_ms })
         .collect();
-    let prune = points_to_prune(&ages, policy.retention, now);
+    let prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
     if !prune.is_empty() {
         for id in &prune {
             sqlx::query("UPDATE recovery_points SET pruned_ms = ? WHERE item = ? AND point_id = ?")
