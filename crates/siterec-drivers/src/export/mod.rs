@@ -1,7 +1,9 @@
-//! Disk image writers: materialise a recovery point as a raw or qcow2 image.
+//! Disk image writers: materialise a recovery point as a raw, qcow2 or VHD
+//! (fixed or dynamic) image.
 //!
 //! Data arrives as `(offset, bytes)` for non-zero blocks; regions never
-//! written read as zeros (sparse in raw, unallocated in qcow2).
+//! written read as zeros (sparse in raw and fixed VHD, unallocated in qcow2
+//! and dynamic VHD).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,6 +16,12 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::capture::is_zero;
+
+mod vhd;
+#[cfg(test)]
+mod vhd_tests;
+
+pub use vhd::{MAX_VHD_SIZE, VHD_BLOCK_SIZE, VhdDynamicWriter, VhdFixedWriter, vhd_disk_size};
 
 /// Errors from the image writers.
 #[derive(Debug, thiserror::Error)]
@@ -68,22 +76,43 @@ pub enum ImageFormat {
     Raw,
     /// QEMU qcow2 version 3, 64 KiB clusters.
     Qcow2,
+    /// Fixed VHD (what Azure takes): the raw disk, rounded up to a whole
+    /// MiB, followed by a 512-byte footer.
+    #[serde(rename = "vhd-fixed")]
+    VhdFixed,
+    /// Dynamic VHD (Hyper-V): 2 MiB blocks allocated as written.
+    #[serde(rename = "vhd-dynamic")]
+    VhdDynamic,
 }
 
 impl ImageFormat {
-    /// `"raw"` / `"qcow2"` (also the `qemu-img -f` name).
+    /// `"raw"` / `"qcow2"` / `"vhd-fixed"` / `"vhd-dynamic"` (the serde and
+    /// [`FromStr`] name).
     pub fn as_str(self) -> &'static str {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::VhdFixed => "vhd-fixed",
+            ImageFormat::VhdDynamic => "vhd-dynamic",
         }
     }
 
-    /// Conventional file extension: `"img"` / `"qcow2"`.
+    /// The `qemu-img -f` driver name: `"raw"`, `"qcow2"`, or `"vpc"` for
+    /// both VHD flavours (qemu tells them apart by the footer).
+    pub fn qemu_driver(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::VhdFixed | ImageFormat::VhdDynamic => "vpc",
+        }
+    }
+
+    /// Conventional file extension: `"img"` / `"qcow2"` / `"vhd"`.
     pub fn extension(self) -> &'static str {
         match self {
             ImageFormat::Raw => "img",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::VhdFixed | ImageFormat::VhdDynamic => "vhd",
         }
     }
 }
@@ -101,8 +130,11 @@ impl FromStr for ImageFormat {
         match s.to_ascii_lowercase().as_str() {
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
+            "vhd-fixed" => Ok(ImageFormat::VhdFixed),
+            "vhd-dynamic" => Ok(ImageFormat::VhdDynamic),
             other => Err(ExportError::InvalidArgument(format!(
-                "unknown image format {other:?} (expected \"raw\" or \"qcow2\")"
+                "unknown image format {other:?} (expected \"raw\", \"qcow2\", \
+                 \"vhd-fixed\" or \"vhd-dynamic\")"
             ))),
         }
     }
@@ -112,11 +144,12 @@ impl FromStr for ImageFormat {
 ///
 /// An image is only valid after [`ImageWriter::finish`]; dropping a writer
 /// without finishing leaves an incomplete file (for qcow2: one without a
-/// header, which no tool will open).
+/// header; for VHD: one without a footer; no tool will open either).
 pub trait ImageWriter: Send {
     /// Write `data` at virtual `offset`. For qcow2, `offset` must be a
     /// multiple of 64 KiB; `data` may have any length (a short last block
-    /// is padded with zeros inside its cluster).
+    /// is padded with zeros inside its cluster). Raw and VHD accept any
+    /// offset, in any order.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
 
     /// Write the metadata and fsync the image.
@@ -124,7 +157,8 @@ pub trait ImageWriter: Send {
 }
 
 /// Create an image of `format` at `path` (truncating an existing file) with
-/// the given virtual size.
+/// the given virtual size. VHD images round the size up to a whole MiB (see
+/// [`vhd_disk_size`]); the extra tail reads as zeros.
 pub fn create_writer(
     format: ImageFormat,
     path: &Path,
@@ -133,6 +167,8 @@ pub fn create_writer(
     Ok(match format {
         ImageFormat::Raw => Box::new(RawWriter::create(path, virtual_size)?),
         ImageFormat::Qcow2 => Box::new(Qcow2Writer::create(path, virtual_size)?),
+        ImageFormat::VhdFixed => Box::new(VhdFixedWriter::create(path, virtual_size)?),
+        ImageFormat::VhdDynamic => Box::new(VhdDynamicWriter::create(path, virtual_size)?),
     })
 }
 
