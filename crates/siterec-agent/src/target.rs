@@ -91,6 +91,7 @@ impl Target {
                 let disks = self.materialize(item, point_id, formats).await?;
                 Ok(serde_json::to_value(disks)?)
             }
+            TaskWork::Verify => self.verify().await,
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;
@@ -101,6 +102,34 @@ impl Target {
                 )
             }
         }
+    }
+
+    /// Verifies the whole store. Chunks found damaged are removed: they are
+    /// useless, and while they exist the store would vouch for them and new
+    /// points would keep referencing them. With them gone, the next commit
+    /// that needs one is refused as missing and the source resynchronizes,
+    /// sending the data again. Damaged points stay damaged and are reported.
+    async fn verify(&self) -> anyhow::Result<serde_json::Value> {
+        let report = self.store.verify().await?;
+        let damaged: HashSet<ChunkId> = report
+            .points
+            .iter()
+            .flat_map(|p| p.damaged_chunks.iter().copied())
+            .collect();
+        let mut removed = Vec::new();
+        for id in damaged {
+            if let Err(StoreError::CorruptChunk { .. }) = self.store.get_chunk(id).await {
+                self.store
+                    .backend()
+                    .delete(&siterec_store::chunk_key(&id))
+                    .await?;
+                tracing::warn!(chunk = %id, "removed a damaged chunk from the replica store");
+                removed.push(id.to_hex());
+            }
+        }
+        let mut v = serde_json::to_value(&report)?;
+        v["removed_chunks"] = serde_json::json!(removed);
+        Ok(v)
     }
 
     /// Writes every disk of a recovery point as images, one file per disk
@@ -119,20 +148,28 @@ impl Target {
         let mut out = Vec::new();
         for (di, disk) in manifest.disks.iter().enumerate() {
             for format in formats {
-                let (fmt, ext) = match format.as_str() {
-                    "raw" => (ImageFormat::Raw, "raw"),
-                    "qcow2" => (ImageFormat::Qcow2, "qcow2"),
-                    other => anyhow::bail!("unknown image format '{other}': use raw or qcow2"),
+                let fmt: ImageFormat = format.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "unknown image format '{format}': use raw, qcow2, vhd-fixed or vhd-dynamic"
+                    )
+                })?;
+                // Both VHD kinds end in .vhd: the fixed one is named apart.
+                let name = match fmt {
+                    ImageFormat::VhdFixed => format!("{}.fixed.vhd", disk.disk_id),
+                    _ => format!("{}.{}", disk.disk_id, fmt.extension()),
                 };
-                let path = dir.join(format!("{}.{ext}", disk.disk_id));
-                let tmp = dir.join(format!(".{}.{ext}.partial", disk.disk_id));
-                self.write_image(&manifest, di, fmt, &tmp).await?;
+                let path = dir.join(&name);
+                let tmp = dir.join(format!(".{name}.partial"));
+                if let Err(e) = self.write_image(&manifest, di, fmt, &tmp).await {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 std::fs::rename(&tmp, &path)
                     .with_context(|| format!("renaming into {}", path.display()))?;
                 std::fs::File::open(&dir)?.sync_all()?;
                 out.push(MaterializedDisk {
                     disk: disk.disk_id.clone(),
-                    format: ext.into(),
+                    format: fmt.as_str().into(),
                     path: path.display().to_string(),
                     size_bytes: disk.size,
                 });
@@ -377,31 +414,36 @@ mod tests {
             .run_task(&TaskWork::Materialize {
                 item: "web01".into(),
                 point_id: "p1".into(),
-                formats: vec!["raw".into(), "qcow2".into()],
+                formats: vec![
+                    "raw".into(),
+                    "qcow2".into(),
+                    "vhd-dynamic".into(),
+                    "vhd-fixed".into(),
+                ],
             })
             .await
             .unwrap();
         let disks: Vec<MaterializedDisk> = serde_json::from_value(out).unwrap();
-        assert_eq!(disks.len(), 2);
+        assert_eq!(disks.len(), 4);
         let raw = disks.iter().find(|d| d.format == "raw").unwrap();
         let mut expected = a.clone();
         expected.extend(vec![0u8; CS]);
         expected.extend(&b);
         assert_eq!(std::fs::read(&raw.path).unwrap(), expected);
-        let qcow2 = disks.iter().find(|d| d.format == "qcow2").unwrap();
-        let cmp = std::process::Command::new("qemu-img")
-            .args([
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "qcow2",
-                &raw.path,
-                &qcow2.path,
-            ])
-            .status()
-            .expect("qemu-img (install qemu-utils)");
-        assert!(cmp.success(), "qcow2 differs from raw");
+        // qemu-img judges every other format against the raw image (a VHD
+        // is rounded up to whole MiB; the tail must read as zeros).
+        for (format, driver) in [
+            ("qcow2", "qcow2"),
+            ("vhd-dynamic", "vpc"),
+            ("vhd-fixed", "vpc"),
+        ] {
+            let image = disks.iter().find(|d| d.format == format).unwrap();
+            let cmp = std::process::Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", driver, &raw.path, &image.path])
+                .status()
+                .expect("qemu-img (install qemu-utils)");
+            assert!(cmp.success(), "{format} differs from raw");
+        }
         let err = t
             .run_task(&TaskWork::Materialize {
                 item: "web01".into(),

@@ -247,6 +247,7 @@ pub enum JobKind {
     EnableProtection,
     UnplannedFailover,
     CommitFailover,
+    VerifyStore,
 }
 
 impl JobKind {
@@ -258,6 +259,7 @@ impl JobKind {
             Self::EnableProtection => "EnableDr",
             Self::UnplannedFailover => "UnplannedFailover",
             Self::CommitFailover => "CommitFailover",
+            Self::VerifyStore => "SiterecVerifyStore",
         }
     }
 
@@ -268,6 +270,7 @@ impl JobKind {
             Self::EnableProtection,
             Self::UnplannedFailover,
             Self::CommitFailover,
+            Self::VerifyStore,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -281,6 +284,7 @@ impl JobKind {
             Self::EnableProtection => "Enable protection",
             Self::UnplannedFailover => "Unplanned failover",
             Self::CommitFailover => "Commit",
+            Self::VerifyStore => "Verify replica stores",
         }
     }
 
@@ -305,6 +309,7 @@ impl JobKind {
                 "Complete failover",
             ],
             Self::CommitFailover => &["Prerequisites check for commit", "Commit the failover"],
+            Self::VerifyStore => &["Verify the chunks and manifests of the site's replica stores"],
         }
     }
 }

@@ -155,7 +155,7 @@ pub enum TaskWork {
     Materialize {
         item: String,
         point_id: String,
-        /// "raw", "qcow2".
+        /// "raw", "qcow2", "vhd-fixed", "vhd-dynamic".
         formats: Vec<String>,
     },
     /// Target: delete these points of an item and collect unreferenced chunks.
@@ -164,6 +164,9 @@ pub enum TaskWork {
         item: String,
         point_ids: Vec<String>,
     },
+    /// Target: re-read every manifest and chunk of the replica store; the
+    /// output is the store's verify report.
+    Verify,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -195,6 +195,9 @@ async fn handle(
                 .await?;
             ok(model::fabric_json(db, v, r[1]).await?)
         }
+        (Method::POST, ["replicationfabrics", _, "siterecverifystores"]) => {
+            verify_stores(st, headers, r[1]).await
+        }
         (
             Method::GET,
             [
@@ -1013,6 +1016,35 @@ async fn commit_failover(
     accepted(st, headers, &job)
 }
 
+/// siterec's own action: verify every replica store of a site's agents.
+async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let agents: Vec<String> = sqlx::query_scalar(
+        "SELECT id FROM agents WHERE fabric = ? AND data_url IS NOT NULL ORDER BY id",
+    )
+    .bind(&fabric)
+    .fetch_all(&st.db)
+    .await?;
+    if agents.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "fabric '{fabric}' has no agent with a replica store: nothing to verify"
+        )));
+    }
+    let mut tx = crate::db::begin(&st.db).await?;
+    let job = create_job(
+        &mut tx,
+        JobKind::VerifyStore,
+        "Fabric",
+        &fabric,
+        &model::fabric_id(&st.info, &fabric),
+        &json!({"fabric": fabric, "agents": agents}),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
 async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
     let row = sqlx::query(
         "SELECT state, start_ms, end_ms, error_code, error_message FROM jobs WHERE id = ?",
@@ -1077,6 +1109,7 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
                 model::load_policy(&st.db, input["name"].as_str().unwrap_or_default()).await?;
             ok(model::policy_json(&st.info, &name, &p))
         }
+        Some(JobKind::VerifyStore) => ok(model::job_json(&st.db, &st.info, job_id).await?),
         Some(JobKind::ConfigureProtection) => {
             let row = sqlx::query(
                 "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",

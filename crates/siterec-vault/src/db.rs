@@ -13,7 +13,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 pub type Db = SqlitePool;
 
 /// Schema migrations, in order. Each runs once, in a transaction.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_init.sql")),
+    (2, include_str!("../migrations/sqlite/0002_job_output.sql")),
+];
 
 pub async fn open(path: &Path) -> anyhow::Result<Db> {
     let url = format!("sqlite://{}", path.display());

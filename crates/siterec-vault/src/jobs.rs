@@ -326,6 +326,7 @@ async fn run_step(
             transition(tx, &ctx.str("item")?, ItemAction::FinishCommit).await?;
             Ok(Step::Done)
         }
+        (JobKind::VerifyStore, 0) => verify_stores(ctx, tx).await,
         (kind, idx) => anyhow::bail!("job kind {kind:?} has no step {idx}"),
     }
 }
@@ -511,6 +512,89 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     }
 }
 
+/// Asks every target agent the job names to verify its replica store and
+/// waits for all of them. The reports become the job's output; any damage
+/// (or a store that could not be verified) fails the job, naming the points.
+async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let agents: Vec<String> = serde_json::from_value(ctx.input["agents"].clone())?;
+    let mut reports = Vec::new();
+    let mut pending = false;
+    let mut problems = Vec::new();
+    for agent in &agents {
+        let task_id = format!("{}-verify-{agent}", ctx.job_id);
+        ensure_task(tx, &task_id, agent, Some(ctx.job_id), &TaskWork::Verify).await?;
+        let (state, result): (String, Option<String>) =
+            sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+                .bind(&task_id)
+                .fetch_one(&mut **tx)
+                .await?;
+        let result: Value = result
+            .and_then(|r| serde_json::from_str(&r).ok())
+            .unwrap_or(Value::Null);
+        match state.as_str() {
+            "Succeeded" => {
+                let report = result.get("output").cloned().unwrap_or(Value::Null);
+                for p in report["points"].as_array().into_iter().flatten() {
+                    if p["ok"] != Value::Bool(true) {
+                        problems.push(format!(
+                            "{}/{} ({} damaged chunk(s){})",
+                            p["item"].as_str().unwrap_or("?"),
+                            p["point_id"].as_str().unwrap_or("?"),
+                            p["damaged_chunks"].as_array().map(|a| a.len()).unwrap_or(0),
+                            p["error"]
+                                .as_str()
+                                .map(|e| format!(": {e}"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                }
+                reports.push(json!({"agent": agent, "report": report}));
+            }
+            "Failed" => {
+                let error = result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+                    .to_string();
+                problems.push(format!("agent {agent} could not verify its store: {error}"));
+                reports.push(json!({"agent": agent, "error": error}));
+            }
+            _ => {
+                let last_seen: Option<i64> =
+                    sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
+                        .bind(agent)
+                        .fetch_optional(&mut **tx)
+                        .await?
+                        .flatten();
+                if ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
+                    problems.push(format!(
+                        "agent {agent} has not been heard from for 5 minutes"
+                    ));
+                    reports.push(json!({"agent": agent, "error": "not connected"}));
+                } else {
+                    pending = true;
+                }
+            }
+        }
+    }
+    if pending {
+        return Ok(Step::Wait);
+    }
+    sqlx::query("UPDATE jobs SET output = ? WHERE id = ?")
+        .bind(json!({"stores": reports}).to_string())
+        .bind(ctx.job_id)
+        .execute(&mut **tx)
+        .await?;
+    if problems.is_empty() {
+        Ok(Step::Done)
+    } else {
+        Ok(fail(
+            "DamageFound",
+            format!("replica store damage: {}", problems.join("; ")),
+        ))
+    }
+}
+
 /// Inserts an agent task unless it exists (steps are re-run after a restart).
 pub async fn ensure_task(
     tx: &mut Tx<'_>,
@@ -608,7 +692,7 @@ async fn compensate(
                 .await?;
             None
         }
-        JobKind::CreatePolicy => None,
+        JobKind::CreatePolicy | JobKind::VerifyStore => None,
     };
     if let Some(action) = action {
         if let Err(e) = transition(tx, item, action).await {

@@ -467,7 +467,10 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> 
             "targetObjectId": row.try_get::<String, _>("target_id")?,
             "targetObjectName": row.try_get::<String, _>("target_name")?,
             "targetInstanceType": row.try_get::<String, _>("target_type")?,
-            "customDetails": {"instanceType": "JobDetails"},
+            "customDetails": {
+                "instanceType": "JobDetails",
+                "output": row.try_get::<Option<String>, _>("output")?.and_then(|o| serde_json::from_str::<Value>(&o).ok()),
+            },
         }),
     ))
 }

@@ -82,6 +82,9 @@ enum Cmd {
     /// Jobs: every long operation, with its steps.
     #[command(subcommand)]
     Jobs(JobsCmd),
+    /// Replica stores.
+    #[command(subcommand)]
+    Store(StoreCmd),
     /// Benchmarks that run the peers (restic, borg, rsync, qemu-img) side by side.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -307,6 +310,16 @@ enum FailoverCmd {
         item: String,
         #[arg(long)]
         no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Re-read and check every chunk and manifest of a site's replica
+    /// stores (through its agents); report damage per recovery point.
+    Verify {
+        #[arg(long)]
+        fabric: String,
     },
 }
 
@@ -742,6 +755,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Store(StoreCmd::Verify { fabric }) => verify_stores(&cli.conn, out, &fabric).await,
         Cmd::Quickstart { dir, disk_mib } => quickstart::run(&dir, disk_mib, out).await,
         Cmd::Bench(BenchCmd::Replication {
             dir,
@@ -998,6 +1012,64 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
             finish(op, out, &format!("commit of {item}"))
         }
     }
+}
+
+async fn verify_stores(conn: &Conn, out: Format, fabric: &str) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    let op = api
+        .run(
+            reqwest::Method::POST,
+            &format!("replicationFabrics/{fabric}/siterecVerifyStores"),
+            &json!({}),
+            JOB_TIMEOUT,
+        )
+        .await?;
+    let job = api.get(&format!("replicationJobs/{}", op.job_id)).await?;
+    let output = job
+        .pointer("/properties/customDetails/output")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let mut rows = Vec::new();
+    for store in output["stores"].as_array().into_iter().flatten() {
+        if let Some(e) = store["error"].as_str() {
+            rows.push(json!({"agent": store["agent"], "error": e}));
+        }
+        for p in store["report"]["points"].as_array().into_iter().flatten() {
+            rows.push(json!({
+                "agent": store["agent"],
+                "item": p["item"],
+                "point": p["point_id"],
+                "ok": p["ok"],
+                "damagedChunks": p["damaged_chunks"],
+                "error": p["error"],
+            }));
+        }
+    }
+    match out {
+        Format::Json => output::json(
+            &json!({"jobId": op.job_id, "status": op.status, "error": op.error, "points": rows}),
+        ),
+        Format::Table => output::rows(
+            out,
+            &rows,
+            &[
+                ("AGENT", "/agent"),
+                ("ITEM", "/item"),
+                ("POINT", "/point"),
+                ("OK", "/ok"),
+                ("ERROR", "/error"),
+            ],
+        ),
+    }
+    if op.status != "Succeeded" {
+        eprintln!(
+            "error: {} (job {})",
+            op.error.unwrap_or(op.status),
+            op.job_id
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes a secret file with mode 0600, refusing to overwrite.
