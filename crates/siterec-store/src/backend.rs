@@ -57,11 +57,15 @@ pub trait Backend: Send + Sync + 'static {
 }
 
 const MAX_KEY_LEN: usize = 1024;
+/// Longest `/`-separated component: a file name on common filesystems.
+const MAX_COMPONENT_LEN: usize = 255;
 
 /// Checks that `key` is a valid object key.
 ///
 /// A key is 1 to 1024 characters from `[A-Za-z0-9._/-]`, made of non-empty
-/// `/`-separated components none of which starts with `.` (which excludes
+/// `/`-separated components of at most 255 characters (so that every
+/// backend, including [`LocalDir`], can store every valid key), none of
+/// which starts with `.` (which excludes
 /// `.`, `..` and the backend's temporary files). It may not start or end
 /// with `/`.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
@@ -83,6 +87,11 @@ pub fn validate_key(key: &str) -> Result<(), StoreError> {
         if component.is_empty() {
             return Err(bad(
                 "empty path component (leading, trailing or double '/')",
+            ));
+        }
+        if component.len() > MAX_COMPONENT_LEN {
+            return Err(bad(
+                "path component longer than 255 characters (a file name on LocalDir)",
             ));
         }
         if component.starts_with('.') {
@@ -223,7 +232,16 @@ fn walk(
 ) -> Result<(), StoreError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        // Nothing under a missing path, nor under a file (prefix "k/" of
+        // an object "k").
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Ok(());
+        }
         Err(e) => return Err(StoreError::io("list", dir, e)),
     };
     for entry in entries {
@@ -275,7 +293,15 @@ impl Backend for LocalDir {
         let path = self.path_of(key)?;
         self.blocking(move |_| match std::fs::read(&path) {
             Ok(data) => Ok(Some(data)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            // A directory is a key prefix, not an object (as for `exists`).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(StoreError::io("read", &path, e)),
         })
         .await
@@ -295,7 +321,15 @@ impl Backend for LocalDir {
         let path = self.path_of(key)?;
         self.blocking(move |_| match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // No object there: nothing, or a directory (a key prefix).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(StoreError::io("delete", &path, e)),
         })
         .await
@@ -415,6 +449,9 @@ mod tests {
             );
         }
         assert!(validate_key(&"a".repeat(1025)).is_err());
+        validate_key(&"a".repeat(255)).unwrap();
+        assert!(validate_key(&"a".repeat(256)).is_err());
+        assert!(validate_key(&format!("x/{}/y", "a".repeat(256))).is_err());
         validate_prefix("").unwrap();
         validate_prefix("chunks/").unwrap();
         validate_prefix("chunks/a").unwrap();

@@ -31,6 +31,18 @@ pub enum StoreError {
         message: String,
     },
 
+    /// The container (Azure) or bucket (S3) a backend is configured with
+    /// does not exist. Found when the backend is opened, never mid-way.
+    #[error("{kind} {name:?} does not exist in {location}: create it")]
+    MissingContainer {
+        /// "container" or "bucket".
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// Where it was looked for, e.g. "storage account devstoreaccount1".
+        location: String,
+    },
+
     /// A chunk object does not decode to data whose BLAKE3 is its id.
     #[error(
         "chunk {id} is corrupt: {reason}; the stored copy cannot be trusted: run verify, \

@@ -6,9 +6,22 @@
 //! listing, for each disk, the chunk at each offset (`None` for an all-zero
 //! block, which is never stored).
 //!
-//! Objects live in a [`Backend`] (an object-store-shaped async trait; the
-//! [`LocalDir`] backend keeps them as files). The layout and encodings are
+//! Objects live in a [`Backend`], an object-store-shaped async trait with
+//! three implementations that hold the same keys in the same layout:
+//!
+//! * [`LocalDir`]: files under a directory;
+//! * [`AzureBlob`]: block blobs in an Azure Blob Storage container;
+//! * [`S3`]: objects in a bucket of an S3-compatible object store.
+//!
+//! [`BackendConfig`] (serde, TOML-friendly) says which one to use, and
+//! [`open_backend`] opens it, checking up front that the container or
+//! bucket exists and the credentials work. The layout and encodings are
 //! described precisely in `FORMAT.md` next to this crate's `Cargo.toml`.
+//!
+//! Every backend passes the same conformance suite (this crate's tests,
+//! `conformance.rs`): the object-store ones against Azurite and moto,
+//! which the tests start themselves (see `test_servers.rs` for how to
+//! install them).
 //!
 //! # Guarantees
 //!
@@ -35,7 +48,8 @@
 //!   must be passed to `gc` in `keep`.
 //!
 //! A store is owned by one process at a time (one [`Store`] value and its
-//! clones); two processes sharing a directory are not supported.
+//! clones); two processes sharing a directory, container or bucket are not
+//! supported.
 //!
 //! # Example
 //!
@@ -71,20 +85,28 @@
 
 mod backend;
 mod chunk;
+mod config;
 mod error;
 mod manifest;
+mod remote;
 mod store;
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod store_tests;
+#[cfg(test)]
+mod test_servers;
 
 pub use backend::{Backend, LocalDir, validate_key, validate_prefix};
 pub use chunk::{
     CHUNK_HEADER_LEN, CHUNK_MAGIC, CODEC_RAW, CODEC_ZSTD, ChunkHeader, ChunkId, EncodedChunk,
     MAX_CHUNK_LEN, ParseChunkIdError, decode_chunk, encode_chunk, is_all_zero, parse_chunk_header,
 };
+pub use config::{AzureConfig, BackendConfig, S3Config, Secret, open_backend};
 pub use error::StoreError;
 pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};
+pub use remote::{AzureBlob, S3};
 pub use store::{
     CHUNK_LAYOUT_V1, DiskBlock, DiskReader, GcReport, PointRef, PointVerify, RecoveryReport,
     STORE_FORMAT_NAME, STORE_FORMAT_VERSION, STORE_INFO_KEY, Store, StoreInfo, UNSYNCED_MARKER_KEY,

@@ -712,6 +712,8 @@ impl Store {
         for p in self.list_points_unlocked(None).await? {
             let m = match self.read_manifest_unlocked(&p.item, &p.point_id).await {
                 Ok(m) => m,
+                // Deleted (pruned) since it was listed: nothing to verify.
+                Err(StoreError::PointNotFound { .. }) => continue,
                 Err(e) => {
                     report.points.push(PointVerify {
                         item: p.item,

@@ -8,7 +8,7 @@ use siterec_core::Consistency;
 
 use crate::*;
 
-const CS: u32 = 64 * 1024;
+pub(crate) const CS: u32 = 64 * 1024;
 
 async fn new_store() -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
@@ -16,13 +16,13 @@ async fn new_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-fn random(len: usize) -> Vec<u8> {
+pub(crate) fn random(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rand::rng().fill_bytes(&mut v);
     v
 }
 
-fn texty(len: usize, seed: u8) -> Vec<u8> {
+pub(crate) fn texty(len: usize, seed: u8) -> Vec<u8> {
     format!("block {seed} of a text-like disk, compressible. ")
         .into_bytes()
         .into_iter()
@@ -37,7 +37,7 @@ fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
 
 /// Uploads `image` as a disk the way the source agent would, returning its
 /// manifest (without committing it).
-async fn upload_disk(store: &Store, disk_id: &str, image: &[u8]) -> DiskManifest {
+pub(crate) async fn upload_disk(store: &Store, disk_id: &str, image: &[u8]) -> DiskManifest {
     let mut chunks = Vec::new();
     for block in image.chunks(CS as usize) {
         if is_all_zero(block) {
@@ -56,7 +56,7 @@ async fn upload_disk(store: &Store, disk_id: &str, image: &[u8]) -> DiskManifest
     }
 }
 
-fn manifest(item: &str, point: &str, disks: Vec<DiskManifest>) -> Manifest {
+pub(crate) fn manifest(item: &str, point: &str, disks: Vec<DiskManifest>) -> Manifest {
     Manifest {
         item: item.into(),
         point_id: point.into(),
@@ -67,7 +67,7 @@ fn manifest(item: &str, point: &str, disks: Vec<DiskManifest>) -> Manifest {
 }
 
 /// A disk image with text, random and zero blocks and a short last block.
-fn image() -> Vec<u8> {
+pub(crate) fn image() -> Vec<u8> {
     let mut img = Vec::new();
     img.extend(texty(CS as usize, 1));
     img.extend(vec![0u8; CS as usize]);
@@ -77,7 +77,12 @@ fn image() -> Vec<u8> {
     img
 }
 
-async fn read_back(store: &Store, m: &Manifest, disk: usize, parallelism: usize) -> Vec<u8> {
+pub(crate) async fn read_back(
+    store: &Store,
+    m: &Manifest,
+    disk: usize,
+    parallelism: usize,
+) -> Vec<u8> {
     let mut out = Vec::new();
     let mut r = store.read_disk(m, disk, parallelism).unwrap();
     let mut expected_index = 0;

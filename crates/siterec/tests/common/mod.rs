@@ -12,6 +12,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_siterec");
 
 pub struct Proc {
     pub name: String,
+    pub args: Vec<String>,
     pub child: Child,
     pub log: PathBuf,
 }
@@ -43,6 +44,10 @@ impl Env {
             procs: Vec::new(),
         };
         let vd = vault_dir.display().to_string();
+        // Fixed ports, so that a vault restarted by a test is where agents
+        // knew it.
+        let (api, agent) = (free_port(), free_port());
+        let (api, agent) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{agent}"));
         env.spawn(
             "vault",
             &[
@@ -50,9 +55,9 @@ impl Env {
                 "--data",
                 &vd,
                 "--listen",
-                "127.0.0.1:0",
+                &api,
                 "--agent-listen",
-                "127.0.0.1:0",
+                &agent,
             ],
         );
         wait_until(Duration::from_secs(30), "the vault to listen", || {
@@ -67,7 +72,11 @@ impl Env {
 
     pub fn spawn(&mut self, name: &str, args: &[&str]) {
         let log = self.dir.path().join(format!("{name}.log"));
-        let f = std::fs::File::create(&log).expect("log file");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = Command::new(BIN)
             .args(args)
             .env("SITEREC_LOG", "info,sqlx=warn")
@@ -77,9 +86,29 @@ impl Env {
             .expect("spawn siterec");
         self.procs.push(Proc {
             name: name.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child,
             log,
         });
+    }
+
+    /// SIGKILLs the named process and starts it again with the same arguments.
+    pub fn kill_and_restart(&mut self, name: &str) {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name == name)
+            .expect("no such process");
+        let old = self.procs.remove(i);
+        let args = old.args.clone();
+        drop(old); // SIGKILL and reap
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(name, &refs);
+    }
+
+    /// SIGKILLs the named process and does not restart it.
+    pub fn kill(&mut self, name: &str) {
+        self.procs.retain(|p| p.name != name);
     }
 
     /// Runs the CLI against this vault.
@@ -261,6 +290,14 @@ impl Env {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
