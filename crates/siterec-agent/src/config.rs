@@ -11,6 +11,9 @@
 //! listen = "127.0.0.1:0"         # data endpoint (TLS, vault-issued certificates)
 //! store = "/srv/siterec/store"   # default: DATA/store
 //! failover_dir = "/srv/failover" # default: DATA/failover
+//! # or keep the replica store in object storage instead of `store`:
+//! # backend = { kind = "azure", account = "…", container = "…", key = "…" }
+//! # backend = { kind = "s3", endpoint = "…", bucket = "…", access_key = "…", secret_key = "…" }
 //! ```
 
 use std::net::SocketAddr;
@@ -55,8 +58,12 @@ pub struct DiskConfig {
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub listen: SocketAddr,
+    /// The replica store in a local directory (default DATA/store)...
     #[serde(default)]
     pub store: Option<PathBuf>,
+    /// ...or on any backend (local, Azure Blob, S3-compatible).
+    #[serde(default)]
+    pub backend: Option<siterec_store::BackendConfig>,
     #[serde(default)]
     pub failover_dir: Option<PathBuf>,
 }
@@ -81,6 +88,14 @@ impl AgentConfig {
             anyhow::bail!(
                 "upload_streams = {n} is out of range: use 1 to {}",
                 crate::source::MAX_UPLOAD_STREAMS
+            );
+        }
+        if let Some(t) = &self.target
+            && t.store.is_some()
+            && t.backend.is_some()
+        {
+            anyhow::bail!(
+                "[target] has both `store` and `backend`: keep one (store = DIR is backend = {{ kind = \"local\", path = DIR }})"
             );
         }
         let mut names = std::collections::HashSet::new();

@@ -112,12 +112,18 @@ pub async fn run(
     let mut data_url = None;
     let mut server = None;
     if let Some(t) = &cfg.target {
-        let store_dir = t.store.clone().unwrap_or_else(|| data.join("store"));
+        let backend = match (&t.backend, &t.store) {
+            (Some(b), _) => b.clone(),
+            (None, Some(path)) => siterec_store::BackendConfig::Local { path: path.clone() },
+            (None, None) => siterec_store::BackendConfig::Local {
+                path: data.join("store"),
+            },
+        };
         let failover_dir = t
             .failover_dir
             .clone()
             .unwrap_or_else(|| data.join("failover"));
-        let tg = target::Target::open(&store_dir, failover_dir).await?;
+        let tg = target::Target::open_backend(&backend, failover_dir).await?;
         let listener = tokio::net::TcpListener::bind(t.listen)
             .await
             .with_context(|| format!("binding the data endpoint {}", t.listen))?;

@@ -24,7 +24,7 @@ use axum::{Extension, Json, Router};
 use siterec_core::wire::{CommitRefused, MaterializedDisk, TaskWork, WireError};
 use siterec_drivers::export::{ImageFormat, create_writer};
 use siterec_pki::PeerIdentity;
-use siterec_store::{ChunkId, Manifest, Store, StoreError};
+use siterec_store::{BackendConfig, ChunkId, Manifest, Store, StoreError};
 
 /// The target role's shared state.
 pub struct Target {
@@ -37,9 +37,29 @@ pub struct Target {
 
 impl Target {
     pub async fn open(store_dir: &Path, failover_dir: PathBuf) -> anyhow::Result<Arc<Target>> {
-        let store = Store::open_local(store_dir)
+        Target::open_backend(
+            &BackendConfig::Local {
+                path: store_dir.to_path_buf(),
+            },
+            failover_dir,
+        )
+        .await
+    }
+
+    /// Opens the replica store on any backend. A missing container or
+    /// bucket, a wrong endpoint or rejected credentials stop the agent here
+    /// with the backend's message, not in the middle of replication.
+    pub async fn open_backend(
+        config: &BackendConfig,
+        failover_dir: PathBuf,
+    ) -> anyhow::Result<Arc<Target>> {
+        let backend = siterec_store::open_backend(config)
             .await
-            .with_context(|| format!("opening the replica store {}", store_dir.display()))?;
+            .context("opening the replica store")?;
+        let what = backend.describe();
+        let store = Store::open_or_create(backend)
+            .await
+            .with_context(|| format!("opening the replica store on {what}"))?;
         if let Some(r) = store.last_recovery() {
             tracing::warn!(
                 checked = r.chunks_checked,

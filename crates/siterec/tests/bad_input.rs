@@ -176,6 +176,45 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a siterec registration key file"));
 
+    // A replica store on an object store that cannot be reached stops the
+    // agent at start, naming the store, instead of failing mid-replication.
+    let key = env.path("s3.key");
+    env.json(&[
+        "vault",
+        "key",
+        "create",
+        "--fabric",
+        "recovery",
+        "--out",
+        key.to_str().unwrap(),
+    ]);
+    let s3_cfg = env.path("s3.toml");
+    std::fs::write(
+        &s3_cfg,
+        format!(
+            "cloud = \"c\"\n[target]\nlisten = \"127.0.0.1:0\"\nbackend = {{ kind = \"s3\", endpoint = \"http://127.0.0.1:{}\", bucket = \"replicas\", access_key = \"a\", secret_key = \"s\" }}\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args([
+            "agent",
+            "--key",
+            key.to_str().unwrap(),
+            "--data",
+            env.path("agent-s3").to_str().unwrap(),
+            "--config",
+            s3_cfg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("opening the replica store"),
+        "{err}"
+    );
+
     // A machine whose disk path does not exist is reported with the reason
     // and cannot be protected.
     let good = env.path("good.img");
