@@ -45,33 +45,10 @@ fn sigkill_anything_anytime_loses_nothing() {
         end_ms: 0,
         hash: blake3::hash(&content),
     }];
-    let (primary, recovery) = env.start_sites(&[("crash01", vec![("disk0", &disk)])]);
     // Count retention: every new point prunes the older ones of its hour,
     // so retention and garbage collection run all the time.
-    env.pair(&["--recovery-points", "1"]);
-    env.wait_machine("crash01");
-    let out = env.json(&[
-        "item",
-        "enable",
-        "--fabric",
-        "primary",
-        "--cloud",
-        "primary-cloud",
-        "--machine",
-        "crash01",
-    ]);
-    assert_eq!(out["status"], "Succeeded", "{out}");
-    let status = |field: &str| -> u64 {
-        siterec_agent::AgentStatus::read(&primary)
-            .ok()
-            .and_then(|s| {
-                s.items
-                    .get("crash01")
-                    .map(|c| serde_json::to_value(c).unwrap())
-            })
-            .and_then(|c| c[field].as_u64())
-            .unwrap_or(0)
-    };
+    let (primary, recovery) = env.protect("crash01", &disk, &["--recovery-points", "1"]);
+    let status = |field: &str| agent_counter(&primary, "crash01", field);
     let initial_sent = status("bytesSent");
 
     let names = ["primary-agent", "recovery-agent", "vault"];

@@ -27,20 +27,7 @@ fn damaged_chunks_are_reported_and_never_restored() {
     let mut env = Env::start();
     let disk = env.path("app01.img");
     make_image(&disk, 24 << 20, 9);
-    let (_, recovery) = env.start_sites(&[("app01", vec![("disk0", &disk)])]);
-    env.pair(&["--retention-hours", "1"]);
-    env.wait_machine("app01");
-    let out = env.json(&[
-        "item",
-        "enable",
-        "--fabric",
-        "primary",
-        "--cloud",
-        "primary-cloud",
-        "--machine",
-        "app01",
-    ]);
-    assert_eq!(out["status"], "Succeeded", "{out}");
+    let (_, recovery) = env.protect("app01", &disk, &["--retention-hours", "1"]);
 
     // A healthy store verifies clean.
     let clean = env.json(&["store", "verify", "--fabric", "recovery"]);

@@ -13,20 +13,7 @@ fn one_mib_change_sends_at_most_two_mib() {
     let mut env = Env::start();
     let disk = env.path("big.img");
     make_image(&disk, 1 << 30, 3);
-    let (primary, _) = env.start_sites(&[("big", vec![("disk0", &disk)])]);
-    env.pair(&["--recovery-points", "3"]);
-    env.wait_machine("big");
-    let out = env.json(&[
-        "item",
-        "enable",
-        "--fabric",
-        "primary",
-        "--cloud",
-        "primary-cloud",
-        "--machine",
-        "big",
-    ]);
-    assert_eq!(out["status"], "Succeeded", "{out}");
+    let (primary, _) = env.protect("big", &disk, &["--recovery-points", "3"]);
 
     let status = |field: &str| -> u64 {
         let p = primary.display().to_string();

@@ -263,6 +263,37 @@ impl Env {
         });
     }
 
+    /// Enables protection of a primary-cloud machine and waits for the job.
+    pub fn enable(&self, machine: &str) -> Value {
+        let out = self.json(&[
+            "item",
+            "enable",
+            "--fabric",
+            "primary",
+            "--cloud",
+            "primary-cloud",
+            "--machine",
+            machine,
+        ]);
+        assert_eq!(out["status"], "Succeeded", "{out}");
+        out
+    }
+
+    /// Both sites with one machine of one disk, paired under a 30 s policy
+    /// with `retention`, and protected. Returns the agents' data directories.
+    pub fn protect(
+        &mut self,
+        machine: &str,
+        disk: &Path,
+        retention: &[&str],
+    ) -> (PathBuf, PathBuf) {
+        let dirs = self.start_sites(&[(machine, vec![("disk0", disk)])]);
+        self.pair(retention);
+        self.wait_machine(machine);
+        self.enable(machine);
+        dirs
+    }
+
     pub fn points(&self, item: &str) -> Vec<Value> {
         self.json(&["points", "list", item])
             .as_array()
@@ -298,6 +329,19 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A counter of `item` in an agent's status file (0 if absent).
+pub fn agent_counter(agent_dir: &Path, item: &str, field: &str) -> u64 {
+    siterec_agent::AgentStatus::read(agent_dir)
+        .ok()
+        .and_then(|s| {
+            s.items
+                .get(item)
+                .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
+        })
+        .and_then(|c| c[field].as_u64())
+        .unwrap_or(0)
 }
 
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
