@@ -675,6 +675,25 @@ async fn create_mapping(
         .and_then(|v| v.as_str())
         .ok_or_else(|| ApiError::bad_request("properties.policyId is required"))?;
     let (policy, _) = model::load_policy(&st.db, last_segment(policy_ref)).await?;
+    // A pairing is only useful if the recovery cloud can keep replicas:
+    // refuse it now rather than fail enable protection later.
+    let stores: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ?",
+    )
+    .bind(tf)
+    .bind(&tc)
+    .bind(now_ms() - model::AGENT_ONLINE_MS)
+    .fetch_one(&st.db)
+    .await?;
+    if stores == 0 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "NoReplicaStore",
+            format!(
+                "recovery cloud {tf}/{tc} has no connected agent with a replica store; start the recovery site's agent with a [target] section (its store must open) and pair again"
+            ),
+        ));
+    }
     if tf.eq_ignore_ascii_case(fabric) && tc.eq_ignore_ascii_case(&container) {
         return Err(ApiError::bad_request(
             "a cloud cannot be paired with itself: choose a recovery cloud in another site",

@@ -847,8 +847,9 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
         }
         PolicyCmd::Delete { name } => {
             api.delete(&format!("replicationPolicies/{name}")).await?;
-            if out == Format::Table {
-                println!("policy {name} deleted");
+            match out {
+                Format::Table => println!("policy {name} deleted"),
+                Format::Json => output::json(&json!({"name": name, "deleted": true})),
             }
             Ok(ExitCode::SUCCESS)
         }

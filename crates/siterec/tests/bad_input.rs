@@ -176,6 +176,30 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a siterec registration key file"));
 
+    // Pairing with a cloud whose agent keeps no replica store is refused.
+    env.start_agent("lonely", "cloud = \"empty-cloud\"\n");
+    env.wait_cloud("lonely", "empty-cloud");
+    env.json(&["policy", "create", "p0", "--copy-frequency", "300"]);
+    let err = env.fails(&[
+        "pairing",
+        "create",
+        "--fabric",
+        "lonely",
+        "--cloud",
+        "empty-cloud",
+        "--target-fabric",
+        "lonely",
+        "--target-cloud",
+        "empty-cloud",
+        "--policy",
+        "p0",
+    ]);
+    assert!(
+        err.contains("no connected agent with a replica store"),
+        "{err}"
+    );
+    env.json(&["policy", "delete", "p0"]);
+
     // A replica store on an object store that cannot be reached stops the
     // agent at start, naming the store, instead of failing mid-replication.
     let key = env.path("s3.key");
