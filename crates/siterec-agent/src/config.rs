@@ -14,6 +14,7 @@
 //! # or keep the replica store in object storage instead of `store`:
 //! # backend = { kind = "azure", account = "…", container = "…", key = "…" }
 //! # backend = { kind = "s3", endpoint = "…", bucket = "…", access_key = "…", secret_key = "…" }
+//! encryption_key = "/root/siterec-store.key"  # encrypt data stored; keep a copy of this file
 //! ```
 
 use std::net::SocketAddr;
@@ -64,6 +65,10 @@ pub struct TargetConfig {
     /// ...or on any backend (local, Azure Blob, S3-compatible).
     #[serde(default)]
     pub backend: Option<siterec_store::BackendConfig>,
+    /// Encrypt the replica store (AES-256-GCM) with the key in this file;
+    /// created, with a new key, if missing when the store is created.
+    #[serde(default)]
+    pub encryption_key: Option<PathBuf>,
     #[serde(default)]
     pub failover_dir: Option<PathBuf>,
 }

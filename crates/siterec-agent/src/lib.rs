@@ -11,6 +11,7 @@ pub mod config;
 pub mod identity;
 pub mod source;
 pub mod target;
+pub mod throttle;
 mod util;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -123,7 +124,8 @@ pub async fn run(
             .failover_dir
             .clone()
             .unwrap_or_else(|| data.join("failover"));
-        let tg = target::Target::open_backend(&backend, failover_dir).await?;
+        let tg = target::Target::open_backend(t.encryption_key.as_deref(), &backend, failover_dir)
+            .await?;
         let listener = tokio::net::TcpListener::bind(t.listen)
             .await
             .with_context(|| format!("binding the data endpoint {}", t.listen))?;
@@ -164,6 +166,9 @@ pub async fn run(
         items,
         ..Default::default()
     }));
+    let throttle = Arc::new(throttle::Throttle::new(throttle::ThrottleSettings::read(
+        &data,
+    )?));
     let ctx = Arc::new(source::SourceCtx {
         data_dir: data.clone(),
         vault: client.clone(),
@@ -171,6 +176,7 @@ pub async fn run(
         vault_url: id.agent_url.clone(),
         status: status.clone(),
         upload_streams: cfg.upload_streams.unwrap_or(source::DEFAULT_UPLOAD_STREAMS),
+        throttle: throttle.clone(),
     });
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
@@ -180,10 +186,16 @@ pub async fn run(
 
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // Throttling can change while replicating: re-read it every round.
+        match throttle::ThrottleSettings::read(&data) {
+            Ok(settings) => throttle.set(settings),
+            Err(e) => tracing::warn!("keeping the current bandwidth throttling: {e:#}"),
+        }
         let req = HeartbeatRequest {
             cloud: cfg.cloud.clone(),
             machines: inventory(&cfg),
             data_url: data_url.clone(),
+            store_encrypted: target.as_ref().is_some_and(|t| t.store.is_encrypted()),
             counters: status.lock().map(|s| s.items.clone()).unwrap_or_default(),
         };
         let result = heartbeat(&client, &id.agent_url, &req).await;

@@ -51,6 +51,8 @@ pub struct SourceCtx {
     pub status: Arc<Mutex<crate::AgentStatus>>,
     /// Chunks in flight per disk (each encoded on a blocking thread, then sent).
     pub upload_streams: usize,
+    /// The host's bandwidth limit, shared by every upload.
+    pub throttle: Arc<crate::throttle::Throttle>,
 }
 
 impl SourceCtx {
@@ -283,6 +285,7 @@ async fn replicate_disk(
             resync,
             compress: a.compression,
             streams,
+            throttle: ctx.throttle.clone(),
         },
     ));
     let path_owned = path.to_path_buf();
@@ -338,6 +341,7 @@ struct Upload {
     resync: bool,
     compress: bool,
     streams: usize,
+    throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Encodes and uploads changed blocks, `streams` at a time: each block is
@@ -370,7 +374,7 @@ async fn upload(
         }
         let client = client.clone();
         let base = base.clone();
-        let (resync, compress) = (opts.resync, opts.compress);
+        let (resync, compress, throttle) = (opts.resync, opts.compress, opts.throttle.clone());
         set.spawn(async move {
             if resync {
                 let (id, block) =
@@ -384,9 +388,9 @@ async fn upload(
                 if head.status().is_success() {
                     return Ok(0);
                 }
-                return put_chunk(&client, &base, block, compress).await;
+                return put_chunk(&client, &base, block, compress, &throttle).await;
             }
-            put_chunk(&client, &base, block, compress).await
+            put_chunk(&client, &base, block, compress, &throttle).await
         });
     }
     while let Some(r) = set.join_next().await {
@@ -400,10 +404,12 @@ async fn put_chunk(
     base: &str,
     block: Vec<u8>,
     compress: bool,
+    throttle: &crate::throttle::Throttle,
 ) -> anyhow::Result<u64> {
     let enc = tokio::task::spawn_blocking(move || encode_chunk(&block, compress)).await?;
     let id = enc.id;
     let len = enc.bytes.len() as u64;
+    throttle.acquire(len).await;
     let resp = client
         .put(format!("{base}/{}", id.to_hex()))
         .body(enc.bytes)

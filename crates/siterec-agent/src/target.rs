@@ -38,6 +38,7 @@ pub struct Target {
 impl Target {
     pub async fn open(store_dir: &Path, failover_dir: PathBuf) -> anyhow::Result<Arc<Target>> {
         Target::open_backend(
+            None,
             &BackendConfig::Local {
                 path: store_dir.to_path_buf(),
             },
@@ -50,6 +51,7 @@ impl Target {
     /// bucket, a wrong endpoint or rejected credentials stop the agent here
     /// with the backend's message, not in the middle of replication.
     pub async fn open_backend(
+        key_file: Option<&Path>,
         config: &BackendConfig,
         failover_dir: PathBuf,
     ) -> anyhow::Result<Arc<Target>> {
@@ -57,13 +59,16 @@ impl Target {
             .await
             .context("opening the replica store")?;
         let what = backend.describe();
-        let store = Store::open_or_create(backend)
-            .await
-            .with_context(|| format!("opening the replica store on {what}"))?;
+        let store = match key_file {
+            None => Store::open_or_create(backend)
+                .await
+                .with_context(|| format!("opening the replica store on {what}"))?,
+            Some(path) => open_encrypted(backend, path, &what).await?,
+        };
         if let Some(r) = store.last_recovery() {
             tracing::warn!(
                 checked = r.chunks_checked,
-                removed = r.chunks_removed.len(),
+                removed = r.objects_removed.len().max(r.chunks_removed.len()),
                 "replica store recovered from an unclean shutdown"
             );
         }
@@ -141,7 +146,7 @@ impl Target {
             if let Err(StoreError::CorruptChunk { .. }) = self.store.get_chunk(id).await {
                 self.store
                     .backend()
-                    .delete(&siterec_store::chunk_key(&id))
+                    .delete(&self.store.chunk_object_key(&id))
                     .await?;
                 tracing::warn!(chunk = %id, "removed a damaged chunk from the replica store");
                 removed.push(id.to_hex());
@@ -224,6 +229,49 @@ impl Target {
         }
         tokio::task::spawn_blocking(move || writer.finish()).await??;
         Ok(())
+    }
+}
+
+/// Opens an encrypted store with the key in `path`. Without the file, a new
+/// key is generated and written there first (the operator keeps a copy: the
+/// store cannot be read without it); if the store turns out to exist
+/// already, that new key is wrong and its file is removed again.
+async fn open_encrypted(
+    backend: Arc<dyn siterec_store::Backend>,
+    path: &Path,
+    what: &str,
+) -> anyhow::Result<Store> {
+    use siterec_store::StoreKey;
+    if path.exists() {
+        let key = StoreKey::read_file(path)
+            .with_context(|| format!("reading the store key {}", path.display()))?;
+        return Store::open_or_create_with_key(backend, Some(key))
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the encrypted replica store on {what} with the key {}",
+                    path.display()
+                )
+            });
+    }
+    let key = StoreKey::generate()?;
+    key.write_file(path)
+        .with_context(|| format!("writing the new store key {}", path.display()))?;
+    match Store::open_or_create_with_key(backend, Some(key)).await {
+        Ok(store) => {
+            tracing::warn!(
+                key = %path.display(),
+                "the replica store is encrypted with a new key written to this file: keep a copy away from this host; without it no recovery point can be read"
+            );
+            Ok(store)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(anyhow::Error::from(e).context(format!(
+                "the replica store on {what} already exists, and {} (the key file) is missing: restore the key file exported when the store was created",
+                path.display()
+            )))
+        }
     }
 }
 

@@ -39,6 +39,11 @@ pub struct Policy {
     pub app_consistent_frequency_hours: u32,
     /// Compress replicated data on the wire and at rest.
     pub compression: bool,
+    /// Encrypt data stored ("Encrypt stored data" in the seeds): the item
+    /// may only replicate to a recovery agent whose replica store is
+    /// encrypted with a key held at the recovery side.
+    #[serde(default)]
+    pub encryption: bool,
     /// Unix seconds; `None` = start initial replication immediately.
     pub initial_replication_start: Option<i64>,
 }
@@ -169,21 +174,27 @@ impl Policy {
         };
         let app_consistent_frequency_hours =
             non_negative("applicationConsistentSnapshotFrequencyInHours", app)?;
-        let compression = match obj.get("compression").and_then(|v| v.as_str()) {
-            None => true,
-            Some(s) if s.eq_ignore_ascii_case("enable") || s.eq_ignore_ascii_case("enabled") => {
-                true
-            }
-            Some(s) if s.eq_ignore_ascii_case("disable") || s.eq_ignore_ascii_case("disabled") => {
-                false
-            }
-            Some(other) => {
-                return Err(PolicyError::Field {
-                    field: "compression".into(),
+        let switch = |field: &str, default: bool| -> Result<bool, PolicyError> {
+            match obj.get(field).and_then(|v| v.as_str()) {
+                None => Ok(default),
+                Some(s)
+                    if s.eq_ignore_ascii_case("enable") || s.eq_ignore_ascii_case("enabled") =>
+                {
+                    Ok(true)
+                }
+                Some(s)
+                    if s.eq_ignore_ascii_case("disable") || s.eq_ignore_ascii_case("disabled") =>
+                {
+                    Ok(false)
+                }
+                Some(other) => Err(PolicyError::Field {
+                    field: field.into(),
                     message: format!("must be \"Enable\" or \"Disable\", got \"{other}\""),
-                });
+                }),
             }
         };
+        let compression = switch("compression", true)?;
+        let encryption = switch("encryption", false)?;
         let initial_replication_start = match obj
             .get("onlineReplicationStartTime")
             .and_then(|v| v.as_str())
@@ -197,6 +208,7 @@ impl Policy {
             retention,
             app_consistent_frequency_hours,
             compression,
+            encryption,
             initial_replication_start,
         };
         policy.validate()?;
@@ -211,6 +223,7 @@ impl Policy {
             "replicationFrequencyInSeconds": self.copy_frequency_secs,
             "applicationConsistentSnapshotFrequencyInHours": self.app_consistent_frequency_hours,
             "compression": if self.compression { "Enable" } else { "Disable" },
+            "encryption": if self.encryption { "Enable" } else { "Disable" },
             "initialReplicationMethod": "OverNetwork",
         });
         match self.retention {
@@ -262,9 +275,11 @@ mod tests {
             "instanceType": "HyperVReplica2012R2",
             "recoveryPoints": 15,
             "replicationFrequencyInSeconds": 900,
-            "compression": "Disable"
+            "compression": "Disable",
+            "encryption": "Enable"
         }))
         .unwrap();
+        assert!(p.encryption);
         assert_eq!(p.retention, Retention::Count { additional: 15 });
         assert!(!p.compression);
         assert_eq!(p.copy_frequency_secs, 900);

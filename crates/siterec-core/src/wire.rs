@@ -108,6 +108,9 @@ pub struct HeartbeatRequest {
     /// The target role's data endpoint, if this agent keeps a replica store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_url: Option<String>,
+    /// Whether the target role's replica store is encrypted.
+    #[serde(default)]
+    pub store_encrypted: bool,
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, ItemCounters>,
 }

@@ -87,11 +87,16 @@ fn detects_only_changed_blocks() {
     // Modify block 2 (one byte), make block 5 non-zero, zero block 8,
     // touch the short tail.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
-    f.write_all_at(&[0xAB], 2 * u64::from(CHUNK) + 17).unwrap();
+    f.write_all_at(&[!data[2 * CHUNK as usize + 17]], 2 * u64::from(CHUNK) + 17)
+        .unwrap();
     f.write_all_at(&[1, 2, 3], 5 * u64::from(CHUNK)).unwrap();
     f.write_all_at(&vec![0u8; CHUNK as usize], 8 * u64::from(CHUNK))
         .unwrap();
-    f.write_all_at(&[0xCD], 9 * u64::from(CHUNK) + 999).unwrap();
+    f.write_all_at(
+        &[!data[9 * CHUNK as usize + 999]],
+        9 * u64::from(CHUNK) + 999,
+    )
+    .unwrap();
     drop(f);
 
     let (second, got) = collect(&source, Some(&first.hashes), &stable_only());

@@ -245,6 +245,20 @@ pub fn parse_chunk_header(id: ChunkId, bytes: &[u8]) -> Result<ChunkHeader, Stor
 /// which itself is at most [`MAX_CHUNK_LEN`], so hostile input cannot make
 /// this allocate without bound.
 pub fn decode_chunk(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let plain = decode_chunk_unverified(id, bytes)?;
+    let actual = ChunkId::of(&plain);
+    if actual != id {
+        return Err(StoreError::CorruptChunk {
+            id,
+            reason: format!("plaintext hashes to {actual}"),
+        });
+    }
+    Ok(plain)
+}
+
+/// Decodes a chunk object without comparing its hash to anything; `id`
+/// only names the chunk in errors. The caller must hash the result.
+pub(crate) fn decode_chunk_unverified(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
     let h = parse_chunk_header(id, bytes)?;
     let payload = &bytes[CHUNK_HEADER_LEN..];
@@ -271,10 +285,6 @@ pub fn decode_chunk(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
             out
         }
     };
-    let actual = ChunkId::of(&plain);
-    if actual != id {
-        return Err(corrupt(format!("plaintext hashes to {actual}")));
-    }
     Ok(plain)
 }
 

@@ -361,10 +361,22 @@ async fn concurrent_puts(b: &Arc<dyn Backend>) {
 /// The whole [`Store`] flow on an empty backend: create, upload, commit,
 /// read back, reopen, verify, gc, and detection of corrupt objects
 /// (damaged through the backend itself, so it works on every backend).
-pub(crate) async fn store_suite(b: Arc<dyn Backend>) {
-    let store = Store::open_or_create(Arc::clone(&b)).await.unwrap();
+///
+/// With a key, the same flow on an encrypted store, plus checks that chunk
+/// object names are not the plaintext ids and that the key is required.
+pub(crate) async fn store_suite(b: Arc<dyn Backend>, key: Option<StoreKey>) {
+    let open = |b: &Arc<dyn Backend>| Store::open_or_create_with_key(Arc::clone(b), key.clone());
+    let store = open(&b).await.unwrap();
     assert!(b.exists(STORE_INFO_KEY).await.unwrap());
-    assert_eq!(store.info().version, STORE_FORMAT_VERSION);
+    assert_eq!(store.is_encrypted(), key.is_some());
+    assert_eq!(
+        store.info().version,
+        if key.is_some() {
+            STORE_FORMAT_VERSION_ENCRYPTED
+        } else {
+            STORE_FORMAT_VERSION_PLAIN
+        }
+    );
 
     // Upload and commit two points sharing most chunks.
     let img1 = image();
@@ -414,7 +426,29 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>) {
     assert_eq!(read_back(&store, &m1, 0, 1).await, img1);
     assert_eq!(read_back(&store, &m2, 0, 8).await, img2);
     // 3 distinct chunks in img1 (blocks 0 and 3 are equal), 1 more in img2.
-    assert_eq!(b.list("chunks/").await.unwrap().len(), 4);
+    let names = b.list("chunks/").await.unwrap();
+    assert_eq!(names.len(), 4);
+    let ids: HashSet<ChunkId> = m1
+        .referenced_chunks()
+        .union(&m2.referenced_chunks())
+        .copied()
+        .collect();
+    for id in &ids {
+        let hex = id.to_hex();
+        let leaks = names.iter().any(|n| n.contains(&hex));
+        assert_eq!(leaks, key.is_none(), "{hex} in {names:?}");
+        assert!(names.contains(&store.chunk_object_key(id)));
+    }
+    if key.is_some() {
+        // Without the key, nothing opens; with another key, neither.
+        let err = Store::open_or_create(Arc::clone(&b)).await.unwrap_err();
+        assert!(matches!(err, StoreError::KeyRequired { .. }), "{err}");
+        let other = Some(StoreKey::generate().unwrap());
+        let err = Store::open_or_create_with_key(Arc::clone(&b), other)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+    }
     let report = store.verify().await.unwrap();
     assert!(report.all_ok(), "{report:?}");
     assert_eq!(report.chunks_checked, 4);
@@ -422,7 +456,7 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>) {
     // Reopening finds everything; a clean sync means no recovery scan.
     store.sync().await.unwrap();
     drop(store);
-    let store = Store::open_or_create(Arc::clone(&b)).await.unwrap();
+    let store = open(&b).await.unwrap();
     assert!(store.last_recovery().is_none());
     assert_eq!(store.list_points(None).await.unwrap(), points);
 
@@ -455,11 +489,11 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>) {
 
     // A damaged chunk object is detected on read and by verify.
     let victim = m2.disks[0].chunks[2].unwrap();
-    let key = chunk_key(&victim);
-    let mut bytes = b.get(&key).await.unwrap().unwrap();
+    let victim_key = store.chunk_object_key(&victim);
+    let mut bytes = b.get(&victim_key).await.unwrap().unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    b.put(&key, bytes).await.unwrap();
+    b.put(&victim_key, bytes).await.unwrap();
     let err = store.get_chunk(victim).await.unwrap_err();
     assert!(
         matches!(err, StoreError::CorruptChunk { id, .. } if id == victim),
@@ -471,7 +505,7 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>) {
 
     // A missing one too.
     let gone = m2.disks[0].chunks[0].unwrap();
-    b.delete(&chunk_key(&gone)).await.unwrap();
+    b.delete(&store.chunk_object_key(&gone)).await.unwrap();
     assert!(store.get_chunk(gone).await.is_err());
     assert_eq!(
         store.verify().await.unwrap().points[0].damaged_chunks.len(),
@@ -529,7 +563,12 @@ async fn local_dir_conformance() {
     let config = BackendConfig::Local {
         path: dir.path().join("store"),
     };
-    store_suite(open_backend(&config).await.unwrap()).await;
+    store_suite(open_backend(&config).await.unwrap(), None).await;
+    let config = BackendConfig::Local {
+        path: dir.path().join("encrypted"),
+    };
+    let key = StoreKey::generate().unwrap();
+    store_suite(open_backend(&config).await.unwrap(), Some(key)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,7 +623,13 @@ async fn azure_blob_conformance() {
     let b = open_backend(&BackendConfig::Azure(azurite.config("store")))
         .await
         .unwrap();
-    store_suite(b).await;
+    store_suite(b, None).await;
+
+    azurite.create_container("encrypted").await;
+    let b = open_backend(&BackendConfig::Azure(azurite.config("encrypted")))
+        .await
+        .unwrap();
+    store_suite(b, Some(StoreKey::generate().unwrap())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -621,7 +666,7 @@ async fn s3_conformance() {
     let b = open_backend(&BackendConfig::S3(moto.config("store")))
         .await
         .unwrap();
-    store_suite(b).await;
+    store_suite(b, None).await;
 }
 
 #[test]

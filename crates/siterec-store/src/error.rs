@@ -173,6 +173,53 @@ pub enum StoreError {
         count: u64,
     },
 
+    /// The store is encrypted and was opened without its key.
+    #[error(
+        "the replica store is encrypted: opening it needs the store key file exported when \
+         the recovery agent was set up (key id {key_id}); without that key the data cannot be \
+         read"
+    )]
+    KeyRequired {
+        /// Id of the key the store was created with.
+        key_id: String,
+    },
+
+    /// The store is encrypted with another key than the one given.
+    #[error(
+        "wrong store key: the replica store is encrypted with key id {expected}, but the key \
+         given has id {got}; use the key file exported when this store was set up"
+    )]
+    WrongKey {
+        /// Id of the key the store was created with.
+        expected: String,
+        /// Id of the key given.
+        got: String,
+    },
+
+    /// A key was given for a store that is not encrypted.
+    #[error(
+        "a store key was given, but this replica store is not encrypted (it was created \
+         without a key, and its data is stored in the clear); open it without a key, or \
+         create a new, encrypted store and replicate into it"
+    )]
+    NotEncrypted,
+
+    /// A store key file cannot be used.
+    #[error("invalid store key file {what}: {reason}")]
+    InvalidKeyFile {
+        /// The file (path), or "key file" when parsing bytes.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The cryptographic library failed (not a data error).
+    #[error("cryptographic operation failed: could not {op}")]
+    Crypto {
+        /// What was being done.
+        op: &'static str,
+    },
+
     /// A background task panicked or was cancelled.
     #[error("internal task failed: {0}")]
     Task(String),

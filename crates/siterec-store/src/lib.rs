@@ -47,6 +47,21 @@
 //!   takes it exclusively. Chunks uploaded for a point not yet committed
 //!   must be passed to `gc` in `keep`.
 //!
+//! # Encryption at rest
+//!
+//! A store created with [`Store::open_or_create_with_key`] and a
+//! [`StoreKey`] is encrypted (store format version 2, the policy setting
+//! "encrypt data stored"): chunk objects and manifests are sealed with
+//! AES-256-GCM under keys derived from the store key, with the object's
+//! key as associated data, and chunk objects are named by a keyed BLAKE3
+//! of their id, so names reveal nothing about the data. It is transparent
+//! to callers, who keep using plaintext [`ChunkId`]s (use
+//! [`Store::chunk_object_key`] to address a chunk's object). The key is
+//! exported once to a key file ([`StoreKey::write_file`]); an encrypted
+//! store does not open without it ([`StoreError::KeyRequired`],
+//! [`StoreError::WrongKey`]), and a plain store refuses a key
+//! ([`StoreError::NotEncrypted`]). Plain stores are version 1, unchanged.
+//!
 //! A store is owned by one process at a time (one [`Store`] value and its
 //! clones); two processes sharing a directory, container or bucket are not
 //! supported.
@@ -86,6 +101,7 @@
 mod backend;
 mod chunk;
 mod config;
+mod crypt;
 mod error;
 mod manifest;
 mod remote;
@@ -93,6 +109,8 @@ mod store;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod encryption_tests;
 #[cfg(test)]
 mod store_tests;
 #[cfg(test)]
@@ -104,11 +122,16 @@ pub use chunk::{
     MAX_CHUNK_LEN, ParseChunkIdError, decode_chunk, encode_chunk, is_all_zero, parse_chunk_header,
 };
 pub use config::{AzureConfig, BackendConfig, S3Config, Secret, open_backend};
+pub use crypt::{
+    ENCRYPTION_ALGORITHM, ENVELOPE_MAGIC, ENVELOPE_OVERHEAD, KEY_FILE_HEADER, NAME_KEY_SCHEME,
+    STORE_KEY_LEN, StoreKey,
+};
 pub use error::StoreError;
 pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};
 pub use remote::{AzureBlob, S3};
 pub use store::{
-    CHUNK_LAYOUT_V1, DiskBlock, DiskReader, GcReport, PointRef, PointVerify, RecoveryReport,
-    STORE_FORMAT_NAME, STORE_FORMAT_VERSION, STORE_INFO_KEY, Store, StoreInfo, UNSYNCED_MARKER_KEY,
+    CHUNK_LAYOUT_V1, DiskBlock, DiskReader, EncryptionInfo, GcReport, PointRef, PointVerify,
+    RecoveryReport, STORE_FORMAT_NAME, STORE_FORMAT_VERSION, STORE_FORMAT_VERSION_ENCRYPTED,
+    STORE_FORMAT_VERSION_PLAIN, STORE_INFO_KEY, Store, StoreInfo, UNSYNCED_MARKER_KEY,
     VerifyReport, chunk_key, manifest_key, parse_chunk_key,
 };

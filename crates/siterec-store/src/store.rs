@@ -12,12 +12,18 @@ use tokio::sync::{Mutex, OwnedRwLockReadGuard, RwLock};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, LocalDir};
-use crate::chunk::{ChunkId, decode_chunk, encode_chunk, is_all_zero};
+use crate::chunk::{ChunkId, decode_chunk, decode_chunk_unverified, encode_chunk, is_all_zero};
+use crate::crypt::{Cipher, ENCRYPTION_ALGORITHM, NAME_KEY_SCHEME, OpenError, StoreKey};
 use crate::error::StoreError;
 use crate::manifest::{DiskManifest, Manifest, validate_name};
 
-/// The store format version this build writes and the newest it opens.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+/// The newest store format version this build opens.
+pub const STORE_FORMAT_VERSION: u32 = STORE_FORMAT_VERSION_ENCRYPTED;
+/// The version of stores created without a key (unchanged since 1).
+pub const STORE_FORMAT_VERSION_PLAIN: u32 = 1;
+/// The version of encrypted stores: a version-1 reader must refuse them
+/// rather than misread their objects.
+pub const STORE_FORMAT_VERSION_ENCRYPTED: u32 = 2;
 /// Key of the store description.
 pub const STORE_INFO_KEY: &str = "store.json";
 /// Key of the marker saying chunks may have been written without a barrier.
@@ -47,15 +53,33 @@ pub struct StoreInfo {
     pub created_at: time::OffsetDateTime,
     /// Where chunks live; [`CHUNK_LAYOUT_V1`].
     pub chunk_layout: String,
+    /// Present exactly in encrypted (version 2) stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionInfo>,
 }
 
-/// The key of chunk `id`: `chunks/<first 2 hex digits>/<64 hex digits>`.
+/// The `encryption` member of `store.json` (version 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionInfo {
+    /// Always `"AES-256-GCM"`.
+    pub algorithm: String,
+    /// [`StoreKey::key_id`] of the store's key.
+    pub key_id: String,
+    /// How chunk object names are derived; always `"blake3-keyed"`.
+    pub name_key: String,
+}
+
+/// The key of chunk `id` in a plain store: `chunks/<first 2 hex
+/// digits>/<64 hex digits>`. An encrypted store names chunks differently:
+/// use [`Store::chunk_object_key`], which is right for both.
 pub fn chunk_key(id: &ChunkId) -> String {
     let hex = id.to_hex();
     format!("{CHUNKS_PREFIX}{}/{hex}", &hex[..2])
 }
 
-/// The chunk id a key designates, if it is a well-formed chunk key.
+/// The 32 bytes a key carries, if it is a well-formed chunk key: the chunk
+/// id in a plain store, its keyed hash in an encrypted one.
 pub fn parse_chunk_key(key: &str) -> Option<ChunkId> {
     let rest = key.strip_prefix(CHUNKS_PREFIX)?;
     let (dir, name) = rest.split_once('/')?;
@@ -142,8 +166,14 @@ impl VerifyReport {
 pub struct RecoveryReport {
     /// Chunks read and verified.
     pub chunks_checked: u64,
-    /// Chunks found damaged (e.g. not durable at the crash) and removed.
+    /// Chunks found damaged (e.g. not durable at the crash) and removed,
+    /// by id. Only in plain stores: an encrypted store's object names do not
+    /// reveal the id of a chunk that cannot be decrypted; see
+    /// `objects_removed`.
     pub chunks_removed: Vec<ChunkId>,
+    /// The keys of the damaged chunk objects removed (every store).
+    #[serde(default)]
+    pub objects_removed: Vec<String>,
     /// Leftover temporary files removed.
     pub temp_files_removed: u64,
 }
@@ -164,6 +194,8 @@ pub struct DiskBlock {
 struct Inner {
     backend: Arc<dyn Backend>,
     info: StoreInfo,
+    /// The keys of an encrypted store; `None` for a plain one.
+    cipher: Option<Cipher>,
     /// Chunk puts, commits, deletes and reads take it shared; gc takes it
     /// exclusively so that it never sweeps a chunk a commit relies on.
     gate: Arc<RwLock<()>>,
@@ -191,6 +223,70 @@ impl std::fmt::Debug for Store {
             .field("backend", &self.inner.backend.describe())
             .field("info", &self.inner.info)
             .finish()
+    }
+}
+
+impl Inner {
+    /// The object key of chunk `id`: [`chunk_key`] of the id itself in a
+    /// plain store, of its keyed hash in an encrypted one.
+    fn object_key(&self, id: &ChunkId) -> String {
+        match &self.cipher {
+            None => chunk_key(id),
+            Some(c) => chunk_key(&c.chunk_name(id)),
+        }
+    }
+
+    /// Encrypts an encoded chunk for `object_key` (plain stores: as is).
+    fn seal_chunk(&self, object_key: &str, encoded: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match &self.cipher {
+            None => Ok(encoded),
+            Some(c) => c.seal_chunk(object_key, &encoded),
+        }
+    }
+
+    /// The encoded chunk inside a stored object (plain stores: as is).
+    /// `id` names the chunk in errors.
+    fn open_chunk(
+        &self,
+        id: ChunkId,
+        object_key: &str,
+        stored: Vec<u8>,
+    ) -> Result<Vec<u8>, StoreError> {
+        match &self.cipher {
+            None => Ok(stored),
+            Some(c) => c.open_chunk(object_key, stored).map_err(|e| match e {
+                OpenError::Newer(found) => StoreError::UnsupportedVersion {
+                    what: format!("encrypted chunk {id}"),
+                    found,
+                    supported: 1,
+                },
+                OpenError::Corrupt(reason) => StoreError::CorruptChunk { id, reason },
+            }),
+        }
+    }
+
+    fn seal_manifest(&self, object_key: &str, encoded: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match &self.cipher {
+            None => Ok(encoded),
+            Some(c) => c.seal_manifest(object_key, &encoded),
+        }
+    }
+
+    fn open_manifest(&self, object_key: &str, stored: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match &self.cipher {
+            None => Ok(stored),
+            Some(c) => c.open_manifest(object_key, stored).map_err(|e| match e {
+                OpenError::Newer(found) => StoreError::UnsupportedVersion {
+                    what: format!("encrypted manifest {object_key}"),
+                    found,
+                    supported: 1,
+                },
+                OpenError::Corrupt(reason) => StoreError::CorruptManifest {
+                    what: object_key.to_string(),
+                    reason,
+                },
+            }),
+        }
     }
 }
 
@@ -232,15 +328,68 @@ impl Store {
     /// yet durable (the unsynced marker exists), every chunk is read and
     /// verified and damaged ones are removed before the store is returned;
     /// see [`Store::last_recovery`].
+    ///
+    /// Same as [`Store::open_or_create_with_key`] without a key: refuses an
+    /// encrypted store ([`StoreError::KeyRequired`]).
     pub async fn open_or_create(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
+        Store::open_or_create_with_key(backend, None).await
+    }
+
+    /// Opens the store on `backend`, creating it if the backend holds none:
+    /// encrypted with `key` if there is one (store format version 2), else
+    /// plain (version 1).
+    ///
+    /// An existing store must match: an encrypted store needs its key
+    /// ([`StoreError::KeyRequired`] without one, [`StoreError::WrongKey`]
+    /// with another), and a plain store refuses a key
+    /// ([`StoreError::NotEncrypted`]) so that nobody believes data is
+    /// encrypted when it is not. These checks come before anything is
+    /// written.
+    ///
+    /// Encryption is transparent: callers keep using plaintext
+    /// [`ChunkId`]s and manifests; chunk object names, chunk objects and
+    /// manifests are what `FORMAT.md` describes for version 2.
+    pub async fn open_or_create_with_key(
+        backend: Arc<dyn Backend>,
+        key: Option<StoreKey>,
+    ) -> Result<Store, StoreError> {
         let info = match backend.get(STORE_INFO_KEY).await? {
-            Some(bytes) => parse_store_info(&bytes)?,
+            Some(bytes) => {
+                let info = parse_store_info(&bytes)?;
+                match (&info.encryption, &key) {
+                    (None, None) => {}
+                    (None, Some(_)) => return Err(StoreError::NotEncrypted),
+                    (Some(e), None) => {
+                        return Err(StoreError::KeyRequired {
+                            key_id: e.key_id.clone(),
+                        });
+                    }
+                    (Some(e), Some(k)) => {
+                        if e.key_id != k.key_id() {
+                            return Err(StoreError::WrongKey {
+                                expected: e.key_id.clone(),
+                                got: k.key_id(),
+                            });
+                        }
+                    }
+                }
+                info
+            }
             None => {
                 let info = StoreInfo {
                     format: STORE_FORMAT_NAME.to_string(),
-                    version: STORE_FORMAT_VERSION,
+                    version: if key.is_some() {
+                        STORE_FORMAT_VERSION_ENCRYPTED
+                    } else {
+                        STORE_FORMAT_VERSION_PLAIN
+                    },
                     created_at: time::OffsetDateTime::now_utc(),
                     chunk_layout: CHUNK_LAYOUT_V1.to_string(),
+                    encryption: key.as_ref().map(|k| EncryptionInfo {
+                        algorithm: ENCRYPTION_ALGORITHM.to_string(),
+                        key_id: k.key_id(),
+                        name_key: NAME_KEY_SCHEME.to_string(),
+                    }),
                 };
                 let json =
                     serde_json::to_vec_pretty(&info).map_err(|e| StoreError::CorruptMetadata {
@@ -248,15 +397,21 @@ impl Store {
                         reason: format!("cannot serialize: {e}"),
                     })?;
                 backend.put_durable(STORE_INFO_KEY, json).await?;
-                tracing::info!(backend = %backend.describe(), "created replica store");
+                tracing::info!(
+                    backend = %backend.describe(),
+                    encrypted = key.is_some(),
+                    "created replica store"
+                );
                 info
             }
         };
+        let cipher = key.as_ref().map(Cipher::new).transpose()?;
         let unsynced = backend.exists(UNSYNCED_MARKER_KEY).await?;
         let store = Store {
             inner: Arc::new(Inner {
                 backend,
                 info,
+                cipher,
                 gate: Arc::new(RwLock::new(())),
                 commit_lock: Mutex::new(()),
                 unsynced: Mutex::new(unsynced),
@@ -288,6 +443,24 @@ impl Store {
         &self.inner.info
     }
 
+    /// Whether the store is encrypted at rest.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.cipher.is_some()
+    }
+
+    /// The [key id](StoreKey::key_id) of an encrypted store's key.
+    pub fn key_id(&self) -> Option<String> {
+        self.inner.cipher.as_ref().map(|c| c.key_id().to_string())
+    }
+
+    /// The backend key of chunk `id`'s object: [`chunk_key`] of `id` in a
+    /// plain store; in an encrypted one, of a keyed hash of `id` that
+    /// reveals nothing about the data. For callers that must address the
+    /// object itself (e.g. to delete a damaged chunk).
+    pub fn chunk_object_key(&self, id: &ChunkId) -> String {
+        self.inner.object_key(id)
+    }
+
     /// What opening did to recover from an unclean shutdown, if it had to.
     pub fn last_recovery(&self) -> Option<&RecoveryReport> {
         self.inner.recovery.get()
@@ -300,29 +473,34 @@ impl Store {
         );
         let _g = self.inner.gate.write().await;
         let backend = &self.inner.backend;
-        let ids: Vec<ChunkId> = backend
+        // (object key, the 32 bytes its name carries): the chunk id in a
+        // plain store, a keyed hash of it in an encrypted one.
+        let objects: Vec<(String, ChunkId)> = backend
             .list(CHUNKS_PREFIX)
             .await?
-            .iter()
-            .filter_map(|k| parse_chunk_key(k))
+            .into_iter()
+            .filter_map(|k| parse_chunk_key(&k).map(|named| (k, named)))
             .collect();
         let this = self.clone();
-        let results = map_bounded(ids.clone(), READ_PARALLELISM, move |id| {
+        let results = map_bounded(objects.clone(), READ_PARALLELISM, move |(key, named)| {
             let this = this.clone();
-            async move { this.get_chunk_unlocked(id).await }
+            async move { this.check_chunk_object(key, named).await }
         })
         .await?;
         let mut report = RecoveryReport {
-            chunks_checked: ids.len() as u64,
+            chunks_checked: objects.len() as u64,
             ..Default::default()
         };
-        for (id, r) in ids.into_iter().zip(results) {
+        for ((key, named), r) in objects.into_iter().zip(results) {
             match r {
                 Ok(_) => {}
                 Err(StoreError::CorruptChunk { reason, .. }) => {
-                    tracing::warn!(chunk = %id, %reason, "removing damaged chunk");
-                    backend.delete(&chunk_key(&id)).await?;
-                    report.chunks_removed.push(id);
+                    tracing::warn!(object = %key, %reason, "removing damaged chunk");
+                    backend.delete(&key).await?;
+                    if !self.is_encrypted() {
+                        report.chunks_removed.push(named);
+                    }
+                    report.objects_removed.push(key);
                 }
                 // Missing (raced with nothing, we hold the gate) or a newer
                 // chunk version: not ours to remove.
@@ -333,6 +511,40 @@ impl Store {
         report.temp_files_removed = backend.remove_stale_temp(Duration::ZERO).await?;
         self.barrier_and_settle().await?;
         Ok(report)
+    }
+
+    /// Reads the chunk object `key` and checks it holds a chunk whose
+    /// object key is `key`, without knowing the chunk's id beforehand (an
+    /// encrypted store's names cannot be inverted). `named` is what the
+    /// name carries, used in errors. Returns the chunk id.
+    async fn check_chunk_object(&self, key: String, named: ChunkId) -> Result<ChunkId, StoreError> {
+        let stored =
+            self.inner
+                .backend
+                .get(&key)
+                .await?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id: named,
+                    context: format!("object {key} not found"),
+                })?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let encoded = inner.open_chunk(named, &key, stored)?;
+            let plain = decode_chunk_unverified(named, &encoded)?;
+            let id = ChunkId::of(&plain);
+            if inner.object_key(&id) != key {
+                return Err(StoreError::CorruptChunk {
+                    id: named,
+                    reason: format!(
+                        "its plaintext hashes to {id}, which is not the chunk object {key} \
+                         names"
+                    ),
+                });
+            }
+            Ok(id)
+        })
+        .await
+        .map_err(StoreError::task)?
     }
 
     /// Makes everything written so far durable, and records that no chunk
@@ -370,16 +582,19 @@ impl Store {
     /// record them as `None`.
     pub async fn put_encoded_chunk(&self, id: ChunkId, bytes: Vec<u8>) -> Result<bool, StoreError> {
         let guard = Arc::clone(&self.inner.gate).read_owned().await;
-        let key = chunk_key(&id);
+        let key = self.inner.object_key(&id);
         if self.inner.backend.exists(&key).await? {
             return Ok(false);
         }
+        let inner = Arc::clone(&self.inner);
+        let object_key = key.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             let plain = decode_chunk(id, &bytes)?;
             if is_all_zero(&plain) {
                 return Err(StoreError::ZeroChunk { id });
             }
-            Ok(bytes)
+            drop(plain);
+            inner.seal_chunk(&object_key, bytes)
         })
         .await
         .map_err(StoreError::task)??;
@@ -394,18 +609,26 @@ impl Store {
         plain: Vec<u8>,
         compress: bool,
     ) -> Result<Option<ChunkId>, StoreError> {
-        let enc = tokio::task::spawn_blocking(move || {
-            (!is_all_zero(&plain)).then(|| encode_chunk(&plain, compress))
+        let inner = Arc::clone(&self.inner);
+        let sealed = tokio::task::spawn_blocking(move || {
+            if is_all_zero(&plain) {
+                return Ok(None);
+            }
+            let enc = encode_chunk(&plain, compress);
+            let key = inner.object_key(&enc.id);
+            let bytes = inner.seal_chunk(&key, enc.bytes)?;
+            Ok::<_, StoreError>(Some((enc.id, key, bytes)))
         })
         .await
-        .map_err(StoreError::task)?;
-        let Some(enc) = enc else { return Ok(None) };
+        .map_err(StoreError::task)??;
+        let Some((id, key, bytes)) = sealed else {
+            return Ok(None);
+        };
         let guard = Arc::clone(&self.inner.gate).read_owned().await;
-        let key = chunk_key(&enc.id);
         if !self.inner.backend.exists(&key).await? {
-            self.write_chunk(guard, key, enc.bytes).await?;
+            self.write_chunk(guard, key, bytes).await?;
         }
-        Ok(Some(enc.id))
+        Ok(Some(id))
     }
 
     /// Writes a chunk object following the unsynced-marker protocol. The
@@ -442,7 +665,7 @@ impl Store {
     /// Whether chunk `id` is stored.
     pub async fn has_chunk(&self, id: ChunkId) -> Result<bool, StoreError> {
         let _g = self.inner.gate.read().await;
-        self.inner.backend.exists(&chunk_key(&id)).await
+        self.inner.backend.exists(&self.inner.object_key(&id)).await
     }
 
     /// For each id, whether it is stored.
@@ -452,10 +675,11 @@ impl Store {
     }
 
     async fn exists_many(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
+        let keys: Vec<String> = ids.iter().map(|id| self.inner.object_key(id)).collect();
         let backend = Arc::clone(&self.inner.backend);
-        map_bounded(ids, META_PARALLELISM, move |id| {
+        map_bounded(keys, META_PARALLELISM, move |key| {
             let backend = Arc::clone(&backend);
-            async move { backend.exists(&chunk_key(&id)).await }
+            async move { backend.exists(&key).await }
         })
         .await?
         .into_iter()
@@ -469,7 +693,7 @@ impl Store {
     }
 
     async fn get_chunk_unlocked(&self, id: ChunkId) -> Result<Vec<u8>, StoreError> {
-        let key = chunk_key(&id);
+        let key = self.inner.object_key(&id);
         let bytes =
             self.inner
                 .backend
@@ -479,9 +703,13 @@ impl Store {
                     id,
                     context: format!("object {key} not found"),
                 })?;
-        tokio::task::spawn_blocking(move || decode_chunk(id, &bytes))
-            .await
-            .map_err(StoreError::task)?
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let encoded = inner.open_chunk(id, &key, bytes)?;
+            decode_chunk(id, &encoded)
+        })
+        .await
+        .map_err(StoreError::task)?
     }
 
     /// Commits a recovery point: makes it visible once every chunk it
@@ -502,7 +730,9 @@ impl Store {
         let _c = self.inner.commit_lock.lock().await;
         let backend = &self.inner.backend;
         if let Some(existing) = backend.get(&key).await? {
-            if existing == bytes {
+            // Encrypted manifests differ on every write (random nonces):
+            // compare what they hold.
+            if self.inner.open_manifest(&key, existing)? == bytes {
                 return self.barrier_and_settle().await;
             }
             return Err(StoreError::PointConflict {
@@ -526,6 +756,7 @@ impl Store {
                 ),
             });
         }
+        let bytes = self.inner.seal_manifest(&key, bytes)?;
         self.barrier_and_settle().await?;
         backend.put_durable(&key, bytes).await?;
         tracing::info!(item = %manifest.item, point = %manifest.point_id, "committed recovery point");
@@ -580,7 +811,9 @@ impl Store {
                     point_id: point_id.to_string(),
                 })?;
         let (item, point_id) = (item.to_string(), point_id.to_string());
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
+            let bytes = inner.open_manifest(&key, bytes)?;
             let m = Manifest::decode_named(&key, &bytes)?;
             if m.item != item || m.point_id != point_id {
                 return Err(StoreError::CorruptManifest {
@@ -678,12 +911,16 @@ impl Store {
             marked.extend(m.referenced_chunks());
             report.points += 1;
         }
+        // Marks are plaintext ids; objects are named by their keys.
+        let marked: HashSet<String> = marked.iter().map(|id| self.inner.object_key(id)).collect();
         let mut doomed = Vec::new();
         for key in backend.list(CHUNKS_PREFIX).await? {
-            match parse_chunk_key(&key) {
-                Some(id) if marked.contains(&id) => report.chunks_kept += 1,
-                Some(_) => doomed.push(key),
-                None => tracing::warn!(%key, "gc: ignoring unexpected object under chunks/"),
+            if parse_chunk_key(&key).is_none() {
+                tracing::warn!(%key, "gc: ignoring unexpected object under chunks/");
+            } else if marked.contains(&key) {
+                report.chunks_kept += 1;
+            } else {
+                doomed.push(key);
             }
         }
         let b = Arc::clone(backend);
@@ -808,6 +1045,28 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
             "version {} with chunk layout {:?} is not a known combination",
             info.version, info.chunk_layout
         )));
+    }
+    match (&info.encryption, info.version) {
+        (None, STORE_FORMAT_VERSION_PLAIN) => {}
+        (Some(e), STORE_FORMAT_VERSION_ENCRYPTED) => {
+            if e.algorithm != ENCRYPTION_ALGORITHM || e.name_key != NAME_KEY_SCHEME {
+                return Err(corrupt(format!(
+                    "unknown encryption (algorithm {:?}, nameKey {:?}); this build knows \
+                     {ENCRYPTION_ALGORITHM:?} with {NAME_KEY_SCHEME:?}",
+                    e.algorithm, e.name_key
+                )));
+            }
+        }
+        (None, v) => {
+            return Err(corrupt(format!(
+                "version {v} requires an \"encryption\" member, and there is none"
+            )));
+        }
+        (Some(_), v) => {
+            return Err(corrupt(format!(
+                "version {v} stores are not encrypted, yet it has an \"encryption\" member"
+            )));
+        }
     }
     Ok(info)
 }

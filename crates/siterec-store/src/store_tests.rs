@@ -106,7 +106,8 @@ pub(crate) async fn read_back(
 async fn commit_list_and_read_back() {
     let (dir, store) = new_store().await;
     assert!(dir.path().join("store.json").exists());
-    assert_eq!(store.info().version, STORE_FORMAT_VERSION);
+    assert_eq!(store.info().version, STORE_FORMAT_VERSION_PLAIN);
+    assert!(!store.is_encrypted() && store.key_id().is_none());
     let img = image();
     let disk = upload_disk(&store, "disk0", &img).await;
     assert_eq!(disk.chunks.len(), 5);
@@ -475,7 +476,8 @@ async fn store_json_versions() {
 
     let path = dir.path().join(STORE_INFO_KEY);
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    v["version"] = 2.into();
+    let original = v.clone();
+    v["version"] = 3.into();
     v["new_field"] = "x".into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();
@@ -483,13 +485,32 @@ async fn store_json_versions() {
         matches!(
             err,
             StoreError::UnsupportedVersion {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
         "{err}"
     );
+    // Version 2 means encrypted: without an "encryption" member it is not
+    // a known store, and neither is a version 1 store with one.
+    let mut v = original.clone();
+    v["version"] = 2.into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(matches!(err, StoreError::CorruptMetadata { .. }), "{err}");
+    let mut v = original.clone();
+    v["encryption"] = serde_json::json!({
+        "algorithm": "AES-256-GCM", "keyId": "0011223344556677", "nameKey": "blake3-keyed"
+    });
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(matches!(err, StoreError::CorruptMetadata { .. }), "{err}");
+    v["version"] = 2.into();
+    v["encryption"]["algorithm"] = "ROT13".into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(err.to_string().contains("ROT13"), "{err}");
 
     std::fs::write(&path, b"{\"hello\": 1}").unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();

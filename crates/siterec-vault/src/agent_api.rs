@@ -139,11 +139,12 @@ async fn heartbeat(
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
-        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, counters = ? WHERE id = ?",
+        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, store_encrypted = ?, counters = ? WHERE id = ?",
     )
     .bind(now)
     .bind(&req.cloud)
     .bind(&req.data_url)
+    .bind(req.store_encrypted)
     .bind(serde_json::to_string(&req.counters).unwrap_or_else(|_| "{}".into()))
     .bind(&agent)
     .execute(&mut *tx)

@@ -807,6 +807,24 @@ async fn enable_protection(
         Some(pid) => model::load_policy(&st.db, last_segment(pid)).await?.0,
         None => mapped_policy,
     };
+    if model::load_policy(&st.db, &policy).await?.1.encryption {
+        let encrypted: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND store_encrypted = 1",
+        )
+        .bind(&tf)
+        .bind(&tc)
+        .fetch_one(&st.db)
+        .await?;
+        if encrypted == 0 {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "StoreNotEncrypted",
+                format!(
+                    "policy '{policy}' encrypts data stored, but no agent of recovery cloud {tf}/{tc} keeps an encrypted replica store; set encryption_key in its [target] section"
+                ),
+            ));
+        }
+    }
     let row: Option<(String, String)> = sqlx::query_as(
         "SELECT name, info FROM machines WHERE fabric = ? AND container = ? AND name = ?",
     )

@@ -16,6 +16,10 @@ pub type Db = SqlitePool;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_job_output.sql")),
+    (
+        3,
+        include_str!("../migrations/sqlite/0003_store_encryption.sql"),
+    ),
 ];
 
 pub async fn open(path: &Path) -> anyhow::Result<Db> {

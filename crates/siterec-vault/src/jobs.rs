@@ -368,20 +368,29 @@ async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
 
 async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
     let item = ctx.str("item")?;
-    let (tf, tc, current): (String, String, Option<String>) =
-        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id FROM protected_items WHERE name = ?")
+    let (tf, tc, current, policy): (String, String, Option<String>, String) =
+        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id, policy FROM protected_items WHERE name = ?")
             .bind(&item)
             .fetch_one(&mut **tx)
             .await?;
     if current.is_some() {
         return Ok(Step::Done);
     }
+    // A policy that encrypts data stored needs an encrypted replica store.
+    let body: Option<String> = sqlx::query_scalar("SELECT body FROM policies WHERE name = ?")
+        .bind(&policy)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let encrypt = body
+        .and_then(|b| serde_json::from_str::<siterec_core::policy::Policy>(&b).ok())
+        .is_some_and(|p| p.encryption);
     let agent: Option<String> = sqlx::query_scalar(
-        "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? ORDER BY last_seen_ms DESC LIMIT 1",
+        "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? AND (store_encrypted = 1 OR ? = 0) ORDER BY last_seen_ms DESC LIMIT 1",
     )
     .bind(&tf)
     .bind(&tc)
     .bind(ctx.now_ms - AGENT_ONLINE_MS)
+    .bind(encrypt)
     .fetch_optional(&mut **tx)
     .await?;
     match agent {

@@ -410,6 +410,7 @@ impl Rig {
             vault_url: "https://127.0.0.1:9".into(),
             status: Arc::new(Mutex::new(siterec_agent::AgentStatus::default())),
             upload_streams: siterec_agent::source::DEFAULT_UPLOAD_STREAMS,
+            throttle: Default::default(),
         };
         Ok(Rig {
             ctx,

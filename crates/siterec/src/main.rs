@@ -183,6 +183,30 @@ enum AgentSub {
         #[arg(long, default_value = "siterec-agent")]
         data: PathBuf,
     },
+    /// Set the host's replication bandwidth limits (the running agent picks
+    /// them up within a second): work and non-work hours, 512 Kbps to 102
+    /// Mbps each, or --none.
+    Throttle {
+        #[arg(long, default_value = "siterec-agent")]
+        data: PathBuf,
+        /// No throttling.
+        #[arg(long, conflicts_with_all = ["work_kbps", "non_work_kbps"])]
+        none: bool,
+        /// Work days, e.g. mon,tue,wed,thu,fri.
+        #[arg(long, default_value = "mon,tue,wed,thu,fri")]
+        work_days: String,
+        #[arg(long, default_value_t = 9)]
+        start_hour: u8,
+        #[arg(long, default_value_t = 18)]
+        end_hour: u8,
+        #[arg(long, required_unless_present = "none")]
+        work_kbps: Option<u64>,
+        #[arg(long, required_unless_present = "none")]
+        non_work_kbps: Option<u64>,
+        /// The schedule's time zone as minutes east of UTC.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        utc_offset_minutes: i32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -230,6 +254,9 @@ enum PolicyCmd {
         app_consistent_hours: u32,
         #[arg(long)]
         no_compression: bool,
+        /// Encrypt data stored (the recovery agent's store must be encrypted).
+        #[arg(long)]
+        encrypt: bool,
         /// ARM instanceType of the policy.
         #[arg(long, default_value = "HyperVReplicaAzure")]
         instance_type: String,
@@ -535,6 +562,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Agent(AgentCmd {
+            sub:
+                Some(AgentSub::Throttle {
+                    data,
+                    none,
+                    work_days,
+                    start_hour,
+                    end_hour,
+                    work_kbps,
+                    non_work_kbps,
+                    utc_offset_minutes,
+                }),
+            ..
+        }) => throttle(
+            &data,
+            none,
+            &work_days,
+            (start_hour, end_hour),
+            (work_kbps, non_work_kbps),
+            utc_offset_minutes,
+            out,
+        ),
+        Cmd::Agent(AgentCmd {
             sub: None,
             key,
             data,
@@ -801,6 +850,10 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             "COMPRESSION",
             "/properties/providerSpecificDetails/compression",
         ),
+        (
+            "ENCRYPTION",
+            "/properties/providerSpecificDetails/encryption",
+        ),
     ];
     match cmd {
         PolicyCmd::Create {
@@ -810,6 +863,7 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             recovery_points,
             app_consistent_hours,
             no_compression,
+            encrypt,
             instance_type,
         } => {
             let mut input = json!({
@@ -817,6 +871,7 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
                 "replicationInterval": copy_frequency,
                 "applicationConsistentSnapshotFrequencyInHours": app_consistent_hours,
                 "compression": if no_compression { "Disable" } else { "Enable" },
+                "encryption": if encrypt { "Enable" } else { "Disable" },
             });
             match (retention_hours, recovery_points) {
                 (_, Some(n)) => input["recoveryPoints"] = n.into(),
@@ -1069,6 +1124,58 @@ async fn verify_stores(conn: &Conn, out: Format, fabric: &str) -> anyhow::Result
             op.job_id
         );
         return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn throttle(
+    data: &std::path::Path,
+    none: bool,
+    work_days: &str,
+    (start_hour, end_hour): (u8, u8),
+    (work_kbps, non_work_kbps): (Option<u64>, Option<u64>),
+    utc_offset_minutes: i32,
+    out: Format,
+) -> anyhow::Result<ExitCode> {
+    use siterec_agent::throttle::ThrottleSettings;
+    let settings = if none {
+        ThrottleSettings::None
+    } else {
+        let days = work_days
+            .split(',')
+            .filter(|d| !d.trim().is_empty())
+            .map(|d| match d.trim().to_ascii_lowercase().get(..3) {
+                Some("mon") => Ok(0),
+                Some("tue") => Ok(1),
+                Some("wed") => Ok(2),
+                Some("thu") => Ok(3),
+                Some("fri") => Ok(4),
+                Some("sat") => Ok(5),
+                Some("sun") => Ok(6),
+                _ => Err(anyhow::anyhow!(
+                    "'{d}' is not a day: use mon, tue, wed, thu, fri, sat, sun"
+                )),
+            })
+            .collect::<anyhow::Result<Vec<u8>>>()?;
+        ThrottleSettings::Schedule {
+            work_days: days,
+            start_hour,
+            end_hour,
+            work_kbps: work_kbps.unwrap_or_default(),
+            non_work_kbps: non_work_kbps.unwrap_or_default(),
+            utc_offset_minutes,
+        }
+    };
+    if !data.is_dir() {
+        bail!("{} is not an agent data directory", data.display());
+    }
+    settings.write(data)?;
+    match out {
+        Format::Json => output::json(&serde_json::to_value(&settings)?),
+        Format::Table => println!(
+            "bandwidth throttling of {} set: {settings:?}",
+            data.display()
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }
