@@ -120,14 +120,6 @@ fn damaged_chunks_are_reported_and_never_restored() {
     assert!(victim.exists(), "the chunk was sent again");
     let failed = env.json(&["failover", "unplanned", "app01", "--point", &fresh]);
     assert_eq!(failed["status"], "Succeeded");
-    let raw = failed["result"]["properties"]["providerSpecificDetails"]["failoverDisks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["format"] == "raw")
-        .unwrap()["path"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(qemu_img_identical(&disk, Path::new(&raw), "raw"));
+    let raw = failover_disk(&failed, "raw");
+    assert!(qemu_img_identical(&disk, &raw, "raw"));
 }

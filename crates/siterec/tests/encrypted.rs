@@ -108,16 +108,8 @@ fn encrypted_store_protects_and_fails_over() {
 
     let out = env.json(&["failover", "unplanned", "sec01"]);
     assert_eq!(out["status"], "Succeeded", "{out}");
-    let raw = out["result"]["properties"]["providerSpecificDetails"]["failoverDisks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["format"] == "raw")
-        .unwrap()["path"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert!(qemu_img_identical(&disk, Path::new(&raw), "raw"));
+    let raw = failover_disk(&out, "raw");
+    assert!(qemu_img_identical(&disk, &raw, "raw"));
 
     // Without its key file, the recovery agent cannot open the store.
     env.kill("recovery-agent");

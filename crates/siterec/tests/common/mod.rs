@@ -323,6 +323,16 @@ impl Env {
     }
 }
 
+/// The path of the `format` image a failover (CLI `--output json`) wrote.
+pub fn failover_disk(op: &Value, format: &str) -> PathBuf {
+    op["result"]["properties"]["providerSpecificDetails"]["failoverDisks"]
+        .as_array()
+        .and_then(|disks| disks.iter().find(|d| d["format"] == format))
+        .and_then(|d| d["path"].as_str())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no {format} disk in {op}"))
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
