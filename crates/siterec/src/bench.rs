@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub dir: PathBuf,
     pub size_mib: u64,
     pub churn_percent: f64,
+    /// Chunk uploads in flight (the agent's `upload_streams`).
+    pub streams: usize,
 }
 
 struct Row {
@@ -53,7 +55,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let mut rows: Vec<Row> = Vec::new();
 
     // ---- ours: initial replication through the real pipeline ----
-    let rig = Rig::start(&dir.join("siterec")).await?;
+    let rig = Rig::start(&dir.join("siterec"), opts.streams).await?;
     let assignment = rig.assignment(&image, size);
     let t = Instant::now();
     let p1 = siterec_agent::source::cycle(&rig.ctx, &assignment).await?;
@@ -258,8 +260,8 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         ),
         Format::Table => {
             println!(
-                "image {} MiB, churn {}% of 4 KiB blocks; restored image identical: {identical}",
-                opts.size_mib, opts.churn_percent
+                "image {} MiB, churn {}% of 4 KiB blocks, {} upload streams; restored image identical: {identical}",
+                opts.size_mib, opts.churn_percent, opts.streams
             );
             crate::output::rows(
                 out,
@@ -374,7 +376,7 @@ struct Rig {
 }
 
 impl Rig {
-    async fn start(dir: &Path) -> anyhow::Result<Rig> {
+    async fn start(dir: &Path, streams: usize) -> anyhow::Result<Rig> {
         std::fs::create_dir_all(dir)?;
         let ca = siterec_pki::Ca::generate("bench CA")?;
         let names = ["127.0.0.1".to_string(), "localhost".to_string()];
@@ -409,7 +411,7 @@ impl Rig {
             data: client,
             vault_url: "https://127.0.0.1:9".into(),
             status: Arc::new(Mutex::new(siterec_agent::AgentStatus::default())),
-            upload_streams: siterec_agent::source::DEFAULT_UPLOAD_STREAMS,
+            upload_streams: streams,
             throttle: Default::default(),
         };
         Ok(Rig {

@@ -112,6 +112,9 @@ enum BenchCmd {
         /// Percentage of 4 KiB blocks overwritten before the delta cycle.
         #[arg(long, default_value_t = 1.0)]
         churn_percent: f64,
+        /// Chunk uploads in flight (as the agent's upload_streams, 1-32).
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
     },
 }
 
@@ -810,12 +813,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dir,
             size_mib,
             churn_percent,
+            streams,
         }) => {
             bench::replication(
                 bench::BenchOptions {
                     dir,
                     size_mib,
                     churn_percent,
+                    streams: streams.clamp(1, siterec_agent::source::MAX_UPLOAD_STREAMS),
                 },
                 out,
             )
