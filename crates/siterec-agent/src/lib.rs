@@ -211,6 +211,9 @@ pub async fn run(
         }
         match result {
             Ok(resp) => {
+                if let Some(t) = &target {
+                    t.set_sources(resp.sources.clone());
+                }
                 reconcile(&ctx, &mut replications, resp.replications);
                 for task in resp.tasks {
                     start_task(

@@ -184,11 +184,8 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
         disks: results.iter().map(|r| r.manifest.clone()).collect(),
     };
     let url = format!("{}/data/v1/items/{}/points", a.target_url, a.item);
-    let resp = ctx
-        .data
-        .post(&url)
-        .body(manifest.encode())
-        .send()
+    let body = axum::body::Bytes::from(manifest.encode());
+    let resp = send_to_target(|| ctx.data.post(&url).body(body.clone()))
         .await
         .with_context(|| format!("sending the recovery point to the target {url}"))?;
     let status = resp.status();
@@ -380,9 +377,7 @@ async fn upload(
                 let (id, block) =
                     tokio::task::spawn_blocking(move || (ChunkId::of(&block), block)).await?;
                 let url = format!("{base}/{}", id.to_hex());
-                let head = client
-                    .head(&url)
-                    .send()
+                let head = send_to_target(|| client.head(&url))
                     .await
                     .with_context(|| format!("asking the target for chunk {id}"))?;
                 if head.status().is_success() {
@@ -410,10 +405,9 @@ async fn put_chunk(
     let id = enc.id;
     let len = enc.bytes.len() as u64;
     throttle.acquire(len).await;
-    let resp = client
-        .put(format!("{base}/{}", id.to_hex()))
-        .body(enc.bytes)
-        .send()
+    let url = format!("{base}/{}", id.to_hex());
+    let body = axum::body::Bytes::from(enc.bytes);
+    let resp = send_to_target(|| client.put(&url).body(body.clone()))
         .await
         .with_context(|| format!("sending chunk {id} to the target"))?;
     if !resp.status().is_success() {
@@ -424,6 +418,25 @@ async fn put_chunk(
         );
     }
     Ok(len)
+}
+
+/// Sends a request to the target data endpoint. A 403 means the target has
+/// not yet heard from the vault that this agent is the item's source (it
+/// learns that on its next heartbeat): retry for about ten seconds.
+async fn send_to_target(
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> reqwest::Result<reqwest::Response> {
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        let resp = build().send().await?;
+        if resp.status() != reqwest::StatusCode::FORBIDDEN || attempt >= 8 {
+            return Ok(resp);
+        }
+        attempt += 1;
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 fn pending_path(state_dir: &Path) -> PathBuf {

@@ -33,6 +33,8 @@ pub struct Target {
     /// Chunks uploaded or vouched for per item since its last commit: kept
     /// by garbage collection until the point that uses them is committed.
     in_flight: Mutex<HashMap<String, HashSet<ChunkId>>>,
+    /// Item → the source agent allowed to write it, as the vault last said.
+    sources: Mutex<HashMap<String, String>>,
 }
 
 impl Target {
@@ -79,7 +81,42 @@ impl Target {
             store,
             failover_dir,
             in_flight: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Replaces the item → source agent map (from each heartbeat).
+    pub fn set_sources(&self, sources: impl IntoIterator<Item = (String, String)>) {
+        if let Ok(mut m) = self.sources.lock() {
+            *m = sources.into_iter().collect();
+        }
+    }
+
+    /// Only the item's source agent may write it.
+    fn check_peer(&self, peer: &PeerIdentity, item: &str) -> Result<(), DataError> {
+        let Some(cn) = peer.0.as_deref() else {
+            return Err(DataError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a client certificate issued by the vault is required",
+            ));
+        };
+        let allowed = self
+            .sources
+            .lock()
+            .map(|m| m.get(item).is_some_and(|s| s == cn))
+            .unwrap_or(false);
+        if allowed {
+            Ok(())
+        } else {
+            Err(DataError::new(
+                StatusCode::FORBIDDEN,
+                "NotTheSource",
+                format!(
+                    "agent {cn} is not the replication source of item '{item}' (as far as the vault has told this agent)"
+                ),
+            ))
+        }
     }
 
     fn remember(&self, item: &str, id: ChunkId) {
@@ -330,17 +367,6 @@ impl From<StoreError> for DataError {
     }
 }
 
-fn check_peer(peer: &PeerIdentity) -> Result<(), DataError> {
-    match peer.0 {
-        Some(_) => Ok(()),
-        None => Err(DataError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "a client certificate issued by the vault is required",
-        )),
-    }
-}
-
 fn parse_id(item: &str, id: &str) -> Result<ChunkId, DataError> {
     siterec_core::names::check_name("item", item)
         .map_err(|e| DataError::new(StatusCode::BAD_REQUEST, "BadName", e.to_string()))?;
@@ -353,7 +379,7 @@ async fn head_chunk(
     Extension(peer): Extension<PeerIdentity>,
     UrlPath((item, id)): UrlPath<(String, String)>,
 ) -> Result<StatusCode, DataError> {
-    check_peer(&peer)?;
+    t.check_peer(&peer, &item)?;
     let id = parse_id(&item, &id)?;
     // Vouching for a chunk protects it from gc until the item's next commit.
     t.remember(&item, id);
@@ -370,7 +396,7 @@ async fn put_chunk(
     UrlPath((item, id)): UrlPath<(String, String)>,
     body: Bytes,
 ) -> Result<StatusCode, DataError> {
-    check_peer(&peer)?;
+    t.check_peer(&peer, &item)?;
     let id = parse_id(&item, &id)?;
     t.remember(&item, id);
     Ok(if t.store.put_encoded_chunk(id, body.to_vec()).await? {
@@ -386,7 +412,7 @@ async fn commit_point(
     UrlPath(item): UrlPath<String>,
     body: Bytes,
 ) -> Result<Response, DataError> {
-    check_peer(&peer)?;
+    t.check_peer(&peer, &item)?;
     let manifest = Manifest::decode(&body)?;
     if manifest.item != item {
         return Err(DataError::new(
@@ -454,6 +480,40 @@ mod tests {
                 chunks,
             }],
         }
+    }
+
+    #[tokio::test]
+    async fn only_the_items_source_agent_may_write_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
+            .await
+            .unwrap();
+        let peer = |cn: Option<&str>| PeerIdentity(cn.map(str::to_string));
+        // Before the vault has said anything, nobody may write.
+        assert_eq!(
+            t.check_peer(&peer(Some("agent-a")), "web01")
+                .unwrap_err()
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        t.set_sources([("web01".to_string(), "agent-a".to_string())]);
+        assert!(t.check_peer(&peer(Some("agent-a")), "web01").is_ok());
+        let err = t.check_peer(&peer(Some("agent-b")), "web01").unwrap_err();
+        assert_eq!(err.status, StatusCode::FORBIDDEN);
+        assert!(err.message.contains("agent-b") && err.message.contains("web01"));
+        assert_eq!(
+            t.check_peer(&peer(Some("agent-a")), "db01")
+                .unwrap_err()
+                .status,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            t.check_peer(&peer(None), "web01").unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        // The map is replaced, not merged.
+        t.set_sources([("db01".to_string(), "agent-a".to_string())]);
+        assert!(t.check_peer(&peer(Some("agent-a")), "web01").is_err());
     }
 
     #[tokio::test]

@@ -124,6 +124,10 @@ pub struct HeartbeatResponse {
     /// The items this agent must replicate as a source, complete each time:
     /// an item missing from the list is no longer replicated.
     pub replications: Vec<ReplicationAssignment>,
+    /// Target role: for each item whose replicas this agent keeps, the one
+    /// source agent allowed to write it. Complete each time.
+    #[serde(default)]
+    pub sources: std::collections::BTreeMap<String, String>,
 }
 
 /// Replicate one machine to a target agent's data endpoint.

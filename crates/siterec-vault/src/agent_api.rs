@@ -208,11 +208,33 @@ async fn heartbeat(
         }
     }
     let replications = assignments(&st, &agent, &fabric).await?;
+    let sources = sources_of(&st, &agent).await?;
     Ok(Json(HeartbeatResponse {
         agent_id: agent,
         tasks,
         replications,
+        sources,
     }))
+}
+
+/// For a target agent: the replicating items it keeps, with their source agents.
+async fn sources_of(
+    st: &AppState,
+    agent: &str,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = ?",
+    )
+    .bind(agent)
+    .fetch_all(&st.db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, state, _)| {
+            siterec_core::state::ProtectionState::parse(state).is_some_and(|s| s.replicating())
+        })
+        .map(|(item, _, source)| (item, source))
+        .collect())
 }
 
 /// The items whose machines this agent hosts and which are replicating.

@@ -393,6 +393,7 @@ impl Rig {
             siterec_pki::ClientAuth::Required,
         )?;
         let (stop, mut rx) = tokio::sync::watch::channel(false);
+        target.set_sources([("bench".to_string(), "agent-bench".to_string())]);
         let router = target.router();
         let server = tokio::spawn(async move {
             let _ = siterec_pki::serve(listener, Some(tls), router, async move {
