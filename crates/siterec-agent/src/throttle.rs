@@ -266,7 +266,7 @@ mod tests {
         }
         let took = start.elapsed().as_secs_f64();
         assert!(took >= 1.8, "1 MiB at 512 kB/s took only {took:.2} s");
-        assert!(took < 3.5, "took {took:.2} s");
+        assert!(took < 10.0, "took {took:.2} s: far slower than the limit");
         // Lifting the limit takes effect at once.
         t.set(ThrottleSettings::None);
         let start = Instant::now();

@@ -716,11 +716,6 @@ async fn compensate(
     Ok(())
 }
 
-/// The JSON input of a job, for tests and the API.
-pub fn input_for_item(item: &str) -> Value {
-    json!({"item": item})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
