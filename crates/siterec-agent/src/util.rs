@@ -1,31 +1,15 @@
 //! Small file helpers.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
 
 /// Writes `data` to `path` so that a crash leaves either the old or the new
-/// content: temp file, fsync, rename, fsync of the directory.
+/// content (see `siterec_pki::write_file_durable`), creating the directory.
 pub fn write_durably(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
     let dir = path.parent().context("path has no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(siterec_pki::write_file_durable(path, data, mode)?)
 }
 
 /// Writes `data` atomically (temp + rename) without forcing it to disk: for

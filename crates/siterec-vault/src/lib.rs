@@ -221,31 +221,11 @@ fn load_or_create_ca(dir: &Path, name: &str) -> anyhow::Result<siterec_pki::Ca> 
 
 fn write_endpoint(dir: &Path, endpoint: &VaultEndpoint) -> anyhow::Result<()> {
     let body = serde_json::to_vec_pretty(endpoint)?;
-    write_durably(&dir.join("vault.json"), &body, 0o644)
-}
-
-/// temp file + fsync + rename + fsync of the directory.
-pub fn write_durably(path: &Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().context("path has no parent directory")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(siterec_pki::write_file_durable(
+        &dir.join("vault.json"),
+        &body,
+        0o644,
+    )?)
 }
 
 async fn init_vault(db: &Db, name: &str) -> anyhow::Result<VaultInfo> {
@@ -291,7 +271,7 @@ async fn init_admin_token(db: &Db, token_file: &Path) -> anyhow::Result<()> {
     let token = db::random_secret(32);
     // The file first: a crash between the two leaves a token file that does
     // not work yet, and the next start writes a new one.
-    write_durably(token_file, token.as_bytes(), 0o600)?;
+    siterec_pki::write_file_durable(token_file, token.as_bytes(), 0o600)?;
     sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', ?)")
         .bind(db::secret_hash(&token))
         .bind(db::now_ms())
