@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! cloud = "primary-cloud"        # the protection container this host is in
+//! spool_max_mib = 10240          # disk spool bound per item (target unreachable)
 //!
 //! [[machines]]                   # source role: physical servers to offer
 //! name = "web01"
@@ -35,6 +36,10 @@ pub struct AgentConfig {
     /// UploadThreadsPerVM).
     #[serde(default)]
     pub upload_streams: Option<usize>,
+    /// Bound of each item's disk spool in MiB, where recovery points wait
+    /// while the target is unreachable (default 10240).
+    #[serde(default)]
+    pub spool_max_mib: Option<u64>,
     #[serde(default)]
     pub machines: Vec<MachineConfig>,
     #[serde(default)]

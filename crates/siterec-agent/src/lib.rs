@@ -10,6 +10,7 @@
 pub mod config;
 pub mod identity;
 pub mod source;
+pub mod spool;
 pub mod target;
 pub mod throttle;
 mod util;
@@ -177,6 +178,7 @@ pub async fn run(
         status: status.clone(),
         upload_streams: cfg.upload_streams.unwrap_or(source::DEFAULT_UPLOAD_STREAMS),
         throttle: throttle.clone(),
+        spool_max_bytes: cfg.spool_max_mib.unwrap_or(spool::DEFAULT_SPOOL_MAX_MIB) << 20,
     });
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));

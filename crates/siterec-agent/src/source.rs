@@ -15,6 +15,12 @@
 //! the report is kept in a pending file and re-sent. When the saved state is
 //! missing or damaged, the cycle resynchronizes: it asks the target which
 //! chunks it already has and sends only the others.
+//!
+//! When the target cannot be reached, a cycle captures its point into the
+//! disk spool instead (see [`crate::spool`]); the next cycles ship the
+//! spooled points, oldest first, before capturing anew. A spool that would
+//! outgrow its bound is dropped whole and the item resynchronizes, with a
+//! health warning, once the target is back.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -30,6 +36,7 @@ use siterec_store::{ChunkId, DiskManifest, Manifest, encode_chunk};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::spool::{Entry, Spool, SpoolFull};
 use crate::util::{now_ms, write_durably};
 
 /// Block (chunk) size of replicated disks.
@@ -53,11 +60,17 @@ pub struct SourceCtx {
     pub upload_streams: usize,
     /// The host's bandwidth limit, shared by every upload.
     pub throttle: Arc<crate::throttle::Throttle>,
+    /// Bound of each item's disk spool, in bytes.
+    pub spool_max_bytes: u64,
 }
 
 impl SourceCtx {
     fn state_dir(&self, item: &str) -> PathBuf {
         self.data_dir.join("state").join(item)
+    }
+
+    fn spool(&self, item: &str) -> Spool {
+        Spool::new(self.data_dir.join("spool").join(item))
     }
 
     fn update(&self, item: &str, f: impl FnOnce(&mut ItemCounters)) {
@@ -97,12 +110,16 @@ pub async fn run_item(
             tracing::warn!(item = %a.item, "reporting points to the vault: {e:#}");
         }
         match cycle(&ctx, &a).await {
-            Ok(point) => {
+            Ok(Cycle::Committed(point)) => {
                 tracing::info!(item = %a.item, point = %point, "recovery point committed");
                 ctx.update(&a.item, |c| c.last_error = None);
                 if let Err(e) = flush_pending_reports(&ctx, &a.item).await {
                     tracing::warn!(item = %a.item, "reporting the point to the vault (will retry): {e:#}");
                 }
+            }
+            Ok(Cycle::Spooled(point)) => {
+                tracing::info!(item = %a.item, point = %point, "the target is unreachable: recovery point spooled");
+                ctx.update(&a.item, |c| c.last_error = None);
             }
             Err(e) => {
                 tracing::warn!(item = %a.item, "replication cycle failed: {e:#}");
@@ -112,6 +129,7 @@ pub async fn run_item(
                 });
             }
         }
+        refresh_health(&ctx, &a.item);
         if *stop.borrow() {
             return;
         }
@@ -146,15 +164,134 @@ struct DiskResult {
     chunks_sent: u64,
 }
 
-/// One replication cycle; returns the committed point's id.
-pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result<String> {
+/// What a cycle did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cycle {
+    /// The target committed this point.
+    Committed(String),
+    /// The target was unreachable: the point waits in the disk spool.
+    Spooled(String),
+}
+
+impl Cycle {
+    pub fn point_id(&self) -> &str {
+        match self {
+            Cycle::Committed(p) | Cycle::Spooled(p) => p,
+        }
+    }
+}
+
+/// Where a cycle's changed blocks go.
+#[derive(Clone)]
+enum Sink {
+    Target,
+    /// Into a spool capture directory, within a byte budget.
+    Spool {
+        tmp: PathBuf,
+        budget: Arc<std::sync::atomic::AtomicI64>,
+        max_bytes: u64,
+    },
+}
+
+/// The file naming why an item must resynchronize (shown as a health
+/// warning until a resynchronizing cycle has committed).
+fn resync_reason_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("resync-reason")
+}
+
+/// Forgets the acknowledged state so that the next cycle resynchronizes
+/// (compares block hashes with the target), and says why.
+fn require_resync(state_dir: &Path, a: &ReplicationAssignment, why: &str) {
+    for disk in &a.disks {
+        let _ = std::fs::remove_file(state_dir.join(format!("{}.hashes", disk.name)));
+    }
+    if let Err(e) = write_durably(&resync_reason_path(state_dir), why.as_bytes(), 0o600) {
+        tracing::warn!(item = %a.item, "recording the resynchronization reason: {e:#}");
+    }
+}
+
+/// Recomputes an item's health warnings from its spool and state.
+fn refresh_health(ctx: &SourceCtx, item: &str) {
+    let mut warnings = Vec::new();
+    if let Ok(why) = std::fs::read_to_string(resync_reason_path(&ctx.state_dir(item))) {
+        warnings.push(format!("resynchronization required: {why}"));
+    }
+    let spool = ctx.spool(item);
+    let points = spool.entries().map(|e| e.len() as u64).unwrap_or(0);
+    let bytes = spool.bytes().unwrap_or(0);
+    if points > 0 {
+        warnings.push(format!(
+            "the target is unreachable: {points} recovery point(s) ({} MiB) wait in the disk spool",
+            bytes.div_ceil(1 << 20)
+        ));
+    }
+    ctx.update(item, |c| {
+        c.spool_points = points;
+        c.spool_bytes = bytes;
+        c.health_warnings = warnings;
+    });
+}
+
+/// True if `e` comes from failing to reach the target at all (connection
+/// refused or reset, timeout), as opposed to the target answering.
+pub fn target_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_connect() || r.is_timeout() || r.is_request())
+    })
+}
+
+/// One replication cycle: ships spooled points first, then captures a new
+/// point and sends it, or spools it if the target cannot be reached.
+pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result<Cycle> {
     let state_dir = ctx.state_dir(&a.item);
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
+    let spool = ctx.spool(&a.item);
+    if !spool.entries()?.is_empty() {
+        // This cycle ships what waited; the next one captures anew (a
+        // capture right now would only crowd the last spooled point).
+        return match drain(ctx, a, &spool, &state_dir).await {
+            Ok(last) => Ok(Cycle::Committed(last)),
+            Err(e) if target_unreachable(&e) => spool_cycle(ctx, a, &state_dir, &spool).await,
+            Err(e) => Err(e),
+        };
+    }
+    let resync = a
+        .disks
+        .iter()
+        .any(|d| !state_dir.join(format!("{}.hashes", d.name)).exists());
+    match direct_cycle(ctx, a, &state_dir).await {
+        Ok(point) => {
+            if resync {
+                let _ = std::fs::remove_file(resync_reason_path(&state_dir));
+                ctx.update(&a.item, |c| c.resyncs += 1);
+            }
+            Ok(Cycle::Committed(point))
+        }
+        // Spooling needs the acknowledged state to compare with; without
+        // it, the cycle waits for the target.
+        Err(e) if target_unreachable(&e) && !resync => {
+            tracing::warn!(item = %a.item, "the target is unreachable, spooling: {e:#}");
+            spool_cycle(ctx, a, &state_dir, &spool).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Captures every disk of the item into `sink`; returns the point's manifest.
+async fn capture(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    sink: &Sink,
+) -> anyhow::Result<(Manifest, Vec<DiskResult>)> {
     let before = disk_stamps(a);
     let mut results = Vec::new();
     for disk in &a.disks {
-        results.push(replicate_disk(ctx, a, &state_dir, &disk.name, Path::new(&disk.path)).await?);
+        results.push(
+            replicate_disk(ctx, a, state_dir, &disk.name, Path::new(&disk.path), sink).await?,
+        );
     }
     // Disks are read one after another: the point is crash-consistent
     // across disks only if none of them changed during the whole cycle.
@@ -178,11 +315,22 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     );
     let manifest = Manifest {
         item: a.item.clone(),
-        point_id: point_id.clone(),
+        point_id,
         created_at_unix_ms: created_ms,
         consistency,
         disks: results.iter().map(|r| r.manifest.clone()).collect(),
     };
+    Ok((manifest, results))
+}
+
+/// Sends a point's manifest; the target commits it once it has every chunk.
+/// A refusal for missing chunks makes the item resynchronize.
+async fn commit_point(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
     let url = format!("{}/data/v1/items/{}/points", a.target_url, a.item);
     let body = axum::body::Bytes::from(manifest.encode());
     let resp = send_to_target(|| ctx.data.post(&url).body(body.clone()))
@@ -191,33 +339,53 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     let status = resp.status();
     if status == reqwest::StatusCode::CONFLICT {
         let refused: Option<CommitRefused> = resp.json().await.ok();
+        let message = refused
+            .map(|r| r.message)
+            .unwrap_or_else(|| "conflict".into());
         // The target lacks chunks this agent believed it had: forget the
-        // saved state so that the next cycle resynchronizes.
-        for disk in &a.disks {
-            let _ = std::fs::remove_file(state_dir.join(format!("{}.hashes", disk.name)));
-        }
-        bail!(
-            "the target refused the point: {}; the next cycle resynchronizes",
-            refused
-                .map(|r| r.message)
-                .unwrap_or_else(|| "conflict".into())
+        // saved state (and anything spooled on top of it) so that the next
+        // cycle resynchronizes.
+        let _ = ctx.spool(&a.item).discard_all();
+        require_resync(
+            state_dir,
+            a,
+            &format!("the target refused point {}: {message}", manifest.point_id),
         );
+        bail!("the target refused the point: {message}; the next cycle resynchronizes");
     }
     if !status.is_success() {
         let body = resp.text().await.unwrap_or_default();
         bail!("the target refused the point ({status}): {body}");
     }
-    // The target has the point durably: this is the new acknowledged state.
-    for (disk, r) in a.disks.iter().zip(&results) {
+    Ok(())
+}
+
+fn save_hashes(
+    state_dir: &Path,
+    a: &ReplicationAssignment,
+    results: &[DiskResult],
+) -> anyhow::Result<()> {
+    for (disk, r) in a.disks.iter().zip(results) {
         write_durably(
             &state_dir.join(format!("{}.hashes", disk.name)),
             &encode_hashes(&r.hashes),
             0o600,
         )?;
     }
-    let bytes_sent: u64 = results.iter().map(|r| r.bytes_sent).sum();
-    let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
-    let chunks_sent: u64 = results.iter().map(|r| r.chunks_sent).sum();
+    Ok(())
+}
+
+/// Counts a committed point and queues its report to the vault.
+fn point_committed(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    manifest: &Manifest,
+    bytes_read: u64,
+    bytes_sent: u64,
+    chunks_sent: u64,
+) -> anyhow::Result<()> {
+    let point_id = manifest.point_id.clone();
     ctx.update(&a.item, |c| {
         c.cycles += 1;
         c.bytes_read += bytes_read;
@@ -228,16 +396,156 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
         c.last_cycle_chunks_sent = chunks_sent;
         c.last_point_id = Some(point_id.clone());
     });
-    let report = PointReport {
-        item: a.item.clone(),
-        point_id: point_id.clone(),
-        created_at_ms: created_ms,
-        consistency,
-        bytes_sent,
+    add_pending_report(
+        state_dir,
+        PointReport {
+            item: a.item.clone(),
+            point_id,
+            created_at_ms: manifest.created_at_unix_ms,
+            consistency: manifest.consistency,
+            bytes_sent,
+            bytes_read,
+        },
+    )
+}
+
+/// Captures and sends a point straight to the target.
+async fn direct_cycle(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+) -> anyhow::Result<String> {
+    let (manifest, results) = capture(ctx, a, state_dir, &Sink::Target).await?;
+    commit_point(ctx, a, state_dir, &manifest).await?;
+    // The target has the point durably: this is the new acknowledged state.
+    save_hashes(state_dir, a, &results)?;
+    let bytes_sent: u64 = results.iter().map(|r| r.bytes_sent).sum();
+    let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
+    let chunks_sent: u64 = results.iter().map(|r| r.chunks_sent).sum();
+    point_committed(
+        ctx,
+        a,
+        state_dir,
+        &manifest,
         bytes_read,
+        bytes_sent,
+        chunks_sent,
+    )?;
+    Ok(manifest.point_id)
+}
+
+/// Captures a point into the disk spool. If the spool would outgrow its
+/// bound, everything spooled is dropped and the item resynchronizes once
+/// the target is back (with a health warning): nothing is lost silently.
+async fn spool_cycle(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    spool: &Spool,
+) -> anyhow::Result<Cycle> {
+    let used = spool.bytes()?;
+    let tmp = spool.begin()?;
+    let sink = Sink::Spool {
+        tmp: tmp.clone(),
+        budget: Arc::new(std::sync::atomic::AtomicI64::new(
+            ctx.spool_max_bytes as i64 - used as i64,
+        )),
+        max_bytes: ctx.spool_max_bytes,
     };
-    add_pending_report(&state_dir, report)?;
-    Ok(point_id)
+    let captured = capture(ctx, a, state_dir, &sink).await;
+    let (manifest, results) = match captured {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            if e.chain().any(|c| c.downcast_ref::<SpoolFull>().is_some()) {
+                spool.discard_all()?;
+                require_resync(
+                    state_dir,
+                    a,
+                    &format!(
+                        "{e:#}: the spooled recovery points were dropped; when the target is back, only the blocks that differ from it are sent"
+                    ),
+                );
+            }
+            return Err(e);
+        }
+    };
+    spool.finish(&tmp, &manifest.encode())?;
+    // The spooled point is the base of the next capture.
+    save_hashes(state_dir, a, &results)?;
+    let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
+    ctx.update(&a.item, |c| {
+        c.bytes_read += bytes_read;
+        c.last_cycle_bytes_read = bytes_read;
+    });
+    Ok(Cycle::Spooled(manifest.point_id))
+}
+
+/// Ships spooled points to the target, oldest first, skipping chunks it
+/// has already taken. Returns the last point's id.
+async fn drain(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    spool: &Spool,
+    state_dir: &Path,
+) -> anyhow::Result<String> {
+    let mut last = String::new();
+    let base = format!("{}/data/v1/items/{}/chunks", a.target_url, a.item);
+    let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
+    for entry in spool.entries()? {
+        let bytes = std::fs::read(entry.manifest_path())
+            .with_context(|| format!("reading {}", entry.manifest_path().display()))?;
+        let manifest = Manifest::decode(&bytes)
+            .with_context(|| format!("spooled point {}", entry.dir.display()))?;
+        let (bytes_sent, chunks_sent) = ship_spooled_chunks(ctx, &base, &entry, streams).await?;
+        commit_point(ctx, a, state_dir, &manifest).await?;
+        point_committed(ctx, a, state_dir, &manifest, 0, bytes_sent, chunks_sent)?;
+        spool.remove(&entry)?;
+        tracing::info!(item = %a.item, point = %manifest.point_id, "spooled recovery point committed");
+        refresh_health(ctx, &a.item);
+        last = manifest.point_id;
+    }
+    Ok(last)
+}
+
+async fn ship_spooled_chunks(
+    ctx: &SourceCtx,
+    base: &str,
+    entry: &Entry,
+    streams: usize,
+) -> anyhow::Result<(u64, u64)> {
+    let acked = entry.acked();
+    let mut set: JoinSet<anyhow::Result<(String, u64)>> = JoinSet::new();
+    let (mut bytes, mut chunks) = (0u64, 0u64);
+    let mut done = |r: Result<anyhow::Result<(String, u64)>, tokio::task::JoinError>| {
+        let (name, len) = r.context("upload task")??;
+        entry.mark_acked(&name)?;
+        bytes += len;
+        chunks += 1;
+        anyhow::Ok(())
+    };
+    for (name, path) in entry.chunks()? {
+        if acked.contains(&name) {
+            continue;
+        }
+        while set.len() >= streams {
+            if let Some(r) = set.join_next().await {
+                done(r)?;
+            }
+        }
+        let (client, base, throttle) = (ctx.data.clone(), base.to_string(), ctx.throttle.clone());
+        set.spawn(async move {
+            let data = tokio::fs::read(&path)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+            let len = put_encoded(&client, &base, &name, data, &throttle).await?;
+            Ok((name, len))
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        done(r)?;
+    }
+    Ok((bytes, chunks))
 }
 
 /// (mtime, ctime) of each disk, to notice writes across a multi-disk cycle.
@@ -259,6 +567,7 @@ async fn replicate_disk(
     state_dir: &Path,
     disk_name: &str,
     path: &Path,
+    sink: &Sink,
 ) -> anyhow::Result<DiskResult> {
     let hashes_path = state_dir.join(format!("{disk_name}.hashes"));
     let baseline = match std::fs::read(&hashes_path) {
@@ -274,17 +583,34 @@ async fn replicate_disk(
     let resync = baseline.is_none();
     let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(streams * 2);
-    let uploader = tokio::spawn(upload(
-        ctx.data.clone(),
-        format!("{}/data/v1/items/{}/chunks", a.target_url, a.item),
-        rx,
-        Upload {
-            resync,
-            compress: a.compression,
+    let uploader = match sink {
+        Sink::Target => tokio::spawn(upload(
+            ctx.data.clone(),
+            format!("{}/data/v1/items/{}/chunks", a.target_url, a.item),
+            rx,
+            Upload {
+                resync,
+                compress: a.compression,
+                streams,
+                throttle: ctx.throttle.clone(),
+            },
+        )),
+        Sink::Spool { .. } if resync => bail!(
+            "the target is unreachable and disk '{disk_name}' has no acknowledged state to spool changes against; replication waits for the target"
+        ),
+        Sink::Spool {
+            tmp,
+            budget,
+            max_bytes,
+        } => tokio::spawn(spool_write(
+            rx,
+            tmp.clone(),
+            a.compression,
             streams,
-            throttle: ctx.throttle.clone(),
-        },
-    ));
+            budget.clone(),
+            *max_bytes,
+        )),
+    };
     let path_owned = path.to_path_buf();
     let scratch = ctx.data_dir.join("scratch");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
@@ -402,22 +728,73 @@ async fn put_chunk(
     throttle: &crate::throttle::Throttle,
 ) -> anyhow::Result<u64> {
     let enc = tokio::task::spawn_blocking(move || encode_chunk(&block, compress)).await?;
-    let id = enc.id;
-    let len = enc.bytes.len() as u64;
+    put_encoded(client, base, &enc.id.to_hex(), enc.bytes, throttle).await
+}
+
+/// Sends one encoded chunk (the target verifies it against its name).
+async fn put_encoded(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    bytes: Vec<u8>,
+    throttle: &crate::throttle::Throttle,
+) -> anyhow::Result<u64> {
+    let len = bytes.len() as u64;
     throttle.acquire(len).await;
-    let url = format!("{base}/{}", id.to_hex());
-    let body = axum::body::Bytes::from(enc.bytes);
+    let url = format!("{base}/{name}");
+    let body = axum::body::Bytes::from(bytes);
     let resp = send_to_target(|| client.put(&url).body(body.clone()))
         .await
-        .with_context(|| format!("sending chunk {id} to the target"))?;
+        .with_context(|| format!("sending chunk {name} to the target"))?;
     if !resp.status().is_success() {
         let status = resp.status();
         bail!(
-            "the target refused chunk {id} ({status}): {}",
+            "the target refused chunk {name} ({status}): {}",
             resp.text().await.unwrap_or_default()
         );
     }
     Ok(len)
+}
+
+/// Encodes changed blocks and writes them into a spool capture, `streams`
+/// at a time, within the spool's byte budget. Returns (bytes, chunks).
+async fn spool_write(
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    tmp: PathBuf,
+    compress: bool,
+    streams: usize,
+    budget: Arc<std::sync::atomic::AtomicI64>,
+    max_bytes: u64,
+) -> anyhow::Result<(u64, u64)> {
+    use std::sync::atomic::Ordering;
+    let mut set: JoinSet<anyhow::Result<u64>> = JoinSet::new();
+    let (mut bytes, mut chunks) = (0u64, 0u64);
+    let mut account = |r: Result<anyhow::Result<u64>, tokio::task::JoinError>| {
+        bytes += r.context("spool task")??;
+        chunks += 1;
+        anyhow::Ok(())
+    };
+    while let Some(block) = rx.recv().await {
+        while set.len() >= streams {
+            if let Some(r) = set.join_next().await {
+                account(r)?;
+            }
+        }
+        let (tmp, budget) = (tmp.clone(), budget.clone());
+        set.spawn_blocking(move || {
+            let enc = encode_chunk(&block, compress);
+            let len = enc.bytes.len() as u64;
+            if budget.fetch_sub(len as i64, Ordering::SeqCst) < len as i64 {
+                return Err(SpoolFull { max_bytes }.into());
+            }
+            crate::spool::write_chunk(&tmp, &enc.id.to_hex(), &enc.bytes)?;
+            Ok(len)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        account(r)?;
+    }
+    Ok((bytes, chunks))
 }
 
 /// Sends a request to the target data endpoint. A 403 means the target has

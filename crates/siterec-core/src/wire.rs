@@ -97,6 +97,17 @@ pub struct ItemCounters {
     pub last_point_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Recovery points waiting in the source's disk spool, and their bytes.
+    #[serde(default)]
+    pub spool_points: u64,
+    #[serde(default)]
+    pub spool_bytes: u64,
+    /// Resynchronizations completed (after lost state or a spool overflow).
+    #[serde(default)]
+    pub resyncs: u64,
+    /// What needs the operator's attention (spooling, resynchronization).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health_warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -311,13 +311,34 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
     };
     let now = crate::db::now_ms();
     let rpo_secs = latest.as_ref().map(|(_, t)| (now - t) / 1000);
+    let counters = source_counters(db, item).await?;
+    // The source agent's own warnings (disk spool in use, resynchronization).
+    let agent_warnings: Vec<String> = counters
+        .get("healthWarnings")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|w| w.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
     let health = match (&item.last_error, item.state, rpo_secs) {
-        (Some(_), _, _) => "Warning",
-        (None, ProtectionState::Protected, Some(rpo)) if rpo > 2 * copy_secs + 60 => "Warning",
         (None, ProtectionState::ProtectionFailed, _) => "Critical",
+        (Some(_), _, _) => "Warning",
+        _ if item.state.replicating() && !agent_warnings.is_empty() => "Warning",
+        (None, ProtectionState::Protected, Some(rpo)) if rpo > 2 * copy_secs + 60 => "Warning",
         _ => "Normal",
     };
-    let counters = source_counters(db, item).await?;
+    let mut health_errors: Vec<Value> = item
+        .last_error
+        .iter()
+        .map(|e| json!({"errorMessage": e}))
+        .collect();
+    if item.state.replicating() {
+        health_errors.extend(agent_warnings.iter().map(
+            |w| json!({"errorMessage": w, "errorLevel": "Warning", "errorSource": "SourceAgent"}),
+        ));
+    }
     let failover_disks: Value = item
         .failover_output
         .as_deref()
@@ -348,7 +369,7 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
             "protectionState": item.state.as_str(),
             "protectionStateDescription": item.state.description(),
             "replicationHealth": health,
-            "replicationHealthErrors": item.last_error.iter().map(|e| json!({"errorMessage": e})).collect::<Vec<_>>(),
+            "replicationHealthErrors": health_errors,
             "activeLocation": active_location,
             "allowedOperations": item.state.allowed_operations(),
             "lastSuccessfulFailoverTime": opt_rfc3339(item.failover_ms),

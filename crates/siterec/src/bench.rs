@@ -58,7 +58,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let rig = Rig::start(&dir.join("siterec"), opts.streams).await?;
     let assignment = rig.assignment(&image, size);
     let t = Instant::now();
-    let p1 = siterec_agent::source::cycle(&rig.ctx, &assignment).await?;
+    let p1 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
         phase: "initial",
         tool: "siterec".into(),
@@ -148,7 +148,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         opts.churn_percent
     );
     let t = Instant::now();
-    let p2 = siterec_agent::source::cycle(&rig.ctx, &assignment).await?;
+    let p2 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
         phase: "delta",
         tool: "siterec".into(),
@@ -414,6 +414,7 @@ impl Rig {
             status: Arc::new(Mutex::new(siterec_agent::AgentStatus::default())),
             upload_streams: streams,
             throttle: Default::default(),
+            spool_max_bytes: siterec_agent::spool::DEFAULT_SPOOL_MAX_MIB << 20,
         };
         Ok(Rig {
             ctx,
@@ -462,5 +463,15 @@ impl Rig {
         let _ = self.stop.send(true);
         let _ = self.server.await;
         let _ = self.target.store.sync().await;
+    }
+}
+
+/// The bench's target is local and always up: a spooled point is an error.
+fn committed(c: siterec_agent::source::Cycle) -> anyhow::Result<String> {
+    match c {
+        siterec_agent::source::Cycle::Committed(p) => Ok(p),
+        siterec_agent::source::Cycle::Spooled(p) => {
+            anyhow::bail!("point {p} was spooled: the bench's target did not answer")
+        }
     }
 }

@@ -126,27 +126,12 @@ fn sigkill_anything_anytime_loses_nothing() {
     let points = env.points("crash01");
     assert!(!points.is_empty());
     env.kill("recovery-agent");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let store = rt
-        .block_on(siterec_store::Store::open_local(recovery.join("store")))
-        .unwrap();
+    let store = open_store(&recovery.join("store"));
     let mut checked = 0;
     for p in &points {
         let id = p["name"].as_str().unwrap();
         let c = parse_ms(p["properties"]["recoveryPointTime"].as_str().unwrap());
-        let manifest = rt
-            .block_on(store.read_manifest("crash01", id))
-            .unwrap_or_else(|e| panic!("listed point {id} cannot be read: {e}"));
-        let mut h = blake3::Hasher::new();
-        let mut reader = store.read_disk(&manifest, 0, 4).unwrap();
-        while let Some(block) = rt.block_on(reader.next()) {
-            let block = block.unwrap_or_else(|e| panic!("point {id}: {e}"));
-            match block.data {
-                Some(d) => h.update(&d),
-                None => h.update(&vec![0u8; block.len as usize]),
-            };
-        }
-        let got = h.finalize();
+        let got = restored_hash(&store, "crash01", id);
         // The content is the latest version whose write started before the
         // capture; a write in progress at that instant makes either acceptable.
         let acceptable: Vec<usize> = (0..versions.len())

@@ -28,6 +28,17 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub vault_dir: PathBuf,
     pub procs: Vec<Proc>,
+    /// Processes stopped by [`Env::kill`]: (name, arguments), for [`Env::restart`].
+    pub stopped: Vec<(String, Vec<String>)>,
+}
+
+impl Drop for Env {
+    /// A failing test shows the tail of every process's log.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
 }
 
 impl Env {
@@ -42,6 +53,7 @@ impl Env {
             dir,
             vault_dir: vault_dir.clone(),
             procs: Vec::new(),
+            stopped: Vec::new(),
         };
         let vd = vault_dir.display().to_string();
         // Fixed ports, so that a vault restarted by a test is where agents
@@ -106,9 +118,24 @@ impl Env {
         self.spawn(name, &refs);
     }
 
-    /// SIGKILLs the named process and does not restart it.
+    /// SIGKILLs the named process and does not restart it (see [`Env::restart`]).
     pub fn kill(&mut self, name: &str) {
-        self.procs.retain(|p| p.name != name);
+        if let Some(i) = self.procs.iter().position(|p| p.name == name) {
+            let old = self.procs.remove(i);
+            self.stopped.push((old.name.clone(), old.args.clone()));
+        }
+    }
+
+    /// Starts a process stopped by [`Env::kill`] again, with the same arguments.
+    pub fn restart(&mut self, name: &str) {
+        let i = self
+            .stopped
+            .iter()
+            .position(|(n, _)| n == name)
+            .expect("no such stopped process");
+        let (name, args) = self.stopped.remove(i);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&name, &refs);
     }
 
     /// Runs the CLI against this vault.
@@ -202,7 +229,16 @@ impl Env {
 
     /// Primary agent with the given machines (name, [(disk, path)]) and a recovery agent.
     pub fn start_sites(&mut self, machines: &[(&str, Vec<(&str, &Path)>)]) -> (PathBuf, PathBuf) {
-        let mut cfg = String::from("cloud = \"primary-cloud\"\n");
+        self.start_sites_with(machines, "")
+    }
+
+    /// [`Env::start_sites`] with extra top-level settings for the primary agent.
+    pub fn start_sites_with(
+        &mut self,
+        machines: &[(&str, Vec<(&str, &Path)>)],
+        primary_settings: &str,
+    ) -> (PathBuf, PathBuf) {
+        let mut cfg = format!("cloud = \"primary-cloud\"\n{primary_settings}\n");
         for (name, disks) in machines {
             cfg.push_str(&format!("[[machines]]\nname = \"{name}\"\ndisks = [\n"));
             for (d, p) in disks {
@@ -424,4 +460,39 @@ pub fn qemu_img_identical(reference: &Path, image: &Path, format: &str) -> bool 
         );
     }
     out.status.success()
+}
+
+/// The item's status entry in an agent's status file, as JSON.
+pub fn agent_item(agent_dir: &Path, item: &str) -> Value {
+    siterec_agent::AgentStatus::read(agent_dir)
+        .ok()
+        .and_then(|s| s.items.get(item).cloned())
+        .and_then(|c| serde_json::to_value(c).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// BLAKE3 of the disk a recovery point restores to (read with the store's
+/// own verified reader from a local store directory).
+pub fn restored_hash(store: &siterec_store::Store, item: &str, point: &str) -> blake3::Hash {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let manifest = rt
+        .block_on(store.read_manifest(item, point))
+        .unwrap_or_else(|e| panic!("point {point} cannot be read: {e}"));
+    let mut h = blake3::Hasher::new();
+    let mut reader = store.read_disk(&manifest, 0, 4).expect("disk reader");
+    while let Some(block) = rt.block_on(reader.next()) {
+        let block = block.unwrap_or_else(|e| panic!("point {point}: {e}"));
+        match block.data {
+            Some(d) => h.update(&d),
+            None => h.update(&vec![0u8; block.len as usize]),
+        };
+    }
+    h.finalize()
+}
+
+/// Opens a local replica store directory (unencrypted).
+pub fn open_store(dir: &Path) -> siterec_store::Store {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(siterec_store::Store::open_local(dir.to_path_buf()))
+        .expect("open store")
 }
