@@ -182,6 +182,7 @@ pub async fn run(
     });
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    let importing: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let finished_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let period = Duration::from_millis(cfg.heartbeat_ms.unwrap_or(1000).max(100));
     tracing::info!(agent = %id.agent_id, fabric = %id.fabric, data_url = ?data_url, "agent running");
@@ -215,6 +216,7 @@ pub async fn run(
             Ok(resp) => {
                 if let Some(t) = &target {
                     t.set_sources(resp.sources.clone());
+                    start_imports(t, &resp.imports, &importing);
                 }
                 reconcile(&ctx, &mut replications, resp.replications);
                 for task in resp.tasks {
@@ -404,4 +406,36 @@ fn start_task(
             r.remove(&task.id);
         }
     });
+}
+
+/// Target role: looks for offline initial copies to import, one import per
+/// item at a time (each heartbeat checks again until the item's initial
+/// replication is over).
+fn start_imports(
+    target: &Arc<target::Target>,
+    imports: &std::collections::BTreeMap<String, String>,
+    importing: &Arc<Mutex<HashSet<String>>>,
+) {
+    for (item, path) in imports {
+        let Ok(mut running) = importing.lock() else {
+            return;
+        };
+        if !running.insert(item.clone()) {
+            continue;
+        }
+        let (t, item, path, importing) = (
+            target.clone(),
+            item.clone(),
+            std::path::PathBuf::from(path),
+            importing.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = t.import_offline(&item, &path).await {
+                tracing::warn!(item = %item, path = %path.display(), "importing the offline initial copy: {e:#}");
+            }
+            if let Ok(mut running) = importing.lock() {
+                running.remove(&item);
+            }
+        });
+    }
 }

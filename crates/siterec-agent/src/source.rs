@@ -121,6 +121,10 @@ pub async fn run_item(
                 tracing::info!(item = %a.item, point = %point, "the target is unreachable: recovery point spooled");
                 ctx.update(&a.item, |c| c.last_error = None);
             }
+            Ok(Cycle::Exported(point)) => {
+                tracing::debug!(item = %a.item, point = %point, "offline initial copy waits for its import");
+                ctx.update(&a.item, |c| c.last_error = None);
+            }
             Err(e) => {
                 tracing::warn!(item = %a.item, "replication cycle failed: {e:#}");
                 ctx.update(&a.item, |c| {
@@ -171,14 +175,116 @@ pub enum Cycle {
     Committed(String),
     /// The target was unreachable: the point waits in the disk spool.
     Spooled(String),
+    /// Offline initial replication: this point was exported and waits to
+    /// be imported at the target.
+    Exported(String),
 }
 
 impl Cycle {
     pub fn point_id(&self) -> &str {
         match self {
-            Cycle::Committed(p) | Cycle::Spooled(p) => p,
+            Cycle::Committed(p) | Cycle::Spooled(p) | Cycle::Exported(p) => p,
         }
     }
+}
+
+/// An offline initial copy waiting to be imported (`state/ITEM/offline-export.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OfflineExport {
+    report: PointReport,
+    dir: PathBuf,
+}
+
+fn offline_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("offline-export.json")
+}
+
+/// Offline initial replication (the seeds' "Offline" method): the first
+/// cycle exports the initial copy to `export/ITEM` in the spool layout
+/// instead of sending it; the operator carries that directory to the
+/// recovery host's import path, where the target imports it. Until the
+/// target has the point, cycles wait; then the point is reported and
+/// replication goes on over the network with only the changes since.
+/// Returns `None` when the cycle should proceed normally.
+async fn offline_initial(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    export: &Path,
+) -> anyhow::Result<Option<Cycle>> {
+    let marker = offline_marker(state_dir);
+    if let Ok(bytes) = std::fs::read(&marker) {
+        let exported: OfflineExport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", marker.display()))?;
+        let point = exported.report.point_id.clone();
+        let url = format!("{}/data/v1/items/{}/points/{point}", a.target_url, a.item);
+        let resp = send_to_target(|| ctx.data.head(&url))
+            .await
+            .with_context(|| format!("asking the target whether it imported point {point}"))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Some(Cycle::Exported(point)));
+        }
+        if !resp.status().is_success() {
+            bail!("the target answered {} about point {point}", resp.status());
+        }
+        // Imported: the exported point is the acknowledged state.
+        let bytes_read = exported.report.bytes_read;
+        ctx.update(&a.item, |c| {
+            c.cycles += 1;
+            c.bytes_read += bytes_read;
+            c.last_point_id = Some(point.clone());
+        });
+        add_pending_report(state_dir, exported.report)?;
+        std::fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))?;
+        return Ok(Some(Cycle::Committed(point)));
+    }
+    let initial = a
+        .disks
+        .iter()
+        .all(|d| !state_dir.join(format!("{}.hashes", d.name)).exists());
+    if !initial {
+        return Ok(None);
+    }
+    let dir = export.join(&a.item);
+    let spool = Spool::new(dir.clone());
+    // An export is complete or absent (see `Spool::finish`); start over if
+    // an earlier, unrecorded one is there.
+    spool.discard_all()?;
+    let tmp = spool.begin()?;
+    let sink = Sink::Spool {
+        initial: true,
+        tmp: tmp.clone(),
+        budget: Arc::new(std::sync::atomic::AtomicI64::new(i64::MAX)),
+        max_bytes: u64::MAX,
+    };
+    let (manifest, results) = match capture(ctx, a, state_dir, &sink).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e.context(format!("exporting the initial copy to {}", dir.display())));
+        }
+    };
+    spool.finish(&tmp, &manifest.encode())?;
+    let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
+    let bytes_exported: u64 = results.iter().map(|r| r.bytes_sent).sum();
+    let exported = OfflineExport {
+        report: PointReport {
+            item: a.item.clone(),
+            point_id: manifest.point_id.clone(),
+            created_at_ms: manifest.created_at_unix_ms,
+            consistency: manifest.consistency,
+            bytes_sent: 0,
+            bytes_read,
+        },
+        dir: dir.clone(),
+    };
+    // Marker first: hashes without a marker would start network deltas
+    // against a point the target does not have.
+    write_durably(&marker, &serde_json::to_vec(&exported)?, 0o600)?;
+    save_hashes(state_dir, a, &results)?;
+    tracing::info!(item = %a.item, point = %manifest.point_id, dir = %dir.display(), bytes = bytes_exported, "initial copy exported for offline replication");
+    Ok(Some(Cycle::Exported(manifest.point_id)))
 }
 
 /// Where a cycle's changed blocks go.
@@ -187,6 +293,9 @@ enum Sink {
     Target,
     /// Into a spool capture directory, within a byte budget.
     Spool {
+        /// A whole initial copy (an offline export) rather than changes
+        /// against the acknowledged state.
+        initial: bool,
         tmp: PathBuf,
         budget: Arc<std::sync::atomic::AtomicI64>,
         max_bytes: u64,
@@ -215,6 +324,15 @@ fn refresh_health(ctx: &SourceCtx, item: &str) {
     let mut warnings = Vec::new();
     if let Ok(why) = std::fs::read_to_string(resync_reason_path(&ctx.state_dir(item))) {
         warnings.push(format!("resynchronization required: {why}"));
+    }
+    if let Ok(bytes) = std::fs::read(offline_marker(&ctx.state_dir(item)))
+        && let Ok(exported) = serde_json::from_slice::<OfflineExport>(&bytes)
+    {
+        warnings.push(format!(
+            "offline initial replication: the initial copy (point {}) was exported to {}; copy that directory into the offline import path on the recovery host",
+            exported.report.point_id,
+            exported.dir.display()
+        ));
     }
     let spool = ctx.spool(item);
     let points = spool.entries().map(|e| e.len() as u64).unwrap_or(0);
@@ -247,6 +365,11 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     let state_dir = ctx.state_dir(&a.item);
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
+    if let Some(export) = &a.offline_export {
+        if let Some(outcome) = offline_initial(ctx, a, &state_dir, Path::new(export)).await? {
+            return Ok(outcome);
+        }
+    }
     let spool = ctx.spool(&a.item);
     if !spool.entries()?.is_empty() {
         // This cycle ships what waited; the next one captures anew (a
@@ -446,6 +569,7 @@ async fn spool_cycle(
     let used = spool.bytes()?;
     let tmp = spool.begin()?;
     let sink = Sink::Spool {
+        initial: false,
         tmp: tmp.clone(),
         budget: Arc::new(std::sync::atomic::AtomicI64::new(
             ctx.spool_max_bytes as i64 - used as i64,
@@ -595,13 +719,14 @@ async fn replicate_disk(
                 throttle: ctx.throttle.clone(),
             },
         )),
-        Sink::Spool { .. } if resync => bail!(
+        Sink::Spool { initial: false, .. } if resync => bail!(
             "the target is unreachable and disk '{disk_name}' has no acknowledged state to spool changes against; replication waits for the target"
         ),
         Sink::Spool {
             tmp,
             budget,
             max_bytes,
+            ..
         } => tokio::spawn(spool_write(
             rx,
             tmp.clone(),

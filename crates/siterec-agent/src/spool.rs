@@ -150,7 +150,10 @@ impl Spool {
     pub fn begin(&self) -> anyhow::Result<PathBuf> {
         if let Ok(rd) = std::fs::read_dir(&self.root) {
             for e in rd.flatten() {
-                if e.file_name().to_str().is_some_and(|n| n.starts_with("tmp-")) {
+                if e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with("tmp-"))
+                {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

@@ -139,7 +139,70 @@ impl Target {
                 put(put_chunk).head(head_chunk),
             )
             .route("/data/v1/items/{item}/points", post(commit_point))
+            .route(
+                "/data/v1/items/{item}/points/{point}",
+                axum::routing::head(head_point),
+            )
             .with_state(self.clone())
+    }
+
+    /// Imports offline initial copies: for each item, the points exported
+    /// by its source agent (the spool layout, see `crate::spool`) that the
+    /// operator copied to `import_path/ITEM`. Every chunk is verified
+    /// against its name as it is stored; a point is committed only once
+    /// all of its chunks are in. Points already in the store are skipped,
+    /// so importing again is harmless. Returns the points committed.
+    pub async fn import_offline(
+        &self,
+        item: &str,
+        import_path: &Path,
+    ) -> anyhow::Result<Vec<String>> {
+        let spool = crate::spool::Spool::new(import_path.join(item));
+        let mut imported = Vec::new();
+        for entry in spool.entries()? {
+            let path = entry.manifest_path();
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let manifest = Manifest::decode_named(&path.display().to_string(), &bytes)?;
+            if manifest.item != item {
+                anyhow::bail!(
+                    "{} holds a point of item '{}', not '{item}': copy each item's export to IMPORT_PATH/ITEM",
+                    path.display(),
+                    manifest.item
+                );
+            }
+            if self
+                .store
+                .read_manifest(item, &manifest.point_id)
+                .await
+                .is_ok()
+            {
+                continue;
+            }
+            for (name, chunk) in entry.chunks()? {
+                let id: ChunkId = name.parse().map_err(|e| {
+                    anyhow::anyhow!("{} is not named by a chunk id: {e}", chunk.display())
+                })?;
+                self.remember(item, id);
+                let data = tokio::fs::read(&chunk)
+                    .await
+                    .with_context(|| format!("reading {}", chunk.display()))?;
+                self.store
+                    .put_encoded_chunk(id, data)
+                    .await
+                    .with_context(|| format!("importing {}", chunk.display()))?;
+            }
+            self.store
+                .commit_point(&manifest)
+                .await
+                .with_context(|| format!("committing the imported point {}", manifest.point_id))?;
+            if let Ok(mut m) = self.in_flight.lock() {
+                m.remove(item);
+            }
+            tracing::info!(item, point = %manifest.point_id, from = %entry.dir.display(), "offline initial copy imported");
+            imported.push(manifest.point_id);
+        }
+        Ok(imported)
     }
 
     /// Runs one task from the vault; the result's `output` is JSON.
@@ -387,6 +450,21 @@ async fn head_chunk(
         StatusCode::OK
     } else {
         StatusCode::NOT_FOUND
+    })
+}
+
+/// Whether the target has committed a point (the source asks after an
+/// offline export).
+async fn head_point(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath((item, point)): UrlPath<(String, String)>,
+) -> Result<StatusCode, DataError> {
+    t.check_peer(&peer, &item)?;
+    Ok(match t.store.read_manifest(&item, &point).await {
+        Ok(_) => StatusCode::OK,
+        Err(StoreError::PointNotFound { .. }) => StatusCode::NOT_FOUND,
+        Err(e) => return Err(e.into()),
     })
 }
 

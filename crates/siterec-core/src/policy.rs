@@ -46,6 +46,20 @@ pub struct Policy {
     pub encryption: bool,
     /// Unix seconds; `None` = start initial replication immediately.
     pub initial_replication_start: Option<i64>,
+    /// Offline initial replication (the seeds' "Offline" initial replication
+    /// method, site to site): `None` = over the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline: Option<OfflineReplication>,
+}
+
+/// Where an offline initial copy goes: the source agent exports it to
+/// `export_path` (on the source host); the operator carries it to
+/// `import_path` (on the recovery host), where the recovery agent imports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflineReplication {
+    pub export_path: String,
+    pub import_path: String,
 }
 
 /// Why a policy was refused. Each message names the field and the allowed values.
@@ -202,6 +216,35 @@ impl Policy {
             None | Some("") => None,
             Some(s) => Some(parse_start_time(s)?),
         };
+        let offline = match obj.get("initialReplicationMethod").and_then(|v| v.as_str()) {
+            None | Some("") => None,
+            Some(m) if m.eq_ignore_ascii_case("OverNetwork") => None,
+            Some(m) if m.eq_ignore_ascii_case("Offline") => {
+                let path = |field: &str| -> Result<String, PolicyError> {
+                    match obj.get(field).and_then(|v| v.as_str()) {
+                        Some(p) if p.starts_with('/') => Ok(p.to_string()),
+                        Some(p) => Err(PolicyError::Field {
+                            field: field.into(),
+                            message: format!("must be an absolute path, got \"{p}\""),
+                        }),
+                        None => Err(PolicyError::Field {
+                            field: field.into(),
+                            message: "is required when initialReplicationMethod is Offline".into(),
+                        }),
+                    }
+                };
+                Some(OfflineReplication {
+                    export_path: path("offlineReplicationExportPath")?,
+                    import_path: path("offlineReplicationImportPath")?,
+                })
+            }
+            Some(other) => {
+                return Err(PolicyError::Field {
+                    field: "initialReplicationMethod".into(),
+                    message: format!("must be \"OverNetwork\" or \"Offline\", got \"{other}\""),
+                });
+            }
+        };
         let policy = Policy {
             instance_type,
             copy_frequency_secs,
@@ -210,6 +253,7 @@ impl Policy {
             compression,
             encryption,
             initial_replication_start,
+            offline,
         };
         policy.validate()?;
         Ok(policy)
@@ -224,8 +268,12 @@ impl Policy {
             "applicationConsistentSnapshotFrequencyInHours": self.app_consistent_frequency_hours,
             "compression": if self.compression { "Enable" } else { "Disable" },
             "encryption": if self.encryption { "Enable" } else { "Disable" },
-            "initialReplicationMethod": "OverNetwork",
+            "initialReplicationMethod": if self.offline.is_some() { "Offline" } else { "OverNetwork" },
         });
+        if let Some(o) = &self.offline {
+            v["offlineReplicationExportPath"] = o.export_path.clone().into();
+            v["offlineReplicationImportPath"] = o.import_path.clone().into();
+        }
         match self.retention {
             Retention::Hours { hours } => v["recoveryPointHistoryDuration"] = hours.into(),
             Retention::Count { additional } => v["recoveryPoints"] = additional.into(),
@@ -253,6 +301,52 @@ fn parse_start_time(s: &str) -> Result<i64, PolicyError> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn offline_initial_replication_needs_both_paths() {
+        let base = json!({
+            "instanceType": "HyperVReplica2012R2",
+            "replicationFrequencyInSeconds": 300,
+            "recoveryPoints": 2,
+            "initialReplicationMethod": "Offline",
+            "offlineReplicationExportPath": "/mnt/export",
+            "offlineReplicationImportPath": "/mnt/import",
+        });
+        let p = Policy::from_arm_input(&base).unwrap();
+        assert_eq!(
+            p.offline,
+            Some(OfflineReplication {
+                export_path: "/mnt/export".into(),
+                import_path: "/mnt/import".into()
+            })
+        );
+        let details = p.to_arm_details();
+        assert_eq!(details["initialReplicationMethod"], "Offline");
+        assert_eq!(details["offlineReplicationImportPath"], "/mnt/import");
+        assert_eq!(Policy::from_arm_input(&details).unwrap(), p);
+
+        let mut missing = base.clone();
+        missing
+            .as_object_mut()
+            .unwrap()
+            .remove("offlineReplicationImportPath");
+        let e = Policy::from_arm_input(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("offlineReplicationImportPath") && e.contains("required"),
+            "{e}"
+        );
+        let mut relative = base.clone();
+        relative["offlineReplicationExportPath"] = "export".into();
+        let e = Policy::from_arm_input(&relative).unwrap_err().to_string();
+        assert!(e.contains("absolute"), "{e}");
+        let mut bad = base.clone();
+        bad["initialReplicationMethod"] = "ByCourier".into();
+        let e = Policy::from_arm_input(&bad).unwrap_err().to_string();
+        assert!(e.contains("OverNetwork") && e.contains("ByCourier"), "{e}");
+        let mut online = base;
+        online["initialReplicationMethod"] = "OverNetwork".into();
+        assert_eq!(Policy::from_arm_input(&online).unwrap().offline, None);
+    }
 
     #[test]
     fn azure_input_is_read_and_validated() {

@@ -139,6 +139,10 @@ pub struct HeartbeatResponse {
     /// source agent allowed to write it. Complete each time.
     #[serde(default)]
     pub sources: std::collections::BTreeMap<String, String>,
+    /// Target role: item → directory to import its offline initial copy
+    /// from (items in offline initial replication only).
+    #[serde(default)]
+    pub imports: std::collections::BTreeMap<String, String>,
 }
 
 /// Replicate one machine to a target agent's data endpoint.
@@ -156,6 +160,10 @@ pub struct ReplicationAssignment {
     /// Unix seconds before which initial replication must not start.
     #[serde(default)]
     pub not_before: Option<i64>,
+    /// Offline initial replication: export the initial copy to this
+    /// directory (on the source host) instead of sending it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_export: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -26,6 +26,7 @@ use siterec_core::Consistency;
 use siterec_core::names::check_name;
 use siterec_core::policy::Policy;
 use siterec_core::retention::{PointAge, points_to_prune};
+use siterec_core::state::ProtectionState;
 use siterec_core::wire::{
     AgentTask, DiskInfo, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
     PointReport, ReplicationAssignment, TaskResult, TaskWork,
@@ -209,12 +210,38 @@ async fn heartbeat(
     }
     let replications = assignments(&st, &agent, &fabric).await?;
     let sources = sources_of(&st, &agent).await?;
+    let imports = imports_of(&st, &agent).await?;
     Ok(Json(HeartbeatResponse {
         agent_id: agent,
         tasks,
         replications,
         sources,
+        imports,
     }))
+}
+
+/// For a target agent: the items in offline initial replication it keeps,
+/// with the directory to import each one's initial copy from.
+async fn imports_of(
+    st: &AppState,
+    agent: &str,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT name, state, policy FROM protected_items WHERE target_agent_id = ?")
+            .bind(agent)
+            .fetch_all(&st.db)
+            .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for (item, state, policy) in rows {
+        if ProtectionState::parse(&state) != Some(ProtectionState::InitialReplicationInProgress) {
+            continue;
+        }
+        let (_, policy): (String, Policy) = crate::model::load_policy(&st.db, &policy).await?;
+        if let Some(o) = policy.offline {
+            out.insert(item, o.import_path);
+        }
+    }
+    Ok(out)
 }
 
 /// For a target agent: the replicating items it keeps, with their source agents.
@@ -265,6 +292,15 @@ async fn assignments(
         };
         let (_, policy): (String, Policy) =
             crate::model::load_policy(&st.db, &row.try_get::<String, _>("policy")?).await?;
+        // Only the initial copy goes offline; later cycles use the network.
+        let offline_export = policy
+            .offline
+            .as_ref()
+            .filter(|_| {
+                ProtectionState::parse(&state)
+                    == Some(ProtectionState::InitialReplicationInProgress)
+            })
+            .map(|o| o.export_path.clone());
         let info: Value =
             serde_json::from_str(&row.try_get::<String, _>("info")?).unwrap_or(Value::Null);
         let disks: Vec<DiskInfo> =
@@ -279,6 +315,7 @@ async fn assignments(
             copy_frequency_secs: policy.copy_frequency_secs,
             compression: policy.compression,
             not_before: policy.initial_replication_start,
+            offline_export,
         });
     }
     Ok(out)

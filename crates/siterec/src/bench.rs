@@ -439,6 +439,7 @@ impl Rig {
             copy_frequency_secs: 30,
             compression: true,
             not_before: None,
+            offline_export: None,
         }
     }
 
@@ -470,8 +471,8 @@ impl Rig {
 fn committed(c: siterec_agent::source::Cycle) -> anyhow::Result<String> {
     match c {
         siterec_agent::source::Cycle::Committed(p) => Ok(p),
-        siterec_agent::source::Cycle::Spooled(p) => {
-            anyhow::bail!("point {p} was spooled: the bench's target did not answer")
+        siterec_agent::source::Cycle::Spooled(p) | siterec_agent::source::Cycle::Exported(p) => {
+            anyhow::bail!("point {p} did not reach the bench's target")
         }
     }
 }

@@ -263,6 +263,14 @@ enum PolicyCmd {
         /// ARM instanceType of the policy.
         #[arg(long, default_value = "HyperVReplicaAzure")]
         instance_type: String,
+        /// Offline initial replication: the source agent exports the initial
+        /// copy to this directory on its host (needs --offline-import-path).
+        #[arg(long, requires = "offline_import_path")]
+        offline_export_path: Option<String>,
+        /// Where the operator puts the exported copy on the recovery host;
+        /// the recovery agent imports it from there.
+        #[arg(long, requires = "offline_export_path")]
+        offline_import_path: Option<String>,
     },
     List,
     Show {
@@ -870,6 +878,8 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             no_compression,
             encrypt,
             instance_type,
+            offline_export_path,
+            offline_import_path,
         } => {
             let mut input = json!({
                 "instanceType": instance_type,
@@ -882,6 +892,11 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
                 (_, Some(n)) => input["recoveryPoints"] = n.into(),
                 (Some(h), None) => input["recoveryPointHistoryDuration"] = h.into(),
                 (None, None) => input["recoveryPointHistoryDuration"] = 24.into(),
+            }
+            if let (Some(export), Some(import)) = (offline_export_path, offline_import_path) {
+                input["initialReplicationMethod"] = "Offline".into();
+                input["offlineReplicationExportPath"] = export.into();
+                input["offlineReplicationImportPath"] = import.into();
             }
             let op = api
                 .run(
