@@ -365,10 +365,10 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
     let state_dir = ctx.state_dir(&a.item);
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("creating {}", state_dir.display()))?;
-    if let Some(export) = &a.offline_export {
-        if let Some(outcome) = offline_initial(ctx, a, &state_dir, Path::new(export)).await? {
-            return Ok(outcome);
-        }
+    if let Some(export) = &a.offline_export
+        && let Some(outcome) = offline_initial(ctx, a, &state_dir, Path::new(export)).await?
+    {
+        return Ok(outcome);
     }
     let spool = ctx.spool(&a.item);
     if !spool.entries()?.is_empty() {
