@@ -300,22 +300,45 @@ pub fn hash_block(data: &[u8]) -> BlockHash {
 
 const HASHES_MAGIC: &[u8; 4] = b"SRBH";
 const HASHES_VERSION: u8 = 1;
+/// Version 2 adds tag 2: a block stored as a delta chunk, hash then base.
+const HASHES_VERSION_BASES: u8 = 2;
+
+/// Delta bases of a disk's blocks: block index → the base chunk its
+/// (delta) chunk is read against.
+pub type BlockBases = std::collections::BTreeMap<usize, [u8; 32]>;
 
 /// Serialise a hash list for persistence: magic `SRBH`, version byte,
 /// count (u64 LE), one tag byte per block (0 = zero, 1 = hash) followed by
 /// the 32-byte hash for tag 1, then a BLAKE3 checksum of everything before.
 pub fn encode_hashes(hashes: &[BlockHash]) -> Vec<u8> {
+    encode_state(hashes, &BlockBases::new())
+}
+
+/// [`encode_hashes`] with the delta bases of some blocks (version 2, tag 2:
+/// the 32-byte hash then the 32-byte base). Without bases the output is
+/// version 1.
+pub fn encode_state(hashes: &[BlockHash], bases: &BlockBases) -> Vec<u8> {
     let present = hashes.iter().filter(|h| h.is_some()).count();
-    let mut out = Vec::with_capacity(4 + 1 + 8 + hashes.len() + present * 32 + 32);
+    let mut out =
+        Vec::with_capacity(4 + 1 + 8 + hashes.len() + present * 32 + bases.len() * 32 + 32);
     out.extend_from_slice(HASHES_MAGIC);
-    out.push(HASHES_VERSION);
+    out.push(if bases.is_empty() {
+        HASHES_VERSION
+    } else {
+        HASHES_VERSION_BASES
+    });
     out.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
-    for h in hashes {
-        match h {
-            None => out.push(0),
-            Some(h) => {
+    for (i, h) in hashes.iter().enumerate() {
+        match (h, bases.get(&i)) {
+            (None, _) => out.push(0),
+            (Some(h), None) => {
                 out.push(1);
                 out.extend_from_slice(h);
+            }
+            (Some(h), Some(base)) => {
+                out.push(2);
+                out.extend_from_slice(h);
+                out.extend_from_slice(base);
             }
         }
     }
@@ -325,8 +348,13 @@ pub fn encode_hashes(hashes: &[BlockHash]) -> Vec<u8> {
 }
 
 /// Inverse of [`encode_hashes`]; a torn, truncated or foreign file gives
-/// [`CaptureError::CorruptHashes`].
+/// [`CaptureError::CorruptHashes`]. Delta bases are dropped.
 pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
+    decode_state(bytes).map(|(h, _)| h)
+}
+
+/// Inverse of [`encode_state`].
+pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), CaptureError> {
     let corrupt = |m: &str| CaptureError::CorruptHashes(m.to_string());
     if bytes.len() < 4 + 1 + 8 + 32 {
         return Err(corrupt("too short"));
@@ -335,10 +363,10 @@ pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
     if &body[..4] != HASHES_MAGIC {
         return Err(corrupt("bad magic"));
     }
-    if body[4] != HASHES_VERSION {
+    let version = body[4];
+    if version != HASHES_VERSION && version != HASHES_VERSION_BASES {
         return Err(CaptureError::CorruptHashes(format!(
-            "unsupported version {}",
-            body[4]
+            "unsupported version {version}"
         )));
     }
     if blake3::hash(body).as_bytes() != sum {
@@ -352,21 +380,28 @@ pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
         return Err(corrupt("count larger than data"));
     }
     let mut out = Vec::with_capacity(count as usize);
-    for _ in 0..count {
+    let mut bases = BlockBases::new();
+    for i in 0..count as usize {
         let (&tag, tail) = rest.split_first().ok_or_else(|| corrupt("truncated"))?;
         match tag {
             0 => {
                 out.push(None);
                 rest = tail;
             }
-            1 => {
-                if tail.len() < 32 {
+            1 | 2 if tag == 1 || version == HASHES_VERSION_BASES => {
+                let len = if tag == 1 { 32 } else { 64 };
+                if tail.len() < len {
                     return Err(corrupt("truncated hash"));
                 }
                 let mut h = [0u8; 32];
                 h.copy_from_slice(&tail[..32]);
                 out.push(Some(h));
-                rest = &tail[32..];
+                if tag == 2 {
+                    let mut b = [0u8; 32];
+                    b.copy_from_slice(&tail[32..64]);
+                    bases.insert(i, b);
+                }
+                rest = &tail[len..];
             }
             t => {
                 return Err(CaptureError::CorruptHashes(format!("bad tag {t}")));
@@ -376,7 +411,7 @@ pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
     if !rest.is_empty() {
         return Err(corrupt("trailing data"));
     }
-    Ok(out)
+    Ok((out, bases))
 }
 
 /// Identity and timestamps of the file, compared before and after a read.
@@ -463,7 +498,7 @@ struct Delivery<'a, F> {
 ///
 /// For every non-zero block whose hash differs from `previous` (every
 /// non-zero block when `previous` is `None` or has a different length),
-/// `on_changed(index, data)` is called. Blocking; run it in `spawn_blocking`.
+/// `on_changed(index, data, hash)` is called (`hash`: the block's BLAKE3). Blocking; run it in `spawn_blocking`.
 ///
 /// # Consistency
 ///
@@ -505,7 +540,7 @@ pub fn scan<F>(
     mut on_changed: F,
 ) -> Result<ScanOutcome, CaptureError>
 where
-    F: FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
 {
     if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
         return Err(CaptureError::InvalidArgument(format!(
@@ -705,7 +740,7 @@ fn read_pass<F>(
     delivery: &mut Delivery<'_, F>,
 ) -> Result<Pass, CaptureError>
 where
-    F: FnMut(u64, &[u8]) -> anyhow::Result<()>,
+    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
 {
     let chunk = u64::from(chunk_size);
     let blocks = size.div_ceil(chunk);
@@ -743,8 +778,8 @@ where
         for block in dst.chunks(chunk as usize) {
             let h = hash_block(block);
             let i = index as usize;
-            if h.is_some() && delivery.baseline[i] != Some(h) {
-                (delivery.on_changed)(index, block).map_err(CaptureError::Callback)?;
+            if let Some(hash) = h.as_ref().filter(|_| delivery.baseline[i] != Some(h)) {
+                (delivery.on_changed)(index, block, hash).map_err(CaptureError::Callback)?;
                 delivery.baseline[i] = Some(h);
                 delivery.delivered += 1;
             }

@@ -35,7 +35,7 @@ fn collect(
     options: &ScanOptions,
 ) -> (ScanOutcome, Vec<(u64, Vec<u8>)>) {
     let mut got = Vec::new();
-    let outcome = scan(source, CHUNK, previous, options, |i, d| {
+    let outcome = scan(source, CHUNK, previous, options, |i, d, _| {
         got.push((i, d.to_vec()));
         Ok(())
     })
@@ -131,7 +131,7 @@ fn file_changing_during_scan_is_retried() {
     let mut calls = 0u32;
     let mut delivered: Vec<u64> = Vec::new();
     let mut last = std::collections::HashMap::new();
-    let outcome = scan(&source, CHUNK, None, &options, |i, d| {
+    let outcome = scan(&source, CHUNK, None, &options, |i, d, _| {
         calls += 1;
         if calls == 1 {
             writer.write_all_at(b"changed!", 100).unwrap();
@@ -180,7 +180,7 @@ fn file_that_never_settles_is_inconsistent() {
     };
     let writer = OpenOptions::new().write(true).open(&path).unwrap();
     let mut n = 0u64;
-    let outcome = scan(&source, CHUNK, None, &options, |i, _| {
+    let outcome = scan(&source, CHUNK, None, &options, |i, _, _| {
         // Every attempt's first block triggers a write.
         if i == 0 {
             n += 1;
@@ -230,7 +230,7 @@ fn callback_error_aborts() {
     let path = dir.path().join("disk.img");
     std::fs::write(&path, random_bytes(2 * CHUNK as usize)).unwrap();
     let source = DiskSource::open(&path).unwrap();
-    let err = scan(&source, CHUNK, None, &stable_only(), |_, _| {
+    let err = scan(&source, CHUNK, None, &stable_only(), |_, _, _| {
         anyhow::bail!("target unreachable")
     })
     .unwrap_err();
@@ -259,7 +259,7 @@ fn open_errors_are_clear() {
     let (outcome, got) = collect(&source, None, &stable_only());
     assert!(outcome.hashes.is_empty() && got.is_empty());
 
-    assert!(scan(&source, 0, None, &stable_only(), |_, _| Ok(())).is_err());
+    assert!(scan(&source, 0, None, &stable_only(), |_, _, _| Ok(())).is_err());
 }
 
 #[test]
@@ -316,7 +316,7 @@ fn scan_throughput_from_page_cache() {
     // Warm the page cache.
     let _ = std::fs::read(&path).unwrap();
     let start = std::time::Instant::now();
-    let outcome = scan(&source, 1 << 20, None, &stable_only(), |_, _| Ok(())).unwrap();
+    let outcome = scan(&source, 1 << 20, None, &stable_only(), |_, _, _| Ok(())).unwrap();
     let secs = start.elapsed().as_secs_f64();
     let mbps = 256.0 / secs;
     eprintln!("scan: 256 MiB in {secs:.3} s = {mbps:.0} MiB/s");

@@ -5,12 +5,15 @@
 //! | offset | size | field                                         |
 //! |--------|------|-----------------------------------------------|
 //! | 0      | 8    | magic `b"SRCHUNK1"` (the `1` is the version)  |
-//! | 8      | 1    | codec: 0 = raw, 1 = zstd                      |
+//! | 8      | 1    | codec: 0 = raw, 1 = zstd, 2 = delta           |
 //! | 9      | 4    | plaintext length, u32 little-endian           |
 //! | 13     | ...  | payload (plaintext, or one zstd frame)        |
 //!
 //! The id of a chunk is the BLAKE3 hash of its plaintext, so it does not
-//! depend on the codec. See `FORMAT.md`.
+//! depend on the codec. A delta chunk holds only the 4 KiB pages in which
+//! its plaintext differs from a base chunk (itself never a delta); reading
+//! it needs the base, and the rebuilt plaintext is checked against the id
+//! like any other. See `FORMAT.md`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,6 +32,11 @@ pub const MAX_CHUNK_LEN: usize = 64 * 1024 * 1024;
 pub const CODEC_RAW: u8 = 0;
 /// Codec byte: payload is one zstd frame.
 pub const CODEC_ZSTD: u8 = 1;
+/// Codec byte: payload is a delta against a base chunk (see
+/// [`encode_delta_chunk`]).
+pub const CODEC_DELTA: u8 = 2;
+/// Page size of delta chunks.
+pub const DELTA_PAGE: usize = 4096;
 
 /// zstd level used for chunks: fast, still removes most redundancy.
 const ZSTD_LEVEL: i32 = 1;
@@ -157,15 +165,21 @@ fn raw_object(plain: &[u8], plain_len: u32) -> Vec<u8> {
 /// If `plain` is longer than [`MAX_CHUNK_LEN`]: chunk sizes are chosen by the
 /// program, never by data, so this is a programming error.
 pub fn encode_chunk(plain: &[u8], compress: bool) -> EncodedChunk {
+    encode_chunk_with_id(plain, ChunkId::of(plain), compress)
+}
+
+/// [`encode_chunk`] for a caller that has already hashed `plain`: `id`
+/// must be [`ChunkId::of`]`(plain)` (a wrong id makes a chunk that every
+/// reader rejects).
+pub fn encode_chunk_with_id(plain: &[u8], id: ChunkId, compress: bool) -> EncodedChunk {
     assert!(
         plain.len() <= MAX_CHUNK_LEN,
         "chunk of {} bytes exceeds the maximum of {MAX_CHUNK_LEN}",
         plain.len()
     );
     let plain_len = plain.len() as u32;
-    let id = ChunkId::of(plain);
     let bytes = if compress && worth_compressing(plain) {
-        match zstd::bulk::compress(plain, ZSTD_LEVEL) {
+        match zstd_compress(plain) {
             Ok(z) if z.len() < plain.len() => {
                 let mut out = header(CODEC_ZSTD, plain_len, z.len());
                 out.extend_from_slice(&z);
@@ -190,10 +204,41 @@ fn worth_compressing(plain: &[u8]) -> bool {
         return !plain.is_empty();
     }
     let sample = &plain[..SAMPLE_LEN];
-    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
+    match zstd_compress(sample) {
         Ok(z) => z.len() < sample.len(),
         Err(_) => false,
     }
+}
+
+thread_local! {
+    // One zstd context per thread, reused: creating a context for every
+    // chunk cost about a tenth of the compression time itself.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c = match &mut *slot {
+            Some(c) => c,
+            empty => empty.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        c.compress(data)
+    })
+}
+
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some(d) => d,
+            empty => empty.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(data, capacity)
+    })
 }
 
 /// The header fields of a chunk object, checked for shape but not content.
@@ -227,7 +272,7 @@ pub fn parse_chunk_header(id: ChunkId, bytes: &[u8]) -> Result<ChunkHeader, Stor
         ));
     }
     let codec = bytes[8];
-    if codec != CODEC_RAW && codec != CODEC_ZSTD {
+    if codec != CODEC_RAW && codec != CODEC_ZSTD && codec != CODEC_DELTA {
         return Err(corrupt(format!("unknown codec {codec}")));
     }
     let plain_len = u32::from_le_bytes([bytes[9], bytes[10], bytes[11], bytes[12]]);
@@ -256,14 +301,208 @@ pub fn decode_chunk(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     Ok(plain)
 }
 
+/// The id of a delta chunk: derived from the id of the plaintext it
+/// rebuilds (`target`) and of its base, so that the same content stored
+/// whole or as deltas against different bases never shares an object.
+pub fn delta_id(target: ChunkId, base: ChunkId) -> ChunkId {
+    let mut h = blake3::Hasher::new_derive_key("siterec delta chunk v1");
+    h.update(target.as_bytes());
+    h.update(base.as_bytes());
+    ChunkId(*h.finalize().as_bytes())
+}
+
+/// Encodes a delta chunk: the plaintext whose id is `target` (and length
+/// `plain_len`) is `base`'s plaintext with the 4 KiB pages listed in
+/// `pages` (index, content) replaced. The chunk's id is
+/// [`delta_id`]`(target, base)`. Page contents are zstd-compressed when
+/// `compress` is set and that makes them smaller.
+///
+/// Payload: base id (32) ‖ target id (32) ‖ flags (1; bit 0 = pages
+/// compressed) ‖ page count (u16 LE) ‖ page indexes (u16 LE each,
+/// ascending) ‖ the pages' bytes, concatenated (the last page of a short
+/// chunk may be short).
+///
+/// # Panics
+///
+/// If the pages are not ascending, out of range or of the wrong length:
+/// they are computed by the program, never taken from input.
+pub fn encode_delta_chunk(
+    target: ChunkId,
+    plain_len: u32,
+    base: ChunkId,
+    pages: &[(u16, &[u8])],
+    compress: bool,
+) -> EncodedChunk {
+    let mut data = Vec::with_capacity(pages.len() * DELTA_PAGE);
+    let mut last = None;
+    for (index, page) in pages {
+        assert!(last.is_none_or(|l| l < *index), "delta pages must ascend");
+        assert_eq!(page.len(), delta_page_len(plain_len, *index), "delta page length");
+        last = Some(*index);
+        data.extend_from_slice(page);
+    }
+    let (flags, data) = match compress.then(|| zstd_compress(&data)) {
+        Some(Ok(z)) if z.len() < data.len() => (1u8, z),
+        _ => (0u8, data),
+    };
+    let mut out = header(CODEC_DELTA, plain_len, DELTA_FIXED + pages.len() * 2 + data.len());
+    out.extend_from_slice(base.as_bytes());
+    out.extend_from_slice(target.as_bytes());
+    out.push(flags);
+    out.extend_from_slice(&(pages.len() as u16).to_le_bytes());
+    for (index, _) in pages {
+        out.extend_from_slice(&index.to_le_bytes());
+    }
+    out.extend_from_slice(&data);
+    EncodedChunk {
+        id: delta_id(target, base),
+        bytes: out,
+        plain_len,
+    }
+}
+
+/// Bytes of a delta payload before the page indexes.
+const DELTA_FIXED: usize = 32 + 32 + 1 + 2;
+
+/// Length of page `index` in a chunk of `plain_len` bytes (0 if beyond).
+fn delta_page_len(plain_len: u32, index: u16) -> usize {
+    (plain_len as usize)
+        .saturating_sub(usize::from(index) * DELTA_PAGE)
+        .min(DELTA_PAGE)
+}
+
+/// A parsed delta chunk payload.
+pub(crate) struct Delta {
+    pub base: ChunkId,
+    /// The id of the plaintext the delta rebuilds.
+    pub target: ChunkId,
+    pub plain_len: u32,
+    /// (page index, page bytes).
+    pub pages: Vec<(u16, Vec<u8>)>,
+}
+
+/// The base of a delta chunk object, or `None` for any other chunk.
+pub fn delta_base(id: ChunkId, bytes: &[u8]) -> Result<Option<ChunkId>, StoreError> {
+    let h = parse_chunk_header(id, bytes)?;
+    if h.codec != CODEC_DELTA {
+        return Ok(None);
+    }
+    Ok(Some(parse_delta(id, bytes)?.base))
+}
+
+/// Parses and checks the shape of delta chunk `id`, including that `id`
+/// is the [`delta_id`] of its target and base.
+pub(crate) fn parse_delta(id: ChunkId, bytes: &[u8]) -> Result<Delta, StoreError> {
+    let d = parse_delta_unnamed(id, bytes)?;
+    if delta_id(d.target, d.base) != id {
+        return Err(StoreError::CorruptChunk {
+            id,
+            reason: format!(
+                "it names base {} and target {}, which do not make its id",
+                d.base, d.target
+            ),
+        });
+    }
+    Ok(d)
+}
+
+/// [`parse_delta`] without checking the id (`id` only names the chunk in
+/// errors): for objects whose name does not reveal their id.
+pub(crate) fn parse_delta_unnamed(id: ChunkId, bytes: &[u8]) -> Result<Delta, StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
+    let h = parse_chunk_header(id, bytes)?;
+    let p = &bytes[CHUNK_HEADER_LEN..];
+    if h.codec != CODEC_DELTA || p.len() < DELTA_FIXED {
+        return Err(corrupt("not a delta chunk, or its payload is truncated".into()));
+    }
+    let (mut base, mut target) = ([0u8; 32], [0u8; 32]);
+    base.copy_from_slice(&p[..32]);
+    target.copy_from_slice(&p[32..64]);
+    let (base, target) = (ChunkId(base), ChunkId(target));
+    let flags = p[64];
+    let count = usize::from(u16::from_le_bytes([p[65], p[66]]));
+    let index_end = DELTA_FIXED + count * 2;
+    if p.len() < index_end {
+        return Err(corrupt("delta page list is truncated".into()));
+    }
+    let indexes: Vec<u16> = p[DELTA_FIXED..index_end]
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect();
+    let mut expected = 0usize;
+    for (k, &i) in indexes.iter().enumerate() {
+        let len = delta_page_len(h.plain_len, i);
+        if len == 0 || (k > 0 && indexes[k - 1] >= i) {
+            return Err(corrupt(format!("delta page {i} is out of order or out of range")));
+        }
+        expected += len;
+    }
+    let data = match flags {
+        0 => p[index_end..].to_vec(),
+        1 => zstd_decompress(&p[index_end..], expected)
+            .map_err(|e| corrupt(format!("delta pages do not decompress: {e}")))?,
+        f => return Err(corrupt(format!("unknown delta flags {f}"))),
+    };
+    if data.len() != expected {
+        return Err(corrupt(format!(
+            "delta pages hold {} bytes, {expected} expected",
+            data.len()
+        )));
+    }
+    let mut pages = Vec::with_capacity(count);
+    let mut at = 0;
+    for i in indexes {
+        let len = delta_page_len(h.plain_len, i);
+        pages.push((i, data[at..at + len].to_vec()));
+        at += len;
+    }
+    Ok(Delta {
+        base,
+        target,
+        plain_len: h.plain_len,
+        pages,
+    })
+}
+
+/// Rebuilds a delta chunk's plaintext from its base's (unverified: the
+/// caller hashes the result).
+pub(crate) fn apply_delta(id: ChunkId, delta: &Delta, base: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let mut plain = base.to_vec();
+    plain.resize(delta.plain_len as usize, 0);
+    if base.len() != plain.len() {
+        return Err(StoreError::CorruptChunk {
+            id,
+            reason: format!(
+                "its base {} is {} bytes long, the delta {}",
+                delta.base,
+                base.len(),
+                delta.plain_len
+            ),
+        });
+    }
+    for (i, page) in &delta.pages {
+        let at = usize::from(*i) * DELTA_PAGE;
+        plain[at..at + page.len()].copy_from_slice(page);
+    }
+    Ok(plain)
+}
+
 /// Decodes a chunk object without comparing its hash to anything; `id`
 /// only names the chunk in errors. The caller must hash the result.
+/// Delta chunks are refused here: they need their base (the store
+/// resolves them).
 pub(crate) fn decode_chunk_unverified(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
     let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
     let h = parse_chunk_header(id, bytes)?;
     let payload = &bytes[CHUNK_HEADER_LEN..];
     let plain_len = h.plain_len as usize;
     let plain = match h.codec {
+        CODEC_DELTA => {
+            return Err(corrupt(
+                "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
+                    .into(),
+            ));
+        }
         CODEC_RAW => {
             if payload.len() != plain_len {
                 return Err(corrupt(format!(
@@ -274,7 +513,7 @@ pub(crate) fn decode_chunk_unverified(id: ChunkId, bytes: &[u8]) -> Result<Vec<u
             payload.to_vec()
         }
         _ => {
-            let out = zstd::bulk::decompress(payload, plain_len)
+            let out = zstd_decompress(payload, plain_len)
                 .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}")))?;
             if out.len() != plain_len {
                 return Err(corrupt(format!(

@@ -8,8 +8,9 @@ use crate::error::StoreError;
 
 /// Magic bytes at the start of every manifest.
 pub const MANIFEST_MAGIC: &[u8; 8] = b"SRMANIFS";
-/// The manifest format version this build writes and the newest it reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format version this build writes and the newest it reads
+/// (version 2 added the delta bases section; version 1 is still read).
+pub const MANIFEST_VERSION: u32 = 2;
 /// Largest JSON header accepted (16 MiB).
 const MAX_HEADER_LEN: usize = 16 * 1024 * 1024;
 const ENTRY_LEN: usize = 33;
@@ -32,6 +33,9 @@ pub struct Manifest {
     pub consistency: Consistency,
     /// The disks, in the VM's order.
     pub disks: Vec<DiskManifest>,
+    /// For each referenced delta chunk, the base chunk it is read against
+    /// (so that commit checks and garbage collection see the bases too).
+    pub bases: std::collections::BTreeMap<ChunkId, ChunkId>,
 }
 
 /// One disk of a recovery point.
@@ -167,14 +171,29 @@ impl Manifest {
                 return Err(invalid(format!("disk id {} appears twice", d.disk_id)));
             }
         }
+        if !self.bases.is_empty() {
+            let used: std::collections::HashSet<ChunkId> = self
+                .disks
+                .iter()
+                .flat_map(|d| d.chunks.iter().flatten().copied())
+                .collect();
+            for (delta, base) in &self.bases {
+                if delta == base || !used.contains(delta) || self.bases.contains_key(base) {
+                    return Err(invalid(format!(
+                        "delta chunk {delta} with base {base}: a delta must be referenced, and its base must differ and not be a delta"
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// Every distinct chunk the manifest references.
+    /// Every distinct chunk the manifest references, delta bases included.
     pub fn referenced_chunks(&self) -> std::collections::HashSet<ChunkId> {
         self.disks
             .iter()
             .flat_map(|d| d.chunks.iter().flatten().copied())
+            .chain(self.bases.values().copied())
             .collect()
     }
 
@@ -220,6 +239,11 @@ impl Manifest {
                     }
                 }
             }
+        }
+        out.extend_from_slice(&(self.bases.len() as u32).to_le_bytes());
+        for (delta, base) in &self.bases {
+            out.extend_from_slice(delta.as_bytes());
+            out.extend_from_slice(base.as_bytes());
         }
         let trailer = blake3::hash(&out);
         out.extend_from_slice(trailer.as_bytes());
@@ -306,6 +330,27 @@ impl Manifest {
                 chunks,
             });
         }
+        let mut bases = std::collections::BTreeMap::new();
+        if version >= 2 {
+            if rest.len() < 4 {
+                return Err(corrupt("the delta bases section is truncated".into()));
+            }
+            let count = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            rest = &rest[4..];
+            if count.checked_mul(64) != Some(rest.len()) {
+                return Err(corrupt(format!(
+                    "the delta bases section declares {count} entries in {} bytes",
+                    rest.len()
+                )));
+            }
+            for pair in rest.chunks_exact(64) {
+                let (mut d, mut b) = ([0u8; 32], [0u8; 32]);
+                d.copy_from_slice(&pair[..32]);
+                b.copy_from_slice(&pair[32..]);
+                bases.insert(ChunkId(d), ChunkId(b));
+            }
+            rest = &[];
+        }
         if !rest.is_empty() {
             return Err(corrupt(format!("{} unexpected trailing bytes", rest.len())));
         }
@@ -315,6 +360,7 @@ impl Manifest {
             created_at_unix_ms: header.created_at_unix_ms,
             consistency: header.consistency,
             disks,
+            bases,
         };
         m.validate().map_err(|e| corrupt(e.to_string()))?;
         Ok(m)
@@ -345,6 +391,7 @@ pub(crate) mod tests {
                     chunks: vec![],
                 },
             ],
+            bases: Default::default(),
         }
     }
 
@@ -399,14 +446,14 @@ pub(crate) mod tests {
     fn newer_version_rejected() {
         let bytes = sample().encode();
         let mut body = bytes[..bytes.len() - 32].to_vec();
-        body[8..12].copy_from_slice(&2u32.to_le_bytes());
+        body[8..12].copy_from_slice(&3u32.to_le_bytes());
         let err = Manifest::decode(&reseal(body)).unwrap_err();
         assert!(
             matches!(
                 err,
                 StoreError::UnsupportedVersion {
-                    found: 2,
-                    supported: 1,
+                    found: 3,
+                    supported: 2,
                     ..
                 }
             ),
@@ -430,9 +477,24 @@ pub(crate) mod tests {
         // A bad entry kind, sealed.
         let bytes = sample().encode();
         let mut body = bytes[..bytes.len() - 32].to_vec();
-        let first_entry = body.len() - 3 * ENTRY_LEN;
+        let first_entry = body.len() - 4 - 3 * ENTRY_LEN;
         body[first_entry] = 7;
         assert!(Manifest::decode(&reseal(body)).is_err());
+        // A delta base for a chunk the point does not use, sealed.
+        let mut m = sample();
+        m.bases.insert(ChunkId::of(b"zz"), ChunkId::of(b"a"));
+        assert!(m.validate().is_err());
+        assert!(Manifest::decode(&m.encode()).is_err());
+        // A delta whose base is a delta.
+        let mut m = sample();
+        m.bases.insert(ChunkId::of(b"a"), ChunkId::of(b"c"));
+        m.bases.insert(ChunkId::of(b"c"), ChunkId::of(b"q"));
+        assert!(m.validate().is_err());
+        // A well-formed base section round-trips.
+        let mut m = sample();
+        m.bases.insert(ChunkId::of(b"a"), ChunkId::of(b"base"));
+        assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert!(m.referenced_chunks().contains(&ChunkId::of(b"base")));
     }
 
     #[test]

@@ -12,7 +12,10 @@ use tokio::sync::{Mutex, OwnedRwLockReadGuard, RwLock};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, LocalDir};
-use crate::chunk::{ChunkId, decode_chunk, decode_chunk_unverified, encode_chunk, is_all_zero};
+use crate::chunk::{
+    CODEC_DELTA, ChunkId, apply_delta, decode_chunk, decode_chunk_unverified, encode_chunk,
+    delta_id, is_all_zero, parse_chunk_header, parse_delta, parse_delta_unnamed,
+};
 use crate::crypt::{Cipher, ENCRYPTION_ALGORITHM, NAME_KEY_SCHEME, OpenError, StoreKey};
 use crate::error::StoreError;
 use crate::manifest::{DiskManifest, Manifest, validate_name};
@@ -528,10 +531,37 @@ impl Store {
                     context: format!("object {key} not found"),
                 })?;
         let inner = Arc::clone(&self.inner);
+        let k = key.clone();
+        let encoded = tokio::task::spawn_blocking(move || inner.open_chunk(named, &k, stored))
+            .await
+            .map_err(StoreError::task)??;
+        // A delta is checked by rebuilding it on its (verified) base.
+        let base = if parse_chunk_header(named, &encoded)?.codec == CODEC_DELTA {
+            let delta = parse_delta_unnamed(named, &encoded)?;
+            Some(self.get_chunk_unlocked(delta.base).await?)
+        } else {
+            None
+        };
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let encoded = inner.open_chunk(named, &key, stored)?;
-            let plain = decode_chunk_unverified(named, &encoded)?;
-            let id = ChunkId::of(&plain);
+            let id = match base {
+                Some(base) => {
+                    // Named by its delta id; its content must rebuild the target.
+                    let delta = parse_delta_unnamed(named, &encoded)?;
+                    let rebuilt = ChunkId::of(&apply_delta(named, &delta, &base)?);
+                    if rebuilt != delta.target {
+                        return Err(StoreError::CorruptChunk {
+                            id: named,
+                            reason: format!(
+                                "rebuilt on its base {}, it hashes to {rebuilt}, not {}",
+                                delta.base, delta.target
+                            ),
+                        });
+                    }
+                    delta_id(delta.target, delta.base)
+                }
+                None => ChunkId::of(&decode_chunk_unverified(named, &encoded)?),
+            };
             if inner.object_key(&id) != key {
                 return Err(StoreError::CorruptChunk {
                     id: named,
@@ -586,14 +616,28 @@ impl Store {
         if self.inner.backend.exists(&key).await? {
             return Ok(false);
         }
+        // A delta chunk is checked for shape and for its base being here;
+        // its content is checked against its id whenever it is read (the
+        // base is not decoded on every write).
+        let is_delta = parse_chunk_header(id, &bytes)?.codec == CODEC_DELTA;
+        if is_delta {
+            let base = parse_delta(id, &bytes)?.base;
+            if !self.inner.backend.exists(&self.inner.object_key(&base)).await? {
+                return Err(StoreError::MissingChunk {
+                    id: base,
+                    context: format!("the base of delta chunk {id}; send the chunk whole"),
+                });
+            }
+        }
         let inner = Arc::clone(&self.inner);
         let object_key = key.clone();
         let bytes = tokio::task::spawn_blocking(move || {
-            let plain = decode_chunk(id, &bytes)?;
-            if is_all_zero(&plain) {
-                return Err(StoreError::ZeroChunk { id });
+            if !is_delta {
+                let plain = decode_chunk(id, &bytes)?;
+                if is_all_zero(&plain) {
+                    return Err(StoreError::ZeroChunk { id });
+                }
             }
-            drop(plain);
             inner.seal_chunk(&object_key, bytes)
         })
         .await
@@ -704,9 +748,43 @@ impl Store {
                     context: format!("object {key} not found"),
                 })?;
         let inner = Arc::clone(&self.inner);
+        let encoded = tokio::task::spawn_blocking(move || inner.open_chunk(id, &key, bytes))
+            .await
+            .map_err(StoreError::task)??;
+        if parse_chunk_header(id, &encoded)?.codec != CODEC_DELTA {
+            return tokio::task::spawn_blocking(move || decode_chunk(id, &encoded))
+                .await
+                .map_err(StoreError::task)?;
+        }
+        // A delta: rebuild it on its base (which is never a delta itself)
+        // and check the result against the id like any chunk.
+        let delta = parse_delta(id, &encoded)?;
+        let base_id = delta.base;
+        let base_key = self.inner.object_key(&base_id);
+        let base_bytes =
+            self.inner
+                .backend
+                .get(&base_key)
+                .await?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id: base_id,
+                    context: format!("the base of delta chunk {id}: object {base_key} not found"),
+                })?;
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            let encoded = inner.open_chunk(id, &key, bytes)?;
-            decode_chunk(id, &encoded)
+            let base = decode_chunk(base_id, &inner.open_chunk(base_id, &base_key, base_bytes)?)?;
+            let plain = apply_delta(id, &delta, &base)?;
+            let actual = ChunkId::of(&plain);
+            if actual != delta.target {
+                return Err(StoreError::CorruptChunk {
+                    id,
+                    reason: format!(
+                        "rebuilt on its base {base_id}, it hashes to {actual}, not {}",
+                        delta.target
+                    ),
+                });
+            }
+            Ok(plain)
         })
         .await
         .map_err(StoreError::task)?
