@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod identity;
+pub mod pages;
 pub mod source;
 pub mod spool;
 pub mod target;

@@ -30,9 +30,13 @@ use anyhow::{Context, bail};
 use siterec_core::Consistency;
 use siterec_core::wire::{CommitRefused, ItemCounters, PointReport, ReplicationAssignment};
 use siterec_drivers::capture::{
-    BlockHash, DiskSource, ScanOptions, decode_hashes, encode_hashes, scan,
+    BlockBases, BlockHash, DiskSource, ScanOptions, decode_state, encode_state, scan,
 };
-use siterec_store::{ChunkId, DiskManifest, Manifest, encode_chunk};
+use siterec_store::{
+    ChunkId, DiskManifest, Manifest, delta_id, encode_chunk_with_id, encode_delta_chunk,
+};
+
+use crate::pages::{PageRecords, Plan};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -160,6 +164,10 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 struct DiskResult {
     manifest: DiskManifest,
     hashes: Vec<BlockHash>,
+    /// Blocks stored as delta chunks: index → base (the saved state).
+    block_bases: BlockBases,
+    /// The manifest's delta chunk → base map.
+    bases: std::collections::BTreeMap<ChunkId, ChunkId>,
     consistent: bool,
     /// Unix ms of the instant the captured content belongs to.
     captured_ms: i64,
@@ -376,6 +384,11 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
         // capture right now would only crowd the last spooled point).
         return match drain(ctx, a, &spool, &state_dir).await {
             Ok(last) => Ok(Cycle::Committed(last)),
+            Err(e) if e.chain().any(|c| c.downcast_ref::<BaseMissing>().is_some()) => {
+                spool.discard_all()?;
+                require_resync(&state_dir, a, &format!("{e:#}"));
+                Err(e)
+            }
             Err(e) if target_unreachable(&e) => spool_cycle(ctx, a, &state_dir, &spool).await,
             Err(e) => Err(e),
         };
@@ -384,7 +397,13 @@ pub async fn cycle(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result
         .disks
         .iter()
         .any(|d| !state_dir.join(format!("{}.hashes", d.name)).exists());
-    match direct_cycle(ctx, a, &state_dir).await {
+    let result = direct_cycle(ctx, a, &state_dir).await;
+    if let Err(e) = &result
+        && let Some(b) = e.chain().find_map(|c| c.downcast_ref::<BaseMissing>())
+    {
+        require_resync(&state_dir, a, &b.to_string());
+    }
+    match result {
         Ok(point) => {
             if resync {
                 let _ = std::fs::remove_file(resync_reason_path(&state_dir));
@@ -442,6 +461,7 @@ async fn capture(
         created_at_unix_ms: created_ms,
         consistency,
         disks: results.iter().map(|r| r.manifest.clone()).collect(),
+        bases: results.iter().flat_map(|r| r.bases.clone()).collect(),
     };
     Ok((manifest, results))
 }
@@ -491,7 +511,7 @@ fn save_hashes(
     for (disk, r) in a.disks.iter().zip(results) {
         write_durably(
             &state_dir.join(format!("{}.hashes", disk.name)),
-            &encode_hashes(&r.hashes),
+            &encode_state(&r.hashes, &r.block_bases),
             0o600,
         )?;
     }
@@ -695,7 +715,7 @@ async fn replicate_disk(
 ) -> anyhow::Result<DiskResult> {
     let hashes_path = state_dir.join(format!("{disk_name}.hashes"));
     let baseline = match std::fs::read(&hashes_path) {
-        Ok(bytes) => match decode_hashes(&bytes) {
+        Ok(bytes) => match decode_state(&bytes) {
             Ok(h) => Some(h),
             Err(e) => {
                 tracing::warn!(item = %a.item, disk = disk_name, "saved state unreadable, resynchronizing: {e}");
@@ -705,8 +725,13 @@ async fn replicate_disk(
         Err(_) => None,
     };
     let resync = baseline.is_none();
+    let (baseline, mut block_bases) = match baseline {
+        Some((h, b)) => (Some(h), b),
+        None => (None, BlockBases::new()),
+    };
+    let records = PageRecords::open(&state_dir.join(format!("{disk_name}.pages")))?;
     let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(streams * 2);
+    let (tx, rx) = mpsc::channel::<Outgoing>(streams * 2);
     let uploader = match sink {
         Sink::Target => tokio::spawn(upload(
             ctx.data.clone(),
@@ -750,27 +775,75 @@ async fn replicate_disk(
             CHUNK_SIZE,
             baseline.as_deref(),
             &options,
-            |_, data| {
-                tx.blocking_send(data.to_vec())
+            |index, data, hash| {
+                // A few changed pages ship as a delta against the block's
+                // last whole chunk (see `crate::pages`).
+                let i = index as usize;
+                let acked = baseline
+                    .as_ref()
+                    .and_then(|b| b.get(i))
+                    .and_then(|h| h.as_ref());
+                let (plan, record) =
+                    crate::pages::plan(acked, records.read(index).as_ref(), hash, data);
+                records.write(index, &record)?;
+                let out = match plan {
+                    Plan::Whole => {
+                        block_bases.remove(&i);
+                        Outgoing::Whole {
+                            id: ChunkId(*hash),
+                            data: data.to_vec(),
+                        }
+                    }
+                    Plan::Delta { base, mask } => {
+                        block_bases.insert(i, base);
+                        Outgoing::Delta {
+                            target: ChunkId(*hash),
+                            base: ChunkId(base),
+                            mask,
+                            data: data.to_vec(),
+                        }
+                    }
+                };
+                tx.blocking_send(out)
                     .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))
             },
         )?;
-        Ok(outcome)
+        Ok((outcome, block_bases))
     });
     let scanned = scan_task.await.context("disk scan task")?;
     let uploaded = uploader.await.context("upload task")?;
     // An upload error explains a scan stopped by a closed channel: report it first.
     let (bytes_sent, chunks_sent) = uploaded?;
-    let outcome =
+    let (outcome, mut block_bases) =
         scanned.with_context(|| format!("reading disk '{disk_name}' ({})", path.display()))?;
+    // Blocks now zero (or beyond a shrunk disk) have no base.
+    block_bases.retain(|i, _| outcome.hashes.get(*i).is_some_and(|h| h.is_some()));
+    let mut bases = std::collections::BTreeMap::new();
+    let chunks = outcome
+        .hashes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            h.map(|h| match block_bases.get(&i) {
+                Some(base) => {
+                    let id = delta_id(ChunkId(h), ChunkId(*base));
+                    bases.insert(id, ChunkId(*base));
+                    id
+                }
+                None => ChunkId(h),
+            })
+        })
+        .collect();
     let manifest = DiskManifest {
         disk_id: disk_name.to_string(),
         size: outcome.size_bytes,
         chunk_size: CHUNK_SIZE,
-        chunks: outcome.hashes.iter().map(|h| h.map(ChunkId)).collect(),
+        chunks,
     };
     Ok(DiskResult {
         manifest,
+        block_bases,
+        bases,
         consistent: outcome.consistent,
         captured_ms: outcome
             .captured_at
@@ -782,6 +855,42 @@ async fn replicate_disk(
         bytes_sent,
         chunks_sent,
     })
+}
+
+/// A changed block on its way to the target (or the spool).
+enum Outgoing {
+    Whole {
+        id: ChunkId,
+        data: Vec<u8>,
+    },
+    /// The pages of `data` in `mask`, against the whole chunk `base`.
+    Delta {
+        target: ChunkId,
+        base: ChunkId,
+        mask: u64,
+        data: Vec<u8>,
+    },
+}
+
+impl Outgoing {
+    /// Encodes the block as a chunk object (on a blocking thread).
+    fn encode(&self, compress: bool) -> siterec_store::EncodedChunk {
+        match self {
+            Outgoing::Whole { id, data } => encode_chunk_with_id(data, *id, compress),
+            Outgoing::Delta {
+                target,
+                base,
+                mask,
+                data,
+            } => encode_delta_chunk(
+                *target,
+                data.len() as u32,
+                *base,
+                &crate::pages::pages_of(data, *mask),
+                compress,
+            ),
+        }
+    }
 }
 
 struct Upload {
@@ -799,7 +908,7 @@ struct Upload {
 async fn upload(
     client: reqwest::Client,
     base: String,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Outgoing>,
     opts: Upload,
 ) -> anyhow::Result<(u64, u64)> {
     let mut set: JoinSet<anyhow::Result<u64>> = JoinSet::new();
@@ -824,9 +933,7 @@ async fn upload(
         let base = base.clone();
         let (resync, compress, throttle) = (opts.resync, opts.compress, opts.throttle.clone());
         set.spawn(async move {
-            if resync {
-                let (id, block) =
-                    tokio::task::spawn_blocking(move || (ChunkId::of(&block), block)).await?;
+            if let (true, Outgoing::Whole { id, .. }) = (resync, &block) {
                 let url = format!("{base}/{}", id.to_hex());
                 let head = send_to_target(|| client.head(&url))
                     .await
@@ -834,7 +941,6 @@ async fn upload(
                 if head.status().is_success() {
                     return Ok(0);
                 }
-                return put_chunk(&client, &base, block, compress, &throttle).await;
             }
             put_chunk(&client, &base, block, compress, &throttle).await
         });
@@ -848,11 +954,11 @@ async fn upload(
 async fn put_chunk(
     client: &reqwest::Client,
     base: &str,
-    block: Vec<u8>,
+    block: Outgoing,
     compress: bool,
     throttle: &crate::throttle::Throttle,
 ) -> anyhow::Result<u64> {
-    let enc = tokio::task::spawn_blocking(move || encode_chunk(&block, compress)).await?;
+    let enc = tokio::task::spawn_blocking(move || block.encode(compress)).await?;
     put_encoded(client, base, &enc.id.to_hex(), enc.bytes, throttle).await
 }
 
@@ -871,6 +977,9 @@ async fn put_encoded(
     let resp = send_to_target(|| client.put(&url).body(body.clone()))
         .await
         .with_context(|| format!("sending chunk {name} to the target"))?;
+    if resp.status() == reqwest::StatusCode::CONFLICT {
+        return Err(BaseMissing(resp.text().await.unwrap_or_default()).into());
+    }
     if !resp.status().is_success() {
         let status = resp.status();
         bail!(
@@ -881,10 +990,23 @@ async fn put_encoded(
     Ok(len)
 }
 
+/// The target lacks the base of a delta chunk (it was damaged and removed,
+/// say): the item must resynchronize.
+#[derive(Debug)]
+struct BaseMissing(String);
+
+impl std::fmt::Display for BaseMissing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the target lacks the base of a delta chunk: {}", self.0)
+    }
+}
+
+impl std::error::Error for BaseMissing {}
+
 /// Encodes changed blocks and writes them into a spool capture, `streams`
 /// at a time, within the spool's byte budget. Returns (bytes, chunks).
 async fn spool_write(
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Outgoing>,
     tmp: PathBuf,
     compress: bool,
     streams: usize,
@@ -907,7 +1029,7 @@ async fn spool_write(
         }
         let (tmp, budget) = (tmp.clone(), budget.clone());
         set.spawn_blocking(move || {
-            let enc = encode_chunk(&block, compress);
+            let enc = block.encode(compress);
             let len = enc.bytes.len() as u64;
             if budget.fetch_sub(len as i64, Ordering::SeqCst) < len as i64 {
                 return Err(SpoolFull { max_bytes }.into());

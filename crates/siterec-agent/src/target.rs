@@ -477,11 +477,20 @@ async fn put_chunk(
     t.check_peer(&peer, &item)?;
     let id = parse_id(&item, &id)?;
     t.remember(&item, id);
-    Ok(if t.store.put_encoded_chunk(id, body.to_vec()).await? {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    })
+    // A delta's base is needed until the point using the delta commits.
+    if let Ok(Some(base)) = siterec_store::delta_base(id, &body) {
+        t.remember(&item, base);
+    }
+    match t.store.put_encoded_chunk(id, body.to_vec()).await {
+        Ok(true) => Ok(StatusCode::CREATED),
+        Ok(false) => Ok(StatusCode::OK),
+        Err(e @ StoreError::MissingChunk { .. }) => Err(DataError::new(
+            StatusCode::CONFLICT,
+            "MissingBase",
+            e.to_string(),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn commit_point(
@@ -557,6 +566,7 @@ mod tests {
                 chunk_size: CS as u32,
                 chunks,
             }],
+            bases: Default::default(),
         }
     }
 

@@ -337,7 +337,11 @@ pub fn encode_delta_chunk(
     let mut last = None;
     for (index, page) in pages {
         assert!(last.is_none_or(|l| l < *index), "delta pages must ascend");
-        assert_eq!(page.len(), delta_page_len(plain_len, *index), "delta page length");
+        assert_eq!(
+            page.len(),
+            delta_page_len(plain_len, *index),
+            "delta page length"
+        );
         last = Some(*index);
         data.extend_from_slice(page);
     }
@@ -345,7 +349,11 @@ pub fn encode_delta_chunk(
         Some(Ok(z)) if z.len() < data.len() => (1u8, z),
         _ => (0u8, data),
     };
-    let mut out = header(CODEC_DELTA, plain_len, DELTA_FIXED + pages.len() * 2 + data.len());
+    let mut out = header(
+        CODEC_DELTA,
+        plain_len,
+        DELTA_FIXED + pages.len() * 2 + data.len(),
+    );
     out.extend_from_slice(base.as_bytes());
     out.extend_from_slice(target.as_bytes());
     out.push(flags);
@@ -413,7 +421,9 @@ pub(crate) fn parse_delta_unnamed(id: ChunkId, bytes: &[u8]) -> Result<Delta, St
     let h = parse_chunk_header(id, bytes)?;
     let p = &bytes[CHUNK_HEADER_LEN..];
     if h.codec != CODEC_DELTA || p.len() < DELTA_FIXED {
-        return Err(corrupt("not a delta chunk, or its payload is truncated".into()));
+        return Err(corrupt(
+            "not a delta chunk, or its payload is truncated".into(),
+        ));
     }
     let (mut base, mut target) = ([0u8; 32], [0u8; 32]);
     base.copy_from_slice(&p[..32]);
@@ -433,7 +443,9 @@ pub(crate) fn parse_delta_unnamed(id: ChunkId, bytes: &[u8]) -> Result<Delta, St
     for (k, &i) in indexes.iter().enumerate() {
         let len = delta_page_len(h.plain_len, i);
         if len == 0 || (k > 0 && indexes[k - 1] >= i) {
-            return Err(corrupt(format!("delta page {i} is out of order or out of range")));
+            return Err(corrupt(format!(
+                "delta page {i} is out of order or out of range"
+            )));
         }
         expected += len;
     }

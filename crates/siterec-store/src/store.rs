@@ -13,8 +13,8 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, LocalDir};
 use crate::chunk::{
-    CODEC_DELTA, ChunkId, apply_delta, decode_chunk, decode_chunk_unverified, encode_chunk,
-    delta_id, is_all_zero, parse_chunk_header, parse_delta, parse_delta_unnamed,
+    CODEC_DELTA, ChunkId, apply_delta, decode_chunk, decode_chunk_unverified, delta_id,
+    encode_chunk, is_all_zero, parse_chunk_header, parse_delta, parse_delta_unnamed,
 };
 use crate::crypt::{Cipher, ENCRYPTION_ALGORITHM, NAME_KEY_SCHEME, OpenError, StoreKey};
 use crate::error::StoreError;
@@ -622,7 +622,12 @@ impl Store {
         let is_delta = parse_chunk_header(id, &bytes)?.codec == CODEC_DELTA;
         if is_delta {
             let base = parse_delta(id, &bytes)?.base;
-            if !self.inner.backend.exists(&self.inner.object_key(&base)).await? {
+            if !self
+                .inner
+                .backend
+                .exists(&self.inner.object_key(&base))
+                .await?
+            {
                 return Err(StoreError::MissingChunk {
                     id: base,
                     context: format!("the base of delta chunk {id}; send the chunk whole"),

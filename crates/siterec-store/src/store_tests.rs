@@ -568,7 +568,12 @@ async fn delta_chunks_rebuild_on_their_base() {
         store.put_encoded_chunk(target, delta.bytes.clone()).await,
         Err(StoreError::CorruptChunk { .. })
     ));
-    assert!(store.put_encoded_chunk(delta.id, delta.bytes.clone()).await.unwrap());
+    assert!(
+        store
+            .put_encoded_chunk(delta.id, delta.bytes.clone())
+            .await
+            .unwrap()
+    );
     assert_eq!(store.get_chunk(delta.id).await.unwrap(), v2);
 
     let mut m = manifest(
@@ -600,7 +605,10 @@ async fn delta_chunks_rebuild_on_their_base() {
         &[(2, &v2[4096..8192])],
         false,
     );
-    store.put_encoded_chunk(wrong.id, wrong.bytes).await.unwrap();
+    store
+        .put_encoded_chunk(wrong.id, wrong.bytes)
+        .await
+        .unwrap();
     assert!(matches!(
         store.get_chunk(wrong.id).await,
         Err(StoreError::CorruptChunk { .. })
