@@ -7,6 +7,7 @@
 //! target role ([`target`]) it keeps a replica store, receives chunks and
 //! points from source agents, and materializes recovery points on failover.
 
+pub mod batch;
 pub mod config;
 pub mod identity;
 pub mod pages;

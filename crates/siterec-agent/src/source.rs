@@ -558,10 +558,20 @@ async fn direct_cycle(
     a: &ReplicationAssignment,
     state_dir: &Path,
 ) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
     let (manifest, results) = capture(ctx, a, state_dir, &Sink::Target).await?;
+    let captured = started.elapsed();
     commit_point(ctx, a, state_dir, &manifest).await?;
+    let committed = started.elapsed();
     // The target has the point durably: this is the new acknowledged state.
     save_hashes(state_dir, a, &results)?;
+    tracing::debug!(
+        item = %a.item,
+        capture_ms = captured.as_millis() as u64,
+        commit_ms = (committed - captured).as_millis() as u64,
+        save_ms = (started.elapsed() - committed).as_millis() as u64,
+        "cycle timing"
+    );
     let bytes_sent: u64 = results.iter().map(|r| r.bytes_sent).sum();
     let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
     let chunks_sent: u64 = results.iter().map(|r| r.chunks_sent).sum();
@@ -731,7 +741,8 @@ async fn replicate_disk(
     };
     let records = PageRecords::open(&state_dir.join(format!("{disk_name}.pages")))?;
     let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
-    let (tx, rx) = mpsc::channel::<Outgoing>(streams * 2);
+    let (tx, rx) = mpsc::channel::<Vec<Outgoing>>(streams * 2);
+    let rx = Blocks::new(rx);
     let uploader = match sink {
         Sink::Target => tokio::spawn(upload(
             ctx.data.clone(),
@@ -770,6 +781,10 @@ async fn replicate_disk(
             scratch_dir: Some(scratch),
             ..ScanOptions::default()
         };
+        // Blocks travel in groups: a hand-over to the runtime wakes a
+        // thread, which costs as much as sending a small delta chunk.
+        let mut group: Vec<Outgoing> = Vec::new();
+        let mut group_bytes = 0usize;
         let outcome = scan(
             &source,
             CHUNK_SIZE,
@@ -799,19 +814,41 @@ async fn replicate_disk(
                         Outgoing::Delta {
                             target: ChunkId(*hash),
                             base: ChunkId(base),
-                            mask,
-                            data: data.to_vec(),
+                            plain_len: data.len() as u32,
+                            pages: crate::pages::pages_of(data, mask)
+                                .into_iter()
+                                .map(|(i, p)| (i, p.to_vec()))
+                                .collect(),
                         }
                     }
                 };
-                tx.blocking_send(out)
-                    .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))
+                group_bytes += out.len();
+                group.push(out);
+                if group_bytes >= GROUP_BYTES || group.len() >= GROUP_BLOCKS {
+                    group_bytes = 0;
+                    tx.blocking_send(std::mem::take(&mut group))
+                        .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
+                }
+                Ok(())
             },
         )?;
+        if !group.is_empty() {
+            tx.blocking_send(group)
+                .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
+        }
         Ok((outcome, block_bases))
     });
+    let t0 = std::time::Instant::now();
     let scanned = scan_task.await.context("disk scan task")?;
+    let scan_ms = t0.elapsed().as_millis() as u64;
     let uploaded = uploader.await.context("upload task")?;
+    tracing::debug!(
+        item = %a.item,
+        disk = disk_name,
+        scan_ms,
+        upload_ms = t0.elapsed().as_millis() as u64,
+        "disk timing"
+    );
     // An upload error explains a scan stopped by a closed channel: report it first.
     let (bytes_sent, chunks_sent) = uploaded?;
     let (outcome, mut block_bases) =
@@ -863,16 +900,56 @@ enum Outgoing {
         id: ChunkId,
         data: Vec<u8>,
     },
-    /// The pages of `data` in `mask`, against the whole chunk `base`.
+    /// The changed pages (index, bytes) of a block of `plain_len` bytes,
+    /// against the whole chunk `base` (only the pages are copied out of
+    /// the scan's buffer).
     Delta {
         target: ChunkId,
         base: ChunkId,
-        mask: u64,
-        data: Vec<u8>,
+        plain_len: u32,
+        pages: Vec<(u16, Vec<u8>)>,
     },
 }
 
+/// Blocks handed from the scan to the uploads at once: at most this many
+/// bytes (or whole blocks)...
+const GROUP_BYTES: usize = 1 << 20;
+/// ...or this many blocks.
+const GROUP_BLOCKS: usize = 64;
+
+/// The receiving end of the scan's groups of blocks, one block at a time.
+struct Blocks {
+    rx: mpsc::Receiver<Vec<Outgoing>>,
+    queue: std::collections::VecDeque<Outgoing>,
+}
+
+impl Blocks {
+    fn new(rx: mpsc::Receiver<Vec<Outgoing>>) -> Blocks {
+        Blocks {
+            rx,
+            queue: Default::default(),
+        }
+    }
+
+    async fn recv(&mut self) -> Option<Outgoing> {
+        loop {
+            if let Some(b) = self.queue.pop_front() {
+                return Some(b);
+            }
+            self.queue.extend(self.rx.recv().await?);
+        }
+    }
+}
+
 impl Outgoing {
+    /// Bytes of block data it carries.
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Whole { data, .. } => data.len(),
+            Outgoing::Delta { pages, .. } => pages.iter().map(|(_, p)| p.len()).sum(),
+        }
+    }
+
     /// Encodes the block as a chunk object (on a blocking thread).
     fn encode(&self, compress: bool) -> siterec_store::EncodedChunk {
         match self {
@@ -880,15 +957,13 @@ impl Outgoing {
             Outgoing::Delta {
                 target,
                 base,
-                mask,
-                data,
-            } => encode_delta_chunk(
-                *target,
-                data.len() as u32,
-                *base,
-                &crate::pages::pages_of(data, *mask),
-                compress,
-            ),
+                plain_len,
+                pages,
+            } => {
+                let pages: Vec<(u16, &[u8])> =
+                    pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+                encode_delta_chunk(*target, *plain_len, *base, &pages, compress)
+            }
         }
     }
 }
@@ -901,29 +976,54 @@ struct Upload {
     throttle: Arc<crate::throttle::Throttle>,
 }
 
-/// Encodes and uploads changed blocks, `streams` at a time: each block is
-/// compressed on a blocking thread (so encoding uses every core) and sent
-/// on its own request. In resync mode it first asks whether the target
-/// already has the chunk. Returns (bytes sent, chunks sent).
+/// Encodes and uploads changed blocks, `streams` requests at a time: each
+/// block is compressed on a blocking thread (so encoding uses every core).
+/// Whole blocks go on their own request; delta chunks, a few KiB each, are
+/// gathered into batches ([`crate::batch`]). In resync mode it first asks
+/// whether the target already has a whole block's chunk. Returns (bytes
+/// sent, chunks sent).
 async fn upload(
     client: reqwest::Client,
     base: String,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: Blocks,
     opts: Upload,
 ) -> anyhow::Result<(u64, u64)> {
-    let mut set: JoinSet<anyhow::Result<u64>> = JoinSet::new();
+    let mut set: JoinSet<anyhow::Result<(u64, u64)>> = JoinSet::new();
     let mut bytes = 0u64;
     let mut chunks = 0u64;
     let mut account =
-        |r: Result<anyhow::Result<u64>, tokio::task::JoinError>| -> anyhow::Result<()> {
-            let sent = r.context("upload task")??;
-            if sent > 0 {
-                bytes += sent;
-                chunks += 1;
-            }
+        |r: Result<anyhow::Result<(u64, u64)>, tokio::task::JoinError>| -> anyhow::Result<()> {
+            let (b, c) = r.context("upload task")??;
+            bytes += b;
+            chunks += c;
             Ok(())
         };
-    while let Some(block) = rx.recv().await {
+    let mut batch: Vec<Outgoing> = Vec::new();
+    let mut batch_bytes = 0usize;
+    loop {
+        let block = rx.recv().await;
+        let flush = match &block {
+            Some(b @ Outgoing::Delta { .. }) => {
+                batch_bytes += b.len();
+                batch.len() + 1 >= crate::batch::MAX_BATCH_CHUNKS
+                    || batch_bytes >= crate::batch::BATCH_BYTES
+            }
+            Some(Outgoing::Whole { .. }) => false,
+            None => !batch.is_empty(),
+        };
+        let job = match block {
+            Some(b @ Outgoing::Delta { .. }) => {
+                batch.push(b);
+                if !flush {
+                    continue;
+                }
+                batch_bytes = 0;
+                Job::Batch(std::mem::take(&mut batch))
+            }
+            Some(b @ Outgoing::Whole { .. }) => Job::One(b),
+            None if flush => Job::Batch(std::mem::take(&mut batch)),
+            None => break,
+        };
         while set.len() >= opts.streams {
             if let Some(r) = set.join_next().await {
                 account(r)?;
@@ -933,22 +1033,74 @@ async fn upload(
         let base = base.clone();
         let (resync, compress, throttle) = (opts.resync, opts.compress, opts.throttle.clone());
         set.spawn(async move {
+            let block = match job {
+                Job::Batch(blocks) => {
+                    return put_batch(&client, &base, blocks, compress, &throttle).await;
+                }
+                Job::One(block) => block,
+            };
             if let (true, Outgoing::Whole { id, .. }) = (resync, &block) {
                 let url = format!("{base}/{}", id.to_hex());
                 let head = send_to_target(|| client.head(&url))
                     .await
                     .with_context(|| format!("asking the target for chunk {id}"))?;
                 if head.status().is_success() {
-                    return Ok(0);
+                    return Ok((0, 0));
                 }
             }
-            put_chunk(&client, &base, block, compress, &throttle).await
+            let sent = put_chunk(&client, &base, block, compress, &throttle).await?;
+            Ok((sent, 1))
         });
     }
     while let Some(r) = set.join_next().await {
         account(r)?;
     }
     Ok((bytes, chunks))
+}
+
+/// One upload request's worth of blocks.
+enum Job {
+    One(Outgoing),
+    Batch(Vec<Outgoing>),
+}
+
+/// Encodes `blocks` and sends them as one batch; returns (bytes, chunks).
+async fn put_batch(
+    client: &reqwest::Client,
+    base: &str,
+    blocks: Vec<Outgoing>,
+    compress: bool,
+    throttle: &crate::throttle::Throttle,
+) -> anyhow::Result<(u64, u64)> {
+    let count = blocks.len() as u64;
+    let body = tokio::task::spawn_blocking(move || {
+        let encoded: Vec<_> = blocks
+            .iter()
+            .map(|b| {
+                let e = b.encode(compress);
+                (e.id, e.bytes)
+            })
+            .collect();
+        crate::batch::encode(&encoded)
+    })
+    .await?;
+    let len = body.len() as u64;
+    throttle.acquire(len).await;
+    let body = axum::body::Bytes::from(body);
+    let resp = send_to_target(|| client.post(base).body(body.clone()))
+        .await
+        .with_context(|| format!("sending a batch of {count} chunks to the target"))?;
+    if resp.status() == reqwest::StatusCode::CONFLICT {
+        return Err(BaseMissing(resp.text().await.unwrap_or_default()).into());
+    }
+    if !resp.status().is_success() {
+        let status = resp.status();
+        bail!(
+            "the target refused a batch of {count} chunks ({status}): {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    Ok((len, count))
 }
 
 async fn put_chunk(
@@ -1006,7 +1158,7 @@ impl std::error::Error for BaseMissing {}
 /// Encodes changed blocks and writes them into a spool capture, `streams`
 /// at a time, within the spool's byte budget. Returns (bytes, chunks).
 async fn spool_write(
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: Blocks,
     tmp: PathBuf,
     compress: bool,
     streams: usize,

@@ -138,6 +138,7 @@ impl Target {
                 "/data/v1/items/{item}/chunks/{id}",
                 put(put_chunk).head(head_chunk),
             )
+            .route("/data/v1/items/{item}/chunks", post(put_chunk_batch))
             .route("/data/v1/items/{item}/points", post(commit_point))
             .route(
                 "/data/v1/items/{item}/points/{point}",
@@ -491,6 +492,63 @@ async fn put_chunk(
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Stores a batch of chunks (see [`crate::batch`]), each as `PUT
+/// chunks/{id}` would; answers how many were new. The chunks before a
+/// failing one stay stored (they are valid; an unreferenced one is
+/// collected later).
+/// Chunks of one batch stored at the same time.
+const BATCH_WRITES: usize = 8;
+
+async fn put_chunk_batch(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath(item): UrlPath<String>,
+    body: Bytes,
+) -> Result<Response, DataError> {
+    t.check_peer(&peer, &item)?;
+    let chunks = crate::batch::decode(&body)
+        .map_err(|m| DataError::new(StatusCode::BAD_REQUEST, "Rejected", m))?;
+    // Chunks are stored several at a time: each is a small file write.
+    let mut stored = 0u64;
+    let mut set: tokio::task::JoinSet<Result<bool, StoreError>> = tokio::task::JoinSet::new();
+    let mut outcome = |r: Result<Result<bool, StoreError>, tokio::task::JoinError>| match r {
+        Ok(Ok(new)) => {
+            stored += u64::from(new);
+            Ok(())
+        }
+        Ok(Err(e @ StoreError::MissingChunk { .. })) => Err(DataError::new(
+            StatusCode::CONFLICT,
+            "MissingBase",
+            e.to_string(),
+        )),
+        Ok(Err(e)) => Err(DataError::from(e)),
+        Err(e) => Err(DataError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal",
+            format!("storing a chunk of the batch: {e}"),
+        )),
+    };
+    for (id, range) in &chunks {
+        t.remember(&item, *id);
+        let bytes = body.slice(range.clone());
+        if let Ok(Some(base)) = siterec_store::delta_base(*id, &bytes) {
+            t.remember(&item, base);
+        }
+        while set.len() >= BATCH_WRITES {
+            if let Some(r) = set.join_next().await {
+                outcome(r)?;
+            }
+        }
+        let store = t.store.clone();
+        let id = *id;
+        set.spawn(async move { store.put_encoded_chunk(id, bytes.to_vec()).await });
+    }
+    while let Some(r) = set.join_next().await {
+        outcome(r)?;
+    }
+    Ok(Json(serde_json::json!({"chunks": chunks.len(), "stored": stored})).into_response())
 }
 
 async fn commit_point(

@@ -731,6 +731,28 @@ struct Pass {
     bytes_read: u64,
 }
 
+/// Threads that read and hash batches of a pass side by side.
+const READERS: usize = 2;
+
+/// One batch read and hashed by a reader thread.
+struct Batch {
+    buf: Vec<u8>,
+    len: usize,
+    hashes: Vec<BlockHash>,
+}
+
+/// What a reader thread hands over for one batch.
+enum BatchResult {
+    Ready(Batch),
+    /// The file ended before this batch (it shrank during the pass).
+    Eof,
+}
+
+/// Reads the file in `READ_BATCH` batches and hashes their blocks. Reading
+/// (a copy out of the page cache) and hashing take about the same time, so
+/// [`READERS`] threads each take every other batch, and this thread takes
+/// the results back in order to compare and deliver them. Each reader
+/// recycles two buffers, so memory stays at `2 × READERS × READ_BATCH`.
 fn read_pass<F>(
     file: &File,
     path: &Path,
@@ -756,39 +778,89 @@ where
     }
 
     let per_batch = (READ_BATCH as u64 / chunk).max(1);
-    let mut buf = vec![0u8; (per_batch * chunk) as usize];
+    let batch_bytes = per_batch * chunk;
+    let batches = blocks.div_ceil(per_batch);
+    let readers = (READERS as u64).min(batches.max(1)) as usize;
     let mut hashes = Vec::with_capacity(blocks_usize);
     let mut bytes_read = 0u64;
-    let mut index = 0u64;
-    while index < blocks {
-        let offset = index * chunk;
-        let len = (per_batch * chunk).min(size - offset) as usize;
-        let dst = &mut buf[..len];
-        match file.read_exact_at(dst, offset) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Ok(Pass {
-                    hashes: None,
-                    bytes_read,
-                });
+
+    std::thread::scope(|scope| -> Result<Pass, CaptureError> {
+        let mut results = Vec::with_capacity(readers);
+        let mut recycle = Vec::with_capacity(readers);
+        for r in 0..readers {
+            let (res_tx, res_rx) =
+                std::sync::mpsc::sync_channel::<Result<BatchResult, CaptureError>>(1);
+            let (buf_tx, buf_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            for _ in 0..2 {
+                // Cannot fail: the receiver is alive.
+                let _ = buf_tx.send(vec![0u8; batch_bytes as usize]);
             }
-            Err(e) => return Err(io_err("reading", path, e)),
+            results.push(res_rx);
+            recycle.push(buf_tx);
+            scope.spawn(move || {
+                let mut b = r as u64;
+                while b < batches {
+                    // Ends when the consumer stops (it drops its channels).
+                    let Ok(mut buf) = buf_rx.recv() else { return };
+                    let offset = b * batch_bytes;
+                    let len = batch_bytes.min(size - offset) as usize;
+                    let out = match file.read_exact_at(&mut buf[..len], offset) {
+                        Ok(()) => Ok(BatchResult::Ready(Batch {
+                            hashes: buf[..len].chunks(chunk as usize).map(hash_block).collect(),
+                            buf,
+                            len,
+                        })),
+                        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(BatchResult::Eof),
+                        Err(e) => Err(io_err("reading", path, e)),
+                    };
+                    let stop = !matches!(out, Ok(BatchResult::Ready(_)));
+                    if res_tx.send(out).is_err() || stop {
+                        return;
+                    }
+                    b += readers as u64;
+                }
+            });
         }
-        bytes_read += len as u64;
-        for block in dst.chunks(chunk as usize) {
-            let h = hash_block(block);
-            let i = index as usize;
-            if let Some(hash) = h.as_ref().filter(|_| delivery.baseline[i] != Some(h)) {
-                (delivery.on_changed)(index, block, hash).map_err(CaptureError::Callback)?;
-                delivery.baseline[i] = Some(h);
-                delivery.delivered += 1;
+        let mut index = 0u64;
+        for b in 0..batches {
+            let r = (b % readers as u64) as usize;
+            let batch = match results[r].recv() {
+                Ok(Ok(BatchResult::Ready(batch))) => batch,
+                Ok(Ok(BatchResult::Eof)) => {
+                    return Ok(Pass {
+                        hashes: None,
+                        bytes_read,
+                    });
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(io_err(
+                        "reading",
+                        path,
+                        io::Error::other("a reader thread stopped"),
+                    ));
+                }
+            };
+            bytes_read += batch.len as u64;
+            for (block, h) in batch.buf[..batch.len]
+                .chunks(chunk as usize)
+                .zip(batch.hashes)
+            {
+                let i = index as usize;
+                if let Some(hash) = h.as_ref().filter(|_| delivery.baseline[i] != Some(h)) {
+                    (delivery.on_changed)(index, block, hash).map_err(CaptureError::Callback)?;
+                    delivery.baseline[i] = Some(h);
+                    delivery.delivered += 1;
+                }
+                hashes.push(h);
+                index += 1;
             }
-            hashes.push(h);
-            index += 1;
+            // The reader may have finished: then the buffer is not needed.
+            let _ = recycle[r].send(batch.buf);
         }
-    }
-    Ok(Pass {
-        hashes: Some(hashes),
-        bytes_read,
+        Ok(Pass {
+            hashes: Some(hashes),
+            bytes_read,
+        })
     })
 }

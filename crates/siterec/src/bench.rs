@@ -13,7 +13,9 @@
 //!   and `borg extract`;
 //! - this process's peak memory (it runs both the source and the target).
 //!
-//! Peers that are not installed are skipped with a note. Machines are
+//! Peers that are not installed are skipped with a note (`--no-peers`
+//! skips them all, to profile siterec alone). Every timed step starts after
+//! a `sync`, so none pays for the writeback of the one before. Machines are
 //! shared and noisy: read the ratios, not the absolute times.
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,8 @@ pub struct BenchOptions {
     pub churn_percent: f64,
     /// Chunk uploads in flight (the agent's `upload_streams`).
     pub streams: usize,
+    /// Run the peers too (off: siterec alone, for profiling).
+    pub peers: bool,
 }
 
 struct Row {
@@ -57,6 +61,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     // ---- ours: initial replication through the real pipeline ----
     let rig = Rig::start(&dir.join("siterec"), opts.streams).await?;
     let assignment = rig.assignment(&image, size);
+    settle();
     let t = Instant::now();
     let p1 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
@@ -73,10 +78,11 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let rsync_dest = dir.join("rsync");
     std::fs::create_dir_all(&rsync_dest)?;
     let has = |tool: &str, arg: &str| {
-        Command::new(tool)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success())
+        opts.peers
+            && Command::new(tool)
+                .arg(arg)
+                .output()
+                .is_ok_and(|o| o.status.success())
     };
     let (restic, borg, rsync, qemu_img) = (
         has("restic", "version"),
@@ -98,7 +104,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                 .arg(&image)
                 .env("RESTIC_PASSWORD", "bench"),
         )?);
-    } else {
+    } else if opts.peers {
         rows.push(missing("initial", "restic"));
     }
     if borg {
@@ -116,7 +122,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                 .env("BORG_PASSPHRASE", "bench")
                 .current_dir(&dir),
         )?);
-    } else {
+    } else if opts.peers {
         rows.push(missing("initial", "borg"));
     }
     if rsync {
@@ -125,7 +131,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
             "rsync",
             Command::new("rsync").arg(&image).arg(&rsync_dest),
         )?);
-    } else {
+    } else if opts.peers {
         rows.push(missing("initial", "rsync"));
     }
     if qemu_img {
@@ -137,7 +143,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                 .arg(&image)
                 .arg(dir.join("convert.qcow2")),
         )?);
-    } else {
+    } else if opts.peers {
         rows.push(missing("initial", "qemu-img"));
     }
 
@@ -147,6 +153,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         "overwrote {blocks} random 4 KiB blocks ({}%)",
         opts.churn_percent
     );
+    settle();
     let t = Instant::now();
     let p2 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
@@ -190,6 +197,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     }
 
     // ---- restore the latest point ----
+    settle();
     let t = Instant::now();
     let disks = rig
         .target
@@ -315,6 +323,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<Row> {
     eprintln!("{phase}: {tool}…");
+    settle();
     let t = Instant::now();
     run(cmd)?;
     Ok(Row {
@@ -323,6 +332,14 @@ fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<R
         secs: Some(t.elapsed().as_secs_f64()),
         note: String::new(),
     })
+}
+
+/// Writes back every dirty page before a timed step, so that no step pays
+/// for the previous one's writes (siterec syncs what it writes; the peers
+/// do not, and would leave gigabytes dirty for the next step to flush).
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
 }
 
 /// Overwrites `percent`% of the 4 KiB blocks with random data; returns how many.

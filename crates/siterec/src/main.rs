@@ -115,6 +115,9 @@ enum BenchCmd {
         /// Chunk uploads in flight (as the agent's upload_streams, 1-32).
         #[arg(long, default_value_t = 4)]
         streams: usize,
+        /// Measure siterec only (for profiling): skip restic, borg, rsync and qemu-img.
+        #[arg(long)]
+        no_peers: bool,
     },
 }
 
@@ -822,6 +825,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             size_mib,
             churn_percent,
             streams,
+            no_peers,
         }) => {
             bench::replication(
                 bench::BenchOptions {
@@ -829,6 +833,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     size_mib,
                     churn_percent,
                     streams: streams.clamp(1, siterec_agent::source::MAX_UPLOAD_STREAMS),
+                    peers: !no_peers,
                 },
                 out,
             )

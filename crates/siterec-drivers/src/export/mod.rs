@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::capture::is_zero;
 
+mod direct;
 mod vhd;
 #[cfg(test)]
 mod vhd_tests;
@@ -194,12 +195,22 @@ fn check_range(offset: u64, len: usize, virtual_size: u64) -> Result<(), ExportE
     }
 }
 
-/// Raw image: a sparse file of exactly `virtual_size` bytes.
-#[derive(Debug)]
+/// Raw image: a sparse file of exactly `virtual_size` bytes, written
+/// around the page cache where the filesystem allows (see
+/// [`direct::DirectWriter`]).
 pub struct RawWriter {
-    file: File,
+    file: direct::DirectWriter,
     path: PathBuf,
     virtual_size: u64,
+}
+
+impl fmt::Debug for RawWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawWriter")
+            .field("path", &self.path)
+            .field("virtual_size", &self.virtual_size)
+            .finish()
+    }
 }
 
 impl RawWriter {
@@ -209,7 +220,7 @@ impl RawWriter {
         file.set_len(virtual_size)
             .map_err(|e| io_err("sizing image", path, e))?;
         Ok(RawWriter {
-            file,
+            file: direct::DirectWriter::new(file, path),
             path: path.to_path_buf(),
             virtual_size,
         })
@@ -220,11 +231,11 @@ impl ImageWriter for RawWriter {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
         check_range(offset, data.len(), self.virtual_size)?;
         self.file
-            .write_all_at(data, offset)
+            .write_at(offset, data)
             .map_err(|e| io_err("writing image", &self.path, e))
     }
 
-    fn finish(self: Box<Self>) -> Result<(), ExportError> {
+    fn finish(mut self: Box<Self>) -> Result<(), ExportError> {
         self.file
             .sync_all()
             .map_err(|e| io_err("syncing image", &self.path, e))
