@@ -22,7 +22,7 @@ use crate::AppState;
 use crate::db::now_ms;
 use crate::model::AGENT_ONLINE_MS;
 use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
-use siterec_core::wire::TaskWork;
+use siterec_core::wire::{SealedKey, TaskWork};
 
 type Tx<'a> = Transaction<'a, Sqlite>;
 
@@ -141,6 +141,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
+            forget_sealed_key(&mut tx, job_id).await?;
             tx.commit().await?;
             return Ok(());
         };
@@ -195,6 +196,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                     .execute(&mut *tx)
                     .await?;
                 compensate(&mut tx, kind, &input, &message).await?;
+                forget_sealed_key(&mut tx, job_id).await?;
                 tx.commit().await?;
                 tracing::warn!(job = %job_id, "job failed: {message}");
                 return Ok(());
@@ -464,6 +466,11 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
         item: item.clone(),
         point_id: point,
         formats: vec!["raw".into(), "qcow2".into()],
+        sealed_key: ctx
+            .input
+            .get("sealedKey")
+            .and_then(|v| v.as_str())
+            .map(|s| SealedKey(s.to_string())),
     };
     ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
     let (state, result): (String, Option<String>) =
@@ -474,6 +481,9 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     let result: Value = result
         .and_then(|r| serde_json::from_str(&r).ok())
         .unwrap_or(Value::Null);
+    if state == "Succeeded" || state == "Failed" {
+        forget_sealed_key(tx, ctx.job_id).await?;
+    }
     match state.as_str() {
         "Succeeded" => {
             sqlx::query(
@@ -602,6 +612,26 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
             format!("replica store damage: {}", problems.join("; ")),
         ))
     }
+}
+
+/// Deletes a failover's sealed recovery key from the job's input and from
+/// its agent tasks: once the materialize task is over, or the job has
+/// ended, nothing needs it. (It is sealed to the recovery agent's transport
+/// key; the vault never holds the key in the clear.)
+async fn forget_sealed_key(tx: &mut Tx<'_>, job_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET input = json_remove(input, '$.sealedKey') WHERE id = ? AND json_extract(input, '$.sealedKey') IS NOT NULL",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE agent_tasks SET work = json_remove(work, '$.sealedKey') WHERE job_id = ? AND json_extract(work, '$.sealedKey') IS NOT NULL",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Inserts an agent task unless it exists (steps are re-run after a restart).
