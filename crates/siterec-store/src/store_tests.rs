@@ -498,7 +498,10 @@ async fn store_json_versions() {
     v["version"] = 2.into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();
-    assert!(matches!(err, StoreError::RetiredVersion { found: 2 }), "{err}");
+    assert!(
+        matches!(err, StoreError::RetiredVersion { found: 2 }),
+        "{err}"
+    );
     // Version 3 means encrypted: without an "encryption" member it is not
     // a known store, and neither is a version 1 store with one.
     let mut v = original.clone();

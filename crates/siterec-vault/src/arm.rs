@@ -820,7 +820,7 @@ async fn enable_protection(
                 StatusCode::BAD_REQUEST,
                 "StoreNotEncrypted",
                 format!(
-                    "policy '{policy}' encrypts data stored, but no agent of recovery cloud {tf}/{tc} keeps an encrypted replica store; set encryption_key in its [target] section"
+                    "policy '{policy}' encrypts data stored, but no agent of recovery cloud {tf}/{tc} keeps an encrypted replica store; set encryption = true and recovery_key_export = PATH in its [target] section"
                 ),
             ));
         }
