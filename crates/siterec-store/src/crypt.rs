@@ -178,7 +178,7 @@ fn at_path(e: StoreError, path: &Path) -> StoreError {
 /// half-written by a failure is removed.
 fn write_secret_file(
     path: &Path,
-    contents: &mut Vec<u8>,
+    contents: &mut [u8],
     what: &'static str,
 ) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
