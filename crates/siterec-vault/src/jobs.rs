@@ -969,4 +969,79 @@ mod tests {
                 .unwrap();
         assert!(out.contains("/x"));
     }
+
+    /// The sealed recovery key of an encrypted failover reaches the
+    /// materialize task, and is gone from the task and the job once the
+    /// task has its result; a failed job forgets it too.
+    #[tokio::test]
+    async fn a_sealed_recovery_key_lives_only_until_the_materialize_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "UnplannedFailoverInProgress").await;
+        exec(
+            &st,
+            "UPDATE protected_items SET target_agent_id = 'agent-tgt'",
+        )
+        .await;
+        exec(&st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        let sealed = "U1JLVDAwMDE-sealed-box";
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "p1", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let work: String = sqlx::query_scalar("SELECT work FROM agent_tasks")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let task: TaskWork = serde_json::from_str(&work).unwrap();
+        match task {
+            TaskWork::Materialize { sealed_key, .. } => {
+                assert_eq!(sealed_key, Some(SealedKey(sealed.into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{:?}", SealedKey(sealed.into())).contains(sealed));
+        let holds_key = |st: &AppState| {
+            let db = st.db.clone();
+            async move {
+                let inputs: Vec<String> = sqlx::query_scalar("SELECT input FROM jobs")
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
+                let works: Vec<String> = sqlx::query_scalar("SELECT work FROM agent_tasks")
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
+                inputs.iter().chain(&works).any(|t| t.contains(sealed))
+            }
+        };
+        assert!(holds_key(&st).await);
+        exec(
+            &st,
+            r#"UPDATE agent_tasks SET state = 'Succeeded', result = '{"ok":true,"output":[]}'"#,
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert!(!holds_key(&st).await, "the sealed key outlived its task");
+
+        // A job that fails before its task ends forgets the key as well.
+        exec(
+            &st,
+            "UPDATE protected_items SET state = 'UnplannedFailoverInProgress'",
+        )
+        .await;
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "gone", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert!(!holds_key(&st).await);
+    }
 }
