@@ -806,4 +806,75 @@ mod tests {
         );
         assert!(t.store.verify().await.unwrap().all_ok());
     }
+
+    /// An encrypted target writes with its credential only; materializing
+    /// needs the recovery key the vault sealed to its transport key, and
+    /// without it nothing is written.
+    #[tokio::test]
+    async fn encrypted_materialize_needs_the_sealed_recovery_key() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("operator-recovery.key");
+        let enc = StoreEncryption {
+            credential: dir.path().join("data/store.credential"),
+            recovery_key_export: export.clone(),
+        };
+        let backend = BackendConfig::Local {
+            path: dir.path().join("store"),
+        };
+        let failover = dir.path().join("failover");
+        let t = Target::open_backend(Some(&enc), &backend, failover.clone())
+            .await
+            .unwrap();
+        let transport = TransportKey::generate().unwrap();
+        t.set_transport_key(transport.clone());
+        assert!(t.store.is_encrypted() && !t.store.can_read_data());
+        let key = RecoveryKey::read_file(&export).unwrap();
+        assert_eq!(t.store.key_id(), Some(key.key_id()));
+        let a: Vec<u8> = (0..CS as u32).map(|i| (i % 251) as u8 + 1).collect();
+        let ia = put(&t, &a).await;
+        t.store
+            .commit_point(&manifest("p1", CS as u64, vec![Some(ia)]))
+            .await
+            .unwrap();
+        let work = |sealed_key| TaskWork::Materialize {
+            item: "web01".into(),
+            point_id: "p1".into(),
+            formats: vec!["raw".into()],
+            sealed_key,
+        };
+        let err = t.run_task(&work(None)).await.unwrap_err();
+        assert!(format!("{err:#}").contains("recovery key"), "{err:#}");
+        assert!(!failover.join("web01").exists(), "nothing is written");
+
+        // Sealed to another agent: refused.
+        let other = TransportKey::generate().unwrap();
+        let seal = |to: &TransportKey| {
+            let blob =
+                siterec_store::seal_for_transport(&to.public_key_base64(), &key.to_file_bytes())
+                    .unwrap();
+            Some(siterec_core::wire::SealedKey(
+                base64::engine::general_purpose::STANDARD.encode(blob),
+            ))
+        };
+        assert!(t.run_task(&work(seal(&other))).await.is_err());
+        let out = t.run_task(&work(seal(&transport))).await.unwrap();
+        let disks: Vec<MaterializedDisk> = serde_json::from_value(out).unwrap();
+        assert_eq!(std::fs::read(&disks[0].path).unwrap(), a);
+        // The handle the agent keeps still cannot read.
+        assert!(matches!(
+            t.store.get_chunk(ia).await,
+            Err(StoreError::RecoveryKeyRequired { .. })
+        ));
+
+        // Reopening uses the credential; the recovery key file is never
+        // written again.
+        drop(t);
+        std::fs::remove_file(&export).unwrap();
+        let t = Target::open_backend(Some(&enc), &backend, failover)
+            .await
+            .unwrap();
+        assert_eq!(t.store.key_id(), Some(key.key_id()));
+        assert!(!export.exists());
+    }
 }
