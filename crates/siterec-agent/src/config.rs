@@ -15,7 +15,9 @@
 //! # or keep the replica store in object storage instead of `store`:
 //! # backend = { kind = "azure", account = "…", container = "…", key = "…" }
 //! # backend = { kind = "s3", endpoint = "…", bucket = "…", access_key = "…", secret_key = "…" }
-//! encryption_key = "/root/siterec-store.key"  # encrypt data stored; keep a copy of this file
+//! encryption = true             # encrypt data stored (AES-256-GCM)
+//! recovery_key_export = "/root/siterec-recovery.key"  # written once, when the store is
+//!                                # created: move it off this host; failover needs it
 //! ```
 
 use std::net::SocketAddr;
@@ -70,10 +72,19 @@ pub struct TargetConfig {
     /// ...or on any backend (local, Azure Blob, S3-compatible).
     #[serde(default)]
     pub backend: Option<siterec_store::BackendConfig>,
-    /// Encrypt the replica store (AES-256-GCM) with the key in this file;
-    /// created, with a new key, if missing when the store is created.
+    /// Encrypt the replica store (store format version 3). The agent keeps
+    /// only `DATA/store.credential`, which writes but cannot read data.
     #[serde(default)]
-    pub encryption_key: Option<PathBuf>,
+    pub encryption: bool,
+    /// Where the recovery key is written, once, when the encrypted store is
+    /// created. The operator keeps it (away from this host); failover of
+    /// an encrypted item needs it.
+    #[serde(default)]
+    pub recovery_key_export: Option<PathBuf>,
+    /// Retired (the agent held a key that could decrypt everything):
+    /// refused with what to use instead.
+    #[serde(default)]
+    pub encryption_key: Option<toml::Value>,
     #[serde(default)]
     pub failover_dir: Option<PathBuf>,
 }
@@ -107,6 +118,23 @@ impl AgentConfig {
             anyhow::bail!(
                 "[target] has both `store` and `backend`: keep one (store = DIR is backend = {{ kind = \"local\", path = DIR }})"
             );
+        }
+        if let Some(t) = &self.target {
+            if t.encryption_key.is_some() {
+                anyhow::bail!(
+                    "[target] encryption_key is no longer supported: the recovery agent no longer keeps a key that decrypts its store. Use `encryption = true` and `recovery_key_export = PATH` instead: the recovery key is written to PATH once, when a new store is created; keep it away from this host and give it at failover (siterec failover unplanned ITEM --encryption-key PATH). A store created with encryption_key (format version 2) cannot be opened: point the agent at a new, empty store"
+                );
+            }
+            if t.encryption && t.recovery_key_export.is_none() {
+                anyhow::bail!(
+                    "[target] encryption = true needs `recovery_key_export = PATH`: where the recovery key is written when the encrypted store is created (the operator keeps that file; failover needs it)"
+                );
+            }
+            if !t.encryption && t.recovery_key_export.is_some() {
+                anyhow::bail!(
+                    "[target] recovery_key_export is set but encryption is not: add `encryption = true` to encrypt the replica store, or remove recovery_key_export"
+                );
+            }
         }
         let mut names = std::collections::HashSet::new();
         for m in &self.machines {
@@ -154,6 +182,32 @@ listen = "127.0.0.1:0"
             toml::from_str("cloud = \"c\"\n[[machines]]\nname = \"m\"\ndisks = []\n").unwrap();
         assert!(bad.validate().unwrap_err().to_string().contains("no disks"));
         assert!(toml::from_str::<AgentConfig>("cloud = \"c\"\nunknown = 1\n").is_err());
+        let old: AgentConfig = toml::from_str(
+            "cloud = \"c\"\n[target]\nlisten = \"127.0.0.1:0\"\nencryption_key = \"/k\"\n",
+        )
+        .unwrap();
+        let err = old.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("encryption_key is no longer supported")
+                && err.contains("encryption = true")
+                && err.contains("recovery_key_export"),
+            "{err}"
+        );
+        let half: AgentConfig = toml::from_str(
+            "cloud = \"c\"\n[target]\nlisten = \"127.0.0.1:0\"\nencryption = true\n",
+        )
+        .unwrap();
+        assert!(
+            half.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("recovery_key_export")
+        );
+        let good: AgentConfig = toml::from_str(
+            "cloud = \"c\"\n[target]\nlisten = \"127.0.0.1:0\"\nencryption = true\nrecovery_key_export = \"/r.key\"\n",
+        )
+        .unwrap();
+        good.validate().unwrap();
         let many: AgentConfig = toml::from_str("cloud = \"c\"\nupload_streams = 33\n").unwrap();
         assert!(
             many.validate()

@@ -137,3 +137,37 @@ pub async fn load_or_enrol(
     tracing::info!(agent = %identity.agent_id, fabric = %identity.fabric, "enrolled");
     Ok(identity)
 }
+
+/// The agent's X25519 transport key (`DATA/identity/transport.key`, mode
+/// 0600), generated once. The agent reports its public half; the vault
+/// seals a recovery key to it when a failover needs one, so the key never
+/// travels or rests in the clear outside the operator's file.
+pub fn load_or_create_transport_key(data: &Path) -> anyhow::Result<siterec_store::TransportKey> {
+    use siterec_store::TransportKey;
+    let path = data.join("identity").join("transport.key");
+    match std::fs::read(&path) {
+        Ok(mut bytes) => {
+            let key = TransportKey::from_file_bytes(&bytes);
+            bytes.fill(0);
+            key.with_context(|| {
+                format!(
+                    "{} is damaged; remove it and restart the agent to generate a new one",
+                    path.display()
+                )
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = TransportKey::generate()?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let mut bytes = key.to_file_bytes();
+            let written = siterec_pki::write_file_durable(&path, &bytes, 0o600);
+            bytes.fill(0);
+            written.with_context(|| format!("writing the transport key {}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading the transport key {}", path.display())),
+    }
+}

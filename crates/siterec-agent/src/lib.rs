@@ -110,6 +110,9 @@ pub async fn run(
     let data_client =
         siterec_pki::reqwest_client(&id.agent_ca_pem, identity, Duration::from_secs(120))?;
 
+    let transport = identity::load_or_create_transport_key(&data)?;
+    let transport_public = transport.public_key_base64();
+
     // Target role.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut target = None;
@@ -127,8 +130,15 @@ pub async fn run(
             .failover_dir
             .clone()
             .unwrap_or_else(|| data.join("failover"));
-        let tg = target::Target::open_backend(t.encryption_key.as_deref(), &backend, failover_dir)
-            .await?;
+        let encryption = match (t.encryption, &t.recovery_key_export) {
+            (true, Some(export)) => Some(target::StoreEncryption {
+                credential: data.join("store.credential"),
+                recovery_key_export: export.clone(),
+            }),
+            _ => None,
+        };
+        let tg = target::Target::open_backend(encryption.as_ref(), &backend, failover_dir).await?;
+        tg.set_transport_key(transport.clone());
         let listener = tokio::net::TcpListener::bind(t.listen)
             .await
             .with_context(|| format!("binding the data endpoint {}", t.listen))?;
@@ -201,6 +211,8 @@ pub async fn run(
             machines: inventory(&cfg),
             data_url: data_url.clone(),
             store_encrypted: target.as_ref().is_some_and(|t| t.store.is_encrypted()),
+            store_key_id: target.as_ref().and_then(|t| t.store.key_id()),
+            transport_key: target.as_ref().map(|_| transport_public.clone()),
             counters: status.lock().map(|s| s.items.clone()).unwrap_or_default(),
         };
         let result = heartbeat(&client, &id.agent_url, &req).await;

@@ -24,12 +24,28 @@ use axum::{Extension, Json, Router};
 use siterec_core::wire::{CommitRefused, MaterializedDisk, TaskWork, WireError};
 use siterec_drivers::export::{ImageFormat, create_writer};
 use siterec_pki::PeerIdentity;
-use siterec_store::{BackendConfig, ChunkId, Manifest, Store, StoreError};
+use siterec_store::{
+    BackendConfig, ChunkId, Manifest, RecoveryKey, STORE_INFO_KEY, Store, StoreCredential,
+    StoreError, TransportKey,
+};
+
+/// How the target's replica store is encrypted ([target] `encryption`).
+#[derive(Debug, Clone)]
+pub struct StoreEncryption {
+    /// `DATA/store.credential`: what the agent keeps (writes, cannot read).
+    pub credential: PathBuf,
+    /// Where the recovery key is written when the store is created.
+    pub recovery_key_export: PathBuf,
+}
 
 /// The target role's shared state.
 pub struct Target {
+    /// The store as the agent holds it: in an encrypted store, it writes
+    /// and manages but cannot read chunk data.
     pub store: Store,
     pub failover_dir: PathBuf,
+    /// Opens recovery keys the vault sealed to this agent (materialize).
+    transport: std::sync::OnceLock<TransportKey>,
     /// Chunks uploaded or vouched for per item since its last commit: kept
     /// by garbage collection until the point that uses them is committed.
     in_flight: Mutex<HashMap<String, HashSet<ChunkId>>>,
@@ -53,7 +69,7 @@ impl Target {
     /// bucket, a wrong endpoint or rejected credentials stop the agent here
     /// with the backend's message, not in the middle of replication.
     pub async fn open_backend(
-        key_file: Option<&Path>,
+        encryption: Option<&StoreEncryption>,
         config: &BackendConfig,
         failover_dir: PathBuf,
     ) -> anyhow::Result<Arc<Target>> {
@@ -61,11 +77,11 @@ impl Target {
             .await
             .context("opening the replica store")?;
         let what = backend.describe();
-        let store = match key_file {
+        let store = match encryption {
             None => Store::open_or_create(backend)
                 .await
                 .with_context(|| format!("opening the replica store on {what}"))?,
-            Some(path) => open_encrypted(backend, path, &what).await?,
+            Some(enc) => open_encrypted(backend, enc, &what).await?,
         };
         if let Some(r) = store.last_recovery() {
             tracing::warn!(
@@ -80,9 +96,41 @@ impl Target {
         Ok(Arc::new(Target {
             store,
             failover_dir,
+            transport: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Sets the transport key that opens recovery keys sealed by the vault.
+    pub fn set_transport_key(&self, key: TransportKey) {
+        let _ = self.transport.set(key);
+    }
+
+    /// The store handle a task reads data through: for an encrypted store,
+    /// opened with the recovery key the vault sealed to this agent for this
+    /// task only.
+    fn reading_store(
+        &self,
+        sealed: Option<&siterec_core::wire::SealedKey>,
+    ) -> anyhow::Result<Store> {
+        let Some(sealed) = sealed else {
+            return Ok(self.store.clone());
+        };
+        use base64::Engine;
+        let transport = self.transport.get().context(
+            "this agent has no transport key to open the recovery key with (DATA/identity/transport.key)",
+        )?;
+        let blob = base64::engine::general_purpose::STANDARD
+            .decode(&sealed.0)
+            .context("the sealed recovery key is not base64")?;
+        let mut bytes = transport
+            .open(&blob)
+            .context("opening the recovery key the vault sealed to this agent")?;
+        let key = RecoveryKey::from_file_bytes(&bytes);
+        bytes.fill(0);
+        let key = key.context("the recovery key given for the failover")?;
+        Ok(self.store.with_recovery_key(&key)?)
     }
 
     /// Replaces the item → source agent map (from each heartbeat).
@@ -213,8 +261,13 @@ impl Target {
                 item,
                 point_id,
                 formats,
+                sealed_key,
             } => {
-                let disks = self.materialize(item, point_id, formats).await?;
+                // The recovery key lives in this handle only, for this task.
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let disks = self
+                    .materialize_from(&store, item, point_id, formats)
+                    .await?;
                 Ok(serde_json::to_value(disks)?)
             }
             TaskWork::Verify => self.verify().await,
@@ -244,7 +297,9 @@ impl Target {
             .collect();
         let mut removed = Vec::new();
         for id in damaged {
-            if let Err(StoreError::CorruptChunk { .. }) = self.store.get_chunk(id).await {
+            // Checked as far as the agent can (integrity, without the
+            // recovery key in an encrypted store).
+            if let Err(StoreError::CorruptChunk { .. }) = self.store.check_chunk(id).await {
                 self.store
                     .backend()
                     .delete(&self.store.chunk_object_key(&id))
@@ -268,7 +323,27 @@ impl Target {
         point_id: &str,
         formats: &[String],
     ) -> anyhow::Result<Vec<MaterializedDisk>> {
-        let manifest = self.store.read_manifest(item, point_id).await?;
+        self.materialize_from(&self.store, item, point_id, formats)
+            .await
+    }
+
+    /// [`Target::materialize`] reading through `store` (a handle with the
+    /// recovery key for an encrypted store).
+    async fn materialize_from(
+        &self,
+        store: &Store,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        if !store.can_read_data() {
+            // Before any file is created.
+            return Err(StoreError::RecoveryKeyRequired {
+                key_id: store.key_id().unwrap_or_default(),
+            }
+            .into());
+        }
+        let manifest = store.read_manifest(item, point_id).await?;
         let dir = self.failover_dir.join(item);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut out = Vec::new();
@@ -286,7 +361,7 @@ impl Target {
                 };
                 let path = dir.join(&name);
                 let tmp = dir.join(format!(".{name}.partial"));
-                if let Err(e) = self.write_image(&manifest, di, fmt, &tmp).await {
+                if let Err(e) = write_image(store, &manifest, di, fmt, &tmp).await {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
                 }
@@ -303,77 +378,103 @@ impl Target {
         }
         Ok(out)
     }
-
-    async fn write_image(
-        &self,
-        manifest: &Manifest,
-        disk_index: usize,
-        fmt: ImageFormat,
-        path: &Path,
-    ) -> anyhow::Result<()> {
-        let disk = &manifest.disks[disk_index];
-        let size = disk.size;
-        let path_owned = path.to_path_buf();
-        let mut writer =
-            tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
-        let mut reader = self.store.read_disk(manifest, disk_index, 8)?;
-        while let Some(block) = reader.next().await {
-            let block = block?;
-            if let Some(data) = block.data {
-                let offset = block.offset;
-                writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                    writer.write_at(offset, &data)?;
-                    Ok(writer)
-                })
-                .await??;
-            }
-        }
-        tokio::task::spawn_blocking(move || writer.finish()).await??;
-        Ok(())
-    }
 }
 
-/// Opens an encrypted store with the key in `path`. Without the file, a new
-/// key is generated and written there first (the operator keeps a copy: the
-/// store cannot be read without it); if the store turns out to exist
-/// already, that new key is wrong and its file is removed again.
+async fn write_image(
+    store: &Store,
+    manifest: &Manifest,
+    disk_index: usize,
+    fmt: ImageFormat,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let disk = &manifest.disks[disk_index];
+    let size = disk.size;
+    let path_owned = path.to_path_buf();
+    let mut writer =
+        tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
+    let mut reader = store.read_disk(manifest, disk_index, 8)?;
+    while let Some(block) = reader.next().await {
+        let block = block?;
+        if let Some(data) = block.data {
+            let offset = block.offset;
+            writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                writer.write_at(offset, &data)?;
+                Ok(writer)
+            })
+            .await??;
+        }
+    }
+    tokio::task::spawn_blocking(move || writer.finish()).await??;
+    Ok(())
+}
+
+/// Opens the encrypted store with the agent's credential. The first time
+/// (no credential, no store yet), creates it: a new recovery key is written
+/// to `recovery_key_export` (once, mode 0600; the operator keeps it), the
+/// credential to `DATA/store.credential`, then the store. If a previous
+/// attempt stopped after writing the recovery key, that key is used (the
+/// operator may already hold it) rather than written again.
 async fn open_encrypted(
     backend: Arc<dyn siterec_store::Backend>,
-    path: &Path,
+    enc: &StoreEncryption,
     what: &str,
 ) -> anyhow::Result<Store> {
-    use siterec_store::StoreKey;
-    if path.exists() {
-        let key = StoreKey::read_file(path)
-            .with_context(|| format!("reading the store key {}", path.display()))?;
-        return Store::open_or_create_with_key(backend, Some(key))
+    let cred_path = &enc.credential;
+    if cred_path.exists() {
+        let credential = StoreCredential::read_file(cred_path)
+            .with_context(|| format!("reading the store credential {}", cred_path.display()))?;
+        return Store::open_or_create_with_credential(backend, Some(credential))
             .await
             .with_context(|| {
                 format!(
-                    "opening the encrypted replica store on {what} with the key {}",
-                    path.display()
+                    "opening the encrypted replica store on {what} with the credential {}",
+                    cred_path.display()
                 )
             });
     }
-    let key = StoreKey::generate()?;
-    key.write_file(path)
-        .with_context(|| format!("writing the new store key {}", path.display()))?;
-    match Store::open_or_create_with_key(backend, Some(key)).await {
-        Ok(store) => {
-            tracing::warn!(
-                key = %path.display(),
-                "the replica store is encrypted with a new key written to this file: keep a copy away from this host; without it no recovery point can be read"
-            );
-            Ok(store)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(path);
-            Err(anyhow::Error::from(e).context(format!(
-                "the replica store on {what} already exists, and {} (the key file) is missing: restore the key file exported when the store was created",
-                path.display()
-            )))
-        }
+    if backend.exists(STORE_INFO_KEY).await? {
+        anyhow::bail!(
+            "the replica store on {what} already exists, and its credential {} is missing: restore that file (written when the store was created), or point the agent at a new, empty store",
+            cred_path.display()
+        );
     }
+    let export = &enc.recovery_key_export;
+    let key = if export.exists() {
+        let key = RecoveryKey::read_file(export).with_context(|| {
+            format!(
+                "{} exists but is not a usable recovery key; move it away so that a new store's recovery key can be written there",
+                export.display()
+            )
+        })?;
+        tracing::warn!(key = %export.display(), key_id = %key.key_id(), "creating the encrypted store for the recovery key already at recovery_key_export");
+        key
+    } else {
+        let key = RecoveryKey::generate()?;
+        key.write_file(export).with_context(|| {
+            format!(
+                "writing the recovery key to {} (recovery_key_export)",
+                export.display()
+            )
+        })?;
+        key
+    };
+    let credential = key.credential();
+    let key_id = key.key_id();
+    drop(key);
+    if let Some(dir) = cred_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    siterec_pki::write_file_durable(cred_path, &credential.to_file_bytes(), 0o600)
+        .with_context(|| format!("writing the store credential {}", cred_path.display()))?;
+    let store = Store::open_or_create_with_credential(backend, Some(credential))
+        .await
+        .with_context(|| format!("creating the encrypted replica store on {what}"))?;
+    tracing::warn!(
+        recovery_key = %export.display(),
+        %key_id,
+        "created an encrypted replica store: its recovery key was written to this file. Move it off this host and keep it safe: this agent cannot read the data, and failover needs the file"
+    );
+    Ok(store)
 }
 
 /// An error of the data endpoint: status plus a [`WireError`] body.
@@ -694,6 +795,7 @@ mod tests {
                     "vhd-dynamic".into(),
                     "vhd-fixed".into(),
                 ],
+                sealed_key: None,
             })
             .await
             .unwrap();
@@ -723,6 +825,7 @@ mod tests {
                 item: "web01".into(),
                 point_id: "p1".into(),
                 formats: vec!["vmdk".into()],
+                sealed_key: None,
             })
             .await
             .unwrap_err();
@@ -760,5 +863,76 @@ mod tests {
             "in-flight chunk kept"
         );
         assert!(t.store.verify().await.unwrap().all_ok());
+    }
+
+    /// An encrypted target writes with its credential only; materializing
+    /// needs the recovery key the vault sealed to its transport key, and
+    /// without it nothing is written.
+    #[tokio::test]
+    async fn encrypted_materialize_needs_the_sealed_recovery_key() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let export = dir.path().join("operator-recovery.key");
+        let enc = StoreEncryption {
+            credential: dir.path().join("data/store.credential"),
+            recovery_key_export: export.clone(),
+        };
+        let backend = BackendConfig::Local {
+            path: dir.path().join("store"),
+        };
+        let failover = dir.path().join("failover");
+        let t = Target::open_backend(Some(&enc), &backend, failover.clone())
+            .await
+            .unwrap();
+        let transport = TransportKey::generate().unwrap();
+        t.set_transport_key(transport.clone());
+        assert!(t.store.is_encrypted() && !t.store.can_read_data());
+        let key = RecoveryKey::read_file(&export).unwrap();
+        assert_eq!(t.store.key_id(), Some(key.key_id()));
+        let a: Vec<u8> = (0..CS as u32).map(|i| (i % 251) as u8 + 1).collect();
+        let ia = put(&t, &a).await;
+        t.store
+            .commit_point(&manifest("p1", CS as u64, vec![Some(ia)]))
+            .await
+            .unwrap();
+        let work = |sealed_key| TaskWork::Materialize {
+            item: "web01".into(),
+            point_id: "p1".into(),
+            formats: vec!["raw".into()],
+            sealed_key,
+        };
+        let err = t.run_task(&work(None)).await.unwrap_err();
+        assert!(format!("{err:#}").contains("recovery key"), "{err:#}");
+        assert!(!failover.join("web01").exists(), "nothing is written");
+
+        // Sealed to another agent: refused.
+        let other = TransportKey::generate().unwrap();
+        let seal = |to: &TransportKey| {
+            let blob =
+                siterec_store::seal_for_transport(&to.public_key_base64(), &key.to_file_bytes())
+                    .unwrap();
+            Some(siterec_core::wire::SealedKey(
+                base64::engine::general_purpose::STANDARD.encode(blob),
+            ))
+        };
+        assert!(t.run_task(&work(seal(&other))).await.is_err());
+        let out = t.run_task(&work(seal(&transport))).await.unwrap();
+        let disks: Vec<MaterializedDisk> = serde_json::from_value(out).unwrap();
+        assert_eq!(std::fs::read(&disks[0].path).unwrap(), a);
+        // The handle the agent keeps still cannot read.
+        assert!(matches!(
+            t.store.get_chunk(ia).await,
+            Err(StoreError::RecoveryKeyRequired { .. })
+        ));
+
+        // Reopening uses the credential; the recovery key file is never
+        // written again.
+        drop(t);
+        std::fs::remove_file(&export).unwrap();
+        let t = Target::open_backend(Some(&enc), &backend, failover)
+            .await
+            .unwrap();
+        assert_eq!(t.store.key_id(), Some(key.key_id()));
+        assert!(!export.exists());
     }
 }

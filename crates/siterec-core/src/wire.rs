@@ -122,6 +122,14 @@ pub struct HeartbeatRequest {
     /// Whether the target role's replica store is encrypted.
     #[serde(default)]
     pub store_encrypted: bool,
+    /// The key id of the encrypted store's recovery key (checked by the
+    /// vault against the key an operator gives at failover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_key_id: Option<String>,
+    /// The agent's X25519 transport public key (base64): the vault seals a
+    /// recovery key to it for the one task that needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport_key: Option<String>,
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, ItemCounters>,
 }
@@ -183,6 +191,10 @@ pub enum TaskWork {
         point_id: String,
         /// "raw", "qcow2", "vhd-fixed", "vhd-dynamic".
         formats: Vec<String>,
+        /// For an encrypted store: the recovery key the operator gave,
+        /// sealed to this agent's transport key (`SRKT0001`, base64).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_key: Option<SealedKey>,
     },
     /// Target: delete these points of an item and collect unreferenced chunks.
     #[serde(rename_all = "camelCase")]
@@ -193,6 +205,19 @@ pub enum TaskWork {
     /// Target: re-read every manifest and chunk of the replica store; the
     /// output is the store's verify report.
     Verify,
+}
+
+/// A recovery key sealed to an agent's transport key (base64 of an
+/// `SRKT0001` box). Only the agent can open it; `Debug` does not show it,
+/// so task logs never carry it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SealedKey(pub String);
+
+impl std::fmt::Debug for SealedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealedKey(..)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

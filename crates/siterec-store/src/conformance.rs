@@ -362,10 +362,27 @@ async fn concurrent_puts(b: &Arc<dyn Backend>) {
 /// read back, reopen, verify, gc, and detection of corrupt objects
 /// (damaged through the backend itself, so it works on every backend).
 ///
-/// With a key, the same flow on an encrypted store, plus checks that chunk
-/// object names are not the plaintext ids and that the key is required.
-pub(crate) async fn store_suite(b: Arc<dyn Backend>, key: Option<StoreKey>) {
-    let open = |b: &Arc<dyn Backend>| Store::open_or_create_with_key(Arc::clone(b), key.clone());
+/// With a recovery key, the same flow on an encrypted store (written with
+/// the credential, read with the recovery key), plus checks that chunk
+/// object names are not the plaintext ids, that the credential alone reads
+/// no data but verifies integrity, and that the keys are required.
+pub(crate) async fn store_suite(b: Arc<dyn Backend>, key: Option<RecoveryKey>) {
+    // `open` gives the handle the suite reads through: with the recovery
+    // key in an encrypted store.
+    let credential = key.as_ref().map(RecoveryKey::credential);
+    let open_writer = |b: &Arc<dyn Backend>| {
+        Store::open_or_create_with_credential(Arc::clone(b), credential.clone())
+    };
+    let open = |b: &Arc<dyn Backend>| {
+        let (w, key) = (open_writer(b), key.clone());
+        async move {
+            let s = w.await?;
+            match &key {
+                Some(k) => s.with_recovery_key(k),
+                None => Ok(s),
+            }
+        }
+    };
     let store = open(&b).await.unwrap();
     assert!(b.exists(STORE_INFO_KEY).await.unwrap());
     assert_eq!(store.is_encrypted(), key.is_some());
@@ -439,15 +456,44 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>, key: Option<StoreKey>) {
         assert_eq!(leaks, key.is_none(), "{hex} in {names:?}");
         assert!(names.contains(&store.chunk_object_key(id)));
     }
-    if key.is_some() {
-        // Without the key, nothing opens; with another key, neither.
+    if let Some(key) = &key {
+        // Without the credential, nothing opens; with another, neither.
         let err = Store::open_or_create(Arc::clone(&b)).await.unwrap_err();
-        assert!(matches!(err, StoreError::KeyRequired { .. }), "{err}");
-        let other = Some(StoreKey::generate().unwrap());
-        let err = Store::open_or_create_with_key(Arc::clone(&b), other)
+        assert!(
+            matches!(err, StoreError::CredentialRequired { .. }),
+            "{err}"
+        );
+        let other = RecoveryKey::generate().unwrap();
+        let err = Store::open_or_create_with_credential(Arc::clone(&b), Some(other.credential()))
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        // The credential alone manages the store but reads no data, and
+        // another store's recovery key is refused naming the right one.
+        let writer = open_writer(&b).await.unwrap();
+        assert!(!writer.can_read_data());
+        let some = *ids.iter().next().unwrap();
+        let err = writer.get_chunk(some).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::RecoveryKeyRequired { key_id } if *key_id == key.key_id()),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--encryption-key"), "{err}");
+        let mut r = writer.read_disk(&m1, 0, 2).unwrap();
+        assert!(matches!(
+            r.next().await,
+            Some(Err(StoreError::RecoveryKeyRequired { .. }))
+        ));
+        assert_eq!(writer.read_manifest("vm-1", "p1").await.unwrap(), m1);
+        let err = writer.with_recovery_key(&other).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::WrongKey { expected, .. } if *expected == key.key_id()),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&key.key_id()), "{err}");
+        let report = writer.verify().await.unwrap();
+        assert!(report.all_ok(), "{report:?}");
+        assert_eq!(report.chunks_checked, 4);
     }
     let report = store.verify().await.unwrap();
     assert!(report.all_ok(), "{report:?}");
@@ -502,6 +548,16 @@ pub(crate) async fn store_suite(b: Arc<dyn Backend>, key: Option<StoreKey>) {
     let report = store.verify().await.unwrap();
     assert!(!report.all_ok());
     assert_eq!(report.points[0].damaged_chunks, [victim]);
+    if key.is_some() {
+        // Verify finds it without the recovery key too (checksum).
+        let writer = open_writer(&b).await.unwrap();
+        let report = writer.verify().await.unwrap();
+        assert_eq!(report.points[0].damaged_chunks, [victim]);
+        assert!(matches!(
+            writer.check_chunk(victim).await,
+            Err(StoreError::CorruptChunk { .. })
+        ),);
+    }
 
     // A missing one too.
     let gone = m2.disks[0].chunks[0].unwrap();
@@ -567,7 +623,7 @@ async fn local_dir_conformance() {
     let config = BackendConfig::Local {
         path: dir.path().join("encrypted"),
     };
-    let key = StoreKey::generate().unwrap();
+    let key = RecoveryKey::generate().unwrap();
     store_suite(open_backend(&config).await.unwrap(), Some(key)).await;
 }
 
@@ -629,7 +685,7 @@ async fn azure_blob_conformance() {
     let b = open_backend(&BackendConfig::Azure(azurite.config("encrypted")))
         .await
         .unwrap();
-    store_suite(b, Some(StoreKey::generate().unwrap())).await;
+    store_suite(b, Some(RecoveryKey::generate().unwrap())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

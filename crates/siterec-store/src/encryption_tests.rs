@@ -1,15 +1,20 @@
-//! Tests of encrypted stores on a [`crate::LocalDir`] backend.
+//! Tests of encrypted stores (format version 3) on a [`crate::LocalDir`]
+//! backend: the recovery agent writes with the credential, only the
+//! recovery key reads data.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use base64::Engine;
+
 use crate::store_tests::{CS, image, manifest, random, read_back, texty, upload_disk};
 use crate::*;
 
-async fn open(dir: &Path, key: Option<StoreKey>) -> Result<Store, StoreError> {
+/// Opens with the credential of `key` (what the recovery agent does).
+async fn open(dir: &Path, key: Option<&RecoveryKey>) -> Result<Store, StoreError> {
     let backend: Arc<dyn Backend> = Arc::new(LocalDir::new(dir)?);
-    Store::open_or_create_with_key(backend, key).await
+    Store::open_or_create_with_credential(backend, key.map(RecoveryKey::credential)).await
 }
 
 /// Every file under `dir`, by path relative to it, with its content.
@@ -34,48 +39,82 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The private key of a recovery key, from its file (line 3, base64).
+fn private_key_bytes(key: &RecoveryKey) -> Vec<u8> {
+    let text = String::from_utf8(key.to_file_bytes()).unwrap();
+    let line = text.lines().nth(2).unwrap();
+    base64::engine::general_purpose::STANDARD
+        .decode(line)
+        .unwrap()
+}
+
 #[tokio::test]
 async fn encrypted_round_trip_hides_names_and_data() {
     let dir = tempfile::tempdir().unwrap();
-    let key = StoreKey::generate().unwrap();
-    let store = open(dir.path(), Some(key.clone())).await.unwrap();
-    assert!(store.is_encrypted());
-    assert_eq!(store.key_id(), Some(key.key_id()));
-    assert_eq!(store.info().version, STORE_FORMAT_VERSION_ENCRYPTED);
+    let key = RecoveryKey::generate().unwrap();
+    let writer = open(dir.path(), Some(&key)).await.unwrap();
+    assert!(writer.is_encrypted());
+    assert!(!writer.can_read_data());
+    assert_eq!(writer.key_id(), Some(key.key_id()));
+    assert_eq!(writer.info().version, 3);
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join(STORE_INFO_KEY)).unwrap()).unwrap();
-    assert_eq!(json["version"], 2);
+    assert_eq!(json["version"], 3);
     assert_eq!(json["encryption"]["algorithm"], "AES-256-GCM");
+    assert_eq!(json["encryption"]["keyWrap"], "X25519-BLAKE3-AES-256-GCM");
     assert_eq!(json["encryption"]["keyId"], key.key_id().as_str());
     assert_eq!(json["encryption"]["nameKey"], "blake3-keyed");
+    assert_eq!(
+        json["encryption"]["publicKey"],
+        key.credential().public_key_base64().as_str()
+    );
 
     let img = image();
-    let disk = upload_disk(&store, "disk0", &img).await;
-    let disk2 = upload_disk(&store, "disk1", &texty(3 * CS as usize, 7)).await;
+    let disk = upload_disk(&writer, "disk0", &img).await;
+    let disk2 = upload_disk(&writer, "disk1", &texty(3 * CS as usize, 7)).await;
     let m = manifest("vm-1", "p1", vec![disk, disk2]);
-    store.commit_point(&m).await.unwrap();
-    store.commit_point(&m).await.unwrap(); // idempotent despite new nonces
-    assert_eq!(read_back(&store, &m, 0, 3).await, img);
-    assert_eq!(store.read_manifest("vm-1", "p1").await.unwrap(), m);
-    store.sync().await.unwrap();
-    drop(store);
+    writer.commit_point(&m).await.unwrap();
+    writer.commit_point(&m).await.unwrap(); // idempotent despite new nonces
+    assert_eq!(writer.read_manifest("vm-1", "p1").await.unwrap(), m);
+    let reader = writer.with_recovery_key(&key).unwrap();
+    assert!(reader.can_read_data());
+    assert_eq!(read_back(&reader, &m, 0, 3).await, img);
+    writer.sync().await.unwrap();
+    drop((writer, reader));
 
-    let store = open(dir.path(), Some(key.clone())).await.unwrap();
-    assert!(store.last_recovery().is_none());
-    assert_eq!(store.list_points(None).await.unwrap().len(), 1);
-    assert_eq!(read_back(&store, &m, 0, 1).await, img);
-    assert_eq!(read_back(&store, &m, 1, 2).await, texty(3 * CS as usize, 7));
-    let report = store.verify().await.unwrap();
-    assert!(report.all_ok(), "{report:?}");
-    assert_eq!(report.chunks_checked, m.referenced_chunks().len() as u64);
+    // Another session (a restart): a new data key; both read back.
+    let writer = open(dir.path(), Some(&key)).await.unwrap();
+    assert!(writer.last_recovery().is_none());
+    let extra = writer
+        .put_plain_chunk(texty(7000, 9), true)
+        .await
+        .unwrap()
+        .unwrap();
+    let reader = writer.with_recovery_key(&key).unwrap();
+    assert_eq!(writer.list_points(None).await.unwrap().len(), 1);
+    assert_eq!(read_back(&reader, &m, 0, 1).await, img);
+    assert_eq!(
+        read_back(&reader, &m, 1, 2).await,
+        texty(3 * CS as usize, 7)
+    );
+    assert_eq!(reader.get_chunk(extra).await.unwrap(), texty(7000, 9));
+    for handle in [&writer, &reader] {
+        let report = handle.verify().await.unwrap();
+        assert!(report.all_ok(), "{report:?}");
+        assert_eq!(report.chunks_checked, m.referenced_chunks().len() as u64);
+    }
 
-    // Nothing on disk reveals chunk ids or the text of the disks: neither
-    // names nor contents (the manifest is encrypted too).
+    // Nothing on disk reveals chunk ids, the text of the disks, or the
+    // recovery key: neither names nor contents.
     let ids = m.referenced_chunks();
     let files = snapshot(dir.path());
     let chunk_files: Vec<&String> = files.keys().filter(|k| k.starts_with("chunks/")).collect();
-    assert_eq!(chunk_files.len(), ids.len());
+    assert_eq!(chunk_files.len(), ids.len() + 1);
+    let key_files: Vec<&String> = files.keys().filter(|k| k.starts_with("keys/")).collect();
+    assert_eq!(key_files.len(), 2, "one data key per writer session");
     let text = b"of a text-like disk";
+    let private = private_key_bytes(&key);
+    let private_b64 = base64::engine::general_purpose::STANDARD.encode(&private);
     for (name, bytes) in &files {
         for id in &ids {
             assert!(!name.contains(&id.to_hex()), "{name} names chunk {id}");
@@ -85,8 +124,14 @@ async fn encrypted_round_trip_hides_names_and_data() {
             );
         }
         assert!(!contains(bytes, text), "{name} holds plaintext");
-        if name.starts_with("chunks/") || name.starts_with("points/") {
+        assert!(!contains(bytes, &private), "{name} holds the private key");
+        assert!(!contains(bytes, private_b64.as_bytes()), "{name}");
+        if name.starts_with("chunks/") {
             assert_eq!(&bytes[..8], ENVELOPE_MAGIC, "{name}");
+        } else if name.starts_with("points/") {
+            assert_eq!(&bytes[..8], MANIFEST_ENVELOPE_MAGIC, "{name}");
+        } else if name.starts_with("keys/") {
+            assert_eq!(&bytes[..8], DATA_KEY_MAGIC, "{name}");
         }
     }
     // (The same data in a plain store does show the text: the check above
@@ -100,56 +145,52 @@ async fn encrypted_round_trip_hides_names_and_data() {
             .any(|b| contains(b, text))
     );
 
-    // put_encoded_chunk keeps its contract: verified, deduplicated.
+    // put_encoded_chunk keeps its contract without the recovery key:
+    // verified, deduplicated.
     let enc = encode_chunk(&texty(5000, 3), true);
     let other = encode_chunk(&texty(5000, 4), true);
     assert!(matches!(
-        store.put_encoded_chunk(other.id, enc.bytes.clone()).await,
+        writer.put_encoded_chunk(other.id, enc.bytes.clone()).await,
         Err(StoreError::CorruptChunk { .. })
     ));
     assert!(
-        store
+        writer
             .put_encoded_chunk(enc.id, enc.bytes.clone())
             .await
             .unwrap()
     );
-    assert!(!store.put_encoded_chunk(enc.id, enc.bytes).await.unwrap());
-    assert_eq!(store.get_chunk(enc.id).await.unwrap(), texty(5000, 3));
-    assert!(store.has_chunk(enc.id).await.unwrap());
-    assert!(!store.has_chunk(other.id).await.unwrap());
+    assert!(!writer.put_encoded_chunk(enc.id, enc.bytes).await.unwrap());
+    assert_eq!(reader.get_chunk(enc.id).await.unwrap(), texty(5000, 3));
+    assert!(writer.has_chunk(enc.id).await.unwrap());
+    assert!(!writer.has_chunk(other.id).await.unwrap());
     let zero = encode_chunk(&[0u8; 100], false);
     assert!(matches!(
-        store.put_encoded_chunk(zero.id, zero.bytes).await,
+        writer.put_encoded_chunk(zero.id, zero.bytes).await,
         Err(StoreError::ZeroChunk { .. })
     ));
 }
 
 #[tokio::test]
-async fn key_mismatches_are_refused_without_touching_the_store() {
+async fn keys_are_required_and_mismatches_refused_without_touching_the_store() {
     let dir = tempfile::tempdir().unwrap();
-    let key = StoreKey::generate().unwrap();
-    let store = open(dir.path(), Some(key.clone())).await.unwrap();
-    // Leave the unsynced marker behind, as after a crash: a refused open
-    // must not even run the recovery scan.
-    store.put_plain_chunk(random(5000), true).await.unwrap();
-    drop(store);
-    let before = snapshot(dir.path());
-    assert!(before.contains_key(UNSYNCED_MARKER_KEY));
+    let key = RecoveryKey::generate().unwrap();
+    let store = open(dir.path(), Some(&key)).await.unwrap();
+    let id = store
+        .put_plain_chunk(random(5000), true)
+        .await
+        .unwrap()
+        .unwrap();
 
-    let err = open(dir.path(), None).await.unwrap_err();
+    // No data without the recovery key.
+    let err = store.get_chunk(id).await.unwrap_err();
     match &err {
-        StoreError::KeyRequired { key_id } => assert_eq!(*key_id, key.key_id()),
+        StoreError::RecoveryKeyRequired { key_id } => assert_eq!(*key_id, key.key_id()),
         other => panic!("{other}"),
     }
-    let text = err.to_string();
-    assert!(
-        text.contains("encrypted") && text.contains("key file") && text.contains(&key.key_id()),
-        "{text}"
-    );
-    assert!(Store::open_local(dir.path()).await.is_err());
-
-    let wrong = StoreKey::generate().unwrap();
-    let err = open(dir.path(), Some(wrong.clone())).await.unwrap_err();
+    assert!(err.to_string().contains("recovery key file"), "{err}");
+    // Another store's recovery key: WrongKey, naming the expected id.
+    let wrong = RecoveryKey::generate().unwrap();
+    let err = store.with_recovery_key(&wrong).unwrap_err();
     match &err {
         StoreError::WrongKey { expected, got } => {
             assert_eq!(*expected, key.key_id());
@@ -157,43 +198,91 @@ async fn key_mismatches_are_refused_without_touching_the_store() {
         }
         other => panic!("{other}"),
     }
+    assert!(err.to_string().contains(&key.key_id()), "{err}");
+    // Leave the unsynced marker behind, as after a crash: a refused open
+    // must not even run the recovery scan.
+    drop(store);
+    let before = snapshot(dir.path());
+    assert!(before.contains_key(UNSYNCED_MARKER_KEY));
+
+    let err = open(dir.path(), None).await.unwrap_err();
+    match &err {
+        StoreError::CredentialRequired { key_id } => assert_eq!(*key_id, key.key_id()),
+        other => panic!("{other}"),
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains("encrypted") && text.contains("credential") && text.contains(&key.key_id()),
+        "{text}"
+    );
+    assert!(Store::open_local(dir.path()).await.is_err());
+    let err = open(dir.path(), Some(&wrong)).await.unwrap_err();
+    assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
     assert_eq!(
         snapshot(dir.path()),
         before,
         "a refused open wrote something"
     );
 
-    // A plain store refuses a key, clearly.
+    // A plain store refuses a credential and a recovery key, clearly.
     let plain_dir = tempfile::tempdir().unwrap();
     let plain = open(plain_dir.path(), None).await.unwrap();
     plain.put_plain_chunk(random(5000), true).await.unwrap();
+    assert!(matches!(
+        plain.with_recovery_key(&key),
+        Err(StoreError::NotEncrypted)
+    ));
     drop(plain);
     let before = snapshot(plain_dir.path());
-    let err = open(plain_dir.path(), Some(key.clone())).await.unwrap_err();
+    let err = open(plain_dir.path(), Some(&key)).await.unwrap_err();
     assert!(matches!(err, StoreError::NotEncrypted), "{err}");
     assert!(err.to_string().contains("not encrypted"), "{err}");
     assert_eq!(snapshot(plain_dir.path()), before);
 
-    // The right key still opens it (and recovers from the "crash").
-    let store = open(dir.path(), Some(key)).await.unwrap();
+    // The right credential still opens it (and recovers from the "crash"
+    // without the recovery key), and the recovery key reads the chunk.
+    let store = open(dir.path(), Some(&key)).await.unwrap();
     let rec = store.last_recovery().unwrap();
     assert_eq!(rec.chunks_checked, 1);
     assert!(rec.objects_removed.is_empty());
+    let reader = store.with_recovery_key(&key).unwrap();
+    assert_eq!(reader.get_chunk(id).await.unwrap().len(), 5000);
+}
+
+#[tokio::test]
+async fn a_version_2_store_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(STORE_INFO_KEY),
+        br#"{"format":"siterec-store","version":2,"created_at":"2025-01-01T00:00:00Z","chunk_layout":"chunks/<hex[0..2]>/<hex>","encryption":{"algorithm":"AES-256-GCM","keyId":"0011223344556677","nameKey":"blake3-keyed"}}"#,
+    )
+    .unwrap();
+    let before = snapshot(dir.path());
+    for key in [None, Some(RecoveryKey::generate().unwrap())] {
+        let err = open(dir.path(), key.as_ref()).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::RetiredVersion { found: 2 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("create a new store"), "{err}");
+    }
+    assert_eq!(snapshot(dir.path()), before);
 }
 
 #[tokio::test]
 async fn tampering_with_encrypted_objects_is_detected() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path(), Some(StoreKey::generate().unwrap()))
-        .await
-        .unwrap();
+    let key = RecoveryKey::generate().unwrap();
+    let writer = open(dir.path(), Some(&key)).await.unwrap();
+    let store = writer.with_recovery_key(&key).unwrap();
     let img = image();
-    let disk = upload_disk(&store, "disk0", &img).await;
+    let disk = upload_disk(&writer, "disk0", &img).await;
     let m = manifest("vm-1", "p1", vec![disk]);
-    store.commit_point(&m).await.unwrap();
+    writer.commit_point(&m).await.unwrap();
     let path_of = |id: &ChunkId| dir.path().join(store.chunk_object_key(id));
 
-    // One flipped byte.
+    // One flipped byte: reading with the key and verifying without it
+    // both find it.
     let victim = m.disks[0].chunks[2].unwrap();
     let mut bytes = std::fs::read(path_of(&victim)).unwrap();
     let mid = bytes.len() / 2;
@@ -204,11 +293,14 @@ async fn tampering_with_encrypted_objects_is_detected() {
         matches!(err, StoreError::CorruptChunk { id, .. } if id == victim),
         "{err}"
     );
-    let report = store.verify().await.unwrap();
-    assert!(!report.all_ok());
-    assert_eq!(report.points[0].damaged_chunks, [victim]);
+    for handle in [&store, &writer] {
+        let report = handle.verify().await.unwrap();
+        assert!(!report.all_ok());
+        assert_eq!(report.points[0].damaged_chunks, [victim]);
+    }
 
-    // Two valid encrypted chunks swapped: each decrypts only under its name.
+    // Two valid encrypted chunks swapped: each decrypts only under its
+    // name (their checksums are intact: only the key can tell).
     let a = m.disks[0].chunks[0].unwrap();
     let b = m.disks[0].chunks[4].unwrap();
     let (pa, pb) = (path_of(&a), path_of(&b));
@@ -232,6 +324,24 @@ async fn tampering_with_encrypted_objects_is_detected() {
         store.get_chunk(a).await,
         Err(StoreError::CorruptChunk { .. })
     ));
+    assert!(matches!(
+        writer.check_chunk(a).await,
+        Err(StoreError::CorruptChunk { .. })
+    ));
+
+    // A lost data key: the chunks sealed with it are reported, not read.
+    let keys: Vec<String> = snapshot(dir.path())
+        .into_keys()
+        .filter(|k| k.starts_with("keys/"))
+        .collect();
+    assert_eq!(keys.len(), 1);
+    let saved = std::fs::read(dir.path().join(&keys[0])).unwrap();
+    std::fs::remove_file(dir.path().join(&keys[0])).unwrap();
+    let fresh = writer.with_recovery_key(&key).unwrap(); // no cached data keys
+    let err = fresh.get_chunk(b).await.unwrap_err();
+    assert!(err.to_string().contains("data key"), "{err}");
+    assert!(writer.check_chunk(b).await.is_err());
+    std::fs::write(dir.path().join(&keys[0]), saved).unwrap();
 
     // The manifest: one flipped bit, or another point's manifest.
     let mkey = dir.path().join(manifest_key("vm-1", "p1").unwrap());
@@ -240,24 +350,82 @@ async fn tampering_with_encrypted_objects_is_detected() {
     bad[30] ^= 0x80;
     std::fs::write(&mkey, &bad).unwrap();
     assert!(matches!(
-        store.read_manifest("vm-1", "p1").await,
+        writer.read_manifest("vm-1", "p1").await,
         Err(StoreError::CorruptManifest { .. })
     ));
     std::fs::write(&mkey, &good).unwrap();
-    store.read_manifest("vm-1", "p1").await.unwrap();
+    writer.read_manifest("vm-1", "p1").await.unwrap();
     let other_dir = dir.path().join("points/vm-1/p2.manifest");
     std::fs::write(&other_dir, &good).unwrap();
     assert!(matches!(
-        store.read_manifest("vm-1", "p2").await,
+        writer.read_manifest("vm-1", "p2").await,
         Err(StoreError::CorruptManifest { .. })
     ));
+}
+
+/// Delta chunks are put and checked with the credential alone (their base
+/// must exist by object name) and rebuilt on their base with the key.
+#[tokio::test]
+async fn delta_chunks_round_trip_in_an_encrypted_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = RecoveryKey::generate().unwrap();
+    let writer = open(dir.path(), Some(&key)).await.unwrap();
+    let v1 = texty(CS as usize, 1);
+    let base = encode_chunk(&v1, true);
+    let mut v2 = v1.clone();
+    v2[4096..8192].copy_from_slice(&random(4096));
+    let target = ChunkId::of(&v2);
+    let pages: Vec<(u16, &[u8])> = vec![(1, &v2[4096..8192])];
+    let delta = encode_delta_chunk(target, v2.len() as u32, base.id, &pages, true);
+    assert!(matches!(
+        writer.put_encoded_chunk(delta.id, delta.bytes.clone()).await,
+        Err(StoreError::MissingChunk { id, .. }) if id == base.id
+    ));
+    writer.put_encoded_chunk(base.id, base.bytes).await.unwrap();
+    assert!(
+        writer
+            .put_encoded_chunk(delta.id, delta.bytes.clone())
+            .await
+            .unwrap()
+    );
+    let mut m = manifest(
+        "vm",
+        "p1",
+        vec![DiskManifest {
+            disk_id: "d".into(),
+            size: CS as u64,
+            chunk_size: CS,
+            chunks: vec![Some(delta.id)],
+        }],
+    );
+    m.bases.insert(delta.id, base.id);
+    writer.commit_point(&m).await.unwrap();
+    assert!(matches!(
+        writer.get_chunk(delta.id).await,
+        Err(StoreError::RecoveryKeyRequired { .. })
+    ));
+    let reader = writer.with_recovery_key(&key).unwrap();
+    assert_eq!(reader.get_chunk(delta.id).await.unwrap(), v2);
+    assert_eq!(read_back(&reader, &m, 0, 2).await, v2);
+    let report = writer.gc(&HashSet::new()).await.unwrap();
+    assert_eq!(report.chunks_deleted, 0, "{report:?}");
+    assert!(writer.verify().await.unwrap().all_ok());
+    assert!(reader.verify().await.unwrap().all_ok());
+    // Neither the delta's nor the base's object is named by its id.
+    for id in [delta.id, base.id, target] {
+        assert!(
+            !snapshot(dir.path())
+                .keys()
+                .any(|k| k.contains(&id.to_hex()))
+        );
+    }
 }
 
 #[tokio::test]
 async fn gc_and_recovery_on_an_encrypted_store() {
     let dir = tempfile::tempdir().unwrap();
-    let key = StoreKey::generate().unwrap();
-    let store = open(dir.path(), Some(key.clone())).await.unwrap();
+    let key = RecoveryKey::generate().unwrap();
+    let store = open(dir.path(), Some(&key)).await.unwrap();
     let img1 = image();
     let mut img2 = img1.clone();
     img2[CS as usize * 2..CS as usize * 3].copy_from_slice(&random(CS as usize));
@@ -292,6 +460,7 @@ async fn gc_and_recovery_on_an_encrypted_store() {
             .collect()
     };
 
+    // gc runs with the credential alone.
     let report = store.gc(&HashSet::from([in_flight])).await.unwrap();
     assert_eq!(report.points, 2);
     assert_eq!(report.chunks_deleted, 1);
@@ -305,11 +474,20 @@ async fn gc_and_recovery_on_an_encrypted_store() {
     let report = store.gc(&HashSet::new()).await.unwrap();
     assert_eq!(report.chunks_deleted, 2);
     assert_eq!(listed(), names(&store, &m2.referenced_chunks()));
-    assert_eq!(read_back(&store, &m2, 0, 4).await, img2);
+    let reader = store.with_recovery_key(&key).unwrap();
+    assert_eq!(read_back(&reader, &m2, 0, 4).await, img2);
     assert!(store.verify().await.unwrap().all_ok());
+    // Data keys are never collected (one small object per session).
+    assert_eq!(
+        snapshot(dir.path())
+            .keys()
+            .filter(|k| k.starts_with("keys/"))
+            .count(),
+        1
+    );
 
-    // Crash recovery maps names back correctly: a torn chunk goes, the
-    // others (whose names it can only check by decrypting) stay.
+    // Crash recovery without the recovery key: a torn chunk goes (its
+    // checksum fails), the others stay.
     let good = store
         .put_plain_chunk(texty(9000, 1), true)
         .await
@@ -321,9 +499,10 @@ async fn gc_and_recovery_on_an_encrypted_store() {
         .unwrap()
         .unwrap();
     let torn_key = store.chunk_object_key(&torn);
-    drop(store);
-    std::fs::write(dir.path().join(&torn_key), b"").unwrap();
-    let store = open(dir.path(), Some(key)).await.unwrap();
+    drop((store, reader));
+    let bytes = std::fs::read(dir.path().join(&torn_key)).unwrap();
+    std::fs::write(dir.path().join(&torn_key), &bytes[..bytes.len() / 2]).unwrap();
+    let store = open(dir.path(), Some(&key)).await.unwrap();
     let rec = store.last_recovery().unwrap();
     assert_eq!(rec.chunks_checked, m2.referenced_chunks().len() as u64 + 2);
     assert_eq!(rec.objects_removed, [torn_key]);
@@ -331,4 +510,6 @@ async fn gc_and_recovery_on_an_encrypted_store() {
     assert!(store.has_chunk(good).await.unwrap());
     assert!(!store.has_chunk(torn).await.unwrap());
     assert!(store.verify().await.unwrap().all_ok());
+    let reader = store.with_recovery_key(&key).unwrap();
+    assert_eq!(reader.get_chunk(good).await.unwrap(), texty(9000, 1));
 }

@@ -173,39 +173,66 @@ pub enum StoreError {
         count: u64,
     },
 
-    /// The store is encrypted and was opened without its key.
+    /// The store is encrypted and was opened without its credential.
     #[error(
-        "the replica store is encrypted: opening it needs the store key file exported when \
-         the recovery agent was set up (key id {key_id}); without that key the data cannot be \
-         read"
+        "the replica store is encrypted (key id {key_id}) and was opened without its store \
+         credential: restore the credential file written when the store was created \
+         (DATA/store.credential on the recovery agent)"
     )]
-    KeyRequired {
-        /// Id of the key the store was created with.
+    CredentialRequired {
+        /// Id of the store's recovery key.
         key_id: String,
     },
 
-    /// The store is encrypted with another key than the one given.
+    /// Reading chunk data of an encrypted store needs its recovery key,
+    /// which the recovery agent does not keep.
     #[error(
-        "wrong store key: the replica store is encrypted with key id {expected}, but the key \
-         given has id {got}; use the key file exported when this store was set up"
+        "reading data from the encrypted replica store needs its recovery key (key id \
+         {key_id}), which neither the recovery agent nor the vault keeps: give the recovery \
+         key file exported when the store was created (for a failover: siterec failover \
+         unplanned ITEM --encryption-key FILE)"
+    )]
+    RecoveryKeyRequired {
+        /// Id of the store's recovery key.
+        key_id: String,
+    },
+
+    /// A recovery key or credential of another store was given.
+    #[error(
+        "wrong key: the replica store is encrypted with key id {expected}, but the key given \
+         has id {got}; use the recovery key file exported when this store was created (key \
+         id {expected})"
     )]
     WrongKey {
-        /// Id of the key the store was created with.
+        /// Id of the store's key.
         expected: String,
         /// Id of the key given.
         got: String,
     },
 
-    /// A key was given for a store that is not encrypted.
+    /// A key or credential was given for a store that is not encrypted.
     #[error(
-        "a store key was given, but this replica store is not encrypted (it was created \
-         without a key, and its data is stored in the clear); open it without a key, or \
+        "an encryption key was given, but this replica store is not encrypted (it was created \
+         without encryption, and its data is stored in the clear); open it without a key, or \
          create a new, encrypted store and replicate into it"
     )]
     NotEncrypted,
 
-    /// A store key file cannot be used.
-    #[error("invalid store key file {what}: {reason}")]
+    /// An encrypted store of the retired format version 2 (one symmetric
+    /// key held by the recovery agent).
+    #[error(
+        "this replica store has format version {found}: an encrypted store whose key the \
+         recovery agent held, which this siterec no longer opens; create a new store (an empty \
+         directory, container or bucket, with encryption = true and recovery_key_export in the \
+         agent's [target] section) and enable protection again"
+    )]
+    RetiredVersion {
+        /// The version found.
+        found: u32,
+    },
+
+    /// A recovery key, credential or transport key file cannot be used.
+    #[error("invalid key file {what}: {reason}")]
     InvalidKeyFile {
         /// The file (path), or "key file" when parsing bytes.
         what: String,

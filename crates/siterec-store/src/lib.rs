@@ -49,18 +49,26 @@
 //!
 //! # Encryption at rest
 //!
-//! A store created with [`Store::open_or_create_with_key`] and a
-//! [`StoreKey`] is encrypted (store format version 2, the policy setting
-//! "encrypt data stored"): chunk objects and manifests are sealed with
-//! AES-256-GCM under keys derived from the store key, with the object's
-//! key as associated data, and chunk objects are named by a keyed BLAKE3
-//! of their id, so names reveal nothing about the data. It is transparent
-//! to callers, who keep using plaintext [`ChunkId`]s (use
-//! [`Store::chunk_object_key`] to address a chunk's object). The key is
-//! exported once to a key file ([`StoreKey::write_file`]); an encrypted
-//! store does not open without it ([`StoreError::KeyRequired`],
-//! [`StoreError::WrongKey`]), and a plain store refuses a key
-//! ([`StoreError::NotEncrypted`]). Plain stores are version 1, unchanged.
+//! An encrypted store (store format version 3, the policy setting "encrypt
+//! data stored") is created with [`Store::open_or_create_with_credential`]
+//! and the [`StoreCredential`] of a new [`RecoveryKey`]. The recovery key
+//! (an X25519 private key and the chunk name key) is exported once to a
+//! file the operator keeps ([`RecoveryKey::write_file`]); the recovery
+//! agent keeps only the credential (the public key and the name key).
+//!
+//! Each writer session seals a random AES-256-GCM data key to the public
+//! key (object `keys/<id>`) and encrypts chunks with it; chunk objects are
+//! named by a keyed BLAKE3 of their id, so names reveal nothing; manifests
+//! are encrypted with a key derived from the name key. With the credential
+//! alone the store does everything replication needs — put chunks (delta
+//! chunks included), commit and read manifests, gc, verify integrity
+//! (every chunk object carries a checksum), recover from a crash — but
+//! [`Store::get_chunk`] and [`Store::read_disk`] fail with
+//! [`StoreError::RecoveryKeyRequired`] until the handle is made with
+//! [`Store::with_recovery_key`]. Callers keep using plaintext
+//! [`ChunkId`]s (use [`Store::chunk_object_key`] to address a chunk's
+//! object). A plain store refuses a credential
+//! ([`StoreError::NotEncrypted`]); plain stores are version 1, unchanged.
 //!
 //! A store is owned by one process at a time (one [`Store`] value and its
 //! clones); two processes sharing a directory, container or bucket are not
@@ -125,8 +133,10 @@ pub use chunk::{
 };
 pub use config::{AzureConfig, BackendConfig, S3Config, Secret, open_backend};
 pub use crypt::{
-    ENCRYPTION_ALGORITHM, ENVELOPE_MAGIC, ENVELOPE_OVERHEAD, KEY_FILE_HEADER, NAME_KEY_SCHEME,
-    STORE_KEY_LEN, StoreKey,
+    CREDENTIAL_HEADER, DATA_KEY_MAGIC, DATA_KEYS_PREFIX, ENCRYPTION_ALGORITHM, ENVELOPE_MAGIC,
+    ENVELOPE_OVERHEAD, KEY_LEN, KEY_WRAP_SCHEME, MANIFEST_ENVELOPE_MAGIC, NAME_KEY_SCHEME,
+    RECOVERY_KEY_HEADER, RecoveryKey, StoreCredential, TRANSPORT_KEY_HEADER, TRANSPORT_MAGIC,
+    TransportKey, seal_for_transport,
 };
 pub use error::StoreError;
 pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};
@@ -134,6 +144,6 @@ pub use remote::{AzureBlob, S3};
 pub use store::{
     CHUNK_LAYOUT_V1, DiskBlock, DiskReader, EncryptionInfo, GcReport, PointRef, PointVerify,
     RecoveryReport, STORE_FORMAT_NAME, STORE_FORMAT_VERSION, STORE_FORMAT_VERSION_ENCRYPTED,
-    STORE_FORMAT_VERSION_PLAIN, STORE_INFO_KEY, Store, StoreInfo, UNSYNCED_MARKER_KEY,
-    VerifyReport, chunk_key, manifest_key, parse_chunk_key,
+    STORE_FORMAT_VERSION_PLAIN, STORE_FORMAT_VERSION_RETIRED, STORE_INFO_KEY, Store, StoreInfo,
+    UNSYNCED_MARKER_KEY, VerifyReport, chunk_key, manifest_key, parse_chunk_key,
 };

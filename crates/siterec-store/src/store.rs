@@ -16,7 +16,10 @@ use crate::chunk::{
     CODEC_DELTA, ChunkId, apply_delta, decode_chunk, decode_chunk_unverified, delta_id,
     encode_chunk, is_all_zero, parse_chunk_header, parse_delta, parse_delta_unnamed,
 };
-use crate::crypt::{Cipher, ENCRYPTION_ALGORITHM, NAME_KEY_SCHEME, OpenError, StoreKey};
+use crate::crypt::{
+    self, Cipher, DATA_KEY_ID_LEN, DataKey, ENCRYPTION_ALGORITHM, KEY_WRAP_SCHEME, NAME_KEY_SCHEME,
+    OpenError, RecoveryKey, StoreCredential,
+};
 use crate::error::StoreError;
 use crate::manifest::{DiskManifest, Manifest, validate_name};
 
@@ -24,9 +27,12 @@ use crate::manifest::{DiskManifest, Manifest, validate_name};
 pub const STORE_FORMAT_VERSION: u32 = STORE_FORMAT_VERSION_ENCRYPTED;
 /// The version of stores created without a key (unchanged since 1).
 pub const STORE_FORMAT_VERSION_PLAIN: u32 = 1;
-/// The version of encrypted stores: a version-1 reader must refuse them
-/// rather than misread their objects.
-pub const STORE_FORMAT_VERSION_ENCRYPTED: u32 = 2;
+/// The version of encrypted stores (recovery key held by the operator): a
+/// version-1 reader must refuse them rather than misread their objects.
+pub const STORE_FORMAT_VERSION_ENCRYPTED: u32 = 3;
+/// Encrypted stores of the previous design (one symmetric key the agent
+/// held): refused with [`StoreError::RetiredVersion`].
+pub const STORE_FORMAT_VERSION_RETIRED: u32 = 2;
 /// Key of the store description.
 pub const STORE_INFO_KEY: &str = "store.json";
 /// Key of the marker saying chunks may have been written without a barrier.
@@ -56,19 +62,23 @@ pub struct StoreInfo {
     pub created_at: time::OffsetDateTime,
     /// Where chunks live; [`CHUNK_LAYOUT_V1`].
     pub chunk_layout: String,
-    /// Present exactly in encrypted (version 2) stores.
+    /// Present exactly in encrypted (version 3) stores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<EncryptionInfo>,
 }
 
-/// The `encryption` member of `store.json` (version 2).
+/// The `encryption` member of `store.json` (version 3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionInfo {
-    /// Always `"AES-256-GCM"`.
+    /// Always `"AES-256-GCM"` (chunks and manifests).
     pub algorithm: String,
-    /// [`StoreKey::key_id`] of the store's key.
+    /// How data keys are sealed; always `"X25519-BLAKE3-AES-256-GCM"`.
+    pub key_wrap: String,
+    /// [`RecoveryKey::key_id`] of the store's recovery key.
     pub key_id: String,
+    /// The X25519 public key data keys are sealed to (base64).
+    pub public_key: String,
     /// How chunk object names are derived; always `"blake3-keyed"`.
     pub name_key: String,
 }
@@ -197,8 +207,11 @@ pub struct DiskBlock {
 struct Inner {
     backend: Arc<dyn Backend>,
     info: StoreInfo,
-    /// The keys of an encrypted store; `None` for a plain one.
+    /// The credential's keys of an encrypted store; `None` for a plain one.
     cipher: Option<Cipher>,
+    /// This writer session's data key, created (and its sealed object
+    /// written) before the first chunk is sealed.
+    session_key: Mutex<Option<Arc<DataKey>>>,
     /// Chunk puts, commits, deletes and reads take it shared; gc takes it
     /// exclusively so that it never sweeps a chunk a commit relies on.
     gate: Arc<RwLock<()>>,
@@ -218,6 +231,15 @@ struct Inner {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    /// The recovery key and the data keys it opened, if this handle was
+    /// made by [`Store::with_recovery_key`]; reading chunk data of an
+    /// encrypted store needs it.
+    reader: Option<Arc<Reader>>,
+}
+
+struct Reader {
+    key: RecoveryKey,
+    data_keys: std::sync::Mutex<HashMap<[u8; DATA_KEY_ID_LEN], Arc<DataKey>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -236,35 +258,6 @@ impl Inner {
         match &self.cipher {
             None => chunk_key(id),
             Some(c) => chunk_key(&c.chunk_name(id)),
-        }
-    }
-
-    /// Encrypts an encoded chunk for `object_key` (plain stores: as is).
-    fn seal_chunk(&self, object_key: &str, encoded: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        match &self.cipher {
-            None => Ok(encoded),
-            Some(c) => c.seal_chunk(object_key, &encoded),
-        }
-    }
-
-    /// The encoded chunk inside a stored object (plain stores: as is).
-    /// `id` names the chunk in errors.
-    fn open_chunk(
-        &self,
-        id: ChunkId,
-        object_key: &str,
-        stored: Vec<u8>,
-    ) -> Result<Vec<u8>, StoreError> {
-        match &self.cipher {
-            None => Ok(stored),
-            Some(c) => c.open_chunk(object_key, stored).map_err(|e| match e {
-                OpenError::Newer(found) => StoreError::UnsupportedVersion {
-                    what: format!("encrypted chunk {id}"),
-                    found,
-                    supported: 1,
-                },
-                OpenError::Corrupt(reason) => StoreError::CorruptChunk { id, reason },
-            }),
         }
     }
 
@@ -332,46 +325,48 @@ impl Store {
     /// verified and damaged ones are removed before the store is returned;
     /// see [`Store::last_recovery`].
     ///
-    /// Same as [`Store::open_or_create_with_key`] without a key: refuses an
-    /// encrypted store ([`StoreError::KeyRequired`]).
+    /// Same as [`Store::open_or_create_with_credential`] without a
+    /// credential: refuses an encrypted store
+    /// ([`StoreError::CredentialRequired`]).
     pub async fn open_or_create(backend: Arc<dyn Backend>) -> Result<Store, StoreError> {
-        Store::open_or_create_with_key(backend, None).await
+        Store::open_or_create_with_credential(backend, None).await
     }
 
     /// Opens the store on `backend`, creating it if the backend holds none:
-    /// encrypted with `key` if there is one (store format version 2), else
-    /// plain (version 1).
+    /// encrypted for `credential`'s recovery key if there is one (store
+    /// format version 3), else plain (version 1).
     ///
-    /// An existing store must match: an encrypted store needs its key
-    /// ([`StoreError::KeyRequired`] without one, [`StoreError::WrongKey`]
-    /// with another), and a plain store refuses a key
-    /// ([`StoreError::NotEncrypted`]) so that nobody believes data is
-    /// encrypted when it is not. These checks come before anything is
-    /// written.
+    /// An existing store must match: an encrypted store needs its
+    /// credential ([`StoreError::CredentialRequired`] without one,
+    /// [`StoreError::WrongKey`] with another store's), and a plain store
+    /// refuses one ([`StoreError::NotEncrypted`]) so that nobody believes
+    /// data is encrypted when it is not. These checks come before anything
+    /// is written.
     ///
-    /// Encryption is transparent: callers keep using plaintext
-    /// [`ChunkId`]s and manifests; chunk object names, chunk objects and
-    /// manifests are what `FORMAT.md` describes for version 2.
-    pub async fn open_or_create_with_key(
+    /// With the credential alone the store can do everything replication
+    /// needs (put chunks, commit and read manifests, gc, verify integrity,
+    /// crash recovery); reading chunk data needs
+    /// [`Store::with_recovery_key`].
+    pub async fn open_or_create_with_credential(
         backend: Arc<dyn Backend>,
-        key: Option<StoreKey>,
+        credential: Option<StoreCredential>,
     ) -> Result<Store, StoreError> {
         let info = match backend.get(STORE_INFO_KEY).await? {
             Some(bytes) => {
                 let info = parse_store_info(&bytes)?;
-                match (&info.encryption, &key) {
+                match (&info.encryption, &credential) {
                     (None, None) => {}
                     (None, Some(_)) => return Err(StoreError::NotEncrypted),
                     (Some(e), None) => {
-                        return Err(StoreError::KeyRequired {
+                        return Err(StoreError::CredentialRequired {
                             key_id: e.key_id.clone(),
                         });
                     }
-                    (Some(e), Some(k)) => {
-                        if e.key_id != k.key_id() {
+                    (Some(e), Some(c)) => {
+                        if e.key_id != c.key_id() || e.public_key != c.public_key_base64() {
                             return Err(StoreError::WrongKey {
                                 expected: e.key_id.clone(),
-                                got: k.key_id(),
+                                got: c.key_id(),
                             });
                         }
                     }
@@ -381,16 +376,18 @@ impl Store {
             None => {
                 let info = StoreInfo {
                     format: STORE_FORMAT_NAME.to_string(),
-                    version: if key.is_some() {
+                    version: if credential.is_some() {
                         STORE_FORMAT_VERSION_ENCRYPTED
                     } else {
                         STORE_FORMAT_VERSION_PLAIN
                     },
                     created_at: time::OffsetDateTime::now_utc(),
                     chunk_layout: CHUNK_LAYOUT_V1.to_string(),
-                    encryption: key.as_ref().map(|k| EncryptionInfo {
+                    encryption: credential.as_ref().map(|c| EncryptionInfo {
                         algorithm: ENCRYPTION_ALGORITHM.to_string(),
-                        key_id: k.key_id(),
+                        key_wrap: KEY_WRAP_SCHEME.to_string(),
+                        key_id: c.key_id(),
+                        public_key: c.public_key_base64(),
                         name_key: NAME_KEY_SCHEME.to_string(),
                     }),
                 };
@@ -402,19 +399,20 @@ impl Store {
                 backend.put_durable(STORE_INFO_KEY, json).await?;
                 tracing::info!(
                     backend = %backend.describe(),
-                    encrypted = key.is_some(),
+                    encrypted = credential.is_some(),
                     "created replica store"
                 );
                 info
             }
         };
-        let cipher = key.as_ref().map(Cipher::new).transpose()?;
+        let cipher = credential.as_ref().map(Cipher::new).transpose()?;
         let unsynced = backend.exists(UNSYNCED_MARKER_KEY).await?;
         let store = Store {
             inner: Arc::new(Inner {
                 backend,
                 info,
                 cipher,
+                session_key: Mutex::new(None),
                 gate: Arc::new(RwLock::new(())),
                 commit_lock: Mutex::new(()),
                 unsynced: Mutex::new(unsynced),
@@ -422,12 +420,43 @@ impl Store {
                 writes_done: AtomicU64::new(0),
                 recovery: std::sync::OnceLock::new(),
             }),
+            reader: None,
         };
         if unsynced {
             let report = store.recover_after_crash().await?;
             let _ = store.inner.recovery.set(report);
         }
         Ok(store)
+    }
+
+    /// A handle on the same store that can also read chunk data, with the
+    /// store's recovery key (the key file the operator kept). Refuses a
+    /// plain store ([`StoreError::NotEncrypted`]) and another store's key
+    /// ([`StoreError::WrongKey`]). The key lives only as long as the
+    /// returned handle and its clones.
+    pub fn with_recovery_key(&self, key: &RecoveryKey) -> Result<Store, StoreError> {
+        let Some(cipher) = &self.inner.cipher else {
+            return Err(StoreError::NotEncrypted);
+        };
+        if !key.matches(cipher) {
+            return Err(StoreError::WrongKey {
+                expected: cipher.key_id().to_string(),
+                got: key.key_id(),
+            });
+        }
+        Ok(Store {
+            inner: Arc::clone(&self.inner),
+            reader: Some(Arc::new(Reader {
+                key: key.clone(),
+                data_keys: std::sync::Mutex::new(HashMap::new()),
+            })),
+        })
+    }
+
+    /// Whether this handle can read chunk data: a plain store, or an
+    /// encrypted one opened [with its recovery key](Store::with_recovery_key).
+    pub fn can_read_data(&self) -> bool {
+        self.inner.cipher.is_none() || self.reader.is_some()
     }
 
     /// Opens or creates a store in a local directory.
@@ -451,7 +480,7 @@ impl Store {
         self.inner.cipher.is_some()
     }
 
-    /// The [key id](StoreKey::key_id) of an encrypted store's key.
+    /// The [key id](RecoveryKey::key_id) of an encrypted store's key.
     pub fn key_id(&self) -> Option<String> {
         self.inner.cipher.as_ref().map(|c| c.key_id().to_string())
     }
@@ -517,9 +546,11 @@ impl Store {
     }
 
     /// Reads the chunk object `key` and checks it holds a chunk whose
-    /// object key is `key`, without knowing the chunk's id beforehand (an
-    /// encrypted store's names cannot be inverted). `named` is what the
-    /// name carries, used in errors. Returns the chunk id.
+    /// object key is `key`, without knowing the chunk's id beforehand.
+    /// `named` is what the name carries, used in errors. Returns the chunk
+    /// id (in an encrypted store, `named`: without the recovery key only
+    /// the envelope's checksum can be checked, which is what catches a
+    /// chunk torn by a crash).
     async fn check_chunk_object(&self, key: String, named: ChunkId) -> Result<ChunkId, StoreError> {
         let stored =
             self.inner
@@ -530,11 +561,17 @@ impl Store {
                     id: named,
                     context: format!("object {key} not found"),
                 })?;
-        let inner = Arc::clone(&self.inner);
-        let k = key.clone();
-        let encoded = tokio::task::spawn_blocking(move || inner.open_chunk(named, &k, stored))
+        if self.inner.cipher.is_some() {
+            let k = key.clone();
+            return tokio::task::spawn_blocking(move || {
+                crypt::check_chunk_envelope(&stored)
+                    .map(|_| named)
+                    .map_err(|e| envelope_error(named, &k, e))
+            })
             .await
-            .map_err(StoreError::task)??;
+            .map_err(StoreError::task)?;
+        }
+        let encoded = stored;
         // A delta is checked by rebuilding it on its (verified) base.
         let base = if parse_chunk_header(named, &encoded)?.codec == CODEC_DELTA {
             let delta = parse_delta_unnamed(named, &encoded)?;
@@ -634,7 +671,7 @@ impl Store {
                 });
             }
         }
-        let inner = Arc::clone(&self.inner);
+        let dek = self.session_key().await?;
         let object_key = key.clone();
         let bytes = tokio::task::spawn_blocking(move || {
             if !is_delta {
@@ -643,7 +680,7 @@ impl Store {
                     return Err(StoreError::ZeroChunk { id });
                 }
             }
-            inner.seal_chunk(&object_key, bytes)
+            seal_stored(dek.as_deref(), &object_key, bytes)
         })
         .await
         .map_err(StoreError::task)??;
@@ -659,13 +696,14 @@ impl Store {
         compress: bool,
     ) -> Result<Option<ChunkId>, StoreError> {
         let inner = Arc::clone(&self.inner);
+        let dek = self.session_key().await?;
         let sealed = tokio::task::spawn_blocking(move || {
             if is_all_zero(&plain) {
                 return Ok(None);
             }
             let enc = encode_chunk(&plain, compress);
             let key = inner.object_key(&enc.id);
-            let bytes = inner.seal_chunk(&key, enc.bytes)?;
+            let bytes = seal_stored(dek.as_deref(), &key, enc.bytes)?;
             Ok::<_, StoreError>(Some((enc.id, key, bytes)))
         })
         .await
@@ -743,19 +781,8 @@ impl Store {
 
     async fn get_chunk_unlocked(&self, id: ChunkId) -> Result<Vec<u8>, StoreError> {
         let key = self.inner.object_key(&id);
-        let bytes =
-            self.inner
-                .backend
-                .get(&key)
-                .await?
-                .ok_or_else(|| StoreError::MissingChunk {
-                    id,
-                    context: format!("object {key} not found"),
-                })?;
-        let inner = Arc::clone(&self.inner);
-        let encoded = tokio::task::spawn_blocking(move || inner.open_chunk(id, &key, bytes))
-            .await
-            .map_err(StoreError::task)??;
+        let context = format!("object {key} not found");
+        let encoded = self.fetch_encoded(id, key, context).await?;
         if parse_chunk_header(id, &encoded)?.codec != CODEC_DELTA {
             return tokio::task::spawn_blocking(move || decode_chunk(id, &encoded))
                 .await
@@ -766,18 +793,10 @@ impl Store {
         let delta = parse_delta(id, &encoded)?;
         let base_id = delta.base;
         let base_key = self.inner.object_key(&base_id);
-        let base_bytes =
-            self.inner
-                .backend
-                .get(&base_key)
-                .await?
-                .ok_or_else(|| StoreError::MissingChunk {
-                    id: base_id,
-                    context: format!("the base of delta chunk {id}: object {base_key} not found"),
-                })?;
-        let inner = Arc::clone(&self.inner);
+        let context = format!("the base of delta chunk {id}: object {base_key} not found");
+        let base_encoded = self.fetch_encoded(base_id, base_key, context).await?;
         tokio::task::spawn_blocking(move || {
-            let base = decode_chunk(base_id, &inner.open_chunk(base_id, &base_key, base_bytes)?)?;
+            let base = decode_chunk(base_id, &base_encoded)?;
             let plain = apply_delta(id, &delta, &base)?;
             let actual = ChunkId::of(&plain);
             if actual != delta.target {
@@ -793,6 +812,142 @@ impl Store {
         })
         .await
         .map_err(StoreError::task)?
+    }
+
+    /// The encoded chunk (store format) in chunk `id`'s object: as stored
+    /// in a plain store; decrypted with its data key in an encrypted one,
+    /// which needs the recovery key ([`StoreError::RecoveryKeyRequired`]).
+    async fn fetch_encoded(
+        &self,
+        id: ChunkId,
+        key: String,
+        missing: String,
+    ) -> Result<Vec<u8>, StoreError> {
+        let reader = match (&self.inner.cipher, &self.reader) {
+            (None, _) => None,
+            (Some(c), None) => {
+                return Err(StoreError::RecoveryKeyRequired {
+                    key_id: c.key_id().to_string(),
+                });
+            }
+            (Some(_), Some(r)) => Some(Arc::clone(r)),
+        };
+        let stored = self
+            .inner
+            .backend
+            .get(&key)
+            .await?
+            .ok_or(StoreError::MissingChunk {
+                id,
+                context: missing,
+            })?;
+        let Some(reader) = reader else {
+            return Ok(stored);
+        };
+        let dek_id =
+            crypt::check_chunk_envelope(&stored).map_err(|e| envelope_error(id, &key, e))?;
+        let dek = self.data_key(&reader, id, dek_id).await?;
+        tokio::task::spawn_blocking(move || {
+            crypt::open_chunk(&dek, &key, stored).map_err(|e| envelope_error(id, &key, e))
+        })
+        .await
+        .map_err(StoreError::task)?
+    }
+
+    /// The data key `dek_id` (object `keys/<id>`), opened with the
+    /// recovery key once per handle. `chunk` names the chunk in errors.
+    async fn data_key(
+        &self,
+        reader: &Reader,
+        chunk: ChunkId,
+        dek_id: [u8; DATA_KEY_ID_LEN],
+    ) -> Result<Arc<DataKey>, StoreError> {
+        if let Some(k) = reader
+            .data_keys
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&dek_id).cloned())
+        {
+            return Ok(k);
+        }
+        let object = crypt::data_key_object(&dek_id);
+        let sealed =
+            self.inner
+                .backend
+                .get(&object)
+                .await?
+                .ok_or_else(|| StoreError::CorruptChunk {
+                    id: chunk,
+                    reason: format!("the data key it was sealed with ({object}) is missing"),
+                })?;
+        let dek = DataKey::open(&reader.key, dek_id, &sealed).map_err(|reason| {
+            StoreError::CorruptChunk {
+                id: chunk,
+                reason: format!("the data key {object} cannot be opened: {reason}"),
+            }
+        })?;
+        let dek = Arc::new(dek);
+        if let Ok(mut m) = reader.data_keys.lock() {
+            m.insert(dek_id, Arc::clone(&dek));
+        }
+        Ok(dek)
+    }
+
+    /// This writer session's data key (encrypted stores): generated and its
+    /// sealed object written durably before the first chunk uses it.
+    async fn session_key(&self) -> Result<Option<Arc<DataKey>>, StoreError> {
+        let Some(cipher) = &self.inner.cipher else {
+            return Ok(None);
+        };
+        let mut slot = self.inner.session_key.lock().await;
+        if let Some(k) = &*slot {
+            return Ok(Some(Arc::clone(k)));
+        }
+        let (dek, object, sealed) = DataKey::generate(cipher.public())?;
+        self.inner.backend.put_durable(&object, sealed).await?;
+        let dek = Arc::new(dek);
+        *slot = Some(Arc::clone(&dek));
+        Ok(Some(dek))
+    }
+
+    /// Checks chunk `id` as far as this handle can: with access to the data
+    /// (a plain store, or the recovery key) it is read, decoded and hashed,
+    /// and its length returned; in an encrypted store without the recovery
+    /// key, its envelope's checksum and the presence of its data key are
+    /// checked, and the length is unknown (`None`).
+    pub async fn check_chunk(&self, id: ChunkId) -> Result<Option<usize>, StoreError> {
+        let _g = self.inner.gate.read().await;
+        self.check_chunk_unlocked(id).await
+    }
+
+    async fn check_chunk_unlocked(&self, id: ChunkId) -> Result<Option<usize>, StoreError> {
+        if self.can_read_data() {
+            return self.get_chunk_unlocked(id).await.map(|p| Some(p.len()));
+        }
+        let key = self.inner.object_key(&id);
+        let stored =
+            self.inner
+                .backend
+                .get(&key)
+                .await?
+                .ok_or_else(|| StoreError::MissingChunk {
+                    id,
+                    context: format!("object {key} not found"),
+                })?;
+        let k = key.clone();
+        let dek_id = tokio::task::spawn_blocking(move || {
+            crypt::check_chunk_envelope(&stored).map_err(|e| envelope_error(id, &k, e))
+        })
+        .await
+        .map_err(StoreError::task)??;
+        let object = crypt::data_key_object(&dek_id);
+        if !self.inner.backend.exists(&object).await? {
+            return Err(StoreError::CorruptChunk {
+                id,
+                reason: format!("the data key it was sealed with ({object}) is missing"),
+            });
+        }
+        Ok(None)
     }
 
     /// Commits a recovery point: makes it visible once every chunk it
@@ -1026,8 +1181,9 @@ impl Store {
     /// needs. Chunks shared by several points are read once.
     pub async fn verify(&self) -> Result<VerifyReport, StoreError> {
         let _g = self.inner.gate.read().await;
-        // Per chunk: Ok(plain length) or what is wrong.
-        let mut cache: HashMap<ChunkId, Result<usize, String>> = HashMap::new();
+        // Per chunk: Ok(plain length, if this handle can read data) or what
+        // is wrong.
+        let mut cache: HashMap<ChunkId, Result<Option<usize>, String>> = HashMap::new();
         let mut report = VerifyReport::default();
         for p in self.list_points_unlocked(None).await? {
             let m = match self.read_manifest_unlocked(&p.item, &p.point_id).await {
@@ -1055,9 +1211,8 @@ impl Store {
             let results = map_bounded(todo.clone(), READ_PARALLELISM, move |id| {
                 let this = this.clone();
                 async move {
-                    this.get_chunk_unlocked(id)
+                    this.check_chunk_unlocked(id)
                         .await
-                        .map(|plain| plain.len())
                         .map_err(|e| e.to_string())
                 }
             })
@@ -1070,9 +1225,12 @@ impl Store {
                 for (i, entry) in d.chunks.iter().enumerate() {
                     let Some(id) = entry else { continue };
                     let problem = match cache.get(id) {
-                        Some(Ok(len)) => check_block_len(&d.disk_id, i, d.len_of(i), *id, *len)
-                            .err()
-                            .map(|e| e.to_string()),
+                        Some(Ok(Some(len))) => {
+                            check_block_len(&d.disk_id, i, d.len_of(i), *id, *len)
+                                .err()
+                                .map(|e| e.to_string())
+                        }
+                        Some(Ok(None)) => None,
                         Some(Err(e)) => Some(e.clone()),
                         None => Some(format!("chunk {id} was not checked")),
                     };
@@ -1121,6 +1279,11 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
             supported: STORE_FORMAT_VERSION,
         });
     }
+    if version == u64::from(STORE_FORMAT_VERSION_RETIRED) {
+        return Err(StoreError::RetiredVersion {
+            found: STORE_FORMAT_VERSION_RETIRED,
+        });
+    }
     let info: StoreInfo =
         serde_json::from_value(value).map_err(|e| corrupt(format!("invalid: {e}")))?;
     if info.version == 0 || info.chunk_layout != CHUNK_LAYOUT_V1 {
@@ -1132,11 +1295,15 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
     match (&info.encryption, info.version) {
         (None, STORE_FORMAT_VERSION_PLAIN) => {}
         (Some(e), STORE_FORMAT_VERSION_ENCRYPTED) => {
-            if e.algorithm != ENCRYPTION_ALGORITHM || e.name_key != NAME_KEY_SCHEME {
+            if e.algorithm != ENCRYPTION_ALGORITHM
+                || e.key_wrap != KEY_WRAP_SCHEME
+                || e.name_key != NAME_KEY_SCHEME
+            {
                 return Err(corrupt(format!(
-                    "unknown encryption (algorithm {:?}, nameKey {:?}); this build knows \
-                     {ENCRYPTION_ALGORITHM:?} with {NAME_KEY_SCHEME:?}",
-                    e.algorithm, e.name_key
+                    "unknown encryption (algorithm {:?}, keyWrap {:?}, nameKey {:?}); this \
+                     build knows {ENCRYPTION_ALGORITHM:?} with {KEY_WRAP_SCHEME:?} and \
+                     {NAME_KEY_SCHEME:?}",
+                    e.algorithm, e.key_wrap, e.name_key
                 )));
             }
         }
@@ -1152,6 +1319,30 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
         }
     }
     Ok(info)
+}
+
+/// The encoded chunk to store: as is in a plain store (`dek` is `None`),
+/// else sealed with the session's data key.
+fn seal_stored(
+    dek: Option<&DataKey>,
+    object_key: &str,
+    encoded: Vec<u8>,
+) -> Result<Vec<u8>, StoreError> {
+    match dek {
+        None => Ok(encoded),
+        Some(dek) => crypt::seal_chunk(dek, object_key, &encoded),
+    }
+}
+
+fn envelope_error(id: ChunkId, object_key: &str, e: OpenError) -> StoreError {
+    match e {
+        OpenError::Newer(found) => StoreError::UnsupportedVersion {
+            what: format!("encrypted chunk {id} ({object_key})"),
+            found,
+            supported: 2,
+        },
+        OpenError::Corrupt(reason) => StoreError::CorruptChunk { id, reason },
+    }
 }
 
 fn check_block_len(

@@ -478,7 +478,7 @@ async fn store_json_versions() {
     let path = dir.path().join(STORE_INFO_KEY);
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let original = v.clone();
-    v["version"] = 3.into();
+    v["version"] = 4.into();
     v["new_field"] = "x".into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();
@@ -486,28 +486,38 @@ async fn store_json_versions() {
         matches!(
             err,
             StoreError::UnsupportedVersion {
-                found: 3,
-                supported: 2,
+                found: 4,
+                supported: 3,
                 ..
             }
         ),
         "{err}"
     );
-    // Version 2 means encrypted: without an "encryption" member it is not
-    // a known store, and neither is a version 1 store with one.
+    // Version 2 (the retired encrypted format) is refused with what to do.
     let mut v = original.clone();
     v["version"] = 2.into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = Store::open_local(dir.path()).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::RetiredVersion { found: 2 }),
+        "{err}"
+    );
+    // Version 3 means encrypted: without an "encryption" member it is not
+    // a known store, and neither is a version 1 store with one.
+    let mut v = original.clone();
+    v["version"] = 3.into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();
     assert!(matches!(err, StoreError::CorruptMetadata { .. }), "{err}");
     let mut v = original.clone();
     v["encryption"] = serde_json::json!({
-        "algorithm": "AES-256-GCM", "keyId": "0011223344556677", "nameKey": "blake3-keyed"
+        "algorithm": "AES-256-GCM", "keyWrap": "X25519-BLAKE3-AES-256-GCM",
+        "keyId": "0011223344556677", "publicKey": "AAAA", "nameKey": "blake3-keyed"
     });
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();
     assert!(matches!(err, StoreError::CorruptMetadata { .. }), "{err}");
-    v["version"] = 2.into();
+    v["version"] = 3.into();
     v["encryption"]["algorithm"] = "ROT13".into();
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
     let err = Store::open_local(dir.path()).await.unwrap_err();

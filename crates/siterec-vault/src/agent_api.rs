@@ -140,12 +140,14 @@ async fn heartbeat(
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
-        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, store_encrypted = ?, counters = ? WHERE id = ?",
+        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, store_encrypted = ?, store_key_id = ?, transport_key = ?, counters = ? WHERE id = ?",
     )
     .bind(now)
     .bind(&req.cloud)
     .bind(&req.data_url)
     .bind(req.store_encrypted)
+    .bind(&req.store_key_id)
+    .bind(&req.transport_key)
     .bind(serde_json::to_string(&req.counters).unwrap_or_else(|_| "{}".into()))
     .bind(&agent)
     .execute(&mut *tx)

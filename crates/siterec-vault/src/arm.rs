@@ -820,7 +820,7 @@ async fn enable_protection(
                 StatusCode::BAD_REQUEST,
                 "StoreNotEncrypted",
                 format!(
-                    "policy '{policy}' encrypts data stored, but no agent of recovery cloud {tf}/{tc} keeps an encrypted replica store; set encryption_key in its [target] section"
+                    "policy '{policy}' encrypts data stored, but no agent of recovery cloud {tf}/{tc} keeps an encrypted replica store; set encryption = true and recovery_key_export = PATH in its [target] section"
                 ),
             ));
         }
@@ -958,6 +958,8 @@ async fn unplanned_failover(
             "failoverDirection '{dir}' is not supported yet: only PrimaryToRecovery"
         )));
     }
+    // Before anything is written: a refused key creates no job.
+    let sealed_key = seal_recovery_key(st, &item, p).await?;
     let wanted = p
         .get("providerSpecificDetails")
         .and_then(|d| d.get("recoveryPointId"))
@@ -1001,18 +1003,95 @@ async fn unplanned_failover(
     .bind(&item.name)
     .execute(&mut *tx)
     .await?;
+    let mut input = json!({"item": item.name, "pointId": point});
+    if let Some(sealed) = sealed_key {
+        // Sealed to the recovery agent's transport key; forgotten once the
+        // materialize task is over (see jobs::forget_sealed_key).
+        input["sealedKey"] = sealed.into();
+    }
     let job = create_job(
         &mut tx,
         JobKind::UnplannedFailover,
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-        &json!({"item": item.name, "pointId": point}),
+        &input,
     )
     .await?;
     tx.commit().await?;
     st.wake.notify_one();
     accepted(st, headers, &job)
+}
+
+/// For an item kept in an encrypted replica store: the operator's recovery
+/// key (`providerSpecificDetails.primaryKekCertificatePfx`, base64 of the
+/// recovery key file, as ASR takes a key certificate at failover), checked
+/// against the store's key id and sealed at once to the recovery agent's
+/// transport key. Only the sealed form (`SRKT0001`, base64) is returned:
+/// the vault never writes the key in the clear. `None` for a plain store.
+async fn seal_recovery_key(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<String>> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    let Some(agent) = &item.target_agent_id else {
+        return Ok(None);
+    };
+    let row: Option<(bool, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT store_encrypted, store_key_id, transport_key FROM agents WHERE id = ?",
+    )
+    .bind(agent)
+    .fetch_optional(&st.db)
+    .await?;
+    let Some((true, store_key_id, transport)) = row else {
+        return Ok(None);
+    };
+    let given = p
+        .get("providerSpecificDetails")
+        .and_then(|d| d.get("primaryKekCertificatePfx"))
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let key_id = store_key_id.as_deref().unwrap_or("unknown");
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "EncryptionKeyRequired",
+            format!(
+                "item '{}' is replicated to an encrypted replica store (recovery key id {key_id}): failover needs the recovery key file exported when that store was created. Give it as properties.providerSpecificDetails.primaryKekCertificatePfx (base64 of the file), e.g. siterec failover unplanned {} --encryption-key FILE",
+                item.name, item.name
+            ),
+        ));
+    };
+    let invalid = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "InvalidEncryptionKey", m);
+    let mut bytes = BASE64.decode(given).map_err(|_| {
+        invalid(
+            "primaryKekCertificatePfx is not base64: give the recovery key file encoded in base64"
+                .into(),
+        )
+    })?;
+    let key = siterec_store::RecoveryKey::from_file_bytes(&bytes);
+    let checked = match &key {
+        Err(e) => Err(invalid(format!(
+            "the encryption key given is not a siterec recovery key file: {e}"
+        ))),
+        Ok(k) if store_key_id.as_deref() != Some(k.key_id().as_str()) => Err(invalid(format!(
+            "the recovery key given has key id {}, but item '{}' is stored with key id {key_id}: give the recovery key file exported when that store was created",
+            k.key_id(),
+            item.name
+        ))),
+        Ok(_) => match &transport {
+            None => Err(ApiError::conflict(format!(
+                "recovery agent {agent} has not reported a transport key to seal the recovery key to (it runs an older siterec, or has not been heard from): upgrade or start it, then retry"
+            ))),
+            Some(t) => siterec_store::seal_for_transport(t, &bytes).map_err(|e| {
+                ApiError::conflict(format!(
+                    "the transport key recovery agent {agent} reported cannot be used ({e}): restart the agent, then retry"
+                ))
+            }),
+        },
+    };
+    drop(key);
+    bytes.fill(0);
+    Ok(Some(BASE64.encode(checked?)))
 }
 
 async fn commit_failover(

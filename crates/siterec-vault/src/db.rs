@@ -20,6 +20,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         3,
         include_str!("../migrations/sqlite/0003_store_encryption.sql"),
     ),
+    (
+        4,
+        include_str!("../migrations/sqlite/0004_transport_key.sql"),
+    ),
 ];
 
 pub async fn open(path: &Path) -> anyhow::Result<Db> {

@@ -22,7 +22,7 @@ use crate::AppState;
 use crate::db::now_ms;
 use crate::model::AGENT_ONLINE_MS;
 use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
-use siterec_core::wire::TaskWork;
+use siterec_core::wire::{SealedKey, TaskWork};
 
 type Tx<'a> = Transaction<'a, Sqlite>;
 
@@ -141,6 +141,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
+            forget_sealed_key(&mut tx, job_id).await?;
             tx.commit().await?;
             return Ok(());
         };
@@ -195,6 +196,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                     .execute(&mut *tx)
                     .await?;
                 compensate(&mut tx, kind, &input, &message).await?;
+                forget_sealed_key(&mut tx, job_id).await?;
                 tx.commit().await?;
                 tracing::warn!(job = %job_id, "job failed: {message}");
                 return Ok(());
@@ -464,6 +466,11 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
         item: item.clone(),
         point_id: point,
         formats: vec!["raw".into(), "qcow2".into()],
+        sealed_key: ctx
+            .input
+            .get("sealedKey")
+            .and_then(|v| v.as_str())
+            .map(|s| SealedKey(s.to_string())),
     };
     ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
     let (state, result): (String, Option<String>) =
@@ -474,6 +481,9 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     let result: Value = result
         .and_then(|r| serde_json::from_str(&r).ok())
         .unwrap_or(Value::Null);
+    if state == "Succeeded" || state == "Failed" {
+        forget_sealed_key(tx, ctx.job_id).await?;
+    }
     match state.as_str() {
         "Succeeded" => {
             sqlx::query(
@@ -602,6 +612,26 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
             format!("replica store damage: {}", problems.join("; ")),
         ))
     }
+}
+
+/// Deletes a failover's sealed recovery key from the job's input and from
+/// its agent tasks: once the materialize task is over, or the job has
+/// ended, nothing needs it. (It is sealed to the recovery agent's transport
+/// key; the vault never holds the key in the clear.)
+async fn forget_sealed_key(tx: &mut Tx<'_>, job_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE jobs SET input = json_remove(input, '$.sealedKey') WHERE id = ? AND json_extract(input, '$.sealedKey') IS NOT NULL",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE agent_tasks SET work = json_remove(work, '$.sealedKey') WHERE job_id = ? AND json_extract(work, '$.sealedKey') IS NOT NULL",
+    )
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Inserts an agent task unless it exists (steps are re-run after a restart).
@@ -938,5 +968,80 @@ mod tests {
                 .await
                 .unwrap();
         assert!(out.contains("/x"));
+    }
+
+    /// The sealed recovery key of an encrypted failover reaches the
+    /// materialize task, and is gone from the task and the job once the
+    /// task has its result; a failed job forgets it too.
+    #[tokio::test]
+    async fn a_sealed_recovery_key_lives_only_until_the_materialize_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "UnplannedFailoverInProgress").await;
+        exec(
+            &st,
+            "UPDATE protected_items SET target_agent_id = 'agent-tgt'",
+        )
+        .await;
+        exec(&st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        let sealed = "U1JLVDAwMDE-sealed-box";
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "p1", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let work: String = sqlx::query_scalar("SELECT work FROM agent_tasks")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let task: TaskWork = serde_json::from_str(&work).unwrap();
+        match task {
+            TaskWork::Materialize { sealed_key, .. } => {
+                assert_eq!(sealed_key, Some(SealedKey(sealed.into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{:?}", SealedKey(sealed.into())).contains(sealed));
+        let holds_key = |st: &AppState| {
+            let db = st.db.clone();
+            async move {
+                let inputs: Vec<String> = sqlx::query_scalar("SELECT input FROM jobs")
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
+                let works: Vec<String> = sqlx::query_scalar("SELECT work FROM agent_tasks")
+                    .fetch_all(&db)
+                    .await
+                    .unwrap();
+                inputs.iter().chain(&works).any(|t| t.contains(sealed))
+            }
+        };
+        assert!(holds_key(&st).await);
+        exec(
+            &st,
+            r#"UPDATE agent_tasks SET state = 'Succeeded', result = '{"ok":true,"output":[]}'"#,
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert!(!holds_key(&st).await, "the sealed key outlived its task");
+
+        // A job that fails before its task ends forgets the key as well.
+        exec(
+            &st,
+            "UPDATE protected_items SET state = 'UnplannedFailoverInProgress'",
+        )
+        .await;
+        let job = new_job(
+            &st,
+            JobKind::UnplannedFailover,
+            json!({"item": "i1", "pointId": "gone", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert!(!holds_key(&st).await);
     }
 }

@@ -343,6 +343,11 @@ enum FailoverCmd {
         /// `latest` or a recovery point id.
         #[arg(long, default_value = "latest")]
         point: String,
+        /// The recovery key file exported when the item's encrypted replica
+        /// store was created (required for an item in an encrypted store).
+        /// The vault seals it to the recovery agent for this failover only.
+        #[arg(long, value_name = "FILE")]
+        encryption_key: Option<std::path::PathBuf>,
         #[arg(long)]
         no_wait: bool,
     },
@@ -1018,16 +1023,44 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
     }
 }
 
+/// The recovery key file, base64-encoded as the ARM API takes it
+/// (`primaryKekCertificatePfx`). Checked here so that a wrong file is
+/// named before the vault is asked anything.
+fn read_encryption_key(path: &std::path::Path) -> anyhow::Result<String> {
+    use base64::Engine;
+    let mut bytes = std::fs::read(path)
+        .with_context(|| format!("reading the recovery key file {}", path.display()))?;
+    let parsed = siterec_store::RecoveryKey::from_file_bytes(&bytes).map(drop);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    bytes.fill(0);
+    parsed.with_context(|| {
+        format!(
+            "{} is not a recovery key file (give the file written to recovery_key_export when the encrypted store was created)",
+            path.display()
+        )
+    })?;
+    Ok(encoded)
+}
+
 async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<ExitCode> {
     let api = api(conn).await?;
     match cmd {
         FailoverCmd::Unplanned {
             item,
             point,
+            encryption_key,
             no_wait,
         } => {
+            // Read before anything is asked of the vault.
+            let key = match &encryption_key {
+                Some(path) => Some(read_encryption_key(path)?),
+                None => None,
+            };
             let (rel, _) = api.item_path(&item).await?;
             let mut details = json!({"instanceType": "HyperVReplicaAzure"});
+            if let Some(key) = key {
+                details["primaryKekCertificatePfx"] = key.into();
+            }
             if point != "latest" {
                 details["recoveryPointId"] =
                     format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
