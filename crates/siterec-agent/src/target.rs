@@ -327,6 +327,19 @@ impl Target {
             .await
     }
 
+    /// [`Target::materialize`] of an encrypted store with its recovery key
+    /// in hand (the operator's, as `siterec bench` holds it).
+    pub async fn materialize_with_key(
+        &self,
+        key: &RecoveryKey,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        let store = self.store.with_recovery_key(key)?;
+        self.materialize_from(&store, item, point_id, formats).await
+    }
+
     /// [`Target::materialize`] reading through `store` (a handle with the
     /// recovery key for an encrypted store).
     async fn materialize_from(

@@ -199,9 +199,10 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     // ---- restore the latest point ----
     settle();
     let t = Instant::now();
+    let key = siterec_store::RecoveryKey::read_file(dir.join("siterec/recovery.key"))?;
     let disks = rig
         .target
-        .materialize("bench", &p2, &["raw".to_string()])
+        .materialize_with_key(&key, "bench", &p2, &["raw".to_string()])
         .await?;
     rows.push(Row {
         phase: "restore",
@@ -399,8 +400,20 @@ impl Rig {
         let names = ["127.0.0.1".to_string(), "localhost".to_string()];
         let (csr, key) = siterec_pki::generate_csr(&names)?;
         let cert = ca.sign_csr(&csr, "agent-bench", 1)?;
-        let target =
-            siterec_agent::target::Target::open(&dir.join("store"), dir.join("failover")).await?;
+        // The store is encrypted, as the issue asks of the measure (the
+        // recovery key is written next to it, for the restore).
+        let encryption = siterec_agent::target::StoreEncryption {
+            credential: dir.join("store.credential"),
+            recovery_key_export: dir.join("recovery.key"),
+        };
+        let target = siterec_agent::target::Target::open_backend(
+            Some(&encryption),
+            &siterec_store::BackendConfig::Local {
+                path: dir.join("store"),
+            },
+            dir.join("failover"),
+        )
+        .await?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("https://{}", listener.local_addr()?);
         let tls = siterec_pki::server_config(
