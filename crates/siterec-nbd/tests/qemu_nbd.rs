@@ -12,30 +12,42 @@ use siterec_nbd::{
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
-/// A `qemu-nbd` serving one image on a Unix socket; killed on drop.
+/// A `qemu-nbd` serving one image on a Unix socket (or TCP); killed on drop.
 struct QemuNbd {
     child: Child,
     socket: PathBuf,
+    tcp_port: Option<u16>,
     log: PathBuf,
 }
 
 impl QemuNbd {
     /// Starts `qemu-nbd` on `image` with extra `args` and waits until its
-    /// socket accepts connections.
+    /// Unix socket accepts connections.
     fn spawn(dir: &Path, image: &Path, args: &[&str]) -> QemuNbd {
-        let socket = dir.join(format!(
-            "nbd-{}.sock",
-            image.file_name().unwrap().to_string_lossy()
-        ));
-        let log = dir.join(format!(
-            "qemu-nbd-{}.log",
-            image.file_name().unwrap().to_string_lossy()
-        ));
-        let child = Command::new("qemu-nbd")
-            .arg("--persistent")
-            .arg("--shared=4")
-            .arg("--socket")
-            .arg(&socket)
+        Self::start(dir, image, args, None)
+    }
+
+    /// The same on TCP, on a free port of 127.0.0.1.
+    fn spawn_tcp(dir: &Path, image: &Path, args: &[&str]) -> QemuNbd {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start(dir, image, args, Some(port))
+    }
+
+    fn start(dir: &Path, image: &Path, args: &[&str], tcp_port: Option<u16>) -> QemuNbd {
+        let stem = image.file_name().unwrap().to_string_lossy().into_owned();
+        let socket = dir.join(format!("nbd-{stem}.sock"));
+        let log = dir.join(format!("qemu-nbd-{stem}.log"));
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg("--persistent").arg("--shared=4");
+        match tcp_port {
+            Some(port) => cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()]),
+            None => cmd.arg("--socket").arg(&socket),
+        };
+        let child = cmd
             .args(args)
             .arg(image)
             .stdin(Stdio::null())
@@ -43,7 +55,12 @@ impl QemuNbd {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start qemu-nbd");
-        let mut server = QemuNbd { child, socket, log };
+        let mut server = QemuNbd {
+            child,
+            socket,
+            tcp_port,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = server.child.try_wait().unwrap() {
@@ -52,10 +69,17 @@ impl QemuNbd {
                     std::fs::read_to_string(&server.log).unwrap_or_default()
                 );
             }
-            if std::os::unix::net::UnixStream::connect(&server.socket).is_ok() {
+            let up = match tcp_port {
+                Some(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+                None => std::os::unix::net::UnixStream::connect(&server.socket).is_ok(),
+            };
+            if up {
                 return server;
             }
-            assert!(Instant::now() < deadline, "qemu-nbd socket never appeared");
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd never started listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -435,4 +459,38 @@ async fn errors_are_clear_and_nothing_is_sent_for_bad_requests() {
         .err()
         .expect("must fail");
     assert!(matches!(err, NbdError::Io(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn tcp_connection_reads_and_reports_block_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("tcp.raw");
+    let expected = make_raw(&img, 4 * MIB, &[(MIB, 100_000)]);
+    let server = QemuNbd::spawn_tcp(dir.path(), &img, &["-r", "-f", "raw"]);
+    let port = server.tcp_port.unwrap();
+    let opts = ConnectOptions::new("").meta_context("base:allocation");
+    let mut c = NbdClient::connect_tcp(("127.0.0.1", port), &opts)
+        .await
+        .unwrap();
+    assert_eq!(c.export_size(), 4 * MIB);
+    let got = c.read(MIB - 10, 100_020).await.unwrap();
+    assert!(got == expected[(MIB - 10) as usize..(MIB + 100_010) as usize]);
+    let ctx = c.meta_context_id("base:allocation").unwrap();
+    let extents = c.block_status_range(ctx, 0, 4 * MIB).await.unwrap();
+    // Contiguous over the export, and the written range is data (whether
+    // the rest shows as holes depends on the file system).
+    assert_eq!(extents[0].offset, 0);
+    let last = extents.last().unwrap();
+    assert_eq!(last.offset + last.length, 4 * MIB);
+    assert!(
+        extents
+            .windows(2)
+            .all(|w| w[0].offset + w[0].length == w[1].offset)
+    );
+    let data = extents
+        .iter()
+        .find(|e| e.offset <= MIB && e.offset + e.length > MIB)
+        .unwrap();
+    assert_eq!(data.flags & STATE_HOLE, 0, "{extents:?}");
+    c.disconnect().await.unwrap();
 }
