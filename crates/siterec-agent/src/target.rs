@@ -591,14 +591,22 @@ async fn put_chunk(
 ) -> Result<StatusCode, DataError> {
     t.check_peer(&peer, &item)?;
     let id = parse_id(&item, &id)?;
-    t.remember(&item, id);
-    // A delta's base is needed until the point using the delta commits.
-    if let Ok(Some(base)) = siterec_store::delta_base(id, &body) {
-        t.remember(&item, base);
+    match store_chunk(&t, &item, id, body).await? {
+        true => Ok(StatusCode::CREATED),
+        false => Ok(StatusCode::OK),
     }
-    match t.store.put_encoded_chunk(id, body.to_vec()).await {
-        Ok(true) => Ok(StatusCode::CREATED),
-        Ok(false) => Ok(StatusCode::OK),
+}
+
+/// Stores one uploaded chunk (`PUT chunks/{id}` or one of a batch): keeps
+/// it, and a delta's base, from garbage collection until the item's next
+/// commit. A delta whose base is not here is a 409 `MissingBase`.
+async fn store_chunk(t: &Target, item: &str, id: ChunkId, bytes: Bytes) -> Result<bool, DataError> {
+    t.remember(item, id);
+    if let Ok(Some(base)) = siterec_store::delta_base(id, &bytes) {
+        t.remember(item, base);
+    }
+    match t.store.put_encoded_chunk(id, bytes.to_vec()).await {
+        Ok(new) => Ok(new),
         Err(e @ StoreError::MissingChunk { .. }) => Err(DataError::new(
             StatusCode::CONFLICT,
             "MissingBase",
@@ -608,13 +616,13 @@ async fn put_chunk(
     }
 }
 
+/// Chunks of one batch stored at the same time.
+const BATCH_WRITES: usize = 8;
+
 /// Stores a batch of chunks (see [`crate::batch`]), each as `PUT
 /// chunks/{id}` would; answers how many were new. The chunks before a
 /// failing one stay stored (they are valid; an unreferenced one is
 /// collected later).
-/// Chunks of one batch stored at the same time.
-const BATCH_WRITES: usize = 8;
-
 async fn put_chunk_batch(
     State(t): State<Arc<Target>>,
     Extension(peer): Extension<PeerIdentity>,
@@ -626,18 +634,12 @@ async fn put_chunk_batch(
         .map_err(|m| DataError::new(StatusCode::BAD_REQUEST, "Rejected", m))?;
     // Chunks are stored several at a time: each is a small file write.
     let mut stored = 0u64;
-    let mut set: tokio::task::JoinSet<Result<bool, StoreError>> = tokio::task::JoinSet::new();
-    let mut outcome = |r: Result<Result<bool, StoreError>, tokio::task::JoinError>| match r {
-        Ok(Ok(new)) => {
-            stored += u64::from(new);
+    let mut set: tokio::task::JoinSet<Result<bool, DataError>> = tokio::task::JoinSet::new();
+    let mut outcome = |r: Result<Result<bool, DataError>, tokio::task::JoinError>| match r {
+        Ok(r) => {
+            stored += u64::from(r?);
             Ok(())
         }
-        Ok(Err(e @ StoreError::MissingChunk { .. })) => Err(DataError::new(
-            StatusCode::CONFLICT,
-            "MissingBase",
-            e.to_string(),
-        )),
-        Ok(Err(e)) => Err(DataError::from(e)),
         Err(e) => Err(DataError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "Internal",
@@ -645,19 +647,13 @@ async fn put_chunk_batch(
         )),
     };
     for (id, range) in &chunks {
-        t.remember(&item, *id);
-        let bytes = body.slice(range.clone());
-        if let Ok(Some(base)) = siterec_store::delta_base(*id, &bytes) {
-            t.remember(&item, base);
-        }
         while set.len() >= BATCH_WRITES {
             if let Some(r) = set.join_next().await {
                 outcome(r)?;
             }
         }
-        let store = t.store.clone();
-        let id = *id;
-        set.spawn(async move { store.put_encoded_chunk(id, bytes.to_vec()).await });
+        let (t, item, id, bytes) = (t.clone(), item.clone(), *id, body.slice(range.clone()));
+        set.spawn(async move { store_chunk(&t, &item, id, bytes).await });
     }
     while let Some(r) = set.join_next().await {
         outcome(r)?;
@@ -740,6 +736,81 @@ mod tests {
             }],
             bases: Default::default(),
         }
+    }
+
+    #[tokio::test]
+    async fn chunk_batches_store_each_chunk_or_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
+            .await
+            .unwrap();
+        t.set_sources([("web01".to_string(), "agent-a".to_string())]);
+        let send = |body: Vec<u8>| {
+            put_chunk_batch(
+                State(t.clone()),
+                Extension(PeerIdentity(Some("agent-a".into()))),
+                UrlPath("web01".to_string()),
+                Bytes::from(body),
+            )
+        };
+        let base: Vec<u8> = (0..CS as u32).map(|i| (i % 253) as u8 + 1).collect();
+        let other = vec![b'x'; CS];
+        let mut changed = base.clone();
+        changed[4096..8192].fill(7);
+        let whole = encode_chunk(&base, true);
+        let whole2 = encode_chunk(&other, true);
+        let target = ChunkId::of(&changed);
+        let delta = siterec_store::encode_delta_chunk(
+            target,
+            CS as u32,
+            whole.id,
+            &[(1, &changed[4096..8192])],
+            true,
+        );
+        // Wholes first (their own batch), then the delta on one of them.
+        let ok = send(crate::batch::encode(&[
+            (whole.id, whole.bytes.clone()),
+            (whole2.id, whole2.bytes.clone()),
+        ]))
+        .await
+        .map_err(|e| e.message)
+        .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        send(crate::batch::encode(&[(delta.id, delta.bytes.clone())]))
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
+        assert_eq!(t.store.get_chunk(delta.id).await.unwrap(), changed);
+        assert_eq!(t.store.get_chunk(whole2.id).await.unwrap(), other);
+
+        // A delta on a base the target lacks: 409, the source resyncs.
+        let lost = ChunkId::of(b"never stored");
+        let orphan = siterec_store::encode_delta_chunk(
+            target,
+            CS as u32,
+            lost,
+            &[(1, &changed[4096..8192])],
+            true,
+        );
+        let err = send(crate::batch::encode(&[(orphan.id, orphan.bytes)]))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::CONFLICT, "MissingBase")
+        );
+        // Bytes that are not what their (new) id says, and a damaged
+        // body: 400.
+        let claimed = ChunkId::of(b"some other content");
+        let err = send(crate::batch::encode(&[(claimed, whole.bytes.clone())]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST, "{}", err.message);
+        let mut body = crate::batch::encode(&[(whole.id, whole.bytes)]);
+        body.truncate(body.len() - 1);
+        let err = send(body).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("truncated"), "{}", err.message);
     }
 
     #[tokio::test]
