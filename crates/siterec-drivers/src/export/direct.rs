@@ -60,6 +60,16 @@ pub(crate) struct DirectWriter {
     run_len: usize,
 }
 
+impl std::fmt::Debug for DirectWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectWriter")
+            .field("direct", &self.direct.is_some())
+            .field("run_start", &self.run_start)
+            .field("run_len", &self.run_len)
+            .finish()
+    }
+}
+
 impl DirectWriter {
     /// Wraps `file` (opened for writing at `path`), opening `path` a second
     /// time with `O_DIRECT` if the filesystem allows it.
@@ -127,6 +137,24 @@ impl DirectWriter {
     pub(crate) fn sync_all(&mut self) -> io::Result<()> {
         self.flush()?;
         self.buffered.sync_all()
+    }
+
+    /// Flushes and syncs the file's data.
+    pub(crate) fn sync_data(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.buffered.sync_data()
+    }
+
+    /// Reads back what was written (after flushing the gathered run).
+    pub(crate) fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.flush()?;
+        self.buffered.read_exact_at(buf, offset)
+    }
+
+    /// Sets the file's length (after flushing the gathered run).
+    pub(crate) fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.flush()?;
+        self.buffered.set_len(len)
     }
 }
 

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -288,7 +287,9 @@ fn refcount_layout(used: u64) -> (u64, u64) {
 /// size up to 2 PiB works with a few MiB at most.
 #[derive(Debug)]
 pub struct Qcow2Writer {
-    file: File,
+    /// Data clusters are allocated in order, so they gather into long
+    /// direct writes (see [`direct::DirectWriter`]).
+    file: direct::DirectWriter,
     path: PathBuf,
     virtual_size: u64,
     /// Virtual size recorded in the header: rounded up to 512 bytes, as qemu
@@ -317,7 +318,7 @@ impl Qcow2Writer {
         let header_size = virtual_size.div_ceil(512) * 512;
         let l1_entries = header_size.div_ceil(CLUSTER * L2_ENTRIES);
         let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER).max(1);
-        let file = create_file(path)?;
+        let file = direct::DirectWriter::new(create_file(path)?, path);
         Ok(Qcow2Writer {
             file,
             path: path.to_path_buf(),
@@ -338,9 +339,9 @@ impl Qcow2Writer {
         off
     }
 
-    fn pwrite(&self, data: &[u8], offset: u64) -> Result<(), ExportError> {
+    fn pwrite(&mut self, data: &[u8], offset: u64) -> Result<(), ExportError> {
         self.file
-            .write_all_at(data, offset)
+            .write_at(offset, data)
             .map_err(|e| io_err("writing image", &self.path, e))
     }
 
@@ -353,7 +354,7 @@ impl Qcow2Writer {
             })?;
             let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
             self.file
-                .write_all_at(&bytes, off)
+                .write_at(off, &bytes)
                 .map_err(|e| io_err("writing image", &self.path, e))?;
             *dirty = false;
         }
