@@ -10,9 +10,10 @@
 //!   `disk-<name>` on file node `file-<name>`) on `virtio-blk-pci` devices
 //!   with id `vd-<name>`.
 //! - NICs: `virtio-net-pci` (id `nic-<name>`) on a restricted user-mode
-//!   backend (`net-<name>`); the spec's network is only reported.
+//!   backend (`net-<name>`); the spec's network is only reported
+//!   ([`Vm::query_nics`]).
 //! - Direct kernel boot (`kernel`, `initrd`, `append`).
-//! - QMP ([`qmp::Qmp`], our own): block queries, dirty bitmaps (add,
+//! - QMP ([`qmp::Qmp`], our own): block and NIC queries, dirty bitmaps (add,
 //!   list, clear, remove; persistent ones are stored in qcow2 images when
 //!   QEMU closes them), `query-status`, `quit`.
 //!
@@ -147,6 +148,15 @@ pub struct DirtyBitmap {
     pub recording: bool,
     #[serde(default)]
     pub busy: bool,
+}
+
+/// A NIC as reported: the spec's network and the MAC the guest sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicInfo {
+    pub name: String,
+    pub network: String,
+    /// The spec's MAC, or the one QEMU assigned.
+    pub mac: String,
 }
 
 /// `query-status`.
@@ -392,6 +402,30 @@ impl Vm {
                 file: field("file"),
                 format: field("drv"),
                 dirty_bitmaps,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The spec's NICs with their MACs (`query-rx-filter`), in spec order.
+    pub async fn query_nics(&mut self) -> Result<Vec<NicInfo>, Error> {
+        let mut out = Vec::new();
+        for n in self.spec.nics.clone() {
+            let args = json!({ "name": format!("nic-{}", n.name) });
+            let v = self.qmp.execute("query-rx-filter", Some(args)).await?;
+            let mac = v
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|f| f.get("main-mac"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| Error::BadReply {
+                    command: "query-rx-filter".into(),
+                    detail: format!("no main-mac for nic-{}", n.name),
+                })?;
+            out.push(NicInfo {
+                name: n.name,
+                network: n.network,
+                mac: mac.to_string(),
             });
         }
         Ok(out)

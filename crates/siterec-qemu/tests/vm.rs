@@ -297,6 +297,14 @@ async fn write_guest_dirties_a_persistent_bitmap_stored_in_the_qcow2() {
         .collect();
     assert_eq!(names, ["sr-1"]);
 
+    let events: Vec<String> = vm
+        .qmp()
+        .take_events()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert!(events.iter().any(|e| e == "SHUTDOWN"), "{events:?}");
+
     let (status, killed) = vm.quit(Duration::from_secs(30)).await.unwrap();
     assert!(
         status.success() && !killed,
@@ -338,5 +346,82 @@ async fn qemu_refusing_an_image_reports_its_error() {
         }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("QEMU accepted a broken image"),
+    }
+}
+
+#[tokio::test]
+async fn diskless_vm_reports_nics_and_quits_with_a_comma_in_its_run_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU's option syntax would split an unescaped comma.
+    let run = dir.path().join("run,1 x");
+    let vm_spec = VmSpec {
+        nics: vec![
+            NicSpec {
+                name: "eth0".into(),
+                network: "lan".into(),
+                mac: Some("52:54:00:aa:bb:01".into()),
+            },
+            NicSpec {
+                name: "eth1".into(),
+                network: "backup".into(),
+                mac: None,
+            },
+        ],
+        ..spec(vec![])
+    };
+    let mut vm = Vm::start(vm_spec, &run).await.expect("VM starts");
+    assert!(run.join("qmp.sock").exists());
+    let status = vm.status().await.unwrap();
+    assert!(status.running, "{status:?}");
+    assert!(vm.query_block().await.unwrap().is_empty());
+    let nics = vm.query_nics().await.unwrap();
+    assert_eq!(nics.len(), 2);
+    assert_eq!(
+        (
+            nics[0].name.as_str(),
+            nics[0].network.as_str(),
+            nics[0].mac.as_str()
+        ),
+        ("eth0", "lan", "52:54:00:aa:bb:01")
+    );
+    assert_eq!(
+        (nics[1].name.as_str(), nics[1].network.as_str()),
+        ("eth1", "backup")
+    );
+    assert_eq!(nics[1].mac.len(), 17, "{:?}", nics[1]);
+    assert_ne!(nics[1].mac, nics[0].mac);
+    let pid = vm.pid().expect("running");
+    let (status, killed) = vm.quit(Duration::from_secs(30)).await.unwrap();
+    assert!(
+        status.success() && !killed,
+        "quit: {status} killed={killed}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU still there"
+    );
+}
+
+#[tokio::test]
+async fn dropping_a_vm_kills_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Vm::start(spec(vec![]), &dir.path().join("run"))
+        .await
+        .expect("VM starts");
+    let pid = vm.pid().expect("running");
+    drop(vm);
+    let begun = Instant::now();
+    // Killed, then reaped by tokio in the background: gone or a zombie.
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let gone = state.is_empty() || state.split_whitespace().nth(2) == Some("Z");
+        if gone {
+            break;
+        }
+        assert!(
+            begun.elapsed() < Duration::from_secs(10),
+            "QEMU {pid} lives on: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
