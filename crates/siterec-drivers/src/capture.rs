@@ -739,6 +739,8 @@ struct Batch {
     buf: Vec<u8>,
     len: usize,
     hashes: Vec<BlockHash>,
+    /// Bytes actually read (holes are not).
+    read: u64,
 }
 
 /// What a reader thread hands over for one batch.
@@ -746,6 +748,92 @@ enum BatchResult {
     Ready(Batch),
     /// The file ended before this batch (it shrank during the pass).
     Eof,
+}
+
+/// The data ranges of `file` within `[start, end)` (everything else is a
+/// hole: reads as zeros), from `SEEK_DATA`/`SEEK_HOLE`; `None` where the
+/// file cannot say (block devices, filesystems without it).
+fn data_ranges(file: &File, start: u64, end: u64) -> Option<Vec<std::ops::Range<u64>>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let at = i64::try_from(pos).ok()?;
+        // SAFETY: lseek on a valid descriptor; only the returned offset is
+        // used (every read here is positional, so the file position the
+        // call moves is irrelevant, also across threads).
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data at or after `pos`.
+            return (io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO)).then_some(out);
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return None;
+        }
+        let hole = (hole as u64).min(end);
+        if hole <= data {
+            return None; // not a sane answer: read everything
+        }
+        out.push(data..hole);
+        pos = hole;
+    }
+    Some(out)
+}
+
+/// Reads the batch at `offset` into `buf` and hashes its blocks, reading
+/// only what is not a hole: blocks entirely in holes are all-zero
+/// (`None`) without a read, blocks partly in a hole are zero-filled there
+/// first. A sparse disk image costs only its data. Returns the hashes and
+/// the bytes read.
+fn read_batch(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    chunk: usize,
+) -> io::Result<(Vec<BlockHash>, u64)> {
+    let end = offset + buf.len() as u64;
+    let Some(ranges) = data_ranges(file, offset, end) else {
+        file.read_exact_at(buf, offset)?;
+        return Ok((
+            buf.chunks(chunk).map(hash_block).collect(),
+            buf.len() as u64,
+        ));
+    };
+    let blocks = buf.len().div_ceil(chunk);
+    // Per block: how many of its bytes are data.
+    let mut data_bytes = vec![0usize; blocks];
+    for r in &ranges {
+        let (a, b) = ((r.start - offset) as usize, (r.end - offset) as usize);
+        let mut i = a / chunk;
+        while i < blocks && i * chunk < b {
+            let (s, e) = (i * chunk, ((i + 1) * chunk).min(buf.len()));
+            data_bytes[i] += e.min(b) - s.max(a);
+            i += 1;
+        }
+    }
+    for (i, block) in buf.chunks_mut(chunk).enumerate() {
+        if data_bytes[i] > 0 && data_bytes[i] < block.len() {
+            block.fill(0);
+        }
+    }
+    let mut read = 0;
+    for r in &ranges {
+        let (a, b) = ((r.start - offset) as usize, (r.end - offset) as usize);
+        file.read_exact_at(&mut buf[a..b], r.start)?;
+        read += r.end - r.start;
+    }
+    let hashes = buf
+        .chunks(chunk)
+        .zip(&data_bytes)
+        .map(|(block, &n)| if n == 0 { None } else { hash_block(block) })
+        .collect();
+    Ok((hashes, read))
 }
 
 /// Reads the file in `READ_BATCH` batches and hashes their blocks. Reading
@@ -804,11 +892,12 @@ where
                     let Ok(mut buf) = buf_rx.recv() else { return };
                     let offset = b * batch_bytes;
                     let len = batch_bytes.min(size - offset) as usize;
-                    let out = match file.read_exact_at(&mut buf[..len], offset) {
-                        Ok(()) => Ok(BatchResult::Ready(Batch {
-                            hashes: buf[..len].chunks(chunk as usize).map(hash_block).collect(),
+                    let out = match read_batch(file, &mut buf[..len], offset, chunk as usize) {
+                        Ok((hashes, read)) => Ok(BatchResult::Ready(Batch {
+                            hashes,
                             buf,
                             len,
+                            read,
                         })),
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(BatchResult::Eof),
                         Err(e) => Err(io_err("reading", path, e)),
@@ -841,7 +930,7 @@ where
                     ));
                 }
             };
-            bytes_read += batch.len as u64;
+            bytes_read += batch.read;
             for (block, h) in batch.buf[..batch.len]
                 .chunks(chunk as usize)
                 .zip(batch.hashes)
@@ -863,4 +952,68 @@ where
             bytes_read,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading around holes gives exactly the hashes of reading everything:
+    /// blocks wholly in holes, partly in holes (data not block-aligned),
+    /// full of data, written zeros, and a short last block.
+    #[test]
+    fn reading_around_holes_hashes_like_reading_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let chunk = 64 * 1024;
+        let size = 40 * chunk as u64 + 1000;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(size).unwrap();
+        let pattern = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed) | 1)
+                .collect()
+        };
+        f.write_all_at(&pattern(chunk * 2, 1), 3 * chunk as u64)
+            .unwrap();
+        f.write_all_at(&pattern(100, 2), 10 * chunk as u64 + 500)
+            .unwrap();
+        f.write_all_at(&pattern(5000, 3), 20 * chunk as u64 - 2500)
+            .unwrap();
+        f.write_all_at(&vec![0u8; chunk], 30 * chunk as u64)
+            .unwrap();
+        f.write_all_at(&pattern(10, 4), size - 10).unwrap();
+        f.sync_all().unwrap();
+
+        let expect: Vec<BlockHash> = std::fs::read(&path)
+            .unwrap()
+            .chunks(chunk)
+            .map(hash_block)
+            .collect();
+        let mut buf = vec![0xAAu8; size as usize];
+        let (got, read) = read_batch(&f, &mut buf, 0, chunk).unwrap();
+        assert_eq!(got, expect);
+        assert!(read < size / 2, "holes were read: {read} of {size} bytes");
+        let non_zero = got.iter().filter(|h| h.is_some()).count();
+        assert_eq!(non_zero, 2 + 1 + 2 + 1, "{got:?}");
+        // A batch that starts inside the file, across a partly-data block.
+        let off = 10 * chunk as u64;
+        let mut buf = vec![0x55u8; 12 * chunk];
+        let (got, _) = read_batch(&f, &mut buf, off, chunk).unwrap();
+        assert_eq!(got, expect[10..22]);
+        // The ranges the filesystem reports cover every written byte.
+        let ranges = data_ranges(&f, 0, size).expect("this filesystem reports holes");
+        for (at, len) in [(3 * chunk as u64, 2 * chunk as u64), (size - 10, 10)] {
+            assert!(
+                ranges.iter().any(|r| r.start <= at && at + len <= r.end),
+                "{ranges:?} miss {at}+{len}"
+            );
+        }
+    }
 }
