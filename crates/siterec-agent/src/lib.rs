@@ -210,6 +210,7 @@ pub async fn run(
             cloud: cfg.cloud.clone(),
             machines: inventory(&cfg),
             data_url: data_url.clone(),
+            networks: Vec::new(),
             store_encrypted: target.as_ref().is_some_and(|t| t.store.is_encrypted()),
             store_key_id: target.as_ref().and_then(|t| t.store.key_id()),
             transport_key: target.as_ref().map(|_| transport_public.clone()),
@@ -294,8 +295,10 @@ fn inventory(cfg: &AgentConfig) -> Vec<MachineInfo> {
             }
             MachineInfo {
                 name: m.name.clone(),
-                kind: "PhysicalServer".into(),
+                kind: siterec_core::wire::KIND_PHYSICAL.into(),
                 disks,
+                nics: Vec::new(),
+                vm: None,
                 error,
             }
         })

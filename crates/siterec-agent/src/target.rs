@@ -271,6 +271,9 @@ impl Target {
                 Ok(serde_json::to_value(disks)?)
             }
             TaskWork::Verify => self.verify().await,
+            TaskWork::StartReplica { .. } | TaskWork::RemoveReplica { .. } => {
+                anyhow::bail!("this agent has no compute driver yet: it cannot run replica VMs")
+            }
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;

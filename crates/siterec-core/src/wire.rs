@@ -71,12 +71,82 @@ pub struct DiskInfo {
 #[serde(rename_all = "camelCase")]
 pub struct MachineInfo {
     pub name: String,
-    /// "PhysicalServer" for now.
+    /// [`KIND_PHYSICAL`] or [`KIND_VM`].
     pub kind: String,
     pub disks: Vec<DiskInfo>,
+    /// The machine's NICs, each on a VM network of its site (VMs only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicInfo>,
+    /// What a replica of this VM is made of besides its disks (VMs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmInfo>,
     /// Set when the machine's disks cannot be read (the path is missing...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// `MachineInfo::kind` of a server whose disks are files or block devices.
+pub const KIND_PHYSICAL: &str = "PhysicalServer";
+/// `MachineInfo::kind` of a QEMU/KVM virtual machine the agent manages.
+pub const KIND_VM: &str = "VirtualMachine";
+
+/// A NIC of a protectable VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct NicInfo {
+    /// Stable name within the machine (from the agent config).
+    pub name: String,
+    /// The VM network (of the machine's site) the NIC is connected to.
+    pub network: String,
+    /// The MAC address the guest sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A VM's size and boot settings: what the recovery site needs, besides the
+/// disks, to create the replica VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmInfo {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Direct kernel boot (paths that must exist on the recovery host too);
+    /// without `kernel` the VM boots from its first disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub append: Option<String>,
+}
+
+/// A replica VM's NIC, after network mapping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaNic {
+    /// The source NIC's name.
+    pub name: String,
+    /// The source NIC's MAC (kept, as a failed-over VM keeps its identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The recovery site's VM network to connect to; `None`: an isolated
+    /// network with no route to anything (test failover without a network,
+    /// or a source network without a mapping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// What a `StartReplica` task produced (its output).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStarted {
+    pub vm_name: String,
+    /// The VM's directory on the recovery host (QMP socket, logs, disks).
+    pub run_dir: String,
+    /// The guest's serial console, as a file on the recovery host.
+    pub serial_log: String,
+    pub disks: Vec<MaterializedDisk>,
+    pub nics: Vec<ReplicaNic>,
 }
 
 /// Counters an agent keeps per replicated item (also written to its status file).
@@ -119,6 +189,10 @@ pub struct HeartbeatRequest {
     /// The target role's data endpoint, if this agent keeps a replica store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_url: Option<String>,
+    /// The VM networks of this host (its VMs' networks and the networks
+    /// its compute driver can connect replica VMs to).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
     /// Whether the target role's replica store is encrypted.
     #[serde(default)]
     pub store_encrypted: bool,
@@ -205,6 +279,29 @@ pub enum TaskWork {
     /// Target: re-read every manifest and chunk of the replica store; the
     /// output is the store's verify report.
     Verify,
+    /// Target (compute): create a VM named `vm_name` from a recovery point
+    /// (its disks written as qcow2 images on the recovery host) and start
+    /// it. Idempotent: a VM of that name already started from that point is
+    /// answered as it is. The output is a [`ReplicaStarted`].
+    #[serde(rename_all = "camelCase")]
+    StartReplica {
+        item: String,
+        point_id: String,
+        /// `<machine>` for a failover, `<machine>-test` for a test failover.
+        vm_name: String,
+        /// A test failover's VM (replication of the item goes on).
+        test: bool,
+        vm: VmInfo,
+        /// One per source NIC, in the source's order, networks mapped.
+        nics: Vec<ReplicaNic>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_key: Option<SealedKey>,
+    },
+    /// Target (compute): power off the VM `vm_name` and delete it with
+    /// everything it created (disks, run directory). Idempotent: a VM that
+    /// does not exist is answered ok.
+    #[serde(rename_all = "camelCase")]
+    RemoveReplica { item: String, vm_name: String },
 }
 
 /// A recovery key sealed to an agent's transport key (base64 of an
