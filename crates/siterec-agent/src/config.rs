@@ -8,6 +8,17 @@
 //! name = "web01"
 //! disks = [ { name = "disk0", path = "/var/lib/images/web01.img" } ]
 //!
+//! [[vms]]                        # source role: QEMU/KVM VMs this agent runs and offers
+//! name = "app01"
+//! memory_mib = 512
+//! cpus = 1
+//! disks = [ { name = "vda", path = "/var/lib/images/app01.qcow2", format = "qcow2" } ]
+//! nics = [ { name = "eth0", network = "prod-lan" } ]
+//! kernel = "/boot/vmlinuz"       # optional direct kernel boot (initrd, append)
+//!
+//! [[networks]]                   # VM networks of this host (besides its VMs' own):
+//! name = "recovery-lan"          # what replica VMs can be connected to at failover
+//!
 //! [target]                       # target role: keep a replica store
 //! listen = "127.0.0.1:0"         # data endpoint (TLS, vault-issued certificates)
 //! store = "/srv/siterec/store"   # default: DATA/store
@@ -44,8 +55,22 @@ pub struct AgentConfig {
     pub spool_max_mib: Option<u64>,
     #[serde(default)]
     pub machines: Vec<MachineConfig>,
+    /// QEMU/KVM virtual machines this agent starts, manages and offers.
+    #[serde(default)]
+    pub vms: Vec<siterec_qemu::VmSpec>,
+    /// VM networks of this host, besides those its VMs' NICs are on.
+    #[serde(default)]
+    pub networks: Vec<NetworkConfig>,
     #[serde(default)]
     pub target: Option<TargetConfig>,
+}
+
+/// A VM network of the host. Version 1 connects NICs with QEMU's user-mode
+/// networking; an isolated network (test failover) gets `restrict=on`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -137,10 +162,25 @@ impl AgentConfig {
             }
         }
         let mut names = std::collections::HashSet::new();
+        for v in &self.vms {
+            check_name("vm", &v.name)?;
+            if !names.insert(v.name.to_ascii_lowercase()) {
+                anyhow::bail!("vm '{}' is listed twice", v.name);
+            }
+            if v.disks.is_empty() {
+                anyhow::bail!("vm '{}' has no disks: list at least one", v.name);
+            }
+        }
+        for n in &self.networks {
+            check_name("network", &n.name)?;
+        }
         for m in &self.machines {
             check_name("machine", &m.name)?;
             if !names.insert(m.name.to_ascii_lowercase()) {
-                anyhow::bail!("machine '{}' is listed twice", m.name);
+                anyhow::bail!(
+                    "machine '{}' is listed twice (machines and vms share names)",
+                    m.name
+                );
             }
             if m.disks.is_empty() {
                 anyhow::bail!("machine '{}' has no disks: list at least one", m.name);
@@ -215,5 +255,30 @@ listen = "127.0.0.1:0"
                 .to_string()
                 .contains("upload_streams = 33")
         );
+    }
+}
+
+impl AgentConfig {
+    /// The VM networks this host reports: its `[[networks]]` and those its
+    /// VMs' NICs are on, sorted, once each.
+    pub fn network_names(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .networks
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(
+                self.vms
+                    .iter()
+                    .flat_map(|v| v.nics.iter().map(|n| n.network.clone())),
+            )
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The VM of this name in the config.
+    pub fn vm(&self, name: &str) -> Option<&siterec_qemu::VmSpec> {
+        self.vms.iter().find(|v| v.name == name)
     }
 }

@@ -16,6 +16,7 @@ pub mod spool;
 pub mod target;
 pub mod throttle;
 mod util;
+pub mod vm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -210,7 +211,7 @@ pub async fn run(
             cloud: cfg.cloud.clone(),
             machines: inventory(&cfg),
             data_url: data_url.clone(),
-            networks: Vec::new(),
+            networks: cfg.network_names(),
             store_encrypted: target.as_ref().is_some_and(|t| t.store.is_encrypted()),
             store_key_id: target.as_ref().and_then(|t| t.store.key_id()),
             transport_key: target.as_ref().map(|_| transport_public.clone()),
@@ -268,9 +269,16 @@ pub async fn run(
     Ok(())
 }
 
-/// The machines of the config, with their disks' sizes; a disk that cannot
-/// be opened marks its machine with an error instead of failing the agent.
+/// The machines and VMs of the config, with their disks' sizes; a disk that
+/// cannot be opened marks its machine with an error instead of failing the
+/// agent.
 fn inventory(cfg: &AgentConfig) -> Vec<MachineInfo> {
+    let mut all = physical_inventory(cfg);
+    all.extend(cfg.vms.iter().map(vm::inventory));
+    all
+}
+
+fn physical_inventory(cfg: &AgentConfig) -> Vec<MachineInfo> {
     cfg.machines
         .iter()
         .map(|m| {
