@@ -197,6 +197,31 @@ impl AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// The VM networks this host reports: its `[[networks]]` and those its
+    /// VMs' NICs are on, sorted, once each.
+    pub fn network_names(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .networks
+            .iter()
+            .map(|n| n.name.clone())
+            .chain(
+                self.vms
+                    .iter()
+                    .flat_map(|v| v.nics.iter().map(|n| n.network.clone())),
+            )
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The VM of this name in the config.
+    pub fn vm(&self, name: &str) -> Option<&siterec_qemu::VmSpec> {
+        self.vms.iter().find(|v| v.name == name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,30 +280,5 @@ listen = "127.0.0.1:0"
                 .to_string()
                 .contains("upload_streams = 33")
         );
-    }
-}
-
-impl AgentConfig {
-    /// The VM networks this host reports: its `[[networks]]` and those its
-    /// VMs' NICs are on, sorted, once each.
-    pub fn network_names(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .networks
-            .iter()
-            .map(|n| n.name.clone())
-            .chain(
-                self.vms
-                    .iter()
-                    .flat_map(|v| v.nics.iter().map(|n| n.network.clone())),
-            )
-            .collect();
-        all.sort();
-        all.dedup();
-        all
-    }
-
-    /// The VM of this name in the config.
-    pub fn vm(&self, name: &str) -> Option<&siterec_qemu::VmSpec> {
-        self.vms.iter().find(|v| v.name == name)
     }
 }
