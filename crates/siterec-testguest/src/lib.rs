@@ -62,6 +62,9 @@ pub enum Mode {
     Write,
     /// Check the files against their manifest and the seed.
     Verify,
+    /// Verify when the disk already holds a manifest (a replica booting),
+    /// else write: one kernel command line for a VM and its replica.
+    Auto,
 }
 
 impl Mode {
@@ -69,8 +72,21 @@ impl Mode {
         match self {
             Mode::Write => "write",
             Mode::Verify => "verify",
+            Mode::Auto => "auto",
         }
     }
+}
+
+/// The kernel command line for booting the guest under another driver
+/// (a `VmSpec`): serial console, `mode`, `seed`, the guest's own watchdog
+/// (`timeout_secs`, for the time until its report), and with `stay` the
+/// guest keeps running, idle, after a good report instead of powering off.
+pub fn append(mode: Mode, seed: u64, timeout_secs: u64, stay: bool) -> String {
+    format!(
+        "console=ttyS0 quiet panic=-1 siterec.mode={} siterec.seed={seed} siterec.timeout={timeout_secs} siterec.after={}",
+        mode.as_str(),
+        if stay { "stay" } else { "off" }
+    )
 }
 
 /// The accelerator QEMU runs the guest with.

@@ -128,3 +128,25 @@ fn blank_disk_fails_verify_without_hanging() {
         out.serial_log
     );
 }
+
+#[test]
+fn auto_mode_writes_a_blank_disk_and_verifies_a_written_one() {
+    let guest = build();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = tmp.path().join("auto.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", path(&disk), "64M"]);
+    let out = boot(&guest, &disk, Mode::Auto, SEED, "auto on a blank disk");
+    assert_eq!(
+        out.verdict,
+        Verdict::Wrote(DATA_FILES),
+        "{}",
+        out.serial_log
+    );
+    assert!(out.serial_log.contains("SITEREC-GUEST MODE write"));
+    let out = boot(&guest, &disk, Mode::Auto, SEED, "auto on the written disk");
+    assert!(out.serial_log.contains("SITEREC-GUEST MODE verify"));
+    assert_eq!(out.verdict, Verdict::Ok(DATA_FILES), "{}", out.serial_log);
+    // And a wrong seed is still caught in auto mode.
+    let out = boot(&guest, &disk, Mode::Auto, SEED + 1, "auto, other seed");
+    assert!(matches!(out.verdict, Verdict::Fail(_)), "{:?}", out.verdict);
+}
