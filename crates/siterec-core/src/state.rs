@@ -736,7 +736,11 @@ mod tests {
         );
         assert_eq!(
             allowed_operations(S::Protected, F::TestFailoverCompleted, true),
-            ["UnplannedFailover", "DisableProtection", "TestFailoverCleanup"]
+            [
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailoverCleanup"
+            ]
         );
         assert_eq!(
             allowed_operations(S::FailoverCommitted, F::MarkedForDeletion, true),

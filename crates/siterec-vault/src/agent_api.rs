@@ -137,6 +137,9 @@ async fn heartbeat(
     for m in &req.machines {
         check_name("machine", &m.name)?;
     }
+    for n in &req.networks {
+        check_name("network", n)?;
+    }
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
@@ -195,6 +198,22 @@ async fn heartbeat(
                 .execute(&mut *tx)
                 .await?;
         }
+    }
+    // The host's VM networks: exactly what this heartbeat reports.
+    sqlx::query("DELETE FROM networks WHERE agent_id = ?")
+        .bind(&agent)
+        .execute(&mut *tx)
+        .await?;
+    for n in &req.networks {
+        sqlx::query(
+            "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&fabric)
+        .bind(n)
+        .bind(&agent)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
 
@@ -417,7 +436,18 @@ async fn report_point(
         .into_iter()
         .map(|(id, created_at_ms)| PointAge { id, created_at_ms })
         .collect();
-    let prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
+    let mut prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
+    // The point a test failover is creating its VM from stays until the VM
+    // exists (replication, and so retention, goes on meanwhile); a later
+    // report prunes it.
+    let held: Option<String> = sqlx::query_scalar(
+        "SELECT test_failover_point_id FROM protected_items WHERE name = ? AND test_failover_state = 'TestFailoverInitiated'",
+    )
+    .bind(&item)
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    prune.retain(|p| Some(p) != held.as_ref());
     if !prune.is_empty() {
         for id in &prune {
             sqlx::query("UPDATE recovery_points SET pruned_ms = ? WHERE item = ? AND point_id = ?")

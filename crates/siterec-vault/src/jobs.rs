@@ -21,8 +21,11 @@ use sqlx::{Row, Sqlite, Transaction};
 use crate::AppState;
 use crate::db::now_ms;
 use crate::model::AGENT_ONLINE_MS;
-use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
-use siterec_core::wire::{SealedKey, TaskWork};
+use siterec_core::network::{NicPlan, resolve_nics};
+use siterec_core::state::{
+    ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
+};
+use siterec_core::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
 type Tx<'a> = Transaction<'a, Sqlite>;
 
@@ -51,6 +54,31 @@ pub async fn create_job(
     target_id: &str,
     input: &Value,
 ) -> Result<String, sqlx::Error> {
+    create_job_with_steps(
+        tx,
+        kind,
+        kind.steps(),
+        target_type,
+        target_name,
+        target_id,
+        input,
+    )
+    .await
+}
+
+/// [`create_job`] with step names of the caller's choice (a VM's failover
+/// names its steps differently); the engine runs steps by index, so they
+/// must be as many as the kind's.
+pub async fn create_job_with_steps(
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    steps: &[&str],
+    target_type: &str,
+    target_name: &str,
+    target_id: &str,
+    input: &Value,
+) -> Result<String, sqlx::Error> {
+    debug_assert_eq!(steps.len(), kind.steps().len());
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     sqlx::query(
@@ -65,7 +93,7 @@ pub async fn create_job(
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    for (idx, name) in kind.steps().iter().enumerate() {
+    for (idx, name) in steps.iter().enumerate() {
         sqlx::query(
             "INSERT INTO job_steps (job_id, idx, name, state) VALUES (?, ?, ?, 'NotStarted')",
         )
@@ -156,6 +184,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         }
         let ctx = StepCtx {
             job_id,
+            idx,
             input: &input,
             started_ms: started,
             now_ms: now,
@@ -207,6 +236,8 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
 
 struct StepCtx<'a> {
     job_id: &'a str,
+    /// The step's index.
+    idx: i64,
     input: &'a Value,
     started_ms: i64,
     now_ms: i64,
@@ -299,6 +330,11 @@ async fn run_step(
         // states (the API moved it there): source agents drop it from their
         // next heartbeat's assignments, and late points are refused.
         (JobKind::UnplannedFailover, 1) => Ok(Step::Done),
+        // A VM is created and started at the recovery site; a physical
+        // server's disks are written as images.
+        (JobKind::UnplannedFailover, 2) if ctx.input["vm"] == Value::Bool(true) => {
+            start_replica(ctx, tx, false).await
+        }
         (JobKind::UnplannedFailover, 2) => materialize(ctx, tx).await,
         (JobKind::UnplannedFailover, 3) => {
             let item = ctx.str("item")?;
@@ -329,6 +365,83 @@ async fn run_step(
             Ok(Step::Done)
         }
         (JobKind::VerifyStore, 0) => verify_stores(ctx, tx).await,
+        (JobKind::TestFailover, 0) => test_failover_prereq(ctx, tx).await,
+        (JobKind::TestFailover, 1) => start_replica(ctx, tx, true).await,
+        (JobKind::TestFailover, 2) => {
+            let item = ctx.str("item")?;
+            test_transition(tx, &item, TestAction::Finish).await?;
+            sqlx::query("UPDATE protected_items SET test_failover_ms = ?, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+                .bind(ctx.now_ms)
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::TestFailoverCleanup, 0) => {
+            let item = ctx.str("item")?;
+            Ok(match load_test_state(tx, &item).await? {
+                Some(TestFailoverState::TestFailoverCleanupInitiated | TestFailoverState::None) => {
+                    Step::Done
+                }
+                other => fail(
+                    "InvalidState",
+                    format!(
+                        "item '{item}' is not cleaning up a test failover (test failover state {other:?})"
+                    ),
+                ),
+            })
+        }
+        (JobKind::TestFailoverCleanup, 1) => remove_replica(ctx, tx).await,
+        (JobKind::TestFailoverCleanup, 2) => {
+            let item = ctx.str("item")?;
+            test_transition(tx, &item, TestAction::FinishCleanup).await?;
+            sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::CreateNetworkMapping, 0) => {
+            let (rf, rn) = (ctx.str("recoveryFabric")?, ctx.str("recoveryNetwork")?);
+            let there: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = ? AND name = ?")
+                    .bind(&rf)
+                    .bind(&rn)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            Ok(if there > 0 {
+                Step::Done
+            } else {
+                fail(
+                    "NetworkNotFound",
+                    format!(
+                        "recovery network '{rn}' is no longer reported by any agent of fabric '{rf}'"
+                    ),
+                )
+            })
+        }
+        (JobKind::CreateNetworkMapping, 1) => {
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ?")
+                .bind(ctx.str("fabric")?)
+                .bind(ctx.str("network")?)
+                .bind(ctx.str("name")?)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::DeleteNetworkMapping, 0) => {
+            sqlx::query(
+                "DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+            )
+            .bind(ctx.str("fabric")?)
+            .bind(ctx.str("network")?)
+            .bind(ctx.str("name")?)
+            .execute(&mut **tx)
+            .await?;
+            Ok(Step::Done)
+        }
         (kind, idx) => anyhow::bail!("job kind {kind:?} has no step {idx}"),
     }
 }
@@ -512,23 +625,271 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
                     .unwrap_or("unknown error")
             ),
         )),
-        _ => {
-            let last_seen: Option<i64> =
-                sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
-                    .bind(&agent)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            if ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
+        _ => Ok(agent_gone(ctx, tx, &agent, "failover")
+            .await?
+            .unwrap_or(Step::Wait)),
+    }
+}
+
+async fn test_failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    match load_test_state(tx, &item).await? {
+        Some(
+            TestFailoverState::TestFailoverInitiated | TestFailoverState::TestFailoverCompleted,
+        ) => {}
+        other => {
+            return Ok(fail(
+                "InvalidState",
+                format!("item '{item}' is not in a test failover (test failover state {other:?})"),
+            ));
+        }
+    }
+    let pruned: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
+            .bind(&item)
+            .bind(&point)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match pruned {
+        Some(None) => Step::Done,
+        _ => fail(
+            "RecoveryPointNotFound",
+            format!("recovery point '{point}' of item '{item}' no longer exists"),
+        ),
+    })
+}
+
+/// Fails a step whose agent task has had no answer for 5 minutes while the
+/// agent was not heard from; `None` while it is worth waiting.
+async fn agent_gone(
+    ctx: &StepCtx<'_>,
+    tx: &mut Tx<'_>,
+    agent: &str,
+    what: &str,
+) -> anyhow::Result<Option<Step>> {
+    let last_seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
+        .bind(agent)
+        .fetch_optional(&mut **tx)
+        .await?
+        .flatten();
+    Ok((ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS).then(|| {
+        fail(
+            "RecoveryAgentNotConnected",
+            format!("recovery agent {agent} has not been heard from for 5 minutes; start it and retry the {what}"),
+        )
+    }))
+}
+
+/// Asks the item's recovery agent to create and start a VM from the job's
+/// recovery point (`test`: the test VM of a test failover, beside the
+/// replicating item; else the failed-over VM), and records what it started.
+/// The task is created once, with the NICs resolved then: a test failover
+/// puts every NIC on the network the operator chose (or isolates them), a
+/// failover follows the network mappings, and a NIC left isolated is said
+/// in the step's output.
+async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    let vm_name = ctx.str("vmName")?;
+    let (agent, fabric, machine, target_fabric): (Option<String>, String, String, String) =
+        sqlx::query_as("SELECT target_agent_id, fabric, machine, target_fabric FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    let Some(agent) = agent else {
+        return Ok(fail(
+            "NoRecoveryAgent",
+            format!("item '{item}' has no recovery agent"),
+        ));
+    };
+    let task_id = format!("{}-start-replica", ctx.job_id);
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM agent_tasks WHERE id = ?")
+        .bind(&task_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_none() {
+        let info: Option<String> =
+            sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+                .bind(&fabric)
+                .bind(&machine)
+                .fetch_optional(&mut **tx)
+                .await?;
+        let Some(info) = info.and_then(|i| serde_json::from_str::<MachineInfo>(&i).ok()) else {
+            return Ok(fail(
+                "MachineNotFound",
+                format!(
+                    "machine '{machine}' is no longer reported by fabric '{fabric}': its VM settings (memory, CPUs, NICs) are unknown"
+                ),
+            ));
+        };
+        let Some(vm) = info.vm.clone() else {
+            return Ok(fail(
+                "NotAVirtualMachine",
+                format!(
+                    "machine '{machine}' is not a virtual machine: the recovery site cannot boot it"
+                ),
+            ));
+        };
+        let mappings: std::collections::BTreeMap<String, String> =
+            crate::model::paired_network_mappings(&mut **tx, &fabric)
+                .await?
+                .into_iter()
+                .filter(|(_, (rf, _))| rf.eq_ignore_ascii_case(&target_fabric))
+                .map(|(n, (_, rn))| (n, rn))
+                .collect();
+        let available: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = ?")
+                .bind(&agent)
+                .fetch_all(&mut **tx)
+                .await?;
+        let test_network = ctx.input.get("network").and_then(|n| n.as_str());
+        let plan = match (test, test_network) {
+            (true, Some(n)) => NicPlan::AllTo(n),
+            (true, None) => NicPlan::Isolated,
+            (false, _) => NicPlan::Mapped {
+                mappings: &mappings,
+                available: &available,
+            },
+        };
+        let resolved = resolve_nics(&info.nics, plan);
+        let work = TaskWork::StartReplica {
+            item: item.clone(),
+            point_id: point,
+            vm_name: vm_name.clone(),
+            test,
+            vm,
+            nics: resolved.nics.clone(),
+            sealed_key: ctx
+                .input
+                .get("sealedKey")
+                .and_then(|v| v.as_str())
+                .map(|s| SealedKey(s.to_string())),
+        };
+        ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
+        set_step_output(
+            tx,
+            ctx,
+            &json!({"vmName": vm_name, "agent": agent, "nics": resolved.nics, "notes": resolved.notes}),
+        )
+        .await?;
+    }
+    let (state, result): (String, Option<String>) =
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            .bind(&task_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let result: Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(Value::Null);
+    if state == "Succeeded" || state == "Failed" {
+        forget_sealed_key(tx, ctx.job_id).await?;
+    }
+    let what = if test { "test failover" } else { "failover" };
+    match state.as_str() {
+        "Succeeded" => {
+            let output = result.get("output").cloned().unwrap_or(Value::Null);
+            if let Err(e) = serde_json::from_value::<ReplicaStarted>(output.clone()) {
                 return Ok(fail(
-                    "RecoveryAgentNotConnected",
+                    "StartReplicaFailed",
                     format!(
-                        "recovery agent {agent} has not been heard from for 5 minutes; start it and retry the failover"
+                        "recovery agent {agent} answered the VM start with an output that is not a started replica ({e})"
                     ),
                 ));
             }
-            Ok(Step::Wait)
+            let sql = if test {
+                "UPDATE protected_items SET test_failover_output = ?, updated_ms = ? WHERE name = ?"
+            } else {
+                "UPDATE protected_items SET failover_output = ?, updated_ms = ? WHERE name = ?"
+            };
+            sqlx::query(sql)
+                .bind(output.to_string())
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
         }
+        "Failed" => Ok(fail(
+            "StartReplicaFailed",
+            format!(
+                "the recovery agent could not create and start VM {vm_name}: {}",
+                result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+            ),
+        )),
+        _ => Ok(agent_gone(ctx, tx, &agent, what)
+            .await?
+            .unwrap_or(Step::Wait)),
     }
+}
+
+/// Asks the item's recovery agent to power off and delete the test VM.
+async fn remove_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let vm_name = ctx.str("vmName")?;
+    let agent: Option<String> =
+        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    let Some(agent) = agent else {
+        // No recovery agent was ever chosen: no VM can have been started.
+        set_step_output(
+            tx,
+            ctx,
+            &json!({"notes": ["the item has no recovery agent: no test VM to delete"]}),
+        )
+        .await?;
+        return Ok(Step::Done);
+    };
+    let task_id = format!("{}-remove-replica", ctx.job_id);
+    let work = TaskWork::RemoveReplica {
+        item: item.clone(),
+        vm_name: vm_name.clone(),
+    };
+    ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
+    let (state, result): (String, Option<String>) =
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            .bind(&task_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let result: Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(Value::Null);
+    match state.as_str() {
+        "Succeeded" => Ok(Step::Done),
+        "Failed" => Ok(fail(
+            "RemoveReplicaFailed",
+            format!(
+                "the recovery agent could not power off and delete test VM {vm_name}: {}",
+                result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+            ),
+        )),
+        _ => Ok(agent_gone(ctx, tx, &agent, "test failover cleanup")
+            .await?
+            .unwrap_or(Step::Wait)),
+    }
+}
+
+/// Records what a step wants the operator to know (`job_steps.output`).
+async fn set_step_output(
+    tx: &mut Tx<'_>,
+    ctx: &StepCtx<'_>,
+    output: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE job_steps SET output = ? WHERE job_id = ? AND idx = ?")
+        .bind(output.to_string())
+        .bind(ctx.job_id)
+        .bind(ctx.idx)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Asks every target agent the job names to verify its replica store and
@@ -708,6 +1069,57 @@ fn already_there(state: ProtectionState, action: ItemAction) -> bool {
     )
 }
 
+async fn load_test_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<TestFailoverState>> {
+    let s: Option<String> =
+        sqlx::query_scalar("SELECT test_failover_state FROM protected_items WHERE name = ?")
+            .bind(item)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(s.and_then(|s| TestFailoverState::parse(&s)))
+}
+
+/// Applies a test failover action to the item. Idempotent like
+/// [`transition`]: a step re-run after a crash finds the state it leads to.
+pub async fn test_transition(
+    tx: &mut Tx<'_>,
+    item: &str,
+    action: TestAction,
+) -> anyhow::Result<TestFailoverState> {
+    let Some(protection) = load_state(tx, item).await? else {
+        anyhow::bail!("protected item '{item}' does not exist");
+    };
+    let Some(state) = load_test_state(tx, item).await? else {
+        anyhow::bail!("protected item '{item}' has no readable test failover state");
+    };
+    let next = match state.apply(action, protection) {
+        Ok(next) => next,
+        Err(e) => {
+            use TestAction as A;
+            use TestFailoverState as T;
+            let there = matches!(
+                (state, action),
+                (T::TestFailoverCompleted, A::Finish)
+                    | (T::TestFailoverFailed, A::Fail)
+                    | (T::None, A::FinishCleanup)
+                    | (T::MarkedForDeletion, A::FailCleanup)
+            );
+            if there {
+                return Ok(state);
+            }
+            return Err(e.into());
+        }
+    };
+    sqlx::query(
+        "UPDATE protected_items SET test_failover_state = ?, updated_ms = ? WHERE name = ?",
+    )
+    .bind(next.as_str())
+    .bind(now_ms())
+    .bind(item)
+    .execute(&mut **tx)
+    .await?;
+    Ok(next)
+}
+
 async fn compensate(
     tx: &mut Tx<'_>,
     kind: JobKind,
@@ -726,6 +1138,42 @@ async fn compensate(
             sqlx::query("DELETE FROM container_mappings WHERE fabric = ? AND container = ? AND name = ? AND state = 'Pairing'")
                 .bind(input["fabric"].as_str().unwrap_or_default())
                 .bind(input["container"].as_str().unwrap_or_default())
+                .bind(input["name"].as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::TestFailover | JobKind::TestFailoverCleanup => {
+            // The item goes on replicating: its test failover state says
+            // what failed, and cleanup is what to do next.
+            let action = if kind == JobKind::TestFailover {
+                TestAction::Fail
+            } else {
+                TestAction::FailCleanup
+            };
+            if let Err(e) = test_transition(tx, item, action).await {
+                tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
+            }
+            sqlx::query("UPDATE protected_items SET test_failover_error = ? WHERE name = ?")
+                .bind(message)
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::CreateNetworkMapping => {
+            sqlx::query("DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ? AND state = 'Pairing'")
+                .bind(input["fabric"].as_str().unwrap_or_default())
+                .bind(input["network"].as_str().unwrap_or_default())
+                .bind(input["name"].as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::DeleteNetworkMapping => {
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ? AND state = 'Unpairing'")
+                .bind(input["fabric"].as_str().unwrap_or_default())
+                .bind(input["network"].as_str().unwrap_or_default())
                 .bind(input["name"].as_str().unwrap_or_default())
                 .execute(&mut **tx)
                 .await?;
