@@ -1492,4 +1492,443 @@ mod tests {
         assert_eq!(job_state(&st, &job).await, "Failed");
         assert!(!holds_key(&st).await);
     }
+
+    /// A protected VM `m1` (eth0 on prod-lan with a MAC, eth1 on backup),
+    /// a recovery agent that reports dr-lan and test-net, prod-lan mapped
+    /// to dr-lan, and a recovery point p1.
+    async fn vm_setup(st: &AppState, state: &str, test_state: &str) {
+        protected_setup(st, state).await;
+        exec(st, r#"UPDATE machines SET info = '{"name":"m1","kind":"VirtualMachine","disks":[{"name":"vda","path":"/img/m1.qcow2","sizeBytes":1048576}],"nics":[{"name":"eth0","network":"prod-lan","mac":"52:54:00:00:00:01"},{"name":"eth1","network":"backup"}],"vm":{"memoryMib":256,"cpus":1}}' WHERE name = 'm1'"#).await;
+        exec(
+            st,
+            "UPDATE protected_items SET target_agent_id = 'agent-tgt'",
+        )
+        .await;
+        exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        exec(st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('primary', 'prod-lan', 'agent-src', 0), ('primary', 'backup', 'agent-src', 0), ('recovery', 'dr-lan', 'agent-tgt', 0), ('recovery', 'test-net', 'agent-tgt', 0)").await;
+        exec(st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm-prod', 'recovery', 'dr-lan', 'VmmToVmm', 'Paired', 0)").await;
+        sqlx::query("UPDATE protected_items SET test_failover_state = ?")
+            .bind(test_state)
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    async fn only_task(st: &AppState) -> (String, TaskWork) {
+        let tasks: Vec<(String, String)> = sqlx::query_as("SELECT agent_id, work FROM agent_tasks")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1, "{tasks:?}");
+        (
+            tasks[0].0.clone(),
+            serde_json::from_str(&tasks[0].1).unwrap(),
+        )
+    }
+
+    /// The recovery agent answers its task as an agent does.
+    async fn answer(st: &AppState, result: Value) {
+        let ok = result["ok"] == Value::Bool(true);
+        sqlx::query("UPDATE agent_tasks SET state = ?, result = ?")
+            .bind(if ok { "Succeeded" } else { "Failed" })
+            .bind(result.to_string())
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    fn replica_started(vm: &str, nics: Value) -> Value {
+        json!({"ok": true, "output": {
+            "vmName": vm,
+            "runDir": format!("/srv/failover/vms/{vm}"),
+            "serialLog": format!("/srv/failover/vms/{vm}/serial.log"),
+            "disks": [{"disk": "vda", "format": "qcow2", "path": format!("/srv/failover/vms/{vm}/vda.qcow2"), "sizeBytes": 1048576}],
+            "nics": nics,
+        }})
+    }
+
+    async fn item_col(st: &AppState, col: &str) -> Option<String> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {col} FROM protected_items WHERE name = 'i1'"
+        )))
+        .fetch_one(&st.db)
+        .await
+        .unwrap()
+    }
+
+    async fn step_outputs(st: &AppState, job: &str) -> Vec<Option<String>> {
+        sqlx::query_scalar("SELECT output FROM job_steps WHERE job_id = ? ORDER BY idx")
+            .bind(job)
+            .fetch_all(&st.db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_test_failover_starts_an_isolated_test_vm_and_the_item_keeps_replicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_point_id = 'p1'",
+        )
+        .await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        advance(&st, &job).await.unwrap(); // idempotent: one task only
+        let (agent, work) = only_task(&st).await;
+        assert_eq!(agent, "agent-tgt");
+        match work {
+            TaskWork::StartReplica {
+                item,
+                point_id,
+                vm_name,
+                test,
+                vm,
+                nics,
+                sealed_key,
+            } => {
+                assert_eq!(
+                    (item.as_str(), point_id.as_str(), vm_name.as_str(), test),
+                    ("i1", "p1", "m1-test", true)
+                );
+                assert_eq!((vm.memory_mib, vm.cpus), (256, 1));
+                // No network given: every NIC isolated, names and MACs kept.
+                assert_eq!(nics.len(), 2);
+                assert!(nics.iter().all(|n| n.network.is_none()), "{nics:?}");
+                assert_eq!(nics[0].mac.as_deref(), Some("52:54:00:00:00:01"));
+                assert_eq!(sealed_key, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            steps(&st, &job).await,
+            ["Succeeded", "InProgress", "NotStarted"]
+        );
+        let out = step_outputs(&st, &job).await[1].clone().unwrap();
+        assert!(out.contains("isolated network"), "{out}");
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+
+        answer(
+            &st,
+            replica_started("m1-test", json!([{"name": "eth0"}, {"name": "eth1"}])),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("TestFailoverCompleted")
+        );
+        let out = item_col(&st, "test_failover_output").await.unwrap();
+        assert!(
+            out.contains("/srv/failover/vms/m1-test/serial.log"),
+            "{out}"
+        );
+        let ms: Option<i64> =
+            sqlx::query_scalar("SELECT test_failover_ms FROM protected_items WHERE name = 'i1'")
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert!(ms.is_some());
+
+        // The API shows the test VM where a client can find it, and what
+        // can be done next.
+        let item = crate::model::load_item(&st.db, "i1").await.unwrap();
+        let v = crate::model::item_json(&st.db, &st.info, &item)
+            .await
+            .unwrap();
+        let p = &v["properties"];
+        assert_eq!(p["testFailoverState"], "TestFailoverCompleted");
+        assert_eq!(p["protectedItemType"], "VirtualMachine");
+        assert_eq!(p["providerSpecificDetails"]["testVm"]["name"], "m1-test");
+        assert_eq!(
+            p["providerSpecificDetails"]["testVm"]["runDir"],
+            "/srv/failover/vms/m1-test"
+        );
+        assert_eq!(
+            p["providerSpecificDetails"]["testVm"]["recoveryPointId"],
+            "p1"
+        );
+        let ops: Vec<&str> = p["allowedOperations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        assert!(ops.contains(&"TestFailoverCleanup") && ops.contains(&"UnplannedFailover"));
+        assert!(!ops.contains(&"TestFailover"));
+        let nics = p["providerSpecificDetails"]["vmNics"].as_array().unwrap();
+        assert_eq!(nics[0]["vMNetworkName"], "prod-lan");
+        assert_eq!(nics[0]["macAddress"], "52:54:00:00:00:01");
+        assert!(
+            nics[0]["recoveryVMNetworkId"]
+                .as_str()
+                .unwrap()
+                .ends_with("/replicationFabrics/recovery/replicationNetworks/dr-lan")
+        );
+        assert_eq!(nics[1]["recoveryVMNetworkId"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_test_failover_with_a_network_connects_every_nic_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test", "network": "test-net"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        let TaskWork::StartReplica { nics, .. } = work else {
+            panic!("{work:?}")
+        };
+        let nets: Vec<Option<&str>> = nics.iter().map(|n| n.network.as_deref()).collect();
+        assert_eq!(nets, [Some("test-net"), Some("test-net")]);
+    }
+
+    #[tokio::test]
+    async fn a_vm_fails_over_through_start_replica_with_nics_per_network_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "UnplannedFailoverInProgress", "None").await;
+        // As the API creates it for a VM.
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
+        let job = create_job_with_steps(
+            &mut tx,
+            JobKind::UnplannedFailover,
+            JobKind::UnplannedFailover.vm_steps(),
+            "ProtectionEntity",
+            "i1",
+            "/i1",
+            &json!({"item": "i1", "pointId": "p1", "vm": true, "vmName": "m1"}),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        let TaskWork::StartReplica {
+            vm_name,
+            test,
+            nics,
+            ..
+        } = work
+        else {
+            panic!("no StartReplica: {work:?}")
+        };
+        assert_eq!((vm_name.as_str(), test), ("m1", false));
+        let nets: Vec<Option<&str>> = nics.iter().map(|n| n.network.as_deref()).collect();
+        assert_eq!(nets, [Some("dr-lan"), None]);
+        // The step says why eth1 is isolated.
+        let out = step_outputs(&st, &job).await[2].clone().unwrap();
+        assert!(
+            out.contains("eth1") && out.contains("no network mapping for backup"),
+            "{out}"
+        );
+        let job_view = crate::model::job_json(&st.db, &st.info, &job)
+            .await
+            .unwrap();
+        let step = &job_view["properties"]["tasks"][2];
+        assert_eq!(
+            step["name"],
+            "Create and start the virtual machine at the recovery site"
+        );
+        assert!(
+            step["customDetails"]["notes"][0]
+                .as_str()
+                .unwrap()
+                .contains("eth1")
+        );
+
+        answer(
+            &st,
+            replica_started(
+                "m1",
+                json!([{"name": "eth0", "network": "dr-lan"}, {"name": "eth1"}]),
+            ),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "UnplannedFailoverCompleted");
+        let item = crate::model::load_item(&st.db, "i1").await.unwrap();
+        let v = crate::model::item_json(&st.db, &st.info, &item)
+            .await
+            .unwrap();
+        let d = &v["properties"]["providerSpecificDetails"];
+        // The disk listing works as for a physical server, plus the VM.
+        assert_eq!(
+            d["failoverDisks"][0]["path"],
+            "/srv/failover/vms/m1/vda.qcow2"
+        );
+        assert_eq!(d["failoverVm"]["name"], "m1");
+        assert_eq!(
+            d["failoverVm"]["serialLog"],
+            "/srv/failover/vms/m1/serial.log"
+        );
+    }
+
+    #[tokio::test]
+    async fn cleanup_removes_the_test_vm_and_clears_what_the_item_showed() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverCleanupInitiated").await;
+        exec(&st, r#"UPDATE protected_items SET test_failover_output = '{"vmName":"m1-test","runDir":"/r","serialLog":"/r/s","disks":[],"nics":[]}', test_failover_point_id = 'p1'"#).await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailoverCleanup,
+            json!({"item": "i1", "vmName": "m1-test", "comments": "looked fine"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        advance(&st, &job).await.unwrap();
+        let (agent, work) = only_task(&st).await;
+        assert_eq!(agent, "agent-tgt");
+        assert_eq!(
+            work,
+            TaskWork::RemoveReplica {
+                item: "i1".into(),
+                vm_name: "m1-test".into()
+            }
+        );
+        assert_eq!(job_state(&st, &job).await, "InProgress");
+        answer(&st, json!({"ok": true})).await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(steps(&st, &job).await, ["Succeeded"; 3]);
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("None")
+        );
+        assert_eq!(item_col(&st, "test_failover_output").await, None);
+        assert_eq!(item_col(&st, "test_failover_point_id").await, None);
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn failed_test_failovers_and_cleanups_leave_cleanup_to_do_and_the_item_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        let sealed = "U1JLVDAwMDE-sealed";
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        assert!(
+            matches!(work, TaskWork::StartReplica { sealed_key: Some(ref k), .. } if k.0 == sealed)
+        );
+        answer(
+            &st,
+            json!({"ok": false, "error": "qemu-system-x86_64: no such file"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert_eq!(steps(&st, &job).await, ["Succeeded", "Failed", "Cancelled"]);
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("TestFailoverFailed")
+        );
+        let err = item_col(&st, "test_failover_error").await.unwrap();
+        assert!(err.contains("no such file"), "{err}");
+        // The item is not marked unhealthy by a test.
+        assert_eq!(item_col(&st, "last_error").await, None);
+        // The sealed key is gone from the job and the task.
+        let inputs: Vec<String> = sqlx::query_scalar("SELECT input FROM jobs")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        let works: Vec<String> = sqlx::query_scalar("SELECT work FROM agent_tasks")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        assert!(!inputs.iter().chain(&works).any(|t| t.contains(sealed)));
+
+        // A cleanup the agent cannot do is marked for deletion, to retry.
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_state = 'TestFailoverCleanupInitiated'",
+        )
+        .await;
+        exec(&st, "DELETE FROM agent_tasks").await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailoverCleanup,
+            json!({"item": "i1", "vmName": "m1-test"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        answer(&st, json!({"ok": false, "error": "cannot kill pid 7"})).await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("MarkedForDeletion")
+        );
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn a_network_mapping_is_paired_by_its_job_or_dropped_if_its_network_went_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('recovery', 'dr-lan', 'a', 0)").await;
+        exec(&st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm1', 'recovery', 'dr-lan', 'VmmToVmm', 'Pairing', 0), ('primary', 'gone-lan', 'm2', 'recovery', 'gone', 'VmmToVmm', 'Pairing', 0)").await;
+        let input = |net: &str, name: &str, rn: &str| json!({"fabric": "primary", "network": net, "name": name, "recoveryFabric": "recovery", "recoveryNetwork": rn});
+        let ok_job = new_job(
+            &st,
+            JobKind::CreateNetworkMapping,
+            input("prod-lan", "m1", "dr-lan"),
+        )
+        .await;
+        advance(&st, &ok_job).await.unwrap();
+        assert_eq!(job_state(&st, &ok_job).await, "Succeeded");
+        let bad_job = new_job(
+            &st,
+            JobKind::CreateNetworkMapping,
+            input("gone-lan", "m2", "gone"),
+        )
+        .await;
+        advance(&st, &bad_job).await.unwrap();
+        assert_eq!(job_state(&st, &bad_job).await, "Failed");
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, state FROM network_mappings ORDER BY name")
+                .fetch_all(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(rows, [("m1".to_string(), "Paired".to_string())]);
+
+        // Removal is a job too.
+        exec(&st, "UPDATE network_mappings SET state = 'Unpairing'").await;
+        let del = new_job(
+            &st,
+            JobKind::DeleteNetworkMapping,
+            json!({"fabric": "primary", "network": "prod-lan", "name": "m1"}),
+        )
+        .await;
+        advance(&st, &del).await.unwrap();
+        assert_eq!(job_state(&st, &del).await, "Succeeded");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM network_mappings")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
 }
