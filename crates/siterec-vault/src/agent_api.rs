@@ -478,3 +478,135 @@ async fn report_point(
         json!({"item": item, "pointId": rep.point_id, "pruned": prune}),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AppState, VaultInfo};
+    use std::sync::Arc;
+
+    async fn open(dir: &std::path::Path) -> Shared {
+        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        Arc::new(AppState {
+            db,
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    async fn exec(st: &AppState, sql: &'static str) {
+        sqlx::raw_sql(sql).execute(&st.db).await.unwrap();
+    }
+
+    fn beat(networks: &[&str]) -> HeartbeatRequest {
+        HeartbeatRequest {
+            cloud: "rc".into(),
+            machines: vec![],
+            data_url: None,
+            networks: networks.iter().map(|n| n.to_string()).collect(),
+            store_encrypted: false,
+            store_key_id: None,
+            transport_key: None,
+            counters: Default::default(),
+        }
+    }
+
+    async fn networks(st: &AppState) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT name, agent_id FROM networks ORDER BY name, agent_id")
+            .fetch_all(&st.db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_heartbeat_replaces_the_networks_of_its_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms) VALUES ('a1', 'recovery', 'h1', 'k', '0', 0), ('a2', 'recovery', 'h2', 'k', '0', 0)").await;
+        let me = |id: &str| Extension(PeerIdentity(Some(id.into())));
+        let _ = heartbeat(
+            State(st.clone()),
+            me("a1"),
+            Json(beat(&["dr-lan", "test-net"])),
+        )
+        .await
+        .unwrap();
+        let _ = heartbeat(State(st.clone()), me("a2"), Json(beat(&["dr-lan"])))
+            .await
+            .unwrap();
+        let _ = heartbeat(State(st.clone()), me("a1"), Json(beat(&["dr-lan"])))
+            .await
+            .unwrap();
+        let pair = |n: &str, a: &str| (n.to_string(), a.to_string());
+        assert_eq!(
+            networks(&st).await,
+            [pair("dr-lan", "a1"), pair("dr-lan", "a2")]
+        );
+        // A bad name is refused and changes nothing.
+        let err = heartbeat(State(st.clone()), me("a1"), Json(beat(&["bad name"])))
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+        assert!(err.message.contains("network name"), "{}", err.message);
+        assert_eq!(networks(&st).await.len(), 2);
+    }
+
+    /// Retention goes on during a test failover, but never takes the point
+    /// the test VM is being created from.
+    #[tokio::test]
+    async fn retention_keeps_the_point_a_test_failover_is_starting_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms) VALUES ('agent-src', 'primary', 'h', 'k', '0', 0)").await;
+        exec(&st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm1', 'agent-src', '{"name":"m1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        // Keep the latest point only.
+        exec(&st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplica2012R2","copyFrequencySecs":30,"retention":{"kind":"hours","hours":0},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(&st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, test_failover_state, test_failover_point_id, created_ms, updated_ms) VALUES ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', 'Protected', 'TestFailoverInitiated', 'p1', 0, 0)").await;
+        let now = crate::db::now_ms();
+        let report = |id: &str, t: i64| PointReport {
+            item: "i1".into(),
+            point_id: id.into(),
+            created_at_ms: t,
+            consistency: Consistency::CrashConsistent,
+            bytes_sent: 0,
+            bytes_read: 0,
+        };
+        let me = || Extension(PeerIdentity(Some("agent-src".into())));
+        for (id, t) in [("p1", now - 3000), ("p2", now - 2000), ("p3", now - 1000)] {
+            let _ = report_point(State(st.clone()), me(), Json(report(id, t)))
+                .await
+                .unwrap();
+        }
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT point_id FROM recovery_points WHERE pruned_ms IS NULL ORDER BY point_id",
+        )
+        .fetch_all(&st.db)
+        .await
+        .unwrap();
+        assert_eq!(live, ["p1", "p3"], "p1 is held, p2 was pruned");
+        // Once the test VM exists, the next report lets p1 go.
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted'",
+        )
+        .await;
+        let _ = report_point(State(st.clone()), me(), Json(report("p4", now)))
+            .await
+            .unwrap();
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT point_id FROM recovery_points WHERE pruned_ms IS NULL ORDER BY point_id",
+        )
+        .fetch_all(&st.db)
+        .await
+        .unwrap();
+        assert_eq!(live, ["p4"]);
+    }
+}

@@ -1975,3 +1975,534 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
     };
     ok(serde_json::to_value(key).map_err(|e| ApiError::internal("key file", e))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VaultInfo;
+    use std::sync::Arc;
+
+    async fn open(dir: &std::path::Path) -> Shared {
+        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        let st = Arc::new(AppState {
+            db,
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+        });
+        sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', 0)")
+            .bind(secret_hash("tok"))
+            .execute(&st.db)
+            .await
+            .unwrap();
+        st
+    }
+
+    async fn exec(st: &AppState, sql: &str) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    /// Two sites; a protected VM `vm1` (NIC eth0 on prod-lan) as item
+    /// `i-vm` and a protected physical server `phys1` as item `i-phys`,
+    /// each with a recovery point; networks: primary prod-lan and backup
+    /// (agent-src), recovery dr-lan and test-net (agent-tgt), and other-lan
+    /// on another recovery host.
+    async fn setup(st: &AppState) {
+        let now = now_ms();
+        exec(
+            st,
+            "INSERT INTO fabrics (name, created_ms) VALUES ('primary', 0), ('recovery', 0)",
+        )
+        .await;
+        exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc', 0), ('recovery', 'rc', 0)").await;
+        exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(st, &format!("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-src', 'primary', 'h1', 'k', 'pc', NULL, '0', 0, {now}), ('agent-tgt', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, {now}), ('agent-tgt2', 'recovery', 'h3', 'k', 'rc', 'https://127.0.0.1:3', '0', 0, {now})")).await;
+        exec(st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES
+            ('primary', 'pc', 'vm1', 'agent-src', '{"name":"vm1","kind":"VirtualMachine","disks":[],"nics":[{"name":"eth0","network":"prod-lan","mac":"52:54:00:00:00:09"}],"vm":{"memoryMib":256,"cpus":1}}', 0),
+            ('primary', 'pc', 'phys1', 'agent-src', '{"name":"phys1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        exec(st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('primary', 'prod-lan', 'agent-src', 0), ('primary', 'backup', 'agent-src', 0), ('recovery', 'dr-lan', 'agent-tgt', 0), ('recovery', 'test-net', 'agent-tgt', 0), ('recovery', 'other-lan', 'agent-tgt2', 0)").await;
+        exec(st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, target_agent_id, state, created_ms, updated_ms) VALUES ('i-vm', 'primary', 'pc', 'vm1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0), ('i-phys', 'primary', 'pc', 'phys1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0)").await;
+        exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i-vm', 'p1', 1, 'CrashConsistent', 0, 0, 1), ('i-phys', 'q1', 1, 'CrashConsistent', 0, 0, 1)").await;
+    }
+
+    /// One ARM call as a client makes it: (status, JSON body, job id header).
+    async fn call(
+        st: &Shared,
+        method: Method,
+        rel: &str,
+        body: Value,
+    ) -> (u16, Value, Option<String>) {
+        let uri: Uri = format!("{}/{rel}?api-version=2025-08-01", st.info.id())
+            .parse()
+            .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer tok"));
+        h.insert("host", HeaderValue::from_static("vault.test"));
+        let body = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
+        let resp = match handle(st, &method, &uri, &h, &body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let status = resp.status().as_u16();
+        let job = resp
+            .headers()
+            .get("x-siterec-job-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            job,
+        )
+    }
+
+    async fn count(st: &AppState, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&st.db)
+            .await
+            .unwrap()
+    }
+
+    fn message(v: &Value) -> &str {
+        v["error"]["message"].as_str().unwrap_or_default()
+    }
+
+    const MAP: &str =
+        "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings";
+
+    fn rnet(st: &AppState, fabric: &str, n: &str) -> String {
+        model::network_id(&st.info, fabric, n)
+    }
+
+    #[tokio::test]
+    async fn networks_are_listed_per_fabric_and_vault_wide() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/recovery/replicationNetworks",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200);
+        let names: Vec<&str> = v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        assert_eq!(names, ["dr-lan", "other-lan", "test-net"]);
+        assert_eq!(v["value"][0]["properties"]["agents"][0], "agent-tgt");
+        let (_, all, _) = call(&st, Method::GET, "replicationNetworks", Value::Null).await;
+        assert_eq!(all["value"].as_array().unwrap().len(), 5);
+        let (code, one, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/Recovery/replicationNetworks/DR-LAN",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200);
+        assert_eq!(one["id"], rnet(&st, "recovery", "dr-lan"));
+        let (code, err, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/recovery/replicationNetworks/nope",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 404);
+        assert!(
+            message(&err).contains("network 'nope' is not reported"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_network_mappings_are_refused_naming_the_problem_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let cases = [
+            (
+                "replicationFabrics/primary/replicationNetworks/nope/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                404,
+                "network 'nope' is not reported by any agent of fabric 'primary'",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {}}),
+                400,
+                "recoveryNetworkId is required",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryFabricName": "mars", "recoveryNetworkId": "dr-lan"}}),
+                400,
+                "recovery fabric 'mars' does not exist",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "nowhere")}}),
+                400,
+                "recovery network 'nowhere' is not reported by any agent of fabric 'recovery' (its networks: dr-lan, other-lan, test-net)",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryFabricName": "primary", "recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                400,
+                "disagree",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": "dr-lan"}}),
+                400,
+                "give recoveryFabricName too",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/bad!name",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                400,
+                "not valid",
+            ),
+        ];
+        for (rel, body, status, needle) in cases {
+            let (code, v, _) = call(&st, Method::PUT, rel, body).await;
+            assert_eq!(code, status, "{rel}: {v}");
+            assert!(message(&v).contains(needle), "{rel}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM network_mappings").await, 0);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+
+        // A good one, VmmToVmm by default; a retried PUT answers with its job.
+        let good = json!({"properties": {"recoveryFabricName": "recovery", "recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}});
+        let (code, _, job) = call(&st, Method::PUT, &format!("{MAP}/m1"), good.clone()).await;
+        assert_eq!(code, 202);
+        let (code, _, again) = call(&st, Method::PUT, &format!("{MAP}/m1"), good).await;
+        assert_eq!((code, &again), (202, &job));
+        // One mapping per primary network, and no other target under the same name.
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &format!("{MAP}/m2"),
+            json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "test-net")}}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(
+            message(&v).contains("already mapped to recovery/dr-lan by mapping 'm1'"),
+            "{v}"
+        );
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &format!("{MAP}/m1"),
+            json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "test-net")}}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM network_mappings").await, 1);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 1);
+        let (_, v, _) = call(&st, Method::GET, &format!("{MAP}/m1"), Value::Null).await;
+        let p = &v["properties"];
+        assert_eq!(p["primaryNetworkFriendlyName"], "prod-lan");
+        assert_eq!(p["recoveryNetworkId"], rnet(&st, "recovery", "dr-lan"));
+        assert_eq!(p["recoveryFabricFriendlyName"], "recovery");
+        assert_eq!(p["fabricSpecificSettings"]["instanceType"], "VmmToVmm");
+        assert_eq!(p["state"], "Pairing");
+        // Removing a mapping still being created is refused; an unknown
+        // mapping is already gone.
+        let (code, _, _) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!(code, 409);
+        let (code, _, _) = call(&st, Method::DELETE, &format!("{MAP}/zz"), Value::Null).await;
+        assert_eq!(code, 204);
+        exec(&st, "UPDATE network_mappings SET state = 'Paired'").await;
+        let (code, _, del) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!(code, 202);
+        let (code, _, del2) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!((code, del2), (202, del));
+        let (_, list, _) = call(&st, Method::GET, "replicationNetworkMappings", Value::Null).await;
+        assert_eq!(list["value"][0]["properties"]["state"], "Unpairing");
+    }
+
+    const VM: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm";
+    const PHYS: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-phys";
+
+    #[tokio::test]
+    async fn test_failover_refuses_what_it_cannot_do_and_creates_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let cases = [
+            (
+                PHYS,
+                "testFailover",
+                json!({"properties": {"failoverDirection": "PrimaryToRecovery"}}),
+                400,
+                "only VMs",
+            ),
+            (
+                VM,
+                "testFailoverCleanup",
+                json!({"properties": {"comments": "x"}}),
+                409,
+                "no test failover to clean up",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput"}}),
+                400,
+                "needs networkId",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "Bogus"}}),
+                400,
+                "networkType 'Bogus' is not supported",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "primary", "prod-lan")}}),
+                400,
+                "recovers to fabric 'recovery'",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "recovery", "nowhere")}}),
+                400,
+                "not a network of recovery fabric 'recovery'",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "recovery", "other-lan")}}),
+                400,
+                "not on the host of item 'i-vm''s recovery agent agent-tgt",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"failoverDirection": "RecoveryToPrimary"}}),
+                400,
+                "only PrimaryToRecovery",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "recoveryPointId": "gone"}}}),
+                404,
+                "recovery point 'i-vm/gone' was not found",
+            ),
+            (
+                VM,
+                "testFailoverCleanup",
+                json!({"properties": {"comments": "x".repeat(1025)}}),
+                400,
+                "1024 characters",
+            ),
+        ];
+        for (item, action, body, status, needle) in cases {
+            let (code, v, _) =
+                call(&st, Method::POST, &format!("{item}/{action}"), body.clone()).await;
+            assert_eq!(code, status, "{action} {body}: {v}");
+            assert!(message(&v).contains(needle), "{action}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM protected_items WHERE test_failover_state != 'None' OR state != 'Protected'").await,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn test_failover_is_idempotent_while_it_runs_and_blocks_what_would_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let body = json!({"properties": {
+            "failoverDirection": "PrimaryToRecovery",
+            "networkType": "VmNetworkAsInput",
+            "networkId": rnet(&st, "recovery", "TEST-NET"),
+            "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure"},
+        }});
+        let (code, _, job) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailover"),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(code, 202);
+        let job = job.unwrap();
+        // The SDK retries a POST: the same job answers.
+        let (code, _, again) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailover"),
+            body.clone(),
+        )
+        .await;
+        assert_eq!((code, again.as_deref()), (202, Some(job.as_str())));
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+            .bind(&job)
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let input: Value = serde_json::from_str(&input).unwrap();
+        assert_eq!(input["vmName"], "vm1-test");
+        assert_eq!(input["network"], "test-net");
+        assert_eq!(input["pointId"], "p1");
+        // The item stays Protected; the test failover is visible.
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        assert_eq!(item["properties"]["protectionState"], "Protected");
+        assert_eq!(
+            item["properties"]["testFailoverState"],
+            "TestFailoverInitiated"
+        );
+        assert_eq!(
+            item["properties"]["allowedOperations"],
+            json!(["DisableProtection"])
+        );
+        // No cleanup, and no unplanned failover, while the job runs.
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("wait for its job"), "{v}");
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/unplannedFailover"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("test failover job is running"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 1);
+
+        // Once it completed, another test failover needs a cleanup first.
+        exec(
+            &st,
+            &format!("UPDATE jobs SET state = 'Succeeded' WHERE id = '{job}'"),
+        )
+        .await;
+        exec(&st, "UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted', test_failover_output = '{\"vmName\":\"vm1-test\"}'").await;
+        let (code, v, _) = call(&st, Method::POST, &format!("{VM}/testFailover"), body).await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("clean it up"), "{v}");
+        let (code, _, cleanup) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({"properties": {"comments": "all good"}}),
+        )
+        .await;
+        assert_eq!(code, 202);
+        let (code, _, again) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({}),
+        )
+        .await;
+        assert_eq!((code, again), (202, cleanup.clone()));
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+            .bind(cleanup.unwrap())
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let input: Value = serde_json::from_str(&input).unwrap();
+        assert_eq!(input["vmName"], "vm1-test");
+        assert_eq!(input["comments"], "all good");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 2);
+    }
+
+    #[tokio::test]
+    async fn items_and_protectable_vms_show_their_nics_and_a_physical_server_fails_over_as_before()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let (_, m, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectableItems/vm1",
+            Value::Null,
+        )
+        .await;
+        let d = &m["properties"]["customDetails"];
+        assert_eq!(d["instanceType"], "VirtualMachine");
+        assert_eq!(d["vmNics"][0]["nicId"], "eth0");
+        assert_eq!(d["vmNics"][0]["vMNetworkName"], "prod-lan");
+        assert_eq!(d["vmNics"][0]["macAddress"], "52:54:00:00:00:09");
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        let ops = item["properties"]["allowedOperations"].clone();
+        assert_eq!(
+            ops,
+            json!(["UnplannedFailover", "DisableProtection", "TestFailover"])
+        );
+        let nic = &item["properties"]["providerSpecificDetails"]["vmNics"][0];
+        assert_eq!(nic["recoveryVMNetworkId"], Value::Null);
+        exec(&st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm', 'recovery', 'dr-lan', 'VmmToVmm', 'Paired', 0)").await;
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        let nic = &item["properties"]["providerSpecificDetails"]["vmNics"][0];
+        assert_eq!(nic["recoveryVMNetworkId"], rnet(&st, "recovery", "dr-lan"));
+        let (_, phys, _) = call(&st, Method::GET, PHYS, Value::Null).await;
+        assert_eq!(
+            phys["properties"]["allowedOperations"],
+            json!(["UnplannedFailover", "DisableProtection"])
+        );
+        assert_eq!(phys["properties"]["protectedItemType"], "PhysicalServer");
+
+        // Unplanned failover: a VM's job starts the VM, a physical server's
+        // materializes disks.
+        for (item, vm) in [(VM, true), (PHYS, false)] {
+            let (code, _, job) = call(
+                &st,
+                Method::POST,
+                &format!("{item}/unplannedFailover"),
+                json!({}),
+            )
+            .await;
+            assert_eq!(code, 202);
+            let (input, step): (String, String) = sqlx::query_as(
+                "SELECT j.input, s.name FROM jobs j JOIN job_steps s ON s.job_id = j.id AND s.idx = 2 WHERE j.id = ?",
+            )
+            .bind(job.unwrap())
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+            let input: Value = serde_json::from_str(&input).unwrap();
+            assert_eq!(input["vm"] == Value::Bool(true), vm, "{input}");
+            assert_eq!(step.contains("virtual machine"), vm, "{step}");
+        }
+    }
+}
