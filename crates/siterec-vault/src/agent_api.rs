@@ -137,9 +137,20 @@ async fn heartbeat(
     for m in &req.machines {
         check_name("machine", &m.name)?;
     }
-    for n in &req.networks {
-        check_name("network", n)?;
-    }
+    // A network name that cannot be a resource name is left out (and
+    // logged) rather than failing the heartbeat: the agent's other work
+    // goes on, and a NIC on that network fails over isolated.
+    let networks: Vec<&String> = req
+        .networks
+        .iter()
+        .filter(|n| match check_name("network", n) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(agent = %agent, "network left out: {e}");
+                false
+            }
+        })
+        .collect();
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
@@ -204,7 +215,7 @@ async fn heartbeat(
         .bind(&agent)
         .execute(&mut *tx)
         .await?;
-    for n in &req.networks {
+    for n in networks {
         sqlx::query(
             "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
@@ -550,13 +561,18 @@ mod tests {
             networks(&st).await,
             [pair("dr-lan", "a1"), pair("dr-lan", "a2")]
         );
-        // A bad name is refused and changes nothing.
-        let err = heartbeat(State(st.clone()), me("a1"), Json(beat(&["bad name"])))
-            .await
-            .unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        assert!(err.message.contains("network name"), "{}", err.message);
-        assert_eq!(networks(&st).await.len(), 2);
+        // A name that cannot be a resource name is left out; the rest stays.
+        let _ = heartbeat(
+            State(st.clone()),
+            me("a1"),
+            Json(beat(&["bad name", "dr-lan"])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            networks(&st).await,
+            [pair("dr-lan", "a1"), pair("dr-lan", "a2")]
+        );
     }
 
     /// Retention goes on during a test failover, but never takes the point
