@@ -24,6 +24,7 @@
 //! Not supported yet: other machine types or architectures, bridged or
 //! routed networks, CD-ROMs, firmware choice, hotplug, the guest agent.
 
+pub mod fleece;
 pub mod qmp;
 pub mod spec;
 
@@ -35,6 +36,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
+pub use fleece::{Fleece, FleeceDisk};
 pub use qmp::{Event, Qmp, QmpError};
 pub use spec::{DiskFormat, DiskSpec, NicSpec, SpecError, VmSpec};
 
@@ -148,6 +150,10 @@ pub struct DirtyBitmap {
     pub recording: bool,
     #[serde(default)]
     pub busy: bool,
+    /// A persistent bitmap QEMU could not trust when it loaded it (QEMU
+    /// was not shut down cleanly while the bitmap was in use).
+    #[serde(default)]
+    pub inconsistent: bool,
 }
 
 /// A NIC as reported: the spec's network and the MAC the guest sees.
@@ -431,15 +437,30 @@ impl Vm {
         Ok(out)
     }
 
-    /// The dirty bitmaps on `disk`'s format node.
+    /// The dirty bitmaps on `disk`'s format node. Read from the node
+    /// itself (`query-named-block-nodes`): while a backup job runs, a
+    /// filter sits between the device and the node and `query-block` shows
+    /// the filter.
     pub async fn dirty_bitmaps(&mut self, disk: &str) -> Result<Vec<DirtyBitmap>, Error> {
-        self.node_of(disk)?;
-        let info = self.query_block().await?;
-        Ok(info
-            .into_iter()
-            .find(|b| b.disk == disk)
-            .map(|b| b.dirty_bitmaps)
-            .unwrap_or_default())
+        let node = self.node_of(disk)?;
+        let v = self
+            .qmp
+            .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+            .await?;
+        let entry = v
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))
+            })
+            .ok_or_else(|| Error::BadReply {
+                command: "query-named-block-nodes".into(),
+                detail: format!("no node {node}"),
+            })?;
+        match entry.get("dirty-bitmaps") {
+            Some(b) => parse(b.clone(), "query-named-block-nodes"),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// `block-dirty-bitmap-add` on `disk`'s format node. A persistent
