@@ -179,7 +179,11 @@ pub struct Vm {
     spec: VmSpec,
     run_dir: PathBuf,
     accel: Accel,
-    child: Child,
+    /// QEMU's process when this `Vm` spawned it; `None` when it was
+    /// adopted ([`Vm::adopt`]) from an earlier owner.
+    child: Option<Child>,
+    /// QEMU's pid (from `RUN/qemu.pid`), also for an adopted QEMU.
+    pid: Option<u32>,
     qmp: Qmp,
 }
 
@@ -197,6 +201,7 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
     push(&["-m", &spec.memory_mib.to_string()]);
     push(&["-smp", &spec.cpus.to_string()]);
     push(&["-nodefaults", "-display", "none", "-no-shutdown"]);
+    push(&["-pidfile", &path("qemu.pid")]);
     // QEMU's option syntax doubles commas inside values.
     let qmp = format!(
         "unix:{},server=on,wait=off",
@@ -315,13 +320,54 @@ impl Vm {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let pid = child.id();
         Ok(Vm {
             spec,
             run_dir: run_dir.to_path_buf(),
             accel,
-            child,
+            child: Some(child),
+            pid,
             qmp,
         })
+    }
+
+    /// Takes over a QEMU that an earlier owner (a previous run of the
+    /// agent) started for `spec` in `run_dir` and that still runs: connects
+    /// to its QMP socket. `Ok(None)` when no QEMU answers there. An adopted
+    /// QEMU is not killed when the `Vm` is dropped (it was not before).
+    pub async fn adopt(spec: VmSpec, run_dir: &Path) -> Result<Option<Vm>, Error> {
+        let sock = run_dir.join("qmp.sock");
+        if !sock.exists() {
+            return Ok(None);
+        }
+        let qmp = match Qmp::connect(&sock, QMP_TIMEOUT).await {
+            Ok(q) => q,
+            Err(QmpError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let pid = std::fs::read_to_string(run_dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        Ok(Some(Vm {
+            spec,
+            run_dir: run_dir.to_path_buf(),
+            accel: choose_accel(),
+            child: None,
+            pid,
+            qmp,
+        }))
+    }
+
+    /// The directory of the VM's runtime files.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     pub fn spec(&self) -> &VmSpec {
@@ -339,7 +385,10 @@ impl Vm {
 
     /// QEMU's process id (none once it has been reaped).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.child {
+            Some(c) => c.id(),
+            None => self.pid,
+        }
     }
 
     /// The guest's serial console log.
@@ -516,16 +565,55 @@ impl Vm {
                 return Err(e.into());
             }
         }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => Ok((status.map_err(io_err("waiting for QEMU"))?, false)),
-            Err(_) => Ok((self.kill().await?, true)),
+        match &mut self.child {
+            Some(child) => match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(status) => Ok((status.map_err(io_err("waiting for QEMU"))?, false)),
+                Err(_) => Ok((self.kill().await?, true)),
+            },
+            None => {
+                // Not our child: wait for its pid to go away.
+                let begun = Instant::now();
+                while self.pid.is_some_and(pid_alive) {
+                    if begun.elapsed() > timeout {
+                        return Ok((self.kill().await?, true));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok((ExitStatus::default(), false))
+            }
         }
     }
 
     /// Kills QEMU at once and reaps it.
     pub async fn kill(&mut self) -> Result<ExitStatus, Error> {
-        self.child.start_kill().ok();
-        self.child.wait().await.map_err(io_err("waiting for QEMU"))
+        match &mut self.child {
+            Some(child) => {
+                child.start_kill().ok();
+                child.wait().await.map_err(io_err("waiting for QEMU"))
+            }
+            None => {
+                if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) with a pid read from QEMU's pidfile.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let begun = Instant::now();
+                    while pid_alive(pid as u32) && begun.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Ok(ExitStatus::default())
+            }
+        }
+    }
+}
+
+/// Whether a process with `pid` exists (and is not a zombie we could see).
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses; Z = zombie.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

@@ -184,3 +184,55 @@ async fn views_hold_still_while_the_guest_writes_and_bitmaps_say_what_changed() 
         .unwrap_or_default();
     assert_eq!(names, vec!["act"]);
 }
+
+#[tokio::test]
+async fn a_qemu_left_running_by_an_earlier_owner_is_adopted_and_keeps_its_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("vda.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        disk.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
+    let run = dir.path().join("run");
+    assert!(
+        Vm::adopt(spec(&disk), &run).await.unwrap().is_none(),
+        "nothing to adopt yet"
+    );
+    std::fs::create_dir_all(&run).unwrap();
+    // An earlier owner started QEMU and died without stopping it.
+    let args = siterec_qemu::qemu_args(&spec(&disk), &run, siterec_qemu::choose_accel());
+    let mut orphan = std::process::Command::new("qemu-system-x86_64")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let begun = std::time::Instant::now();
+    let mut vm = loop {
+        if let Some(vm) = Vm::adopt(spec(&disk), &run).await.unwrap() {
+            break vm;
+        }
+        assert!(begun.elapsed().as_secs() < 30, "QEMU did not come up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(vm.pid(), Some(orphan.id()));
+    vm.add_dirty_bitmap("vda", "act", true).await.unwrap();
+    guest_write(&mut vm, 1, 0, MIB).await;
+    drop(vm); // the owner dies again; QEMU goes on
+    let mut vm = Vm::adopt(spec(&disk), &run)
+        .await
+        .unwrap()
+        .expect("still running");
+    let bitmaps = vm.dirty_bitmaps("vda").await.unwrap();
+    assert_eq!(bitmaps.len(), 1);
+    assert_eq!(bitmaps[0].count, MIB);
+    let (_, killed) = vm.quit(std::time::Duration::from_secs(10)).await.unwrap();
+    assert!(!killed);
+    let status = orphan.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
