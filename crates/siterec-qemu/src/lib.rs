@@ -5,7 +5,8 @@
 //! - x86_64 `q35` machines, KVM when `/dev/kvm` opens and the CPU shows
 //!   `vmx`/`svm`, else TCG; no display, no default devices; the guest's
 //!   first serial port goes to `RUN/serial.log`, QEMU's own messages to
-//!   `RUN/qemu.log`, QMP listens on `RUN/qmp.sock`.
+//!   `RUN/qemu.log`, QMP listens on `RUN/qmp.sock` (the driver's) and
+//!   `RUN/admin.sock` (the operator's); QEMU's pid is in `RUN/qemu.pid`.
 //! - Disks: qcow2 or raw image files as `-blockdev` (format node
 //!   `disk-<name>` on file node `file-<name>`) on `virtio-blk-pci` devices
 //!   with id `vd-<name>`.
@@ -208,6 +209,13 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
         path("qmp.sock").replace(',', ",,")
     );
     push(&["-qmp", &qmp]);
+    // A second QMP monitor for the operator (siterec never uses it): QMP
+    // serves one client at a time and the driver holds `qmp.sock`.
+    let admin = format!(
+        "unix:{},server=on,wait=off",
+        path("admin.sock").replace(',', ",,")
+    );
+    push(&["-qmp", &admin]);
     push(&["-serial", &format!("file:{}", path("serial.log"))]);
     for d in &spec.disks {
         // JSON syntax: no escaping of the path needed.
