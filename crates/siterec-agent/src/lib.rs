@@ -8,6 +8,7 @@
 //! points from source agents, and materializes recovery points on failover.
 
 pub mod batch;
+pub mod compute;
 pub mod config;
 pub mod identity;
 pub mod pages;

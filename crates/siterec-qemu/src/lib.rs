@@ -10,9 +10,9 @@
 //! - Disks: qcow2 or raw image files as `-blockdev` (format node
 //!   `disk-<name>` on file node `file-<name>`) on `virtio-blk-pci` devices
 //!   with id `vd-<name>`.
-//! - NICs: `virtio-net-pci` (id `nic-<name>`) on a restricted user-mode
-//!   backend (`net-<name>`); the spec's network is only reported
-//!   ([`Vm::query_nics`]).
+//! - NICs: `virtio-net-pci` (id `nic-<name>`) on a user-mode backend
+//!   (`net-<name>`), restricted (`restrict=on`: no route anywhere) for an
+//!   isolated NIC; the spec's network is a name ([`Vm::query_nics`]).
 //! - Direct kernel boot (`kernel`, `initrd`, `append`).
 //! - QMP ([`qmp::Qmp`], our own): block and NIC queries, dirty bitmaps (add,
 //!   list, clear, remove; persistent ones are stored in qcow2 images when
@@ -237,7 +237,11 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
         push(&["-device", &device.to_string()]);
     }
     for n in &spec.nics {
-        push(&["-netdev", &format!("user,id=net-{},restrict=on", n.name)]);
+        let mut netdev = format!("user,id=net-{}", n.name);
+        if n.isolated {
+            netdev.push_str(",restrict=on");
+        }
+        push(&["-netdev", &netdev]);
         let mut device = format!("virtio-net-pci,netdev=net-{0},id=nic-{0}", n.name);
         if let Some(mac) = &n.mac {
             device.push_str(&format!(",mac={mac}"));
