@@ -74,7 +74,11 @@ async fn run(cmd: &str, args: &[&str]) -> Output {
 
 async fn run_ok(cmd: &str, args: &[&str]) -> String {
     let out = run(cmd, args).await;
-    assert!(out.ok, "{cmd} {args:?} failed: {}{}", out.stdout, out.stderr);
+    assert!(
+        out.ok,
+        "{cmd} {args:?} failed: {}{}",
+        out.stdout, out.stderr
+    );
     out.stdout
 }
 
@@ -117,7 +121,10 @@ async fn qemu_img_convert_copies_the_export_exactly_and_sparsely() {
     let took = started.elapsed();
     let copy = std::fs::read(&raw).unwrap();
     assert_eq!(copy.len(), s.data.len());
-    assert!(copy == s.data, "the converted image differs from the export");
+    assert!(
+        copy == s.data,
+        "the converted image differs from the export"
+    );
     // Holes came back as holes (block status), so the copy is sparse: about
     // 5 MiB of data in 64 MiB.
     let allocated = std::fs::metadata(&raw).unwrap().blocks() * 512;
@@ -145,7 +152,11 @@ async fn qemu_img_convert_copies_the_export_exactly_and_sparsely() {
         ],
     )
     .await;
-    let cmp = run_ok("qemu-img", &["compare", "-f", "raw", "-F", "qcow2", &s.uri(), qcow2_s]).await;
+    let cmp = run_ok(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qcow2", &s.uri(), qcow2_s],
+    )
+    .await;
     assert!(cmp.contains("Images are identical"), "{cmp}");
     s.server.shutdown().await;
 }
@@ -162,7 +173,7 @@ async fn qemu_img_map_shows_the_holes() {
         let zero = e["zero"].as_bool().unwrap();
         assert_eq!(data, !zero, "{e}");
         match got.last_mut() {
-            Some(l) if l.2 == !data => l.1 += len,
+            Some(l) if l.2 != data => l.1 += len,
             _ => got.push((start, len, !data)),
         }
     }
@@ -255,9 +266,14 @@ async fn a_store_read_error_is_eio_in_qemu_and_the_connection_goes_on() {
         "no EIO in:\n{all}"
     );
     // The reads before and after on the same connection worked.
-    assert_eq!(all.matches("read 65536/65536 bytes at offset 0").count(), 1, "{all}");
     assert_eq!(
-        all.matches("read 307200/307200 bytes at offset 1048576").count(),
+        all.matches("read 65536/65536 bytes at offset 0").count(),
+        1,
+        "{all}"
+    );
+    assert_eq!(
+        all.matches("read 307200/307200 bytes at offset 1048576")
+            .count(),
         1,
         "{all}"
     );
