@@ -9,6 +9,15 @@
 //! is written last, after QEMU started: a directory without it is a start
 //! that did not finish and is started over.
 //!
+//! Instant failover: the VM does not wait for its disks to be written. Each
+//! disk of the point is served over NBD from the replica store
+//! ([`crate::instant::StoreExport`], socket `nbd-DISK.sock`), the VM boots
+//! at once from a local qcow2 overlay backed by that export, and QEMU's
+//! `block-stream` copies the rest into the overlay meanwhile. The task ends
+//! when every copy is done and the overlays stand alone; `replica.json`
+//! says `copying` until then, so a restarted agent serves the exports again
+//! and finishes the copy without losing what the VM wrote.
+//!
 //! NICs keep the source's MAC; each connects to its mapped recovery
 //! network (QEMU user-mode NAT in this version) or, without one, to an
 //! isolated network with no route anywhere (`restrict=on`).
@@ -18,12 +27,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
-use siterec_core::wire::{ReplicaNic, ReplicaStarted, VmInfo};
+use std::sync::Arc;
+
+use siterec_core::wire::{MaterializedDisk, ReplicaNic, ReplicaStarted, VmInfo};
+use siterec_nbd::{NbdServer, ServerConfig, UnixServer};
 use siterec_qemu::{DiskFormat, DiskSpec, NicSpec, Vm, VmSpec};
 use siterec_store::Store;
 use tokio::sync::Mutex;
 
-use crate::target::Target;
 use crate::util::write_durably;
 
 /// The network name a NIC without a mapped network is reported on.
@@ -46,6 +57,9 @@ struct ReplicaRecord {
     item: String,
     point_id: String,
     test: bool,
+    /// The disks are still being copied from the replica store.
+    #[serde(default)]
+    copying: bool,
     spec: VmSpec,
     started: ReplicaStarted,
 }
@@ -74,7 +88,6 @@ impl Compute {
     /// name made from anything else is refused.
     pub async fn start_replica(
         &self,
-        target: &Target,
         store: &Store,
         req: ReplicaRequest<'_>,
     ) -> anyhow::Result<ReplicaStarted> {
@@ -93,6 +106,14 @@ impl Compute {
                     record.point_id
                 );
             }
+            // A copy interrupted by a restart: serve the point again first
+            // (the VM reads through it), then finish the copy.
+            let servers = if record.copying {
+                let manifest = store.read_manifest(req.item, req.point_id).await?;
+                serve_point(store, &manifest, &dir)?
+            } else {
+                Vec::new()
+            };
             let running = match vms.get_mut(req.vm_name) {
                 Some(vm) => vm.status().await.is_ok(),
                 None => false,
@@ -105,6 +126,16 @@ impl Compute {
                         .with_context(|| format!("starting replica VM '{}'", req.vm_name))?,
                 };
                 vms.insert(req.vm_name.to_string(), vm);
+            }
+            if record.copying {
+                let vm = vms
+                    .get_mut(req.vm_name)
+                    .ok_or_else(|| anyhow::anyhow!("replica VM '{}' is gone", req.vm_name))?;
+                stream_disks(vm, &record.spec).await?;
+                stop_serving(servers).await;
+                let mut done = record.clone();
+                done.copying = false;
+                write_durably(&record_path, &serde_json::to_vec_pretty(&done)?, 0o600)?;
             }
             return Ok(record.started);
         }
@@ -119,16 +150,21 @@ impl Compute {
             Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
         }
         let disks_dir = dir.join("disks");
-        let disks = target
-            .materialize_into(
-                store,
-                req.item,
-                req.point_id,
-                &["qcow2".to_string()],
-                &disks_dir,
-            )
-            .await
-            .with_context(|| format!("writing the disks of point {}", req.point_id))?;
+        std::fs::create_dir_all(&disks_dir)
+            .with_context(|| format!("creating {}", disks_dir.display()))?;
+        let manifest = store.read_manifest(req.item, req.point_id).await?;
+        let servers = serve_point(store, &manifest, &dir)?;
+        let mut disks = Vec::new();
+        for d in &manifest.disks {
+            let overlay = disks_dir.join(format!("{}.qcow2", d.disk_id));
+            create_overlay(&overlay, &nbd_socket(&dir, &d.disk_id), &d.disk_id, d.size).await?;
+            disks.push(MaterializedDisk {
+                disk: d.disk_id.clone(),
+                format: "qcow2".into(),
+                path: overlay.display().to_string(),
+                size_bytes: d.size,
+            });
+        }
         let nics: Vec<NicSpec> = req
             .nics
             .iter()
@@ -169,16 +205,27 @@ impl Compute {
             disks,
             nics: req.nics.to_vec(),
         };
-        let record = ReplicaRecord {
+        let mut record = ReplicaRecord {
             item: req.item.to_string(),
             point_id: req.point_id.to_string(),
             test: req.test,
+            copying: true,
             spec,
             started: started.clone(),
         };
         write_durably(&record_path, &serde_json::to_vec_pretty(&record)?, 0o600)?;
-        tracing::info!(vm = req.vm_name, item = req.item, point = req.point_id, test = req.test, pid = ?vm.pid(), "replica VM started");
-        vms.insert(req.vm_name.to_string(), vm);
+        tracing::info!(vm = req.vm_name, item = req.item, point = req.point_id, test = req.test, pid = ?vm.pid(), "replica VM started from the replica store; copying its disks");
+        let copy_started = std::time::Instant::now();
+        let vm = vms.entry(req.vm_name.to_string()).or_insert(vm);
+        stream_disks(vm, &record.spec).await?;
+        stop_serving(servers).await;
+        record.copying = false;
+        write_durably(&record_path, &serde_json::to_vec_pretty(&record)?, 0o600)?;
+        tracing::info!(
+            vm = req.vm_name,
+            secs = copy_started.elapsed().as_secs_f64(),
+            "replica VM's disks copied to local storage"
+        );
         Ok(started)
     }
 
@@ -211,6 +258,106 @@ impl Compute {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
         }
+    }
+}
+
+fn nbd_socket(dir: &Path, disk: &str) -> PathBuf {
+    dir.join(format!("nbd-{disk}.sock"))
+}
+
+/// Serves every disk of `manifest` over NBD from the store, one socket each.
+fn serve_point(
+    store: &Store,
+    manifest: &siterec_store::Manifest,
+    dir: &Path,
+) -> anyhow::Result<Vec<UnixServer>> {
+    let mut servers = Vec::new();
+    for d in &manifest.disks {
+        let export = Arc::new(crate::instant::StoreExport::new(store.clone(), d.clone()));
+        let server = NbdServer::new(export, ServerConfig::new(d.disk_id.clone()))
+            .with_context(|| format!("NBD export of disk '{}'", d.disk_id))?;
+        let sock = nbd_socket(dir, &d.disk_id);
+        servers.push(
+            server
+                .listen_unix(&sock)
+                .with_context(|| format!("listening on {}", sock.display()))?,
+        );
+    }
+    Ok(servers)
+}
+
+async fn stop_serving(servers: Vec<UnixServer>) {
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+/// An empty qcow2 overlay of `size` bytes whose backing is the NBD export
+/// `export` on `socket` (raw).
+async fn create_overlay(path: &Path, socket: &Path, export: &str, size: u64) -> anyhow::Result<()> {
+    let backing = serde_json::json!({
+        "driver": "raw",
+        "file": {
+            "driver": "nbd",
+            "server": { "type": "unix", "path": socket.to_string_lossy() },
+            "export": export,
+        },
+    });
+    let out = tokio::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+        .arg(format!("json:{backing}"))
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .await
+        .context("running qemu-img create (is qemu-utils installed?)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Copies each disk's backing (the NBD export) into its overlay with
+/// `block-stream` and waits until every overlay stands alone.
+async fn stream_disks(vm: &mut Vm, spec: &VmSpec) -> anyhow::Result<()> {
+    for d in &spec.disks {
+        let args = serde_json::json!({
+            "job-id": format!("stream-{}", d.name),
+            "device": siterec_qemu::disk_node(&d.name),
+        });
+        match vm.qmp().execute("block-stream", Some(args)).await {
+            Ok(_) => {}
+            // Already streaming (a redelivered task), or nothing left to
+            // stream (the overlay has no backing any more).
+            Err(siterec_qemu::QmpError::Command { desc, .. })
+                if desc.contains("in use") || desc.contains("already") => {}
+            Err(e) => return Err(e).with_context(|| format!("copying disk '{}'", d.name)),
+        }
+    }
+    loop {
+        let jobs = vm.qmp().execute("query-block-jobs", None).await?;
+        let ours = jobs.as_array().is_some_and(|a| {
+            a.iter().any(|j| {
+                j.get("device")
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|id| id.starts_with("stream-"))
+            })
+        });
+        for ev in vm.qmp().take_events() {
+            if ev.event == "BLOCK_JOB_COMPLETED"
+                && let Some(err) = ev.data.get("error").and_then(serde_json::Value::as_str)
+            {
+                bail!("copying a disk of the replica VM failed: {err}");
+            }
+        }
+        if !ours {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

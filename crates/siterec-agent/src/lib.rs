@@ -11,6 +11,7 @@ pub mod batch;
 pub mod compute;
 pub mod config;
 pub mod identity;
+pub mod instant;
 pub mod pages;
 pub mod source;
 pub mod spool;

@@ -287,7 +287,6 @@ impl Target {
                 let started = self
                     .compute
                     .start_replica(
-                        self,
                         &store,
                         crate::compute::ReplicaRequest {
                             item,
@@ -390,8 +389,14 @@ impl Target {
             }
             .into());
         }
-        self.materialize_into(store, item, point_id, formats, &self.failover_dir.join(item))
-            .await
+        self.materialize_into(
+            store,
+            item,
+            point_id,
+            formats,
+            &self.failover_dir.join(item),
+        )
+        .await
     }
 
     /// Writes a point's disks as images into `dir` (see
