@@ -355,10 +355,32 @@ async fn stream_disks(vm: &mut Vm, spec: &VmSpec) -> anyhow::Result<()> {
             }
         }
         if !ours {
-            return Ok(());
+            break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    // The copies are durable on the recovery host before the task says so:
+    // QEMU keeps qcow2 metadata in memory until a flush, and QMP has no
+    // flush command, so flush through the device as the guest would.
+    for d in &spec.disks {
+        let cmd = format!(
+            "qemu-io -d /machine/peripheral/vd-{}/virtio-backend \"flush\"",
+            d.name
+        );
+        let out = vm
+            .qmp()
+            .execute(
+                "human-monitor-command",
+                Some(serde_json::json!({ "command-line": cmd })),
+            )
+            .await
+            .with_context(|| format!("flushing disk '{}'", d.name))?;
+        let text = out.as_str().unwrap_or_default();
+        if !text.trim().is_empty() {
+            bail!("flushing disk '{}' of the replica VM: {text}", d.name);
+        }
+    }
+    Ok(())
 }
 
 /// Stops a QEMU an earlier run of the agent left running in `dir`.
