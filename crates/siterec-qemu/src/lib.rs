@@ -16,14 +16,19 @@
 //! - QMP ([`qmp::Qmp`], our own): block and NIC queries, dirty bitmaps (add,
 //!   list, clear, remove; persistent ones are stored in qcow2 images when
 //!   QEMU closes them), `query-status`, `quit`.
+//! - The guest agent (`guest_agent` in the spec): a virtio-serial port
+//!   `org.qemu.guest_agent.0` on the chardev socket `RUN/qga.sock`, and a
+//!   client of our own ([`ga::GuestAgent`], [`Vm::guest_agent`]): ping,
+//!   info, fsfreeze freeze/thaw/status.
 //!
 //! QEMU runs with `-no-shutdown`: when the guest powers off the VM stops
 //! in state `shutdown` and stays queryable until [`Vm::quit`]. QEMU is
 //! killed when its [`Vm`] is dropped.
 //!
 //! Not supported yet: other machine types or architectures, bridged or
-//! routed networks, CD-ROMs, firmware choice, hotplug, the guest agent.
+//! routed networks, CD-ROMs, firmware choice, hotplug.
 
+pub mod ga;
 pub mod qmp;
 pub mod spec;
 
@@ -35,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
+pub use ga::{FsfreezeStatus, GaError, GaInfo, GuestAgent};
 pub use qmp::{Event, Qmp, QmpError};
 pub use spec::{DiskFormat, DiskSpec, NicSpec, SpecError, VmSpec};
 
@@ -175,6 +181,7 @@ pub struct Vm {
     accel: Accel,
     child: Child,
     qmp: Qmp,
+    ga: Option<GuestAgent>,
 }
 
 /// The `qemu-system-x86_64` arguments for `spec` with its runtime files in
@@ -233,6 +240,9 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
     }
     if let Some(ap) = &spec.append {
         push(&["-append", ap]);
+    }
+    if spec.guest_agent {
+        a.extend(ga::qemu_args(run_dir));
     }
     a
 }
@@ -310,6 +320,7 @@ impl Vm {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         Ok(Vm {
+            ga: ga::for_spec(&spec, run_dir),
             spec,
             run_dir: run_dir.to_path_buf(),
             accel,
