@@ -15,7 +15,9 @@
 //! (3 s by default): [`GaError::is_absent`] is the branch to a
 //! crash-consistent point. After a failed [`GuestAgent::fsfreeze_freeze`]
 //! that is not [`GaError::is_absent`], call [`GuestAgent::fsfreeze_thaw`]:
-//! the guest may have frozen after the client gave up waiting.
+//! the guest may have frozen after the client gave up waiting. The agent
+//! does one command at a time, so that thaw is answered only once the
+//! freeze is over: retry it while it times out or finds no answer.
 
 use std::collections::VecDeque;
 use std::fmt;

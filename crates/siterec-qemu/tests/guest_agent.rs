@@ -1,7 +1,8 @@
 //! The guest agent against real QEMU and the test guest's real qemu-ga:
 //! freeze and thaw seen in the guest (its fsfreeze hook on the console)
-//! and on the disk (no write reaches it while frozen), no agent in the
-//! guest found absent within the timeout, no channel at all at once.
+//! and on the disk (no write reaches it while frozen), a copy taken while
+//! frozen booting as a verified replica; no agent in the guest found absent
+//! within the timeout; no channel at all at once.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,9 +47,20 @@ fn bare_spec(name: &str) -> VmSpec {
     }
 }
 
+/// The test guest with the agent's port, no disk yet.
+fn vm_spec_of(options: &Options, name: &str) -> VmSpec {
+    let guest = TestGuest::build(&siterec_testguest::default_build_dir()).expect("test guest");
+    VmSpec {
+        kernel: Some(guest.kernel),
+        initrd: Some(guest.initrd),
+        append: Some(options.append()),
+        guest_agent: true,
+        ..bare_spec(name)
+    }
+}
+
 /// The test guest on a fresh 64 MiB qcow2, with the agent's port.
 fn guest_spec(dir: &Path, name: &str, options: &Options) -> VmSpec {
-    let guest = TestGuest::build(&siterec_testguest::default_build_dir()).expect("test guest");
     let image: PathBuf = dir.join(format!("{name}.qcow2"));
     qemu_img(&[
         "create",
@@ -64,11 +76,7 @@ fn guest_spec(dir: &Path, name: &str, options: &Options) -> VmSpec {
             path: image,
             format: DiskFormat::Qcow2,
         }],
-        kernel: Some(guest.kernel),
-        initrd: Some(guest.initrd),
-        append: Some(options.append()),
-        guest_agent: true,
-        ..bare_spec(name)
+        ..vm_spec_of(options, name)
     }
 }
 
@@ -101,6 +109,23 @@ fn fsfreeze_lines(vm: &Vm) -> Vec<String> {
         .collect()
 }
 
+/// Waits (briefly: the hook has run, its line is on its way through the
+/// guest's serial port) until the guest's FSFREEZE lines are `want`.
+async fn expect_fsfreeze_lines(vm: &Vm, want: &[&str]) {
+    let begun = Instant::now();
+    loop {
+        let got = fsfreeze_lines(vm);
+        if got == want {
+            return;
+        }
+        assert!(
+            begun.elapsed() < Duration::from_secs(10),
+            "FSFREEZE lines {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Bytes the guest wrote to disk `os` during `secs` seconds, by a
 /// transient dirty bitmap cleared at the start.
 async fn dirty_during(vm: &mut Vm, secs: f64) -> u64 {
@@ -115,6 +140,8 @@ async fn dirty_during(vm: &mut Vm, secs: f64) -> u64 {
         .unwrap_or_default()
 }
 
+/// Freeze, copy the disk (an app-consistent point), thaw; the copy boots as
+/// a replica and verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_freezes_and_thaws_the_guest_filesystem() {
     let dir = tempfile::tempdir().unwrap();
@@ -165,10 +192,25 @@ async fn agent_freezes_and_thaws_the_guest_filesystem() {
     assert!(frozen >= 1, "froze {frozen} filesystems");
     assert_eq!(ga.fsfreeze_status().await.unwrap(), FsfreezeStatus::Frozen);
     // The hook ran before the freeze returned.
-    assert_eq!(fsfreeze_lines(&vm), ["FSFREEZE freeze"]);
+    expect_fsfreeze_lines(&vm, &["FSFREEZE freeze"]).await;
     // Frozen: the churning writer is held, nothing reaches the disk.
     let while_frozen = dirty_during(&mut vm, 2.0).await;
     assert_eq!(while_frozen, 0, "writes reached the disk while frozen");
+    // The point: a copy of the image while frozen (the freeze flushed the
+    // guest's writes, so QEMU's image file is complete).
+    let image = vm.spec().disks[0].path.clone();
+    let copy = dir.path().join("point.qcow2");
+    let t = Instant::now();
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-q",
+        "-O",
+        "qcow2",
+        image.to_str().unwrap(),
+        copy.to_str().unwrap(),
+    ]);
+    let copy_took = t.elapsed();
 
     let ga = vm.guest_agent().unwrap();
     let t = Instant::now();
@@ -176,21 +218,48 @@ async fn agent_freezes_and_thaws_the_guest_filesystem() {
     let thaw_took = t.elapsed();
     assert_eq!(thawed, frozen);
     assert_eq!(ga.fsfreeze_status().await.unwrap(), FsfreezeStatus::Thawed);
-    assert_eq!(fsfreeze_lines(&vm), ["FSFREEZE freeze", "FSFREEZE thaw"]);
+    expect_fsfreeze_lines(&vm, &["FSFREEZE freeze", "FSFREEZE thaw"]).await;
     // A thaw with nothing frozen thaws nothing.
     let ga = vm.guest_agent().unwrap();
     assert_eq!(ga.fsfreeze_thaw().await.unwrap(), 0);
     let after = dirty_during(&mut vm, 2.5).await;
     assert!(after > 0, "the churn did not resume after the thaw");
     eprintln!(
-        "froze {frozen} fs in {freeze_took:?}, thawed in {thaw_took:?}; dirty bytes in 2.5 s before {before}, 2 s frozen {while_frozen}, 2.5 s after {after}"
+        "froze {frozen} fs in {freeze_took:?}, copied in {copy_took:?}, thawed in {thaw_took:?}; dirty bytes in 2.5 s before {before}, 2 s frozen {while_frozen}, 2.5 s after {after}"
     );
-
     let (status, killed) = vm.quit(Duration::from_secs(30)).await.unwrap();
     assert!(
         status.success() && !killed,
         "quit: {status} killed={killed}"
     );
+
+    // The point boots as a replica with the same command line: auto mode
+    // verifies it (the churn file is outside the manifest), and staying up
+    // it mounts the filesystem read-write again and churns on.
+    let spec = VmSpec {
+        disks: vec![DiskSpec {
+            name: "os".into(),
+            path: copy,
+            format: DiskFormat::Qcow2,
+        }],
+        ..vm_spec_of(&options, "replica")
+    };
+    let mut replica = Vm::start(spec, &dir.path().join("run-replica"))
+        .await
+        .expect("replica starts");
+    replica
+        .add_dirty_bitmap("os", "watch", false)
+        .await
+        .unwrap();
+    let lines = wait_for_lines(&replica, &["MODE verify", "VERDICT OK", "CHURN"]).await;
+    assert_eq!(
+        parse_verdict(&read_serial(&replica.serial_log_path())),
+        Verdict::Ok(siterec_testguest::DATA_FILES),
+        "{lines:?}"
+    );
+    let churned = dirty_during(&mut replica, 2.5).await;
+    assert!(churned > 0, "the replica's /mnt is not writable");
+    replica.quit(Duration::from_secs(30)).await.unwrap();
     eprintln!("whole test {:?}", begun.elapsed());
 }
 

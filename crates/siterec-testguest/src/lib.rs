@@ -269,7 +269,7 @@ impl TestGuest {
     /// Builds the guest into `dir` with `scripts/build-test-guest` (cached:
     /// a no-op when `dir` already holds this recipe's artifacts).
     pub fn build(dir: &Path) -> Result<TestGuest, Error> {
-        for tool in ["apt-get", "dpkg-deb", "cpio", "gzip"] {
+        for tool in ["apt-get", "dpkg-deb", "cpio", "gzip", "ldd"] {
             require(tool)?;
         }
         let script = build_script();
