@@ -8,8 +8,10 @@
 //! points from source agents, and materializes recovery points on failover.
 
 pub mod batch;
+pub mod compute;
 pub mod config;
 pub mod identity;
+pub mod instant;
 pub mod pages;
 pub mod source;
 pub mod spool;
@@ -183,7 +185,12 @@ pub async fn run(
     let throttle = Arc::new(throttle::Throttle::new(throttle::ThrottleSettings::read(
         &data,
     )?));
+    // The VMs run before anything replicates them; one that cannot start
+    // is retried by its item's cycles.
+    let vms = Arc::new(vm::VmHost::new(&cfg.vms, &data));
+    vms.start_all().await;
     let ctx = Arc::new(source::SourceCtx {
+        vms,
         data_dir: data.clone(),
         vault: client.clone(),
         data: data_client,

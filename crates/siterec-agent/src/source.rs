@@ -66,6 +66,8 @@ pub struct SourceCtx {
     pub throttle: Arc<crate::throttle::Throttle>,
     /// Bound of each item's disk spool, in bytes.
     pub spool_max_bytes: u64,
+    /// The VMs this agent runs (VM items are read through QEMU).
+    pub vms: Arc<crate::vm::VmHost>,
 }
 
 impl SourceCtx {
@@ -77,7 +79,7 @@ impl SourceCtx {
         Spool::new(self.data_dir.join("spool").join(item))
     }
 
-    fn update(&self, item: &str, f: impl FnOnce(&mut ItemCounters)) {
+    pub(crate) fn update(&self, item: &str, f: impl FnOnce(&mut ItemCounters)) {
         if let Ok(mut st) = self.status.lock() {
             f(st.items.entry(item.to_string()).or_default());
             st.save(&self.data_dir);
@@ -161,7 +163,7 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
     }
 }
 
-struct DiskResult {
+pub(crate) struct DiskResult {
     manifest: DiskManifest,
     hashes: Vec<BlockHash>,
     /// Blocks stored as delta chunks: index → base (the saved state).
@@ -291,13 +293,14 @@ async fn offline_initial(
     // against a point the target does not have.
     write_durably(&marker, &serde_json::to_vec(&exported)?, 0o600)?;
     save_hashes(state_dir, a, &results)?;
+    crate::vm::point_saved(ctx, a, state_dir).await;
     tracing::info!(item = %a.item, point = %manifest.point_id, dir = %dir.display(), bytes = bytes_exported, "initial copy exported for offline replication");
     Ok(Some(Cycle::Exported(manifest.point_id)))
 }
 
 /// Where a cycle's changed blocks go.
 #[derive(Clone)]
-enum Sink {
+pub(crate) enum Sink {
     Target,
     /// Into a spool capture directory, within a byte budget.
     Spool {
@@ -332,6 +335,9 @@ fn refresh_health(ctx: &SourceCtx, item: &str) {
     let mut warnings = Vec::new();
     if let Ok(why) = std::fs::read_to_string(resync_reason_path(&ctx.state_dir(item))) {
         warnings.push(format!("resynchronization required: {why}"));
+    }
+    if let Some(w) = crate::vm::cbt_warning(&ctx.state_dir(item)) {
+        warnings.push(w);
     }
     if let Ok(bytes) = std::fs::read(offline_marker(&ctx.state_dir(item)))
         && let Ok(exported) = serde_json::from_slice::<OfflineExport>(&bytes)
@@ -428,11 +434,46 @@ async fn capture(
     state_dir: &Path,
     sink: &Sink,
 ) -> anyhow::Result<(Manifest, Vec<DiskResult>)> {
+    let (results, consistency, created_ms) = match ctx.vms.get(&a.machine) {
+        Some(slot) => crate::vm::capture_disks(ctx, a, state_dir, sink, &slot).await?,
+        None => capture_files(ctx, a, state_dir, sink).await?,
+    };
+    let point_id = format!(
+        "{created_ms}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let manifest = Manifest {
+        item: a.item.clone(),
+        point_id,
+        created_at_unix_ms: created_ms,
+        consistency,
+        disks: results.iter().map(|r| r.manifest.clone()).collect(),
+        bases: results.iter().flat_map(|r| r.bases.clone()).collect(),
+    };
+    Ok((manifest, results))
+}
+
+/// Captures the disks of a physical server (files or block devices), one
+/// after another.
+async fn capture_files(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    sink: &Sink,
+) -> anyhow::Result<(Vec<DiskResult>, Consistency, i64)> {
     let before = disk_stamps(a);
     let mut results = Vec::new();
     for disk in &a.disks {
         results.push(
-            replicate_disk(ctx, a, state_dir, &disk.name, Path::new(&disk.path), sink).await?,
+            replicate_disk(
+                ctx,
+                a,
+                state_dir,
+                &disk.name,
+                DiskReader::File(PathBuf::from(&disk.path)),
+                sink,
+            )
+            .await?,
         );
     }
     // Disks are read one after another: the point is crash-consistent
@@ -451,19 +492,7 @@ async fn capture(
         .map(|r| r.captured_ms)
         .max()
         .unwrap_or_else(now_ms);
-    let point_id = format!(
-        "{created_ms}-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let manifest = Manifest {
-        item: a.item.clone(),
-        point_id,
-        created_at_unix_ms: created_ms,
-        consistency,
-        disks: results.iter().map(|r| r.manifest.clone()).collect(),
-        bases: results.iter().flat_map(|r| r.bases.clone()).collect(),
-    };
-    Ok((manifest, results))
+    Ok((results, consistency, created_ms))
 }
 
 /// Sends a point's manifest; the target commits it once it has every chunk.
@@ -565,6 +594,7 @@ async fn direct_cycle(
     let committed = started.elapsed();
     // The target has the point durably: this is the new acknowledged state.
     save_hashes(state_dir, a, &results)?;
+    crate::vm::point_saved(ctx, a, state_dir).await;
     tracing::debug!(
         item = %a.item,
         capture_ms = captured.as_millis() as u64,
@@ -627,6 +657,7 @@ async fn spool_cycle(
     spool.finish(&tmp, &manifest.encode())?;
     // The spooled point is the base of the next capture.
     save_hashes(state_dir, a, &results)?;
+    crate::vm::point_saved(ctx, a, state_dir).await;
     let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
     ctx.update(&a.item, |c| {
         c.bytes_read += bytes_read;
@@ -715,14 +746,33 @@ fn disk_stamps(a: &ReplicationAssignment) -> Vec<Option<(i64, i64, i64, i64)>> {
         .collect()
 }
 
-async fn replicate_disk(
+/// Where a disk's blocks are read from.
+pub(crate) enum DiskReader {
+    /// A file or block device, scanned whole (`siterec_drivers::capture`).
+    File(PathBuf),
+    /// A VM disk's point-in-time view exported by QEMU over NBD; with a
+    /// dirty bitmap only the blocks it marks are read (see `crate::vm`).
+    Nbd(crate::vm::NbdView),
+}
+
+impl DiskReader {
+    fn describe(&self) -> String {
+        match self {
+            DiskReader::File(p) => p.display().to_string(),
+            DiskReader::Nbd(v) => format!("NBD export '{}' of {}", v.export, v.socket.display()),
+        }
+    }
+}
+
+pub(crate) async fn replicate_disk(
     ctx: &SourceCtx,
     a: &ReplicationAssignment,
     state_dir: &Path,
     disk_name: &str,
-    path: &Path,
+    reader: DiskReader,
     sink: &Sink,
 ) -> anyhow::Result<DiskResult> {
+    let what = reader.describe();
     let hashes_path = state_dir.join(format!("{disk_name}.hashes"));
     let baseline = match std::fs::read(&hashes_path) {
         Ok(bytes) => match decode_state(&bytes) {
@@ -772,66 +822,74 @@ async fn replicate_disk(
             *max_bytes,
         )),
     };
-    let path_owned = path.to_path_buf();
     let scratch = ctx.data_dir.join("scratch");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let runtime = tokio::runtime::Handle::current();
     let scan_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let source = DiskSource::open(&path_owned)?;
-        let options = ScanOptions {
-            scratch_dir: Some(scratch),
-            ..ScanOptions::default()
-        };
         // Blocks travel in groups: a hand-over to the runtime wakes a
         // thread, which costs as much as sending a small delta chunk.
         let mut group: Vec<Outgoing> = Vec::new();
         let mut group_bytes = 0usize;
-        let outcome = scan(
-            &source,
-            CHUNK_SIZE,
-            baseline.as_deref(),
-            &options,
-            |index, data, hash| {
-                // A few changed pages ship as a delta against the block's
-                // last whole chunk (see `crate::pages`).
-                let i = index as usize;
-                let acked = baseline
-                    .as_ref()
-                    .and_then(|b| b.get(i))
-                    .and_then(|h| h.as_ref());
-                let (plan, record) =
-                    crate::pages::plan(acked, records.read(index).as_ref(), hash, data);
-                records.write(index, &record)?;
-                let out = match plan {
-                    Plan::Whole => {
-                        block_bases.remove(&i);
-                        Outgoing::Whole {
-                            id: ChunkId(*hash),
-                            data: data.to_vec(),
-                        }
+        let on_changed = |index: u64, data: &[u8], hash: &[u8; 32]| {
+            // A few changed pages ship as a delta against the block's
+            // last whole chunk (see `crate::pages`).
+            let i = index as usize;
+            let acked = baseline
+                .as_ref()
+                .and_then(|b| b.get(i))
+                .and_then(|h| h.as_ref());
+            let (plan, record) =
+                crate::pages::plan(acked, records.read(index).as_ref(), hash, data);
+            records.write(index, &record)?;
+            let out = match plan {
+                Plan::Whole => {
+                    block_bases.remove(&i);
+                    Outgoing::Whole {
+                        id: ChunkId(*hash),
+                        data: data.to_vec(),
                     }
-                    Plan::Delta { base, mask } => {
-                        block_bases.insert(i, base);
-                        Outgoing::Delta {
-                            target: ChunkId(*hash),
-                            base: ChunkId(base),
-                            plain_len: data.len() as u32,
-                            pages: crate::pages::pages_of(data, mask)
-                                .into_iter()
-                                .map(|(i, p)| (i, p.to_vec()))
-                                .collect(),
-                        }
-                    }
-                };
-                group_bytes += out.len();
-                group.push(out);
-                if group_bytes >= GROUP_BYTES || group.len() >= GROUP_BLOCKS {
-                    group_bytes = 0;
-                    tx.blocking_send(std::mem::take(&mut group))
-                        .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
                 }
-                Ok(())
-            },
-        )?;
+                Plan::Delta { base, mask } => {
+                    block_bases.insert(i, base);
+                    Outgoing::Delta {
+                        target: ChunkId(*hash),
+                        base: ChunkId(base),
+                        plain_len: data.len() as u32,
+                        pages: crate::pages::pages_of(data, mask)
+                            .into_iter()
+                            .map(|(i, p)| (i, p.to_vec()))
+                            .collect(),
+                    }
+                }
+            };
+            group_bytes += out.len();
+            group.push(out);
+            if group_bytes >= GROUP_BYTES || group.len() >= GROUP_BLOCKS {
+                group_bytes = 0;
+                tx.blocking_send(std::mem::take(&mut group))
+                    .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
+            }
+            Ok(())
+        };
+        let outcome = match reader {
+            DiskReader::File(path) => {
+                let source = DiskSource::open(&path)?;
+                let options = ScanOptions {
+                    scratch_dir: Some(scratch),
+                    ..ScanOptions::default()
+                };
+                scan(
+                    &source,
+                    CHUNK_SIZE,
+                    baseline.as_deref(),
+                    &options,
+                    on_changed,
+                )?
+            }
+            DiskReader::Nbd(view) => {
+                crate::vm::nbd_scan(&runtime, &view, CHUNK_SIZE, baseline.as_deref(), on_changed)?
+            }
+        };
         if !group.is_empty() {
             tx.blocking_send(group)
                 .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
@@ -852,7 +910,7 @@ async fn replicate_disk(
     // An upload error explains a scan stopped by a closed channel: report it first.
     let (bytes_sent, chunks_sent) = uploaded?;
     let (outcome, mut block_bases) =
-        scanned.with_context(|| format!("reading disk '{disk_name}' ({})", path.display()))?;
+        scanned.with_context(|| format!("reading disk '{disk_name}' ({what})"))?;
     // Blocks now zero (or beyond a shrunk disk) have no base.
     block_bases.retain(|i, _| outcome.hashes.get(*i).is_some_and(|h| h.is_some()));
     let mut bases = std::collections::BTreeMap::new();

@@ -51,6 +51,8 @@ pub struct Target {
     in_flight: Mutex<HashMap<String, HashSet<ChunkId>>>,
     /// Item → the source agent allowed to write it, as the vault last said.
     sources: Mutex<HashMap<String, String>>,
+    /// The compute driver: replica VMs booted at failover.
+    pub compute: crate::compute::Compute,
 }
 
 impl Target {
@@ -95,6 +97,7 @@ impl Target {
         })?;
         Ok(Arc::new(Target {
             store,
+            compute: crate::compute::Compute::new(failover_dir.join("vms")),
             failover_dir,
             transport: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
@@ -271,8 +274,35 @@ impl Target {
                 Ok(serde_json::to_value(disks)?)
             }
             TaskWork::Verify => self.verify().await,
-            TaskWork::StartReplica { .. } | TaskWork::RemoveReplica { .. } => {
-                anyhow::bail!("this agent has no compute driver yet: it cannot run replica VMs")
+            TaskWork::StartReplica {
+                item,
+                point_id,
+                vm_name,
+                test,
+                vm,
+                nics,
+                sealed_key,
+            } => {
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let started = self
+                    .compute
+                    .start_replica(
+                        &store,
+                        crate::compute::ReplicaRequest {
+                            item,
+                            point_id,
+                            vm_name,
+                            test: *test,
+                            vm,
+                            nics,
+                        },
+                    )
+                    .await?;
+                Ok(serde_json::to_value(started)?)
+            }
+            TaskWork::RemoveReplica { item, vm_name } => {
+                self.compute.remove_replica(item, vm_name).await?;
+                Ok(serde_json::json!({ "removed": vm_name }))
             }
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
@@ -359,9 +389,34 @@ impl Target {
             }
             .into());
         }
+        self.materialize_into(
+            store,
+            item,
+            point_id,
+            formats,
+            &self.failover_dir.join(item),
+        )
+        .await
+    }
+
+    /// Writes a point's disks as images into `dir` (see
+    /// [`Target::materialize`]).
+    pub(crate) async fn materialize_into(
+        &self,
+        store: &Store,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+        dir: &Path,
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        if !store.can_read_data() {
+            return Err(StoreError::RecoveryKeyRequired {
+                key_id: store.key_id().unwrap_or_default(),
+            }
+            .into());
+        }
         let manifest = store.read_manifest(item, point_id).await?;
-        let dir = self.failover_dir.join(item);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut out = Vec::new();
         for (di, disk) in manifest.disks.iter().enumerate() {
             for format in formats {
@@ -377,13 +432,14 @@ impl Target {
                 };
                 let path = dir.join(&name);
                 let tmp = dir.join(format!(".{name}.partial"));
+                let _ = item;
                 if let Err(e) = write_image(store, &manifest, di, fmt, &tmp).await {
                     let _ = std::fs::remove_file(&tmp);
                     return Err(e);
                 }
                 std::fs::rename(&tmp, &path)
                     .with_context(|| format!("renaming into {}", path.display()))?;
-                std::fs::File::open(&dir)?.sync_all()?;
+                std::fs::File::open(dir)?.sync_all()?;
                 out.push(MaterializedDisk {
                     disk: disk.disk_id.clone(),
                     format: fmt.as_str().into(),

@@ -1,10 +1,29 @@
-//! The QEMU driver of the agent: VMs from the config as protectable items.
+//! The QEMU driver of the agent: the config's VMs as protectable items,
+//! run by the agent (started, or taken over when an earlier run of the agent
+//! left them running), and replicated with changed-block tracking.
+//!
+//! A VM item's cycle takes one point-in-time view of all its disks
+//! (QEMU fleecing, see `siterec_qemu::fleece`) and reads it over NBD: only
+//! the blocks the disks' frozen dirty bitmaps mark, when tracking is intact;
+//! every block with data otherwise (the first cycle, or after tracking was
+//! lost: QEMU restarted on a raw disk, or crashed with a qcow2 one), compared
+//! with the acknowledged block hashes so that only differing blocks ship.
+//! The blocks then go through the same pipeline as a file's.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use siterec_core::wire::{DiskInfo, KIND_VM, MachineInfo, NicInfo, VmInfo};
-use siterec_qemu::{DiskFormat, VmSpec};
+use anyhow::{Context, bail};
+use siterec_core::Consistency;
+use siterec_core::wire::{DiskInfo, KIND_VM, MachineInfo, NicInfo, ReplicationAssignment, VmInfo};
+use siterec_drivers::capture::{BlockHash, ScanOutcome, SnapshotMethod, hash_block};
+use siterec_nbd::{ConnectOptions, NbdClient, STATE_DIRTY, STATE_ZERO};
+use siterec_qemu::{DiskFormat, FleeceDisk, Vm, VmSpec};
+use tokio::sync::Mutex;
+
+use crate::source::{DiskReader, DiskResult, Sink, SourceCtx, replicate_disk};
+use crate::util::write_durably;
 
 /// The VM as a protectable machine: its disks (virtual sizes), NICs and
 /// what a replica needs. A VM whose spec does not hold (a missing image, a
@@ -96,5 +115,476 @@ mod tests {
         assert_eq!(virtual_size(&raw, DiskFormat::Raw).unwrap(), 4096);
         let err = virtual_size(&raw, DiskFormat::Qcow2).unwrap_err();
         assert!(err.to_string().contains("not a qcow2"), "{err}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running the configured VMs.
+
+/// The VMs of the agent's config, each with its QEMU once started.
+pub struct VmHost {
+    slots: std::collections::BTreeMap<String, Arc<Mutex<VmSlot>>>,
+}
+
+/// One configured VM.
+pub struct VmSlot {
+    spec: VmSpec,
+    run_dir: PathBuf,
+    vm: Option<Vm>,
+}
+
+impl VmHost {
+    /// The config's VMs, with their runtime files in `DATA/vms/NAME`.
+    pub fn new(specs: &[VmSpec], data_dir: &Path) -> VmHost {
+        VmHost {
+            slots: specs
+                .iter()
+                .map(|s| {
+                    let slot = VmSlot {
+                        spec: s.clone(),
+                        run_dir: data_dir.join("vms").join(&s.name),
+                        vm: None,
+                    };
+                    (s.name.clone(), Arc::new(Mutex::new(slot)))
+                })
+                .collect(),
+        }
+    }
+
+    /// Starts (or adopts) every VM; one that cannot start is logged and
+    /// tried again at its next replication cycle.
+    pub async fn start_all(&self) {
+        for (name, slot) in &self.slots {
+            if let Err(e) = slot.lock().await.running().await {
+                tracing::warn!(vm = %name, "starting the VM: {e:#}");
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Mutex<VmSlot>>> {
+        self.slots.get(name).cloned()
+    }
+}
+
+impl VmSlot {
+    /// The VM's QEMU: the one this agent runs, else one an earlier run of
+    /// the agent left running (adopted), else a new one. A QEMU that has
+    /// gone away (crashed, killed) is started again, as a hypervisor's
+    /// restart policy would.
+    pub async fn running(&mut self) -> anyhow::Result<&mut Vm> {
+        let alive = match &mut self.vm {
+            Some(vm) => vm.status().await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            if let Some(mut old) = self.vm.take() {
+                let _ = old.kill().await;
+            }
+            let name = &self.spec.name;
+            let vm = match Vm::adopt(self.spec.clone(), &self.run_dir)
+                .await
+                .with_context(|| format!("taking over VM '{name}' left running"))?
+            {
+                Some(vm) => {
+                    tracing::info!(vm = %name, pid = ?vm.pid(), "took over the running VM");
+                    vm
+                }
+                None => {
+                    let vm = Vm::start(self.spec.clone(), &self.run_dir)
+                        .await
+                        .with_context(|| format!("starting VM '{name}'"))?;
+                    tracing::info!(vm = %name, pid = ?vm.pid(), accel = ?vm.accel(), "VM started");
+                    vm
+                }
+            };
+            self.vm = Some(vm);
+        }
+        self.vm
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("VM '{}' is not running", self.spec.name))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Changed-block tracking and capture.
+
+/// A disk's point-in-time view, exported by QEMU over NBD.
+pub struct NbdView {
+    pub socket: PathBuf,
+    pub export: String,
+    /// The frozen dirty bitmap exported with the view: read only the
+    /// blocks it marks. `None`: read every block that holds data.
+    pub dirty_bitmap: Option<String>,
+    pub taken_at: std::time::SystemTime,
+}
+
+/// Consecutive blocks read with one NBD request, at most.
+const READ_RUN_BLOCKS: u64 = 16;
+
+/// Reads a view in `chunk_size` blocks and calls `on_changed(index, data,
+/// hash)` for every non-zero block whose hash differs from `previous`.
+/// With a dirty bitmap, blocks it does not mark keep their hash from
+/// `previous` unread; without one, every block that `base:allocation` does
+/// not report as zero is read. Blocking: runs NBD on `rt`.
+pub fn nbd_scan<F>(
+    rt: &tokio::runtime::Handle,
+    view: &NbdView,
+    chunk_size: u32,
+    previous: Option<&[BlockHash]>,
+    mut on_changed: F,
+) -> anyhow::Result<ScanOutcome>
+where
+    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
+{
+    let context = match &view.dirty_bitmap {
+        Some(b) => format!("qemu:dirty-bitmap:{b}"),
+        None => "base:allocation".to_string(),
+    };
+    let opts = ConnectOptions::new(view.export.clone()).meta_context(context.clone());
+    let mut client = rt
+        .block_on(NbdClient::connect_unix(&view.socket, &opts))
+        .with_context(|| format!("connecting to {}", view.socket.display()))?;
+    let ctx_id = client
+        .meta_context_id(&context)
+        .ok_or_else(|| anyhow::anyhow!("the NBD server did not agree to meta context {context}"))?;
+    let size = client.export_size();
+    let chunk = u64::from(chunk_size);
+    let blocks = size.div_ceil(chunk);
+    let extents = rt
+        .block_on(client.block_status_range(ctx_id, 0, size))
+        .with_context(|| format!("block status ({context})"))?;
+    let mut wanted = vec![false; blocks as usize];
+    for e in &extents {
+        let read = match &view.dirty_bitmap {
+            Some(_) => e.flags & STATE_DIRTY != 0,
+            None => e.flags & STATE_ZERO == 0,
+        };
+        if read && e.length > 0 {
+            let first = e.offset / chunk;
+            let last = (e.offset + e.length - 1) / chunk;
+            for i in first..=last.min(blocks.saturating_sub(1)) {
+                wanted[i as usize] = true;
+            }
+        }
+    }
+    let incremental = view.dirty_bitmap.is_some();
+    let mut hashes: Vec<BlockHash> = match previous {
+        Some(p) if incremental && p.len() == blocks as usize => p.to_vec(),
+        _ if incremental => anyhow::bail!(
+            "a dirty-bitmap read needs the previous block hashes of the whole disk ({blocks} blocks)"
+        ),
+        _ => vec![None; blocks as usize],
+    };
+    let mut bytes_read = 0u64;
+    let (mut changed, mut delivered) = (0u64, 0u64);
+    let mut i = 0u64;
+    while i < blocks {
+        if !wanted[i as usize] {
+            i += 1;
+            continue;
+        }
+        let mut run = 1;
+        while run < READ_RUN_BLOCKS && i + run < blocks && wanted[(i + run) as usize] {
+            run += 1;
+        }
+        let offset = i * chunk;
+        let len = (run * chunk).min(size - offset);
+        let data = rt
+            .block_on(client.read(offset, len as usize))
+            .with_context(|| format!("reading {len} bytes at {offset}"))?;
+        bytes_read += len;
+        for (k, block) in data.chunks(chunk as usize).enumerate() {
+            let index = i + k as u64;
+            let hash = hash_block(block);
+            let before = previous
+                .and_then(|p| p.get(index as usize))
+                .copied()
+                .flatten();
+            if let Some(h) = &hash
+                && Some(*h) != before
+            {
+                changed += 1;
+                delivered += 1;
+                on_changed(index, block, h)?;
+            }
+            hashes[index as usize] = hash;
+        }
+        i += run;
+    }
+    let _ = rt.block_on(client.disconnect());
+    Ok(ScanOutcome {
+        hashes,
+        consistent: true,
+        method: SnapshotMethod::Fleece,
+        size_bytes: size,
+        bytes_read,
+        changed_blocks: changed,
+        delivered_blocks: delivered,
+        attempts: 1,
+        captured_at: view.taken_at,
+    })
+}
+
+/// The generation of an item's dirty bitmaps (`state/ITEM/cbt`): the
+/// active bitmap of each disk is `siterec-GEN`, the frozen one
+/// `siterec-GEN-frozen`. A generation is recorded only once a point read
+/// with it is saved, so a bitmap named by the recorded generation has
+/// tracked every write since the last saved point.
+fn cbt_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("cbt")
+}
+
+/// The generation a cycle started with, promoted to `cbt` after the save.
+fn cbt_pending_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("cbt-pending")
+}
+
+/// Why changed-block tracking was lost, and whether the resulting full
+/// read has been saved (shown as a health warning).
+fn cbt_lost_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("cbt-lost.json")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CbtLost {
+    at_ms: i64,
+    reason: String,
+    done: bool,
+}
+
+/// How long the health warning about lost tracking stays after the
+/// resynchronization finished.
+const CBT_LOST_SHOWN_MS: i64 = 3600 * 1000;
+
+fn active_name(generation: &str) -> String {
+    format!("siterec-{generation}")
+}
+
+fn frozen_name(generation: &str) -> String {
+    format!("siterec-{generation}-frozen")
+}
+
+/// The health warning about lost changed-block tracking, if any.
+pub(crate) fn cbt_warning(state_dir: &Path) -> Option<String> {
+    let bytes = std::fs::read(cbt_lost_path(state_dir)).ok()?;
+    let lost: CbtLost = serde_json::from_slice(&bytes).ok()?;
+    if !lost.done {
+        return Some(format!(
+            "changed-block tracking was lost ({}): resynchronizing by reading whole disks and comparing block hashes",
+            lost.reason
+        ));
+    }
+    (crate::util::now_ms() - lost.at_ms < CBT_LOST_SHOWN_MS).then(|| {
+        format!(
+            "changed-block tracking was lost ({}); the item resynchronized by block hashes",
+            lost.reason
+        )
+    })
+}
+
+/// Captures the disks of a VM item: one point-in-time view of all disks
+/// (fleecing), read over NBD — only the blocks the dirty bitmaps mark when
+/// tracking is intact and the acknowledged state exists, else every block
+/// with data, compared by hash. Returns the disks' results, the point's
+/// consistency and its time.
+pub(crate) async fn capture_disks(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    state_dir: &Path,
+    sink: &Sink,
+    slot: &Mutex<VmSlot>,
+) -> anyhow::Result<(Vec<DiskResult>, Consistency, i64)> {
+    let mut slot = slot.lock().await;
+    let spec = slot.spec.clone();
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let Some(s) = spec.disks.iter().find(|s| s.name == d.name) else {
+            bail!(
+                "VM '{}' has no disk '{}' (its disks: {}); the item was protected with another configuration",
+                spec.name,
+                d.name,
+                spec.disks
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        };
+        disks.push(s.clone());
+    }
+    let vm = slot.running().await?;
+    let have_state = disks
+        .iter()
+        .all(|d| state_dir.join(format!("{}.hashes", d.name)).exists());
+    let recorded = std::fs::read_to_string(cbt_path(state_dir))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty());
+    // Is every disk's active bitmap there, recording and trusted?
+    let mut broken: Option<String> = None;
+    for d in &disks {
+        let bitmaps = vm
+            .dirty_bitmaps(&d.name)
+            .await
+            .with_context(|| format!("listing the dirty bitmaps of disk '{}'", d.name))?;
+        let Some(generation) = &recorded else { break };
+        let name = active_name(generation);
+        broken = match bitmaps.iter().find(|b| b.name == name) {
+            None => Some(format!(
+                "disk '{}' has no dirty bitmap {name}: QEMU restarted without it",
+                d.name
+            )),
+            Some(b) if b.inconsistent => Some(format!(
+                "the dirty bitmap {name} of disk '{}' is inconsistent: QEMU stopped uncleanly",
+                d.name
+            )),
+            Some(b) if !b.recording => Some(format!(
+                "the dirty bitmap {name} of disk '{}' is not recording",
+                d.name
+            )),
+            Some(_) => None,
+        };
+        if broken.is_some() {
+            break;
+        }
+    }
+    let valid = recorded.is_some() && broken.is_none();
+    let generation = match (&recorded, valid) {
+        (Some(g), true) => g.clone(),
+        _ => uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
+    };
+    if valid {
+        // A frozen bitmap left by a failed or killed cycle: its blocks
+        // count as changed again.
+        for d in &disks {
+            vm.restore_frozen(
+                &d.name,
+                &active_name(&generation),
+                &frozen_name(&generation),
+            )
+            .await
+            .with_context(|| format!("restoring the frozen dirty bitmap of disk '{}'", d.name))?;
+        }
+    } else {
+        for d in &disks {
+            for b in vm.dirty_bitmaps(&d.name).await? {
+                if b.name.starts_with("siterec-") {
+                    vm.remove_dirty_bitmap(&d.name, &b.name)
+                        .await
+                        .with_context(|| {
+                            format!(
+                                "removing the stale dirty bitmap {} of disk '{}'",
+                                b.name, d.name
+                            )
+                        })?;
+                }
+            }
+        }
+        if let (Some(reason), true) = (&broken, have_state) {
+            tracing::warn!(item = %a.item, "changed-block tracking lost, resynchronizing by block hashes: {reason}");
+            let lost = CbtLost {
+                at_ms: crate::util::now_ms(),
+                reason: reason.clone(),
+                done: false,
+            };
+            write_durably(
+                &cbt_lost_path(state_dir),
+                &serde_json::to_vec(&lost)?,
+                0o600,
+            )?;
+        }
+    }
+    write_durably(&cbt_pending_path(state_dir), generation.as_bytes(), 0o600)?;
+    let incremental = valid && have_state;
+    let plan: Vec<FleeceDisk> = disks
+        .iter()
+        .map(|d| {
+            Ok(FleeceDisk {
+                disk: d.name.clone(),
+                size: virtual_size(&d.path, d.format)
+                    .with_context(|| format!("reading the size of {}", d.path.display()))?,
+                active: active_name(&generation),
+                create_active: !valid,
+                frozen: valid.then(|| frozen_name(&generation)),
+                persistent: d.format == DiskFormat::Qcow2,
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let fleece = vm
+        .start_fleece(&plan)
+        .await
+        .with_context(|| format!("taking a point-in-time view of VM '{}'", spec.name))?;
+    let mut results = Vec::new();
+    let mut failure = None;
+    for d in &disks {
+        let view = NbdView {
+            socket: fleece.socket.clone(),
+            export: d.name.clone(),
+            dirty_bitmap: incremental.then(|| frozen_name(&generation)),
+            taken_at: fleece.taken_at,
+        };
+        match replicate_disk(ctx, a, state_dir, &d.name, DiskReader::Nbd(view), sink).await {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if let Err(e) = vm.stop_fleece().await {
+        tracing::warn!(item = %a.item, "removing the point-in-time view: {e}");
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let created_ms = fleece
+        .taken_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_else(|_| crate::util::now_ms());
+    Ok((results, Consistency::CrashConsistent, created_ms))
+}
+
+/// After a VM item's point is saved as the acknowledged state: its bitmap
+/// generation becomes the recorded one and the frozen bitmaps go. A
+/// failure here is harmless (the next cycle reads a little more).
+pub(crate) async fn point_saved(ctx: &SourceCtx, a: &ReplicationAssignment, state_dir: &Path) {
+    let Some(slot) = ctx.vms.get(&a.machine) else {
+        return;
+    };
+    let pending = cbt_pending_path(state_dir);
+    if let Ok(generation) = std::fs::read_to_string(&pending) {
+        if let Err(e) = write_durably(&cbt_path(state_dir), generation.trim().as_bytes(), 0o600) {
+            tracing::warn!(item = %a.item, "recording the dirty bitmap generation: {e:#}");
+            return;
+        }
+        let _ = std::fs::remove_file(&pending);
+    }
+    let lost = cbt_lost_path(state_dir);
+    if let Ok(bytes) = std::fs::read(&lost)
+        && let Ok(mut l) = serde_json::from_slice::<CbtLost>(&bytes)
+        && !l.done
+    {
+        l.done = true;
+        l.at_ms = crate::util::now_ms();
+        if let Ok(b) = serde_json::to_vec(&l) {
+            let _ = write_durably(&lost, &b, 0o600);
+        }
+        ctx.update(&a.item, |c| c.resyncs += 1);
+    }
+    let Ok(generation) = std::fs::read_to_string(cbt_path(state_dir)) else {
+        return;
+    };
+    let mut slot = slot.lock().await;
+    if let Some(vm) = slot.vm.as_mut() {
+        for d in &a.disks {
+            if let Err(e) = vm
+                .drop_frozen(&d.name, &frozen_name(generation.trim()))
+                .await
+            {
+                tracing::warn!(item = %a.item, disk = %d.name, "removing the frozen dirty bitmap (the next cycle reads those blocks again): {e}");
+            }
+        }
     }
 }

@@ -210,6 +210,8 @@ pub enum SnapshotMethod {
     StableRead,
     /// Nothing guarantees consistency (block devices without a snapshot).
     None,
+    /// A running VM's point-in-time view (QEMU fleecing), read over NBD.
+    Fleece,
 }
 
 /// Options for [`scan`].

@@ -52,6 +52,18 @@ pub enum NbdError {
         message: String,
     },
 
+    /// (Server side) the client broke the protocol in a way that leaves the
+    /// byte stream out of step or is not answerable (a bad magic, an unknown
+    /// client flag, an oversized option, an unknown export in
+    /// `NBD_OPT_EXPORT_NAME`): the server closes the connection.
+    #[error("NBD protocol violation by the client: {0}")]
+    ClientProtocol(String),
+
+    /// (Server side) the server was configured with values the protocol
+    /// cannot carry (block sizes, names too long, zero limits).
+    #[error("invalid NBD server configuration: {0}")]
+    Config(String),
+
     /// An earlier protocol or I/O error left the connection in an unknown
     /// state, or it was disconnected: no further requests are sent on it.
     #[error("NBD connection is no longer usable ({0})")]
@@ -77,6 +89,7 @@ impl NbdError {
             self,
             NbdError::Io(_)
                 | NbdError::Protocol(_)
+                | NbdError::ClientProtocol(_)
                 | NbdError::Unsupported(_)
                 | NbdError::ConnectionBroken(_)
         )

@@ -1,9 +1,17 @@
-//! An async NBD (Network Block Device) client of our own, on tokio, for
-//! reading disks that QEMU exports — in particular only the extents a
-//! `qemu:dirty-bitmap:NAME` meta context reports dirty (changed-block
-//! tracking from a fleecing export).
+//! NBD (Network Block Device) on tokio, both ends, of our own.
 //!
-//! Supported:
+//! The **client** ([`NbdClient`]) reads disks that QEMU exports — in
+//! particular only the extents a `qemu:dirty-bitmap:NAME` meta context
+//! reports dirty (changed-block tracking from a fleecing export).
+//!
+//! The **server** ([`NbdServer`]) serves one read-only [`Export`] — for
+//! instant failover, a recovery point of the replica store that a replica VM
+//! boots from (QEMU opens it as the backing file of a local overlay, with
+//! copy-on-read and a block-stream job) — over any stream or a Unix socket
+//! ([`NbdServer::listen_unix`]). See the [`server`] module for what it
+//! speaks and how it guards itself against clients.
+//!
+//! Client, supported:
 //! - fixed newstyle handshake over any `AsyncRead + AsyncWrite` stream, with
 //!   helpers for Unix sockets and TCP (`NBD_FLAG_C_FIXED_NEWSTYLE`,
 //!   `NBD_FLAG_C_NO_ZEROES`);
@@ -24,9 +32,9 @@
 //! coverage), extents against the export size. A violation fails the call
 //! with [`NbdError::Protocol`] and the connection refuses further requests.
 //!
-//! Not supported (yet): TLS (`NBD_OPT_STARTTLS`), extended headers (64-bit
-//! lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`), writes, trim, flush and
-//! other write-side commands, `NBD_OPT_LIST`/`NBD_OPT_INFO`, oldstyle and
+//! Client, not supported (yet): TLS (`NBD_OPT_STARTTLS`), extended headers
+//! (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`), writes, trim, flush
+//! and other write-side commands, `NBD_OPT_LIST`/`NBD_OPT_INFO`, oldstyle and
 //! non-fixed newstyle servers, `NBD_OPT_EXPORT_NAME` fallback for servers
 //! without `NBD_OPT_GO`, and more than one request in flight (the cookie
 //! bookkeeping is per request so pipelining can be added). There are no
@@ -34,8 +42,14 @@
 
 mod client;
 mod error;
+mod export;
 pub mod proto;
+pub mod server;
 
+pub use async_trait::async_trait;
+pub use bytes::Bytes;
 pub use client::{ConnectOptions, ExportInfo, NbdClient};
 pub use error::{NbdError, Result};
+pub use export::{Export, ExportError, ExportExtent, MemoryExport, Segment};
 pub use proto::{Extent, STATE_DIRTY, STATE_HOLE, STATE_ZERO};
+pub use server::{NbdServer, ServerConfig, UnixServer};

@@ -1,6 +1,7 @@
 //! Wire constants of the NBD protocol (fixed newstyle handshake,
-//! transmission phase, structured replies) and the pure parsing of reply
-//! payloads. All integers on the wire are big-endian.
+//! transmission phase, structured replies) shared by the client and the
+//! server, and the pure parsing of reply payloads. All integers on the wire
+//! are big-endian.
 
 use crate::error::{NbdError, Result};
 
@@ -26,6 +27,10 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
+/// The reply to `NBD_OPT_EXPORT_NAME` without `NBD_FLAG_C_NO_ZEROES`: size,
+/// flags, then this many zero bytes.
+pub const EXPORT_NAME_ZEROES: usize = 124;
+
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
@@ -50,6 +55,10 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 // Transmission flags (from NBD_INFO_EXPORT).
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
@@ -58,9 +67,35 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
+/// The size of a (compact) request header: magic, flags, type, cookie,
+/// offset, length.
+pub const REQUEST_SIZE: usize = 28;
+
 pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Error numbers of the transmission phase (the protocol's own set).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
 
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 
@@ -79,6 +114,9 @@ pub const STATE_ZERO: u32 = 1 << 1;
 /// `qemu:dirty-bitmap:NAME`: the extent is dirty.
 pub const STATE_DIRTY: u32 = 1 << 0;
 
+/// The one meta context the protocol itself defines.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+
 /// The largest payload this client accepts in one read request (and so in
 /// one data chunk): 32 MiB, as QEMU and nbdkit use.
 pub const MAX_READ_PAYLOAD: u32 = 32 * 1024 * 1024;
@@ -96,6 +134,13 @@ pub const MAX_ERROR_PAYLOAD: u32 = 6 + 4096 + 8;
 pub const MAX_META_CONTEXTS: usize = 256;
 /// The longest export or context name sent (the spec's string limit).
 pub const MAX_STRING: usize = 4096;
+/// The largest option payload the server reads into memory. Real options
+/// are far smaller (a name, a few queries of at most 4096 bytes each).
+pub const MAX_OPTION_DATA: u32 = 64 * 1024;
+/// Option payloads up to this size past [`MAX_OPTION_DATA`] are skipped
+/// (streamed, never buffered) and refused with `NBD_REP_ERR_TOO_BIG`; a
+/// larger one ends the connection (QEMU's server draws the same line).
+pub const MAX_OPTION_SKIP: u32 = 32 * 1024 * 1024;
 
 /// Name of an option, for messages.
 pub fn opt_name(opt: u32) -> String {
@@ -141,15 +186,30 @@ pub fn rep_err_name(rep: u32) -> String {
 /// Name of an NBD error number (the protocol's errno subset).
 pub fn errno_name(errno: u32) -> &'static str {
     match errno {
-        1 => "EPERM",
-        5 => "EIO",
-        12 => "ENOMEM",
-        22 => "EINVAL",
-        28 => "ENOSPC",
-        75 => "EOVERFLOW",
-        95 => "ENOTSUP",
-        108 => "ESHUTDOWN",
+        EPERM => "EPERM",
+        EIO => "EIO",
+        ENOMEM => "ENOMEM",
+        EINVAL => "EINVAL",
+        ENOSPC => "ENOSPC",
+        EOVERFLOW => "EOVERFLOW",
+        ENOTSUP => "ENOTSUP",
+        ESHUTDOWN => "ESHUTDOWN",
         _ => "unknown errno",
+    }
+}
+
+/// Name of a transmission command, for messages.
+pub fn cmd_name(cmd: u16) -> String {
+    match cmd {
+        CMD_READ => "NBD_CMD_READ".into(),
+        CMD_WRITE => "NBD_CMD_WRITE".into(),
+        CMD_DISC => "NBD_CMD_DISC".into(),
+        CMD_FLUSH => "NBD_CMD_FLUSH".into(),
+        CMD_TRIM => "NBD_CMD_TRIM".into(),
+        CMD_CACHE => "NBD_CMD_CACHE".into(),
+        CMD_WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES".into(),
+        CMD_BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS".into(),
+        other => format!("command {other}"),
     }
 }
 

@@ -5,13 +5,14 @@
 //! - x86_64 `q35` machines, KVM when `/dev/kvm` opens and the CPU shows
 //!   `vmx`/`svm`, else TCG; no display, no default devices; the guest's
 //!   first serial port goes to `RUN/serial.log`, QEMU's own messages to
-//!   `RUN/qemu.log`, QMP listens on `RUN/qmp.sock`.
+//!   `RUN/qemu.log`, QMP listens on `RUN/qmp.sock` (the driver's) and
+//!   `RUN/admin.sock` (the operator's); QEMU's pid is in `RUN/qemu.pid`.
 //! - Disks: qcow2 or raw image files as `-blockdev` (format node
 //!   `disk-<name>` on file node `file-<name>`) on `virtio-blk-pci` devices
 //!   with id `vd-<name>`.
-//! - NICs: `virtio-net-pci` (id `nic-<name>`) on a restricted user-mode
-//!   backend (`net-<name>`); the spec's network is only reported
-//!   ([`Vm::query_nics`]).
+//! - NICs: `virtio-net-pci` (id `nic-<name>`) on a user-mode backend
+//!   (`net-<name>`), restricted (`restrict=on`: no route anywhere) for an
+//!   isolated NIC; the spec's network is a name ([`Vm::query_nics`]).
 //! - Direct kernel boot (`kernel`, `initrd`, `append`).
 //! - QMP ([`qmp::Qmp`], our own): block and NIC queries, dirty bitmaps (add,
 //!   list, clear, remove; persistent ones are stored in qcow2 images when
@@ -28,6 +29,7 @@
 //! Not supported yet: other machine types or architectures, bridged or
 //! routed networks, CD-ROMs, firmware choice, hotplug.
 
+pub mod fleece;
 pub mod ga;
 pub mod qmp;
 pub mod spec;
@@ -40,6 +42,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
+pub use fleece::{Fleece, FleeceDisk};
 pub use ga::{FsfreezeStatus, GaError, GaInfo, GuestAgent};
 pub use qmp::{Event, Qmp, QmpError};
 pub use spec::{DiskFormat, DiskSpec, NicSpec, SpecError, VmSpec};
@@ -154,6 +157,10 @@ pub struct DirtyBitmap {
     pub recording: bool,
     #[serde(default)]
     pub busy: bool,
+    /// A persistent bitmap QEMU could not trust when it loaded it (QEMU
+    /// was not shut down cleanly while the bitmap was in use).
+    #[serde(default)]
+    pub inconsistent: bool,
 }
 
 /// A NIC as reported: the spec's network and the MAC the guest sees.
@@ -179,7 +186,11 @@ pub struct Vm {
     spec: VmSpec,
     run_dir: PathBuf,
     accel: Accel,
-    child: Child,
+    /// QEMU's process when this `Vm` spawned it; `None` when it was
+    /// adopted ([`Vm::adopt`]) from an earlier owner.
+    child: Option<Child>,
+    /// QEMU's pid (from `RUN/qemu.pid`), also for an adopted QEMU.
+    pid: Option<u32>,
     qmp: Qmp,
     ga: Option<GuestAgent>,
 }
@@ -198,12 +209,20 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
     push(&["-m", &spec.memory_mib.to_string()]);
     push(&["-smp", &spec.cpus.to_string()]);
     push(&["-nodefaults", "-display", "none", "-no-shutdown"]);
+    push(&["-pidfile", &path("qemu.pid")]);
     // QEMU's option syntax doubles commas inside values.
     let qmp = format!(
         "unix:{},server=on,wait=off",
         path("qmp.sock").replace(',', ",,")
     );
     push(&["-qmp", &qmp]);
+    // A second QMP monitor for the operator (siterec never uses it): QMP
+    // serves one client at a time and the driver holds `qmp.sock`.
+    let admin = format!(
+        "unix:{},server=on,wait=off",
+        path("admin.sock").replace(',', ",,")
+    );
+    push(&["-qmp", &admin]);
     push(&["-serial", &format!("file:{}", path("serial.log"))]);
     for d in &spec.disks {
         // JSON syntax: no escaping of the path needed.
@@ -225,7 +244,11 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
         push(&["-device", &device.to_string()]);
     }
     for n in &spec.nics {
-        push(&["-netdev", &format!("user,id=net-{},restrict=on", n.name)]);
+        let mut netdev = format!("user,id=net-{}", n.name);
+        if n.isolated {
+            netdev.push_str(",restrict=on");
+        }
+        push(&["-netdev", &netdev]);
         let mut device = format!("virtio-net-pci,netdev=net-{0},id=nic-{0}", n.name);
         if let Some(mac) = &n.mac {
             device.push_str(&format!(",mac={mac}"));
@@ -319,14 +342,58 @@ impl Vm {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
+        let pid = child.id();
         Ok(Vm {
             ga: ga::for_spec(&spec, run_dir),
             spec,
             run_dir: run_dir.to_path_buf(),
             accel,
-            child,
+            child: Some(child),
+            pid,
             qmp,
         })
+    }
+
+    /// Takes over a QEMU that an earlier owner (a previous run of the
+    /// agent) started for `spec` in `run_dir` and that still runs: connects
+    /// to its QMP socket. `Ok(None)` when no QEMU answers there. An adopted
+    /// QEMU is not killed when the `Vm` is dropped (it was not before).
+    pub async fn adopt(spec: VmSpec, run_dir: &Path) -> Result<Option<Vm>, Error> {
+        let sock = run_dir.join("qmp.sock");
+        if !sock.exists() {
+            return Ok(None);
+        }
+        let qmp = match Qmp::connect(&sock, QMP_TIMEOUT).await {
+            Ok(q) => q,
+            Err(QmpError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let pid = std::fs::read_to_string(run_dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        Ok(Some(Vm {
+            // A QEMU started without the port (an older spec) has no
+            // socket: the client finds it absent.
+            ga: ga::for_spec(&spec, run_dir),
+            spec,
+            run_dir: run_dir.to_path_buf(),
+            accel: choose_accel(),
+            child: None,
+            pid,
+            qmp,
+        }))
+    }
+
+    /// The directory of the VM's runtime files.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     pub fn spec(&self) -> &VmSpec {
@@ -344,7 +411,10 @@ impl Vm {
 
     /// QEMU's process id (none once it has been reaped).
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.child {
+            Some(c) => c.id(),
+            None => self.pid,
+        }
     }
 
     /// The guest's serial console log.
@@ -442,15 +512,30 @@ impl Vm {
         Ok(out)
     }
 
-    /// The dirty bitmaps on `disk`'s format node.
+    /// The dirty bitmaps on `disk`'s format node. Read from the node
+    /// itself (`query-named-block-nodes`): while a backup job runs, a
+    /// filter sits between the device and the node and `query-block` shows
+    /// the filter.
     pub async fn dirty_bitmaps(&mut self, disk: &str) -> Result<Vec<DirtyBitmap>, Error> {
-        self.node_of(disk)?;
-        let info = self.query_block().await?;
-        Ok(info
-            .into_iter()
-            .find(|b| b.disk == disk)
-            .map(|b| b.dirty_bitmaps)
-            .unwrap_or_default())
+        let node = self.node_of(disk)?;
+        let v = self
+            .qmp
+            .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+            .await?;
+        let entry = v
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node.as_str()))
+            })
+            .ok_or_else(|| Error::BadReply {
+                command: "query-named-block-nodes".into(),
+                detail: format!("no node {node}"),
+            })?;
+        match entry.get("dirty-bitmaps") {
+            Some(b) => parse(b.clone(), "query-named-block-nodes"),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// `block-dirty-bitmap-add` on `disk`'s format node. A persistent
@@ -506,16 +591,55 @@ impl Vm {
                 return Err(e.into());
             }
         }
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => Ok((status.map_err(io_err("waiting for QEMU"))?, false)),
-            Err(_) => Ok((self.kill().await?, true)),
+        match &mut self.child {
+            Some(child) => match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(status) => Ok((status.map_err(io_err("waiting for QEMU"))?, false)),
+                Err(_) => Ok((self.kill().await?, true)),
+            },
+            None => {
+                // Not our child: wait for its pid to go away.
+                let begun = Instant::now();
+                while self.pid.is_some_and(pid_alive) {
+                    if begun.elapsed() > timeout {
+                        return Ok((self.kill().await?, true));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok((ExitStatus::default(), false))
+            }
         }
     }
 
     /// Kills QEMU at once and reaps it.
     pub async fn kill(&mut self) -> Result<ExitStatus, Error> {
-        self.child.start_kill().ok();
-        self.child.wait().await.map_err(io_err("waiting for QEMU"))
+        match &mut self.child {
+            Some(child) => {
+                child.start_kill().ok();
+                child.wait().await.map_err(io_err("waiting for QEMU"))
+            }
+            None => {
+                if let Some(pid) = self.pid.and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) with a pid read from QEMU's pidfile.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    let begun = Instant::now();
+                    while pid_alive(pid as u32) && begun.elapsed() < Duration::from_secs(5) {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                Ok(ExitStatus::default())
+            }
+        }
+    }
+}
+
+/// Whether a process with `pid` exists (and is not a zombie we could see).
+fn pid_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses; Z = zombie.
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
     }
 }
 

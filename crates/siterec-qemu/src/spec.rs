@@ -69,8 +69,10 @@ impl fmt::Display for DiskFormat {
     }
 }
 
-/// A virtio-net NIC. `network` is only reported in this version: the NIC
-/// gets a restricted user-mode backend (no traffic leaves the host).
+/// A virtio-net NIC on a QEMU user-mode backend. In this version a
+/// network is a name (reported, and mapped at failover): the NIC gets
+/// QEMU's user-mode NAT, or with `isolated` a restricted backend through
+/// which the guest reaches nothing (no route to the host or beyond).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NicSpec {
@@ -78,6 +80,9 @@ pub struct NicSpec {
     pub network: String,
     #[serde(default)]
     pub mac: Option<String>,
+    /// No route anywhere (`restrict=on`): a test failover's network.
+    #[serde(default)]
+    pub isolated: bool,
 }
 
 /// Why a [`VmSpec`] cannot be started.

@@ -157,7 +157,11 @@ async fn agent_freezes_and_thaws_the_guest_filesystem() {
         .expect("VM starts");
     assert!(dir.path().join("run/qga.sock").exists());
     vm.add_dirty_bitmap("os", "watch", false).await.unwrap();
-    let lines = wait_for_lines(&vm, &["WROTE", "AGENT started", "CHURN"]).await;
+    let lines = wait_for_lines(
+        &vm,
+        &["STAY /mnt read-write", "WROTE", "AGENT started", "CHURN"],
+    )
+    .await;
     eprintln!(
         "guest up in {:?} ({}): {lines:?}",
         begun.elapsed(),
@@ -251,7 +255,11 @@ async fn agent_freezes_and_thaws_the_guest_filesystem() {
         .add_dirty_bitmap("os", "watch", false)
         .await
         .unwrap();
-    let lines = wait_for_lines(&replica, &["MODE verify", "VERDICT OK", "CHURN"]).await;
+    let lines = wait_for_lines(
+        &replica,
+        &["MODE verify", "STAY /mnt read-write", "VERDICT OK", "CHURN"],
+    )
+    .await;
     assert_eq!(
         parse_verdict(&read_serial(&replica.serial_log_path())),
         Verdict::Ok(siterec_testguest::DATA_FILES),

@@ -103,11 +103,13 @@ async fn bad_specs_give_clear_errors_and_start_nothing() {
                         name: "eth0".into(),
                         network: "lan".into(),
                         mac: None,
+                        isolated: false,
                     },
                     NicSpec {
                         name: "eth0".into(),
                         network: "wan".into(),
                         mac: None,
+                        isolated: false,
                     },
                 ],
                 ..spec(vec![])
@@ -120,6 +122,7 @@ async fn bad_specs_give_clear_errors_and_start_nothing() {
                     name: "eth0".into(),
                     network: "lan".into(),
                     mac: Some("52:54:00:zz:00:01".into()),
+                    isolated: false,
                 }],
                 ..spec(vec![])
             },
@@ -208,6 +211,7 @@ async fn write_guest_dirties_a_persistent_bitmap_stored_in_the_qcow2() {
             name: "eth0".into(),
             network: "lan".into(),
             mac: Some("52:54:00:12:34:56".into()),
+            isolated: false,
         }],
         kernel: Some(guest.kernel.clone()),
         initrd: Some(guest.initrd.clone()),
@@ -362,11 +366,13 @@ async fn diskless_vm_reports_nics_and_quits_with_a_comma_in_its_run_dir() {
                 name: "eth0".into(),
                 network: "lan".into(),
                 mac: Some("52:54:00:aa:bb:01".into()),
+                isolated: false,
             },
             NicSpec {
                 name: "eth1".into(),
                 network: "backup".into(),
                 mac: None,
+                isolated: false,
             },
         ],
         ..spec(vec![])

@@ -7,8 +7,9 @@
 //! what the disk holds.
 //!
 //! Under another driver (a `VmSpec`, see [`Options`]) it can stay up after
-//! its report with the data filesystem mounted read-write on `/mnt`,
-//! optionally rewriting `/mnt/churn` at a steady rate, and it runs QEMU's
+//! its report, with the data filesystem mounted read-write on `/mnt` when
+//! it rewrites `/mnt/churn` at a steady rate or has a guest agent to freeze
+//! it, and it runs QEMU's
 //! real guest agent (`qemu-ga` from Debian's `qemu-guest-agent`, the
 //! release the host's QEMU came from) when the VM gives it the agent's
 //! virtio-serial port; the agent's fsfreeze hook prints
@@ -107,9 +108,11 @@ pub struct Options {
     pub seed: u64,
     /// The guest's own watchdog: seconds until its report.
     pub timeout_secs: u64,
-    /// After a good report keep running (`siterec.after=stay`), the data
-    /// filesystem mounted read-write on `/mnt` (from before the report
-    /// line on), instead of powering off.
+    /// After a good report keep running (`siterec.after=stay`) instead of
+    /// powering off. With churn, or a guest agent port (and `agent`), the
+    /// data filesystem is mounted read-write on `/mnt` from before the
+    /// report line on (`STAY /mnt read-write`); otherwise the disk sees no
+    /// write after the report, not even a mount's.
     pub stay: bool,
     /// With `stay`: rewrite `/mnt/churn` (outside the manifest) at this
     /// many KiB a second, a sync every second (`siterec.churn`); 0: idle.

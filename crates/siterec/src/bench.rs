@@ -445,6 +445,7 @@ impl Rig {
             upload_streams: streams,
             throttle: Default::default(),
             spool_max_bytes: siterec_agent::spool::DEFAULT_SPOOL_MAX_MIB << 20,
+            vms: Arc::new(siterec_agent::vm::VmHost::new(&[], &dir.join("source"))),
         };
         Ok(Rig {
             ctx,

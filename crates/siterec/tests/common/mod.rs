@@ -33,10 +33,34 @@ pub struct Env {
 }
 
 impl Drop for Env {
-    /// A failing test shows the tail of every process's log.
+    /// A failing test shows the tail of every process's log. VMs the agents
+    /// started outlive a killed agent (as they should): kill them too.
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
+        }
+        self.procs.clear();
+        kill_vms_under(self.dir.path());
+    }
+}
+
+/// Kills every QEMU whose pidfile (`*/vms/*/qemu.pid`) is under `dir`.
+pub fn kill_vms_under(dir: &Path) {
+    for agent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for sub in ["vms", "replicas"] {
+            for vm in std::fs::read_dir(agent.path().join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if let Some(pid) = std::fs::read_to_string(vm.path().join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) on a pid from a QEMU pidfile of this test.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
         }
     }
 }
