@@ -8,9 +8,11 @@
 //! - [`retention`]: which recovery points a policy lets go.
 //! - [`wire`]: the agent protocol's messages.
 //! - [`names`]: resource names and ARM ids.
+//! - [`network`]: network mapping: the recovery network of each replica NIC.
 
 pub mod consistency;
 pub mod names;
+pub mod network;
 pub mod policy;
 pub mod retention;
 pub mod state;

@@ -128,6 +128,198 @@ impl ProtectionState {
     }
 }
 
+/// Where a protected item stands with test failover, named after the
+/// SDK's test failover states (`testFailoverState`). It runs beside the
+/// protection state: the item stays Protected and keeps replicating while a
+/// test VM runs at the recovery site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TestFailoverState {
+    /// No test failover is active.
+    None,
+    /// A TestFailover job is creating and starting the test VM.
+    TestFailoverInitiated,
+    /// The test VM runs; clean it up when the test is over.
+    TestFailoverCompleted,
+    /// The TestFailover job failed; clean up what it may have left.
+    TestFailoverFailed,
+    /// A TestFailoverCleanup job is powering off and deleting the test VM.
+    TestFailoverCleanupInitiated,
+    /// Cleanup failed: the test VM may still exist; retry the cleanup.
+    MarkedForDeletion,
+}
+
+/// Test failover operations on a protected item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TestAction {
+    Start,
+    Finish,
+    Fail,
+    StartCleanup,
+    FinishCleanup,
+    FailCleanup,
+}
+
+impl TestFailoverState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "None",
+            Self::TestFailoverInitiated => "TestFailoverInitiated",
+            Self::TestFailoverCompleted => "TestFailoverCompleted",
+            Self::TestFailoverFailed => "TestFailoverFailed",
+            Self::TestFailoverCleanupInitiated => "TestFailoverCleanupInitiated",
+            Self::MarkedForDeletion => "MarkedForDeletion",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        ALL_TEST_STATES.iter().copied().find(|t| t.as_str() == s)
+    }
+
+    /// `testFailoverStateDescription`.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::None => "None",
+            Self::TestFailoverInitiated => "Test failover in progress",
+            Self::TestFailoverCompleted => {
+                "Test failover completed: the test VM is running; clean up the test failover when done"
+            }
+            Self::TestFailoverFailed => {
+                "Test failover failed: clean up the test failover before trying again"
+            }
+            Self::TestFailoverCleanupInitiated => "Cleaning up the test failover",
+            Self::MarkedForDeletion => {
+                "Test failover cleanup failed: the test VM may still exist; clean up again"
+            }
+        }
+    }
+
+    /// A test failover or its cleanup has a job running.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Self::TestFailoverInitiated | Self::TestFailoverCleanupInitiated
+        )
+    }
+
+    /// Whether TestFailoverCleanup is the thing to do next.
+    pub fn needs_cleanup(self) -> bool {
+        matches!(
+            self,
+            Self::TestFailoverCompleted | Self::TestFailoverFailed | Self::MarkedForDeletion
+        )
+    }
+
+    /// The test failover state after `action`, or why it is not allowed.
+    /// A test failover starts only from a Protected item (it needs a
+    /// recovery point and replication that goes on beside it).
+    pub fn apply(
+        self,
+        action: TestAction,
+        protection: ProtectionState,
+    ) -> Result<TestFailoverState, TransitionError> {
+        use TestAction as A;
+        use TestFailoverState as T;
+        let refuse = |hint: &str| TransitionError {
+            state: match self {
+                T::None => protection.description().to_lowercase(),
+                t => t.description().to_lowercase(),
+            },
+            action: test_action_name(action).into(),
+            hint: hint.into(),
+        };
+        Ok(match (self, action) {
+            (T::None, A::Start) if protection == ProtectionState::Protected => {
+                T::TestFailoverInitiated
+            }
+            (T::None, A::Start) => {
+                return Err(refuse(match protection {
+                    ProtectionState::EnablingProtection
+                    | ProtectionState::InitialReplicationInProgress => {
+                        "wait until initial replication finishes and the item is protected"
+                    }
+                    _ => "test failover needs a protected, replicating item",
+                }));
+            }
+            (T::TestFailoverInitiated, A::Finish) => T::TestFailoverCompleted,
+            (T::TestFailoverInitiated, A::Fail) => T::TestFailoverFailed,
+            (t, A::StartCleanup) if t.needs_cleanup() => T::TestFailoverCleanupInitiated,
+            (T::TestFailoverCleanupInitiated, A::FinishCleanup) => T::None,
+            (T::TestFailoverCleanupInitiated, A::FailCleanup) => T::MarkedForDeletion,
+            (t, A::Start) if t.needs_cleanup() => {
+                return Err(refuse(
+                    "a test failover is already active: clean it up (TestFailoverCleanup) first",
+                ));
+            }
+            (T::None, A::StartCleanup) => {
+                return Err(refuse(
+                    "there is no test failover to clean up: run a test failover first",
+                ));
+            }
+            (t, _) if t.in_progress() => {
+                return Err(refuse(
+                    "another test failover operation is running; wait for its job to finish",
+                ));
+            }
+            _ => return Err(refuse("see the item's allowedOperations")),
+        })
+    }
+}
+
+const ALL_TEST_STATES: [TestFailoverState; 6] = [
+    TestFailoverState::None,
+    TestFailoverState::TestFailoverInitiated,
+    TestFailoverState::TestFailoverCompleted,
+    TestFailoverState::TestFailoverFailed,
+    TestFailoverState::TestFailoverCleanupInitiated,
+    TestFailoverState::MarkedForDeletion,
+];
+
+fn test_action_name(a: TestAction) -> &'static str {
+    match a {
+        TestAction::Start => "start a test failover",
+        TestAction::Finish => "complete the test failover",
+        TestAction::Fail => "fail the test failover",
+        TestAction::StartCleanup => "clean up the test failover",
+        TestAction::FinishCleanup => "complete the test failover cleanup",
+        TestAction::FailCleanup => "fail the test failover cleanup",
+    }
+}
+
+/// Why an unplanned failover cannot start now because of a test failover,
+/// if it cannot. A test VM that is running (Completed) does not stand in
+/// the way: it has its own name and is cleaned up on its own.
+pub fn test_blocks_failover(test: TestFailoverState) -> Option<TransitionError> {
+    test.in_progress().then(|| TransitionError {
+        state: test.description().to_lowercase(),
+        action: action_name(ItemAction::StartUnplannedFailover).into(),
+        hint: "a test failover job is running; wait for it to finish".into(),
+    })
+}
+
+/// `allowedOperations` of an item: its protection state's, less an
+/// unplanned failover while a test failover job runs, plus TestFailover
+/// (VMs only: the recovery site's compute driver boots VMs) and
+/// TestFailoverCleanup when one is due.
+pub fn allowed_operations(
+    protection: ProtectionState,
+    test: TestFailoverState,
+    vm: bool,
+) -> Vec<&'static str> {
+    let mut ops: Vec<&'static str> = protection
+        .allowed_operations()
+        .iter()
+        .copied()
+        .filter(|op| !(test.in_progress() && *op == "UnplannedFailover"))
+        .collect();
+    if vm && protection == ProtectionState::Protected && test == TestFailoverState::None {
+        ops.push("TestFailover");
+    }
+    if test.needs_cleanup() {
+        ops.push("TestFailoverCleanup");
+    }
+    ops
+}
+
 const ALL_STATES: [ProtectionState; 8] = [
     ProtectionState::EnablingProtection,
     ProtectionState::InitialReplicationInProgress,
@@ -248,6 +440,10 @@ pub enum JobKind {
     UnplannedFailover,
     CommitFailover,
     VerifyStore,
+    TestFailover,
+    TestFailoverCleanup,
+    CreateNetworkMapping,
+    DeleteNetworkMapping,
 }
 
 impl JobKind {
@@ -260,6 +456,10 @@ impl JobKind {
             Self::UnplannedFailover => "UnplannedFailover",
             Self::CommitFailover => "CommitFailover",
             Self::VerifyStore => "SiterecVerifyStore",
+            Self::TestFailover => "TestFailover",
+            Self::TestFailoverCleanup => "TestFailoverCleanup",
+            Self::CreateNetworkMapping => "MapNetwork",
+            Self::DeleteNetworkMapping => "UnmapNetwork",
         }
     }
 
@@ -271,6 +471,10 @@ impl JobKind {
             Self::UnplannedFailover,
             Self::CommitFailover,
             Self::VerifyStore,
+            Self::TestFailover,
+            Self::TestFailoverCleanup,
+            Self::CreateNetworkMapping,
+            Self::DeleteNetworkMapping,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -285,6 +489,10 @@ impl JobKind {
             Self::UnplannedFailover => "Unplanned failover",
             Self::CommitFailover => "Commit",
             Self::VerifyStore => "Verify replica stores",
+            Self::TestFailover => "Test failover",
+            Self::TestFailoverCleanup => "Test failover cleanup",
+            Self::CreateNetworkMapping => "Map networks",
+            Self::DeleteNetworkMapping => "Remove network mapping",
         }
     }
 
@@ -310,6 +518,35 @@ impl JobKind {
             ],
             Self::CommitFailover => &["Prerequisites check for commit", "Commit the failover"],
             Self::VerifyStore => &["Verify the chunks and manifests of the site's replica stores"],
+            Self::TestFailover => &[
+                "Prerequisites check for test failover",
+                "Create and start the test virtual machine",
+                "Complete test failover",
+            ],
+            Self::TestFailoverCleanup => &[
+                "Prerequisites check for test failover cleanup",
+                "Power off and delete the test virtual machine",
+                "Complete test failover cleanup",
+            ],
+            Self::CreateNetworkMapping => &[
+                "Prerequisites check for network mapping",
+                "Map the networks",
+            ],
+            Self::DeleteNetworkMapping => &["Remove the network mapping"],
+        }
+    }
+
+    /// The steps of this kind of job for a virtual machine, where they
+    /// differ (same count and order: the engine runs steps by index).
+    pub fn vm_steps(self) -> &'static [&'static str] {
+        match self {
+            Self::UnplannedFailover => &[
+                "Prerequisites check for failover",
+                "Stop replication at the source",
+                "Create and start the virtual machine at the recovery site",
+                "Complete failover",
+            ],
+            other => other.steps(),
         }
     }
 }
@@ -401,6 +638,127 @@ mod tests {
         assert_eq!(
             JobKind::EnableProtection.steps().last(),
             Some(&"Finalize protection")
+        );
+    }
+
+    #[test]
+    fn a_test_failover_runs_beside_protection_and_is_cleaned_up() {
+        use TestAction as T;
+        use TestFailoverState as F;
+        let mut t = F::None;
+        for (a, want) in [
+            (T::Start, F::TestFailoverInitiated),
+            (T::Finish, F::TestFailoverCompleted),
+            (T::StartCleanup, F::TestFailoverCleanupInitiated),
+            (T::FinishCleanup, F::None),
+        ] {
+            t = t.apply(a, S::Protected).unwrap();
+            assert_eq!(t, want);
+        }
+        // A failed test failover and a failed cleanup both leave cleanup to do.
+        let failed = F::TestFailoverInitiated
+            .apply(T::Fail, S::Protected)
+            .unwrap();
+        assert_eq!(failed, F::TestFailoverFailed);
+        assert!(failed.needs_cleanup());
+        let marked = failed
+            .apply(T::StartCleanup, S::Protected)
+            .unwrap()
+            .apply(T::FailCleanup, S::Protected)
+            .unwrap();
+        assert_eq!(marked, F::MarkedForDeletion);
+        assert_eq!(
+            marked.apply(T::StartCleanup, S::Protected).unwrap(),
+            F::TestFailoverCleanupInitiated
+        );
+        // Cleanup works whatever the item did since (e.g. failed over).
+        assert!(
+            F::TestFailoverCompleted
+                .apply(T::StartCleanup, S::FailoverCommitted)
+                .is_ok()
+        );
+        for st in ALL_TEST_STATES {
+            assert_eq!(F::parse(st.as_str()), Some(st));
+        }
+    }
+
+    #[test]
+    fn test_failover_refusals_name_the_way_out() {
+        use TestAction as T;
+        use TestFailoverState as F;
+        let err = F::TestFailoverCompleted
+            .apply(T::Start, S::Protected)
+            .unwrap_err();
+        assert!(err.to_string().contains("clean it up"), "{err}");
+        let err = F::None.apply(T::StartCleanup, S::Protected).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no test failover to clean up: run a test failover first"),
+            "{err}"
+        );
+        let err = F::None
+            .apply(T::Start, S::InitialReplicationInProgress)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("wait until initial replication"),
+            "{err}"
+        );
+        assert!(
+            F::None
+                .apply(T::Start, S::UnplannedFailoverCompleted)
+                .is_err()
+        );
+        for busy in [F::TestFailoverInitiated, F::TestFailoverCleanupInitiated] {
+            for a in [T::Start, T::StartCleanup] {
+                let err = busy.apply(a, S::Protected).unwrap_err();
+                assert!(err.to_string().contains("wait for its job"), "{err}");
+            }
+        }
+        assert!(F::None.apply(T::Finish, S::Protected).is_err());
+        assert!(F::None.apply(T::FinishCleanup, S::Protected).is_err());
+    }
+
+    #[test]
+    fn allowed_operations_follow_both_states_and_the_machine_kind() {
+        use TestFailoverState as F;
+        assert_eq!(
+            allowed_operations(S::Protected, F::None, true),
+            ["UnplannedFailover", "DisableProtection", "TestFailover"]
+        );
+        // Physical servers cannot be booted by the compute driver.
+        assert_eq!(
+            allowed_operations(S::Protected, F::None, false),
+            ["UnplannedFailover", "DisableProtection"]
+        );
+        assert_eq!(
+            allowed_operations(S::Protected, F::TestFailoverInitiated, true),
+            ["DisableProtection"]
+        );
+        assert_eq!(
+            allowed_operations(S::Protected, F::TestFailoverCompleted, true),
+            [
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailoverCleanup"
+            ]
+        );
+        assert_eq!(
+            allowed_operations(S::FailoverCommitted, F::MarkedForDeletion, true),
+            ["DisableProtection", "TestFailoverCleanup"]
+        );
+        assert!(test_blocks_failover(F::TestFailoverCleanupInitiated).is_some());
+        assert!(test_blocks_failover(F::TestFailoverCompleted).is_none());
+        for k in [
+            JobKind::TestFailover,
+            JobKind::TestFailoverCleanup,
+            JobKind::CreateNetworkMapping,
+            JobKind::DeleteNetworkMapping,
+        ] {
+            assert_eq!(JobKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(
+            JobKind::UnplannedFailover.vm_steps().len(),
+            JobKind::UnplannedFailover.steps().len()
         );
     }
 }

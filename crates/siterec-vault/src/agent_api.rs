@@ -137,6 +137,20 @@ async fn heartbeat(
     for m in &req.machines {
         check_name("machine", &m.name)?;
     }
+    // A network name that cannot be a resource name is left out (and
+    // logged) rather than failing the heartbeat: the agent's other work
+    // goes on, and a NIC on that network fails over isolated.
+    let networks: Vec<&String> = req
+        .networks
+        .iter()
+        .filter(|n| match check_name("network", n) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(agent = %agent, "network left out: {e}");
+                false
+            }
+        })
+        .collect();
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
@@ -195,6 +209,22 @@ async fn heartbeat(
                 .execute(&mut *tx)
                 .await?;
         }
+    }
+    // The host's VM networks: exactly what this heartbeat reports.
+    sqlx::query("DELETE FROM networks WHERE agent_id = ?")
+        .bind(&agent)
+        .execute(&mut *tx)
+        .await?;
+    for n in networks {
+        sqlx::query(
+            "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&fabric)
+        .bind(n)
+        .bind(&agent)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
 
@@ -417,7 +447,18 @@ async fn report_point(
         .into_iter()
         .map(|(id, created_at_ms)| PointAge { id, created_at_ms })
         .collect();
-    let prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
+    let mut prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
+    // The point a test failover is creating its VM from stays until the VM
+    // exists (replication, and so retention, goes on meanwhile); a later
+    // report prunes it.
+    let held: Option<String> = sqlx::query_scalar(
+        "SELECT test_failover_point_id FROM protected_items WHERE name = ? AND test_failover_state = 'TestFailoverInitiated'",
+    )
+    .bind(&item)
+    .fetch_optional(&mut *tx)
+    .await?
+    .flatten();
+    prune.retain(|p| Some(p) != held.as_ref());
     if !prune.is_empty() {
         for id in &prune {
             sqlx::query("UPDATE recovery_points SET pruned_ms = ? WHERE item = ? AND point_id = ?")
@@ -447,4 +488,141 @@ async fn report_point(
     Ok(Json(
         json!({"item": item, "pointId": rep.point_id, "pruned": prune}),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AppState, VaultInfo};
+    use std::sync::Arc;
+
+    async fn open(dir: &std::path::Path) -> Shared {
+        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        Arc::new(AppState {
+            db,
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    async fn exec(st: &AppState, sql: &'static str) {
+        sqlx::raw_sql(sql).execute(&st.db).await.unwrap();
+    }
+
+    fn beat(networks: &[&str]) -> HeartbeatRequest {
+        HeartbeatRequest {
+            cloud: "rc".into(),
+            machines: vec![],
+            data_url: None,
+            networks: networks.iter().map(|n| n.to_string()).collect(),
+            store_encrypted: false,
+            store_key_id: None,
+            transport_key: None,
+            counters: Default::default(),
+        }
+    }
+
+    async fn networks(st: &AppState) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT name, agent_id FROM networks ORDER BY name, agent_id")
+            .fetch_all(&st.db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_heartbeat_replaces_the_networks_of_its_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms) VALUES ('a1', 'recovery', 'h1', 'k', '0', 0), ('a2', 'recovery', 'h2', 'k', '0', 0)").await;
+        let me = |id: &str| Extension(PeerIdentity(Some(id.into())));
+        let _ = heartbeat(
+            State(st.clone()),
+            me("a1"),
+            Json(beat(&["dr-lan", "test-net"])),
+        )
+        .await
+        .unwrap();
+        let _ = heartbeat(State(st.clone()), me("a2"), Json(beat(&["dr-lan"])))
+            .await
+            .unwrap();
+        let _ = heartbeat(State(st.clone()), me("a1"), Json(beat(&["dr-lan"])))
+            .await
+            .unwrap();
+        let pair = |n: &str, a: &str| (n.to_string(), a.to_string());
+        assert_eq!(
+            networks(&st).await,
+            [pair("dr-lan", "a1"), pair("dr-lan", "a2")]
+        );
+        // A name that cannot be a resource name is left out; the rest stays.
+        let _ = heartbeat(
+            State(st.clone()),
+            me("a1"),
+            Json(beat(&["bad name", "dr-lan"])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            networks(&st).await,
+            [pair("dr-lan", "a1"), pair("dr-lan", "a2")]
+        );
+    }
+
+    /// Retention goes on during a test failover, but never takes the point
+    /// the test VM is being created from.
+    #[tokio::test]
+    async fn retention_keeps_the_point_a_test_failover_is_starting_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms) VALUES ('agent-src', 'primary', 'h', 'k', '0', 0)").await;
+        exec(&st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm1', 'agent-src', '{"name":"m1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        // Keep the latest point only.
+        exec(&st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplica2012R2","copyFrequencySecs":30,"retention":{"kind":"hours","hours":0},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(&st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, test_failover_state, test_failover_point_id, created_ms, updated_ms) VALUES ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', 'Protected', 'TestFailoverInitiated', 'p1', 0, 0)").await;
+        let now = crate::db::now_ms();
+        let report = |id: &str, t: i64| PointReport {
+            item: "i1".into(),
+            point_id: id.into(),
+            created_at_ms: t,
+            consistency: Consistency::CrashConsistent,
+            bytes_sent: 0,
+            bytes_read: 0,
+        };
+        let me = || Extension(PeerIdentity(Some("agent-src".into())));
+        for (id, t) in [("p1", now - 3000), ("p2", now - 2000), ("p3", now - 1000)] {
+            let _ = report_point(State(st.clone()), me(), Json(report(id, t)))
+                .await
+                .unwrap();
+        }
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT point_id FROM recovery_points WHERE pruned_ms IS NULL ORDER BY point_id",
+        )
+        .fetch_all(&st.db)
+        .await
+        .unwrap();
+        assert_eq!(live, ["p1", "p3"], "p1 is held, p2 was pruned");
+        // Once the test VM exists, the next report lets p1 go.
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted'",
+        )
+        .await;
+        let _ = report_point(State(st.clone()), me(), Json(report("p4", now)))
+            .await
+            .unwrap();
+        let live: Vec<String> = sqlx::query_scalar(
+            "SELECT point_id FROM recovery_points WHERE pruned_ms IS NULL ORDER BY point_id",
+        )
+        .fetch_all(&st.db)
+        .await
+        .unwrap();
+        assert_eq!(live, ["p4"]);
+    }
 }

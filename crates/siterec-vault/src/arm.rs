@@ -17,12 +17,15 @@ use sqlx::Row;
 
 use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::create_job;
+use crate::jobs::{create_job, create_job_with_steps};
 use crate::model::{self, ItemRow};
 use crate::{AppState, Shared};
 use siterec_core::names::{check_name, last_segment, segment_after};
 use siterec_core::policy::Policy;
-use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
+use siterec_core::state::{
+    ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
+    test_blocks_failover,
+};
 use siterec_core::wire::{KEY_FILE_FORMAT, KEY_VALIDITY_SECS, KeyFile};
 
 pub fn router(st: Shared) -> Router {
@@ -375,6 +378,112 @@ async fn handle(
                 _,
             ],
         ) => create_mapping(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        // ----- networks and network mappings -----
+        (Method::GET, ["replicationnetworks"]) => {
+            let fabrics: Vec<String> = sqlx::query_scalar("SELECT name FROM fabrics ORDER BY name")
+                .fetch_all(db)
+                .await?;
+            let mut out = Vec::new();
+            for f in fabrics {
+                out.extend(networks_of(st, &f).await?);
+            }
+            ok(model::list(out))
+        }
+        (Method::GET, ["replicationfabrics", _, "replicationnetworks"]) => {
+            let fabric = model::fabric_exists(db, r[1]).await?;
+            ok(model::list(networks_of(st, &fabric).await?))
+        }
+        (Method::GET, ["replicationfabrics", _, "replicationnetworks", _]) => {
+            let fabric = model::fabric_exists(db, r[1]).await?;
+            let network = model::network_exists(db, &fabric, r[3]).await?;
+            let agents = model::network_agents(db, &fabric, &network).await?;
+            ok(model::network_json(v, &fabric, &network, &agents))
+        }
+        (Method::GET, ["replicationnetworkmappings"]) => {
+            let rows = sqlx::query("SELECT * FROM network_mappings ORDER BY created_ms")
+                .fetch_all(db)
+                .await?;
+            ok(model::list(
+                rows.iter()
+                    .map(|row| model::network_mapping_json(v, row))
+                    .collect::<ApiResult<Vec<_>>>()?,
+            ))
+        }
+        (
+            Method::GET,
+            [
+                "replicationfabrics",
+                _,
+                "replicationnetworks",
+                _,
+                "replicationnetworkmappings",
+            ],
+        ) => {
+            let fabric = model::fabric_exists(db, r[1]).await?;
+            let rows = sqlx::query(
+                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? ORDER BY created_ms",
+            )
+            .bind(&fabric)
+            .bind(r[3])
+            .fetch_all(db)
+            .await?;
+            if rows.is_empty() {
+                // 404 for a network that does not exist, else an empty list.
+                model::network_exists(db, &fabric, r[3]).await?;
+            }
+            ok(model::list(
+                rows.iter()
+                    .map(|row| model::network_mapping_json(v, row))
+                    .collect::<ApiResult<Vec<_>>>()?,
+            ))
+        }
+        (
+            Method::GET,
+            [
+                "replicationfabrics",
+                _,
+                "replicationnetworks",
+                _,
+                "replicationnetworkmappings",
+                _,
+            ],
+        ) => {
+            let fabric = model::fabric_exists(db, r[1]).await?;
+            let row = sqlx::query(
+                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+            )
+            .bind(&fabric)
+            .bind(r[3])
+            .bind(r[5])
+            .fetch_optional(db)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found("network mapping", &format!("{fabric}/{}/{}", r[3], r[5]))
+            })?;
+            ok(model::network_mapping_json(v, &row)?)
+        }
+        (
+            Method::PUT,
+            [
+                "replicationfabrics",
+                _,
+                "replicationnetworks",
+                _,
+                "replicationnetworkmappings",
+                _,
+            ],
+        ) => create_network_mapping(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationnetworks",
+                _,
+                "replicationnetworkmappings",
+                _,
+            ],
+        ) => delete_network_mapping(st, headers, r[1], r[3], r[5]).await,
         // ----- policies -----
         (Method::GET, ["replicationpolicies"]) => {
             let rows: Vec<(String, String)> =
@@ -524,6 +633,30 @@ async fn handle(
                 "failovercommit",
             ],
         ) => commit_failover(st, headers, r[1], r[3], r[5]).await,
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+                "testfailover",
+            ],
+        ) => test_failover(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+                "testfailovercleanup",
+            ],
+        ) => test_failover_cleanup(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // ----- jobs and operations -----
         (Method::GET, ["replicationjobs"]) => {
             let ids: Vec<String> =
@@ -941,6 +1074,69 @@ fn transition_error(e: siterec_core::state::TransitionError) -> ApiError {
     )
 }
 
+/// Refuses a failover direction other than PrimaryToRecovery.
+fn check_direction(p: &Value) -> ApiResult<()> {
+    if let Some(dir) = p.get("failoverDirection").and_then(|v| v.as_str())
+        && !dir.eq_ignore_ascii_case("PrimaryToRecovery")
+    {
+        return Err(ApiError::bad_request(format!(
+            "failoverDirection '{dir}' is not supported yet: only PrimaryToRecovery"
+        )));
+    }
+    Ok(())
+}
+
+/// The recovery point a failover input names
+/// (`providerSpecificDetails.recoveryPointId`, an id or a bare point id).
+fn wanted_point(p: &Value) -> Option<String> {
+    p.get("providerSpecificDetails")
+        .and_then(|d| d.get("recoveryPointId"))
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(|s| last_segment(s).to_string())
+}
+
+/// The point to fail over to: the one asked for, else the latest.
+async fn choose_point(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    item: &ItemRow,
+    wanted: Option<&str>,
+) -> ApiResult<String> {
+    let point: Option<String> = match wanted {
+        Some(id) => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND point_id = ? AND pruned_ms IS NULL")
+            .bind(&item.name)
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| ApiError::not_found("recovery point", &format!("{}/{id}", item.name)))
+            .map(Some)?,
+        None => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1")
+            .bind(&item.name)
+            .fetch_optional(&mut **tx)
+            .await?,
+    };
+    point.ok_or_else(|| {
+        ApiError::conflict(format!(
+            "item '{}' has no recovery point yet; wait for initial replication",
+            item.name
+        ))
+    })
+}
+
+/// The item as it is now, inside the transaction that will change it (two
+/// requests racing see each other's writes).
+async fn reload_item(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    name: &str,
+) -> ApiResult<ItemRow> {
+    let row = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| ApiError::not_found("protected item", name))?;
+    ItemRow::from_row(&row)
+}
+
 async fn unplanned_failover(
     st: &Shared,
     headers: &HeaderMap,
@@ -951,22 +1147,17 @@ async fn unplanned_failover(
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
     let p = props(body);
-    if let Some(dir) = p.get("failoverDirection").and_then(|v| v.as_str())
-        && !dir.eq_ignore_ascii_case("PrimaryToRecovery")
-    {
-        return Err(ApiError::bad_request(format!(
-            "failoverDirection '{dir}' is not supported yet: only PrimaryToRecovery"
-        )));
-    }
+    check_direction(p)?;
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p).await?;
-    let wanted = p
-        .get("providerSpecificDetails")
-        .and_then(|d| d.get("recoveryPointId"))
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty())
-        .map(|s| last_segment(s).to_string());
+    let wanted = wanted_point(p);
+    // A VM is created and started at the recovery site; a physical
+    // server's disks are written as images.
+    let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
+        .await?
+        .is_some_and(|m| model::is_vm(&m));
     let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
     if item.state == ProtectionState::UnplannedFailoverInProgress
         && let Some(job) = running_job(&mut tx, JobKind::UnplannedFailover, &item.name).await?
     {
@@ -976,25 +1167,10 @@ async fn unplanned_failover(
         .state
         .apply(ItemAction::StartUnplannedFailover)
         .map_err(transition_error)?;
-    let point: Option<String> = match &wanted {
-        Some(id) => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND point_id = ? AND pruned_ms IS NULL")
-            .bind(&item.name)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| ApiError::not_found("recovery point", &format!("{}/{id}", item.name)))
-            .map(Some)?,
-        None => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1")
-            .bind(&item.name)
-            .fetch_optional(&mut *tx)
-            .await?,
-    };
-    let Some(point) = point else {
-        return Err(ApiError::conflict(format!(
-            "item '{}' has no recovery point yet; wait for initial replication",
-            item.name
-        )));
-    };
+    if let Some(e) = test_blocks_failover(item.test_state) {
+        return Err(transition_error(e));
+    }
+    let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
     sqlx::query(
         "UPDATE protected_items SET state = ?, last_error = NULL, updated_ms = ? WHERE name = ?",
     )
@@ -1004,14 +1180,20 @@ async fn unplanned_failover(
     .execute(&mut *tx)
     .await?;
     let mut input = json!({"item": item.name, "pointId": point});
+    if vm {
+        input["vm"] = true.into();
+        input["vmName"] = item.machine.clone().into();
+    }
     if let Some(sealed) = sealed_key {
         // Sealed to the recovery agent's transport key; forgotten once the
         // materialize task is over (see jobs::forget_sealed_key).
         input["sealedKey"] = sealed.into();
     }
-    let job = create_job(
+    let kind = JobKind::UnplannedFailover;
+    let job = create_job_with_steps(
         &mut tx,
-        JobKind::UnplannedFailover,
+        kind,
+        if vm { kind.vm_steps() } else { kind.steps() },
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
@@ -1021,6 +1203,477 @@ async fn unplanned_failover(
     tx.commit().await?;
     st.wake.notify_one();
     accepted(st, headers, &job)
+}
+
+/// Test failover (SDK `TestFailoverInput`): the recovery agent creates and
+/// starts a copy of the VM from a recovery point, named `<machine>-test`,
+/// on the network the input names (`networkType: VmNetworkAsInput` with
+/// `networkId`, a network of the recovery fabric) or on an isolated one.
+/// The item stays Protected and goes on replicating.
+async fn test_failover(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let p = props(body);
+    check_direction(p)?;
+    let machine = model::machine_info(&st.db, &item.fabric, &item.machine).await?;
+    match &machine {
+        Some(m) if model::is_vm(m) => {}
+        Some(m) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "TestFailoverNotSupported",
+                format!(
+                    "item '{}' protects machine '{}', a {}: test failover boots a copy of a virtual machine at the recovery site, and only VMs (an agent's [[vms]]) can be booted there. 'siterec failover unplanned {}' writes its disks as images instead",
+                    item.name, item.machine, m.kind, item.name
+                ),
+            ));
+        }
+        None => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "MachineNotReported",
+                format!(
+                    "machine '{}' of item '{}' is not reported by any agent of fabric '{}' now, so its VM settings (memory, CPUs, NICs) are unknown: start its agent and retry",
+                    item.machine, item.name, item.fabric
+                ),
+            ));
+        }
+    }
+    let network = test_network(st, &item, p).await?;
+    // Before anything is written: a refused key creates no job.
+    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let wanted = wanted_point(p);
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.test_state == TestFailoverState::TestFailoverInitiated
+        && let Some(job) = running_job(&mut tx, JobKind::TestFailover, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .test_state
+        .apply(TestAction::Start, item.state)
+        .map_err(transition_error)?;
+    let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
+    sqlx::query(
+        "UPDATE protected_items SET test_failover_state = ?, test_failover_point_id = ?, test_failover_output = NULL, test_failover_error = NULL, updated_ms = ? WHERE name = ?",
+    )
+    .bind(next.as_str())
+    .bind(&point)
+    .bind(now_ms())
+    .bind(&item.name)
+    .execute(&mut *tx)
+    .await?;
+    let mut input = json!({
+        "item": item.name,
+        "pointId": point,
+        "vmName": format!("{}-test", item.machine),
+    });
+    if let Some(n) = network {
+        input["network"] = n.into();
+    }
+    if let Some(sealed) = sealed_key {
+        // Forgotten once the StartReplica task is over.
+        input["sealedKey"] = sealed.into();
+    }
+    let job = create_job(
+        &mut tx,
+        JobKind::TestFailover,
+        "ProtectionEntity",
+        &item.name,
+        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
+        &input,
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// The recovery network a test failover input names, checked: `None` for
+/// an isolated test (no networkType, or `NoNetworkAttachAsInput`).
+async fn test_network(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<String>> {
+    let ty = p
+        .get("networkType")
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .unwrap_or("");
+    let id = p
+        .get("networkId")
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let id = match (ty.to_ascii_lowercase().as_str(), id) {
+        ("" | "nonetworkattachasinput", None) => return Ok(None),
+        ("" | "vmnetworkasinput", Some(id)) => id,
+        ("vmnetworkasinput", None) => {
+            return Err(ApiError::bad_request(format!(
+                "networkType VmNetworkAsInput needs networkId: a network of recovery fabric '{}' ('siterec network list --fabric {}'); or use networkType NoNetworkAttachAsInput for an isolated test",
+                item.target_fabric, item.target_fabric
+            )));
+        }
+        ("nonetworkattachasinput", Some(id)) => {
+            return Err(ApiError::bad_request(format!(
+                "networkId '{id}' is given with networkType NoNetworkAttachAsInput (an isolated test): leave networkId out, or use networkType VmNetworkAsInput"
+            )));
+        }
+        (_, _) => {
+            return Err(ApiError::bad_request(format!(
+                "networkType '{ty}' is not supported: use VmNetworkAsInput (with networkId, a network of the recovery fabric) or NoNetworkAttachAsInput (an isolated network)"
+            )));
+        }
+    };
+    let (fabric, network) = match (
+        segment_after(id, "replicationFabrics"),
+        segment_after(id, "replicationNetworks"),
+    ) {
+        (Some(f), Some(n)) => (f, n),
+        (None, None) if !id.contains('/') => (item.target_fabric.as_str(), id),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "networkId '{id}' is not a network id (…/replicationFabrics/F/replicationNetworks/N)"
+            )));
+        }
+    };
+    if !fabric.eq_ignore_ascii_case(&item.target_fabric) {
+        return Err(ApiError::bad_request(format!(
+            "network '{network}' is in fabric '{fabric}', but item '{}' recovers to fabric '{}': choose one of its networks ('siterec network list --fabric {}')",
+            item.name, item.target_fabric, item.target_fabric
+        )));
+    }
+    let networks = model::fabric_networks(&st.db, &item.target_fabric).await?;
+    let Some(network) = networks
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(network))
+        .cloned()
+    else {
+        return Err(ApiError::bad_request(format!(
+            "network '{network}' is not a network of recovery fabric '{}' ({})",
+            item.target_fabric,
+            known_networks(&networks)
+        )));
+    };
+    if let Some(agent) = &item.target_agent_id {
+        let on_host = model::network_agents(&st.db, &item.target_fabric, &network).await?;
+        if !on_host.iter().any(|a| a == agent) {
+            let mine: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = ? ORDER BY name")
+                    .bind(agent)
+                    .fetch_all(&st.db)
+                    .await?;
+            return Err(ApiError::bad_request(format!(
+                "network '{network}' of fabric '{}' is not on the host of item '{}''s recovery agent {agent}, where the test VM runs ({})",
+                item.target_fabric,
+                item.name,
+                known_networks(&mine)
+            )));
+        }
+    }
+    Ok(Some(network))
+}
+
+fn known_networks(names: &[String]) -> String {
+    if names.is_empty() {
+        "it reports no networks: add [[networks]] name = \"…\" to its agent's config".into()
+    } else {
+        format!("its networks: {}", names.join(", "))
+    }
+}
+
+/// Test failover cleanup (SDK `TestFailoverCleanupInput`): the recovery
+/// agent powers off and deletes the test VM.
+async fn test_failover_cleanup(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let comments = match props(body).get("comments") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(c)) if c.chars().count() <= 1024 => c.clone(),
+        Some(Value::String(_)) => {
+            return Err(ApiError::bad_request(
+                "comments are limited to 1024 characters",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "comments must be a string, got {other}"
+            )));
+        }
+    };
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.test_state == TestFailoverState::TestFailoverCleanupInitiated
+        && let Some(job) = running_job(&mut tx, JobKind::TestFailoverCleanup, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .test_state
+        .apply(TestAction::StartCleanup, item.state)
+        .map_err(transition_error)?;
+    let vm_name = item
+        .test_output
+        .as_deref()
+        .and_then(|o| serde_json::from_str::<Value>(o).ok())
+        .and_then(|o| o.get("vmName").and_then(|n| n.as_str()).map(str::to_string))
+        .unwrap_or_else(|| format!("{}-test", item.machine));
+    sqlx::query(
+        "UPDATE protected_items SET test_failover_state = ?, updated_ms = ? WHERE name = ?",
+    )
+    .bind(next.as_str())
+    .bind(now_ms())
+    .bind(&item.name)
+    .execute(&mut *tx)
+    .await?;
+    let job = create_job(
+        &mut tx,
+        JobKind::TestFailoverCleanup,
+        "ProtectionEntity",
+        &item.name,
+        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
+        &json!({"item": item.name, "vmName": vm_name, "comments": comments}),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// The networks of a fabric as resources, with the agents that report each.
+async fn networks_of(st: &AppState, fabric: &str) -> ApiResult<Vec<Value>> {
+    let mut out = Vec::new();
+    for n in model::fabric_networks(&st.db, fabric).await? {
+        let agents = model::network_agents(&st.db, fabric, &n).await?;
+        out.push(model::network_json(&st.info, fabric, &n, &agents));
+    }
+    Ok(out)
+}
+
+/// Network mapping (SDK `CreateNetworkMappingInput`): a VM network of the
+/// primary fabric → a network of the recovery fabric. Validated before
+/// anything is written; one mapping per primary network; the mapping comes
+/// into force (Paired) when its job has checked the recovery network.
+async fn create_network_mapping(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    network: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    check_name("network mapping", name)?;
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let network = model::network_exists(&st.db, &fabric, network).await?;
+    let p = props(body);
+    let rid = p
+        .get("recoveryNetworkId")
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "properties.recoveryNetworkId is required: the id of a network of the recovery fabric (…/replicationFabrics/RF/replicationNetworks/RN; 'siterec network list --fabric RF' lists them)",
+            )
+        })?;
+    let given_rf = p
+        .get("recoveryFabricName")
+        .and_then(|v| v.as_str())
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    let (id_rf, rn) = match (
+        segment_after(rid, "replicationFabrics"),
+        segment_after(rid, "replicationNetworks"),
+    ) {
+        (Some(f), Some(n)) => (Some(f), n),
+        (None, None) if !rid.contains('/') => (None, rid),
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "recoveryNetworkId '{rid}' is not a network id (…/replicationFabrics/RF/replicationNetworks/RN)"
+            )));
+        }
+    };
+    let rf = match (given_rf, id_rf) {
+        (Some(a), Some(b)) if !a.eq_ignore_ascii_case(b) => {
+            return Err(ApiError::bad_request(format!(
+                "recoveryFabricName '{a}' and recoveryNetworkId (a network of fabric '{b}') disagree: give the recovery network's own fabric"
+            )));
+        }
+        (Some(a), _) => a,
+        (None, Some(b)) => b,
+        (None, None) => {
+            return Err(ApiError::bad_request(format!(
+                "recoveryNetworkId '{rid}' is a bare name: give recoveryFabricName too, or the network's full id"
+            )));
+        }
+    };
+    let rf: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = ?")
+        .bind(rf)
+        .fetch_optional(&st.db)
+        .await?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "recovery fabric '{rf}' does not exist; 'siterec fabric list' shows the fabrics"
+            ))
+        })?;
+    let recovery_networks = model::fabric_networks(&st.db, &rf).await?;
+    let rn = recovery_networks
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(rn))
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "recovery network '{rn}' is not reported by any agent of fabric '{rf}' ({})",
+                known_networks(&recovery_networks)
+            ))
+        })?;
+    let instance = p
+        .pointer("/fabricSpecificDetails/instanceType")
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("VmmToVmm")
+        .to_string();
+    let id = model::network_mapping_id(&st.info, &fabric, &network, name);
+    let mut tx = crate::db::begin(&st.db).await?;
+    let existing: Option<(String, String, String, String)> = sqlx::query_as(
+        "SELECT name, recovery_fabric, recovery_network, state FROM network_mappings WHERE fabric = ? AND network = ?",
+    )
+    .bind(&fabric)
+    .bind(&network)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((other, erf, ern, state)) = existing {
+        if !other.eq_ignore_ascii_case(name) {
+            return Err(ApiError::conflict(format!(
+                "network '{network}' of fabric '{fabric}' is already mapped to {erf}/{ern} by mapping '{other}': a network has one mapping; remove it first with 'siterec network unmap --fabric {fabric} --network {network}'"
+            )));
+        }
+        if !(erf.eq_ignore_ascii_case(&rf) && ern.eq_ignore_ascii_case(&rn)) {
+            return Err(ApiError::conflict(format!(
+                "mapping '{other}' exists with another recovery network ({erf}/{ern}); remove it first with 'siterec network unmap --fabric {fabric} --network {network}'"
+            )));
+        }
+        if state == "Unpairing" {
+            return Err(ApiError::conflict(format!(
+                "mapping '{other}' is being removed; wait for its job to finish, then map again"
+            )));
+        }
+        // A retried PUT of the same mapping: the job that made it.
+        if let Some(job) = latest_job_for(&mut tx, JobKind::CreateNetworkMapping, &id).await? {
+            return accepted(st, headers, &job);
+        }
+        let row = sqlx::query("SELECT * FROM network_mappings WHERE fabric = ? AND network = ?")
+            .bind(&fabric)
+            .bind(&network)
+            .fetch_one(&mut *tx)
+            .await?;
+        return ok(model::network_mapping_json(&st.info, &row)?);
+    }
+    sqlx::query(
+        "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'Pairing', ?)",
+    )
+    .bind(&fabric)
+    .bind(&network)
+    .bind(name)
+    .bind(&rf)
+    .bind(&rn)
+    .bind(&instance)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    let job = create_job(
+        &mut tx,
+        JobKind::CreateNetworkMapping,
+        "NetworkMapping",
+        name,
+        &id,
+        &json!({"fabric": fabric, "network": network, "name": name, "recoveryFabric": rf, "recoveryNetwork": rn}),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Removes a network mapping (a job: 202). A mapping that does not exist
+/// is already removed (204), as ARM deletes go.
+async fn delete_network_mapping(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    network: &str,
+    name: &str,
+) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT network, name, state FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+    )
+    .bind(&fabric)
+    .bind(network)
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((network, name, state)) = row else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let id = model::network_mapping_id(&st.info, &fabric, &network, &name);
+    match state.as_str() {
+        "Unpairing" => {
+            if let Some(job) = latest_job_for(&mut tx, JobKind::DeleteNetworkMapping, &id).await? {
+                return accepted(st, headers, &job);
+            }
+        }
+        "Pairing" => {
+            return Err(ApiError::conflict(format!(
+                "mapping '{name}' is being created; wait for its job to finish, then remove it"
+            )));
+        }
+        _ => {}
+    }
+    sqlx::query("UPDATE network_mappings SET state = 'Unpairing' WHERE fabric = ? AND network = ? AND name = ?")
+        .bind(&fabric)
+        .bind(&network)
+        .bind(&name)
+        .execute(&mut *tx)
+        .await?;
+    let job = create_job(
+        &mut tx,
+        JobKind::DeleteNetworkMapping,
+        "NetworkMapping",
+        &name,
+        &id,
+        &json!({"fabric": fabric, "network": network, "name": name}),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// The latest job of `kind` on the resource with ARM id `target_id`.
+async fn latest_job_for(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    kind: JobKind,
+    target_id: &str,
+) -> ApiResult<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM jobs WHERE kind = ? AND target_id = ? ORDER BY created_ms DESC LIMIT 1",
+    )
+    .bind(kind.as_str())
+    .bind(target_id)
+    .fetch_optional(&mut **tx)
+    .await?)
 }
 
 /// For an item kept in an encrypted replica store: the operator's recovery
@@ -1225,7 +1878,26 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
                 model::load_policy(&st.db, input["name"].as_str().unwrap_or_default()).await?;
             ok(model::policy_json(&st.info, &name, &p))
         }
-        Some(JobKind::VerifyStore) => ok(model::job_json(&st.db, &st.info, job_id).await?),
+        Some(JobKind::VerifyStore | JobKind::DeleteNetworkMapping) => {
+            ok(model::job_json(&st.db, &st.info, job_id).await?)
+        }
+        Some(JobKind::CreateNetworkMapping) => {
+            let row = sqlx::query(
+                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+            )
+            .bind(input["fabric"].as_str().unwrap_or_default())
+            .bind(input["network"].as_str().unwrap_or_default())
+            .bind(input["name"].as_str().unwrap_or_default())
+            .fetch_optional(&st.db)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found(
+                    "network mapping",
+                    input["name"].as_str().unwrap_or_default(),
+                )
+            })?;
+            ok(model::network_mapping_json(&st.info, &row)?)
+        }
         Some(JobKind::ConfigureProtection) => {
             let row = sqlx::query(
                 "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",
@@ -1302,4 +1974,535 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         expires_at: expires_ms / 1000,
     };
     ok(serde_json::to_value(key).map_err(|e| ApiError::internal("key file", e))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VaultInfo;
+    use std::sync::Arc;
+
+    async fn open(dir: &std::path::Path) -> Shared {
+        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        let st = Arc::new(AppState {
+            db,
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+        });
+        sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', 0)")
+            .bind(secret_hash("tok"))
+            .execute(&st.db)
+            .await
+            .unwrap();
+        st
+    }
+
+    async fn exec(st: &AppState, sql: &str) {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    /// Two sites; a protected VM `vm1` (NIC eth0 on prod-lan) as item
+    /// `i-vm` and a protected physical server `phys1` as item `i-phys`,
+    /// each with a recovery point; networks: primary prod-lan and backup
+    /// (agent-src), recovery dr-lan and test-net (agent-tgt), and other-lan
+    /// on another recovery host.
+    async fn setup(st: &AppState) {
+        let now = now_ms();
+        exec(
+            st,
+            "INSERT INTO fabrics (name, created_ms) VALUES ('primary', 0), ('recovery', 0)",
+        )
+        .await;
+        exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc', 0), ('recovery', 'rc', 0)").await;
+        exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(st, &format!("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-src', 'primary', 'h1', 'k', 'pc', NULL, '0', 0, {now}), ('agent-tgt', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, {now}), ('agent-tgt2', 'recovery', 'h3', 'k', 'rc', 'https://127.0.0.1:3', '0', 0, {now})")).await;
+        exec(st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES
+            ('primary', 'pc', 'vm1', 'agent-src', '{"name":"vm1","kind":"VirtualMachine","disks":[],"nics":[{"name":"eth0","network":"prod-lan","mac":"52:54:00:00:00:09"}],"vm":{"memoryMib":256,"cpus":1}}', 0),
+            ('primary', 'pc', 'phys1', 'agent-src', '{"name":"phys1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        exec(st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('primary', 'prod-lan', 'agent-src', 0), ('primary', 'backup', 'agent-src', 0), ('recovery', 'dr-lan', 'agent-tgt', 0), ('recovery', 'test-net', 'agent-tgt', 0), ('recovery', 'other-lan', 'agent-tgt2', 0)").await;
+        exec(st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, target_agent_id, state, created_ms, updated_ms) VALUES ('i-vm', 'primary', 'pc', 'vm1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0), ('i-phys', 'primary', 'pc', 'phys1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0)").await;
+        exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i-vm', 'p1', 1, 'CrashConsistent', 0, 0, 1), ('i-phys', 'q1', 1, 'CrashConsistent', 0, 0, 1)").await;
+    }
+
+    /// One ARM call as a client makes it: (status, JSON body, job id header).
+    async fn call(
+        st: &Shared,
+        method: Method,
+        rel: &str,
+        body: Value,
+    ) -> (u16, Value, Option<String>) {
+        let uri: Uri = format!("{}/{rel}?api-version=2025-08-01", st.info.id())
+            .parse()
+            .unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer tok"));
+        h.insert("host", HeaderValue::from_static("vault.test"));
+        let body = if body.is_null() {
+            Bytes::new()
+        } else {
+            Bytes::from(body.to_string())
+        };
+        let resp = match handle(st, &method, &uri, &h, &body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let status = resp.status().as_u16();
+        let job = resp
+            .headers()
+            .get("x-siterec-job-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            job,
+        )
+    }
+
+    async fn count(st: &AppState, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&st.db)
+            .await
+            .unwrap()
+    }
+
+    fn message(v: &Value) -> &str {
+        v["error"]["message"].as_str().unwrap_or_default()
+    }
+
+    const MAP: &str =
+        "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings";
+
+    fn rnet(st: &AppState, fabric: &str, n: &str) -> String {
+        model::network_id(&st.info, fabric, n)
+    }
+
+    #[tokio::test]
+    async fn networks_are_listed_per_fabric_and_vault_wide() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/recovery/replicationNetworks",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200);
+        let names: Vec<&str> = v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["name"].as_str())
+            .collect();
+        assert_eq!(names, ["dr-lan", "other-lan", "test-net"]);
+        assert_eq!(v["value"][0]["properties"]["agents"][0], "agent-tgt");
+        let (_, all, _) = call(&st, Method::GET, "replicationNetworks", Value::Null).await;
+        assert_eq!(all["value"].as_array().unwrap().len(), 5);
+        let (code, one, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/Recovery/replicationNetworks/DR-LAN",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200);
+        assert_eq!(one["id"], rnet(&st, "recovery", "dr-lan"));
+        let (code, err, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/recovery/replicationNetworks/nope",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 404);
+        assert!(
+            message(&err).contains("network 'nope' is not reported"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_network_mappings_are_refused_naming_the_problem_and_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let cases = [
+            (
+                "replicationFabrics/primary/replicationNetworks/nope/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                404,
+                "network 'nope' is not reported by any agent of fabric 'primary'",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {}}),
+                400,
+                "recoveryNetworkId is required",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryFabricName": "mars", "recoveryNetworkId": "dr-lan"}}),
+                400,
+                "recovery fabric 'mars' does not exist",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "nowhere")}}),
+                400,
+                "recovery network 'nowhere' is not reported by any agent of fabric 'recovery' (its networks: dr-lan, other-lan, test-net)",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryFabricName": "primary", "recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                400,
+                "disagree",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/m",
+                json!({"properties": {"recoveryNetworkId": "dr-lan"}}),
+                400,
+                "give recoveryFabricName too",
+            ),
+            (
+                "replicationFabrics/primary/replicationNetworks/prod-lan/replicationNetworkMappings/bad!name",
+                json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}}),
+                400,
+                "not valid",
+            ),
+        ];
+        for (rel, body, status, needle) in cases {
+            let (code, v, _) = call(&st, Method::PUT, rel, body).await;
+            assert_eq!(code, status, "{rel}: {v}");
+            assert!(message(&v).contains(needle), "{rel}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM network_mappings").await, 0);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+
+        // A good one, VmmToVmm by default; a retried PUT answers with its job.
+        let good = json!({"properties": {"recoveryFabricName": "recovery", "recoveryNetworkId": rnet(&st, "recovery", "dr-lan")}});
+        let (code, _, job) = call(&st, Method::PUT, &format!("{MAP}/m1"), good.clone()).await;
+        assert_eq!(code, 202);
+        let (code, _, again) = call(&st, Method::PUT, &format!("{MAP}/m1"), good).await;
+        assert_eq!((code, &again), (202, &job));
+        // One mapping per primary network, and no other target under the same name.
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &format!("{MAP}/m2"),
+            json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "test-net")}}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(
+            message(&v).contains("already mapped to recovery/dr-lan by mapping 'm1'"),
+            "{v}"
+        );
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &format!("{MAP}/m1"),
+            json!({"properties": {"recoveryNetworkId": rnet(&st, "recovery", "test-net")}}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM network_mappings").await, 1);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 1);
+        let (_, v, _) = call(&st, Method::GET, &format!("{MAP}/m1"), Value::Null).await;
+        let p = &v["properties"];
+        assert_eq!(p["primaryNetworkFriendlyName"], "prod-lan");
+        assert_eq!(p["recoveryNetworkId"], rnet(&st, "recovery", "dr-lan"));
+        assert_eq!(p["recoveryFabricFriendlyName"], "recovery");
+        assert_eq!(p["fabricSpecificSettings"]["instanceType"], "VmmToVmm");
+        assert_eq!(p["state"], "Pairing");
+        // Removing a mapping still being created is refused; an unknown
+        // mapping is already gone.
+        let (code, _, _) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!(code, 409);
+        let (code, _, _) = call(&st, Method::DELETE, &format!("{MAP}/zz"), Value::Null).await;
+        assert_eq!(code, 204);
+        exec(&st, "UPDATE network_mappings SET state = 'Paired'").await;
+        let (code, _, del) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!(code, 202);
+        let (code, _, del2) = call(&st, Method::DELETE, &format!("{MAP}/m1"), Value::Null).await;
+        assert_eq!((code, del2), (202, del));
+        let (_, list, _) = call(&st, Method::GET, "replicationNetworkMappings", Value::Null).await;
+        assert_eq!(list["value"][0]["properties"]["state"], "Unpairing");
+    }
+
+    const VM: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm";
+    const PHYS: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-phys";
+
+    #[tokio::test]
+    async fn test_failover_refuses_what_it_cannot_do_and_creates_no_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let cases = [
+            (
+                PHYS,
+                "testFailover",
+                json!({"properties": {"failoverDirection": "PrimaryToRecovery"}}),
+                400,
+                "only VMs",
+            ),
+            (
+                VM,
+                "testFailoverCleanup",
+                json!({"properties": {"comments": "x"}}),
+                409,
+                "no test failover to clean up",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput"}}),
+                400,
+                "needs networkId",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "Bogus"}}),
+                400,
+                "networkType 'Bogus' is not supported",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "primary", "prod-lan")}}),
+                400,
+                "recovers to fabric 'recovery'",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "recovery", "nowhere")}}),
+                400,
+                "not a network of recovery fabric 'recovery'",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "recovery", "other-lan")}}),
+                400,
+                "not on the host of item 'i-vm''s recovery agent agent-tgt",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"failoverDirection": "RecoveryToPrimary"}}),
+                400,
+                "only PrimaryToRecovery",
+            ),
+            (
+                VM,
+                "testFailover",
+                json!({"properties": {"providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "recoveryPointId": "gone"}}}),
+                404,
+                "recovery point 'i-vm/gone' was not found",
+            ),
+            (
+                VM,
+                "testFailoverCleanup",
+                json!({"properties": {"comments": "x".repeat(1025)}}),
+                400,
+                "1024 characters",
+            ),
+        ];
+        for (item, action, body, status, needle) in cases {
+            let (code, v, _) =
+                call(&st, Method::POST, &format!("{item}/{action}"), body.clone()).await;
+            assert_eq!(code, status, "{action} {body}: {v}");
+            assert!(message(&v).contains(needle), "{action}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM protected_items WHERE test_failover_state != 'None' OR state != 'Protected'").await,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn test_failover_is_idempotent_while_it_runs_and_blocks_what_would_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let body = json!({"properties": {
+            "failoverDirection": "PrimaryToRecovery",
+            "networkType": "VmNetworkAsInput",
+            "networkId": rnet(&st, "recovery", "TEST-NET"),
+            "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure"},
+        }});
+        let (code, _, job) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailover"),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(code, 202);
+        let job = job.unwrap();
+        // The SDK retries a POST: the same job answers.
+        let (code, _, again) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailover"),
+            body.clone(),
+        )
+        .await;
+        assert_eq!((code, again.as_deref()), (202, Some(job.as_str())));
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+            .bind(&job)
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let input: Value = serde_json::from_str(&input).unwrap();
+        assert_eq!(input["vmName"], "vm1-test");
+        assert_eq!(input["network"], "test-net");
+        assert_eq!(input["pointId"], "p1");
+        // The item stays Protected; the test failover is visible.
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        assert_eq!(item["properties"]["protectionState"], "Protected");
+        assert_eq!(
+            item["properties"]["testFailoverState"],
+            "TestFailoverInitiated"
+        );
+        assert_eq!(
+            item["properties"]["allowedOperations"],
+            json!(["DisableProtection"])
+        );
+        // No cleanup, and no unplanned failover, while the job runs.
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("wait for its job"), "{v}");
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/unplannedFailover"),
+            json!({}),
+        )
+        .await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("test failover job is running"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 1);
+
+        // Once it completed, another test failover needs a cleanup first.
+        exec(
+            &st,
+            &format!("UPDATE jobs SET state = 'Succeeded' WHERE id = '{job}'"),
+        )
+        .await;
+        exec(&st, "UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted', test_failover_output = '{\"vmName\":\"vm1-test\"}'").await;
+        let (code, v, _) = call(&st, Method::POST, &format!("{VM}/testFailover"), body).await;
+        assert_eq!(code, 409, "{v}");
+        assert!(message(&v).contains("clean it up"), "{v}");
+        let (code, _, cleanup) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({"properties": {"comments": "all good"}}),
+        )
+        .await;
+        assert_eq!(code, 202);
+        let (code, _, again) = call(
+            &st,
+            Method::POST,
+            &format!("{VM}/testFailoverCleanup"),
+            json!({}),
+        )
+        .await;
+        assert_eq!((code, again), (202, cleanup.clone()));
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+            .bind(cleanup.unwrap())
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        let input: Value = serde_json::from_str(&input).unwrap();
+        assert_eq!(input["vmName"], "vm1-test");
+        assert_eq!(input["comments"], "all good");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 2);
+    }
+
+    #[tokio::test]
+    async fn items_and_protectable_vms_show_their_nics_and_a_physical_server_fails_over_as_before()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let (_, m, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectableItems/vm1",
+            Value::Null,
+        )
+        .await;
+        let d = &m["properties"]["customDetails"];
+        assert_eq!(d["instanceType"], "VirtualMachine");
+        assert_eq!(d["vmNics"][0]["nicId"], "eth0");
+        assert_eq!(d["vmNics"][0]["vMNetworkName"], "prod-lan");
+        assert_eq!(d["vmNics"][0]["macAddress"], "52:54:00:00:00:09");
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        let ops = item["properties"]["allowedOperations"].clone();
+        assert_eq!(
+            ops,
+            json!(["UnplannedFailover", "DisableProtection", "TestFailover"])
+        );
+        let nic = &item["properties"]["providerSpecificDetails"]["vmNics"][0];
+        assert_eq!(nic["recoveryVMNetworkId"], Value::Null);
+        exec(&st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm', 'recovery', 'dr-lan', 'VmmToVmm', 'Paired', 0)").await;
+        let (_, item, _) = call(&st, Method::GET, VM, Value::Null).await;
+        let nic = &item["properties"]["providerSpecificDetails"]["vmNics"][0];
+        assert_eq!(nic["recoveryVMNetworkId"], rnet(&st, "recovery", "dr-lan"));
+        let (_, phys, _) = call(&st, Method::GET, PHYS, Value::Null).await;
+        assert_eq!(
+            phys["properties"]["allowedOperations"],
+            json!(["UnplannedFailover", "DisableProtection"])
+        );
+        assert_eq!(phys["properties"]["protectedItemType"], "PhysicalServer");
+
+        // Unplanned failover: a VM's job starts the VM, a physical server's
+        // materializes disks.
+        for (item, vm) in [(VM, true), (PHYS, false)] {
+            let (code, _, job) = call(
+                &st,
+                Method::POST,
+                &format!("{item}/unplannedFailover"),
+                json!({}),
+            )
+            .await;
+            assert_eq!(code, 202);
+            let (input, step): (String, String) = sqlx::query_as(
+                "SELECT j.input, s.name FROM jobs j JOIN job_steps s ON s.job_id = j.id AND s.idx = 2 WHERE j.id = ?",
+            )
+            .bind(job.unwrap())
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+            let input: Value = serde_json::from_str(&input).unwrap();
+            assert_eq!(input["vm"] == Value::Bool(true), vm, "{input}");
+            assert_eq!(step.contains("virtual machine"), vm, "{step}");
+        }
+    }
 }

@@ -24,6 +24,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/sqlite/0004_transport_key.sql"),
     ),
+    (5, include_str!("../migrations/sqlite/0005_vm_failover.sql")),
 ];
 
 pub async fn open(path: &Path) -> anyhow::Result<Db> {

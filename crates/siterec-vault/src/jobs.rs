@@ -21,8 +21,11 @@ use sqlx::{Row, Sqlite, Transaction};
 use crate::AppState;
 use crate::db::now_ms;
 use crate::model::AGENT_ONLINE_MS;
-use siterec_core::state::{ItemAction, JobKind, JobState, ProtectionState};
-use siterec_core::wire::{SealedKey, TaskWork};
+use siterec_core::network::{NicPlan, resolve_nics};
+use siterec_core::state::{
+    ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
+};
+use siterec_core::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
 type Tx<'a> = Transaction<'a, Sqlite>;
 
@@ -51,6 +54,31 @@ pub async fn create_job(
     target_id: &str,
     input: &Value,
 ) -> Result<String, sqlx::Error> {
+    create_job_with_steps(
+        tx,
+        kind,
+        kind.steps(),
+        target_type,
+        target_name,
+        target_id,
+        input,
+    )
+    .await
+}
+
+/// [`create_job`] with step names of the caller's choice (a VM's failover
+/// names its steps differently); the engine runs steps by index, so they
+/// must be as many as the kind's.
+pub async fn create_job_with_steps(
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    steps: &[&str],
+    target_type: &str,
+    target_name: &str,
+    target_id: &str,
+    input: &Value,
+) -> Result<String, sqlx::Error> {
+    debug_assert_eq!(steps.len(), kind.steps().len());
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     sqlx::query(
@@ -65,7 +93,7 @@ pub async fn create_job(
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    for (idx, name) in kind.steps().iter().enumerate() {
+    for (idx, name) in steps.iter().enumerate() {
         sqlx::query(
             "INSERT INTO job_steps (job_id, idx, name, state) VALUES (?, ?, ?, 'NotStarted')",
         )
@@ -156,6 +184,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         }
         let ctx = StepCtx {
             job_id,
+            idx,
             input: &input,
             started_ms: started,
             now_ms: now,
@@ -207,6 +236,8 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
 
 struct StepCtx<'a> {
     job_id: &'a str,
+    /// The step's index.
+    idx: i64,
     input: &'a Value,
     started_ms: i64,
     now_ms: i64,
@@ -299,6 +330,11 @@ async fn run_step(
         // states (the API moved it there): source agents drop it from their
         // next heartbeat's assignments, and late points are refused.
         (JobKind::UnplannedFailover, 1) => Ok(Step::Done),
+        // A VM is created and started at the recovery site; a physical
+        // server's disks are written as images.
+        (JobKind::UnplannedFailover, 2) if ctx.input["vm"] == Value::Bool(true) => {
+            start_replica(ctx, tx, false).await
+        }
         (JobKind::UnplannedFailover, 2) => materialize(ctx, tx).await,
         (JobKind::UnplannedFailover, 3) => {
             let item = ctx.str("item")?;
@@ -329,6 +365,83 @@ async fn run_step(
             Ok(Step::Done)
         }
         (JobKind::VerifyStore, 0) => verify_stores(ctx, tx).await,
+        (JobKind::TestFailover, 0) => test_failover_prereq(ctx, tx).await,
+        (JobKind::TestFailover, 1) => start_replica(ctx, tx, true).await,
+        (JobKind::TestFailover, 2) => {
+            let item = ctx.str("item")?;
+            test_transition(tx, &item, TestAction::Finish).await?;
+            sqlx::query("UPDATE protected_items SET test_failover_ms = ?, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+                .bind(ctx.now_ms)
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::TestFailoverCleanup, 0) => {
+            let item = ctx.str("item")?;
+            Ok(match load_test_state(tx, &item).await? {
+                Some(TestFailoverState::TestFailoverCleanupInitiated | TestFailoverState::None) => {
+                    Step::Done
+                }
+                other => fail(
+                    "InvalidState",
+                    format!(
+                        "item '{item}' is not cleaning up a test failover (test failover state {other:?})"
+                    ),
+                ),
+            })
+        }
+        (JobKind::TestFailoverCleanup, 1) => remove_replica(ctx, tx).await,
+        (JobKind::TestFailoverCleanup, 2) => {
+            let item = ctx.str("item")?;
+            test_transition(tx, &item, TestAction::FinishCleanup).await?;
+            sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::CreateNetworkMapping, 0) => {
+            let (rf, rn) = (ctx.str("recoveryFabric")?, ctx.str("recoveryNetwork")?);
+            let there: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = ? AND name = ?")
+                    .bind(&rf)
+                    .bind(&rn)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            Ok(if there > 0 {
+                Step::Done
+            } else {
+                fail(
+                    "NetworkNotFound",
+                    format!(
+                        "recovery network '{rn}' is no longer reported by any agent of fabric '{rf}'"
+                    ),
+                )
+            })
+        }
+        (JobKind::CreateNetworkMapping, 1) => {
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ?")
+                .bind(ctx.str("fabric")?)
+                .bind(ctx.str("network")?)
+                .bind(ctx.str("name")?)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
+        }
+        (JobKind::DeleteNetworkMapping, 0) => {
+            sqlx::query(
+                "DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+            )
+            .bind(ctx.str("fabric")?)
+            .bind(ctx.str("network")?)
+            .bind(ctx.str("name")?)
+            .execute(&mut **tx)
+            .await?;
+            Ok(Step::Done)
+        }
         (kind, idx) => anyhow::bail!("job kind {kind:?} has no step {idx}"),
     }
 }
@@ -512,23 +625,271 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
                     .unwrap_or("unknown error")
             ),
         )),
-        _ => {
-            let last_seen: Option<i64> =
-                sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
-                    .bind(&agent)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            if ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
+        _ => Ok(agent_gone(ctx, tx, &agent, "failover")
+            .await?
+            .unwrap_or(Step::Wait)),
+    }
+}
+
+async fn test_failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    match load_test_state(tx, &item).await? {
+        Some(
+            TestFailoverState::TestFailoverInitiated | TestFailoverState::TestFailoverCompleted,
+        ) => {}
+        other => {
+            return Ok(fail(
+                "InvalidState",
+                format!("item '{item}' is not in a test failover (test failover state {other:?})"),
+            ));
+        }
+    }
+    let pruned: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
+            .bind(&item)
+            .bind(&point)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match pruned {
+        Some(None) => Step::Done,
+        _ => fail(
+            "RecoveryPointNotFound",
+            format!("recovery point '{point}' of item '{item}' no longer exists"),
+        ),
+    })
+}
+
+/// Fails a step whose agent task has had no answer for 5 minutes while the
+/// agent was not heard from; `None` while it is worth waiting.
+async fn agent_gone(
+    ctx: &StepCtx<'_>,
+    tx: &mut Tx<'_>,
+    agent: &str,
+    what: &str,
+) -> anyhow::Result<Option<Step>> {
+    let last_seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
+        .bind(agent)
+        .fetch_optional(&mut **tx)
+        .await?
+        .flatten();
+    Ok((ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS).then(|| {
+        fail(
+            "RecoveryAgentNotConnected",
+            format!("recovery agent {agent} has not been heard from for 5 minutes; start it and retry the {what}"),
+        )
+    }))
+}
+
+/// Asks the item's recovery agent to create and start a VM from the job's
+/// recovery point (`test`: the test VM of a test failover, beside the
+/// replicating item; else the failed-over VM), and records what it started.
+/// The task is created once, with the NICs resolved then: a test failover
+/// puts every NIC on the network the operator chose (or isolates them), a
+/// failover follows the network mappings, and a NIC left isolated is said
+/// in the step's output.
+async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let point = ctx.str("pointId")?;
+    let vm_name = ctx.str("vmName")?;
+    let (agent, fabric, machine, target_fabric): (Option<String>, String, String, String) =
+        sqlx::query_as("SELECT target_agent_id, fabric, machine, target_fabric FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    let Some(agent) = agent else {
+        return Ok(fail(
+            "NoRecoveryAgent",
+            format!("item '{item}' has no recovery agent"),
+        ));
+    };
+    let task_id = format!("{}-start-replica", ctx.job_id);
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM agent_tasks WHERE id = ?")
+        .bind(&task_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if exists.is_none() {
+        let info: Option<String> =
+            sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+                .bind(&fabric)
+                .bind(&machine)
+                .fetch_optional(&mut **tx)
+                .await?;
+        let Some(info) = info.and_then(|i| serde_json::from_str::<MachineInfo>(&i).ok()) else {
+            return Ok(fail(
+                "MachineNotFound",
+                format!(
+                    "machine '{machine}' is no longer reported by fabric '{fabric}': its VM settings (memory, CPUs, NICs) are unknown"
+                ),
+            ));
+        };
+        let Some(vm) = info.vm.clone() else {
+            return Ok(fail(
+                "NotAVirtualMachine",
+                format!(
+                    "machine '{machine}' is not a virtual machine: the recovery site cannot boot it"
+                ),
+            ));
+        };
+        let mappings: std::collections::BTreeMap<String, String> =
+            crate::model::paired_network_mappings(&mut **tx, &fabric)
+                .await?
+                .into_iter()
+                .filter(|(_, (rf, _))| rf.eq_ignore_ascii_case(&target_fabric))
+                .map(|(n, (_, rn))| (n, rn))
+                .collect();
+        let available: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = ?")
+                .bind(&agent)
+                .fetch_all(&mut **tx)
+                .await?;
+        let test_network = ctx.input.get("network").and_then(|n| n.as_str());
+        let plan = match (test, test_network) {
+            (true, Some(n)) => NicPlan::AllTo(n),
+            (true, None) => NicPlan::Isolated,
+            (false, _) => NicPlan::Mapped {
+                mappings: &mappings,
+                available: &available,
+            },
+        };
+        let resolved = resolve_nics(&info.nics, plan);
+        let work = TaskWork::StartReplica {
+            item: item.clone(),
+            point_id: point,
+            vm_name: vm_name.clone(),
+            test,
+            vm,
+            nics: resolved.nics.clone(),
+            sealed_key: ctx
+                .input
+                .get("sealedKey")
+                .and_then(|v| v.as_str())
+                .map(|s| SealedKey(s.to_string())),
+        };
+        ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
+        set_step_output(
+            tx,
+            ctx,
+            &json!({"vmName": vm_name, "agent": agent, "nics": resolved.nics, "notes": resolved.notes}),
+        )
+        .await?;
+    }
+    let (state, result): (String, Option<String>) =
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            .bind(&task_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let result: Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(Value::Null);
+    if state == "Succeeded" || state == "Failed" {
+        forget_sealed_key(tx, ctx.job_id).await?;
+    }
+    let what = if test { "test failover" } else { "failover" };
+    match state.as_str() {
+        "Succeeded" => {
+            let output = result.get("output").cloned().unwrap_or(Value::Null);
+            if let Err(e) = serde_json::from_value::<ReplicaStarted>(output.clone()) {
                 return Ok(fail(
-                    "RecoveryAgentNotConnected",
+                    "StartReplicaFailed",
                     format!(
-                        "recovery agent {agent} has not been heard from for 5 minutes; start it and retry the failover"
+                        "recovery agent {agent} answered the VM start with an output that is not a started replica ({e})"
                     ),
                 ));
             }
-            Ok(Step::Wait)
+            let sql = if test {
+                "UPDATE protected_items SET test_failover_output = ?, updated_ms = ? WHERE name = ?"
+            } else {
+                "UPDATE protected_items SET failover_output = ?, updated_ms = ? WHERE name = ?"
+            };
+            sqlx::query(sql)
+                .bind(output.to_string())
+                .bind(ctx.now_ms)
+                .bind(&item)
+                .execute(&mut **tx)
+                .await?;
+            Ok(Step::Done)
         }
+        "Failed" => Ok(fail(
+            "StartReplicaFailed",
+            format!(
+                "the recovery agent could not create and start VM {vm_name}: {}",
+                result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+            ),
+        )),
+        _ => Ok(agent_gone(ctx, tx, &agent, what)
+            .await?
+            .unwrap_or(Step::Wait)),
     }
+}
+
+/// Asks the item's recovery agent to power off and delete the test VM.
+async fn remove_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
+    let item = ctx.str("item")?;
+    let vm_name = ctx.str("vmName")?;
+    let agent: Option<String> =
+        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = ?")
+            .bind(&item)
+            .fetch_one(&mut **tx)
+            .await?;
+    let Some(agent) = agent else {
+        // No recovery agent was ever chosen: no VM can have been started.
+        set_step_output(
+            tx,
+            ctx,
+            &json!({"notes": ["the item has no recovery agent: no test VM to delete"]}),
+        )
+        .await?;
+        return Ok(Step::Done);
+    };
+    let task_id = format!("{}-remove-replica", ctx.job_id);
+    let work = TaskWork::RemoveReplica {
+        item: item.clone(),
+        vm_name: vm_name.clone(),
+    };
+    ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
+    let (state, result): (String, Option<String>) =
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            .bind(&task_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    let result: Value = result
+        .and_then(|r| serde_json::from_str(&r).ok())
+        .unwrap_or(Value::Null);
+    match state.as_str() {
+        "Succeeded" => Ok(Step::Done),
+        "Failed" => Ok(fail(
+            "RemoveReplicaFailed",
+            format!(
+                "the recovery agent could not power off and delete test VM {vm_name}: {}",
+                result
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("unknown error")
+            ),
+        )),
+        _ => Ok(agent_gone(ctx, tx, &agent, "test failover cleanup")
+            .await?
+            .unwrap_or(Step::Wait)),
+    }
+}
+
+/// Records what a step wants the operator to know (`job_steps.output`).
+async fn set_step_output(
+    tx: &mut Tx<'_>,
+    ctx: &StepCtx<'_>,
+    output: &Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE job_steps SET output = ? WHERE job_id = ? AND idx = ?")
+        .bind(output.to_string())
+        .bind(ctx.job_id)
+        .bind(ctx.idx)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Asks every target agent the job names to verify its replica store and
@@ -708,6 +1069,57 @@ fn already_there(state: ProtectionState, action: ItemAction) -> bool {
     )
 }
 
+async fn load_test_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<TestFailoverState>> {
+    let s: Option<String> =
+        sqlx::query_scalar("SELECT test_failover_state FROM protected_items WHERE name = ?")
+            .bind(item)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(s.and_then(|s| TestFailoverState::parse(&s)))
+}
+
+/// Applies a test failover action to the item. Idempotent like
+/// [`transition`]: a step re-run after a crash finds the state it leads to.
+pub async fn test_transition(
+    tx: &mut Tx<'_>,
+    item: &str,
+    action: TestAction,
+) -> anyhow::Result<TestFailoverState> {
+    let Some(protection) = load_state(tx, item).await? else {
+        anyhow::bail!("protected item '{item}' does not exist");
+    };
+    let Some(state) = load_test_state(tx, item).await? else {
+        anyhow::bail!("protected item '{item}' has no readable test failover state");
+    };
+    let next = match state.apply(action, protection) {
+        Ok(next) => next,
+        Err(e) => {
+            use TestAction as A;
+            use TestFailoverState as T;
+            let there = matches!(
+                (state, action),
+                (T::TestFailoverCompleted, A::Finish)
+                    | (T::TestFailoverFailed, A::Fail)
+                    | (T::None, A::FinishCleanup)
+                    | (T::MarkedForDeletion, A::FailCleanup)
+            );
+            if there {
+                return Ok(state);
+            }
+            return Err(e.into());
+        }
+    };
+    sqlx::query(
+        "UPDATE protected_items SET test_failover_state = ?, updated_ms = ? WHERE name = ?",
+    )
+    .bind(next.as_str())
+    .bind(now_ms())
+    .bind(item)
+    .execute(&mut **tx)
+    .await?;
+    Ok(next)
+}
+
 async fn compensate(
     tx: &mut Tx<'_>,
     kind: JobKind,
@@ -726,6 +1138,42 @@ async fn compensate(
             sqlx::query("DELETE FROM container_mappings WHERE fabric = ? AND container = ? AND name = ? AND state = 'Pairing'")
                 .bind(input["fabric"].as_str().unwrap_or_default())
                 .bind(input["container"].as_str().unwrap_or_default())
+                .bind(input["name"].as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::TestFailover | JobKind::TestFailoverCleanup => {
+            // The item goes on replicating: its test failover state says
+            // what failed, and cleanup is what to do next.
+            let action = if kind == JobKind::TestFailover {
+                TestAction::Fail
+            } else {
+                TestAction::FailCleanup
+            };
+            if let Err(e) = test_transition(tx, item, action).await {
+                tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
+            }
+            sqlx::query("UPDATE protected_items SET test_failover_error = ? WHERE name = ?")
+                .bind(message)
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::CreateNetworkMapping => {
+            sqlx::query("DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ? AND state = 'Pairing'")
+                .bind(input["fabric"].as_str().unwrap_or_default())
+                .bind(input["network"].as_str().unwrap_or_default())
+                .bind(input["name"].as_str().unwrap_or_default())
+                .execute(&mut **tx)
+                .await?;
+            None
+        }
+        JobKind::DeleteNetworkMapping => {
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ? AND state = 'Unpairing'")
+                .bind(input["fabric"].as_str().unwrap_or_default())
+                .bind(input["network"].as_str().unwrap_or_default())
                 .bind(input["name"].as_str().unwrap_or_default())
                 .execute(&mut **tx)
                 .await?;
@@ -1043,5 +1491,444 @@ mod tests {
         advance(&st, &job).await.unwrap();
         assert_eq!(job_state(&st, &job).await, "Failed");
         assert!(!holds_key(&st).await);
+    }
+
+    /// A protected VM `m1` (eth0 on prod-lan with a MAC, eth1 on backup),
+    /// a recovery agent that reports dr-lan and test-net, prod-lan mapped
+    /// to dr-lan, and a recovery point p1.
+    async fn vm_setup(st: &AppState, state: &str, test_state: &str) {
+        protected_setup(st, state).await;
+        exec(st, r#"UPDATE machines SET info = '{"name":"m1","kind":"VirtualMachine","disks":[{"name":"vda","path":"/img/m1.qcow2","sizeBytes":1048576}],"nics":[{"name":"eth0","network":"prod-lan","mac":"52:54:00:00:00:01"},{"name":"eth1","network":"backup"}],"vm":{"memoryMib":256,"cpus":1}}' WHERE name = 'm1'"#).await;
+        exec(
+            st,
+            "UPDATE protected_items SET target_agent_id = 'agent-tgt'",
+        )
+        .await;
+        exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
+        exec(st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('primary', 'prod-lan', 'agent-src', 0), ('primary', 'backup', 'agent-src', 0), ('recovery', 'dr-lan', 'agent-tgt', 0), ('recovery', 'test-net', 'agent-tgt', 0)").await;
+        exec(st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm-prod', 'recovery', 'dr-lan', 'VmmToVmm', 'Paired', 0)").await;
+        sqlx::query("UPDATE protected_items SET test_failover_state = ?")
+            .bind(test_state)
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    async fn only_task(st: &AppState) -> (String, TaskWork) {
+        let tasks: Vec<(String, String)> = sqlx::query_as("SELECT agent_id, work FROM agent_tasks")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(tasks.len(), 1, "{tasks:?}");
+        (
+            tasks[0].0.clone(),
+            serde_json::from_str(&tasks[0].1).unwrap(),
+        )
+    }
+
+    /// The recovery agent answers its task as an agent does.
+    async fn answer(st: &AppState, result: Value) {
+        let ok = result["ok"] == Value::Bool(true);
+        sqlx::query("UPDATE agent_tasks SET state = ?, result = ?")
+            .bind(if ok { "Succeeded" } else { "Failed" })
+            .bind(result.to_string())
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    fn replica_started(vm: &str, nics: Value) -> Value {
+        json!({"ok": true, "output": {
+            "vmName": vm,
+            "runDir": format!("/srv/failover/vms/{vm}"),
+            "serialLog": format!("/srv/failover/vms/{vm}/serial.log"),
+            "disks": [{"disk": "vda", "format": "qcow2", "path": format!("/srv/failover/vms/{vm}/vda.qcow2"), "sizeBytes": 1048576}],
+            "nics": nics,
+        }})
+    }
+
+    async fn item_col(st: &AppState, col: &str) -> Option<String> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {col} FROM protected_items WHERE name = 'i1'"
+        )))
+        .fetch_one(&st.db)
+        .await
+        .unwrap()
+    }
+
+    async fn step_outputs(st: &AppState, job: &str) -> Vec<Option<String>> {
+        sqlx::query_scalar("SELECT output FROM job_steps WHERE job_id = ? ORDER BY idx")
+            .bind(job)
+            .fetch_all(&st.db)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_test_failover_starts_an_isolated_test_vm_and_the_item_keeps_replicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_point_id = 'p1'",
+        )
+        .await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        advance(&st, &job).await.unwrap(); // idempotent: one task only
+        let (agent, work) = only_task(&st).await;
+        assert_eq!(agent, "agent-tgt");
+        match work {
+            TaskWork::StartReplica {
+                item,
+                point_id,
+                vm_name,
+                test,
+                vm,
+                nics,
+                sealed_key,
+            } => {
+                assert_eq!(
+                    (item.as_str(), point_id.as_str(), vm_name.as_str(), test),
+                    ("i1", "p1", "m1-test", true)
+                );
+                assert_eq!((vm.memory_mib, vm.cpus), (256, 1));
+                // No network given: every NIC isolated, names and MACs kept.
+                assert_eq!(nics.len(), 2);
+                assert!(nics.iter().all(|n| n.network.is_none()), "{nics:?}");
+                assert_eq!(nics[0].mac.as_deref(), Some("52:54:00:00:00:01"));
+                assert_eq!(sealed_key, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            steps(&st, &job).await,
+            ["Succeeded", "InProgress", "NotStarted"]
+        );
+        let out = step_outputs(&st, &job).await[1].clone().unwrap();
+        assert!(out.contains("isolated network"), "{out}");
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+
+        answer(
+            &st,
+            replica_started("m1-test", json!([{"name": "eth0"}, {"name": "eth1"}])),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("TestFailoverCompleted")
+        );
+        let out = item_col(&st, "test_failover_output").await.unwrap();
+        assert!(
+            out.contains("/srv/failover/vms/m1-test/serial.log"),
+            "{out}"
+        );
+        let ms: Option<i64> =
+            sqlx::query_scalar("SELECT test_failover_ms FROM protected_items WHERE name = 'i1'")
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert!(ms.is_some());
+
+        // The API shows the test VM where a client can find it, and what
+        // can be done next.
+        let item = crate::model::load_item(&st.db, "i1").await.unwrap();
+        let v = crate::model::item_json(&st.db, &st.info, &item)
+            .await
+            .unwrap();
+        let p = &v["properties"];
+        assert_eq!(p["testFailoverState"], "TestFailoverCompleted");
+        assert_eq!(p["protectedItemType"], "VirtualMachine");
+        assert_eq!(p["providerSpecificDetails"]["testVm"]["name"], "m1-test");
+        assert_eq!(
+            p["providerSpecificDetails"]["testVm"]["runDir"],
+            "/srv/failover/vms/m1-test"
+        );
+        assert_eq!(
+            p["providerSpecificDetails"]["testVm"]["recoveryPointId"],
+            "p1"
+        );
+        let ops: Vec<&str> = p["allowedOperations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect();
+        assert!(ops.contains(&"TestFailoverCleanup") && ops.contains(&"UnplannedFailover"));
+        assert!(!ops.contains(&"TestFailover"));
+        let nics = p["providerSpecificDetails"]["vmNics"].as_array().unwrap();
+        assert_eq!(nics[0]["vMNetworkName"], "prod-lan");
+        assert_eq!(nics[0]["macAddress"], "52:54:00:00:00:01");
+        assert!(
+            nics[0]["recoveryVMNetworkId"]
+                .as_str()
+                .unwrap()
+                .ends_with("/replicationFabrics/recovery/replicationNetworks/dr-lan")
+        );
+        assert_eq!(nics[1]["recoveryVMNetworkId"], Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_test_failover_with_a_network_connects_every_nic_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test", "network": "test-net"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        let TaskWork::StartReplica { nics, .. } = work else {
+            panic!("{work:?}")
+        };
+        let nets: Vec<Option<&str>> = nics.iter().map(|n| n.network.as_deref()).collect();
+        assert_eq!(nets, [Some("test-net"), Some("test-net")]);
+    }
+
+    #[tokio::test]
+    async fn a_vm_fails_over_through_start_replica_with_nics_per_network_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "UnplannedFailoverInProgress", "None").await;
+        // As the API creates it for a VM.
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
+        let job = create_job_with_steps(
+            &mut tx,
+            JobKind::UnplannedFailover,
+            JobKind::UnplannedFailover.vm_steps(),
+            "ProtectionEntity",
+            "i1",
+            "/i1",
+            &json!({"item": "i1", "pointId": "p1", "vm": true, "vmName": "m1"}),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        let TaskWork::StartReplica {
+            vm_name,
+            test,
+            nics,
+            ..
+        } = work
+        else {
+            panic!("no StartReplica: {work:?}")
+        };
+        assert_eq!((vm_name.as_str(), test), ("m1", false));
+        let nets: Vec<Option<&str>> = nics.iter().map(|n| n.network.as_deref()).collect();
+        assert_eq!(nets, [Some("dr-lan"), None]);
+        // The step says why eth1 is isolated.
+        let out = step_outputs(&st, &job).await[2].clone().unwrap();
+        assert!(
+            out.contains("eth1") && out.contains("no network mapping for backup"),
+            "{out}"
+        );
+        let job_view = crate::model::job_json(&st.db, &st.info, &job)
+            .await
+            .unwrap();
+        let step = &job_view["properties"]["tasks"][2];
+        assert_eq!(
+            step["name"],
+            "Create and start the virtual machine at the recovery site"
+        );
+        assert!(
+            step["customDetails"]["notes"][0]
+                .as_str()
+                .unwrap()
+                .contains("eth1")
+        );
+
+        answer(
+            &st,
+            replica_started(
+                "m1",
+                json!([{"name": "eth0", "network": "dr-lan"}, {"name": "eth1"}]),
+            ),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "UnplannedFailoverCompleted");
+        let item = crate::model::load_item(&st.db, "i1").await.unwrap();
+        let v = crate::model::item_json(&st.db, &st.info, &item)
+            .await
+            .unwrap();
+        let d = &v["properties"]["providerSpecificDetails"];
+        // The disk listing works as for a physical server, plus the VM.
+        assert_eq!(
+            d["failoverDisks"][0]["path"],
+            "/srv/failover/vms/m1/vda.qcow2"
+        );
+        assert_eq!(d["failoverVm"]["name"], "m1");
+        assert_eq!(
+            d["failoverVm"]["serialLog"],
+            "/srv/failover/vms/m1/serial.log"
+        );
+    }
+
+    #[tokio::test]
+    async fn cleanup_removes_the_test_vm_and_clears_what_the_item_showed() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverCleanupInitiated").await;
+        exec(&st, r#"UPDATE protected_items SET test_failover_output = '{"vmName":"m1-test","runDir":"/r","serialLog":"/r/s","disks":[],"nics":[]}', test_failover_point_id = 'p1'"#).await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailoverCleanup,
+            json!({"item": "i1", "vmName": "m1-test", "comments": "looked fine"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        advance(&st, &job).await.unwrap();
+        let (agent, work) = only_task(&st).await;
+        assert_eq!(agent, "agent-tgt");
+        assert_eq!(
+            work,
+            TaskWork::RemoveReplica {
+                item: "i1".into(),
+                vm_name: "m1-test".into()
+            }
+        );
+        assert_eq!(job_state(&st, &job).await, "InProgress");
+        answer(&st, json!({"ok": true})).await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Succeeded");
+        assert_eq!(steps(&st, &job).await, ["Succeeded"; 3]);
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("None")
+        );
+        assert_eq!(item_col(&st, "test_failover_output").await, None);
+        assert_eq!(item_col(&st, "test_failover_point_id").await, None);
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn failed_test_failovers_and_cleanups_leave_cleanup_to_do_and_the_item_protected() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        vm_setup(&st, "Protected", "TestFailoverInitiated").await;
+        let sealed = "U1JLVDAwMDE-sealed";
+        let job = new_job(
+            &st,
+            JobKind::TestFailover,
+            json!({"item": "i1", "pointId": "p1", "vmName": "m1-test", "sealedKey": sealed}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        let (_, work) = only_task(&st).await;
+        assert!(
+            matches!(work, TaskWork::StartReplica { sealed_key: Some(ref k), .. } if k.0 == sealed)
+        );
+        answer(
+            &st,
+            json!({"ok": false, "error": "qemu-system-x86_64: no such file"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert_eq!(steps(&st, &job).await, ["Succeeded", "Failed", "Cancelled"]);
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("TestFailoverFailed")
+        );
+        let err = item_col(&st, "test_failover_error").await.unwrap();
+        assert!(err.contains("no such file"), "{err}");
+        // The item is not marked unhealthy by a test.
+        assert_eq!(item_col(&st, "last_error").await, None);
+        // The sealed key is gone from the job and the task.
+        let inputs: Vec<String> = sqlx::query_scalar("SELECT input FROM jobs")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        let works: Vec<String> = sqlx::query_scalar("SELECT work FROM agent_tasks")
+            .fetch_all(&st.db)
+            .await
+            .unwrap();
+        assert!(!inputs.iter().chain(&works).any(|t| t.contains(sealed)));
+
+        // A cleanup the agent cannot do is marked for deletion, to retry.
+        exec(
+            &st,
+            "UPDATE protected_items SET test_failover_state = 'TestFailoverCleanupInitiated'",
+        )
+        .await;
+        exec(&st, "DELETE FROM agent_tasks").await;
+        let job = new_job(
+            &st,
+            JobKind::TestFailoverCleanup,
+            json!({"item": "i1", "vmName": "m1-test"}),
+        )
+        .await;
+        advance(&st, &job).await.unwrap();
+        answer(&st, json!({"ok": false, "error": "cannot kill pid 7"})).await;
+        advance(&st, &job).await.unwrap();
+        assert_eq!(job_state(&st, &job).await, "Failed");
+        assert_eq!(
+            item_col(&st, "test_failover_state").await.as_deref(),
+            Some("MarkedForDeletion")
+        );
+        assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn a_network_mapping_is_paired_by_its_job_or_dropped_if_its_network_went_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('recovery', 'dr-lan', 'a', 0)").await;
+        exec(&st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm1', 'recovery', 'dr-lan', 'VmmToVmm', 'Pairing', 0), ('primary', 'gone-lan', 'm2', 'recovery', 'gone', 'VmmToVmm', 'Pairing', 0)").await;
+        let input = |net: &str, name: &str, rn: &str| json!({"fabric": "primary", "network": net, "name": name, "recoveryFabric": "recovery", "recoveryNetwork": rn});
+        let ok_job = new_job(
+            &st,
+            JobKind::CreateNetworkMapping,
+            input("prod-lan", "m1", "dr-lan"),
+        )
+        .await;
+        advance(&st, &ok_job).await.unwrap();
+        assert_eq!(job_state(&st, &ok_job).await, "Succeeded");
+        let bad_job = new_job(
+            &st,
+            JobKind::CreateNetworkMapping,
+            input("gone-lan", "m2", "gone"),
+        )
+        .await;
+        advance(&st, &bad_job).await.unwrap();
+        assert_eq!(job_state(&st, &bad_job).await, "Failed");
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, state FROM network_mappings ORDER BY name")
+                .fetch_all(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(rows, [("m1".to_string(), "Paired".to_string())]);
+
+        // Removal is a job too.
+        exec(&st, "UPDATE network_mappings SET state = 'Unpairing'").await;
+        let del = new_job(
+            &st,
+            JobKind::DeleteNetworkMapping,
+            json!({"fabric": "primary", "network": "prod-lan", "name": "m1"}),
+        )
+        .await;
+        advance(&st, &del).await.unwrap();
+        assert_eq!(job_state(&st, &del).await, "Succeeded");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM network_mappings")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
     }
 }

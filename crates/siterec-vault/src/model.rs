@@ -7,7 +7,8 @@ use sqlx::sqlite::SqliteRow;
 use crate::VaultInfo;
 use crate::db::{Db, opt_rfc3339, rfc3339};
 use crate::error::{ApiError, ApiResult};
-use siterec_core::state::{JobKind, JobState, ProtectionState};
+use siterec_core::state::{JobKind, JobState, ProtectionState, TestFailoverState};
+use siterec_core::wire::{KIND_VM, MachineInfo, ReplicaStarted};
 
 pub const T_FABRIC: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics";
 pub const T_PROVIDER: &str =
@@ -19,6 +20,9 @@ pub const T_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabric
 pub const T_ITEM: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems";
 pub const T_POINT: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems/recoveryPoints";
 pub const T_POLICY: &str = "Microsoft.RecoveryServices/vaults/replicationPolicies";
+pub const T_NETWORK: &str =
+    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks";
+pub const T_NETWORK_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks/replicationNetworkMappings";
 pub const T_JOB: &str = "Microsoft.RecoveryServices/vaults/replicationJobs";
 
 /// An agent is "connected" when heard from within this many milliseconds.
@@ -37,6 +41,15 @@ pub fn item_id(v: &VaultInfo, fabric: &str, container: &str, item: &str) -> Stri
     format!(
         "{}/replicationProtectedItems/{item}",
         container_id(v, fabric, container)
+    )
+}
+pub fn network_id(v: &VaultInfo, fabric: &str, network: &str) -> String {
+    format!("{}/replicationNetworks/{network}", fabric_id(v, fabric))
+}
+pub fn network_mapping_id(v: &VaultInfo, fabric: &str, network: &str, name: &str) -> String {
+    format!(
+        "{}/replicationNetworkMappings/{name}",
+        network_id(v, fabric, network)
     )
 }
 pub fn policy_id(v: &VaultInfo, policy: &str) -> String {
@@ -165,9 +178,140 @@ pub fn protectable_json(
             "customDetails": {
                 "instanceType": info.get("kind").cloned().unwrap_or(json!("PhysicalServer")),
                 "disks": info.get("disks").cloned().unwrap_or(json!([])),
+                // As the SDK's VMNicDetails (nicId, vMNetworkName), plus the MAC.
+                "vmNics": info.get("nics").and_then(Value::as_array).map(|nics| nics.iter().map(|n| json!({
+                    "nicId": n.get("name"),
+                    "vMNetworkName": n.get("network"),
+                    "macAddress": n.get("mac"),
+                })).collect::<Vec<_>>()).unwrap_or_default(),
+                "memoryMib": info.pointer("/vm/memoryMib"),
+                "cpus": info.pointer("/vm/cpus"),
             },
         }),
     )
+}
+
+// ---------- networks and network mappings ----------
+
+/// The agents of `fabric` that report network `name` (empty: no such network).
+pub async fn network_agents(db: &Db, fabric: &str, name: &str) -> ApiResult<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT agent_id FROM networks WHERE fabric = ? AND name = ? ORDER BY agent_id",
+    )
+    .bind(fabric)
+    .bind(name)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The networks of a fabric (as its agents spell them), sorted.
+pub async fn fabric_networks(db: &Db, fabric: &str) -> ApiResult<Vec<String>> {
+    let mut names: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT name FROM networks WHERE fabric = ?")
+            .bind(fabric)
+            .fetch_all(db)
+            .await?;
+    names.sort_by_key(|n| n.to_ascii_lowercase());
+    names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    Ok(names)
+}
+
+/// A network of a fabric by name, as its agents spell it; 404 naming the
+/// fabric's networks otherwise.
+pub async fn network_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
+    let fabric = fabric_exists(db, fabric).await?;
+    let found: Option<String> =
+        sqlx::query_scalar("SELECT name FROM networks WHERE fabric = ? AND name = ? LIMIT 1")
+            .bind(&fabric)
+            .bind(name)
+            .fetch_optional(db)
+            .await?;
+    found.ok_or_else(|| {
+        ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "ResourceNotFound",
+            format!(
+                "network '{name}' is not reported by any agent of fabric '{fabric}'; 'siterec network list --fabric {fabric}' shows its networks"
+            ),
+        )
+    })
+}
+
+pub fn network_json(v: &VaultInfo, fabric: &str, name: &str, agents: &[String]) -> Value {
+    resource(
+        network_id(v, fabric, name),
+        name,
+        T_NETWORK,
+        json!({
+            "fabricType": "SiterecSite",
+            "friendlyName": name,
+            "networkType": "VmNetwork",
+            "subnets": [],
+            "agents": agents,
+        }),
+    )
+}
+
+pub fn network_mapping_json(v: &VaultInfo, row: &SqliteRow) -> ApiResult<Value> {
+    let fabric: String = row.try_get("fabric")?;
+    let network: String = row.try_get("network")?;
+    let name: String = row.try_get("name")?;
+    let rf: String = row.try_get("recovery_fabric")?;
+    let rn: String = row.try_get("recovery_network")?;
+    let instance: String = row.try_get("instance_type")?;
+    Ok(resource(
+        network_mapping_id(v, &fabric, &network, &name),
+        &name,
+        T_NETWORK_MAPPING,
+        json!({
+            "state": row.try_get::<String, _>("state")?,
+            "primaryNetworkFriendlyName": network,
+            "primaryNetworkId": network_id(v, &fabric, &network),
+            "primaryFabricFriendlyName": fabric,
+            "recoveryNetworkFriendlyName": rn,
+            "recoveryNetworkId": network_id(v, &rf, &rn),
+            "recoveryFabricArmId": fabric_id(v, &rf),
+            "recoveryFabricFriendlyName": rf,
+            "fabricSpecificSettings": {"instanceType": instance},
+        }),
+    ))
+}
+
+/// The network mappings in force from `fabric`'s networks: source network
+/// (lower case) → (recovery fabric, recovery network).
+pub async fn paired_network_mappings<'e, E>(
+    db: E,
+    fabric: &str,
+) -> Result<std::collections::BTreeMap<String, (String, String)>, sqlx::Error>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+{
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT network, recovery_fabric, recovery_network FROM network_mappings WHERE fabric = ? AND state = 'Paired'",
+    )
+    .bind(fabric)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(n, rf, rn)| (n.to_ascii_lowercase(), (rf, rn)))
+        .collect())
+}
+
+/// The machine an item protects, as its agent last reported it.
+pub async fn machine_info(db: &Db, fabric: &str, machine: &str) -> ApiResult<Option<MachineInfo>> {
+    let info: Option<String> =
+        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+            .bind(fabric)
+            .bind(machine)
+            .fetch_optional(db)
+            .await?;
+    Ok(info.and_then(|i| serde_json::from_str(&i).ok()))
+}
+
+/// Whether a reported machine is a VM the recovery site can boot.
+pub fn is_vm(info: &MachineInfo) -> bool {
+    info.kind == KIND_VM && info.vm.is_some()
 }
 
 // ---------- policies and mappings ----------
@@ -237,6 +381,11 @@ pub struct ItemRow {
     pub failover_point_id: Option<String>,
     pub failover_output: Option<String>,
     pub failover_ms: Option<i64>,
+    pub test_state: TestFailoverState,
+    pub test_output: Option<String>,
+    pub test_point_id: Option<String>,
+    pub test_error: Option<String>,
+    pub test_ms: Option<i64>,
     pub created_ms: i64,
 }
 
@@ -259,6 +408,16 @@ impl ItemRow {
             failover_point_id: row.try_get("failover_point_id")?,
             failover_output: row.try_get("failover_output")?,
             failover_ms: row.try_get("failover_ms")?,
+            test_state: {
+                let t: String = row.try_get("test_failover_state")?;
+                TestFailoverState::parse(&t).ok_or_else(|| {
+                    ApiError::internal("stored test failover state", format!("unknown state {t}"))
+                })?
+            },
+            test_output: row.try_get("test_failover_output")?,
+            test_point_id: row.try_get("test_failover_point_id")?,
+            test_error: row.try_get("test_failover_error")?,
+            test_ms: row.try_get("test_failover_ms")?,
             created_ms: row.try_get("created_ms")?,
         })
     }
@@ -339,11 +498,76 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
             |w| json!({"errorMessage": w, "errorLevel": "Warning", "errorSource": "SourceAgent"}),
         ));
     }
-    let failover_disks: Value = item
+    // A physical server's failover output is its materialized disks; a
+    // VM's is the replica the recovery agent started (with its disks).
+    let failover_output: Value = item
         .failover_output
         .as_deref()
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or(Value::Null);
+    let (failover_disks, failover_vm) = match &failover_output {
+        Value::Object(o) if o.contains_key("vmName") => (
+            o.get("disks").cloned().unwrap_or(Value::Null),
+            replica_json(&failover_output, None),
+        ),
+        other => (other.clone(), Value::Null),
+    };
+    let test_vm = item
+        .test_output
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .map(|o| replica_json(&o, item.test_point_id.as_deref()))
+        .unwrap_or(Value::Null);
+    let machine = machine_info(db, &item.fabric, &item.machine).await?;
+    let vm = machine.as_ref().is_some_and(is_vm);
+    let vm_nics = match &machine {
+        Some(m) if vm => {
+            let mappings = paired_network_mappings(db, &item.fabric).await?;
+            let test_nics: Vec<ReplicaNicView> = item
+                .test_output
+                .as_deref()
+                .and_then(|s| serde_json::from_str::<ReplicaStarted>(s).ok())
+                .map(|r| {
+                    r.nics
+                        .into_iter()
+                        .map(|n| ReplicaNicView {
+                            name: n.name,
+                            network: n.network,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Value::Array(
+                m.nics
+                    .iter()
+                    .map(|n| {
+                        let mapped = mappings.get(&n.network.to_ascii_lowercase());
+                        let tfo = test_nics
+                            .iter()
+                            .find(|t| t.name == n.name)
+                            .and_then(|t| t.network.as_deref())
+                            .map(|net| network_id(v, &item.target_fabric, net));
+                        json!({
+                            "nicId": n.name,
+                            "vMNetworkName": n.network,
+                            "macAddress": n.mac,
+                            "recoveryVMNetworkId": mapped.map(|(rf, rn)| network_id(v, rf, rn)),
+                            "recoveryVMNetworkName": mapped.map(|(_, rn)| rn),
+                            "tfoVMNetworkId": tfo,
+                            "selectionType": "SelectedByUser",
+                        })
+                    })
+                    .collect(),
+            )
+        }
+        _ => Value::Null,
+    };
+    let test_description = match (&item.test_error, item.test_state) {
+        (Some(e), TestFailoverState::TestFailoverFailed | TestFailoverState::MarkedForDeletion) => {
+            format!("{}: {e}", item.test_state.description())
+        }
+        _ => item.test_state.description().to_string(),
+    };
     let active_location = match item.state {
         ProtectionState::UnplannedFailoverCompleted
         | ProtectionState::FailoverCommitInProgress
@@ -356,7 +580,7 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
         T_ITEM,
         json!({
             "friendlyName": item.name,
-            "protectedItemType": "PhysicalServer",
+            "protectedItemType": machine.as_ref().map(|m| m.kind.as_str()).unwrap_or("PhysicalServer"),
             "protectableItemId": format!("{}/replicationProtectableItems/{}", container_id(v, &item.fabric, &item.container), item.machine),
             "recoveryServicesProviderId": item.target_agent_id,
             "primaryFabricFriendlyName": item.fabric,
@@ -371,8 +595,11 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
             "replicationHealth": health,
             "replicationHealthErrors": health_errors,
             "activeLocation": active_location,
-            "allowedOperations": item.state.allowed_operations(),
+            "allowedOperations": siterec_core::state::allowed_operations(item.state, item.test_state, vm),
             "lastSuccessfulFailoverTime": opt_rfc3339(item.failover_ms),
+            "testFailoverState": item.test_state.as_str(),
+            "testFailoverStateDescription": test_description,
+            "lastSuccessfulTestFailoverTime": opt_rfc3339(item.test_ms),
             "providerSpecificDetails": {
                 "instanceType": policy_instance,
                 "lastReplicatedTime": opt_rfc3339(latest.as_ref().map(|l| l.1)),
@@ -381,9 +608,32 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
                 "sourceAgentCounters": counters,
                 "failoverRecoveryPointId": item.failover_point_id,
                 "failoverDisks": failover_disks,
+                "failoverVm": failover_vm,
+                "vmNics": vm_nics,
+                "testVm": test_vm,
             },
         }),
     ))
+}
+
+struct ReplicaNicView {
+    name: String,
+    network: Option<String>,
+}
+
+/// A replica VM (a StartReplica output) as the API shows it.
+fn replica_json(out: &Value, point: Option<&str>) -> Value {
+    let mut v = json!({
+        "name": out.get("vmName"),
+        "runDir": out.get("runDir"),
+        "serialLog": out.get("serialLog"),
+        "disks": out.get("disks"),
+        "nics": out.get("nics"),
+    });
+    if let Some(p) = point {
+        v["recoveryPointId"] = p.into();
+    }
+    v
 }
 
 /// The source agent's counters for this item, as last reported.
@@ -459,6 +709,9 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> 
             "startTime": opt_rfc3339(s.try_get("start_ms")?),
             "endTime": opt_rfc3339(s.try_get("end_ms")?),
             "errors": err.iter().map(|e| json!({"taskErrorDetails": {"errorMessage": e}})).collect::<Vec<_>>(),
+            "customDetails": s.try_get::<Option<String>, _>("output")?
+                .and_then(|o| serde_json::from_str::<Value>(&o).ok())
+                .map(|o| json!({"instanceType": "SiterecStepOutput", "notes": o.get("notes"), "output": o})),
         }));
     }
     let code: Option<String> = row.try_get("error_code")?;

@@ -70,6 +70,10 @@ enum Cmd {
     /// Cloud pairings (protection container mappings).
     #[command(subcommand)]
     Pairing(PairingCmd),
+    /// VM networks agents report, and network mappings (source VM network →
+    /// recovery network).
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Protected items: enable protection, list, show.
     #[command(subcommand)]
     Item(ItemCmd),
@@ -305,6 +309,45 @@ enum PairingCmd {
 }
 
 #[derive(Subcommand)]
+enum NetworkCmd {
+    /// The VM networks of a site (reported by its agents), or of every site.
+    List {
+        #[arg(long)]
+        fabric: Option<String>,
+    },
+    /// Map a VM network of a site to a network of the recovery site: a
+    /// failed-over VM's NIC on the source network is connected to it.
+    Map {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long)]
+        recovery_fabric: String,
+        #[arg(long)]
+        recovery_network: String,
+        /// Mapping name (default: NETWORK-to-RECOVERY_NETWORK).
+        #[arg(long)]
+        name: Option<String>,
+        /// ARM instanceType of the mapping's fabric-specific details.
+        #[arg(long, default_value = "VmmToVmm")]
+        instance_type: String,
+    },
+    /// Every network mapping of the vault.
+    Mappings,
+    /// Remove the network mapping of a VM network.
+    Unmap {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        network: String,
+        /// The mapping's name (default: the network's one mapping).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ItemCmd {
     /// Enable protection of a machine (runs initial replication).
     Enable {
@@ -354,6 +397,32 @@ enum FailoverCmd {
     /// Commit a completed failover.
     Commit {
         item: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Test failover: start a copy of a protected VM at the recovery site,
+    /// named ITEM's machine with `-test`, while replication goes on.
+    Test {
+        item: String,
+        /// `latest` or a recovery point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        /// A network of the recovery site to connect every NIC to (default:
+        /// an isolated network).
+        #[arg(long)]
+        network: Option<String>,
+        /// The recovery key file, for an item in an encrypted replica store.
+        #[arg(long, value_name = "FILE")]
+        encryption_key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Power off and delete a test failover's VM.
+    TestCleanup {
+        item: String,
+        /// Notes on the test (kept with the cleanup job).
+        #[arg(long)]
+        comments: Option<String>,
         #[arg(long)]
         no_wait: bool,
     },
@@ -676,10 +745,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Machine(MachineCmd::List { fabric, cloud }) => {
-            let v = api(&cli.conn)
+            let mut v = api(&cli.conn)
                 .await?
                 .list(&format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectableItems"))
                 .await?;
+            if out == Format::Table {
+                for m in &mut v {
+                    let nics = nics_text(m.pointer("/properties/customDetails/vmNics"));
+                    m["nicsText"] = nics.into();
+                }
+            }
             output::rows(
                 out,
                 &v,
@@ -687,6 +762,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ("NAME", "/name"),
                     ("STATUS", "/properties/protectionStatus"),
                     ("KIND", "/properties/customDetails/instanceType"),
+                    ("NICS", "/nicsText"),
                     ("ERRORS", "/properties/protectionReadinessErrors"),
                 ],
             );
@@ -742,6 +818,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Network(n) => network(&cli.conn, out, n).await,
         Cmd::Item(i) => item(&cli.conn, out, i).await,
         Cmd::Points(PointsCmd::List { item }) => {
             let api = api(&cli.conn).await?;
@@ -812,6 +889,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         ("START", "/startTime"),
                         ("END", "/endTime"),
                         ("ERROR", "/errors/0/taskErrorDetails/errorMessage"),
+                        ("NOTES", "/customDetails/notes"),
                     ],
                 );
                 if let Some(e) = v
@@ -1001,7 +1079,7 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             Ok(ExitCode::SUCCESS)
         }
         ItemCmd::Show { item } => {
-            let (_, v) = api.item_path(&item).await?;
+            let (_, mut v) = api.item_path(&item).await?;
             let mut fields = ITEM_COLS.to_vec();
             fields.extend([
                 ("machine", "/properties/protectableItemId"),
@@ -1016,7 +1094,30 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
                     "failover disks",
                     "/properties/providerSpecificDetails/failoverDisks",
                 ),
+                (
+                    "failover VM",
+                    "/properties/providerSpecificDetails/failoverVm/name",
+                ),
+                (
+                    "failover VM serial log",
+                    "/properties/providerSpecificDetails/failoverVm/serialLog",
+                ),
+                ("test failover", "/properties/testFailoverStateDescription"),
+                ("test VM", "/properties/providerSpecificDetails/testVm/name"),
+                (
+                    "test VM run dir",
+                    "/properties/providerSpecificDetails/testVm/runDir",
+                ),
+                (
+                    "test VM serial log",
+                    "/properties/providerSpecificDetails/testVm/serialLog",
+                ),
+                ("NICs", "/nicsText"),
             ]);
+            if out == Format::Table {
+                let nics = nics_text(v.pointer("/properties/providerSpecificDetails/vmNics"));
+                v["nicsText"] = nics.into();
+            }
             output::object(out, &v, &fields);
             Ok(ExitCode::SUCCESS)
         }
@@ -1124,6 +1225,221 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 )
                 .await?;
             finish(op, out, &format!("commit of {item}"))
+        }
+        FailoverCmd::Test {
+            item,
+            point,
+            network,
+            encryption_key,
+            no_wait,
+        } => {
+            let key = match &encryption_key {
+                Some(path) => Some(read_encryption_key(path)?),
+                None => None,
+            };
+            let (rel, v) = api.item_path(&item).await?;
+            let mut details = json!({"instanceType": "HyperVReplicaAzure"});
+            if let Some(key) = key {
+                details["primaryKekCertificatePfx"] = key.into();
+            }
+            if point != "latest" {
+                details["recoveryPointId"] =
+                    format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
+            }
+            let mut props = json!({
+                "failoverDirection": "PrimaryToRecovery",
+                "networkType": "NoNetworkAttachAsInput",
+                "providerSpecificDetails": details,
+            });
+            if let Some(n) = network {
+                let rf = v["properties"]["recoveryFabricFriendlyName"]
+                    .as_str()
+                    .unwrap_or_default();
+                props["networkType"] = "VmNetworkAsInput".into();
+                props["networkId"] = format!(
+                    "{}/replicationFabrics/{rf}/replicationNetworks/{n}",
+                    api.vault_id()
+                )
+                .into();
+            }
+            let body = json!({"properties": props});
+            let rel = format!("{rel}/testFailover");
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::POST, &rel, &body).await?;
+                return Ok(started(&job, out, "test failover"));
+            }
+            let op = api
+                .run(reqwest::Method::POST, &rel, &body, JOB_TIMEOUT)
+                .await?;
+            if op.status == "Succeeded"
+                && out == Format::Table
+                && let Some(vm) = op
+                    .result
+                    .as_ref()
+                    .and_then(|r| r.pointer("/properties/providerSpecificDetails/testVm"))
+            {
+                println!(
+                    "test VM {} started from point {} in {} (serial console: {})",
+                    output::cell(vm.get("name")),
+                    output::cell(vm.get("recoveryPointId")),
+                    output::cell(vm.get("runDir")),
+                    output::cell(vm.get("serialLog"))
+                );
+                for n in vm["nics"].as_array().into_iter().flatten() {
+                    let net = n["network"].as_str().unwrap_or("an isolated network");
+                    println!("  NIC {}: {net}", output::cell(n.get("name")));
+                }
+                println!("clean it up with 'siterec failover test-cleanup {item}'");
+            }
+            finish(op, out, &format!("test failover of {item}"))
+        }
+        FailoverCmd::TestCleanup {
+            item,
+            comments,
+            no_wait,
+        } => {
+            let (rel, _) = api.item_path(&item).await?;
+            let body = json!({"properties": {"comments": comments.unwrap_or_default()}});
+            let rel = format!("{rel}/testFailoverCleanup");
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::POST, &rel, &body).await?;
+                return Ok(started(&job, out, "test failover cleanup"));
+            }
+            let op = api
+                .run(reqwest::Method::POST, &rel, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("test failover cleanup of {item}"))
+        }
+    }
+}
+
+/// A VM's NICs in one cell: `eth0: prod-lan → recovery/dr-lan`.
+fn nics_text(nics: Option<&Value>) -> String {
+    nics.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            let mut s = format!(
+                "{}: {}",
+                output::cell(n.get("nicId")),
+                output::cell(n.get("vMNetworkName"))
+            );
+            if let Some(target) = n.get("recoveryVMNetworkId").and_then(Value::as_str) {
+                let fabric = siterec_core::names::segment_after(target, "replicationFabrics")
+                    .unwrap_or_default();
+                s.push_str(&format!(
+                    " → {fabric}/{}",
+                    siterec_core::names::last_segment(target)
+                ));
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+const NETWORK_MAPPING_COLS: [(&str, &str); 6] = [
+    ("NAME", "/name"),
+    ("FABRIC", "/properties/primaryFabricFriendlyName"),
+    ("NETWORK", "/properties/primaryNetworkFriendlyName"),
+    ("RECOVERY FABRIC", "/properties/recoveryFabricFriendlyName"),
+    (
+        "RECOVERY NETWORK",
+        "/properties/recoveryNetworkFriendlyName",
+    ),
+    ("STATE", "/properties/state"),
+];
+
+async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    match cmd {
+        NetworkCmd::List { fabric } => {
+            let rel = match &fabric {
+                Some(f) => format!("replicationFabrics/{f}/replicationNetworks"),
+                None => "replicationNetworks".to_string(),
+            };
+            let mut v = api.list(&rel).await?;
+            for n in &mut v {
+                let id = n["id"].as_str().unwrap_or_default();
+                n["fabric"] = siterec_core::names::segment_after(id, "replicationFabrics")
+                    .unwrap_or_default()
+                    .into();
+            }
+            output::rows(
+                out,
+                &v,
+                &[
+                    ("NAME", "/name"),
+                    ("FABRIC", "/fabric"),
+                    ("AGENTS", "/properties/agents"),
+                ],
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCmd::Map {
+            fabric,
+            network,
+            recovery_fabric,
+            recovery_network,
+            name,
+            instance_type,
+        } => {
+            let name = name.unwrap_or_else(|| format!("{network}-to-{recovery_network}"));
+            let body = json!({"properties": {
+                "recoveryFabricName": recovery_fabric,
+                "recoveryNetworkId": format!("{}/replicationFabrics/{recovery_fabric}/replicationNetworks/{recovery_network}", api.vault_id()),
+                "fabricSpecificDetails": {"instanceType": instance_type},
+            }});
+            let rel = format!(
+                "replicationFabrics/{fabric}/replicationNetworks/{network}/replicationNetworkMappings/{name}"
+            );
+            let op = api
+                .run(reqwest::Method::PUT, &rel, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("network mapping {name}"))
+        }
+        NetworkCmd::Mappings => {
+            output::rows(
+                out,
+                &api.list("replicationNetworkMappings").await?,
+                &NETWORK_MAPPING_COLS,
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        NetworkCmd::Unmap {
+            fabric,
+            network,
+            name,
+        } => {
+            let base = format!(
+                "replicationFabrics/{fabric}/replicationNetworks/{network}/replicationNetworkMappings"
+            );
+            // Named before anything is removed: a typo is an error, not a no-op.
+            let name = match name {
+                Some(n) => {
+                    api.get(&format!("{base}/{n}")).await?;
+                    n
+                }
+                None => api
+                    .list(&base)
+                    .await?
+                    .first()
+                    .and_then(|m| m["name"].as_str().map(str::to_string))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "network '{network}' of fabric '{fabric}' has no mapping; 'siterec network mappings' lists them"
+                        )
+                    })?,
+            };
+            let op = api
+                .run(
+                    reqwest::Method::DELETE,
+                    &format!("{base}/{name}"),
+                    &json!({}),
+                    JOB_TIMEOUT,
+                )
+                .await?;
+            finish(op, out, &format!("removal of network mapping {name}"))
         }
     }
 }
