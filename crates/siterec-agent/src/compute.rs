@@ -194,6 +194,7 @@ impl Compute {
             kernel: req.vm.kernel.as_ref().map(PathBuf::from),
             initrd: req.vm.initrd.as_ref().map(PathBuf::from),
             append: req.vm.append.clone(),
+            guest_agent: false,
         };
         let vm = Vm::start(spec.clone(), &dir)
             .await
@@ -394,6 +395,7 @@ async fn kill_leftover(dir: &Path) {
         kernel: None,
         initrd: None,
         append: None,
+        guest_agent: false,
     };
     if let Ok(Some(mut vm)) = Vm::adopt(spec, dir).await {
         let _ = vm.kill().await;

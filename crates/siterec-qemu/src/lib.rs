@@ -17,15 +17,20 @@
 //! - QMP ([`qmp::Qmp`], our own): block and NIC queries, dirty bitmaps (add,
 //!   list, clear, remove; persistent ones are stored in qcow2 images when
 //!   QEMU closes them), `query-status`, `quit`.
+//! - The guest agent (`guest_agent` in the spec): a virtio-serial port
+//!   `org.qemu.guest_agent.0` on the chardev socket `RUN/qga.sock`, and a
+//!   client of our own ([`ga::GuestAgent`], [`Vm::guest_agent`]): ping,
+//!   info, fsfreeze freeze/thaw/status.
 //!
 //! QEMU runs with `-no-shutdown`: when the guest powers off the VM stops
 //! in state `shutdown` and stays queryable until [`Vm::quit`]. QEMU is
 //! killed when its [`Vm`] is dropped.
 //!
 //! Not supported yet: other machine types or architectures, bridged or
-//! routed networks, CD-ROMs, firmware choice, hotplug, the guest agent.
+//! routed networks, CD-ROMs, firmware choice, hotplug.
 
 pub mod fleece;
+pub mod ga;
 pub mod qmp;
 pub mod spec;
 
@@ -38,6 +43,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 pub use fleece::{Fleece, FleeceDisk};
+pub use ga::{FsfreezeStatus, GaError, GaInfo, GuestAgent};
 pub use qmp::{Event, Qmp, QmpError};
 pub use spec::{DiskFormat, DiskSpec, NicSpec, SpecError, VmSpec};
 
@@ -186,6 +192,7 @@ pub struct Vm {
     /// QEMU's pid (from `RUN/qemu.pid`), also for an adopted QEMU.
     pid: Option<u32>,
     qmp: Qmp,
+    ga: Option<GuestAgent>,
 }
 
 /// The `qemu-system-x86_64` arguments for `spec` with its runtime files in
@@ -256,6 +263,9 @@ pub fn qemu_args(spec: &VmSpec, run_dir: &Path, accel: Accel) -> Vec<String> {
     }
     if let Some(ap) = &spec.append {
         push(&["-append", ap]);
+    }
+    if spec.guest_agent {
+        a.extend(ga::qemu_args(run_dir));
     }
     a
 }
@@ -334,6 +344,7 @@ impl Vm {
         };
         let pid = child.id();
         Ok(Vm {
+            ga: ga::for_spec(&spec, run_dir),
             spec,
             run_dir: run_dir.to_path_buf(),
             accel,
@@ -368,6 +379,9 @@ impl Vm {
             .ok()
             .and_then(|s| s.trim().parse().ok());
         Ok(Some(Vm {
+            // A QEMU started without the port (an older spec) has no
+            // socket: the client finds it absent.
+            ga: ga::for_spec(&spec, run_dir),
             spec,
             run_dir: run_dir.to_path_buf(),
             accel: choose_accel(),

@@ -30,6 +30,10 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     #[serde(default)]
     pub append: Option<String>,
+    /// Give the guest a virtio-serial port for QEMU's guest agent
+    /// (`org.qemu.guest_agent.0`, host end `RUN/qga.sock`).
+    #[serde(default)]
+    pub guest_agent: bool,
 }
 
 /// A virtio-blk disk backed by an image file.

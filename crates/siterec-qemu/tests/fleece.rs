@@ -36,6 +36,7 @@ fn spec(disk: &Path) -> VmSpec {
         kernel: None,
         initrd: None,
         append: None,
+        guest_agent: false,
     }
 }
 

@@ -34,6 +34,7 @@ fn spec(disks: Vec<DiskSpec>) -> VmSpec {
         kernel: None,
         initrd: None,
         append: None,
+        guest_agent: false,
     }
 }
 
@@ -218,6 +219,7 @@ async fn write_guest_dirties_a_persistent_bitmap_stored_in_the_qcow2() {
             "console=ttyS0 quiet panic=-1 siterec.mode=write siterec.seed=7 siterec.timeout={}",
             timeout.as_secs() * 3 / 4
         )),
+        guest_agent: false,
     };
     let run = dir.path().join("run");
     let begun = Instant::now();

@@ -3,7 +3,18 @@
 //! mode it makes an ext2 filesystem on its virtio disk, writes files of
 //! content derived from a seed and a manifest of their SHA-256 sums; booted
 //! in `verify` mode (as a replica would be) it checks them and reports a
-//! verdict on its serial console, then powers off.
+//! verdict on its serial console, then powers off; `auto` picks one by
+//! what the disk holds.
+//!
+//! Under another driver (a `VmSpec`, see [`Options`]) it can stay up after
+//! its report, with the data filesystem mounted read-write on `/mnt` when
+//! it rewrites `/mnt/churn` at a steady rate or has a guest agent to freeze
+//! it, and it runs QEMU's
+//! real guest agent (`qemu-ga` from Debian's `qemu-guest-agent`, the
+//! release the host's QEMU came from) when the VM gives it the agent's
+//! virtio-serial port; the agent's fsfreeze hook prints
+//! `SITEREC-GUEST FSFREEZE freeze` before a freeze and
+//! `SITEREC-GUEST FSFREEZE thaw` after a thaw ([`guest_lines`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -81,12 +92,66 @@ impl Mode {
 /// (a `VmSpec`): serial console, `mode`, `seed`, the guest's own watchdog
 /// (`timeout_secs`, for the time until its report), and with `stay` the
 /// guest keeps running, idle, after a good report instead of powering off.
+/// [`Options`] has the rest.
 pub fn append(mode: Mode, seed: u64, timeout_secs: u64, stay: bool) -> String {
-    format!(
-        "console=ttyS0 quiet panic=-1 siterec.mode={} siterec.seed={seed} siterec.timeout={timeout_secs} siterec.after={}",
-        mode.as_str(),
-        if stay { "stay" } else { "off" }
-    )
+    Options {
+        stay,
+        ..Options::new(mode, seed, timeout_secs)
+    }
+    .append()
+}
+
+/// The guest's kernel command line, option by option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Options {
+    pub mode: Mode,
+    pub seed: u64,
+    /// The guest's own watchdog: seconds until its report.
+    pub timeout_secs: u64,
+    /// After a good report keep running (`siterec.after=stay`) instead of
+    /// powering off. With churn, or a guest agent port (and `agent`), the
+    /// data filesystem is mounted read-write on `/mnt` from before the
+    /// report line on (`STAY /mnt read-write`); otherwise the disk sees no
+    /// write after the report, not even a mount's.
+    pub stay: bool,
+    /// With `stay`: rewrite `/mnt/churn` (outside the manifest) at this
+    /// many KiB a second, a sync every second (`siterec.churn`); 0: idle.
+    pub churn_kib_per_sec: u32,
+    /// Start QEMU's guest agent when the VM gives the guest its port
+    /// (`siterec.agent=off` when false).
+    pub agent: bool,
+}
+
+impl Options {
+    /// Powers off after the report, no churn, agent on.
+    pub fn new(mode: Mode, seed: u64, timeout_secs: u64) -> Options {
+        Options {
+            mode,
+            seed,
+            timeout_secs,
+            stay: false,
+            churn_kib_per_sec: 0,
+            agent: true,
+        }
+    }
+
+    /// The kernel command line.
+    pub fn append(&self) -> String {
+        let mut s = format!(
+            "console=ttyS0 quiet panic=-1 siterec.mode={} siterec.seed={} siterec.timeout={} siterec.after={}",
+            self.mode.as_str(),
+            self.seed,
+            self.timeout_secs,
+            if self.stay { "stay" } else { "off" }
+        );
+        if self.churn_kib_per_sec > 0 {
+            s.push_str(&format!(" siterec.churn={}", self.churn_kib_per_sec));
+        }
+        if !self.agent {
+            s.push_str(" siterec.agent=off");
+        }
+        s
+    }
 }
 
 /// The accelerator QEMU runs the guest with.
@@ -207,7 +272,7 @@ impl TestGuest {
     /// Builds the guest into `dir` with `scripts/build-test-guest` (cached:
     /// a no-op when `dir` already holds this recipe's artifacts).
     pub fn build(dir: &Path) -> Result<TestGuest, Error> {
-        for tool in ["apt-get", "dpkg-deb", "cpio", "gzip"] {
+        for tool in ["apt-get", "dpkg-deb", "cpio", "gzip", "ldd"] {
             require(tool)?;
         }
         let script = build_script();
@@ -381,6 +446,24 @@ pub fn parse_verdict(log: &str) -> Verdict {
     Verdict::None
 }
 
+/// Every `SITEREC-GUEST` line in a serial log, without that prefix, in
+/// order: the report and the lines around it (`MODE write`,
+/// `AGENT started vport0p1`, `FSFREEZE freeze`, `FSFREEZE thaw`,
+/// `CHURN 256 KiB/s over 15360 KiB`, …).
+pub fn guest_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|line| {
+            let at = line.find("SITEREC-GUEST ")?;
+            Some(
+                line[at + "SITEREC-GUEST ".len()..]
+                    .trim_end_matches('\r')
+                    .trim_end()
+                    .to_string(),
+            )
+        })
+        .collect()
+}
+
 /// A data file block found in a raw disk image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DataBlock {
@@ -449,6 +532,37 @@ mod tests {
             Verdict::Fail("checksum mismatch: data2: FAILED".into())
         );
         assert_eq!(parse_verdict("Kernel panic - not syncing\n"), Verdict::None);
+    }
+
+    #[test]
+    fn command_lines_and_guest_lines() {
+        assert_eq!(
+            append(Mode::Auto, 7, 90, true),
+            "console=ttyS0 quiet panic=-1 siterec.mode=auto siterec.seed=7 siterec.timeout=90 siterec.after=stay"
+        );
+        let o = Options {
+            stay: true,
+            churn_kib_per_sec: 256,
+            agent: false,
+            ..Options::new(Mode::Write, 1, 60)
+        };
+        assert!(
+            o.append()
+                .ends_with("siterec.after=stay siterec.churn=256 siterec.agent=off"),
+            "{}",
+            o.append()
+        );
+        let log = "[ 1.0] boot\r\nSITEREC-GUEST MODE write\r\nSITEREC-GUEST AGENT started ../vport0p1\r\nSITEREC-GUEST WROTE 4 files\r\nnoise SITEREC-GUEST FSFREEZE freeze\n";
+        assert_eq!(
+            guest_lines(log),
+            [
+                "MODE write",
+                "AGENT started ../vport0p1",
+                "WROTE 4 files",
+                "FSFREEZE freeze"
+            ]
+        );
+        assert_eq!(parse_verdict(log), Verdict::Wrote(4));
     }
 
     #[test]
