@@ -511,10 +511,25 @@ pub(crate) async fn capture_disks(
             })
         })
         .collect::<anyhow::Result<_>>()?;
-    let fleece = vm
-        .start_fleece(&plan)
-        .await
-        .with_context(|| format!("taking a point-in-time view of VM '{}'", spec.name))?;
+    // App-consistent when due: the guest's filesystems are frozen through
+    // its agent for just the instant of the view (one QMP transaction).
+    let app_due = app_consistent_due(state_dir, a);
+    let frozen = app_due && freeze_guest(vm, &spec.name, spec.guest_agent).await;
+    let fleece = vm.start_fleece(&plan).await;
+    if frozen {
+        thaw_guest(vm, &spec.name).await;
+    }
+    if app_due {
+        // Attempted: the next try is one app-consistent period later, also
+        // when no guest agent answered (the point is crash-consistent).
+        write_durably(
+            &app_pending_path(state_dir),
+            crate::util::now_ms().to_string().as_bytes(),
+            0o600,
+        )?;
+    }
+    let fleece =
+        fleece.with_context(|| format!("taking a point-in-time view of VM '{}'", spec.name))?;
     let mut results = Vec::new();
     let mut failure = None;
     for d in &disks {
@@ -543,7 +558,101 @@ pub(crate) async fn capture_disks(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_else(|_| crate::util::now_ms());
-    Ok((results, Consistency::CrashConsistent, created_ms))
+    let consistency = if frozen {
+        Consistency::AppConsistent
+    } else {
+        Consistency::CrashConsistent
+    };
+    Ok((results, consistency, created_ms))
+}
+
+/// When the last app-consistent point was attempted (Unix ms), recorded
+/// once that cycle's point is saved.
+fn app_last_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("app-consistent-last")
+}
+
+fn app_pending_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("app-consistent-pending")
+}
+
+fn app_consistent_due(state_dir: &Path, a: &ReplicationAssignment) -> bool {
+    if a.app_consistent_secs == 0 {
+        return false;
+    }
+    let last: i64 = std::fs::read_to_string(app_last_path(state_dir))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    crate::util::now_ms() - last >= i64::from(a.app_consistent_secs) * 1000
+}
+
+/// Freezes the guest's filesystems; false (crash-consistent point) when
+/// the VM has no guest agent or none answers.
+async fn freeze_guest(vm: &mut Vm, name: &str, configured: bool) -> bool {
+    if !configured {
+        tracing::info!(
+            vm = name,
+            "app-consistent point due, but the VM has no guest agent channel (guest_agent = true): crash-consistent"
+        );
+        return false;
+    }
+    let ga = match vm.guest_agent() {
+        Ok(ga) => ga,
+        Err(e) => {
+            tracing::warn!(
+                vm = name,
+                "app-consistent point due, no guest agent: {e}; crash-consistent"
+            );
+            return false;
+        }
+    };
+    match ga.fsfreeze_freeze().await {
+        Ok(n) => {
+            tracing::info!(vm = name, filesystems = n, "guest filesystems frozen");
+            true
+        }
+        Err(e) if e.is_absent() => {
+            tracing::warn!(
+                vm = name,
+                "no guest agent answers ({e}); the point is crash-consistent"
+            );
+            false
+        }
+        Err(e) => {
+            // A freeze that failed half-way may have frozen some: thaw.
+            tracing::warn!(
+                vm = name,
+                "freezing the guest's filesystems failed ({e}); the point is crash-consistent"
+            );
+            let _ = ga.fsfreeze_thaw().await;
+            false
+        }
+    }
+}
+
+/// Thaws the guest's filesystems, retrying: a guest left frozen stops
+/// its applications.
+async fn thaw_guest(vm: &mut Vm, name: &str) {
+    for attempt in 1..=3 {
+        let result = match vm.guest_agent() {
+            Ok(ga) => ga.fsfreeze_thaw().await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(n) => {
+                tracing::info!(vm = name, filesystems = n, "guest filesystems thawed");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(
+                    vm = name,
+                    attempt,
+                    "thawing the guest's filesystems failed: {e}"
+                );
+            }
+        }
+    }
 }
 
 /// After a VM item's point is saved as the acknowledged state: its bitmap
@@ -560,6 +669,12 @@ pub(crate) async fn point_saved(ctx: &SourceCtx, a: &ReplicationAssignment, stat
             return;
         }
         let _ = std::fs::remove_file(&pending);
+    }
+    if let Ok(at) = std::fs::read(app_pending_path(state_dir)) {
+        if let Err(e) = write_durably(&app_last_path(state_dir), &at, 0o600) {
+            tracing::warn!(item = %a.item, "recording the app-consistent point: {e:#}");
+        }
+        let _ = std::fs::remove_file(app_pending_path(state_dir));
     }
     let lost = cbt_lost_path(state_dir);
     if let Ok(bytes) = std::fs::read(&lost)

@@ -238,6 +238,11 @@ pub struct ReplicationAssignment {
     pub target_agent_id: String,
     pub target_url: String,
     pub copy_frequency_secs: u32,
+    /// Take an app-consistent point (guest filesystems frozen through the
+    /// guest agent) this often; 0 = never (the policy's app-consistent
+    /// snapshot frequency).
+    #[serde(default)]
+    pub app_consistent_secs: u32,
     pub compression: bool,
     /// Unix seconds before which initial replication must not start.
     #[serde(default)]

@@ -468,6 +468,7 @@ impl Rig {
             target_agent_id: "agent-bench".into(),
             target_url: self.url.clone(),
             copy_frequency_secs: 30,
+            app_consistent_secs: 0,
             compression: true,
             not_before: None,
             offline_export: None,
