@@ -243,6 +243,11 @@ pub struct ReplicationAssignment {
     /// snapshot frequency).
     #[serde(default)]
     pub app_consistent_secs: u32,
+    /// Multi-VM consistency group: the items of one group (all on this
+    /// agent, one policy) get their recovery points at the same instant,
+    /// with identical times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub compression: bool,
     /// Unix seconds before which initial replication must not start.
     #[serde(default)]

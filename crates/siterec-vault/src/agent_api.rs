@@ -346,6 +346,7 @@ async fn assignments(
             target_url,
             copy_frequency_secs: policy.copy_frequency_secs,
             app_consistent_secs: policy.app_consistent_frequency_hours.saturating_mul(3600),
+            group: None,
             compression: policy.compression,
             not_before: policy.initial_replication_start,
             offline_export,

@@ -469,6 +469,7 @@ impl Rig {
             target_url: self.url.clone(),
             copy_frequency_secs: 30,
             app_consistent_secs: 0,
+            group: None,
             compression: true,
             not_before: None,
             offline_export: None,
