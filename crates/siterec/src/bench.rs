@@ -294,7 +294,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
@@ -338,7 +338,7 @@ fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<R
 /// Writes back every dirty page before a timed step, so that no step pays
 /// for the previous one's writes (siterec syncs what it writes; the peers
 /// do not, and would leave gigabytes dirty for the next step to flush).
-fn settle() {
+pub(crate) fn settle() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() };
 }
@@ -385,16 +385,16 @@ fn peak_rss_mib() -> u64 {
 
 /// A source context and a target data endpoint in this process, with
 /// throwaway certificates.
-struct Rig {
-    ctx: siterec_agent::source::SourceCtx,
-    target: Arc<siterec_agent::target::Target>,
-    url: String,
+pub(crate) struct Rig {
+    pub(crate) ctx: siterec_agent::source::SourceCtx,
+    pub(crate) target: Arc<siterec_agent::target::Target>,
+    pub(crate) url: String,
     stop: tokio::sync::watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Rig {
-    async fn start(dir: &Path, streams: usize) -> anyhow::Result<Rig> {
+    pub(crate) async fn start(dir: &Path, streams: usize) -> anyhow::Result<Rig> {
         std::fs::create_dir_all(dir)?;
         let ca = siterec_pki::Ca::generate("bench CA")?;
         let names = ["127.0.0.1".to_string(), "localhost".to_string()];
@@ -456,7 +456,11 @@ impl Rig {
         })
     }
 
-    fn assignment(&self, image: &Path, size: u64) -> siterec_core::wire::ReplicationAssignment {
+    pub(crate) fn assignment(
+        &self,
+        image: &Path,
+        size: u64,
+    ) -> siterec_core::wire::ReplicationAssignment {
         siterec_core::wire::ReplicationAssignment {
             item: "bench".into(),
             machine: "bench".into(),
@@ -493,7 +497,7 @@ impl Rig {
         )
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
         let _ = self.target.store.sync().await;
@@ -501,7 +505,7 @@ impl Rig {
 }
 
 /// The bench's target is local and always up: a spooled point is an error.
-fn committed(c: siterec_agent::source::Cycle) -> anyhow::Result<String> {
+pub(crate) fn committed(c: siterec_agent::source::Cycle) -> anyhow::Result<String> {
     match c {
         siterec_agent::source::Cycle::Committed(p) => Ok(p),
         siterec_agent::source::Cycle::Spooled(p) | siterec_agent::source::Cycle::Exported(p) => {
