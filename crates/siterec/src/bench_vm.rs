@@ -913,7 +913,9 @@ async fn rpo_window(
 struct Boot {
     label: &'static str,
     run: usize,
+    qemu_started: Option<f64>,
     first_output: Option<f64>,
+    first_text: String,
     verdict: Option<(f64, bool)>,
     copy_done: f64,
 }
@@ -923,7 +925,9 @@ impl Boot {
         json!({
             "disk": self.label,
             "run": self.run,
+            "qemuStartedSeconds": self.qemu_started.map(round3),
             "firstSerialOutputSeconds": self.first_output.map(round3),
+            "firstSerialLine": self.first_text,
             "verdictSeconds": self.verdict.map(|v| round2(v.0)),
             "verdictOk": self.verdict.map(|v| v.1),
             "copyDoneSeconds": round2(self.copy_done),
@@ -986,6 +990,7 @@ impl InstantFailover {
         let medians = |label: &str| {
             json!({
                 "disk": label,
+                "qemuStartedSeconds": self.median(label, &|b: &Boot| b.qemu_started).map(round3),
                 "firstSerialOutputSeconds": self.median(label, &|b: &Boot| b.first_output).map(round3),
                 "verdictSeconds": self.median(label, &|b: &Boot| b.verdict.map(|v| v.0)).map(round2),
                 "copyDoneSeconds": self.median(label, &|b: &Boot| Some(b.copy_done)).map(round2),
@@ -1021,6 +1026,7 @@ impl InstantFailover {
                 json!({
                     "disk": b.label,
                     "run": b.run.to_string(),
+                    "qemu": b.qemu_started.map(round3),
                     "first": b.first_output.map(round3),
                     "verdict": verdict(b.verdict),
                     "copy": round2(b.copy_done),
@@ -1031,6 +1037,7 @@ impl InstantFailover {
             rows.push(json!({
                 "disk": label,
                 "run": "median",
+                "qemu": self.median(label, &|b: &Boot| b.qemu_started).map(round3),
                 "first": self.median(label, &|b: &Boot| b.first_output).map(round3),
                 "verdict": self.median(label, &|b: &Boot| b.verdict.map(|v| v.0)).map(round2),
                 "copy": self.median(label, &|b: &Boot| Some(b.copy_done)).map(round2),
@@ -1042,6 +1049,7 @@ impl InstantFailover {
             &[
                 ("VIRTUAL DISK", "/disk"),
                 ("RUN", "/run"),
+                ("QEMU STARTED S", "/qemu"),
                 ("FIRST SERIAL OUTPUT S", "/first"),
                 ("GUEST VERDICT S", "/verdict"),
                 ("COPY DONE S", "/copy"),
@@ -1165,12 +1173,14 @@ async fn instant_failover(
                 watcher.abort();
                 return Err(e.context(format!("starting the replica of the {label} disk")));
             }
-            let (first_output, verdict) = watcher.await?;
+            let seen = watcher.await?;
             boots.push(Boot {
                 label,
                 run,
-                first_output,
-                verdict,
+                qemu_started: seen.qemu_started,
+                first_output: seen.first_output,
+                first_text: seen.first_text,
+                verdict: seen.verdict,
                 copy_done,
             });
             target
@@ -1185,27 +1195,55 @@ async fn instant_failover(
     Ok(InstantFailover { data_bytes, boots })
 }
 
-/// Polls a serial log every 10 ms: seconds from `t0` to its first byte and
-/// to the guest's verdict line (and whether it says OK).
-async fn watch_serial(
-    path: PathBuf,
-    t0: Instant,
-    timeout: Duration,
-) -> (Option<f64>, Option<(f64, bool)>) {
-    let mut first = None;
+/// What [`watch_serial`] saw, in seconds from the call.
+struct SerialTimes {
+    /// The log file exists: QEMU has started (it creates the file as it
+    /// sets up the serial port, before the guest runs).
+    qemu_started: Option<f64>,
+    first_output: Option<f64>,
+    /// The first line the guest printed (as far as it had come).
+    first_text: String,
+    verdict: Option<(f64, bool)>,
+}
+
+/// Polls a serial log every 10 ms: seconds from `t0` to the file's
+/// creation, to its first byte and to the guest's verdict line (and
+/// whether it says OK).
+async fn watch_serial(path: PathBuf, t0: Instant, timeout: Duration) -> SerialTimes {
+    let mut t = SerialTimes {
+        qemu_started: None,
+        first_output: None,
+        first_text: String::new(),
+        verdict: None,
+    };
     loop {
-        if first.is_none() && std::fs::metadata(&path).is_ok_and(|m| m.len() > 0) {
-            first = Some(t0.elapsed().as_secs_f64());
+        if t.first_output.is_none()
+            && let Ok(m) = std::fs::metadata(&path)
+        {
+            t.qemu_started
+                .get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            if m.len() > 0 {
+                t.first_output = Some(t0.elapsed().as_secs_f64());
+                let log = std::fs::read_to_string(&path).unwrap_or_default();
+                t.first_text = log
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(100)
+                    .collect();
+            }
         }
-        if first.is_some() {
+        if t.first_output.is_some() {
             let log = std::fs::read_to_string(&path).unwrap_or_default();
             if log.contains("SITEREC-GUEST VERDICT") {
                 let ok = log.contains("SITEREC-GUEST VERDICT OK");
-                return (first, Some((t0.elapsed().as_secs_f64(), ok)));
+                t.verdict = Some((t0.elapsed().as_secs_f64(), ok));
+                return t;
             }
         }
         if t0.elapsed() > timeout {
-            return (first, None);
+            return t;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
