@@ -68,6 +68,8 @@ pub struct SourceCtx {
     pub spool_max_bytes: u64,
     /// The VMs this agent runs (VM items are read through QEMU).
     pub vms: Arc<crate::vm::VmHost>,
+    /// Multi-VM consistency groups replicating on this agent.
+    pub groups: crate::group::Groups,
 }
 
 impl SourceCtx {

@@ -13,6 +13,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use siterec_core::Consistency;
@@ -198,6 +199,14 @@ impl VmSlot {
                 }
             };
             self.vm = Some(vm);
+        }
+        // Paused by an earlier run of the agent for a group point: resume.
+        let marker = paused_marker(&self.run_dir);
+        if marker.exists()
+            && let Some(vm) = self.vm.as_mut()
+        {
+            resume_vm(vm, &self.run_dir).await;
+            let _ = std::fs::remove_file(&marker);
         }
         self.vm
             .as_mut()
@@ -579,6 +588,7 @@ pub(crate) async fn capture_disks(
         };
         disks.push(s.clone());
     }
+    let slot_run_dir = slot.run_dir.clone();
     let vm = slot.running().await?;
     let have_state = disks
         .iter()
@@ -684,7 +694,23 @@ pub(crate) async fn capture_disks(
     // its agent for just the instant of the view (one QMP transaction).
     let app_due = app_consistent_due(state_dir, a);
     let frozen = app_due && freeze_guest(vm, &spec.name, spec.guest_agent).await;
+    // A group member pauses its VM until every member's VM is paused: the
+    // group's instant (see `crate::group`).
+    let mut group_instant = None;
+    if let Some(g) = &a.group
+        && let Some(rendezvous) = ctx.groups.get(g)
+    {
+        pause_vm(vm, &slot_run_dir).await?;
+        let wait = Duration::from_secs(u64::from(a.copy_frequency_secs) + 30);
+        group_instant = rendezvous.arrive(&a.item, wait).await;
+        if group_instant.is_none() {
+            tracing::warn!(item = %a.item, group = %g, "not every member of the group came to take a point: this point is the VM's own, not the group's");
+        }
+    }
     let fleece = vm.start_fleece(&plan).await;
+    if a.group.is_some() {
+        resume_vm(vm, &slot_run_dir).await;
+    }
     if frozen {
         thaw_guest(vm, &spec.name).await;
     }
@@ -722,17 +748,43 @@ pub(crate) async fn capture_disks(
     if let Some(e) = failure {
         return Err(e);
     }
-    let created_ms = fleece
-        .taken_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_else(|_| crate::util::now_ms());
+    let created_ms = group_instant.unwrap_or_else(|| {
+        fleece
+            .taken_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_else(|_| crate::util::now_ms())
+    });
     let consistency = if frozen {
         Consistency::AppConsistent
     } else {
         Consistency::CrashConsistent
     };
     Ok((results, consistency, created_ms))
+}
+
+/// Marks a VM paused by siterec (not by its operator), so that an agent
+/// that died while it was paused resumes it when it takes it over.
+fn paused_marker(run_dir: &Path) -> PathBuf {
+    run_dir.join("paused-by-siterec")
+}
+
+async fn pause_vm(vm: &mut Vm, run_dir: &Path) -> anyhow::Result<()> {
+    write_durably(&paused_marker(run_dir), b"", 0o600)?;
+    vm.qmp()
+        .execute("stop", None)
+        .await
+        .context("pausing the VM for the group's point")?;
+    Ok(())
+}
+
+async fn resume_vm(vm: &mut Vm, run_dir: &Path) {
+    match vm.qmp().execute("cont", None).await {
+        Ok(_) => {
+            let _ = std::fs::remove_file(paused_marker(run_dir));
+        }
+        Err(e) => tracing::error!("resuming the VM after the group's point: {e}"),
+    }
 }
 
 /// When the last app-consistent point was attempted (Unix ms), recorded
