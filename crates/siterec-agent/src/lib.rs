@@ -10,6 +10,7 @@
 pub mod batch;
 pub mod compute;
 pub mod config;
+pub mod cvs;
 pub mod identity;
 pub mod instant;
 pub mod pages;
