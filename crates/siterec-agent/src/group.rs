@@ -41,32 +41,40 @@ impl Rendezvous {
     /// Waits until every member has arrived (then returns the shared
     /// instant, Unix ms) or `wait` has passed (`None`: go on alone).
     pub async fn arrive(&self, member: &str, wait: Duration) -> Option<i64> {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        let my_round = {
-            let Ok(mut st) = self.state.lock() else {
-                return None;
-            };
-            st.arrived.insert(member.to_string());
-            if st.members.iter().all(|m| st.arrived.contains(m)) {
-                st.round += 1;
-                st.instant_ms = crate::util::now_ms();
-                st.arrived.clear();
-                self.notify.notify_waiters();
-                return Some(st.instant_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut my_round = None;
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            {
+                let Ok(mut st) = self.state.lock() else {
+                    return None;
+                };
+                match my_round {
+                    Some(r) if st.round > r => return Some(st.instant_ms),
+                    Some(_) => {}
+                    None => {
+                        st.arrived.insert(member.to_string());
+                        my_round = Some(st.round);
+                    }
+                }
+                // Complete when everyone is here (also after the members
+                // changed while waiting).
+                if st.members.iter().all(|m| st.arrived.contains(m)) {
+                    st.round += 1;
+                    st.instant_ms = crate::util::now_ms();
+                    st.arrived.clear();
+                    self.notify.notify_waiters();
+                    return Some(st.instant_ms);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    st.arrived.remove(member);
+                    return None;
+                }
+                notified.as_mut().enable();
             }
-            notified.as_mut().enable();
-            st.round
-        };
-        let _ = tokio::time::timeout(wait, notified).await;
-        let Ok(mut st) = self.state.lock() else {
-            return None;
-        };
-        if st.round > my_round {
-            Some(st.instant_ms)
-        } else {
-            st.arrived.remove(member);
-            None
+            // Woken by a completed round, a change of members, or the time.
+            let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
 }
@@ -139,7 +147,34 @@ mod tests {
         assert_eq!((x, y), (None, None));
         assert!(t0.elapsed() >= Duration::from_millis(200));
 
+        // Members being set again (every heartbeat) does not end a wait.
+        let (x, y, _) = tokio::join!(
+            r.arrive("a", Duration::from_secs(5)),
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                r.arrive("b", Duration::from_secs(5)).await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                groups.set_members(members(&["a", "b", "c"]));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                groups.set_members(members(&["a", "b"]));
+            }
+        );
+        assert!(x.is_some() && x == y, "{x:?} {y:?}");
+
         // The missing member leaves the group: the rest meet at once.
+        groups.set_members(members(&["a", "b", "c"]));
+        let (x, y, _) = tokio::join!(
+            r.arrive("a", Duration::from_secs(5)),
+            r.arrive("b", Duration::from_secs(5)),
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                groups.set_members(members(&["a", "b"]));
+            }
+        );
+        assert!(x.is_some() && x == y);
+        // Two members now: they meet at once.
         groups.set_members(members(&["a", "b"]));
         let (x, y) = tokio::join!(
             r.arrive("a", Duration::from_secs(5)),
