@@ -250,7 +250,8 @@ enum MachineCmd {
 enum PolicyCmd {
     Create {
         name: String,
-        /// Copy frequency in seconds: 30, 300 or 900.
+        /// Copy frequency in seconds: 30, 300 or 900 (the seeds), or 5, 10 or
+        /// 15 (continuous replication).
         #[arg(long, default_value_t = 300)]
         copy_frequency: u32,
         /// Keep recovery points for this many hours (0–24).
