@@ -126,33 +126,6 @@ fn app_consistent_points_freeze_the_guest_and_fall_back_without_an_agent() {
     );
 }
 
-/// A write as the guest makes it, then a flush, on the VM's operator QMP socket.
-fn guest_write(agent: &Path, vm: &str, pattern: u8, offset: u64, len: u64) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let sock = agent.join(format!("vms/{vm}/admin.sock"));
-        let mut qmp = siterec_qemu::Qmp::connect(&sock, Duration::from_secs(10))
-            .await
-            .unwrap();
-        for io in [format!("write -P {pattern} {offset} {len}"), "flush".into()] {
-            let cmd = format!("qemu-io -d /machine/peripheral/vd-vda/virtio-backend \"{io}\"");
-            let out = qmp
-                .execute(
-                    "human-monitor-command",
-                    Some(serde_json::json!({ "command-line": cmd })),
-                )
-                .await
-                .unwrap();
-            assert!(
-                !out.as_str()
-                    .unwrap_or_default()
-                    .to_lowercase()
-                    .contains("error")
-            );
-        }
-    });
-}
-
 /// The item's point's disk content, from the replica store.
 fn point_hash(store: &Path, item: &str, point: &str) -> blake3::Hash {
     restored_hash(&open_store(store), item, point)
@@ -236,8 +209,20 @@ fn a_multi_vm_group_gets_points_at_one_instant() {
     // Two rounds, each after different writes in each VM: the two points of
     // a round have the same time, and each holds its VM's disk as it was.
     for (round, (pa, pb)) in [(0x21u8, 0x31u8), (0x22, 0x32)].into_iter().enumerate() {
-        guest_write(&primary, "app01", pa, (40 + round as u64) << 20, 64 << 10);
-        guest_write(&primary, "app02", pb, (50 + round as u64) << 20, 128 << 10);
+        vm_write(
+            &primary.join("vms/app01"),
+            "vda",
+            pa,
+            (40 + round as u64) << 20,
+            64 << 10,
+        );
+        vm_write(
+            &primary.join("vms/app02"),
+            "vda",
+            pb,
+            (50 + round as u64) << 20,
+            128 << 10,
+        );
         let after = now_ms();
         let a = env.wait_point_after("app01", after, Duration::from_secs(150));
         env.wait_point_after("app02", after, Duration::from_secs(150));

@@ -520,3 +520,29 @@ pub fn open_store(dir: &Path) -> siterec_store::Store {
     rt.block_on(siterec_store::Store::open_local(dir.to_path_buf()))
         .expect("open store")
 }
+
+/// A write as a VM's guest makes it (through the disk's device), then a
+/// flush as the guest's sync, on the VM's operator QMP socket
+/// (`RUN/admin.sock`): the flush puts qcow2 metadata in the file, where
+/// tests read the live disk from.
+pub fn vm_write(run_dir: &Path, disk: &str, pattern: u8, offset: u64, len: u64) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut qmp =
+            siterec_qemu::Qmp::connect(&run_dir.join("admin.sock"), Duration::from_secs(10))
+                .await
+                .expect("the VM's admin socket");
+        for io in [format!("write -P {pattern} {offset} {len}"), "flush".into()] {
+            let cmd = format!("qemu-io -d /machine/peripheral/vd-{disk}/virtio-backend \"{io}\"");
+            let out = qmp
+                .execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({ "command-line": cmd })),
+                )
+                .await
+                .expect("qemu-io through HMP");
+            let text = out.as_str().unwrap_or_default().to_lowercase();
+            assert!(!text.contains("error"), "qemu-io: {text}");
+        }
+    });
+}
