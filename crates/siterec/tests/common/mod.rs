@@ -44,25 +44,28 @@ impl Drop for Env {
     }
 }
 
-/// Kills every QEMU whose pidfile (`*/vms/*/qemu.pid`) is under `dir`.
+/// Kills every QEMU whose pidfile (`qemu.pid`) is under `dir`: the VMs
+/// agents run (`AGENT/vms/NAME`) and replica VMs (`AGENT/failover/vms/NAME`).
 pub fn kill_vms_under(dir: &Path) {
-    for agent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for sub in ["vms", "replicas"] {
-            for vm in std::fs::read_dir(agent.path().join(sub))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if let Some(pid) = std::fs::read_to_string(vm.path().join("qemu.pid"))
+    fn walk(dir: &Path, depth: u32) {
+        if depth == 0 {
+            return;
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&path, depth - 1);
+            } else if path.file_name().is_some_and(|n| n == "qemu.pid")
+                && let Some(pid) = std::fs::read_to_string(&path)
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: kill(2) on a pid from a QEMU pidfile of this test.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            {
+                // SAFETY: kill(2) on a pid from a QEMU pidfile of this test.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }
+    walk(dir, 5);
 }
 
 impl Env {
