@@ -10,6 +10,8 @@
 pub mod batch;
 pub mod compute;
 pub mod config;
+pub mod cvs;
+pub mod group;
 pub mod identity;
 pub mod instant;
 pub mod pages;
@@ -191,6 +193,7 @@ pub async fn run(
     vms.start_all().await;
     let ctx = Arc::new(source::SourceCtx {
         vms,
+        groups: Default::default(),
         data_dir: data.clone(),
         vault: client.clone(),
         data: data_client,
@@ -351,6 +354,13 @@ fn reconcile(
 ) {
     let wanted: HashMap<String, ReplicationAssignment> =
         wanted.into_iter().map(|a| (a.item.clone(), a)).collect();
+    let mut groups: HashMap<String, std::collections::BTreeSet<String>> = HashMap::new();
+    for a in wanted.values() {
+        if let Some(g) = &a.group {
+            groups.entry(g.clone()).or_default().insert(a.item.clone());
+        }
+    }
+    ctx.groups.set_members(groups);
     running.retain(|item, r| {
         let keep = wanted.get(item).is_some_and(|a| *a == r.assignment) && !r.handle.is_finished();
         if !keep {

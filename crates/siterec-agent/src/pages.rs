@@ -111,6 +111,56 @@ pub fn plan(
     )
 }
 
+/// For a full block of which only some pages will be read: the pages a
+/// delta needs besides the rewritten ones (those that already differ from
+/// the base), or `None` when no delta can be made (no trusted record).
+pub fn delta_needs(acked: &[u8; 32], old: Option<&Record>) -> Option<u64> {
+    old.filter(|o| &o.hash == acked && o.len as usize == PAGES * DELTA_PAGE)
+        .map(|o| o.mask)
+}
+
+/// Plans a delta for a full block from the pages read (`read`: the
+/// rewritten pages and those [`delta_needs`] named, with their current
+/// content) and the block's new `hash`; `None` when it must ship whole.
+pub fn plan_partial(
+    old: &Record,
+    hash: &[u8; 32],
+    read: &[(u16, &[u8])],
+) -> Option<(Plan, Record)> {
+    let mut fps = old.fps;
+    let mut changed = 0u64;
+    let mut have = 0u64;
+    for (i, page) in read {
+        let i = usize::from(*i);
+        if i >= PAGES {
+            return None;
+        }
+        let fp = xxhash_rust::xxh3::xxh3_64(page);
+        if fp != old.fps[i] {
+            changed |= 1 << i;
+        }
+        fps[i] = fp;
+        have |= 1 << i;
+    }
+    let mask = old.mask | changed;
+    if mask == 0 || old.base == *hash || mask.count_ones() > MAX_DELTA_PAGES || mask & !have != 0 {
+        return None;
+    }
+    Some((
+        Plan::Delta {
+            base: old.base,
+            mask,
+        },
+        Record {
+            hash: *hash,
+            base: old.base,
+            mask,
+            len: old.len,
+            fps,
+        },
+    ))
+}
+
 /// The pages of `data` selected by `mask`, as (index, bytes).
 pub fn pages_of(data: &[u8], mask: u64) -> Vec<(u16, &[u8])> {
     data.chunks(DELTA_PAGE)

@@ -68,6 +68,8 @@ pub struct SourceCtx {
     pub spool_max_bytes: u64,
     /// The VMs this agent runs (VM items are read through QEMU).
     pub vms: Arc<crate::vm::VmHost>,
+    /// Multi-VM consistency groups replicating on this agent.
+    pub groups: crate::group::Groups,
 }
 
 impl SourceCtx {
@@ -785,7 +787,7 @@ pub(crate) async fn replicate_disk(
         Err(_) => None,
     };
     let resync = baseline.is_none();
-    let (baseline, mut block_bases) = match baseline {
+    let (baseline, block_bases) = match baseline {
         Some((h, b)) => (Some(h), b),
         None => (None, BlockBases::new()),
     };
@@ -825,51 +827,15 @@ pub(crate) async fn replicate_disk(
     let scratch = ctx.data_dir.join("scratch");
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let runtime = tokio::runtime::Handle::current();
+    let cv_path = state_dir.join(format!("{disk_name}.cvs"));
     let scan_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        // Blocks travel in groups: a hand-over to the runtime wakes a
-        // thread, which costs as much as sending a small delta chunk.
-        let mut group: Vec<Outgoing> = Vec::new();
-        let mut group_bytes = 0usize;
-        let on_changed = |index: u64, data: &[u8], hash: &[u8; 32]| {
-            // A few changed pages ship as a delta against the block's
-            // last whole chunk (see `crate::pages`).
-            let i = index as usize;
-            let acked = baseline
-                .as_ref()
-                .and_then(|b| b.get(i))
-                .and_then(|h| h.as_ref());
-            let (plan, record) =
-                crate::pages::plan(acked, records.read(index).as_ref(), hash, data);
-            records.write(index, &record)?;
-            let out = match plan {
-                Plan::Whole => {
-                    block_bases.remove(&i);
-                    Outgoing::Whole {
-                        id: ChunkId(*hash),
-                        data: data.to_vec(),
-                    }
-                }
-                Plan::Delta { base, mask } => {
-                    block_bases.insert(i, base);
-                    Outgoing::Delta {
-                        target: ChunkId(*hash),
-                        base: ChunkId(base),
-                        plain_len: data.len() as u32,
-                        pages: crate::pages::pages_of(data, mask)
-                            .into_iter()
-                            .map(|(i, p)| (i, p.to_vec()))
-                            .collect(),
-                    }
-                }
-            };
-            group_bytes += out.len();
-            group.push(out);
-            if group_bytes >= GROUP_BYTES || group.len() >= GROUP_BLOCKS {
-                group_bytes = 0;
-                tx.blocking_send(std::mem::take(&mut group))
-                    .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
-            }
-            Ok(())
+        let mut planner = Planner {
+            baseline,
+            records,
+            block_bases,
+            group: Vec::new(),
+            group_bytes: 0,
+            tx,
         };
         let outcome = match reader {
             DiskReader::File(path) => {
@@ -878,23 +844,30 @@ pub(crate) async fn replicate_disk(
                     scratch_dir: Some(scratch),
                     ..ScanOptions::default()
                 };
+                let previous = planner.baseline.clone();
                 scan(
                     &source,
                     CHUNK_SIZE,
-                    baseline.as_deref(),
+                    previous.as_deref(),
                     &options,
-                    on_changed,
+                    |i, d, h| planner.whole(i, d, h),
                 )?
             }
             DiskReader::Nbd(view) => {
-                crate::vm::nbd_scan(&runtime, &view, CHUNK_SIZE, baseline.as_deref(), on_changed)?
+                let cvs = crate::cvs::CvRecords::open(&cv_path)?;
+                let previous = planner.baseline.clone();
+                crate::vm::nbd_scan(
+                    &runtime,
+                    &view,
+                    CHUNK_SIZE,
+                    previous.as_deref(),
+                    &cvs,
+                    &mut planner,
+                )?
             }
         };
-        if !group.is_empty() {
-            tx.blocking_send(group)
-                .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))?;
-        }
-        Ok((outcome, block_bases))
+        planner.flush()?;
+        Ok((outcome, planner.block_bases))
     });
     let t0 = std::time::Instant::now();
     let scanned = scan_task.await.context("disk scan task")?;
@@ -950,6 +923,123 @@ pub(crate) async fn replicate_disk(
         bytes_sent,
         chunks_sent,
     })
+}
+
+/// Decides how each changed block ships (whole, or as a delta of its
+/// changed pages, see `crate::pages`) and hands blocks to the uploads in
+/// groups: a hand-over to the runtime wakes a thread, which costs as much
+/// as sending a small delta chunk.
+struct Planner {
+    /// The acknowledged block hashes (`None`: resynchronizing).
+    baseline: Option<Vec<BlockHash>>,
+    records: PageRecords,
+    block_bases: BlockBases,
+    group: Vec<Outgoing>,
+    group_bytes: usize,
+    tx: mpsc::Sender<Vec<Outgoing>>,
+}
+
+impl Planner {
+    fn acked(&self, index: u64) -> Option<&[u8; 32]> {
+        self.baseline
+            .as_ref()
+            .and_then(|b| b.get(index as usize))
+            .and_then(|h| h.as_ref())
+    }
+
+    /// A changed block, read whole.
+    fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()> {
+        let i = index as usize;
+        let (plan, record) = crate::pages::plan(
+            self.acked(index),
+            self.records.read(index).as_ref(),
+            hash,
+            data,
+        );
+        self.records.write(index, &record)?;
+        let out = match plan {
+            Plan::Whole => {
+                self.block_bases.remove(&i);
+                Outgoing::Whole {
+                    id: ChunkId(*hash),
+                    data: data.to_vec(),
+                }
+            }
+            Plan::Delta { base, mask } => {
+                self.block_bases.insert(i, base);
+                Outgoing::Delta {
+                    target: ChunkId(*hash),
+                    base: ChunkId(base),
+                    plain_len: data.len() as u32,
+                    pages: crate::pages::pages_of(data, mask)
+                        .into_iter()
+                        .map(|(i, p)| (i, p.to_vec()))
+                        .collect(),
+                }
+            }
+        };
+        self.push(out)
+    }
+
+    fn push(&mut self, out: Outgoing) -> anyhow::Result<()> {
+        self.group_bytes += out.len();
+        self.group.push(out);
+        if self.group_bytes >= GROUP_BYTES || self.group.len() >= GROUP_BLOCKS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.group_bytes = 0;
+        if self.group.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .blocking_send(std::mem::take(&mut self.group))
+            .map_err(|_| anyhow::anyhow!("the upload to the target stopped"))
+    }
+}
+
+impl crate::vm::BlockSink for Planner {
+    fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()> {
+        Planner::whole(self, index, data, hash)
+    }
+
+    fn delta_needs(&mut self, index: u64) -> Option<u64> {
+        let acked = *self.acked(index)?;
+        crate::pages::delta_needs(&acked, self.records.read(index).as_ref())
+    }
+
+    fn delta(
+        &mut self,
+        index: u64,
+        hash: &[u8; 32],
+        read: &[(u16, &[u8])],
+    ) -> anyhow::Result<bool> {
+        let Some(old) = self.records.read(index) else {
+            return Ok(false);
+        };
+        let Some((Plan::Delta { base, mask }, record)) =
+            crate::pages::plan_partial(&old, hash, read)
+        else {
+            return Ok(false);
+        };
+        self.records.write(index, &record)?;
+        self.block_bases.insert(index as usize, base);
+        let pages = read
+            .iter()
+            .filter(|(i, _)| mask & (1u64 << i) != 0)
+            .map(|(i, p)| (*i, p.to_vec()))
+            .collect();
+        self.push(Outgoing::Delta {
+            target: ChunkId(*hash),
+            base: ChunkId(base),
+            plain_len: old.len,
+            pages,
+        })?;
+        Ok(true)
+    }
 }
 
 /// A changed block on its way to the target (or the spool).

@@ -13,6 +13,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use siterec_core::Consistency;
@@ -199,6 +200,14 @@ impl VmSlot {
             };
             self.vm = Some(vm);
         }
+        // Paused by an earlier run of the agent for a group point: resume.
+        let marker = paused_marker(&self.run_dir);
+        if marker.exists()
+            && let Some(vm) = self.vm.as_mut()
+        {
+            resume_vm(vm, &self.run_dir).await;
+            let _ = std::fs::remove_file(&marker);
+        }
         self.vm
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("VM '{}' is not running", self.spec.name))
@@ -221,21 +230,43 @@ pub struct NbdView {
 /// Consecutive blocks read with one NBD request, at most.
 const READ_RUN_BLOCKS: u64 = 16;
 
-/// Reads a view in `chunk_size` blocks and calls `on_changed(index, data,
-/// hash)` for every non-zero block whose hash differs from `previous`.
-/// With a dirty bitmap, blocks it does not mark keep their hash from
-/// `previous` unread; without one, every block that `base:allocation` does
-/// not report as zero is read. Blocking: runs NBD on `rt`.
-pub fn nbd_scan<F>(
+/// Where [`nbd_scan`] delivers changed blocks (the replication pipeline's
+/// planner).
+pub(crate) trait BlockSink {
+    /// A changed block, read (or known) whole.
+    fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()>;
+    /// The pages, besides the rewritten ones, that a delta of block `index`
+    /// needs; `None` when the block cannot ship as a delta.
+    fn delta_needs(&mut self, index: u64) -> Option<u64>;
+    /// A changed full block of which only the pages `read` were read (the
+    /// rewritten ones and those `delta_needs` named): ship it as a delta.
+    /// `Ok(false)`: it must ship whole after all.
+    fn delta(&mut self, index: u64, hash: &[u8; 32], read: &[(u16, &[u8])])
+    -> anyhow::Result<bool>;
+}
+
+/// Reads a view in `chunk_size` blocks and delivers every non-zero block
+/// whose hash differs from `previous` to `sink`.
+///
+/// Without a dirty bitmap every block that `base:allocation` does not
+/// report as zero is read whole. With one (4 KiB granularity), only the
+/// dirty pages of a block are read: its new hash is rebuilt from the
+/// pages' BLAKE3 chaining values (`crate::cvs`: the old ones for clean
+/// pages, recomputed for dirty ones) and it ships as a delta of those
+/// pages. A block is read whole when that cannot work: no trusted
+/// chaining values or page record, too many changed pages for a delta, a
+/// short last block, or a clean page whose content is not what its
+/// chaining value says. A block that was all zeros is rebuilt from its
+/// dirty pages without reading the rest. Blocking: runs NBD on `rt`.
+pub(crate) fn nbd_scan(
     rt: &tokio::runtime::Handle,
     view: &NbdView,
     chunk_size: u32,
     previous: Option<&[BlockHash]>,
-    mut on_changed: F,
-) -> anyhow::Result<ScanOutcome>
-where
-    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
-{
+    cvs: &crate::cvs::CvRecords,
+    sink: &mut dyn BlockSink,
+) -> anyhow::Result<ScanOutcome> {
+    use crate::cvs::{BLOCK, PAGE, PAGES, block_cvs, page_cv, root, zero_cvs};
     let context = match &view.dirty_bitmap {
         Some(b) => format!("qemu:dirty-bitmap:{b}"),
         None => "base:allocation".to_string(),
@@ -253,21 +284,35 @@ where
     let extents = rt
         .block_on(client.block_status_range(ctx_id, 0, size))
         .with_context(|| format!("block status ({context})"))?;
-    let mut wanted = vec![false; blocks as usize];
+    let incremental = view.dirty_bitmap.is_some();
+    let paged = incremental && chunk as usize == BLOCK;
+    // Per block: the dirty pages (bit i = page i), or all bits to read it whole.
+    let mut wanted = vec![0u64; blocks as usize];
     for e in &extents {
-        let read = match &view.dirty_bitmap {
-            Some(_) => e.flags & STATE_DIRTY != 0,
-            None => e.flags & STATE_ZERO == 0,
+        let read = if incremental {
+            e.flags & STATE_DIRTY != 0
+        } else {
+            e.flags & STATE_ZERO == 0
         };
-        if read && e.length > 0 {
-            let first = e.offset / chunk;
-            let last = (e.offset + e.length - 1) / chunk;
-            for i in first..=last.min(blocks.saturating_sub(1)) {
-                wanted[i as usize] = true;
-            }
+        if !read || e.length == 0 {
+            continue;
+        }
+        let end = (e.offset + e.length).min(size);
+        let mut pos = e.offset;
+        while pos < end {
+            let i = pos / chunk;
+            let block_end = ((i + 1) * chunk).min(end);
+            let mask = if paged {
+                let first = (pos - i * chunk) / PAGE as u64;
+                let last = (block_end - 1 - i * chunk) / PAGE as u64;
+                (first..=last).fold(0u64, |m, p| m | (1u64 << p))
+            } else {
+                u64::MAX
+            };
+            wanted[i as usize] |= mask;
+            pos = block_end;
         }
     }
-    let incremental = view.dirty_bitmap.is_some();
     let mut hashes: Vec<BlockHash> = match previous {
         Some(p) if incremental && p.len() == blocks as usize => p.to_vec(),
         _ if incremental => anyhow::bail!(
@@ -276,40 +321,170 @@ where
         _ => vec![None; blocks as usize],
     };
     let mut bytes_read = 0u64;
-    let (mut changed, mut delivered) = (0u64, 0u64);
-    let mut i = 0u64;
-    while i < blocks {
-        if !wanted[i as usize] {
-            i += 1;
-            continue;
-        }
-        let mut run = 1;
-        while run < READ_RUN_BLOCKS && i + run < blocks && wanted[(i + run) as usize] {
-            run += 1;
-        }
+    // Counted by the whole-block reader too.
+    let (changed, delivered) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
+    let before = |index: u64| {
+        previous
+            .and_then(|p| p.get(index as usize))
+            .copied()
+            .flatten()
+    };
+    // Reads whole blocks `i .. i + run`, hashes and delivers them.
+    let read_whole = |client: &mut NbdClient<tokio::net::UnixStream>,
+                      hashes: &mut Vec<BlockHash>,
+                      sink: &mut dyn BlockSink,
+                      i: u64,
+                      run: u64|
+     -> anyhow::Result<u64> {
         let offset = i * chunk;
         let len = (run * chunk).min(size - offset);
         let data = rt
             .block_on(client.read(offset, len as usize))
             .with_context(|| format!("reading {len} bytes at {offset}"))?;
-        bytes_read += len;
         for (k, block) in data.chunks(chunk as usize).enumerate() {
             let index = i + k as u64;
-            let hash = hash_block(block);
-            let before = previous
-                .and_then(|p| p.get(index as usize))
-                .copied()
-                .flatten();
+            let hash = match block_cvs(block) {
+                _ if siterec_drivers::capture::is_zero(block) => None,
+                Some(c) => {
+                    let h = root(&c);
+                    cvs.write(index, &h, &c)?;
+                    Some(h)
+                }
+                None => hash_block(block),
+            };
             if let Some(h) = &hash
-                && Some(*h) != before
+                && Some(*h) != before(index)
             {
-                changed += 1;
-                delivered += 1;
-                on_changed(index, block, h)?;
+                changed.set(changed.get() + 1);
+                delivered.set(delivered.get() + 1);
+                sink.whole(index, block, h)?;
             }
             hashes[index as usize] = hash;
         }
-        i += run;
+        Ok(len)
+    };
+    // Reads the pages of `mask` of block `i`, coalescing neighbours.
+    let read_pages = |client: &mut NbdClient<tokio::net::UnixStream>,
+                      i: u64,
+                      mask: u64|
+     -> anyhow::Result<Vec<(u16, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut p = 0usize;
+        while p < PAGES {
+            if mask & (1u64 << p) == 0 {
+                p += 1;
+                continue;
+            }
+            let mut n = 1;
+            while p + n < PAGES && mask & (1u64 << (p + n)) != 0 {
+                n += 1;
+            }
+            let offset = i * chunk + (p * PAGE) as u64;
+            let data = rt
+                .block_on(client.read(offset, n * PAGE))
+                .with_context(|| format!("reading {} bytes at {offset}", n * PAGE))?;
+            for (k, page) in data.chunks(PAGE).enumerate() {
+                out.push(((p + k) as u16, page.to_vec()));
+            }
+            p += n;
+        }
+        Ok(out)
+    };
+    let mut i = 0u64;
+    while i < blocks {
+        let dirty = wanted[i as usize];
+        if dirty == 0 {
+            i += 1;
+            continue;
+        }
+        let full = size - i * chunk >= chunk;
+        if !paged || !full || dirty == u64::MAX {
+            let mut run = 1;
+            while run < READ_RUN_BLOCKS
+                && i + run < blocks
+                && wanted[(i + run) as usize] != 0
+                && !paged
+            {
+                run += 1;
+            }
+            bytes_read += read_whole(&mut client, &mut hashes, sink, i, run)?;
+            i += run;
+            continue;
+        }
+        let old_hash = before(i);
+        // Pages to read, and the chaining values the clean ones keep.
+        let (old_cvs, need) = match &old_hash {
+            None => (Some(*zero_cvs()), Some(0)),
+            Some(h) => (cvs.read(i, h), sink.delta_needs(i)),
+        };
+        let (Some(old_cvs), Some(need)) = (old_cvs, need) else {
+            bytes_read += read_whole(&mut client, &mut hashes, sink, i, 1)?;
+            i += 1;
+            continue;
+        };
+        let mask = dirty | need;
+        if old_hash.is_some() && mask.count_ones() > crate::pages::MAX_DELTA_PAGES {
+            bytes_read += read_whole(&mut client, &mut hashes, sink, i, 1)?;
+            i += 1;
+            continue;
+        }
+        let pages = read_pages(&mut client, i, mask)?;
+        bytes_read += (pages.len() * PAGE) as u64;
+        let mut new_cvs = old_cvs;
+        let mut stale = false;
+        for (p, page) in &pages {
+            let p = usize::from(*p);
+            let cv = page_cv(p, page);
+            if dirty & (1u64 << p) != 0 {
+                new_cvs[p] = cv;
+            } else if cv != old_cvs[p] {
+                stale = true;
+            }
+        }
+        if stale {
+            tracing::warn!(
+                block = i,
+                "a clean page differs from its chaining value: reading the block whole"
+            );
+            bytes_read += read_whole(&mut client, &mut hashes, sink, i, 1)?;
+            i += 1;
+            continue;
+        }
+        if new_cvs == *zero_cvs() {
+            hashes[i as usize] = None;
+            i += 1;
+            continue;
+        }
+        let hash = root(&new_cvs);
+        if Some(hash) != old_hash {
+            changed.set(changed.get() + 1);
+            delivered.set(delivered.get() + 1);
+            let shipped = match old_hash {
+                // A block that was all zeros: the rest of it is zeros.
+                None => {
+                    let mut block = vec![0u8; BLOCK];
+                    for (p, page) in &pages {
+                        let at = usize::from(*p) * PAGE;
+                        block[at..at + PAGE].copy_from_slice(page);
+                    }
+                    sink.whole(i, &block, &hash)?;
+                    true
+                }
+                Some(_) => {
+                    let read: Vec<(u16, &[u8])> =
+                        pages.iter().map(|(p, d)| (*p, d.as_slice())).collect();
+                    sink.delta(i, &hash, &read)?
+                }
+            };
+            if !shipped {
+                bytes_read += read_whole(&mut client, &mut hashes, sink, i, 1)?;
+                i += 1;
+                continue;
+            }
+            cvs.write(i, &hash, &new_cvs)?;
+        }
+        hashes[i as usize] = Some(hash);
+        i += 1;
     }
     let _ = rt.block_on(client.disconnect());
     Ok(ScanOutcome {
@@ -318,8 +493,8 @@ where
         method: SnapshotMethod::Fleece,
         size_bytes: size,
         bytes_read,
-        changed_blocks: changed,
-        delivered_blocks: delivered,
+        changed_blocks: changed.get(),
+        delivered_blocks: delivered.get(),
         attempts: 1,
         captured_at: view.taken_at,
     })
@@ -413,6 +588,7 @@ pub(crate) async fn capture_disks(
         };
         disks.push(s.clone());
     }
+    let slot_run_dir = slot.run_dir.clone();
     let vm = slot.running().await?;
     let have_state = disks
         .iter()
@@ -508,6 +684,9 @@ pub(crate) async fn capture_disks(
                 create_active: !valid,
                 frozen: valid.then(|| frozen_name(&generation)),
                 persistent: d.format == DiskFormat::Qcow2,
+                // Page-sized bits: a cycle reads the pages written, not
+                // whole blocks (64 KiB per GiB of disk per bitmap).
+                granularity: Some(crate::cvs::PAGE as u32),
             })
         })
         .collect::<anyhow::Result<_>>()?;
@@ -515,7 +694,23 @@ pub(crate) async fn capture_disks(
     // its agent for just the instant of the view (one QMP transaction).
     let app_due = app_consistent_due(state_dir, a);
     let frozen = app_due && freeze_guest(vm, &spec.name, spec.guest_agent).await;
+    // A group member pauses its VM until every member's VM is paused: the
+    // group's instant (see `crate::group`).
+    let mut group_instant = None;
+    if let Some(g) = &a.group
+        && let Some(rendezvous) = ctx.groups.get(g)
+    {
+        pause_vm(vm, &slot_run_dir).await?;
+        let wait = Duration::from_secs(u64::from(a.copy_frequency_secs) + 30);
+        group_instant = rendezvous.arrive(&a.item, wait).await;
+        if group_instant.is_none() {
+            tracing::warn!(item = %a.item, group = %g, "not every member of the group came to take a point: this point is the VM's own, not the group's");
+        }
+    }
     let fleece = vm.start_fleece(&plan).await;
+    if a.group.is_some() {
+        resume_vm(vm, &slot_run_dir).await;
+    }
     if frozen {
         thaw_guest(vm, &spec.name).await;
     }
@@ -553,17 +748,43 @@ pub(crate) async fn capture_disks(
     if let Some(e) = failure {
         return Err(e);
     }
-    let created_ms = fleece
-        .taken_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_else(|_| crate::util::now_ms());
+    let created_ms = group_instant.unwrap_or_else(|| {
+        fleece
+            .taken_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_else(|_| crate::util::now_ms())
+    });
     let consistency = if frozen {
         Consistency::AppConsistent
     } else {
         Consistency::CrashConsistent
     };
     Ok((results, consistency, created_ms))
+}
+
+/// Marks a VM paused by siterec (not by its operator), so that an agent
+/// that died while it was paused resumes it when it takes it over.
+fn paused_marker(run_dir: &Path) -> PathBuf {
+    run_dir.join("paused-by-siterec")
+}
+
+async fn pause_vm(vm: &mut Vm, run_dir: &Path) -> anyhow::Result<()> {
+    write_durably(&paused_marker(run_dir), b"", 0o600)?;
+    vm.qmp()
+        .execute("stop", None)
+        .await
+        .context("pausing the VM for the group's point")?;
+    Ok(())
+}
+
+async fn resume_vm(vm: &mut Vm, run_dir: &Path) {
+    match vm.qmp().execute("cont", None).await {
+        Ok(_) => {
+            let _ = std::fs::remove_file(paused_marker(run_dir));
+        }
+        Err(e) => tracing::error!("resuming the VM after the group's point: {e}"),
+    }
 }
 
 /// When the last app-consistent point was attempted (Unix ms), recorded

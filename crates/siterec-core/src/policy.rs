@@ -8,8 +8,11 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Copy frequencies the seeds allow, in seconds.
-pub const COPY_FREQUENCIES_SECS: [u32; 3] = [30, 300, 900];
+/// Copy frequencies, in seconds: the seeds' 30 s, 5 min and 15 min, and
+/// below them siterec's continuous mode (5, 10 or 15 s: a cycle starts as
+/// soon as the previous one is done, at most that often, so the achieved
+/// RPO follows the churn; each item reports it as `rpoInSeconds`).
+pub const COPY_FREQUENCIES_SECS: [u32; 6] = [5, 10, 15, 30, 300, 900];
 /// Longest retention window by time, in hours.
 pub const MAX_RETENTION_HOURS: u32 = 24;
 /// Most additional recovery points kept by count.
@@ -65,7 +68,9 @@ pub struct OfflineReplication {
 /// Why a policy was refused. Each message names the field and the allowed values.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum PolicyError {
-    #[error("copy frequency {0} s is not allowed: use 30, 300 or 900 seconds")]
+    #[error(
+        "copy frequency {0} s is not allowed: use 30, 300 or 900 seconds, or 5, 10 or 15 for continuous replication"
+    )]
     CopyFrequency(u32),
     #[error("recovery point retention of {0} hours is out of range: use 0 to 24 hours")]
     RetentionHours(u32),

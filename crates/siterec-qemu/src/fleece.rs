@@ -47,6 +47,9 @@ pub struct FleeceDisk {
     pub frozen: Option<String>,
     /// Make new bitmaps persistent (qcow2 images only).
     pub persistent: bool,
+    /// Bytes per bit of new bitmaps (a power of two, 512 B–2 GiB); `None`:
+    /// QEMU's default (the image's cluster size, 64 KiB for raw).
+    pub granularity: Option<u32>,
 }
 
 /// What [`Vm::start_fleece`] exported.
@@ -135,13 +138,21 @@ impl Vm {
         let mut actions = Vec::new();
         for d in plan {
             let node = disk_node(&d.disk);
+            let add = |name: &str, disabled: bool| {
+                let mut data = json!({ "node": node, "name": name, "persistent": d.persistent });
+                if disabled {
+                    data["disabled"] = json!(true);
+                }
+                if let Some(g) = d.granularity {
+                    data["granularity"] = json!(g);
+                }
+                json!({ "type": "block-dirty-bitmap-add", "data": data })
+            };
             if d.create_active {
-                actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                    "node": node, "name": d.active, "persistent": d.persistent }}));
+                actions.push(add(&d.active, false));
             }
             if let Some(frozen) = &d.frozen {
-                actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                    "node": node, "name": frozen, "persistent": d.persistent, "disabled": true }}));
+                actions.push(add(frozen, true));
                 actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
                     "node": node, "target": frozen, "bitmaps": [d.active] }}));
                 actions.push(json!({"type": "block-dirty-bitmap-clear", "data": {

@@ -66,6 +66,7 @@ fn plan(create_active: bool, frozen: Option<&str>) -> Vec<FleeceDisk> {
         create_active,
         frozen: frozen.map(str::to_string),
         persistent: true,
+        granularity: None,
     }]
 }
 

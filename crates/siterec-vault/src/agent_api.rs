@@ -303,7 +303,7 @@ async fn assignments(
     fabric: &str,
 ) -> ApiResult<Vec<ReplicationAssignment>> {
     let rows = sqlx::query(
-        "SELECT i.name, i.machine, i.state, i.policy, m.info, a.id AS target_id, a.data_url
+        "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
          JOIN agents a ON a.id = i.target_agent_id
@@ -346,7 +346,8 @@ async fn assignments(
             target_url,
             copy_frequency_secs: policy.copy_frequency_secs,
             app_consistent_secs: policy.app_consistent_frequency_hours.saturating_mul(3600),
-            group: None,
+            // The agent takes the points of a group's items together.
+            group: row.try_get("multi_vm_group")?,
             compression: policy.compression,
             not_before: policy.initial_replication_start,
             offline_export,
@@ -626,5 +627,63 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(live, ["p4"]);
+    }
+
+    /// The source agent learns each item's multi-VM group from its
+    /// heartbeat answer: the agent takes the points of a group together.
+    #[tokio::test]
+    async fn replication_assignments_carry_the_items_multi_vm_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms) VALUES ('agent-src', 'primary', 'h', 'k', 'pc', NULL, '0', 0), ('agent-tgt', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:2', '0', 0)").await;
+        exec(&st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"InMageAzureV2","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(&st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, target_agent_id, state, multi_vm_group, created_ms, updated_ms) VALUES
+            ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 'app', 0, 0),
+            ('i2', 'primary', 'pc', 'm2', 'pol', 'recovery', 'rc', 'agent-tgt', 'InitialReplicationInProgress', 'app', 0, 0),
+            ('i3', 'primary', 'pc', 'm3', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', NULL, 0, 0),
+            ('i4', 'primary', 'pc', 'm4', 'pol', 'recovery', 'rc', 'agent-tgt', 'FailoverCommitted', 'app', 0, 0)").await;
+        let machine = |name: &str| siterec_core::wire::MachineInfo {
+            name: name.into(),
+            kind: siterec_core::wire::KIND_PHYSICAL.into(),
+            disks: vec![],
+            nics: vec![],
+            vm: None,
+            error: None,
+        };
+        let mut req = beat(&[]);
+        req.cloud = "pc".into();
+        req.machines = ["m1", "m2", "m3", "m4"].map(machine).to_vec();
+        let Json(resp) = heartbeat(
+            State(st.clone()),
+            Extension(PeerIdentity(Some("agent-src".into()))),
+            Json(req),
+        )
+        .await
+        .unwrap();
+        let mut got: Vec<(String, Option<String>)> = resp
+            .replications
+            .into_iter()
+            .map(|a| (a.item, a.group))
+            .collect();
+        got.sort();
+        let a = |i: &str, g: Option<&str>| (i.to_string(), g.map(str::to_string));
+        // i4 failed over: no longer replicated, so not assigned at all.
+        assert_eq!(
+            got,
+            [a("i1", Some("app")), a("i2", Some("app")), a("i3", None)]
+        );
+        // On the wire, an item in no group carries no group field.
+        let wire =
+            serde_json::to_value(assignments(&st, "agent-src", "primary").await.unwrap()).unwrap();
+        let by_item = |i: &str| {
+            wire.as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["item"] == i)
+                .cloned()
+                .unwrap()
+        };
+        assert_eq!(by_item("i1")["group"], "app");
+        assert!(by_item("i3").get("group").is_none(), "{wire}");
     }
 }

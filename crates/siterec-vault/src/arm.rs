@@ -916,6 +916,7 @@ async fn enable_protection(
     check_name("protected item", name)?;
     let container = model::container_exists(&st.db, fabric, container).await?;
     let p = props(body);
+    let group = requested_group(p)?;
     let machine_ref = p.get("protectableItemId").and_then(|v| v.as_str()).ok_or_else(|| {
         ApiError::bad_request("properties.protectableItemId is required: the id of the machine to protect (see replicationProtectableItems)")
     })?;
@@ -958,15 +959,15 @@ async fn enable_protection(
             ));
         }
     }
-    let row: Option<(String, String)> = sqlx::query_as(
-        "SELECT name, info FROM machines WHERE fabric = ? AND container = ? AND name = ?",
+    let row: Option<(String, String, String)> = sqlx::query_as(
+        "SELECT name, info, agent_id FROM machines WHERE fabric = ? AND container = ? AND name = ?",
     )
     .bind(fabric)
     .bind(&container)
     .bind(machine_name)
     .fetch_optional(&st.db)
     .await?;
-    let Some((machine, info)) = row else {
+    let Some((machine, info, agent)) = row else {
         return Err(ApiError::not_found(
             "protectable item",
             &format!("{fabric}/{container}/{machine_name}"),
@@ -988,6 +989,18 @@ async fn enable_protection(
     if let Some(row) = existing {
         let item = ItemRow::from_row(&row)?;
         if item.machine.eq_ignore_ascii_case(&machine) && item.fabric.eq_ignore_ascii_case(fabric) {
+            if !same_group(item.group.as_deref(), group.as_deref()) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "MultiVmGroupConflict",
+                    format!(
+                        "protected item '{}' exists {}, not {}; changing the multi-VM group of a protected item is not supported",
+                        item.name,
+                        in_group(item.group.as_deref()),
+                        in_group(group.as_deref()),
+                    ),
+                ));
+            }
             // A retried PUT: point at the job that is (or was) doing it.
             if let Some(job) = latest_job(&mut tx, JobKind::EnableProtection, &item.name).await? {
                 return accepted(st, headers, &job);
@@ -1008,9 +1021,31 @@ async fn enable_protection(
             "machine '{machine}' is already protected as item '{other}'"
         )));
     }
+    // Checked inside the write transaction, so that two requests cannot
+    // start one group on two agents at once.
+    let group = match group {
+        Some(g) => Some(
+            join_group(
+                &mut tx,
+                &g,
+                &Joining {
+                    item: name,
+                    machine: &machine,
+                    agent: &agent,
+                    policy: &policy,
+                    fabric,
+                    container: &container,
+                    target_fabric: &tf,
+                    target_container: &tc,
+                },
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(name)
     .bind(fabric)
@@ -1020,6 +1055,7 @@ async fn enable_protection(
     .bind(&tf)
     .bind(&tc)
     .bind(ProtectionState::EnablingProtection.as_str())
+    .bind(&group)
     .bind(now)
     .bind(now)
     .execute(&mut *tx)
@@ -1036,6 +1072,144 @@ async fn enable_protection(
     tx.commit().await?;
     st.wake.notify_one();
     accepted(st, headers, &job)
+}
+
+/// The multi-VM consistency group an enable protection request names:
+/// `providerSpecificDetails.multiVmGroupName` (and/or `multiVmGroupId`, as
+/// the SDK's InMageAzureV2/InMage/A2A inputs have them; taken for any
+/// instanceType). siterec identifies a group by its name, and a group's id
+/// is its name (Azure PowerShell sends the group name as both).
+fn requested_group(p: &Value) -> ApiResult<Option<String>> {
+    let details = p.get("providerSpecificDetails").unwrap_or(&Value::Null);
+    let field = |key: &str| -> ApiResult<Option<String>> {
+        match details.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "properties.providerSpecificDetails.{key} must be a string (the multi-VM group's name), not {other}"
+            ))),
+        }
+    };
+    let name = field("multiVmGroupName")?;
+    let id = field("multiVmGroupId")?;
+    let group = match (name, id) {
+        (Some(n), Some(i)) if !n.eq_ignore_ascii_case(&i) => {
+            return Err(ApiError::bad_request(format!(
+                "properties.providerSpecificDetails: multiVmGroupId '{i}' and multiVmGroupName '{n}' differ; siterec identifies a multi-VM group by its name (its id is its name): give the same value, or multiVmGroupName alone"
+            )));
+        }
+        (Some(n), _) => Some(n),
+        (None, i) => i,
+    };
+    if let Some(g) = &group {
+        check_name("multi-VM group", g)?;
+    }
+    Ok(group)
+}
+
+fn same_group(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn in_group(g: Option<&str>) -> String {
+    match g {
+        Some(g) => format!("in multi-VM group '{g}'"),
+        None => "in no multi-VM group".to_string(),
+    }
+}
+
+/// An item about to join a multi-VM group.
+struct Joining<'a> {
+    item: &'a str,
+    machine: &'a str,
+    /// The agent that hosts the machine.
+    agent: &'a str,
+    policy: &'a str,
+    fabric: &'a str,
+    container: &'a str,
+    target_fabric: &'a str,
+    target_container: &'a str,
+}
+
+/// Checks that an item may join multi-VM group `group` and returns the
+/// group's name as its members spell it. Every member is on the same source
+/// agent (the agent takes the group's points at one instant), under the same
+/// policy and the same cloud pairing. A group with no members yet is
+/// started by this item.
+async fn join_group(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    group: &str,
+    new: &Joining<'_>,
+) -> ApiResult<String> {
+    let members = sqlx::query(
+        "SELECT i.name, i.multi_vm_group, i.policy, i.fabric, i.container, i.target_fabric, i.target_container, m.agent_id, a.hostname
+         FROM protected_items i
+         LEFT JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         LEFT JOIN agents a ON a.id = m.agent_id
+         WHERE i.multi_vm_group = ?
+         ORDER BY i.created_ms, i.name",
+    )
+    .bind(group)
+    .fetch_all(&mut **tx)
+    .await?;
+    let conflict =
+        |message: String| ApiError::new(StatusCode::CONFLICT, "MultiVmGroupConflict", message);
+    let mut canonical = None;
+    for row in &members {
+        let member: String = row.try_get("name")?;
+        let spelled: Option<String> = row.try_get("multi_vm_group")?;
+        canonical = canonical.or(spelled);
+        // A member whose machine is no longer reported has no agent to compare.
+        if let Some(agent) = row.try_get::<Option<String>, _>("agent_id")?
+            && agent != new.agent
+        {
+            let host: Option<String> = row.try_get("hostname")?;
+            let new_host: Option<String> =
+                sqlx::query_scalar("SELECT hostname FROM agents WHERE id = ?")
+                    .bind(new.agent)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            return Err(conflict(format!(
+                "machine '{}' is on agent {} (host {}), but multi-VM group '{group}' is replicated by agent {agent} (host {}), which hosts its member '{member}': a group's recovery points are taken at one instant by one source agent, so every machine of a group must be on the same agent; enable item '{}' in another group (of its own agent's machines) or in none",
+                new.machine,
+                new.agent,
+                new_host.as_deref().unwrap_or("unknown"),
+                host.as_deref().unwrap_or("unknown"),
+                new.item,
+            )));
+        }
+    }
+    for row in &members {
+        let member: String = row.try_get("name")?;
+        let policy: String = row.try_get("policy")?;
+        if !policy.eq_ignore_ascii_case(new.policy) {
+            return Err(conflict(format!(
+                "multi-VM group '{group}' replicates under policy '{policy}' (its member '{member}'), but item '{}' would use policy '{}': every item of a group uses the same policy; enable it with policy '{policy}', or in another group",
+                new.item, new.policy,
+            )));
+        }
+        let (f, c, tf, tc): (String, String, String, String) = (
+            row.try_get("fabric")?,
+            row.try_get("container")?,
+            row.try_get("target_fabric")?,
+            row.try_get("target_container")?,
+        );
+        let same = f.eq_ignore_ascii_case(new.fabric)
+            && c.eq_ignore_ascii_case(new.container)
+            && tf.eq_ignore_ascii_case(new.target_fabric)
+            && tc.eq_ignore_ascii_case(new.target_container);
+        if !same {
+            return Err(conflict(format!(
+                "multi-VM group '{group}' replicates cloud {f}/{c} to {tf}/{tc} (its member '{member}'), but machine '{}' is in cloud {}/{} paired with {}/{}: every item of a group is under the same cloud pairing; enable it in another group",
+                new.machine, new.fabric, new.container, new.target_fabric, new.target_container,
+            )));
+        }
+    }
+    Ok(canonical.unwrap_or_else(|| group.to_string()))
 }
 
 async fn latest_job(
@@ -2504,5 +2678,310 @@ mod tests {
             assert_eq!(input["vm"] == Value::Bool(true), vm, "{input}");
             assert_eq!(step.contains("virtual machine"), vm, "{step}");
         }
+    }
+
+    #[test]
+    fn the_group_is_read_from_either_sdk_field_for_any_instance_type() {
+        let group = |d: Value| requested_group(&json!({"providerSpecificDetails": d}));
+        for (details, want) in [
+            (json!({"instanceType": "InMageAzureV2"}), None),
+            (
+                json!({"instanceType": "InMageAzureV2", "multiVmGroupName": null}),
+                None,
+            ),
+            (
+                json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+                Some("app"),
+            ),
+            (
+                json!({"instanceType": "InMage", "multiVmGroupId": "app", "multiVmGroupName": "APP"}),
+                Some("APP"),
+            ),
+            (
+                json!({"instanceType": "HyperVReplicaAzure", "multiVmGroupId": "app"}),
+                Some("app"),
+            ),
+            (
+                json!({"instanceType": "SomethingNew", "multiVmGroupName": "db.tier-1"}),
+                Some("db.tier-1"),
+            ),
+        ] {
+            assert_eq!(
+                group(details.clone()).unwrap().as_deref(),
+                want,
+                "{details}"
+            );
+        }
+        assert_eq!(requested_group(&json!({})).unwrap(), None);
+        for (details, needle) in [
+            (
+                json!({"multiVmGroupName": "bad name"}),
+                "multi-VM group name \"bad name\" is not valid",
+            ),
+            (
+                json!({"multiVmGroupName": ""}),
+                "multi-VM group name \"\" is not valid",
+            ),
+            (json!({"multiVmGroupId": "../x"}), "is not valid"),
+            (
+                json!({"multiVmGroupName": 42}),
+                "multiVmGroupName must be a string",
+            ),
+            (
+                json!({"multiVmGroupId": "a", "multiVmGroupName": "b"}),
+                "multiVmGroupId 'a' and multiVmGroupName 'b' differ",
+            ),
+        ] {
+            let e = group(details.clone()).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{details}");
+            assert!(e.message.contains(needle), "{details}: {}", e.message);
+        }
+    }
+
+    /// [`setup`] plus what enabling protection in groups needs: the cloud
+    /// pairings pc → rc and pc2 → rc2 (policy `pol`), a second policy
+    /// `pol2`, a second source agent `agent-src2` (host h4) in cloud pc,
+    /// and unprotected machines m1, m2, m5 (agent-src, pc), m3
+    /// (agent-src2, pc) and m4 (agent-src, pc2).
+    async fn group_setup(st: &AppState) {
+        setup(st).await;
+        let now = now_ms();
+        exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc2', 0), ('recovery', 'rc2', 0)").await;
+        exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol2', '{"instanceType":"InMageAzureV2","copyFrequencySecs":300,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(st, &format!("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-src2', 'primary', 'h4', 'k', 'pc', NULL, '0', 0, {now})")).await;
+        exec(st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0), ('primary', 'pc2', 'map2', 'recovery', 'rc2', 'pol', 'Paired', 0)").await;
+        for (m, agent, cloud) in [
+            ("m1", "agent-src", "pc"),
+            ("m2", "agent-src", "pc"),
+            ("m5", "agent-src", "pc"),
+            ("m3", "agent-src2", "pc"),
+            ("m4", "agent-src", "pc2"),
+        ] {
+            exec(st, &format!(r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', '{cloud}', '{m}', '{agent}', '{{"name":"{m}","kind":"PhysicalServer","disks":[]}}', 0)"#)).await;
+        }
+    }
+
+    fn enable_body(st: &AppState, cloud: &str, machine: &str, details: Value) -> Value {
+        json!({"properties": {
+            "protectableItemId": format!("{}/replicationProtectableItems/{machine}", model::container_id(&st.info, "primary", cloud)),
+            "providerSpecificDetails": details,
+        }})
+    }
+
+    fn item_rel(cloud: &str, item: &str) -> String {
+        format!(
+            "replicationFabrics/primary/replicationProtectionContainers/{cloud}/replicationProtectedItems/{item}"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_multi_vm_group_takes_items_of_one_agent_policy_and_pairing_and_refuses_others_writing_nothing()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        group_setup(&st).await;
+        let items = "SELECT COUNT(*) FROM protected_items";
+        let jobs = "SELECT COUNT(*) FROM jobs";
+        assert_eq!((count(&st, items).await, count(&st, jobs).await), (2, 0));
+
+        // Bad group names and fields: 400, nothing written.
+        for details in [
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "bad name"}),
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupName": ""}),
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupName": ["app"]}),
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupId": "app", "multiVmGroupName": "web"}),
+        ] {
+            let (code, v, _) = call(
+                &st,
+                Method::PUT,
+                &item_rel("pc", "i1"),
+                enable_body(&st, "pc", "m1", details.clone()),
+            )
+            .await;
+            assert_eq!(code, 400, "{details}: {v}");
+            assert!(
+                message(&v).contains("multiVmGroup") || message(&v).contains("multi-VM group name"),
+                "{v}"
+            );
+        }
+        assert_eq!((count(&st, items).await, count(&st, jobs).await), (2, 0));
+
+        // The first item starts the group; the second joins it (by id
+        // alone, in other case, under another instanceType) and takes the
+        // group's spelling.
+        let first = enable_body(
+            &st,
+            "pc",
+            "m1",
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupId": "app", "multiVmGroupName": "app"}),
+        );
+        let (code, v, job1) = call(&st, Method::PUT, &item_rel("pc", "i1"), first.clone()).await;
+        assert_eq!(code, 202, "{v}");
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &item_rel("pc", "i2"),
+            enable_body(
+                &st,
+                "pc",
+                "m2",
+                json!({"instanceType": "HyperVReplicaAzure", "multiVmGroupId": "APP"}),
+            ),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        let stored: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, multi_vm_group FROM protected_items ORDER BY name")
+                .fetch_all(&st.db)
+                .await
+                .unwrap();
+        let g = |n: &str, g: Option<&str>| (n.to_string(), g.map(str::to_string));
+        assert_eq!(
+            stored,
+            [
+                g("i-phys", None),
+                g("i-vm", None),
+                g("i1", Some("app")),
+                g("i2", Some("app"))
+            ]
+        );
+
+        // A machine on another agent, another policy, another pairing:
+        // 409 naming what differs, nothing written.
+        let cases = [
+            (
+                "pc",
+                "i3",
+                enable_body(
+                    &st,
+                    "pc",
+                    "m3",
+                    json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+                ),
+                vec![
+                    "machine 'm3' is on agent agent-src2 (host h4)",
+                    "multi-VM group 'app' is replicated by agent agent-src (host h1)",
+                    "taken at one instant by one source agent",
+                ],
+            ),
+            (
+                "pc",
+                "i5",
+                {
+                    let mut b = enable_body(
+                        &st,
+                        "pc",
+                        "m5",
+                        json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+                    );
+                    b["properties"]["policyId"] = model::policy_id(&st.info, "pol2").into();
+                    b
+                },
+                vec![
+                    "multi-VM group 'app' replicates under policy 'pol'",
+                    "item 'i5' would use policy 'pol2'",
+                ],
+            ),
+            (
+                "pc2",
+                "i4",
+                enable_body(
+                    &st,
+                    "pc2",
+                    "m4",
+                    json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+                ),
+                vec![
+                    "multi-VM group 'app' replicates cloud primary/pc to recovery/rc",
+                    "machine 'm4' is in cloud primary/pc2 paired with recovery/rc2",
+                ],
+            ),
+        ];
+        for (cloud, item, body, needles) in cases {
+            let (code, v, job) = call(&st, Method::PUT, &item_rel(cloud, item), body).await;
+            assert_eq!((code, job), (409, None), "{item}: {v}");
+            assert_eq!(v["error"]["code"], "MultiVmGroupConflict", "{v}");
+            for n in needles {
+                assert!(message(&v).contains(n), "{item}: {n}: {v}");
+            }
+        }
+        assert_eq!((count(&st, items).await, count(&st, jobs).await), (4, 2));
+
+        // The item shows its group as the SDK's replication details do.
+        let (_, v, _) = call(&st, Method::GET, &item_rel("pc", "i2"), Value::Null).await;
+        let d = &v["properties"]["providerSpecificDetails"];
+        assert_eq!(
+            (
+                &d["multiVmGroupName"],
+                &d["multiVmGroupId"],
+                &d["multiVmSyncStatus"]
+            ),
+            (&json!("app"), &json!("app"), &json!("Enabled")),
+            "{v}"
+        );
+        let (_, v, _) = call(&st, Method::GET, PHYS, Value::Null).await;
+        let d = &v["properties"]["providerSpecificDetails"];
+        assert_eq!(
+            (&d["multiVmGroupName"], &d["multiVmSyncStatus"]),
+            (&Value::Null, &json!("Disabled"))
+        );
+
+        // A retried PUT answers with its job; another group for the same
+        // item is refused.
+        let (code, _, again) = call(&st, Method::PUT, &item_rel("pc", "i1"), first).await;
+        assert_eq!((code, &again), (202, &job1));
+        for details in [
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "other"}),
+            json!({"instanceType": "InMageAzureV2"}),
+        ] {
+            let (code, v, _) = call(
+                &st,
+                Method::PUT,
+                &item_rel("pc", "i1"),
+                enable_body(&st, "pc", "m1", details),
+            )
+            .await;
+            assert_eq!(code, 409, "{v}");
+            assert!(
+                message(&v).contains("exists in multi-VM group 'app'")
+                    && message(&v).contains("not supported"),
+                "{v}"
+            );
+        }
+        assert_eq!((count(&st, items).await, count(&st, jobs).await), (4, 2));
+
+        // Another agent's machine starts a group of its own.
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &item_rel("pc", "i3"),
+            enable_body(
+                &st,
+                "pc",
+                "m3",
+                json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app2"}),
+            ),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        // Membership is the item's own row: once the group's items are gone
+        // (protection disabled), the name is free for any agent's machines.
+        exec(
+            &st,
+            "DELETE FROM protected_items WHERE multi_vm_group = 'app'",
+        )
+        .await;
+        let (code, v, _) = call(&st, Method::PUT, &item_rel("pc", "i6"), {
+            let mut b = enable_body(
+                &st,
+                "pc",
+                "m5",
+                json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+            );
+            b["properties"]["policyId"] = model::policy_id(&st.info, "pol2").into();
+            b
+        })
+        .await;
+        assert_eq!(code, 202, "{v}");
     }
 }

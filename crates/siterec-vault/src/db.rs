@@ -25,6 +25,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0004_transport_key.sql"),
     ),
     (5, include_str!("../migrations/sqlite/0005_vm_failover.sql")),
+    (
+        6,
+        include_str!("../migrations/sqlite/0006_multi_vm_group.sql"),
+    ),
 ];
 
 pub async fn open(path: &Path) -> anyhow::Result<Db> {

@@ -499,15 +499,35 @@ async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
     let encrypt = body
         .and_then(|b| serde_json::from_str::<siterec_core::policy::Policy>(&b).ok())
         .is_some_and(|p| p.encryption);
-    let agent: Option<String> = sqlx::query_scalar(
-        "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? AND (store_encrypted = 1 OR ? = 0) ORDER BY last_seen_ms DESC LIMIT 1",
+    // A multi-VM group keeps its points in one replica store: a member
+    // goes to the recovery agent the group's other members replicate to,
+    // while that agent can take it; else to any that can.
+    let group_agent: Option<String> = sqlx::query_scalar(
+        "SELECT a.id FROM protected_items i
+         JOIN protected_items g ON g.multi_vm_group = i.multi_vm_group AND g.name <> i.name
+         JOIN agents a ON a.id = g.target_agent_id
+         WHERE i.name = ? AND a.fabric = ? AND a.cloud = ? AND a.data_url IS NOT NULL AND a.last_seen_ms > ? AND (a.store_encrypted = 1 OR ? = 0)
+         ORDER BY g.created_ms, g.name LIMIT 1",
     )
+    .bind(&item)
     .bind(&tf)
     .bind(&tc)
     .bind(ctx.now_ms - AGENT_ONLINE_MS)
     .bind(encrypt)
     .fetch_optional(&mut **tx)
     .await?;
+    let agent: Option<String> = match group_agent {
+        Some(a) => Some(a),
+        None => sqlx::query_scalar(
+            "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? AND (store_encrypted = 1 OR ? = 0) ORDER BY last_seen_ms DESC LIMIT 1",
+        )
+        .bind(&tf)
+        .bind(&tc)
+        .bind(ctx.now_ms - AGENT_ONLINE_MS)
+        .bind(encrypt)
+        .fetch_optional(&mut **tx)
+        .await?,
+    };
     match agent {
         Some(agent) => {
             sqlx::query(
@@ -1930,5 +1950,60 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0);
+    }
+
+    /// A group's items keep their points in one replica store: a new
+    /// member replicates to the recovery agent its group already uses,
+    /// even when another one would be picked otherwise.
+    #[tokio::test]
+    async fn a_group_member_replicates_to_the_recovery_agent_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "Protected").await;
+        let now = now_ms();
+        // agent-tgt2 was heard from last: the pick for an item in no group.
+        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt2', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:3', '0', 0, ?)")
+            .bind(now + 1)
+            .execute(&st.db)
+            .await
+            .unwrap();
+        exec(&st, "UPDATE protected_items SET multi_vm_group = 'app', target_agent_id = 'agent-tgt' WHERE name = 'i1'").await;
+        exec(&st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm2', 'agent-src', '{"name":"m2","kind":"PhysicalServer","disks":[]}', 0), ('primary', 'pc', 'm3', 'agent-src', '{"name":"m3","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        exec(&st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES ('i2', 'primary', 'pc', 'm2', 'pol', 'recovery', 'rc', 'EnablingProtection', 'App', 1, 1), ('i3', 'primary', 'pc', 'm3', 'pol', 'recovery', 'rc', 'EnablingProtection', NULL, 1, 1)").await;
+        for item in ["i2", "i3"] {
+            let job = new_job(&st, JobKind::EnableProtection, json!({"item": item})).await;
+            advance(&st, &job).await.unwrap();
+            assert_eq!(item_state(&st, item).await, "InitialReplicationInProgress");
+        }
+        let targets: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, target_agent_id FROM protected_items ORDER BY name")
+                .fetch_all(&st.db)
+                .await
+                .unwrap();
+        let t = |i: &str, a: &str| (i.to_string(), Some(a.to_string()));
+        assert_eq!(
+            targets,
+            [
+                t("i1", "agent-tgt"),
+                t("i2", "agent-tgt"),
+                t("i3", "agent-tgt2")
+            ]
+        );
+        // The group's agent gone silent: the member goes where it can.
+        exec(
+            &st,
+            "UPDATE agents SET last_seen_ms = 0 WHERE id = 'agent-tgt'",
+        )
+        .await;
+        exec(&st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm4', 'agent-src', '{"name":"m4","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        exec(&st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES ('i4', 'primary', 'pc', 'm4', 'pol', 'recovery', 'rc', 'EnablingProtection', 'app', 2, 2)").await;
+        let job = new_job(&st, JobKind::EnableProtection, json!({"item": "i4"})).await;
+        advance(&st, &job).await.unwrap();
+        let t4: Option<String> =
+            sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = 'i4'")
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(t4.as_deref(), Some("agent-tgt2"));
     }
 }

@@ -386,6 +386,8 @@ pub struct ItemRow {
     pub test_point_id: Option<String>,
     pub test_error: Option<String>,
     pub test_ms: Option<i64>,
+    /// The multi-VM consistency group (ARM `multiVmGroupName`), if any.
+    pub group: Option<String>,
     pub created_ms: i64,
 }
 
@@ -418,6 +420,7 @@ impl ItemRow {
             test_point_id: row.try_get("test_failover_point_id")?,
             test_error: row.try_get("test_failover_error")?,
             test_ms: row.try_get("test_failover_ms")?,
+            group: row.try_get("multi_vm_group")?,
             created_ms: row.try_get("created_ms")?,
         })
     }
@@ -611,6 +614,11 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
                 "failoverVm": failover_vm,
                 "vmNics": vm_nics,
                 "testVm": test_vm,
+                // As the SDK's InMageAzureV2ReplicationDetails: a group's
+                // id is its name (as Azure PowerShell sets both).
+                "multiVmGroupId": item.group,
+                "multiVmGroupName": item.group,
+                "multiVmSyncStatus": if item.group.is_some() { "Enabled" } else { "Disabled" },
             },
         }),
     ))

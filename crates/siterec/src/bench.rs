@@ -446,6 +446,7 @@ impl Rig {
             throttle: Default::default(),
             spool_max_bytes: siterec_agent::spool::DEFAULT_SPOOL_MAX_MIB << 20,
             vms: Arc::new(siterec_agent::vm::VmHost::new(&[], &dir.join("source"))),
+            groups: Default::default(),
         };
         Ok(Rig {
             ctx,

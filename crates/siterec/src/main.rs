@@ -275,7 +275,8 @@ enum MachineCmd {
 enum PolicyCmd {
     Create {
         name: String,
-        /// Copy frequency in seconds: 30, 300 or 900.
+        /// Copy frequency in seconds: 30, 300 or 900 (the seeds), or 5, 10 or
+        /// 15 (continuous replication).
         #[arg(long, default_value_t = 300)]
         copy_frequency: u32,
         /// Keep recovery points for this many hours (0–24).
@@ -388,6 +389,12 @@ enum ItemCmd {
         /// Policy (default: the pairing's).
         #[arg(long)]
         policy: Option<String>,
+        /// Multi-VM consistency group to put the item in (created by its
+        /// first item). The recovery points of a group's items are taken
+        /// at one instant: every machine of a group must be on the same
+        /// agent and use the same policy.
+        #[arg(long)]
+        group: Option<String>,
         /// Return once the job has started.
         #[arg(long)]
         no_wait: bool,
@@ -1068,7 +1075,7 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
     }
 }
 
-const ITEM_COLS: [(&str, &str); 7] = [
+const ITEM_COLS: [(&str, &str); 8] = [
     ("NAME", "/name"),
     ("STATE", "/properties/protectionState"),
     ("HEALTH", "/properties/replicationHealth"),
@@ -1085,6 +1092,10 @@ const ITEM_COLS: [(&str, &str); 7] = [
         "POINTS",
         "/properties/providerSpecificDetails/recoveryPointCount",
     ),
+    (
+        "GROUP",
+        "/properties/providerSpecificDetails/multiVmGroupName",
+    ),
 ];
 
 async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode> {
@@ -1096,6 +1107,7 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             machine,
             name,
             policy,
+            group,
             no_wait,
         } => {
             let name = name.unwrap_or_else(|| machine.clone());
@@ -1107,6 +1119,11 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             });
             if let Some(p) = policy {
                 props["policyId"] = format!("{}/replicationPolicies/{p}", api.vault_id()).into();
+            }
+            if let Some(g) = group {
+                // As Azure PowerShell: the group's name is also its id.
+                props["providerSpecificDetails"]["multiVmGroupId"] = g.clone().into();
+                props["providerSpecificDetails"]["multiVmGroupName"] = g.into();
             }
             let rel = format!("{base}/replicationProtectedItems/{name}");
             let body = json!({"properties": props});

@@ -125,3 +125,126 @@ fn app_consistent_points_freeze_the_guest_and_fall_back_without_an_agent() {
         "one freeze only"
     );
 }
+
+/// The item's point's disk content, from the replica store.
+fn point_hash(store: &Path, item: &str, point: &str) -> blake3::Hash {
+    restored_hash(&open_store(store), item, point)
+}
+
+fn live_hash(disk: &Path, scratch: &Path) -> blake3::Hash {
+    let raw = scratch.join("live.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(disk)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let h = blake3::hash(&std::fs::read(&raw).unwrap());
+    std::fs::remove_file(&raw).unwrap();
+    h
+}
+
+/// The newest point of `item`: (id, time).
+fn newest(env: &Env, item: &str) -> (String, String) {
+    let p = &env.points(item)[0];
+    (
+        p["name"].as_str().unwrap().to_string(),
+        p["properties"]["recoveryPointTime"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+}
+
+#[test]
+fn a_multi_vm_group_gets_points_at_one_instant() {
+    let guest = TestGuest::build(&siterec_testguest::default_build_dir()).expect("test guest");
+    let mut env = Env::start();
+    let disks = env.path("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let mut cfg = String::from("cloud = \"primary-cloud\"\n");
+    let mut paths = Vec::new();
+    for (name, seed) in [("app01", 31), ("app02", 32)] {
+        let disk = disks.join(format!("{name}.qcow2"));
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", disk.to_str().unwrap(), "64M"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        cfg.push_str(&vm_block(&guest, name, &disk, false, seed));
+        paths.push(disk);
+    }
+    let primary = env.start_agent("primary", &cfg);
+    env.start_agent(
+        "recovery",
+        "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    env.wait_cloud("primary", "primary-cloud");
+    env.wait_cloud("recovery", "recovery-cloud");
+    for vm in ["app01", "app02"] {
+        wait_until(Duration::from_secs(120), "the guests to write", || {
+            serial(&primary, vm).contains("SITEREC-GUEST WROTE")
+        });
+    }
+    env.pair(&[]);
+    env.wait_machine("app01");
+    env.wait_machine("app02");
+    for m in ["app01", "app02"] {
+        let out = env.json(&[
+            "item",
+            "enable",
+            "--fabric",
+            "primary",
+            "--cloud",
+            "primary-cloud",
+            "--machine",
+            m,
+            "--group",
+            "app",
+        ]);
+        assert_eq!(out["status"], "Succeeded", "{out}");
+    }
+    let store = env.path("recovery-agent/store");
+    // Two rounds, each after different writes in each VM: the two points of
+    // a round have the same time, and each holds its VM's disk as it was.
+    for (round, (pa, pb)) in [(0x21u8, 0x31u8), (0x22, 0x32)].into_iter().enumerate() {
+        vm_write(
+            &primary.join("vms/app01"),
+            "vda",
+            pa,
+            (40 + round as u64) << 20,
+            64 << 10,
+        );
+        vm_write(
+            &primary.join("vms/app02"),
+            "vda",
+            pb,
+            (50 + round as u64) << 20,
+            128 << 10,
+        );
+        let after = now_ms();
+        let a = env.wait_point_after("app01", after, Duration::from_secs(150));
+        env.wait_point_after("app02", after, Duration::from_secs(150));
+        let (a_id, a_time) = newest(&env, "app01");
+        let (b_id, b_time) = newest(&env, "app02");
+        assert_eq!(a, a_id);
+        assert_eq!(
+            a_time, b_time,
+            "round {round}: the group's points share one instant"
+        );
+        assert_eq!(
+            point_hash(&store, "app01", &a_id),
+            live_hash(&paths[0], &disks)
+        );
+        assert_eq!(
+            point_hash(&store, "app02", &b_id),
+            live_hash(&paths[1], &disks)
+        );
+    }
+    // Both guests run on after being paused for the points.
+    for vm in ["app01", "app02"] {
+        let status = std::fs::read_to_string(primary.join(format!("vms/{vm}/paused-by-siterec")));
+        assert!(status.is_err(), "{vm} left paused");
+    }
+}

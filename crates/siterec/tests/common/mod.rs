@@ -44,25 +44,28 @@ impl Drop for Env {
     }
 }
 
-/// Kills every QEMU whose pidfile (`*/vms/*/qemu.pid`) is under `dir`.
+/// Kills every QEMU whose pidfile (`qemu.pid`) is under `dir`: the VMs
+/// agents run (`AGENT/vms/NAME`) and replica VMs (`AGENT/failover/vms/NAME`).
 pub fn kill_vms_under(dir: &Path) {
-    for agent in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for sub in ["vms", "replicas"] {
-            for vm in std::fs::read_dir(agent.path().join(sub))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if let Some(pid) = std::fs::read_to_string(vm.path().join("qemu.pid"))
+    fn walk(dir: &Path, depth: u32) {
+        if depth == 0 {
+            return;
+        }
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                walk(&path, depth - 1);
+            } else if path.file_name().is_some_and(|n| n == "qemu.pid")
+                && let Some(pid) = std::fs::read_to_string(&path)
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok())
-                {
-                    // SAFETY: kill(2) on a pid from a QEMU pidfile of this test.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            {
+                // SAFETY: kill(2) on a pid from a QEMU pidfile of this test.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }
+    walk(dir, 5);
 }
 
 impl Env {
@@ -519,4 +522,30 @@ pub fn open_store(dir: &Path) -> siterec_store::Store {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(siterec_store::Store::open_local(dir.to_path_buf()))
         .expect("open store")
+}
+
+/// A write as a VM's guest makes it (through the disk's device), then a
+/// flush as the guest's sync, on the VM's operator QMP socket
+/// (`RUN/admin.sock`): the flush puts qcow2 metadata in the file, where
+/// tests read the live disk from.
+pub fn vm_write(run_dir: &Path, disk: &str, pattern: u8, offset: u64, len: u64) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut qmp =
+            siterec_qemu::Qmp::connect(&run_dir.join("admin.sock"), Duration::from_secs(10))
+                .await
+                .expect("the VM's admin socket");
+        for io in [format!("write -P {pattern} {offset} {len}"), "flush".into()] {
+            let cmd = format!("qemu-io -d /machine/peripheral/vd-{disk}/virtio-backend \"{io}\"");
+            let out = qmp
+                .execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({ "command-line": cmd })),
+                )
+                .await
+                .expect("qemu-io through HMP");
+            let text = out.as_str().unwrap_or_default().to_lowercase();
+            assert!(!text.contains("error"), "qemu-io: {text}");
+        }
+    });
 }
