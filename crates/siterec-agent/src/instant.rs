@@ -112,10 +112,14 @@ impl Export for StoreExport {
             let hole = self.disk.chunks.get(index).copied().flatten().is_none();
             match out.last_mut() {
                 Some(last) if last.hole == hole => last.length += length,
-                _ => out.push(if hole {
-                    ExportExtent::hole(length)
-                } else {
-                    ExportExtent::data(length)
+                // A chunk that is not stored is a hole and not also
+                // "zero": QEMU counts zero extents as allocated, and its
+                // background copy would then write every hole of a sparse
+                // disk. Reads of a hole return zeros all the same.
+                _ => out.push(ExportExtent {
+                    length,
+                    hole,
+                    zero: false,
                 }),
             }
             pos = piece_end;
