@@ -550,6 +550,23 @@ async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
     }
 }
 
+/// Done while the recovery point a failover uses is listed (not pruned).
+async fn point_still_there(tx: &mut Tx<'_>, item: &str, point: &str) -> anyhow::Result<Step> {
+    let pruned: Option<Option<i64>> =
+        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
+            .bind(item)
+            .bind(point)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(match pruned {
+        Some(None) => Step::Done,
+        _ => fail(
+            "RecoveryPointNotFound",
+            format!("recovery point '{point}' of item '{item}' no longer exists"),
+        ),
+    })
+}
+
 async fn failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
     let item = ctx.str("item")?;
     let point = ctx.str("pointId")?;
@@ -565,19 +582,7 @@ async fn failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
             ));
         }
     }
-    let pruned: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
-            .bind(&item)
-            .bind(&point)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(match pruned {
-        Some(None) => Step::Done,
-        _ => fail(
-            "RecoveryPointNotFound",
-            format!("recovery point '{point}' of item '{item}' no longer exists"),
-        ),
-    })
+    point_still_there(tx, &item, &point).await
 }
 
 async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
@@ -665,19 +670,7 @@ async fn test_failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Res
             ));
         }
     }
-    let pruned: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
-            .bind(&item)
-            .bind(&point)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(match pruned {
-        Some(None) => Step::Done,
-        _ => fail(
-            "RecoveryPointNotFound",
-            format!("recovery point '{point}' of item '{item}' no longer exists"),
-        ),
-    })
+    point_still_there(tx, &item, &point).await
 }
 
 /// Fails a step whose agent task has had no answer for 5 minutes while the
