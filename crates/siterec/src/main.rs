@@ -1209,6 +1209,24 @@ fn read_encryption_key(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(encoded)
 }
 
+fn read_optional_key(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    path.map(read_encryption_key).transpose()
+}
+
+/// The `providerSpecificDetails` of a failover or test failover: the point
+/// (`latest` = none given) and the recovery key, if any.
+fn failover_details(api: &Api, rel: &str, point: &str, key: Option<String>) -> serde_json::Value {
+    let mut details = json!({"instanceType": "HyperVReplicaAzure"});
+    if let Some(key) = key {
+        details["primaryKekCertificatePfx"] = key.into();
+    }
+    if point != "latest" {
+        details["recoveryPointId"] =
+            format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
+    }
+    details
+}
+
 async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<ExitCode> {
     let api = api(conn).await?;
     match cmd {
@@ -1219,19 +1237,9 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
             no_wait,
         } => {
             // Read before anything is asked of the vault.
-            let key = match &encryption_key {
-                Some(path) => Some(read_encryption_key(path)?),
-                None => None,
-            };
+            let key = read_optional_key(encryption_key.as_deref())?;
             let (rel, _) = api.item_path(&item).await?;
-            let mut details = json!({"instanceType": "HyperVReplicaAzure"});
-            if let Some(key) = key {
-                details["primaryKekCertificatePfx"] = key.into();
-            }
-            if point != "latest" {
-                details["recoveryPointId"] =
-                    format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
-            }
+            let details = failover_details(&api, &rel, &point, key);
             let body = json!({"properties": {"failoverDirection": "PrimaryToRecovery", "sourceSiteOperations": "NotRequired", "providerSpecificDetails": details}});
             if no_wait {
                 let (job, _, _) = api
@@ -1299,19 +1307,9 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
             encryption_key,
             no_wait,
         } => {
-            let key = match &encryption_key {
-                Some(path) => Some(read_encryption_key(path)?),
-                None => None,
-            };
+            let key = read_optional_key(encryption_key.as_deref())?;
             let (rel, v) = api.item_path(&item).await?;
-            let mut details = json!({"instanceType": "HyperVReplicaAzure"});
-            if let Some(key) = key {
-                details["primaryKekCertificatePfx"] = key.into();
-            }
-            if point != "latest" {
-                details["recoveryPointId"] =
-                    format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
-            }
+            let details = failover_details(&api, &rel, &point, key);
             let mut props = json!({
                 "failoverDirection": "PrimaryToRecovery",
                 "networkType": "NoNetworkAttachAsInput",
