@@ -187,10 +187,14 @@ pub async fn run(
     let throttle = Arc::new(throttle::Throttle::new(throttle::ThrottleSettings::read(
         &data,
     )?));
-    // The VMs run before anything replicates them; one that cannot start
-    // is retried by its item's cycles.
+    // The VMs are started beside the heartbeat, not before it (a slow
+    // QEMU must not hold up enrolment); an item's cycle waits for its VM,
+    // and one that could not start is retried by its item's cycles.
     let vms = Arc::new(vm::VmHost::new(&cfg.vms, &data));
-    vms.start_all().await;
+    tokio::spawn({
+        let vms = vms.clone();
+        async move { vms.start_all().await }
+    });
     let ctx = Arc::new(source::SourceCtx {
         vms,
         groups: Default::default(),
