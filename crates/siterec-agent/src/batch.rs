@@ -1,6 +1,6 @@
 //! Chunk batches: many small encoded chunks in one request.
 //!
-//! A 1% scattered change touches about half of a disk's 256 KiB blocks, and
+//! A 1% scattered change touches nine in ten of a disk's 1 MiB blocks, and
 //! each then ships as a delta chunk of a few KiB. One request per chunk
 //! costs more than the data: the source sends such chunks in batches, as
 //! the body of `POST /data/v1/items/{item}/chunks`.

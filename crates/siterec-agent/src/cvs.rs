@@ -2,14 +2,14 @@
 //! from the BLAKE3 tree nodes of its 4 KiB pages, so that a block whose
 //! dirty pages are known can be re-hashed by reading only those pages.
 //!
-//! A full block (256 KiB = 64 pages of 4 KiB = 256 BLAKE3 chunks of 1 KiB)
+//! A full block (1 MiB = 256 pages of 4 KiB = 1024 BLAKE3 chunks of 1 KiB)
 //! is a perfect BLAKE3 tree: each page is a complete subtree at its offset,
-//! and merging the 64 page chaining values pairwise gives the root, equal
+//! and merging the 256 page chaining values pairwise gives the root, equal
 //! to `blake3::hash(block)` (tested). Short blocks (the end of a disk) are
 //! not handled here: they are read whole.
 //!
 //! `state/ITEM/DISK.cvs` holds, per block, at `index * RECORD_LEN`: the
-//! block's hash (32 bytes) and its 64 page chaining values (32 bytes
+//! block's hash (32 bytes) and its 256 page chaining values (32 bytes
 //! each). A record is self-checking — used only when merging its values
 //! gives its hash, and that hash is the block's acknowledged one — so it
 //! needs no sync: a torn or stale record only makes the block read whole.
@@ -26,10 +26,11 @@ use blake3::hazmat::{
 
 /// Bytes per page.
 pub const PAGE: usize = 4096;
-/// Pages per full block.
-pub const PAGES: usize = 64;
+/// Pages per full block (a power of two, so that pages merge pairwise).
+pub const PAGES: usize = crate::pages::PAGES;
 /// A full block's length.
 pub const BLOCK: usize = PAGE * PAGES;
+const _: () = assert!(PAGES.is_power_of_two() && PAGE == siterec_store::DELTA_PAGE);
 const RECORD_LEN: usize = 32 + PAGES * 32;
 
 /// One block's page chaining values.

@@ -9,10 +9,16 @@
 //! ```text
 //! hash  32   BLAKE3 of the block (its chunk id)
 //! base  32   the full chunk the block's delta is against (= hash when whole)
-//! mask   8   u64 LE: pages that differ from `base` (bit i = page i)
+//! mask  32   4 × u64 LE: pages that differ from `base` (bit i of
+//!            word i / 64 = page i)
 //! len    4   u32 LE: the block's length
-//! fps  512   64 × u64 LE: xxh3 of each page (0 past the end)
+//! fps 2048   256 × u64 LE: xxh3 of each page (0 past the end)
 //! ```
+//!
+//! (Blocks were 256 KiB — 64 pages, an 8-byte mask — before version 3 of
+//! the block hash state; that state names its block size, and a state of
+//! another size is not used, so no record of the old layout is trusted:
+//! a record is only used when its `hash` is the block's acknowledged one.)
 //!
 //! Records are written when a block is captured, before its point is
 //! acknowledged; a record is trusted only if its `hash` equals the block's
@@ -30,18 +36,102 @@ use anyhow::Context;
 use siterec_store::DELTA_PAGE;
 
 /// Pages per block (blocks are at most this many pages long).
-pub const PAGES: usize = 64;
-/// A delta carries at most this many pages; more, and the block ships whole
-/// (and becomes the base of its next deltas).
-pub const MAX_DELTA_PAGES: u32 = 16;
-const RECORD_LEN: usize = 32 + 32 + 8 + 4 + PAGES * 8;
+pub const PAGES: usize = crate::source::CHUNK_SIZE as usize / DELTA_PAGE;
+/// A delta carries at most this many pages (a quarter of a block); more,
+/// and the block ships whole (and becomes the base of its next deltas).
+pub const MAX_DELTA_PAGES: u32 = (PAGES / 4) as u32;
+const MASK_WORDS: usize = PAGES / 64;
+const LEN_AT: usize = 64 + MASK_WORDS * 8;
+const FPS_AT: usize = LEN_AT + 4;
+const RECORD_LEN: usize = FPS_AT + PAGES * 8;
+
+/// A set of a block's pages (bit i = page i).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PageMask([u64; MASK_WORDS]);
+
+impl PageMask {
+    /// No page.
+    pub const EMPTY: PageMask = PageMask([0; MASK_WORDS]);
+    /// Every page.
+    pub const ALL: PageMask = PageMask([u64::MAX; MASK_WORDS]);
+
+    /// The pages `first..=last` (indexes below [`PAGES`]).
+    pub fn range(first: usize, last: usize) -> PageMask {
+        let mut m = PageMask::EMPTY;
+        for p in first..=last.min(PAGES - 1) {
+            m.insert(p);
+        }
+        m
+    }
+
+    /// Adds page `i` (ignored past the block).
+    pub fn insert(&mut self, i: usize) {
+        if i < PAGES {
+            self.0[i / 64] |= 1 << (i % 64);
+        }
+    }
+
+    /// Whether page `i` is in the set.
+    pub fn contains(&self, i: usize) -> bool {
+        i < PAGES && self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    /// How many pages are in the set.
+    pub fn count(&self) -> u32 {
+        self.0.iter().map(|w| w.count_ones()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// Pages in `self` but not in `other`.
+    pub fn without(&self, other: &PageMask) -> PageMask {
+        let mut m = *self;
+        for (a, b) in m.0.iter_mut().zip(&other.0) {
+            *a &= !b;
+        }
+        m
+    }
+
+    /// The page indexes in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..PAGES).filter(|i| self.contains(*i))
+    }
+}
+
+impl std::ops::BitOr for PageMask {
+    type Output = PageMask;
+    fn bitor(mut self, rhs: PageMask) -> PageMask {
+        self |= rhs;
+        self
+    }
+}
+
+impl std::ops::BitOrAssign for PageMask {
+    fn bitor_assign(&mut self, rhs: PageMask) {
+        for (a, b) in self.0.iter_mut().zip(&rhs.0) {
+            *a |= b;
+        }
+    }
+}
+
+impl FromIterator<usize> for PageMask {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> PageMask {
+        let mut m = PageMask::EMPTY;
+        for i in iter {
+            m.insert(i);
+        }
+        m
+    }
+}
 
 /// One block's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub hash: [u8; 32],
     pub base: [u8; 32],
-    pub mask: u64,
+    pub mask: PageMask,
     pub len: u32,
     pub fps: [u64; PAGES],
 }
@@ -53,7 +143,7 @@ pub enum Plan {
     /// The pages in `mask`, against the full chunk `base`.
     Delta {
         base: [u8; 32],
-        mask: u64,
+        mask: PageMask,
     },
 }
 
@@ -79,7 +169,7 @@ pub fn plan(
     let whole = Record {
         hash: *hash,
         base: *hash,
-        mask: 0,
+        mask: PageMask::EMPTY,
         len,
         fps,
     };
@@ -88,14 +178,12 @@ pub fn plan(
     else {
         return (Plan::Whole, whole);
     };
-    let mut changed = 0u64;
-    for (i, (a, b)) in old.fps.iter().zip(&fps).enumerate() {
-        if a != b {
-            changed |= 1 << i;
-        }
-    }
+    let changed: PageMask = (old.fps.iter().zip(&fps).enumerate())
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
     let mask = old.mask | changed;
-    if mask == 0 || old.base == *hash || mask.count_ones() > MAX_DELTA_PAGES {
+    if mask.is_empty() || old.base == *hash || mask.count() > MAX_DELTA_PAGES {
         return (Plan::Whole, whole);
     }
     (
@@ -114,7 +202,7 @@ pub fn plan(
 /// For a full block of which only some pages will be read: the pages a
 /// delta needs besides the rewritten ones (those that already differ from
 /// the base), or `None` when no delta can be made (no trusted record).
-pub fn delta_needs(acked: &[u8; 32], old: Option<&Record>) -> Option<u64> {
+pub fn delta_needs(acked: &[u8; 32], old: Option<&Record>) -> Option<PageMask> {
     old.filter(|o| &o.hash == acked && o.len as usize == PAGES * DELTA_PAGE)
         .map(|o| o.mask)
 }
@@ -128,8 +216,8 @@ pub fn plan_partial(
     read: &[(u16, &[u8])],
 ) -> Option<(Plan, Record)> {
     let mut fps = old.fps;
-    let mut changed = 0u64;
-    let mut have = 0u64;
+    let mut changed = PageMask::EMPTY;
+    let mut have = PageMask::EMPTY;
     for (i, page) in read {
         let i = usize::from(*i);
         if i >= PAGES {
@@ -137,13 +225,17 @@ pub fn plan_partial(
         }
         let fp = xxhash_rust::xxh3::xxh3_64(page);
         if fp != old.fps[i] {
-            changed |= 1 << i;
+            changed.insert(i);
         }
         fps[i] = fp;
-        have |= 1 << i;
+        have.insert(i);
     }
     let mask = old.mask | changed;
-    if mask == 0 || old.base == *hash || mask.count_ones() > MAX_DELTA_PAGES || mask & !have != 0 {
+    if mask.is_empty()
+        || old.base == *hash
+        || mask.count() > MAX_DELTA_PAGES
+        || !mask.without(&have).is_empty()
+    {
         return None;
     }
     Some((
@@ -162,10 +254,10 @@ pub fn plan_partial(
 }
 
 /// The pages of `data` selected by `mask`, as (index, bytes).
-pub fn pages_of(data: &[u8], mask: u64) -> Vec<(u16, &[u8])> {
+pub fn pages_of(data: &[u8], mask: PageMask) -> Vec<(u16, &[u8])> {
     data.chunks(DELTA_PAGE)
         .enumerate()
-        .filter(|(i, _)| *i < PAGES && mask & (1 << i) != 0)
+        .filter(|(i, _)| mask.contains(*i))
         .map(|(i, p)| (i as u16, p))
         .collect()
 }
@@ -201,11 +293,19 @@ impl PageRecords {
         let mut base = [0u8; 32];
         base.copy_from_slice(&buf[32..64]);
         let mut word = [0u8; 8];
-        word.copy_from_slice(&buf[64..72]);
-        let mask = u64::from_le_bytes(word);
-        let len = u32::from_le_bytes([buf[72], buf[73], buf[74], buf[75]]);
+        let mut mask = PageMask::EMPTY;
+        for (w, b) in mask.0.iter_mut().zip(buf[64..LEN_AT].chunks_exact(8)) {
+            word.copy_from_slice(b);
+            *w = u64::from_le_bytes(word);
+        }
+        let len = u32::from_le_bytes([
+            buf[LEN_AT],
+            buf[LEN_AT + 1],
+            buf[LEN_AT + 2],
+            buf[LEN_AT + 3],
+        ]);
         let mut fps = [0u64; PAGES];
-        for (fp, b) in fps.iter_mut().zip(buf[76..].chunks_exact(8)) {
+        for (fp, b) in fps.iter_mut().zip(buf[FPS_AT..].chunks_exact(8)) {
             word.copy_from_slice(b);
             *fp = u64::from_le_bytes(word);
         }
@@ -224,9 +324,11 @@ impl PageRecords {
         let mut buf = [0u8; RECORD_LEN];
         buf[..32].copy_from_slice(&r.hash);
         buf[32..64].copy_from_slice(&r.base);
-        buf[64..72].copy_from_slice(&r.mask.to_le_bytes());
-        buf[72..76].copy_from_slice(&r.len.to_le_bytes());
-        for (b, fp) in buf[76..].chunks_exact_mut(8).zip(&r.fps) {
+        for (b, w) in buf[64..LEN_AT].chunks_exact_mut(8).zip(&r.mask.0) {
+            b.copy_from_slice(&w.to_le_bytes());
+        }
+        buf[LEN_AT..FPS_AT].copy_from_slice(&r.len.to_le_bytes());
+        for (b, fp) in buf[FPS_AT..].chunks_exact_mut(8).zip(&r.fps) {
             b.copy_from_slice(&fp.to_le_bytes());
         }
         self.file
@@ -258,17 +360,17 @@ mod tests {
         // Two pages change: a delta of two pages against v1.
         let mut v2 = v1.clone();
         v2[5 * DELTA_PAGE + 7] ^= 1;
-        v2[63 * DELTA_PAGE] ^= 1;
+        v2[200 * DELTA_PAGE] ^= 1;
         let h2 = hash(&v2);
         let (p, r2) = plan(Some(&h1), Some(&r1), &h2, &v2);
         assert_eq!(
             p,
             Plan::Delta {
                 base: h1,
-                mask: (1 << 5) | (1 << 63)
+                mask: [5, 200].into_iter().collect()
             }
         );
-        assert_eq!(pages_of(&v2, (1 << 5) | (1 << 63)).len(), 2);
+        assert_eq!(pages_of(&v2, [5, 200].into_iter().collect()).len(), 2);
         // The next change accumulates against the same base.
         let mut v3 = v2.clone();
         v3[9 * DELTA_PAGE] ^= 1;
@@ -278,20 +380,47 @@ mod tests {
             p,
             Plan::Delta {
                 base: h1,
-                mask: (1 << 5) | (1 << 9) | (1 << 63)
+                mask: [5, 9, 200].into_iter().collect()
             }
         );
         // A record ahead of the acknowledged state is not trusted.
         assert_eq!(plan(Some(&h1), Some(&r3), &h3, &v3).0, Plan::Whole);
         // Too many pages: whole, and a new base.
         let mut v4 = v3.clone();
-        for p in 20..40 {
+        for p in 20..20 + MAX_DELTA_PAGES as usize {
             v4[p * DELTA_PAGE] ^= 1;
         }
         let h4 = hash(&v4);
         let (p, r4) = plan(Some(&h3), Some(&r3), &h4, &v4);
         assert_eq!(p, Plan::Whole);
-        assert_eq!((r4.base, r4.mask), (h4, 0));
+        assert_eq!((r4.base, r4.mask), (h4, PageMask::EMPTY));
+    }
+
+    #[test]
+    fn page_masks_cover_every_page_of_a_block() {
+        let mut m = PageMask::EMPTY;
+        for i in [0, 63, 64, 130, PAGES - 1] {
+            m.insert(i);
+        }
+        m.insert(PAGES); // past the block: ignored
+        assert_eq!(m.count(), 5);
+        assert_eq!(
+            m.iter().collect::<Vec<_>>(),
+            vec![0, 63, 64, 130, PAGES - 1]
+        );
+        assert!(m.contains(130) && !m.contains(129) && !m.contains(PAGES));
+        assert_eq!(
+            PageMask::range(62, 65).iter().collect::<Vec<_>>(),
+            vec![62, 63, 64, 65]
+        );
+        assert_eq!(
+            m.without(&PageMask::range(60, 140))
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![0, PAGES - 1]
+        );
+        assert_eq!(PageMask::ALL.count() as usize, PAGES);
+        assert!((PageMask::EMPTY | PageMask::EMPTY).is_empty());
     }
 
     #[test]
@@ -300,7 +429,8 @@ mod tests {
         let recs = PageRecords::open(&dir.path().join("d.pages")).unwrap();
         assert!(recs.read(3).is_none());
         let v = block(7);
-        let (_, r) = plan(None, None, &hash(&v), &v);
+        let (_, mut r) = plan(None, None, &hash(&v), &v);
+        r.mask = [1, 70, PAGES - 1].into_iter().collect();
         recs.write(3, &r).unwrap();
         assert_eq!(recs.read(3), Some(r));
         assert!(recs.read(0).is_none(), "a hole reads as no record");

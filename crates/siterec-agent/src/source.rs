@@ -44,7 +44,7 @@ use crate::spool::{Entry, Spool, SpoolFull};
 use crate::util::{now_ms, write_durably};
 
 /// Block (chunk) size of replicated disks.
-pub const CHUNK_SIZE: u32 = 256 * 1024;
+pub const CHUNK_SIZE: u32 = 1024 * 1024;
 /// Chunk uploads in flight per disk, by default (the seeds' UploadThreadsPerVM).
 pub const DEFAULT_UPLOAD_STREAMS: usize = 4;
 /// The most upload streams per disk.
@@ -542,7 +542,7 @@ fn save_hashes(
     for (disk, r) in a.disks.iter().zip(results) {
         write_durably(
             &state_dir.join(format!("{}.hashes", disk.name)),
-            &encode_state(&r.hashes, &r.block_bases),
+            &encode_state(&r.hashes, &r.block_bases, CHUNK_SIZE),
             0o600,
         )?;
     }
@@ -775,16 +775,12 @@ pub(crate) async fn replicate_disk(
     sink: &Sink,
 ) -> anyhow::Result<DiskResult> {
     let what = reader.describe();
-    let hashes_path = state_dir.join(format!("{disk_name}.hashes"));
-    let baseline = match std::fs::read(&hashes_path) {
-        Ok(bytes) => match decode_state(&bytes) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                tracing::warn!(item = %a.item, disk = disk_name, "saved state unreadable, resynchronizing: {e}");
-                None
-            }
-        },
-        Err(_) => None,
+    let baseline = match saved_state(state_dir, disk_name) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(item = %a.item, disk = disk_name, "{e}: resynchronizing");
+            None
+        }
     };
     let resync = baseline.is_none();
     let (baseline, block_bases) = match baseline {
@@ -925,6 +921,32 @@ pub(crate) async fn replicate_disk(
     })
 }
 
+/// The acknowledged block hashes and delta bases of a disk
+/// (`state/ITEM/DISK.hashes`): `Ok(None)` if there are none, an error
+/// saying why if they cannot be used (unreadable, or for another block
+/// size than [`CHUNK_SIZE`]).
+pub(crate) fn saved_state(
+    state_dir: &Path,
+    disk_name: &str,
+) -> Result<Option<(Vec<BlockHash>, BlockBases)>, String> {
+    let path = state_dir.join(format!("{disk_name}.hashes"));
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("saved state {} unreadable: {e}", path.display())),
+    };
+    match decode_state(&bytes) {
+        Ok((h, b, size)) if size == CHUNK_SIZE => Ok(Some((h, b))),
+        Ok((_, _, size)) => Err(format!(
+            "saved state {} is for {} KiB blocks, this agent uses {} KiB",
+            path.display(),
+            size / 1024,
+            CHUNK_SIZE / 1024
+        )),
+        Err(e) => Err(format!("saved state {} unreadable: {e}", path.display())),
+    }
+}
+
 /// Decides how each changed block ships (whole, or as a delta of its
 /// changed pages, see `crate::pages`) and hands blocks to the uploads in
 /// groups: a hand-over to the runtime wakes a thread, which costs as much
@@ -1006,7 +1028,7 @@ impl crate::vm::BlockSink for Planner {
         Planner::whole(self, index, data, hash)
     }
 
-    fn delta_needs(&mut self, index: u64) -> Option<u64> {
+    fn delta_needs(&mut self, index: u64) -> Option<crate::pages::PageMask> {
         let acked = *self.acked(index)?;
         crate::pages::delta_needs(&acked, self.records.read(index).as_ref())
     }
@@ -1029,7 +1051,7 @@ impl crate::vm::BlockSink for Planner {
         self.block_bases.insert(index as usize, base);
         let pages = read
             .iter()
-            .filter(|(i, _)| mask & (1u64 << i) != 0)
+            .filter(|(i, _)| mask.contains(usize::from(*i)))
             .map(|(i, p)| (*i, p.to_vec()))
             .collect();
         self.push(Outgoing::Delta {

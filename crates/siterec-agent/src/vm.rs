@@ -237,7 +237,7 @@ pub(crate) trait BlockSink {
     fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()>;
     /// The pages, besides the rewritten ones, that a delta of block `index`
     /// needs; `None` when the block cannot ship as a delta.
-    fn delta_needs(&mut self, index: u64) -> Option<u64>;
+    fn delta_needs(&mut self, index: u64) -> Option<crate::pages::PageMask>;
     /// A changed full block of which only the pages `read` were read (the
     /// rewritten ones and those `delta_needs` named): ship it as a delta.
     /// `Ok(false)`: it must ship whole after all.
@@ -267,6 +267,7 @@ pub(crate) fn nbd_scan(
     sink: &mut dyn BlockSink,
 ) -> anyhow::Result<ScanOutcome> {
     use crate::cvs::{BLOCK, PAGE, PAGES, block_cvs, page_cv, root, zero_cvs};
+    use crate::pages::PageMask;
     let context = match &view.dirty_bitmap {
         Some(b) => format!("qemu:dirty-bitmap:{b}"),
         None => "base:allocation".to_string(),
@@ -286,8 +287,8 @@ pub(crate) fn nbd_scan(
         .with_context(|| format!("block status ({context})"))?;
     let incremental = view.dirty_bitmap.is_some();
     let paged = incremental && chunk as usize == BLOCK;
-    // Per block: the dirty pages (bit i = page i), or all bits to read it whole.
-    let mut wanted = vec![0u64; blocks as usize];
+    // Per block: the dirty pages, or all of them to read it whole.
+    let mut wanted = vec![PageMask::EMPTY; blocks as usize];
     for e in &extents {
         let read = if incremental {
             e.flags & STATE_DIRTY != 0
@@ -305,9 +306,9 @@ pub(crate) fn nbd_scan(
             let mask = if paged {
                 let first = (pos - i * chunk) / PAGE as u64;
                 let last = (block_end - 1 - i * chunk) / PAGE as u64;
-                (first..=last).fold(0u64, |m, p| m | (1u64 << p))
+                PageMask::range(first as usize, last as usize)
             } else {
-                u64::MAX
+                PageMask::ALL
             };
             wanted[i as usize] |= mask;
             pos = block_end;
@@ -366,17 +367,17 @@ pub(crate) fn nbd_scan(
     // Reads the pages of `mask` of block `i`, coalescing neighbours.
     let read_pages = |client: &mut NbdClient<tokio::net::UnixStream>,
                       i: u64,
-                      mask: u64|
+                      mask: PageMask|
      -> anyhow::Result<Vec<(u16, Vec<u8>)>> {
         let mut out = Vec::new();
         let mut p = 0usize;
         while p < PAGES {
-            if mask & (1u64 << p) == 0 {
+            if !mask.contains(p) {
                 p += 1;
                 continue;
             }
             let mut n = 1;
-            while p + n < PAGES && mask & (1u64 << (p + n)) != 0 {
+            while p + n < PAGES && mask.contains(p + n) {
                 n += 1;
             }
             let offset = i * chunk + (p * PAGE) as u64;
@@ -393,16 +394,16 @@ pub(crate) fn nbd_scan(
     let mut i = 0u64;
     while i < blocks {
         let dirty = wanted[i as usize];
-        if dirty == 0 {
+        if dirty.is_empty() {
             i += 1;
             continue;
         }
         let full = size - i * chunk >= chunk;
-        if !paged || !full || dirty == u64::MAX {
+        if !paged || !full || dirty == PageMask::ALL {
             let mut run = 1;
             while run < READ_RUN_BLOCKS
                 && i + run < blocks
-                && wanted[(i + run) as usize] != 0
+                && !wanted[(i + run) as usize].is_empty()
                 && !paged
             {
                 run += 1;
@@ -414,7 +415,7 @@ pub(crate) fn nbd_scan(
         let old_hash = before(i);
         // Pages to read, and the chaining values the clean ones keep.
         let (old_cvs, need) = match &old_hash {
-            None => (Some(*zero_cvs()), Some(0)),
+            None => (Some(*zero_cvs()), Some(PageMask::EMPTY)),
             Some(h) => (cvs.read(i, h), sink.delta_needs(i)),
         };
         let (Some(old_cvs), Some(need)) = (old_cvs, need) else {
@@ -423,7 +424,7 @@ pub(crate) fn nbd_scan(
             continue;
         };
         let mask = dirty | need;
-        if old_hash.is_some() && mask.count_ones() > crate::pages::MAX_DELTA_PAGES {
+        if old_hash.is_some() && mask.count() > crate::pages::MAX_DELTA_PAGES {
             bytes_read += read_whole(&mut client, &mut hashes, sink, i, 1)?;
             i += 1;
             continue;
@@ -435,7 +436,7 @@ pub(crate) fn nbd_scan(
         for (p, page) in &pages {
             let p = usize::from(*p);
             let cv = page_cv(p, page);
-            if dirty & (1u64 << p) != 0 {
+            if dirty.contains(p) {
                 new_cvs[p] = cv;
             } else if cv != old_cvs[p] {
                 stale = true;
@@ -590,9 +591,11 @@ pub(crate) async fn capture_disks(
     }
     let slot_run_dir = slot.run_dir.clone();
     let vm = slot.running().await?;
+    // Dirty bitmaps are read against the saved block hashes: every disk
+    // needs usable ones (else the read is whole, compared by hashes).
     let have_state = disks
         .iter()
-        .all(|d| state_dir.join(format!("{}.hashes", d.name)).exists());
+        .all(|d| matches!(crate::source::saved_state(state_dir, &d.name), Ok(Some(_))));
     let recorded = std::fs::read_to_string(cbt_path(state_dir))
         .ok()
         .map(|s| s.trim().to_string())

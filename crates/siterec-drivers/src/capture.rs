@@ -304,6 +304,12 @@ const HASHES_MAGIC: &[u8; 4] = b"SRBH";
 const HASHES_VERSION: u8 = 1;
 /// Version 2 adds tag 2: a block stored as a delta chunk, hash then base.
 const HASHES_VERSION_BASES: u8 = 2;
+/// Version 3 names the block size (u32 LE after the version byte): a
+/// state of one block size says nothing about blocks of another.
+const HASHES_VERSION_SIZED: u8 = 3;
+/// The block size of version 1 and 2 states, which do not name theirs:
+/// the only one the agent used before version 3.
+pub const LEGACY_BLOCK_SIZE: u32 = 256 * 1024;
 
 /// Delta bases of a disk's blocks: block index → the base chunk its
 /// (delta) chunk is read against.
@@ -313,22 +319,29 @@ pub type BlockBases = std::collections::BTreeMap<usize, [u8; 32]>;
 /// count (u64 LE), one tag byte per block (0 = zero, 1 = hash) followed by
 /// the 32-byte hash for tag 1, then a BLAKE3 checksum of everything before.
 pub fn encode_hashes(hashes: &[BlockHash]) -> Vec<u8> {
-    encode_state(hashes, &BlockBases::new())
+    encode(hashes, &BlockBases::new(), None)
 }
 
-/// [`encode_hashes`] with the delta bases of some blocks (version 2, tag 2:
-/// the 32-byte hash then the 32-byte base). Without bases the output is
-/// version 1.
-pub fn encode_state(hashes: &[BlockHash], bases: &BlockBases) -> Vec<u8> {
+/// The state of a disk of `block_size` blocks: [`encode_hashes`] with the
+/// block size (version 3: a u32 LE after the version byte) and the delta
+/// bases of some blocks (tag 2: the 32-byte hash then the 32-byte base).
+pub fn encode_state(hashes: &[BlockHash], bases: &BlockBases, block_size: u32) -> Vec<u8> {
+    encode(hashes, bases, Some(block_size))
+}
+
+fn encode(hashes: &[BlockHash], bases: &BlockBases, block_size: Option<u32>) -> Vec<u8> {
     let present = hashes.iter().filter(|h| h.is_some()).count();
     let mut out =
-        Vec::with_capacity(4 + 1 + 8 + hashes.len() + present * 32 + bases.len() * 32 + 32);
+        Vec::with_capacity(4 + 1 + 4 + 8 + hashes.len() + present * 32 + bases.len() * 32 + 32);
     out.extend_from_slice(HASHES_MAGIC);
-    out.push(if bases.is_empty() {
-        HASHES_VERSION
-    } else {
-        HASHES_VERSION_BASES
-    });
+    match block_size {
+        Some(size) => {
+            out.push(HASHES_VERSION_SIZED);
+            out.extend_from_slice(&size.to_le_bytes());
+        }
+        None if bases.is_empty() => out.push(HASHES_VERSION),
+        None => out.push(HASHES_VERSION_BASES),
+    }
     out.extend_from_slice(&(hashes.len() as u64).to_le_bytes());
     for (i, h) in hashes.iter().enumerate() {
         match (h, bases.get(&i)) {
@@ -352,11 +365,13 @@ pub fn encode_state(hashes: &[BlockHash], bases: &BlockBases) -> Vec<u8> {
 /// Inverse of [`encode_hashes`]; a torn, truncated or foreign file gives
 /// [`CaptureError::CorruptHashes`]. Delta bases are dropped.
 pub fn decode_hashes(bytes: &[u8]) -> Result<Vec<BlockHash>, CaptureError> {
-    decode_state(bytes).map(|(h, _)| h)
+    decode_state(bytes).map(|(h, _, _)| h)
 }
 
-/// Inverse of [`encode_state`].
-pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), CaptureError> {
+/// Inverse of [`encode_state`] (and of [`encode_hashes`]): the hashes, the
+/// delta bases and the block size ([`LEGACY_BLOCK_SIZE`] for versions 1
+/// and 2).
+pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases, u32), CaptureError> {
     let corrupt = |m: &str| CaptureError::CorruptHashes(m.to_string());
     if bytes.len() < 4 + 1 + 8 + 32 {
         return Err(corrupt("too short"));
@@ -366,7 +381,10 @@ pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), Captur
         return Err(corrupt("bad magic"));
     }
     let version = body[4];
-    if version != HASHES_VERSION && version != HASHES_VERSION_BASES {
+    if !matches!(
+        version,
+        HASHES_VERSION | HASHES_VERSION_BASES | HASHES_VERSION_SIZED
+    ) {
         return Err(CaptureError::CorruptHashes(format!(
             "unsupported version {version}"
         )));
@@ -374,6 +392,16 @@ pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), Captur
     if blake3::hash(body).as_bytes() != sum {
         return Err(corrupt("checksum mismatch (torn or modified file)"));
     }
+    let (block_size, body) = if version == HASHES_VERSION_SIZED {
+        if body.len() < 4 + 1 + 4 + 8 {
+            return Err(corrupt("too short"));
+        }
+        let size = u32::from_le_bytes([body[5], body[6], body[7], body[8]]);
+        // Drop 4 bytes of the magic so the count is where it is in v1/v2.
+        (size, &body[4..])
+    } else {
+        (LEGACY_BLOCK_SIZE, body)
+    };
     let mut count_bytes = [0u8; 8];
     count_bytes.copy_from_slice(&body[5..13]);
     let count = u64::from_le_bytes(count_bytes);
@@ -390,7 +418,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), Captur
                 out.push(None);
                 rest = tail;
             }
-            1 | 2 if tag == 1 || version == HASHES_VERSION_BASES => {
+            1 | 2 if tag == 1 || version >= HASHES_VERSION_BASES => {
                 let len = if tag == 1 { 32 } else { 64 };
                 if tail.len() < len {
                     return Err(corrupt("truncated hash"));
@@ -413,7 +441,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<(Vec<BlockHash>, BlockBases), Captur
     if !rest.is_empty() {
         return Err(corrupt("trailing data"));
     }
-    Ok((out, bases))
+    Ok((out, bases, block_size))
 }
 
 /// Identity and timestamps of the file, compared before and after a read.

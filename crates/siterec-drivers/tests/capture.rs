@@ -4,8 +4,9 @@ use std::path::Path;
 
 use rand::RngCore;
 use siterec_drivers::capture::{
-    BlockHash, CaptureError, DiskKind, DiskSource, ScanOptions, ScanOutcome, SnapshotMethod,
-    decode_hashes, encode_hashes, hash_block, scan,
+    BlockBases, BlockHash, CaptureError, DiskKind, DiskSource, LEGACY_BLOCK_SIZE, ScanOptions,
+    ScanOutcome, SnapshotMethod, decode_hashes, decode_state, encode_hashes, encode_state,
+    hash_block, scan,
 };
 
 const CHUNK: u32 = 64 * 1024;
@@ -293,6 +294,24 @@ fn hash_list_round_trip_and_torn_detection() {
             .to_string()
             .contains("version")
     );
+    // A state names its block size (version 3); older ones are 256 KiB.
+    let mut bases = BlockBases::new();
+    bases.insert(3, [9u8; 32]);
+    let sized = encode_state(&hashes, &bases, 1 << 20);
+    assert_eq!(
+        decode_state(&sized).unwrap(),
+        (hashes.clone(), bases.clone(), 1 << 20)
+    );
+    assert_eq!(
+        decode_state(&bytes).unwrap(),
+        (hashes.clone(), BlockBases::new(), LEGACY_BLOCK_SIZE)
+    );
+    for cut in [5, 9, 12, sized.len() - 1] {
+        assert!(decode_state(&sized[..cut]).is_err());
+    }
+    let mut bad = sized.clone();
+    bad[6] ^= 1; // the block size
+    assert!(decode_state(&bad).is_err());
     // Serde-able as plain data too.
     let json = serde_json::to_string(&hashes).unwrap();
     let back: Vec<BlockHash> = serde_json::from_str(&json).unwrap();

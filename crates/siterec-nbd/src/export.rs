@@ -161,7 +161,7 @@ pub struct MemoryExport {
 
 impl MemoryExport {
     /// An export of `data` with holes found at `block` granularity (at least
-    /// 1; the store's chunks are 256 KiB).
+    /// 1; the agent's chunks are 1 MiB).
     pub fn new(data: impl Into<Bytes>, block: u32) -> Self {
         let data = data.into();
         let block = u64::from(block.max(1));

@@ -1103,7 +1103,7 @@ async fn instant_failover(
     ])?;
     let target =
         siterec_agent::target::Target::open(&dir.join("store"), dir.join("failover")).await?;
-    // One chunk per 256 KiB block with data; all-zero blocks are holes.
+    // One chunk per block with data; all-zero blocks are holes.
     let mut chunks = Vec::new();
     let mut data_bytes = 0u64;
     {

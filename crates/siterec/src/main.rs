@@ -476,7 +476,25 @@ enum JobsCmd {
     Show { id: String },
 }
 
+/// Caps glibc's malloc arenas. The agent moves 1 MiB chunk buffers
+/// between many threads (the runtime's and its blocking pool's); with an
+/// arena per thread, freed buffers stay scattered over the arenas and the
+/// resident set grows by half again (measured: 221 MiB peak for the
+/// replication benchmark, 144 MiB with this cap, the same speed). An
+/// explicit `MALLOC_ARENA_MAX` in the environment wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before
+        // any thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     // One TLS crypto provider (aws-lc-rs) for every client and server.
     siterec_pki::install_crypto_provider();

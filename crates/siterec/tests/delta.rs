@@ -60,7 +60,7 @@ fn one_mib_change_sends_at_most_two_mib() {
 }
 
 /// Scattered 4 KiB writes ship as delta chunks (the changed pages only, not
-/// their 256 KiB blocks), and the point still restores byte-identical.
+/// their 1 MiB blocks), and the point still restores byte-identical.
 #[test]
 fn scattered_page_writes_ship_only_the_pages() {
     use rand::{Rng, SeedableRng};
@@ -88,7 +88,7 @@ fn scattered_page_writes_ship_only_the_pages() {
         });
         let sent = counter("bytesSent") - sent_before;
         eprintln!("round {round}: 64 scattered 4 KiB pages sent {sent} bytes");
-        // Whole blocks would be 64 × 256 KiB = 16 MiB.
+        // Whole blocks would be 64 × 1 MiB = 64 MiB.
         assert!(sent >= 64 * 4096, "the pages must travel: {sent} bytes");
         assert!(sent <= 3 * 64 * 4096, "{sent} bytes for 64 changed pages");
     }
