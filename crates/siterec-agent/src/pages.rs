@@ -40,6 +40,7 @@ pub const PAGES: usize = crate::source::CHUNK_SIZE as usize / DELTA_PAGE;
 /// A delta carries at most this many pages (a quarter of a block); more,
 /// and the block ships whole (and becomes the base of its next deltas).
 pub const MAX_DELTA_PAGES: u32 = (PAGES / 4) as u32;
+const _: () = assert!(DELTA_PAGE == siterec_drivers::capture::FINGERPRINT_PAGE);
 const MASK_WORDS: usize = PAGES / 64;
 const LEN_AT: usize = 64 + MASK_WORDS * 8;
 const FPS_AT: usize = LEN_AT + 4;
@@ -147,24 +148,29 @@ pub enum Plan {
     },
 }
 
-/// The page fingerprints of a block.
-pub fn fingerprints(data: &[u8]) -> [u64; PAGES] {
+/// The page fingerprints of a block: `known` if the scan computed them
+/// (one per page), else computed here.
+pub fn fingerprints(data: &[u8], known: &[u64]) -> [u64; PAGES] {
     let mut fps = [0u64; PAGES];
-    for (fp, page) in fps.iter_mut().zip(data.chunks(DELTA_PAGE)) {
-        *fp = xxhash_rust::xxh3::xxh3_64(page);
+    if known.len() == data.len().div_ceil(DELTA_PAGE) && known.len() <= PAGES {
+        fps[..known.len()].copy_from_slice(known);
+    } else {
+        siterec_drivers::capture::page_fingerprints(data, &mut fps);
     }
     fps
 }
 
 /// Decides how a changed block ships, and its new record. `acked` is the
-/// block's acknowledged hash, `old` its record.
+/// block's acknowledged hash, `old` its record, `known_fps` the block's
+/// page fingerprints if the scan computed them (else empty).
 pub fn plan(
     acked: Option<&[u8; 32]>,
     old: Option<&Record>,
     hash: &[u8; 32],
     data: &[u8],
+    known_fps: &[u64],
 ) -> (Plan, Record) {
-    let fps = fingerprints(data);
+    let fps = fingerprints(data, known_fps);
     let len = data.len() as u32;
     let whole = Record {
         hash: *hash,
@@ -223,7 +229,9 @@ pub fn plan_partial(
         if i >= PAGES {
             return None;
         }
-        let fp = xxhash_rust::xxh3::xxh3_64(page);
+        let mut fp = [0u64];
+        siterec_drivers::capture::page_fingerprints(page, &mut fp);
+        let fp = fp[0];
         if fp != old.fps[i] {
             changed.insert(i);
         }
@@ -355,14 +363,14 @@ mod tests {
     fn changed_pages_ship_as_deltas_against_the_last_whole_chunk() {
         let v1 = block(1);
         let h1 = hash(&v1);
-        let (p, r1) = plan(None, None, &h1, &v1);
+        let (p, r1) = plan(None, None, &h1, &v1, &[]);
         assert_eq!(p, Plan::Whole);
         // Two pages change: a delta of two pages against v1.
         let mut v2 = v1.clone();
         v2[5 * DELTA_PAGE + 7] ^= 1;
         v2[200 * DELTA_PAGE] ^= 1;
         let h2 = hash(&v2);
-        let (p, r2) = plan(Some(&h1), Some(&r1), &h2, &v2);
+        let (p, r2) = plan(Some(&h1), Some(&r1), &h2, &v2, &[]);
         assert_eq!(
             p,
             Plan::Delta {
@@ -375,7 +383,7 @@ mod tests {
         let mut v3 = v2.clone();
         v3[9 * DELTA_PAGE] ^= 1;
         let h3 = hash(&v3);
-        let (p, r3) = plan(Some(&h2), Some(&r2), &h3, &v3);
+        let (p, r3) = plan(Some(&h2), Some(&r2), &h3, &v3, &[]);
         assert_eq!(
             p,
             Plan::Delta {
@@ -383,15 +391,22 @@ mod tests {
                 mask: [5, 9, 200].into_iter().collect()
             }
         );
+        // Fingerprints the scan computed give the same plan.
+        let mut known = vec![0u64; PAGES];
+        siterec_drivers::capture::page_fingerprints(&v3, &mut known);
+        assert_eq!(
+            plan(Some(&h2), Some(&r2), &h3, &v3, &known),
+            (p.clone(), r3.clone())
+        );
         // A record ahead of the acknowledged state is not trusted.
-        assert_eq!(plan(Some(&h1), Some(&r3), &h3, &v3).0, Plan::Whole);
+        assert_eq!(plan(Some(&h1), Some(&r3), &h3, &v3, &[]).0, Plan::Whole);
         // Too many pages: whole, and a new base.
         let mut v4 = v3.clone();
         for p in 20..20 + MAX_DELTA_PAGES as usize {
             v4[p * DELTA_PAGE] ^= 1;
         }
         let h4 = hash(&v4);
-        let (p, r4) = plan(Some(&h3), Some(&r3), &h4, &v4);
+        let (p, r4) = plan(Some(&h3), Some(&r3), &h4, &v4, &[]);
         assert_eq!(p, Plan::Whole);
         assert_eq!((r4.base, r4.mask), (h4, PageMask::EMPTY));
     }
@@ -429,7 +444,7 @@ mod tests {
         let recs = PageRecords::open(&dir.path().join("d.pages")).unwrap();
         assert!(recs.read(3).is_none());
         let v = block(7);
-        let (_, mut r) = plan(None, None, &hash(&v), &v);
+        let (_, mut r) = plan(None, None, &hash(&v), &v, &[]);
         r.mask = [1, 70, PAGES - 1].into_iter().collect();
         recs.write(3, &r).unwrap();
         assert_eq!(recs.read(3), Some(r));

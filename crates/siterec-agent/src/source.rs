@@ -838,6 +838,7 @@ pub(crate) async fn replicate_disk(
                 let source = DiskSource::open(&path)?;
                 let options = ScanOptions {
                     scratch_dir: Some(scratch),
+                    page_fingerprints: true,
                     ..ScanOptions::default()
                 };
                 let previous = planner.baseline.clone();
@@ -846,7 +847,7 @@ pub(crate) async fn replicate_disk(
                     CHUNK_SIZE,
                     previous.as_deref(),
                     &options,
-                    |i, d, h| planner.whole(i, d, h),
+                    |i, d, h, fps| planner.whole(i, d, h, fps),
                 )?
             }
             DiskReader::Nbd(view) => {
@@ -969,14 +970,22 @@ impl Planner {
             .and_then(|h| h.as_ref())
     }
 
-    /// A changed block, read whole.
-    fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()> {
+    /// A changed block, read whole, with its page fingerprints if the
+    /// scan computed them (else empty).
+    fn whole(
+        &mut self,
+        index: u64,
+        data: &[u8],
+        hash: &[u8; 32],
+        fps: &[u64],
+    ) -> anyhow::Result<()> {
         let i = index as usize;
         let (plan, record) = crate::pages::plan(
             self.acked(index),
             self.records.read(index).as_ref(),
             hash,
             data,
+            fps,
         );
         self.records.write(index, &record)?;
         let out = match plan {
@@ -1025,7 +1034,7 @@ impl Planner {
 
 impl crate::vm::BlockSink for Planner {
     fn whole(&mut self, index: u64, data: &[u8], hash: &[u8; 32]) -> anyhow::Result<()> {
-        Planner::whole(self, index, data, hash)
+        Planner::whole(self, index, data, hash, &[])
     }
 
     fn delta_needs(&mut self, index: u64) -> Option<crate::pages::PageMask> {

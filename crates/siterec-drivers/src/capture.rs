@@ -225,6 +225,22 @@ pub struct ScanOptions {
     pub max_attempts: u32,
     /// Pause between the "before" stat and the read (see [`scan`]).
     pub settle: Duration,
+    /// Compute the [`page_fingerprints`] of every changed block on the
+    /// reader threads, while the block is still in their cache, and hand
+    /// them to `on_changed`.
+    pub page_fingerprints: bool,
+}
+
+/// Bytes per page of [`page_fingerprints`].
+pub const FINGERPRINT_PAGE: usize = 4096;
+
+/// The 64-bit xxh3 of each [`FINGERPRINT_PAGE`]-byte page of `block` (the
+/// last page may be short), into `out` (one per page; the rest of `out`
+/// is left alone).
+pub fn page_fingerprints(block: &[u8], out: &mut [u64]) {
+    for (fp, page) in out.iter_mut().zip(block.chunks(FINGERPRINT_PAGE)) {
+        *fp = xxhash_rust::xxh3::xxh3_64(page);
+    }
 }
 
 impl Default for ScanOptions {
@@ -233,6 +249,7 @@ impl Default for ScanOptions {
             scratch_dir: None,
             max_attempts: 3,
             settle: Duration::from_millis(20),
+            page_fingerprints: false,
         }
     }
 }
@@ -522,13 +539,19 @@ struct Delivery<'a, F> {
     baseline: Vec<Option<BlockHash>>,
     on_changed: &'a mut F,
     delivered: u64,
+    /// Whether readers compute page fingerprints of changed blocks.
+    fingerprints: bool,
 }
 
 /// Scan `source` in `chunk_size` blocks (the last one may be short).
 ///
 /// For every non-zero block whose hash differs from `previous` (every
 /// non-zero block when `previous` is `None` or has a different length),
-/// `on_changed(index, data, hash)` is called (`hash`: the block's BLAKE3). Blocking; run it in `spawn_blocking`.
+/// `on_changed(index, data, hash, fingerprints)` is called (`hash`: the
+/// block's BLAKE3; `fingerprints`: its [`page_fingerprints`] when
+/// `options.page_fingerprints` is set, else empty — and empty for a block
+/// that a retried attempt delivers although it equals `previous`).
+/// Blocking; run it in `spawn_blocking`.
 ///
 /// # Consistency
 ///
@@ -570,7 +593,7 @@ pub fn scan<F>(
     mut on_changed: F,
 ) -> Result<ScanOutcome, CaptureError>
 where
-    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
+    F: FnMut(u64, &[u8], &[u8; 32], &[u64]) -> anyhow::Result<()>,
 {
     if chunk_size == 0 || chunk_size > MAX_CHUNK_SIZE {
         return Err(CaptureError::InvalidArgument(format!(
@@ -582,6 +605,7 @@ where
         baseline: Vec::new(),
         on_changed: &mut on_changed,
         delivered: 0,
+        fingerprints: options.page_fingerprints,
     };
     let mut bytes_read = 0u64;
 
@@ -769,6 +793,9 @@ struct Batch {
     buf: Vec<u8>,
     len: usize,
     hashes: Vec<BlockHash>,
+    /// Page fingerprints, one per page of each block; empty for blocks not
+    /// changed from `previous` (or when not asked for).
+    fps: Vec<Vec<u64>>,
     /// Bytes actually read (holes are not).
     read: u64,
 }
@@ -880,7 +907,7 @@ fn read_pass<F>(
     delivery: &mut Delivery<'_, F>,
 ) -> Result<Pass, CaptureError>
 where
-    F: FnMut(u64, &[u8], &[u8; 32]) -> anyhow::Result<()>,
+    F: FnMut(u64, &[u8], &[u8; 32], &[u64]) -> anyhow::Result<()>,
 {
     let chunk = u64::from(chunk_size);
     let blocks = size.div_ceil(chunk);
@@ -899,6 +926,7 @@ where
     let batch_bytes = per_batch * chunk;
     let batches = blocks.div_ceil(per_batch);
     let readers = (READERS as u64).min(batches.max(1)) as usize;
+    let fingerprint = delivery.fingerprints;
     let mut hashes = Vec::with_capacity(blocks_usize);
     let mut bytes_read = 0u64;
 
@@ -923,12 +951,31 @@ where
                     let offset = b * batch_bytes;
                     let len = batch_bytes.min(size - offset) as usize;
                     let out = match read_batch(file, &mut buf[..len], offset, chunk as usize) {
-                        Ok((hashes, read)) => Ok(BatchResult::Ready(Batch {
-                            hashes,
-                            buf,
-                            len,
-                            read,
-                        })),
+                        Ok((hashes, read)) => {
+                            let first = offset / chunk;
+                            let fps = buf[..len]
+                                .chunks(chunk as usize)
+                                .zip(&hashes)
+                                .enumerate()
+                                .map(|(k, (block, h))| {
+                                    let before = previous.and_then(|p| p.get(first as usize + k));
+                                    if !fingerprint || h.is_none() || before == Some(h) {
+                                        return Vec::new();
+                                    }
+                                    let mut fps =
+                                        vec![0u64; block.len().div_ceil(FINGERPRINT_PAGE)];
+                                    page_fingerprints(block, &mut fps);
+                                    fps
+                                })
+                                .collect();
+                            Ok(BatchResult::Ready(Batch {
+                                hashes,
+                                fps,
+                                buf,
+                                len,
+                                read,
+                            }))
+                        }
                         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(BatchResult::Eof),
                         Err(e) => Err(io_err("reading", path, e)),
                     };
@@ -961,13 +1008,15 @@ where
                 }
             };
             bytes_read += batch.read;
-            for (block, h) in batch.buf[..batch.len]
+            for ((block, h), fps) in batch.buf[..batch.len]
                 .chunks(chunk as usize)
                 .zip(batch.hashes)
+                .zip(&batch.fps)
             {
                 let i = index as usize;
                 if let Some(hash) = h.as_ref().filter(|_| delivery.baseline[i] != Some(h)) {
-                    (delivery.on_changed)(index, block, hash).map_err(CaptureError::Callback)?;
+                    (delivery.on_changed)(index, block, hash, fps)
+                        .map_err(CaptureError::Callback)?;
                     delivery.baseline[i] = Some(h);
                     delivery.delivered += 1;
                 }

@@ -9,6 +9,6 @@ pub mod export;
 
 pub use capture::{
     BlockHash, CaptureError, DiskKind, DiskSource, ScanOptions, ScanOutcome, SnapshotMethod,
-    decode_hashes, encode_hashes, hash_block, scan,
+    decode_hashes, encode_hashes, hash_block, page_fingerprints, scan,
 };
 pub use export::{ExportError, ImageFormat, ImageWriter, Qcow2Writer, RawWriter, create_writer};

@@ -36,7 +36,7 @@ fn collect(
     options: &ScanOptions,
 ) -> (ScanOutcome, Vec<(u64, Vec<u8>)>) {
     let mut got = Vec::new();
-    let outcome = scan(source, CHUNK, previous, options, |i, d, _| {
+    let outcome = scan(source, CHUNK, previous, options, |i, d, _, _| {
         got.push((i, d.to_vec()));
         Ok(())
     })
@@ -132,7 +132,7 @@ fn file_changing_during_scan_is_retried() {
     let mut calls = 0u32;
     let mut delivered: Vec<u64> = Vec::new();
     let mut last = std::collections::HashMap::new();
-    let outcome = scan(&source, CHUNK, None, &options, |i, d, _| {
+    let outcome = scan(&source, CHUNK, None, &options, |i, d, _, _| {
         calls += 1;
         if calls == 1 {
             writer.write_all_at(b"changed!", 100).unwrap();
@@ -181,7 +181,7 @@ fn file_that_never_settles_is_inconsistent() {
     };
     let writer = OpenOptions::new().write(true).open(&path).unwrap();
     let mut n = 0u64;
-    let outcome = scan(&source, CHUNK, None, &options, |i, _, _| {
+    let outcome = scan(&source, CHUNK, None, &options, |i, _, _, _| {
         // Every attempt's first block triggers a write.
         if i == 0 {
             n += 1;
@@ -231,7 +231,7 @@ fn callback_error_aborts() {
     let path = dir.path().join("disk.img");
     std::fs::write(&path, random_bytes(2 * CHUNK as usize)).unwrap();
     let source = DiskSource::open(&path).unwrap();
-    let err = scan(&source, CHUNK, None, &stable_only(), |_, _, _| {
+    let err = scan(&source, CHUNK, None, &stable_only(), |_, _, _, _| {
         anyhow::bail!("target unreachable")
     })
     .unwrap_err();
@@ -260,7 +260,7 @@ fn open_errors_are_clear() {
     let (outcome, got) = collect(&source, None, &stable_only());
     assert!(outcome.hashes.is_empty() && got.is_empty());
 
-    assert!(scan(&source, 0, None, &stable_only(), |_, _, _| Ok(())).is_err());
+    assert!(scan(&source, 0, None, &stable_only(), |_, _, _, _| Ok(())).is_err());
 }
 
 #[test]
@@ -335,10 +335,61 @@ fn scan_throughput_from_page_cache() {
     // Warm the page cache.
     let _ = std::fs::read(&path).unwrap();
     let start = std::time::Instant::now();
-    let outcome = scan(&source, 1 << 20, None, &stable_only(), |_, _, _| Ok(())).unwrap();
+    let outcome = scan(&source, 1 << 20, None, &stable_only(), |_, _, _, _| Ok(())).unwrap();
     let secs = start.elapsed().as_secs_f64();
     let mbps = 256.0 / secs;
     eprintln!("scan: 256 MiB in {secs:.3} s = {mbps:.0} MiB/s");
     assert_eq!(outcome.hashes.len(), 256);
     assert!(mbps > 50.0, "scan too slow: {mbps:.0} MiB/s");
+}
+
+/// With `page_fingerprints`, every delivered block comes with the xxh3 of
+/// each of its 4 KiB pages (computed on the reader threads), a short last
+/// block with as many as it has pages; without, with none.
+#[test]
+fn page_fingerprints_come_with_changed_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let len = 3 * CHUNK as usize + 5000;
+    std::fs::write(&path, random_bytes(len)).unwrap();
+    let source = DiskSource::open(&path).unwrap();
+    let options = ScanOptions {
+        page_fingerprints: true,
+        ..stable_only()
+    };
+    let mut got = Vec::new();
+    let outcome = scan(&source, CHUNK, None, &options, |i, d, _, fps| {
+        got.push((i, d.to_vec(), fps.to_vec()));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(got.len(), 4);
+    for (i, block, fps) in &got {
+        let pages: Vec<u64> = block.chunks(4096).map(xxhash_rust::xxh3::xxh3_64).collect();
+        assert_eq!(fps, &pages, "block {i}");
+    }
+    assert_eq!(got[3].2.len(), 2, "5000 bytes are two pages");
+    // Only the changed block is delivered, with its fingerprints.
+    let mut data = std::fs::read(&path).unwrap();
+    data[CHUNK as usize + 10] ^= 1;
+    std::fs::write(&path, &data).unwrap();
+    let mut again = Vec::new();
+    scan(
+        &source,
+        CHUNK,
+        Some(&outcome.hashes),
+        &options,
+        |i, _, _, fps| {
+            again.push((i, fps.len()));
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(again, vec![(1, CHUNK as usize / 4096)]);
+    // Not asked for: none.
+    scan(&source, CHUNK, None, &stable_only(), |_, _, _, fps| {
+        assert!(fps.is_empty());
+        Ok(())
+    })
+    .unwrap();
 }
