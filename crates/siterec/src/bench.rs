@@ -45,7 +45,24 @@ struct Row {
     phase: &'static str,
     tool: String,
     secs: Option<f64>,
+    /// CPU time (user + system) the step used: this process's for
+    /// siterec, the child's for a peer.
+    cpu: Option<f64>,
     note: String,
+}
+
+/// User + system CPU seconds of this process (`RUSAGE_SELF`) or of its
+/// waited-for children (`RUSAGE_CHILDREN`).
+fn cpu_secs(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the struct it is given; zeroed is a valid
+    // initial value for it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `who` is one of the two constants.
+    if unsafe { libc::getrusage(who, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
 }
 
 pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> {
@@ -62,12 +79,13 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let rig = Rig::start(&dir.join("siterec"), opts.streams).await?;
     let assignment = rig.assignment(&image, size);
     settle();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_SELF));
     let p1 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
         phase: "initial",
         tool: "siterec".into(),
         secs: Some(t.elapsed().as_secs_f64()),
+        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
         note: rig.sent_note(),
     });
     let store_bytes = du(&dir.join("siterec/store"));
@@ -154,12 +172,13 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         opts.churn_percent
     );
     settle();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_SELF));
     let p2 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
     rows.push(Row {
         phase: "delta",
         tool: "siterec".into(),
         secs: Some(t.elapsed().as_secs_f64()),
+        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
         note: rig.sent_note(),
     });
     if restic {
@@ -198,7 +217,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
 
     // ---- restore the latest point ----
     settle();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_SELF));
     let key = siterec_store::RecoveryKey::read_file(dir.join("siterec/recovery.key"))?;
     let disks = rig
         .target
@@ -208,6 +227,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         phase: "restore",
         tool: "siterec".into(),
         secs: Some(t.elapsed().as_secs_f64()),
+        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
         note: String::new(),
     });
     let restored = disks
@@ -260,7 +280,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                 (Some(peer), Some(us)) if r.tool != "siterec" && us > 0.0 => Some(peer / us),
                 _ => None,
             };
-            json!({"phase": r.phase, "tool": r.tool, "seconds": r.secs.map(round2), "peerOverSiterec": ratio.map(round2), "note": r.note})
+            json!({"phase": r.phase, "tool": r.tool, "seconds": r.secs.map(round2), "cpuSeconds": r.cpu.map(round2), "peerOverSiterec": ratio.map(round2), "note": r.note})
         })
         .collect();
     match out {
@@ -279,6 +299,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                     ("PHASE", "/phase"),
                     ("TOOL", "/tool"),
                     ("SECONDS", "/seconds"),
+                    ("CPU S", "/cpuSeconds"),
                     ("PEER / SITEREC", "/peerOverSiterec"),
                     ("NOTE", "/note"),
                 ],
@@ -303,6 +324,7 @@ fn missing(phase: &'static str, tool: &str) -> Row {
         phase,
         tool: tool.into(),
         secs: None,
+        cpu: None,
         note: format!(
             "{tool} not installed (apt-get install {})",
             match tool {
@@ -325,12 +347,13 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<Row> {
     eprintln!("{phase}: {tool}…");
     settle();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_CHILDREN));
     run(cmd)?;
     Ok(Row {
         phase,
         tool: tool.into(),
         secs: Some(t.elapsed().as_secs_f64()),
+        cpu: Some(cpu_secs(libc::RUSAGE_CHILDREN) - c),
         note: String::new(),
     })
 }
