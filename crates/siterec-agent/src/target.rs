@@ -53,6 +53,23 @@ pub struct Target {
     sources: Mutex<HashMap<String, String>>,
     /// The compute driver: replica VMs booted at failover.
     pub compute: crate::compute::Compute,
+    /// When garbage collection last ran after a prune, and whether one is
+    /// scheduled: see [`Target::collect_after_prune`].
+    gc_pacing: Mutex<GcPacing>,
+    gc_interval: std::time::Duration,
+}
+
+/// Garbage collection after a prune runs at most this often. A policy
+/// copying every 5 s prunes a point on every report once its window is
+/// full, and each collection reads every manifest and lists every chunk:
+/// prunes in between only delete their points, and one collection a
+/// minute later takes all their chunks.
+pub const GC_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Default)]
+struct GcPacing {
+    last: Option<std::time::Instant>,
+    scheduled: bool,
 }
 
 impl Target {
@@ -102,7 +119,69 @@ impl Target {
             transport: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
+            gc_pacing: Mutex::new(GcPacing::default()),
+            gc_interval: GC_MIN_INTERVAL,
         }))
+    }
+
+    /// The same target with garbage collection after prunes paced at
+    /// `interval` instead of [`GC_MIN_INTERVAL`] (tests).
+    pub fn with_gc_interval(self: Arc<Self>, interval: std::time::Duration) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut t) => {
+                t.gc_interval = interval;
+                Arc::new(t)
+            }
+            Err(shared) => shared,
+        }
+    }
+
+    /// Collects garbage after a prune, at most once per `gc_interval`: now
+    /// if the last collection is that old (returns its report), else once
+    /// the interval has passed, in the background (returns `None`). A
+    /// collection that a restart loses is made by the next prune.
+    async fn collect_after_prune(
+        self: &Arc<Self>,
+    ) -> anyhow::Result<Option<siterec_store::GcReport>> {
+        let wait = {
+            let mut p = self
+                .gc_pacing
+                .lock()
+                .map_err(|_| anyhow::anyhow!("gc pacing lock poisoned"))?;
+            match p.last.map(|t| t.elapsed()) {
+                Some(since) if since < self.gc_interval => {
+                    if p.scheduled {
+                        return Ok(None);
+                    }
+                    p.scheduled = true;
+                    Some(self.gc_interval - since)
+                }
+                _ => {
+                    p.last = Some(std::time::Instant::now());
+                    None
+                }
+            }
+        };
+        let Some(wait) = wait else {
+            return Ok(Some(self.store.gc(&self.keep_set()).await?));
+        };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Ok(mut p) = this.gc_pacing.lock() {
+                p.scheduled = false;
+                p.last = Some(std::time::Instant::now());
+            }
+            match this.store.gc(&this.keep_set()).await {
+                Ok(report) => tracing::info!(
+                    deleted = report.chunks_deleted,
+                    kept = report.chunks_kept,
+                    "deferred garbage collection after prunes"
+                ),
+                Err(e) => tracing::warn!("deferred garbage collection failed: {e:#}"),
+            }
+        });
+        Ok(None)
     }
 
     /// Sets the transport key that opens recovery keys sealed by the vault.
@@ -258,7 +337,7 @@ impl Target {
     }
 
     /// Runs one task from the vault; the result's `output` is JSON.
-    pub async fn run_task(&self, work: &TaskWork) -> anyhow::Result<serde_json::Value> {
+    pub async fn run_task(self: &Arc<Self>, work: &TaskWork) -> anyhow::Result<serde_json::Value> {
         match work {
             TaskWork::Materialize {
                 item,
@@ -308,10 +387,17 @@ impl Target {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;
                 }
-                let report = self.store.gc(&self.keep_set()).await?;
-                Ok(
-                    serde_json::json!({"deletedPoints": point_ids, "chunksDeleted": report.chunks_deleted, "chunksKept": report.chunks_kept}),
-                )
+                Ok(match self.collect_after_prune().await? {
+                    Some(report) => serde_json::json!({
+                        "deletedPoints": point_ids,
+                        "chunksDeleted": report.chunks_deleted,
+                        "chunksKept": report.chunks_kept,
+                    }),
+                    None => serde_json::json!({
+                        "deletedPoints": point_ids,
+                        "garbageCollection": "deferred",
+                    }),
+                })
             }
         }
     }
@@ -904,6 +990,51 @@ mod tests {
         // The map is replaced, not merged.
         t.set_sources([("db01".to_string(), "agent-a".to_string())]);
         assert!(t.check_peer(&peer(Some("agent-a")), "web01").is_err());
+    }
+
+    /// Prunes close together delete their points at once but collect the
+    /// chunks once per interval: the first prune collects, the next ones
+    /// leave it to one collection after the interval.
+    #[tokio::test]
+    async fn garbage_collection_after_prunes_is_paced() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
+            .await
+            .unwrap()
+            .with_gc_interval(std::time::Duration::from_millis(700));
+        let blocks: Vec<Vec<u8>> = (1..=4u8).map(|k| vec![k; CS]).collect();
+        let mut ids = Vec::new();
+        for (k, b) in blocks.iter().enumerate() {
+            let id = put(&t, b).await;
+            ids.push(id);
+            t.store
+                .commit_point(&manifest(&format!("p{k}"), CS as u64, vec![Some(id)]))
+                .await
+                .unwrap();
+        }
+        let prune = |p: &str| TaskWork::Prune {
+            item: "web01".into(),
+            point_ids: vec![p.into()],
+        };
+        let out = t.run_task(&prune("p0")).await.unwrap();
+        assert_eq!(out["chunksDeleted"], 1, "{out}");
+        assert!(!t.store.has_chunk(ids[0]).await.unwrap());
+        for p in ["p1", "p2"] {
+            let out = t.run_task(&prune(p)).await.unwrap();
+            assert_eq!(out["garbageCollection"], "deferred", "{out}");
+        }
+        let points = t.store.list_points(Some("web01")).await.unwrap();
+        assert_eq!(points.len(), 1, "the points go at once");
+        assert!(
+            t.store.has_chunk(ids[1]).await.unwrap(),
+            "their chunks wait"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        for id in &ids[1..3] {
+            assert!(!t.store.has_chunk(*id).await.unwrap(), "collected later");
+        }
+        assert!(t.store.has_chunk(ids[3]).await.unwrap());
+        assert!(t.store.verify().await.unwrap().all_ok());
     }
 
     #[tokio::test]

@@ -40,7 +40,10 @@ fn damaged_chunks_are_reported_and_never_restored() {
 
     // Flip one byte in the middle of a stored chunk.
     let chunks = chunk_files(&recovery.join("store"));
-    assert!(chunks.len() > 10, "expected the store to hold chunks");
+    assert!(
+        chunks.len() >= 3,
+        "expected the store to hold chunks: {chunks:?}"
+    );
     let victim = &chunks[chunks.len() / 2];
     let mut bytes = std::fs::read(victim).unwrap();
     let at = bytes.len() / 2;
