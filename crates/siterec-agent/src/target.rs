@@ -56,7 +56,6 @@ pub struct Target {
     /// When garbage collection last ran after a prune, and whether one is
     /// scheduled: see [`Target::collect_after_prune`].
     gc_pacing: Mutex<GcPacing>,
-    gc_interval: std::time::Duration,
 }
 
 /// Garbage collection after a prune runs at most this often. A policy
@@ -66,8 +65,8 @@ pub struct Target {
 /// minute later takes all their chunks.
 pub const GC_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-#[derive(Default)]
 struct GcPacing {
+    interval: std::time::Duration,
     last: Option<std::time::Instant>,
     scheduled: bool,
 }
@@ -119,24 +118,23 @@ impl Target {
             transport: std::sync::OnceLock::new(),
             in_flight: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
-            gc_pacing: Mutex::new(GcPacing::default()),
-            gc_interval: GC_MIN_INTERVAL,
+            gc_pacing: Mutex::new(GcPacing {
+                interval: GC_MIN_INTERVAL,
+                last: None,
+                scheduled: false,
+            }),
         }))
     }
 
-    /// The same target with garbage collection after prunes paced at
-    /// `interval` instead of [`GC_MIN_INTERVAL`] (tests).
-    pub fn with_gc_interval(self: Arc<Self>, interval: std::time::Duration) -> Arc<Self> {
-        match Arc::try_unwrap(self) {
-            Ok(mut t) => {
-                t.gc_interval = interval;
-                Arc::new(t)
-            }
-            Err(shared) => shared,
+    /// Paces garbage collection after prunes at `interval` instead of
+    /// [`GC_MIN_INTERVAL`] (tests).
+    pub fn set_gc_interval(&self, interval: std::time::Duration) {
+        if let Ok(mut p) = self.gc_pacing.lock() {
+            p.interval = interval;
         }
     }
 
-    /// Collects garbage after a prune, at most once per `gc_interval`: now
+    /// Collects garbage after a prune, at most once per interval: now
     /// if the last collection is that old (returns its report), else once
     /// the interval has passed, in the background (returns `None`). A
     /// collection that a restart loses is made by the next prune.
@@ -149,12 +147,12 @@ impl Target {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("gc pacing lock poisoned"))?;
             match p.last.map(|t| t.elapsed()) {
-                Some(since) if since < self.gc_interval => {
+                Some(since) if since < p.interval => {
                     if p.scheduled {
                         return Ok(None);
                     }
                     p.scheduled = true;
-                    Some(self.gc_interval - since)
+                    Some(p.interval - since)
                 }
                 _ => {
                     p.last = Some(std::time::Instant::now());
@@ -1000,8 +998,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
             .await
-            .unwrap()
-            .with_gc_interval(std::time::Duration::from_millis(700));
+            .unwrap();
+        t.set_gc_interval(std::time::Duration::from_millis(700));
         let blocks: Vec<Vec<u8>> = (1..=4u8).map(|k| vec![k; CS]).collect();
         let mut ids = Vec::new();
         for (k, b) in blocks.iter().enumerate() {
