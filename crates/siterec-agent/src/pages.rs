@@ -229,9 +229,7 @@ pub fn plan_partial(
         if i >= PAGES {
             return None;
         }
-        let mut fp = [0u64];
-        siterec_drivers::capture::page_fingerprints(page, &mut fp);
-        let fp = fp[0];
+        let fp = siterec_drivers::capture::page_fingerprint(page);
         if fp != old.fps[i] {
             changed.insert(i);
         }

@@ -242,8 +242,37 @@ pub const FINGERPRINT_PAGE: usize = 4096;
 /// is left alone).
 pub fn page_fingerprints(block: &[u8], out: &mut [u64]) {
     for (fp, page) in out.iter_mut().zip(block.chunks(FINGERPRINT_PAGE)) {
-        *fp = xxhash_rust::xxh3::xxh3_64(page);
+        *fp = page_fingerprint(page);
     }
+}
+
+/// The fingerprint of one page: its 64-bit xxh3.
+pub fn page_fingerprint(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The [`page_fingerprints`] of each block of a batch (blocks `first..`)
+/// that holds data and differs from `previous`; empty for the others.
+fn batch_fingerprints(
+    batch: &[u8],
+    hashes: &[BlockHash],
+    chunk: usize,
+    first: usize,
+    previous: Option<&[BlockHash]>,
+) -> Vec<Vec<u64>> {
+    batch
+        .chunks(chunk)
+        .zip(hashes)
+        .enumerate()
+        .map(|(k, (block, h))| {
+            if h.is_none() || previous.and_then(|p| p.get(first + k)) == Some(h) {
+                return Vec::new();
+            }
+            let mut fps = vec![0u64; block.len().div_ceil(FINGERPRINT_PAGE)];
+            page_fingerprints(block, &mut fps);
+            fps
+        })
+        .collect()
 }
 
 impl Default for ScanOptions {
@@ -955,22 +984,18 @@ where
                     let len = batch_bytes.min(size - offset) as usize;
                     let out = match read_batch(file, &mut buf[..len], offset, chunk as usize) {
                         Ok((hashes, read)) => {
-                            let first = offset / chunk;
-                            let fps = buf[..len]
-                                .chunks(chunk as usize)
-                                .zip(&hashes)
-                                .enumerate()
-                                .map(|(k, (block, h))| {
-                                    let before = previous.and_then(|p| p.get(first as usize + k));
-                                    if !fingerprint || h.is_none() || before == Some(h) {
-                                        return Vec::new();
-                                    }
-                                    let mut fps =
-                                        vec![0u64; block.len().div_ceil(FINGERPRINT_PAGE)];
-                                    page_fingerprints(block, &mut fps);
-                                    fps
-                                })
-                                .collect();
+                            let fps = if fingerprint {
+                                let first = (offset / chunk) as usize;
+                                batch_fingerprints(
+                                    &buf[..len],
+                                    &hashes,
+                                    chunk as usize,
+                                    first,
+                                    previous,
+                                )
+                            } else {
+                                vec![Vec::new(); hashes.len()]
+                            };
                             Ok(BatchResult::Ready(Batch {
                                 hashes,
                                 fps,
