@@ -32,9 +32,7 @@ use siterec_core::wire::{CommitRefused, ItemCounters, PointReport, ReplicationAs
 use siterec_drivers::capture::{
     BlockBases, BlockHash, DiskSource, ScanOptions, decode_state, encode_state, scan,
 };
-use siterec_store::{
-    ChunkId, DiskManifest, Manifest, delta_id, encode_chunk_with_id, encode_delta_chunk,
-};
+use siterec_store::{ChunkBuf, ChunkId, DiskManifest, Manifest, delta_id, encode_delta_chunk};
 
 use crate::pages::{PageRecords, Plan};
 use tokio::sync::{mpsc, watch};
@@ -993,7 +991,7 @@ impl Planner {
                 self.block_bases.remove(&i);
                 Outgoing::Whole {
                     id: ChunkId(*hash),
-                    data: data.to_vec(),
+                    data: ChunkBuf::copy_from(data),
                 }
             }
             Plan::Delta { base, mask } => {
@@ -1075,10 +1073,9 @@ impl crate::vm::BlockSink for Planner {
 
 /// A changed block on its way to the target (or the spool).
 enum Outgoing {
-    Whole {
-        id: ChunkId,
-        data: Vec<u8>,
-    },
+    /// A whole block, copied out of the scan's buffer with room for the
+    /// chunk header (a raw chunk is then encoded in place).
+    Whole { id: ChunkId, data: ChunkBuf },
     /// The changed pages (index, bytes) of a block of `plain_len` bytes,
     /// against the whole chunk `base` (only the pages are copied out of
     /// the scan's buffer).
@@ -1124,15 +1121,15 @@ impl Outgoing {
     /// Bytes of block data it carries.
     fn len(&self) -> usize {
         match self {
-            Outgoing::Whole { data, .. } => data.len(),
+            Outgoing::Whole { data, .. } => data.plain().len(),
             Outgoing::Delta { pages, .. } => pages.iter().map(|(_, p)| p.len()).sum(),
         }
     }
 
     /// Encodes the block as a chunk object (on a blocking thread).
-    fn encode(&self, compress: bool) -> siterec_store::EncodedChunk {
+    fn encode(self, compress: bool) -> siterec_store::EncodedChunk {
         match self {
-            Outgoing::Whole { id, data } => encode_chunk_with_id(data, *id, compress),
+            Outgoing::Whole { id, data } => data.encode(id, compress),
             Outgoing::Delta {
                 target,
                 base,
@@ -1141,7 +1138,7 @@ impl Outgoing {
             } => {
                 let pages: Vec<(u16, &[u8])> =
                     pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-                encode_delta_chunk(*target, *plain_len, *base, &pages, compress)
+                encode_delta_chunk(target, plain_len, base, &pages, compress)
             }
         }
     }
@@ -1254,7 +1251,7 @@ async fn put_batch(
     let count = blocks.len() as u64;
     let body = tokio::task::spawn_blocking(move || {
         let encoded: Vec<_> = blocks
-            .iter()
+            .into_iter()
             .map(|b| {
                 let e = b.encode(compress);
                 (e.id, e.bytes)

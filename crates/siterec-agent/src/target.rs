@@ -748,7 +748,8 @@ async fn store_chunk(t: &Target, item: &str, id: ChunkId, bytes: Bytes) -> Resul
     if let Ok(Some(base)) = siterec_store::delta_base(id, &bytes) {
         t.remember(item, base);
     }
-    match t.store.put_encoded_chunk(id, bytes.to_vec()).await {
+    // No copy when the body is one buffer only this request holds.
+    match t.store.put_encoded_chunk(id, Vec::from(bytes)).await {
         Ok(new) => Ok(new),
         Err(e @ StoreError::MissingChunk { .. }) => Err(DataError::new(
             StatusCode::CONFLICT,

@@ -54,6 +54,24 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A human-readable description, e.g. `local:/var/lib/siterec/store`.
     fn describe(&self) -> String;
+
+    /// The same calls as blocking functions, for a backend whose calls are
+    /// blocking system calls anyway ([`LocalDir`]); `None` (the default)
+    /// for network backends.
+    fn blocking_objects(&self) -> Option<&dyn BlockingObjects> {
+        None
+    }
+}
+
+/// Blocking forms of [`Backend`] calls, with the same meaning: a caller
+/// already on a blocking thread (the store checks, seals and writes a chunk
+/// there) uses them instead of a thread hop per call.
+pub trait BlockingObjects: Send + Sync {
+    /// [`Backend::exists`].
+    fn exists_blocking(&self, key: &str) -> Result<bool, StoreError>;
+
+    /// [`Backend::put`].
+    fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
 }
 
 const MAX_KEY_LEN: usize = 1024;
@@ -193,10 +211,18 @@ fn write_temp_and_rename(
             std::io::ErrorKind::InvalidInput.into(),
         )
     })?;
-    std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
     let tmp = dir.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| StoreError::io("create", &tmp, e))?;
+        // The directory usually exists: create it only when it does not.
+        let mut f = match std::fs::File::create(&tmp) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::io("create directory", dir, e))?;
+                std::fs::File::create(&tmp)
+            }
+            other => other,
+        }
+        .map_err(|e| StoreError::io("create", &tmp, e))?;
         f.write_all(data)
             .map_err(|e| StoreError::io("write", &tmp, e))?;
         if durable {
@@ -311,12 +337,7 @@ impl Backend for LocalDir {
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |_| match std::fs::metadata(&path) {
-            Ok(m) => Ok(m.is_file()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::io("stat", &path, e)),
-        })
-        .await
+        self.blocking(move |_| file_exists(&path)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -391,6 +412,28 @@ impl Backend for LocalDir {
 
     fn describe(&self) -> String {
         format!("local:{}", self.root.display())
+    }
+
+    fn blocking_objects(&self) -> Option<&dyn BlockingObjects> {
+        Some(self)
+    }
+}
+
+impl BlockingObjects for LocalDir {
+    fn exists_blocking(&self, key: &str) -> Result<bool, StoreError> {
+        file_exists(&self.path_of(key)?)
+    }
+
+    fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        write_temp_and_rename(&self.root, &self.path_of(key)?, data, false)
+    }
+}
+
+fn file_exists(path: &Path) -> Result<bool, StoreError> {
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.is_file()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::io("stat", path, e)),
     }
 }
 

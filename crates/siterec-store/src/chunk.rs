@@ -141,16 +141,103 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 
 fn header(codec: u8, plain_len: u32, payload_len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload_len);
+    push_header(&mut out, codec, plain_len);
+    out
+}
+
+fn push_header(out: &mut Vec<u8>, codec: u8, plain_len: u32) {
     out.extend_from_slice(CHUNK_MAGIC);
     out.push(codec);
     out.extend_from_slice(&plain_len.to_le_bytes());
-    out
 }
 
 fn raw_object(plain: &[u8], plain_len: u32) -> Vec<u8> {
     let mut out = header(CODEC_RAW, plain_len, plain.len());
     out.extend_from_slice(plain);
     out
+}
+
+/// A block's plaintext, stored after room for a chunk header: encoding it
+/// raw (incompressible data, or compression off) fills the header in place
+/// instead of copying the block into a new object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkBuf {
+    /// `CHUNK_HEADER_LEN` bytes of room, then the plaintext.
+    buf: Vec<u8>,
+}
+
+impl ChunkBuf {
+    /// A copy of `plain`.
+    pub fn copy_from(plain: &[u8]) -> ChunkBuf {
+        let mut buf = Vec::with_capacity(CHUNK_HEADER_LEN + plain.len());
+        buf.resize(CHUNK_HEADER_LEN, 0);
+        buf.extend_from_slice(plain);
+        ChunkBuf { buf }
+    }
+
+    /// The plaintext.
+    pub fn plain(&self) -> &[u8] {
+        &self.buf[CHUNK_HEADER_LEN..]
+    }
+
+    /// Encodes the block as [`encode_chunk_with_id`] does; `id` must be
+    /// [`ChunkId::of`] its plaintext. A raw chunk reuses this buffer.
+    ///
+    /// # Panics
+    ///
+    /// As [`encode_chunk_with_id`], for a plaintext over [`MAX_CHUNK_LEN`].
+    pub fn encode(self, id: ChunkId, compress: bool) -> EncodedChunk {
+        let plain = self.plain();
+        check_chunk_len(plain);
+        let plain_len = plain.len() as u32;
+        if let Some(bytes) = compressed_object(plain, compress) {
+            return EncodedChunk {
+                id,
+                bytes,
+                plain_len,
+            };
+        }
+        let mut bytes = self.buf;
+        let mut head = Vec::with_capacity(CHUNK_HEADER_LEN);
+        push_header(&mut head, CODEC_RAW, plain_len);
+        bytes[..CHUNK_HEADER_LEN].copy_from_slice(&head);
+        EncodedChunk {
+            id,
+            bytes,
+            plain_len,
+        }
+    }
+}
+
+fn check_chunk_len(plain: &[u8]) {
+    assert!(
+        plain.len() <= MAX_CHUNK_LEN,
+        "chunk of {} bytes exceeds the maximum of {MAX_CHUNK_LEN}",
+        plain.len()
+    );
+}
+
+/// The zstd chunk object of `plain` if `compress` is set and compressing
+/// makes it strictly smaller (see [`encode_chunk`]); `None` means raw.
+fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
+    if !compress || !worth_compressing(plain) {
+        return None;
+    }
+    // The frame is written right after the header, into room for no more
+    // than the plaintext: a frame that would not be smaller fails (and the
+    // chunk stays raw) instead of being kept.
+    let mut out = header(
+        CODEC_ZSTD,
+        plain.len() as u32,
+        plain.len().saturating_sub(1),
+    );
+    let mut cursor = std::io::Cursor::new(&mut out);
+    cursor.set_position(CHUNK_HEADER_LEN as u64);
+    match zstd_compress_into(plain, &mut cursor) {
+        Ok(n) if n < plain.len() => Some(out),
+        // Not smaller, or the compressor failed: raw is always correct.
+        _ => None,
+    }
 }
 
 /// Encodes `plain` as a chunk object.
@@ -172,25 +259,9 @@ pub fn encode_chunk(plain: &[u8], compress: bool) -> EncodedChunk {
 /// must be [`ChunkId::of`]`(plain)` (a wrong id makes a chunk that every
 /// reader rejects).
 pub fn encode_chunk_with_id(plain: &[u8], id: ChunkId, compress: bool) -> EncodedChunk {
-    assert!(
-        plain.len() <= MAX_CHUNK_LEN,
-        "chunk of {} bytes exceeds the maximum of {MAX_CHUNK_LEN}",
-        plain.len()
-    );
+    check_chunk_len(plain);
     let plain_len = plain.len() as u32;
-    let bytes = if compress && worth_compressing(plain) {
-        match zstd_compress(plain) {
-            Ok(z) if z.len() < plain.len() => {
-                let mut out = header(CODEC_ZSTD, plain_len, z.len());
-                out.extend_from_slice(&z);
-                out
-            }
-            // Not smaller, or the compressor failed: raw is always correct.
-            _ => raw_object(plain, plain_len),
-        }
-    } else {
-        raw_object(plain, plain_len)
-    };
+    let bytes = compressed_object(plain, compress).unwrap_or_else(|| raw_object(plain, plain_len));
     EncodedChunk {
         id,
         bytes,
@@ -217,6 +288,24 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    // Plaintext of the chunk being checked (see `check_chunk`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Compresses `data` into `out` after its position; fails if it does not
+/// fit in `out`'s capacity.
+fn zstd_compress_into(
+    data: &[u8],
+    out: &mut std::io::Cursor<&mut Vec<u8>>,
+) -> std::io::Result<usize> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let c = match &mut *slot {
+            Some(c) => c,
+            empty => empty.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
+        };
+        c.compress_to_buffer(data, out)
+    })
 }
 
 fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -227,6 +316,19 @@ fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
             empty => empty.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
         };
         c.compress(data)
+    })
+}
+
+/// Decompresses `data` into `out` (from its start), which must have the
+/// capacity for all of it.
+fn zstd_decompress_into(data: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = match &mut *slot {
+            Some(d) => d,
+            empty => empty.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress_to_buffer(data, out)
     })
 }
 
@@ -499,6 +601,74 @@ pub(crate) fn apply_delta(id: ChunkId, delta: &Delta, base: &[u8]) -> Result<Vec
     Ok(plain)
 }
 
+/// What [`check_chunk`] found in a valid chunk object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkContent {
+    /// The plaintext is all zeros (stores keep no such chunk).
+    Zero,
+    /// Anything else.
+    Data,
+}
+
+/// Checks a chunk object (not a delta) against its id, as
+/// [`decode_chunk`] does, without keeping the plaintext: a raw payload is
+/// hashed where it lies, a zstd payload is decompressed into a buffer each
+/// thread reuses.
+pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
+    let h = parse_chunk_header(id, bytes)?;
+    let payload = &bytes[CHUNK_HEADER_LEN..];
+    let plain_len = h.plain_len as usize;
+    let check = |plain: &[u8]| {
+        let actual = ChunkId::of(plain);
+        if actual != id {
+            return Err(corrupt(format!("plaintext hashes to {actual}")));
+        }
+        Ok(if is_all_zero(plain) {
+            ChunkContent::Zero
+        } else {
+            ChunkContent::Data
+        })
+    };
+    match h.codec {
+        CODEC_RAW => {
+            if payload.len() != plain_len {
+                return Err(corrupt(format!(
+                    "raw payload is {} bytes but the header declares {plain_len}",
+                    payload.len()
+                )));
+            }
+            check(payload)
+        }
+        CODEC_ZSTD => SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            scratch.clear();
+            scratch.reserve(plain_len);
+            let result = zstd_decompress_into(payload, &mut scratch)
+                .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}")))
+                .and_then(|n| {
+                    if n != plain_len {
+                        return Err(corrupt(format!(
+                            "zstd payload decompresses to {n} bytes but the header declares {plain_len}"
+                        )));
+                    }
+                    check(&scratch)
+                });
+            if scratch.capacity() > SCRATCH_KEEP {
+                *scratch = Vec::new();
+            }
+            result
+        }),
+        _ => Err(corrupt(
+            "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
+                .into(),
+        )),
+    }
+}
+
+/// Largest decompression buffer a thread keeps between chunks.
+const SCRATCH_KEEP: usize = 4 << 20;
+
 /// Decodes a chunk object without comparing its hash to anything; `id`
 /// only names the chunk in errors. The caller must hash the result.
 /// Delta chunks are refused here: they need their base (the store
@@ -641,6 +811,89 @@ mod tests {
         let mut bad = enc.bytes.clone();
         bad[9..13].copy_from_slice(&100u32.to_le_bytes());
         assert!(decode_chunk(enc.id, &bad).is_err());
+    }
+
+    #[test]
+    fn chunk_buf_encodes_like_a_slice() {
+        let mut mixed = text(300_000);
+        mixed.extend(random(300_000));
+        for plain in [
+            text(1 << 20),
+            random(1 << 20),
+            mixed,
+            b"tiny".to_vec(),
+            Vec::new(),
+        ] {
+            for compress in [false, true] {
+                let id = ChunkId::of(&plain);
+                let buf = ChunkBuf::copy_from(&plain);
+                assert_eq!(buf.plain(), &plain[..]);
+                let in_place = buf.encode(id, compress);
+                assert_eq!(in_place, encode_chunk_with_id(&plain, id, compress));
+                assert_eq!(decode_chunk(id, &in_place.bytes).unwrap(), plain);
+            }
+        }
+        // Text is compressed, random data stays raw (filled in place).
+        let t = text(1 << 20);
+        let enc = ChunkBuf::copy_from(&t).encode(ChunkId::of(&t), true);
+        assert_eq!(enc.bytes[8], CODEC_ZSTD);
+        assert!(enc.bytes.len() < t.len() / 4);
+        let r = random(1 << 20);
+        let enc = ChunkBuf::copy_from(&r).encode(ChunkId::of(&r), true);
+        assert_eq!(enc.bytes[8], CODEC_RAW);
+        assert_eq!(&enc.bytes[CHUNK_HEADER_LEN..], &r[..]);
+    }
+
+    #[test]
+    fn check_chunk_agrees_with_decode() {
+        let zeros = vec![0u8; 1 << 20];
+        for (plain, want) in [
+            (text(1 << 20), ChunkContent::Data),
+            (random(200_000), ChunkContent::Data),
+            (zeros.clone(), ChunkContent::Zero),
+        ] {
+            for compress in [false, true] {
+                let enc = encode_chunk(&plain, compress);
+                assert_eq!(check_chunk(enc.id, &enc.bytes).unwrap(), want);
+                // Every corruption decode_chunk finds, check_chunk finds.
+                for pos in [CHUNK_HEADER_LEN, enc.bytes.len() / 2, enc.bytes.len() - 1] {
+                    let mut bad = enc.bytes.clone();
+                    bad[pos] ^= 0x01;
+                    let err = check_chunk(enc.id, &bad).unwrap_err();
+                    assert!(matches!(err, StoreError::CorruptChunk { .. }), "{err}");
+                }
+                assert!(check_chunk(enc.id, &enc.bytes[..enc.bytes.len() - 1]).is_err());
+                assert!(check_chunk(ChunkId::of(b"other"), &enc.bytes).is_err());
+            }
+        }
+        // Lying lengths: larger than the maximum, smaller than the output.
+        let enc = encode_chunk(&text(100_000), true);
+        let mut bad = enc.bytes.clone();
+        bad[9..13].copy_from_slice(&(MAX_CHUNK_LEN as u32 + 1).to_le_bytes());
+        assert!(check_chunk(enc.id, &bad).is_err());
+        let mut bad = enc.bytes.clone();
+        bad[9..13].copy_from_slice(&100u32.to_le_bytes());
+        assert!(matches!(
+            check_chunk(enc.id, &bad),
+            Err(StoreError::CorruptChunk { .. })
+        ));
+        // After a large chunk, the thread's buffer does not let a small
+        // declared length accept a longer output.
+        let big = encode_chunk(&text(1 << 20), true);
+        check_chunk(big.id, &big.bytes).unwrap();
+        assert!(check_chunk(enc.id, &bad).is_err());
+        // A delta is not a whole chunk.
+        let base = text(DELTA_PAGE * 2);
+        let mut target = base.clone();
+        target[0] = b'#';
+        let delta = encode_delta_chunk(
+            ChunkId::of(&target),
+            target.len() as u32,
+            ChunkId::of(&base),
+            &[(0, &target[..DELTA_PAGE])],
+            false,
+        );
+        assert!(check_chunk(delta.id, &delta.bytes).is_err());
     }
 
     #[test]

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OwnedRwLockReadGuard, RwLock};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::backend::{Backend, LocalDir};
+use crate::backend::{Backend, BlockingObjects, LocalDir};
 use crate::chunk::{
-    CODEC_DELTA, ChunkId, apply_delta, decode_chunk, decode_chunk_unverified, delta_id,
-    encode_chunk, is_all_zero, parse_chunk_header, parse_delta, parse_delta_unnamed,
+    CODEC_DELTA, ChunkContent, ChunkId, apply_delta, check_chunk, decode_chunk,
+    decode_chunk_unverified, delta_id, encode_chunk, is_all_zero, parse_chunk_header, parse_delta,
+    parse_delta_unnamed,
 };
 use crate::crypt::{
     self, Cipher, DATA_KEY_ID_LEN, DataKey, ENCRYPTION_ALGORITHM, KEY_WRAP_SCHEME, NAME_KEY_SCHEME,
@@ -641,44 +642,59 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a chunk object received from the network, after decoding it
-    /// and checking it hashes to `id` (on a blocking thread). Returns
-    /// `false` if the chunk was already present (nothing written).
+    /// Stores a chunk object received from the network, after checking
+    /// that it decodes to a plaintext hashing to `id` (on a blocking
+    /// thread). Returns `false` if the chunk was already present (nothing
+    /// written).
     ///
     /// All-zero chunks are refused ([`StoreError::ZeroChunk`]): manifests
-    /// record them as `None`.
+    /// record them as `None`. A delta chunk is checked for shape and for
+    /// its base being here; its content is checked against its id whenever
+    /// it is read (the base is not decoded on every write).
     pub async fn put_encoded_chunk(&self, id: ChunkId, bytes: Vec<u8>) -> Result<bool, StoreError> {
         let guard = Arc::clone(&self.inner.gate).read_owned().await;
         let key = self.inner.object_key(&id);
+        let base = match parse_chunk_header(id, &bytes)?.codec {
+            CODEC_DELTA => Some(parse_delta(id, &bytes)?.base),
+            _ => None,
+        };
+        let base_key = base.map(|b| (b, self.inner.object_key(&b)));
+        let dek = self.session_key().await?;
+        if self.inner.backend.blocking_objects().is_some() {
+            // Files: look, check, seal and write in one blocking call
+            // rather than a thread hop for each (a chunk arrives every
+            // millisecond or two during an initial copy).
+            self.begin_write().await?;
+            let inner = Arc::clone(&self.inner);
+            return tokio::task::spawn_blocking(move || {
+                let r = match inner.backend.blocking_objects() {
+                    Some(objects) => {
+                        store_checked(objects, id, &key, base_key, bytes, dek.as_deref())
+                    }
+                    None => Err(StoreError::Task(
+                        "the backend no longer offers blocking calls".into(),
+                    )),
+                };
+                inner.writes_done.fetch_add(1, Ordering::SeqCst);
+                drop(guard);
+                r
+            })
+            .await
+            .map_err(StoreError::task)?;
+        }
         if self.inner.backend.exists(&key).await? {
             return Ok(false);
         }
-        // A delta chunk is checked for shape and for its base being here;
-        // its content is checked against its id whenever it is read (the
-        // base is not decoded on every write).
-        let is_delta = parse_chunk_header(id, &bytes)?.codec == CODEC_DELTA;
-        if is_delta {
-            let base = parse_delta(id, &bytes)?.base;
-            if !self
-                .inner
-                .backend
-                .exists(&self.inner.object_key(&base))
-                .await?
-            {
-                return Err(StoreError::MissingChunk {
-                    id: base,
-                    context: format!("the base of delta chunk {id}; send the chunk whole"),
-                });
-            }
+        if let Some((base, base_key)) = &base_key
+            && !self.inner.backend.exists(base_key).await?
+        {
+            return Err(missing_base(id, *base));
         }
-        let dek = self.session_key().await?;
         let object_key = key.clone();
+        let is_delta = base_key.is_some();
         let bytes = tokio::task::spawn_blocking(move || {
             if !is_delta {
-                let plain = decode_chunk(id, &bytes)?;
-                if is_all_zero(&plain) {
-                    return Err(StoreError::ZeroChunk { id });
-                }
+                check_stored_content(id, &bytes)?;
             }
             seal_stored(dek.as_deref(), &object_key, bytes)
         })
@@ -727,18 +743,7 @@ impl Store {
         key: String,
         bytes: Vec<u8>,
     ) -> Result<(), StoreError> {
-        {
-            let mut flag = self.inner.unsynced.lock().await;
-            if !*flag {
-                let stamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-                self.inner
-                    .backend
-                    .put_durable(UNSYNCED_MARKER_KEY, stamp.into_bytes())
-                    .await?;
-                *flag = true;
-            }
-            self.inner.writes_started.fetch_add(1, Ordering::SeqCst);
-        }
+        self.begin_write().await?;
         let inner = Arc::clone(&self.inner);
         let task = tokio::spawn(async move {
             let r = inner.backend.put(&key, bytes).await;
@@ -747,6 +752,25 @@ impl Store {
             r
         });
         task.await.map_err(StoreError::task)?
+    }
+
+    /// The first half of the unsynced-marker protocol for a chunk write:
+    /// the marker exists (written durably by the first writer since the
+    /// last settled barrier), and the write is counted as started. The
+    /// caller counts it done (`writes_done`) once the write has returned,
+    /// whatever its outcome.
+    async fn begin_write(&self) -> Result<(), StoreError> {
+        let mut flag = self.inner.unsynced.lock().await;
+        if !*flag {
+            let stamp = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+            self.inner
+                .backend
+                .put_durable(UNSYNCED_MARKER_KEY, stamp.into_bytes())
+                .await?;
+            *flag = true;
+        }
+        self.inner.writes_started.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Whether chunk `id` is stored.
@@ -1323,6 +1347,49 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
 
 /// The encoded chunk to store: as is in a plain store (`dek` is `None`),
 /// else sealed with the session's data key.
+/// Checks a whole (non-delta) chunk object received for storing: valid
+/// for `id`, and not all zeros.
+fn check_stored_content(id: ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
+    match check_chunk(id, bytes)? {
+        ChunkContent::Zero => Err(StoreError::ZeroChunk { id }),
+        ChunkContent::Data => Ok(()),
+    }
+}
+
+fn missing_base(id: ChunkId, base: ChunkId) -> StoreError {
+    StoreError::MissingChunk {
+        id: base,
+        context: format!("the base of delta chunk {id}; send the chunk whole"),
+    }
+}
+
+/// [`Store::put_encoded_chunk`]'s work on a blocking thread, for a backend
+/// with blocking calls: nothing if `key` exists, else check (a delta's
+/// base is present, a whole chunk's content), seal and write.
+fn store_checked(
+    objects: &dyn BlockingObjects,
+    id: ChunkId,
+    key: &str,
+    base: Option<(ChunkId, String)>,
+    bytes: Vec<u8>,
+    dek: Option<&DataKey>,
+) -> Result<bool, StoreError> {
+    if objects.exists_blocking(key)? {
+        return Ok(false);
+    }
+    match &base {
+        Some((base, base_key)) => {
+            if !objects.exists_blocking(base_key)? {
+                return Err(missing_base(id, *base));
+            }
+        }
+        None => check_stored_content(id, &bytes)?,
+    }
+    let sealed = seal_stored(dek, key, bytes)?;
+    objects.put_blocking(key, &sealed)?;
+    Ok(true)
+}
+
 fn seal_stored(
     dek: Option<&DataKey>,
     object_key: &str,

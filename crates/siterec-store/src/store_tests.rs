@@ -16,6 +16,50 @@ async fn new_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// The files of a [`LocalDir`] without its blocking calls: the store then
+/// takes the path it takes for network backends.
+struct AsyncOnly(LocalDir);
+
+#[async_trait::async_trait]
+impl Backend for AsyncOnly {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.0.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.0.exists(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.0.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.0.list(prefix).await
+    }
+    async fn barrier(&self) -> Result<(), StoreError> {
+        self.0.barrier().await
+    }
+    fn describe(&self) -> String {
+        format!("async-only {}", self.0.describe())
+    }
+}
+
+/// A store on files, through [`LocalDir`]'s blocking calls or (with
+/// `async_only`) without them.
+async fn store_of_kind(async_only: bool) -> (tempfile::TempDir, Store) {
+    if !async_only {
+        return new_store().await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backend = AsyncOnly(LocalDir::new(dir.path()).unwrap());
+    assert!(backend.blocking_objects().is_none());
+    let store = Store::open_or_create(std::sync::Arc::new(backend))
+        .await
+        .unwrap();
+    (dir, store)
+}
+
 pub(crate) fn random(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rand::rng().fill_bytes(&mut v);
@@ -149,7 +193,16 @@ async fn commit_list_and_read_back() {
 
 #[tokio::test]
 async fn put_encoded_chunk_verifies_and_dedups() {
-    let (dir, store) = new_store().await;
+    put_encoded_chunk_checks(false).await;
+}
+
+#[tokio::test]
+async fn put_encoded_chunk_verifies_and_dedups_without_blocking_calls() {
+    put_encoded_chunk_checks(true).await;
+}
+
+async fn put_encoded_chunk_checks(async_only: bool) {
+    let (dir, store) = store_of_kind(async_only).await;
     let plain = texty(10_000, 3);
     let enc = encode_chunk(&plain, true);
     assert!(
@@ -553,7 +606,16 @@ fn chunk_keys() {
 /// reported when the base or the delta is not what it claims.
 #[tokio::test]
 async fn delta_chunks_rebuild_on_their_base() {
-    let (dir, store) = new_store().await;
+    delta_chunk_checks(false).await;
+}
+
+#[tokio::test]
+async fn delta_chunks_rebuild_on_their_base_without_blocking_calls() {
+    delta_chunk_checks(true).await;
+}
+
+async fn delta_chunk_checks(async_only: bool) {
+    let (dir, store) = store_of_kind(async_only).await;
     let v1 = texty(CS as usize, 1);
     let base = encode_chunk(&v1, true);
     let mut v2 = v1.clone();
