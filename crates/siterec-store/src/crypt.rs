@@ -37,8 +37,11 @@ pub const RECOVERY_KEY_HEADER: &str = "siterec-recovery-key/1";
 pub const CREDENTIAL_HEADER: &str = "siterec-store-credential/1";
 /// First line of an agent's transport key file.
 pub const TRANSPORT_KEY_HEADER: &str = "siterec-transport-key/1";
-/// Magic of a chunk object in an encrypted store (envelope version 2).
-pub const ENVELOPE_MAGIC: &[u8; 8] = b"SRENC002";
+/// Magic of a chunk object in an encrypted store (envelope version 3:
+/// XXH3-128 checksum).
+pub const ENVELOPE_MAGIC: &[u8; 8] = b"SRENC003";
+/// Magic of envelope version 2 (BLAKE3 checksum): still read.
+pub const ENVELOPE_MAGIC_V2: &[u8; 8] = b"SRENC002";
 /// Magic of a manifest object in an encrypted store (envelope version 1).
 pub const MANIFEST_ENVELOPE_MAGIC: &[u8; 8] = b"SRENC001";
 /// Magic of a sealed data key object (`keys/<id>`).
@@ -46,7 +49,7 @@ pub const DATA_KEY_MAGIC: &[u8; 8] = b"SRDEK001";
 /// Magic of a recovery key sealed to an agent's transport key.
 pub const TRANSPORT_MAGIC: &[u8; 8] = b"SRKT0001";
 /// Bytes a chunk envelope adds to its plaintext: magic, data key id,
-/// nonce, GCM tag and the BLAKE3 checksum.
+/// nonce, GCM tag and the checksum.
 pub const ENVELOPE_OVERHEAD: usize = CHUNK_HEADER_LEN + TAG_LEN + CHECKSUM_LEN;
 /// `encryption.algorithm` in `store.json`.
 pub const ENCRYPTION_ALGORITHM: &str = "AES-256-GCM";
@@ -60,7 +63,9 @@ pub const DATA_KEY_ID_LEN: usize = 8;
 pub const DATA_KEYS_PREFIX: &str = "keys/";
 
 const TAG_LEN: usize = 16;
-const CHECKSUM_LEN: usize = 32;
+const CHECKSUM_LEN: usize = 16;
+/// Checksum length of envelope version 2 (BLAKE3).
+const CHECKSUM_LEN_V2: usize = 32;
 const CHUNK_HEADER_LEN: usize = 8 + DATA_KEY_ID_LEN + NONCE_LEN;
 const MANIFEST_HEADER_LEN: usize = 8 + NONCE_LEN;
 /// magic ‖ ephemeral public key ‖ nonce ‖ ciphertext ‖ tag.
@@ -836,8 +841,8 @@ pub(crate) fn seal_chunk(
             op: "encrypt a chunk",
         })?;
     out.extend_from_slice(tag.as_ref());
-    let sum = blake3::hash(&out);
-    out.extend_from_slice(sum.as_bytes());
+    let sum = envelope_checksum(&out);
+    out.extend_from_slice(&sum);
     Ok(out)
 }
 
@@ -845,29 +850,50 @@ pub(crate) fn seal_chunk(
 /// (what `verify` and crash recovery can do without the recovery key).
 /// Returns the id of the data key it was sealed with.
 pub(crate) fn check_chunk_envelope(stored: &[u8]) -> Result<[u8; DATA_KEY_ID_LEN], OpenError> {
+    envelope_parts(stored).map(|(id, _)| id)
+}
+
+/// The checksum of envelope version 3: XXH3-128 of everything before it,
+/// little-endian. It only has to catch damage (see FORMAT.md), and costs a
+/// fraction of a cryptographic hash.
+fn envelope_checksum(body: &[u8]) -> [u8; CHECKSUM_LEN] {
+    xxhash_rust::xxh3::xxh3_128(body).to_le_bytes()
+}
+
+/// [`check_chunk_envelope`], also returning the checksum's length (by
+/// envelope version).
+fn envelope_parts(stored: &[u8]) -> Result<([u8; DATA_KEY_ID_LEN], usize), OpenError> {
     if let Some(v) = newer_version(stored, ENVELOPE_MAGIC) {
         return Err(OpenError::Newer(v));
     }
-    if stored.len() < ENVELOPE_OVERHEAD {
+    let v2 = stored.len() >= 8 && &stored[..8] == ENVELOPE_MAGIC_V2;
+    let checksum_len = if v2 { CHECKSUM_LEN_V2 } else { CHECKSUM_LEN };
+    let overhead = CHUNK_HEADER_LEN + TAG_LEN + checksum_len;
+    if stored.len() < overhead {
         return Err(OpenError::Corrupt(format!(
-            "encrypted object is {} bytes, shorter than the {ENVELOPE_OVERHEAD}-byte envelope",
+            "encrypted object is {} bytes, shorter than the {overhead}-byte envelope",
             stored.len()
         )));
     }
-    if &stored[..8] != ENVELOPE_MAGIC {
+    if !v2 && &stored[..8] != ENVELOPE_MAGIC {
         return Err(OpenError::Corrupt(
             "not an encrypted chunk (bad envelope magic) in an encrypted store".into(),
         ));
     }
-    let body = stored.len() - CHECKSUM_LEN;
-    if blake3::hash(&stored[..body]).as_bytes() != &stored[body..] {
+    let body = stored.len() - checksum_len;
+    let intact = if v2 {
+        blake3::hash(&stored[..body]).as_bytes()[..] == stored[body..]
+    } else {
+        envelope_checksum(&stored[..body])[..] == stored[body..]
+    };
+    if !intact {
         return Err(OpenError::Corrupt(
             "its checksum does not match: the object is damaged or truncated".into(),
         ));
     }
     let mut id = [0u8; DATA_KEY_ID_LEN];
     id.copy_from_slice(&stored[8..8 + DATA_KEY_ID_LEN]);
-    Ok(id)
+    Ok((id, checksum_len))
 }
 
 /// Opens a chunk object sealed by [`seal_chunk`] with its data key (the
@@ -877,11 +903,11 @@ pub(crate) fn open_chunk(
     object_key: &str,
     mut stored: Vec<u8>,
 ) -> Result<Vec<u8>, OpenError> {
-    let id = check_chunk_envelope(&stored)?;
+    let (id, checksum_len) = envelope_parts(&stored)?;
     if id != dek.id {
         return Err(OpenError::Corrupt("sealed with another data key".into()));
     }
-    stored.truncate(stored.len() - CHECKSUM_LEN);
+    stored.truncate(stored.len() - checksum_len);
     let mut aad = stored[..CHUNK_HEADER_LEN].to_vec();
     aad.extend_from_slice(object_key.as_bytes());
     let mut nonce = [0u8; NONCE_LEN];
@@ -1031,11 +1057,45 @@ mod tests {
             assert!(open_chunk(&opened, "chunks/ab/x", bad).is_err(), "byte {i}");
         }
         let mut newer = chunk.clone();
-        newer[7] = b'3';
+        newer[7] = b'4';
         assert!(matches!(
             check_chunk_envelope(&newer),
-            Err(OpenError::Newer(3))
+            Err(OpenError::Newer(4))
         ));
+        // Envelope version 2 (BLAKE3 checksum), as earlier versions wrote
+        // it, still opens; damage in it is still found.
+        let mut v2 = chunk[..chunk.len() - CHECKSUM_LEN].to_vec();
+        v2[..8].copy_from_slice(ENVELOPE_MAGIC_V2);
+        let v2_key = "chunks/ab/v2";
+        let mut aad = v2[..CHUNK_HEADER_LEN].to_vec();
+        aad.extend_from_slice(v2_key.as_bytes());
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&v2[8 + DATA_KEY_ID_LEN..CHUNK_HEADER_LEN]);
+        v2.truncate(CHUNK_HEADER_LEN);
+        v2.extend_from_slice(b"hello world");
+        let tag = dek
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad[..]),
+                &mut v2[CHUNK_HEADER_LEN..],
+            )
+            .unwrap();
+        v2.extend_from_slice(tag.as_ref());
+        let sum = blake3::hash(&v2);
+        v2.extend_from_slice(sum.as_bytes());
+        assert_eq!(v2.len(), 11 + ENVELOPE_OVERHEAD + 16);
+        assert_eq!(check_chunk_envelope(&v2).ok(), Some(dek.id));
+        assert_eq!(
+            open_chunk(&opened, v2_key, v2.clone()).ok().unwrap(),
+            b"hello world"
+        );
+        for i in 0..v2.len() {
+            let mut bad = v2.clone();
+            bad[i] ^= 0x10;
+            assert!(check_chunk_envelope(&bad).is_err(), "v2 byte {i}");
+            assert!(open_chunk(&opened, v2_key, bad).is_err(), "v2 byte {i}");
+        }
         assert_ne!(
             seal_chunk(&dek, "k", b"a").unwrap(),
             seal_chunk(&dek, "k", b"a").unwrap()

@@ -135,9 +135,9 @@ pub use chunk::{
 pub use config::{AzureConfig, BackendConfig, S3Config, Secret, open_backend};
 pub use crypt::{
     CREDENTIAL_HEADER, DATA_KEY_MAGIC, DATA_KEYS_PREFIX, ENCRYPTION_ALGORITHM, ENVELOPE_MAGIC,
-    ENVELOPE_OVERHEAD, KEY_LEN, KEY_WRAP_SCHEME, MANIFEST_ENVELOPE_MAGIC, NAME_KEY_SCHEME,
-    RECOVERY_KEY_HEADER, RecoveryKey, StoreCredential, TRANSPORT_KEY_HEADER, TRANSPORT_MAGIC,
-    TransportKey, seal_for_transport,
+    ENVELOPE_MAGIC_V2, ENVELOPE_OVERHEAD, KEY_LEN, KEY_WRAP_SCHEME, MANIFEST_ENVELOPE_MAGIC,
+    NAME_KEY_SCHEME, RECOVERY_KEY_HEADER, RecoveryKey, StoreCredential, TRANSPORT_KEY_HEADER,
+    TRANSPORT_MAGIC, TransportKey, seal_for_transport,
 };
 pub use error::StoreError;
 pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};

@@ -1406,7 +1406,7 @@ fn envelope_error(id: ChunkId, object_key: &str, e: OpenError) -> StoreError {
         OpenError::Newer(found) => StoreError::UnsupportedVersion {
             what: format!("encrypted chunk {id} ({object_key})"),
             found,
-            supported: 2,
+            supported: 3,
         },
         OpenError::Corrupt(reason) => StoreError::CorruptChunk { id, reason },
     }
