@@ -32,7 +32,10 @@ use siterec_core::wire::{CommitRefused, ItemCounters, PointReport, ReplicationAs
 use siterec_drivers::capture::{
     BlockBases, BlockHash, DiskSource, ScanOptions, decode_state, encode_state, scan,
 };
-use siterec_store::{ChunkBuf, ChunkId, DiskManifest, Manifest, delta_id, encode_delta_chunk};
+use siterec_store::{
+    ChunkBuf, ChunkId, DiskManifest, EncodedChunk, Manifest, delta_id, encode_compressed,
+    encode_delta_chunk,
+};
 
 use crate::pages::{PageRecords, Plan};
 use tokio::sync::{mpsc, watch};
@@ -787,6 +790,7 @@ pub(crate) async fn replicate_disk(
     };
     let records = PageRecords::open(&state_dir.join(format!("{disk_name}.pages")))?;
     let streams = ctx.upload_streams.clamp(1, MAX_UPLOAD_STREAMS);
+    let compress = a.compression;
     let (tx, rx) = mpsc::channel::<Vec<Outgoing>>(streams * 2);
     let rx = Blocks::new(rx);
     let uploader = match sink {
@@ -796,7 +800,6 @@ pub(crate) async fn replicate_disk(
             rx,
             Upload {
                 resync,
-                compress: a.compression,
                 streams,
                 throttle: ctx.throttle.clone(),
             },
@@ -812,7 +815,6 @@ pub(crate) async fn replicate_disk(
         } => tokio::spawn(spool_write(
             rx,
             tmp.clone(),
-            a.compression,
             streams,
             budget.clone(),
             *max_bytes,
@@ -827,6 +829,7 @@ pub(crate) async fn replicate_disk(
             baseline,
             records,
             block_bases,
+            compress,
             group: Vec::new(),
             group_bytes: 0,
             tx,
@@ -947,14 +950,17 @@ pub(crate) fn saved_state(
 }
 
 /// Decides how each changed block ships (whole, or as a delta of its
-/// changed pages, see `crate::pages`) and hands blocks to the uploads in
-/// groups: a hand-over to the runtime wakes a thread, which costs as much
-/// as sending a small delta chunk.
+/// changed pages, see `crate::pages`), encodes it as a chunk object while
+/// the block is still in the scan's buffer (and in the core's cache), and
+/// hands chunks to the uploads in groups: a hand-over to the runtime wakes
+/// a thread, which costs as much as sending a small delta chunk.
 struct Planner {
     /// The acknowledged block hashes (`None`: resynchronizing).
     baseline: Option<Vec<BlockHash>>,
     records: PageRecords,
     block_bases: BlockBases,
+    /// The policy's data transfer compression.
+    compress: bool,
     group: Vec<Outgoing>,
     group_bytes: usize,
     tx: mpsc::Sender<Vec<Outgoing>>,
@@ -989,22 +995,17 @@ impl Planner {
         let out = match plan {
             Plan::Whole => {
                 self.block_bases.remove(&i);
-                Outgoing::Whole {
-                    id: ChunkId(*hash),
-                    data: ChunkBuf::copy_from(data),
-                }
+                Outgoing::Whole(encode_whole(data, ChunkId(*hash), self.compress))
             }
             Plan::Delta { base, mask } => {
                 self.block_bases.insert(i, base);
-                Outgoing::Delta {
-                    target: ChunkId(*hash),
-                    base: ChunkId(base),
-                    plain_len: data.len() as u32,
-                    pages: crate::pages::pages_of(data, mask)
-                        .into_iter()
-                        .map(|(i, p)| (i, p.to_vec()))
-                        .collect(),
-                }
+                Outgoing::Delta(encode_delta_chunk(
+                    ChunkId(*hash),
+                    data.len() as u32,
+                    ChunkId(base),
+                    &crate::pages::pages_of(data, mask),
+                    self.compress,
+                ))
             }
         };
         self.push(out)
@@ -1056,35 +1057,36 @@ impl crate::vm::BlockSink for Planner {
         };
         self.records.write(index, &record)?;
         self.block_bases.insert(index as usize, base);
-        let pages = read
+        let pages: Vec<(u16, &[u8])> = read
             .iter()
             .filter(|(i, _)| mask.contains(usize::from(*i)))
-            .map(|(i, p)| (*i, p.to_vec()))
+            .map(|(i, p)| (*i, *p))
             .collect();
-        self.push(Outgoing::Delta {
-            target: ChunkId(*hash),
-            base: ChunkId(base),
-            plain_len: old.len,
-            pages,
-        })?;
+        self.push(Outgoing::Delta(encode_delta_chunk(
+            ChunkId(*hash),
+            old.len,
+            ChunkId(base),
+            &pages,
+            self.compress,
+        )))?;
         Ok(true)
     }
 }
 
-/// A changed block on its way to the target (or the spool).
+/// A changed block on its way to the target (or the spool), encoded.
 enum Outgoing {
-    /// A whole block, copied out of the scan's buffer with room for the
-    /// chunk header (a raw chunk is then encoded in place).
-    Whole { id: ChunkId, data: ChunkBuf },
-    /// The changed pages (index, bytes) of a block of `plain_len` bytes,
-    /// against the whole chunk `base` (only the pages are copied out of
-    /// the scan's buffer).
-    Delta {
-        target: ChunkId,
-        base: ChunkId,
-        plain_len: u32,
-        pages: Vec<(u16, Vec<u8>)>,
-    },
+    /// A whole block's chunk.
+    Whole(EncodedChunk),
+    /// A delta chunk: the block's changed pages against an earlier whole
+    /// chunk (a few KiB).
+    Delta(EncodedChunk),
+}
+
+/// Encodes a whole block: compressed straight from the scan's buffer, or,
+/// if it stays raw, copied once into an object with room for the header.
+fn encode_whole(data: &[u8], id: ChunkId, compress: bool) -> EncodedChunk {
+    let compressed = compress.then(|| encode_compressed(data, id)).flatten();
+    compressed.unwrap_or_else(|| ChunkBuf::copy_from(data).encode(id, false))
 }
 
 /// Blocks handed from the scan to the uploads at once: at most this many
@@ -1118,43 +1120,33 @@ impl Blocks {
 }
 
 impl Outgoing {
-    /// Bytes of block data it carries.
-    fn len(&self) -> usize {
+    fn chunk(&self) -> &EncodedChunk {
         match self {
-            Outgoing::Whole { data, .. } => data.plain().len(),
-            Outgoing::Delta { pages, .. } => pages.iter().map(|(_, p)| p.len()).sum(),
+            Outgoing::Whole(c) | Outgoing::Delta(c) => c,
         }
     }
 
-    /// Encodes the block as a chunk object (on a blocking thread).
-    fn encode(self, compress: bool) -> siterec_store::EncodedChunk {
+    fn into_chunk(self) -> EncodedChunk {
         match self {
-            Outgoing::Whole { id, data } => data.encode(id, compress),
-            Outgoing::Delta {
-                target,
-                base,
-                plain_len,
-                pages,
-            } => {
-                let pages: Vec<(u16, &[u8])> =
-                    pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-                encode_delta_chunk(target, plain_len, base, &pages, compress)
-            }
+            Outgoing::Whole(c) | Outgoing::Delta(c) => c,
         }
+    }
+
+    /// Bytes it sends.
+    fn len(&self) -> usize {
+        self.chunk().bytes.len()
     }
 }
 
 struct Upload {
     /// Ask the target before sending (no trusted saved state).
     resync: bool,
-    compress: bool,
     streams: usize,
     throttle: Arc<crate::throttle::Throttle>,
 }
 
-/// Encodes and uploads changed blocks, `streams` requests at a time: each
-/// block is compressed on a blocking thread (so encoding uses every core).
-/// Whole blocks go on their own request; delta chunks, a few KiB each, are
+/// Uploads the planner's chunks, `streams` requests at a time. Whole
+/// blocks go on their own request; delta chunks, a few KiB each, are
 /// gathered into batches ([`crate::batch`]). In resync mode it first asks
 /// whether the target already has a whole block's chunk. Returns (bytes
 /// sent, chunks sent).
@@ -1174,29 +1166,29 @@ async fn upload(
             chunks += c;
             Ok(())
         };
-    let mut batch: Vec<Outgoing> = Vec::new();
+    let mut batch: Vec<EncodedChunk> = Vec::new();
     let mut batch_bytes = 0usize;
     loop {
         let block = rx.recv().await;
         let flush = match &block {
-            Some(b @ Outgoing::Delta { .. }) => {
+            Some(b @ Outgoing::Delta(_)) => {
                 batch_bytes += b.len();
                 batch.len() + 1 >= crate::batch::MAX_BATCH_CHUNKS
                     || batch_bytes >= crate::batch::BATCH_BYTES
             }
-            Some(Outgoing::Whole { .. }) => false,
+            Some(Outgoing::Whole(_)) => false,
             None => !batch.is_empty(),
         };
         let job = match block {
-            Some(b @ Outgoing::Delta { .. }) => {
-                batch.push(b);
+            Some(Outgoing::Delta(c)) => {
+                batch.push(c);
                 if !flush {
                     continue;
                 }
                 batch_bytes = 0;
                 Job::Batch(std::mem::take(&mut batch))
             }
-            Some(b @ Outgoing::Whole { .. }) => Job::One(b),
+            Some(Outgoing::Whole(c)) => Job::One(c),
             None if flush => Job::Batch(std::mem::take(&mut batch)),
             None => break,
         };
@@ -1207,15 +1199,16 @@ async fn upload(
         }
         let client = client.clone();
         let base = base.clone();
-        let (resync, compress, throttle) = (opts.resync, opts.compress, opts.throttle.clone());
+        let (resync, throttle) = (opts.resync, opts.throttle.clone());
         set.spawn(async move {
-            let block = match job {
-                Job::Batch(blocks) => {
-                    return put_batch(&client, &base, blocks, compress, &throttle).await;
+            let chunk = match job {
+                Job::Batch(chunks) => {
+                    return put_batch(&client, &base, chunks, &throttle).await;
                 }
-                Job::One(block) => block,
+                Job::One(chunk) => chunk,
             };
-            if let (true, Outgoing::Whole { id, .. }) = (resync, &block) {
+            if resync {
+                let id = chunk.id;
                 let url = format!("{base}/{}", id.to_hex());
                 let head = send_to_target(|| client.head(&url))
                     .await
@@ -1224,7 +1217,8 @@ async fn upload(
                     return Ok((0, 0));
                 }
             }
-            let sent = put_chunk(&client, &base, block, compress, &throttle).await?;
+            let name = chunk.id.to_hex();
+            let sent = put_encoded(&client, &base, &name, chunk.bytes, &throttle).await?;
             Ok((sent, 1))
         });
     }
@@ -1234,32 +1228,22 @@ async fn upload(
     Ok((bytes, chunks))
 }
 
-/// One upload request's worth of blocks.
+/// One upload request's worth of chunks.
 enum Job {
-    One(Outgoing),
-    Batch(Vec<Outgoing>),
+    One(EncodedChunk),
+    Batch(Vec<EncodedChunk>),
 }
 
-/// Encodes `blocks` and sends them as one batch; returns (bytes, chunks).
+/// Sends `chunks` as one batch; returns (bytes, chunks).
 async fn put_batch(
     client: &reqwest::Client,
     base: &str,
-    blocks: Vec<Outgoing>,
-    compress: bool,
+    chunks: Vec<EncodedChunk>,
     throttle: &crate::throttle::Throttle,
 ) -> anyhow::Result<(u64, u64)> {
-    let count = blocks.len() as u64;
-    let body = tokio::task::spawn_blocking(move || {
-        let encoded: Vec<_> = blocks
-            .into_iter()
-            .map(|b| {
-                let e = b.encode(compress);
-                (e.id, e.bytes)
-            })
-            .collect();
-        crate::batch::encode(&encoded)
-    })
-    .await?;
+    let count = chunks.len() as u64;
+    let encoded: Vec<_> = chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
+    let body = crate::batch::encode(&encoded);
     let len = body.len() as u64;
     throttle.acquire(len).await;
     let body = axum::body::Bytes::from(body);
@@ -1277,17 +1261,6 @@ async fn put_batch(
         );
     }
     Ok((len, count))
-}
-
-async fn put_chunk(
-    client: &reqwest::Client,
-    base: &str,
-    block: Outgoing,
-    compress: bool,
-    throttle: &crate::throttle::Throttle,
-) -> anyhow::Result<u64> {
-    let enc = tokio::task::spawn_blocking(move || block.encode(compress)).await?;
-    put_encoded(client, base, &enc.id.to_hex(), enc.bytes, throttle).await
 }
 
 /// Sends one encoded chunk (the target verifies it against its name).
@@ -1331,12 +1304,11 @@ impl std::fmt::Display for BaseMissing {
 
 impl std::error::Error for BaseMissing {}
 
-/// Encodes changed blocks and writes them into a spool capture, `streams`
-/// at a time, within the spool's byte budget. Returns (bytes, chunks).
+/// Writes the planner's chunks into a spool capture, `streams` at a time,
+/// within the spool's byte budget. Returns (bytes, chunks).
 async fn spool_write(
     mut rx: Blocks,
     tmp: PathBuf,
-    compress: bool,
     streams: usize,
     budget: Arc<std::sync::atomic::AtomicI64>,
     max_bytes: u64,
@@ -1357,7 +1329,7 @@ async fn spool_write(
         }
         let (tmp, budget) = (tmp.clone(), budget.clone());
         set.spawn_blocking(move || {
-            let enc = block.encode(compress);
+            let enc = block.into_chunk();
             let len = enc.bytes.len() as u64;
             if budget.fetch_sub(len as i64, Ordering::SeqCst) < len as i64 {
                 return Err(SpoolFull { max_bytes }.into());

@@ -246,6 +246,22 @@ fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
     })
 }
 
+/// `plain` as an LZ4 chunk object, if that is worth it (see
+/// [`encode_chunk`]); `None` if it would be stored raw. `id` must be
+/// [`ChunkId::of`]`(plain)`.
+///
+/// # Panics
+///
+/// As [`encode_chunk`], for a plaintext over [`MAX_CHUNK_LEN`].
+pub fn encode_compressed(plain: &[u8], id: ChunkId) -> Option<EncodedChunk> {
+    check_chunk_len(plain);
+    compressed_object(plain, true).map(|bytes| EncodedChunk {
+        id,
+        bytes,
+        plain_len: plain.len() as u32,
+    })
+}
+
 /// Encodes `plain` as a chunk object.
 ///
 /// With `compress`, the payload is compressed with LZ4 and kept compressed
