@@ -536,6 +536,9 @@ impl Target {
     }
 }
 
+/// Blocks fetched and decoded ahead of the image writer.
+const WRITE_AHEAD: usize = 8;
+
 async fn write_image(
     store: &Store,
     manifest: &Manifest,
@@ -548,18 +551,33 @@ async fn write_image(
     let path_owned = path.to_path_buf();
     let mut writer =
         tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
-    let mut reader = store.read_disk(manifest, disk_index, 8)?;
-    while let Some(block) = reader.next().await {
-        let block = block?;
-        if let Some(data) = block.data {
-            let offset = block.offset;
-            writer = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                writer.write_at(offset, &data)?;
-                Ok(writer)
-            })
-            .await??;
+    // One thread writes the image (direct writes wait for the device) while
+    // the chunks ahead of it are fetched and decoded: a write never holds
+    // up the reads, nor a read the writes.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(WRITE_AHEAD);
+    let write_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        while let Some((offset, data)) = rx.blocking_recv() {
+            writer.write_at(offset, &data)?;
         }
+        Ok(writer)
+    });
+    let reading = async {
+        let mut reader = store.read_disk(manifest, disk_index, 8)?;
+        while let Some(block) = reader.next().await {
+            let block = block?;
+            if let Some(data) = block.data
+                && tx.send((block.offset, data)).await.is_err()
+            {
+                break; // The writer failed: its error is reported below.
+            }
+        }
+        anyhow::Ok(())
     }
+    .await;
+    drop(tx);
+    let writer = write_task.await?;
+    reading?;
+    let writer = writer?;
     tokio::task::spawn_blocking(move || writer.finish()).await??;
     Ok(())
 }
