@@ -479,26 +479,34 @@ fn write_direct(path: &Path, data: &[u8]) -> usize {
     else {
         return 0;
     };
-    DIRECT_BUF.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let (raw, start) = &mut *cell;
-        if raw.len() < *start + aligned {
-            *raw = vec![0u8; aligned + DIRECT_ALIGN];
-            *start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        }
-        let buf = &mut raw[*start..*start + aligned];
+    with_aligned(aligned, |buf| {
         buf.copy_from_slice(&data[..aligned]);
         // Any failure (EINVAL from a filesystem that takes the flag but
         // not the write, say) leaves the whole object to the page cache.
-        let written = match direct.write_all_at(buf, 0) {
+        match direct.write_all_at(buf, 0) {
             Ok(()) => aligned,
             Err(_) => 0,
-        };
+        }
+    })
+}
+
+/// Runs `f` on `len` page-aligned bytes of this thread's staging buffer,
+/// kept for the next call unless larger than [`DIRECT_KEEP`].
+#[cfg(target_os = "linux")]
+fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    DIRECT_BUF.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let (raw, start) = &mut *cell;
+        if raw.len() < *start + len {
+            *raw = vec![0u8; len + DIRECT_ALIGN];
+            *start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        }
+        let out = f(&mut raw[*start..*start + len]);
         if raw.len() > DIRECT_KEEP + DIRECT_ALIGN {
             *raw = Vec::new();
             *start = 0;
         }
-        written
+        out
     })
 }
 
@@ -532,14 +540,7 @@ fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
         return Ok(out);
     }
     let room = len.div_ceil(DIRECT_ALIGN).saturating_add(1) * DIRECT_ALIGN;
-    DIRECT_BUF.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let (raw, start) = &mut *cell;
-        if raw.len() < *start + room {
-            *raw = vec![0u8; room + DIRECT_ALIGN];
-            *start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        }
-        let buf = &mut raw[*start..*start + room];
+    with_aligned(room, |buf| {
         // Whole pages until the end of the file (a short read there).
         let mut got = 0;
         let result = loop {
@@ -553,7 +554,7 @@ fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
                 break Ok(());
             }
         };
-        let out = match result {
+        match result {
             Ok(()) if got == len => Ok(buf[..got].to_vec()),
             // Not the length it had a moment ago (objects are replaced
             // whole, never changed in place): read it again, plainly.
@@ -561,12 +562,7 @@ fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
             // A filesystem that takes the flag but not the read.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => std::fs::read(path),
             Err(e) => Err(e),
-        };
-        if raw.len() > DIRECT_KEEP + DIRECT_ALIGN {
-            *raw = Vec::new();
-            *start = 0;
         }
-        out
     })
 }
 

@@ -229,20 +229,13 @@ fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
     }
     // The compressor wants room for its worst case: it writes into a
     // buffer each thread keeps, and only a smaller block is copied out.
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
+    with_scratch(|scratch| {
         scratch.resize(lz4_flex::block::get_maximum_output_size(plain.len()), 0);
-        let n = lz4_flex::block::compress_into(plain, &mut scratch).ok()?;
-        let block = scratch.get(..n).filter(|b| b.len() < plain.len());
-        let out = block.map(|b| {
-            let mut out = header(CODEC_LZ4, plain.len() as u32, b.len());
-            out.extend_from_slice(b);
-            out
-        });
-        if scratch.capacity() > SCRATCH_KEEP {
-            *scratch = Vec::new();
-        }
-        out
+        let n = lz4_flex::block::compress_into(plain, scratch).ok()?;
+        let block = scratch.get(..n).filter(|b| b.len() < plain.len())?;
+        let mut out = header(CODEC_LZ4, plain.len() as u32, block.len());
+        out.extend_from_slice(block);
+        Some(out)
     })
 }
 
@@ -647,44 +640,26 @@ pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError
             }
             check(payload)
         }
-        CODEC_LZ4 => SCRATCH.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            // Every byte is overwritten by a valid block: only growing
-            // the buffer needs zeros.
-            scratch.resize(plain_len, 0);
-            let result = lz4_flex::block::decompress_into(payload, &mut scratch)
-                .map_err(|e| corrupt(format!("lz4 payload does not decompress: {e}")))
-                .and_then(|n| {
-                    if n != plain_len {
-                        return Err(corrupt(format!(
-                            "lz4 payload decompresses to {n} bytes but the header declares {plain_len}"
-                        )));
-                    }
-                    check(&scratch)
-                });
-            if scratch.capacity() > SCRATCH_KEEP {
-                *scratch = Vec::new();
+        CODEC_LZ4 | CODEC_ZSTD => with_scratch(|scratch| {
+            let (name, decompressed) = if h.codec == CODEC_LZ4 {
+                // Every byte is overwritten by a valid block: only growing
+                // the buffer needs zeros.
+                scratch.resize(plain_len, 0);
+                let n = lz4_flex::block::decompress_into(payload, scratch);
+                ("lz4", n.map_err(|e| e.to_string()))
+            } else {
+                scratch.clear();
+                scratch.reserve(plain_len);
+                let n = zstd_decompress_into(payload, scratch);
+                ("zstd", n.map_err(|e| e.to_string()))
+            };
+            match decompressed {
+                Err(e) => Err(corrupt(format!("{name} payload does not decompress: {e}"))),
+                Ok(n) if n != plain_len => Err(corrupt(format!(
+                    "{name} payload decompresses to {n} bytes but the header declares {plain_len}"
+                ))),
+                Ok(_) => check(&scratch[..plain_len]),
             }
-            result
-        }),
-        CODEC_ZSTD => SCRATCH.with(|cell| {
-            let mut scratch = cell.borrow_mut();
-            scratch.clear();
-            scratch.reserve(plain_len);
-            let result = zstd_decompress_into(payload, &mut scratch)
-                .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}")))
-                .and_then(|n| {
-                    if n != plain_len {
-                        return Err(corrupt(format!(
-                            "zstd payload decompresses to {n} bytes but the header declares {plain_len}"
-                        )));
-                    }
-                    check(&scratch)
-                });
-            if scratch.capacity() > SCRATCH_KEEP {
-                *scratch = Vec::new();
-            }
-            result
         }),
         _ => Err(corrupt(
             "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
@@ -693,8 +668,21 @@ pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError
     }
 }
 
-/// Largest decompression buffer a thread keeps between chunks.
+/// Largest scratch buffer a thread keeps between chunks.
 const SCRATCH_KEEP: usize = 4 << 20;
+
+/// Runs `f` on this thread's scratch buffer, kept for the next call unless
+/// it grew beyond [`SCRATCH_KEEP`].
+fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let out = f(&mut scratch);
+        if scratch.capacity() > SCRATCH_KEEP {
+            *scratch = Vec::new();
+        }
+        out
+    })
+}
 
 /// Decodes a chunk object without comparing its hash to anything; `id`
 /// only names the chunk in errors. The caller must hash the result.
