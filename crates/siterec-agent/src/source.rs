@@ -33,7 +33,7 @@ use siterec_drivers::capture::{
     BlockBases, BlockHash, DiskSource, ScanOptions, decode_state, encode_state, scan,
 };
 use siterec_store::{
-    ChunkBuf, ChunkId, DiskManifest, EncodedChunk, Manifest, delta_id, encode_compressed,
+    ChunkId, DiskManifest, EncodedChunk, Manifest, delta_id, encode_chunk_with_id,
     encode_delta_chunk,
 };
 
@@ -995,7 +995,7 @@ impl Planner {
         let out = match plan {
             Plan::Whole => {
                 self.block_bases.remove(&i);
-                Outgoing::Whole(encode_whole(data, ChunkId(*hash), self.compress))
+                Outgoing::Whole(encode_chunk_with_id(data, ChunkId(*hash), self.compress))
             }
             Plan::Delta { base, mask } => {
                 self.block_bases.insert(i, base);
@@ -1082,13 +1082,6 @@ enum Outgoing {
     Delta(EncodedChunk),
 }
 
-/// Encodes a whole block: compressed straight from the scan's buffer, or,
-/// if it stays raw, copied once into an object with room for the header.
-fn encode_whole(data: &[u8], id: ChunkId, compress: bool) -> EncodedChunk {
-    let compressed = compress.then(|| encode_compressed(data, id)).flatten();
-    compressed.unwrap_or_else(|| ChunkBuf::copy_from(data).encode(id, false))
-}
-
 /// Blocks handed from the scan to the uploads at once: at most this many
 /// bytes (or whole blocks)...
 const GROUP_BYTES: usize = 1 << 20;
@@ -1120,12 +1113,6 @@ impl Blocks {
 }
 
 impl Outgoing {
-    fn chunk(&self) -> &EncodedChunk {
-        match self {
-            Outgoing::Whole(c) | Outgoing::Delta(c) => c,
-        }
-    }
-
     fn into_chunk(self) -> EncodedChunk {
         match self {
             Outgoing::Whole(c) | Outgoing::Delta(c) => c,
@@ -1134,7 +1121,9 @@ impl Outgoing {
 
     /// Bytes it sends.
     fn len(&self) -> usize {
-        self.chunk().bytes.len()
+        match self {
+            Outgoing::Whole(c) | Outgoing::Delta(c) => c.bytes.len(),
+        }
     }
 }
 

@@ -145,72 +145,16 @@ pub fn is_all_zero(data: &[u8]) -> bool {
 
 fn header(codec: u8, plain_len: u32, payload_len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload_len);
-    push_header(&mut out, codec, plain_len);
-    out
-}
-
-fn push_header(out: &mut Vec<u8>, codec: u8, plain_len: u32) {
     out.extend_from_slice(CHUNK_MAGIC);
     out.push(codec);
     out.extend_from_slice(&plain_len.to_le_bytes());
+    out
 }
 
 fn raw_object(plain: &[u8], plain_len: u32) -> Vec<u8> {
     let mut out = header(CODEC_RAW, plain_len, plain.len());
     out.extend_from_slice(plain);
     out
-}
-
-/// A block's plaintext, stored after room for a chunk header: encoding it
-/// raw (incompressible data, or compression off) fills the header in place
-/// instead of copying the block into a new object.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChunkBuf {
-    /// `CHUNK_HEADER_LEN` bytes of room, then the plaintext.
-    buf: Vec<u8>,
-}
-
-impl ChunkBuf {
-    /// A copy of `plain`.
-    pub fn copy_from(plain: &[u8]) -> ChunkBuf {
-        let mut buf = Vec::with_capacity(CHUNK_HEADER_LEN + plain.len());
-        buf.resize(CHUNK_HEADER_LEN, 0);
-        buf.extend_from_slice(plain);
-        ChunkBuf { buf }
-    }
-
-    /// The plaintext.
-    pub fn plain(&self) -> &[u8] {
-        &self.buf[CHUNK_HEADER_LEN..]
-    }
-
-    /// Encodes the block as [`encode_chunk_with_id`] does; `id` must be
-    /// [`ChunkId::of`] its plaintext. A raw chunk reuses this buffer.
-    ///
-    /// # Panics
-    ///
-    /// As [`encode_chunk_with_id`], for a plaintext over [`MAX_CHUNK_LEN`].
-    pub fn encode(self, id: ChunkId, compress: bool) -> EncodedChunk {
-        let plain = self.plain();
-        check_chunk_len(plain);
-        let plain_len = plain.len() as u32;
-        if let Some(bytes) = compressed_object(plain, compress) {
-            return EncodedChunk {
-                id,
-                bytes,
-                plain_len,
-            };
-        }
-        let mut bytes = self.buf;
-        let mut head = Vec::with_capacity(CHUNK_HEADER_LEN);
-        push_header(&mut head, CODEC_RAW, plain_len);
-        bytes[..CHUNK_HEADER_LEN].copy_from_slice(&head);
-        EncodedChunk {
-            id,
-            bytes,
-            plain_len,
-        }
-    }
 }
 
 fn check_chunk_len(plain: &[u8]) {
@@ -236,22 +180,6 @@ fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
         let mut out = header(CODEC_LZ4, plain.len() as u32, block.len());
         out.extend_from_slice(block);
         Some(out)
-    })
-}
-
-/// `plain` as an LZ4 chunk object, if that is worth it (see
-/// [`encode_chunk`]); `None` if it would be stored raw. `id` must be
-/// [`ChunkId::of`]`(plain)`.
-///
-/// # Panics
-///
-/// As [`encode_chunk`], for a plaintext over [`MAX_CHUNK_LEN`].
-pub fn encode_compressed(plain: &[u8], id: ChunkId) -> Option<EncodedChunk> {
-    check_chunk_len(plain);
-    compressed_object(plain, true).map(|bytes| EncodedChunk {
-        id,
-        bytes,
-        plain_len: plain.len() as u32,
     })
 }
 
@@ -319,28 +247,22 @@ fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// Decompresses `data` into `out` (from its start), which must have the
-/// capacity for all of it.
-fn zstd_decompress_into(data: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+/// Runs `f` with this thread's zstd decompression context.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         let d = match &mut *slot {
             Some(d) => d,
             empty => empty.insert(zstd::bulk::Decompressor::new()?),
         };
-        d.decompress_to_buffer(data, out)
+        f(d)
     })
 }
 
 fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
-    DECOMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let d = match &mut *slot {
-            Some(d) => d,
-            empty => empty.insert(zstd::bulk::Decompressor::new()?),
-        };
-        d.decompress(data, capacity)
-    })
+    with_decompressor(|d| d.decompress(data, capacity))
 }
 
 /// The header fields of a chunk object, checked for shape but not content.
@@ -615,22 +537,39 @@ pub enum ChunkContent {
 /// hashed where it lies, a compressed one is decompressed into a buffer
 /// each thread reuses.
 pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError> {
-    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
     let h = parse_chunk_header(id, bytes)?;
-    let payload = &bytes[CHUNK_HEADER_LEN..];
-    let plain_len = h.plain_len as usize;
-    let check = |plain: &[u8]| {
+    with_scratch(|scratch| {
+        let plain = plaintext(id, h, &bytes[CHUNK_HEADER_LEN..], scratch)?;
         let actual = ChunkId::of(plain);
         if actual != id {
-            return Err(corrupt(format!("plaintext hashes to {actual}")));
+            return Err(StoreError::CorruptChunk {
+                id,
+                reason: format!("plaintext hashes to {actual}"),
+            });
         }
         Ok(if is_all_zero(plain) {
             ChunkContent::Zero
         } else {
             ChunkContent::Data
         })
-    };
-    match h.codec {
+    })
+}
+
+/// The plaintext of a whole (non-delta) chunk's `payload`, checked
+/// against the declared length `h.plain_len`: a raw payload itself, a
+/// compressed one decompressed into `out`. Decompression never writes more
+/// than the declared length (itself at most [`MAX_CHUNK_LEN`]) plus what
+/// `out` already holds, so hostile input cannot make it allocate without
+/// bound.
+fn plaintext<'a>(
+    id: ChunkId,
+    h: ChunkHeader,
+    payload: &'a [u8],
+    out: &'a mut Vec<u8>,
+) -> Result<&'a [u8], StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
+    let plain_len = h.plain_len as usize;
+    let (name, decompressed) = match h.codec {
         CODEC_RAW => {
             if payload.len() != plain_len {
                 return Err(corrupt(format!(
@@ -638,33 +577,34 @@ pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError
                     payload.len()
                 )));
             }
-            check(payload)
+            return Ok(payload);
         }
-        CODEC_LZ4 | CODEC_ZSTD => with_scratch(|scratch| {
-            let (name, decompressed) = if h.codec == CODEC_LZ4 {
-                // Every byte is overwritten by a valid block: only growing
-                // the buffer needs zeros.
-                scratch.resize(plain_len, 0);
-                let n = lz4_flex::block::decompress_into(payload, scratch);
-                ("lz4", n.map_err(|e| e.to_string()))
-            } else {
-                scratch.clear();
-                scratch.reserve(plain_len);
-                let n = zstd_decompress_into(payload, scratch);
-                ("zstd", n.map_err(|e| e.to_string()))
-            };
-            match decompressed {
-                Err(e) => Err(corrupt(format!("{name} payload does not decompress: {e}"))),
-                Ok(n) if n != plain_len => Err(corrupt(format!(
-                    "{name} payload decompresses to {n} bytes but the header declares {plain_len}"
-                ))),
-                Ok(_) => check(&scratch[..plain_len]),
-            }
-        }),
-        _ => Err(corrupt(
-            "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
-                .into(),
-        )),
+        CODEC_LZ4 => {
+            // Every byte is overwritten by a valid block: only growing the
+            // buffer needs zeros.
+            out.resize(plain_len, 0);
+            let n = lz4_flex::block::decompress_into(payload, out);
+            ("lz4", n.map_err(|e| e.to_string()))
+        }
+        CODEC_ZSTD => {
+            out.clear();
+            out.reserve(plain_len);
+            let n = with_decompressor(|d| d.decompress_to_buffer(payload, out));
+            ("zstd", n.map_err(|e| e.to_string()))
+        }
+        _ => {
+            return Err(corrupt(
+                "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
+                    .into(),
+            ));
+        }
+    };
+    match decompressed {
+        Err(e) => Err(corrupt(format!("{name} payload does not decompress: {e}"))),
+        Ok(n) if n != plain_len => Err(corrupt(format!(
+            "{name} payload decompresses to {n} bytes but the header declares {plain_len}"
+        ))),
+        Ok(_) => Ok(&out[..plain_len]),
     }
 }
 
@@ -689,50 +629,15 @@ fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
 /// Delta chunks are refused here: they need their base (the store
 /// resolves them).
 pub(crate) fn decode_chunk_unverified(id: ChunkId, bytes: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let corrupt = |reason: String| StoreError::CorruptChunk { id, reason };
     let h = parse_chunk_header(id, bytes)?;
     let payload = &bytes[CHUNK_HEADER_LEN..];
-    let plain_len = h.plain_len as usize;
-    let plain = match h.codec {
-        CODEC_DELTA => {
-            return Err(corrupt(
-                "a delta chunk where a full chunk is required (deltas of deltas are not allowed)"
-                    .into(),
-            ));
-        }
-        CODEC_RAW => {
-            if payload.len() != plain_len {
-                return Err(corrupt(format!(
-                    "raw payload is {} bytes but the header declares {plain_len}",
-                    payload.len()
-                )));
-            }
-            payload.to_vec()
-        }
-        CODEC_LZ4 => {
-            let mut out = vec![0u8; plain_len];
-            let n = lz4_flex::block::decompress_into(payload, &mut out)
-                .map_err(|e| corrupt(format!("lz4 payload does not decompress: {e}")))?;
-            if n != plain_len {
-                return Err(corrupt(format!(
-                    "lz4 payload decompresses to {n} bytes but the header declares {plain_len}"
-                )));
-            }
-            out
-        }
-        _ => {
-            let out = zstd_decompress(payload, plain_len)
-                .map_err(|e| corrupt(format!("zstd payload does not decompress: {e}")))?;
-            if out.len() != plain_len {
-                return Err(corrupt(format!(
-                    "zstd payload decompresses to {} bytes but the header declares {plain_len}",
-                    out.len()
-                )));
-            }
-            out
-        }
-    };
-    Ok(plain)
+    let mut out = Vec::new();
+    plaintext(id, h, payload, &mut out)?;
+    Ok(if h.codec == CODEC_RAW {
+        payload.to_vec()
+    } else {
+        out
+    })
 }
 
 #[cfg(test)]
@@ -840,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn chunk_buf_encodes_like_a_slice() {
+    fn encoding_round_trips_mixed_content() {
         let mut mixed = text(300_000);
         mixed.extend(random(300_000));
         for plain in [
@@ -852,20 +757,18 @@ mod tests {
         ] {
             for compress in [false, true] {
                 let id = ChunkId::of(&plain);
-                let buf = ChunkBuf::copy_from(&plain);
-                assert_eq!(buf.plain(), &plain[..]);
-                let in_place = buf.encode(id, compress);
-                assert_eq!(in_place, encode_chunk_with_id(&plain, id, compress));
-                assert_eq!(decode_chunk(id, &in_place.bytes).unwrap(), plain);
+                let enc = encode_chunk_with_id(&plain, id, compress);
+                assert_eq!(enc, encode_chunk(&plain, compress));
+                assert_eq!(decode_chunk(id, &enc.bytes).unwrap(), plain);
             }
         }
-        // Text is compressed, random data stays raw (filled in place).
+        // Text is compressed, random data stays raw.
         let t = text(1 << 20);
-        let enc = ChunkBuf::copy_from(&t).encode(ChunkId::of(&t), true);
+        let enc = encode_chunk_with_id(&t, ChunkId::of(&t), true);
         assert_eq!(enc.bytes[8], CODEC_LZ4);
         assert!(enc.bytes.len() < t.len() / 4);
         let r = random(1 << 20);
-        let enc = ChunkBuf::copy_from(&r).encode(ChunkId::of(&r), true);
+        let enc = encode_chunk_with_id(&r, ChunkId::of(&r), true);
         assert_eq!(enc.bytes[8], CODEC_RAW);
         assert_eq!(&enc.bytes[CHUNK_HEADER_LEN..], &r[..]);
     }
