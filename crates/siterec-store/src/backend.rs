@@ -534,10 +534,8 @@ fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
     };
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
     if len < DIRECT_MIN {
-        let mut out = Vec::with_capacity(len);
         drop(file);
-        std::fs::File::open(path)?.read_to_end(&mut out)?;
-        return Ok(out);
+        return std::fs::read(path);
     }
     let room = len.div_ceil(DIRECT_ALIGN).saturating_add(1) * DIRECT_ALIGN;
     with_aligned(room, |buf| {

@@ -1345,8 +1345,6 @@ fn parse_store_info(bytes: &[u8]) -> Result<StoreInfo, StoreError> {
     Ok(info)
 }
 
-/// The encoded chunk to store: as is in a plain store (`dek` is `None`),
-/// else sealed with the session's data key.
 /// Checks a whole (non-delta) chunk object received for storing: valid
 /// for `id`, and not all zeros.
 fn check_stored_content(id: ChunkId, bytes: &[u8]) -> Result<(), StoreError> {
@@ -1390,6 +1388,8 @@ fn store_checked(
     Ok(true)
 }
 
+/// The encoded chunk to store: as is in a plain store (`dek` is `None`),
+/// else sealed with the session's data key.
 fn seal_stored(
     dek: Option<&DataKey>,
     object_key: &str,
