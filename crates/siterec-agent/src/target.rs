@@ -876,6 +876,16 @@ mod tests {
     use siterec_core::Consistency;
     use siterec_store::{DiskManifest, encode_chunk};
 
+    /// A target on a local store in a fresh directory (kept alive by the
+    /// returned guard).
+    async fn new_target() -> (tempfile::TempDir, Arc<Target>) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
+            .await
+            .unwrap();
+        (dir, t)
+    }
+
     const CS: usize = 64 * 1024;
 
     async fn put(t: &Target, data: &[u8]) -> ChunkId {
@@ -902,10 +912,7 @@ mod tests {
 
     #[tokio::test]
     async fn chunk_batches_store_each_chunk_or_say_what_is_wrong() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
-            .await
-            .unwrap();
+        let (_dir, t) = new_target().await;
         t.set_sources([("web01".to_string(), "agent-a".to_string())]);
         let send = |body: Vec<u8>| {
             put_chunk_batch(
@@ -977,10 +984,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_items_source_agent_may_write_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
-            .await
-            .unwrap();
+        let (_dir, t) = new_target().await;
         let peer = |cn: Option<&str>| PeerIdentity(cn.map(str::to_string));
         // Before the vault has said anything, nobody may write.
         assert_eq!(
@@ -1014,10 +1018,7 @@ mod tests {
     /// leave it to one collection after the interval.
     #[tokio::test]
     async fn garbage_collection_after_prunes_is_paced() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
-            .await
-            .unwrap();
+        let (_dir, t) = new_target().await;
         t.set_gc_interval(std::time::Duration::from_millis(700));
         let blocks: Vec<Vec<u8>> = (1..=4u8).map(|k| vec![k; CS]).collect();
         let mut ids = Vec::new();
@@ -1056,10 +1057,7 @@ mod tests {
 
     #[tokio::test]
     async fn materializes_points_as_images_and_prunes_with_gc() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = Target::open(&dir.path().join("store"), dir.path().join("failover"))
-            .await
-            .unwrap();
+        let (_dir, t) = new_target().await;
         let a = vec![b'a'; CS];
         let b: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8 + 1).collect(); // short last block
         let c: Vec<u8> = (0..CS as u32)
