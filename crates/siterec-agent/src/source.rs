@@ -335,6 +335,27 @@ fn require_resync(state_dir: &Path, a: &ReplicationAssignment, why: &str) {
 
 /// Recomputes an item's health warnings from its spool and state.
 fn refresh_health(ctx: &SourceCtx, item: &str) {
+    let health = health(ctx, item);
+    ctx.update(item, |c| health.apply(c));
+}
+
+/// An item's health as its status shows it: warnings and the spool.
+struct Health {
+    warnings: Vec<String>,
+    spool_points: u64,
+    spool_bytes: u64,
+}
+
+impl Health {
+    fn apply(self, c: &mut ItemCounters) {
+        c.spool_points = self.spool_points;
+        c.spool_bytes = self.spool_bytes;
+        c.health_warnings = self.warnings;
+    }
+}
+
+/// Reads an item's health from its state (see [`Health`]).
+fn health(ctx: &SourceCtx, item: &str) -> Health {
     let mut warnings = Vec::new();
     if let Ok(why) = std::fs::read_to_string(resync_reason_path(&ctx.state_dir(item))) {
         warnings.push(format!("resynchronization required: {why}"));
@@ -360,11 +381,11 @@ fn refresh_health(ctx: &SourceCtx, item: &str) {
             bytes.div_ceil(1 << 20)
         ));
     }
-    ctx.update(item, |c| {
-        c.spool_points = points;
-        c.spool_bytes = bytes;
-        c.health_warnings = warnings;
-    });
+    Health {
+        warnings,
+        spool_points: points,
+        spool_bytes: bytes,
+    }
 }
 
 /// True if `e` comes from failing to reach the target at all (connection
@@ -561,7 +582,11 @@ fn point_committed(
     chunks_sent: u64,
 ) -> anyhow::Result<()> {
     let point_id = manifest.point_id.clone();
+    // The health goes with the count: whoever sees the new cycle sees
+    // what it left (a lost-tracking warning, say) too.
+    let health = health(ctx, &a.item);
     ctx.update(&a.item, |c| {
+        health.apply(c);
         c.cycles += 1;
         c.bytes_read += bytes_read;
         c.bytes_sent += bytes_sent;
