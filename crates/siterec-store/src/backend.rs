@@ -445,15 +445,14 @@ fn file_exists(path: &Path) -> Result<bool, StoreError> {
 const DIRECT_ALIGN: usize = 4096;
 /// Objects shorter than this go through the page cache only.
 const DIRECT_MIN: usize = 64 * 1024;
-/// Largest aligned buffer a thread keeps between writes.
+/// Largest staging buffer kept between direct writes and reads.
+#[cfg(target_os = "linux")]
 const DIRECT_KEEP: usize = 4 << 20;
 
-thread_local! {
-    // Page-aligned staging for direct writes: an over-allocated vector and
-    // the offset of its first aligned byte.
-    static DIRECT_BUF: std::cell::RefCell<(Vec<u8>, usize)> =
-        const { std::cell::RefCell::new((Vec::new(), 0)) };
-}
+/// Staging buffers for direct I/O (over-allocated by one page so that a
+/// page-aligned stretch fits).
+#[cfg(target_os = "linux")]
+static DIRECT_BUF: crate::bufpool::Pool = crate::bufpool::Pool::new(8, DIRECT_KEEP + DIRECT_ALIGN);
 
 /// Writes the page-aligned head of `data` to the new file at `path` with
 /// `O_DIRECT`, returning how many bytes it wrote (0 if the filesystem has
@@ -490,23 +489,23 @@ fn write_direct(path: &Path, data: &[u8]) -> usize {
     })
 }
 
-/// Runs `f` on `len` page-aligned bytes of this thread's staging buffer,
-/// kept for the next call unless larger than [`DIRECT_KEEP`].
+/// Runs `f` on `len` page-aligned bytes of a staging buffer from the
+/// shared pool.
 #[cfg(target_os = "linux")]
 fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-    DIRECT_BUF.with(|cell| {
-        let mut cell = cell.borrow_mut();
-        let (raw, start) = &mut *cell;
-        if raw.len() < *start + len {
-            *raw = vec![0u8; len + DIRECT_ALIGN];
-            *start = raw.as_ptr().align_offset(DIRECT_ALIGN);
-        }
-        let out = f(&mut raw[*start..*start + len]);
-        if raw.len() > DIRECT_KEEP + DIRECT_ALIGN {
-            *raw = Vec::new();
-            *start = 0;
-        }
-        out
+    DIRECT_BUF.with(|raw| {
+        let fits = |raw: &Vec<u8>| {
+            let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+            (start + len <= raw.len()).then_some(start)
+        };
+        let start = match fits(raw) {
+            Some(start) => start,
+            None => {
+                *raw = vec![0u8; len + DIRECT_ALIGN];
+                raw.as_ptr().align_offset(DIRECT_ALIGN)
+            }
+        };
+        f(&mut raw[start..start + len])
     })
 }
 

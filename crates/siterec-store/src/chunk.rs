@@ -20,6 +20,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::bufpool::Pool;
 use crate::error::StoreError;
 
 /// Magic bytes at the start of every chunk object (format version 1).
@@ -172,7 +173,7 @@ fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
         return None;
     }
     // The compressor wants room for its worst case: it writes into a
-    // buffer each thread keeps, and only a smaller block is copied out.
+    // buffer from a shared pool, and only a smaller block is copied out.
     with_scratch(|scratch| {
         scratch.resize(lz4_flex::block::get_maximum_output_size(plain.len()), 0);
         let n = lz4_flex::block::compress_into(plain, scratch).ok()?;
@@ -231,9 +232,6 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
-    // Plaintext of the chunk being checked (see `check_chunk`), or the
-    // compressor's output (see `compressed_object`).
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn zstd_compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -535,7 +533,7 @@ pub enum ChunkContent {
 /// Checks a chunk object (not a delta) against its id, as
 /// [`decode_chunk`] does, without keeping the plaintext: a raw payload is
 /// hashed where it lies, a compressed one is decompressed into a buffer
-/// each thread reuses.
+/// from a shared pool.
 pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError> {
     let h = parse_chunk_header(id, bytes)?;
     with_scratch(|scratch| {
@@ -608,20 +606,16 @@ fn plaintext<'a>(
     }
 }
 
-/// Largest scratch buffer a thread keeps between chunks.
+/// Largest scratch buffer kept between chunks.
 const SCRATCH_KEEP: usize = 4 << 20;
 
-/// Runs `f` on this thread's scratch buffer, kept for the next call unless
-/// it grew beyond [`SCRATCH_KEEP`].
+/// Scratch buffers: the plaintext of a chunk being checked (see
+/// [`check_chunk`]) or the compressor's output (see `compressed_object`).
+static SCRATCH: Pool = Pool::new(8, SCRATCH_KEEP);
+
+/// Runs `f` on a scratch buffer from the shared pool.
 fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        let out = f(&mut scratch);
-        if scratch.capacity() > SCRATCH_KEEP {
-            *scratch = Vec::new();
-        }
-        out
-    })
+    SCRATCH.with(f)
 }
 
 /// Decodes a chunk object without comparing its hash to anything; `id`

@@ -108,6 +108,7 @@
 //! ```
 
 mod backend;
+mod bufpool;
 mod chunk;
 mod config;
 mod crypt;

@@ -50,6 +50,8 @@ const MANIFEST_SUFFIX: &str = ".manifest";
 const META_PARALLELISM: usize = 16;
 /// Concurrent chunk reads while verifying or scrubbing.
 const READ_PARALLELISM: usize = 4;
+/// Keys looked up per blocking call when a backend offers them.
+pub(crate) const EXISTS_BATCH: usize = 1024;
 
 /// The content of `store.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -787,6 +789,28 @@ impl Store {
 
     async fn exists_many(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
         let keys: Vec<String> = ids.iter().map(|id| self.inner.object_key(id)).collect();
+        if self.inner.backend.blocking_objects().is_some() {
+            // Files: a `stat` each, a few microseconds. A thread hop per
+            // key cost more than the look itself, and a burst of short
+            // blocking tasks makes tokio start a thread for nearly each.
+            let mut found = Vec::with_capacity(keys.len());
+            for batch in keys.chunks(EXISTS_BATCH) {
+                let (inner, batch) = (Arc::clone(&self.inner), batch.to_vec());
+                let part = tokio::task::spawn_blocking(move || {
+                    let objects = inner.backend.blocking_objects().ok_or_else(|| {
+                        StoreError::Task("the backend no longer offers blocking calls".into())
+                    })?;
+                    batch
+                        .iter()
+                        .map(|key| objects.exists_blocking(key))
+                        .collect::<Result<Vec<bool>, StoreError>>()
+                })
+                .await
+                .map_err(StoreError::task)??;
+                found.extend(part);
+            }
+            return Ok(found);
+        }
         let backend = Arc::clone(&self.inner.backend);
         map_bounded(keys, META_PARALLELISM, move |key| {
             let backend = Arc::clone(&backend);

@@ -259,6 +259,36 @@ async fn put_encoded_chunk_checks(async_only: bool) {
 }
 
 #[tokio::test]
+async fn has_chunks_answers_in_order_across_batches() {
+    for async_only in [false, true] {
+        let (_dir, store) = store_of_kind(async_only).await;
+        let mut stored = Vec::new();
+        for seed in 0..3u8 {
+            let id = store
+                .put_plain_chunk(texty(5000, seed), true)
+                .await
+                .unwrap()
+                .unwrap();
+            stored.push(id);
+        }
+        // More ids than one blocking batch, with the stored ones at the
+        // start, on a batch boundary and at the end.
+        let n = 2 * crate::store::EXISTS_BATCH + 1;
+        let mut ids: Vec<ChunkId> = (0..n)
+            .map(|i| ChunkId::of(format!("absent {i}").as_bytes()))
+            .collect();
+        let at = [0, crate::store::EXISTS_BATCH, n - 1];
+        for (&i, &id) in at.iter().zip(&stored) {
+            ids[i] = id;
+        }
+        let found = store.has_chunks(&ids).await.unwrap();
+        assert_eq!(found.len(), n);
+        let expected: Vec<bool> = (0..n).map(|i| at.contains(&i)).collect();
+        assert_eq!(found, expected, "async_only={async_only}");
+    }
+}
+
+#[tokio::test]
 async fn corrupt_chunk_on_disk_is_detected() {
     let (dir, store) = new_store().await;
     let img = image();
