@@ -74,6 +74,22 @@ pub trait BlockingObjects: Send + Sync {
 
     /// [`Backend::put`].
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
+
+    /// [`Backend::put`] of an object of `len` bytes that `fill` writes
+    /// into a buffer the backend provides (the store seals a chunk
+    /// straight into the buffer a file is written from, instead of
+    /// sealing into one and copying into another). An error from `fill`
+    /// stores nothing and is returned.
+    fn put_blocking_with(
+        &self,
+        key: &str,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut data = vec![0u8; len];
+        fill(&mut data)?;
+        self.put_blocking(key, &data)
+    }
 }
 
 const MAX_KEY_LEN: usize = 1024;
@@ -200,12 +216,9 @@ impl LocalDir {
     }
 }
 
-fn write_temp_and_rename(
-    root: &Path,
-    path: &Path,
-    data: &[u8],
-    durable: bool,
-) -> Result<(), StoreError> {
+/// Where a new object for `path` is written before it is renamed into
+/// place: a temporary name in the same directory.
+fn temp_path_for(path: &Path) -> Result<(&Path, PathBuf), StoreError> {
     let dir = path.parent().ok_or_else(|| {
         StoreError::io(
             "find the parent of",
@@ -214,38 +227,41 @@ fn write_temp_and_rename(
         )
     })?;
     let tmp = dir.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
+    Ok((dir, tmp))
+}
+
+/// Writes `data` to a temporary file and renames it into place, fsyncing
+/// the file and its directories when `durable` (manifests, the store's
+/// own state); without, see [`write_object`].
+fn write_temp_and_rename(
+    root: &Path,
+    path: &Path,
+    data: &[u8],
+    durable: bool,
+) -> Result<(), StoreError> {
+    if !durable {
+        return write_object(path, data.len(), &mut |buf| {
+            buf.copy_from_slice(data);
+            Ok(())
+        });
+    }
+    let (dir, tmp) = temp_path_for(path)?;
     let result = (|| {
-        // The directory usually exists: create it only when it does not.
-        let f = match std::fs::File::create(&tmp) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::io("create directory", dir, e))?;
-                std::fs::File::create(&tmp)
-            }
-            other => other,
-        }
-        .map_err(|e| StoreError::io("create", &tmp, e))?;
-        let written = if durable { 0 } else { write_direct(&tmp, data) };
-        f.write_all_at(&data[written..], written as u64)
+        let f = create_temp(dir, &tmp, false)?.0;
+        f.write_all_at(data, 0)
             .map_err(|e| StoreError::io("write", &tmp, e))?;
-        if durable {
-            f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
-        } else {
-            start_writeback(&f);
-        }
+        f.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))?;
-        if durable {
-            // The new entry, and any directory create_dir_all may just have
-            // made, must survive a crash: fsync every directory from the
-            // file's up to the root (keys are at most a few levels deep).
-            let mut d = Some(dir);
-            while let Some(cur) = d {
-                let f = std::fs::File::open(cur).map_err(|e| StoreError::io("open", cur, e))?;
-                f.sync_all()
-                    .map_err(|e| StoreError::io("fsync directory", cur, e))?;
-                d = if cur == root { None } else { cur.parent() };
-            }
+        // The new entry, and any directory create_dir_all may just have
+        // made, must survive a crash: fsync every directory from the
+        // file's up to the root (keys are at most a few levels deep).
+        let mut d = Some(dir);
+        while let Some(cur) = d {
+            let f = std::fs::File::open(cur).map_err(|e| StoreError::io("open", cur, e))?;
+            f.sync_all()
+                .map_err(|e| StoreError::io("fsync directory", cur, e))?;
+            d = if cur == root { None } else { cur.parent() };
         }
         Ok(())
     })();
@@ -253,6 +269,111 @@ fn write_temp_and_rename(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Writes a new object of `len` bytes, which `fill` puts into a staging
+/// buffer, to a temporary file and renames it into place (atomic, not
+/// fsynced: the barrier's `syncfs` makes it durable).
+///
+/// Objects of [`DIRECT_MIN`] bytes or more are written with `O_DIRECT`,
+/// padded to whole pages and then truncated to their length: one open and
+/// one write, and no page-cache copy. A chunk object is written once and
+/// rarely read back soon; through the page cache the kernel copies every
+/// byte into a fresh page, which on the virtual machines we run on costs
+/// about as much as compressing it. Where the filesystem has no direct
+/// I/O (tmpfs), the object goes through the page cache, with writeback
+/// started at once.
+fn write_object(
+    path: &Path,
+    len: usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let (dir, tmp) = temp_path_for(path)?;
+    let result = (|| {
+        let (f, direct) = create_temp(dir, &tmp, len >= DIRECT_MIN)?;
+        let padded = if direct {
+            len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+        } else {
+            len
+        };
+        with_aligned(padded, |buf| {
+            let (data, pad) = buf.split_at_mut(len);
+            fill(data)?;
+            pad.fill(0);
+            match f.write_all_at(buf, 0) {
+                Ok(()) => {}
+                // A filesystem that takes the flag but not the write:
+                // write the object again, through the page cache.
+                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                    let plain = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&tmp)
+                        .map_err(|e| StoreError::io("open", &tmp, e))?;
+                    plain
+                        .write_all_at(&buf[..len], 0)
+                        .map_err(|e| StoreError::io("write", &tmp, e))?;
+                    plain
+                        .set_len(len as u64)
+                        .map_err(|e| StoreError::io("truncate", &tmp, e))?;
+                    start_writeback(&plain);
+                    return Ok(());
+                }
+                Err(e) => return Err(StoreError::io("write", &tmp, e)),
+            }
+            if padded != len {
+                f.set_len(len as u64)
+                    .map_err(|e| StoreError::io("truncate", &tmp, e))?;
+            }
+            if !direct {
+                start_writeback(&f);
+            }
+            Ok(())
+        })?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Creates the temporary file `tmp` in `dir` (making `dir` if it does not
+/// exist: it usually does), with `O_DIRECT` if `direct` and the
+/// filesystem allows it. Returns the file and whether it is direct.
+fn create_temp(dir: &Path, tmp: &Path, direct: bool) -> Result<(std::fs::File, bool), StoreError> {
+    let open = |direct: bool| {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(target_os = "linux")]
+        if direct {
+            o.custom_flags(libc::O_DIRECT);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = direct;
+        o.open(tmp)
+    };
+    let direct = direct && cfg!(target_os = "linux");
+    let opened = match open(direct) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+            open(direct)
+        }
+        other => other,
+    };
+    match opened {
+        Ok(f) => Ok((f, direct)),
+        // No direct I/O on this filesystem. The file was created before
+        // the flag was refused: open it again without.
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(tmp)
+            .map(|f| (f, false))
+            .map_err(|e| StoreError::io("create", tmp, e)),
+        Err(e) => Err(StoreError::io("create", tmp, e)),
+    }
 }
 
 fn walk(
@@ -430,6 +551,15 @@ impl BlockingObjects for LocalDir {
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
         write_temp_and_rename(&self.root, &self.path_of(key)?, data, false)
     }
+
+    fn put_blocking_with(
+        &self,
+        key: &str,
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        write_object(&self.path_of(key)?, len, fill)
+    }
 }
 
 fn file_exists(path: &Path) -> Result<bool, StoreError> {
@@ -446,52 +576,14 @@ const DIRECT_ALIGN: usize = 4096;
 /// Objects shorter than this go through the page cache only.
 const DIRECT_MIN: usize = 64 * 1024;
 /// Largest staging buffer kept between direct writes and reads.
-#[cfg(target_os = "linux")]
 const DIRECT_KEEP: usize = 4 << 20;
 
 /// Staging buffers for direct I/O (over-allocated by one page so that a
 /// page-aligned stretch fits).
-#[cfg(target_os = "linux")]
 static DIRECT_BUF: crate::bufpool::Pool = crate::bufpool::Pool::new(8, DIRECT_KEEP + DIRECT_ALIGN);
-
-/// Writes the page-aligned head of `data` to the new file at `path` with
-/// `O_DIRECT`, returning how many bytes it wrote (0 if the filesystem has
-/// no direct I/O, such as tmpfs, or `data` is small); the caller writes
-/// the rest through the page cache.
-///
-/// A chunk object is written once and rarely read back soon: through the
-/// page cache the kernel copies every byte into a fresh page, which on the
-/// virtual machines we run on costs about as much as compressing it. A
-/// direct write lets the device read our buffer instead. The kernel keeps
-/// the two descriptors coherent, and the barrier's `syncfs` makes both
-/// durable.
-#[cfg(target_os = "linux")]
-fn write_direct(path: &Path, data: &[u8]) -> usize {
-    let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    if data.len() < DIRECT_MIN {
-        return 0;
-    }
-    let Ok(direct) = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    else {
-        return 0;
-    };
-    with_aligned(aligned, |buf| {
-        buf.copy_from_slice(&data[..aligned]);
-        // Any failure (EINVAL from a filesystem that takes the flag but
-        // not the write, say) leaves the whole object to the page cache.
-        match direct.write_all_at(buf, 0) {
-            Ok(()) => aligned,
-            Err(_) => 0,
-        }
-    })
-}
 
 /// Runs `f` on `len` page-aligned bytes of a staging buffer from the
 /// shared pool.
-#[cfg(target_os = "linux")]
 fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     DIRECT_BUF.with(|raw| {
         let fits = |raw: &Vec<u8>| {
@@ -509,15 +601,10 @@ fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-#[cfg(not(target_os = "linux"))]
-fn write_direct(_path: &Path, _data: &[u8]) -> usize {
-    0
-}
-
 /// Reads a whole object file, with `O_DIRECT` when it is large and the
 /// filesystem allows it: chunk objects are read once (a restore, a
 /// verification), so filling fresh page-cache pages with them costs the
-/// same copy [`write_direct`] avoids, for nothing.
+/// same copy [`write_object`] avoids, for nothing.
 #[cfg(target_os = "linux")]
 fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
@@ -631,14 +718,22 @@ mod tests {
             let fill = (n as u8).wrapping_mul(37).wrapping_add(1);
             let data: Vec<u8> = (0..len).map(|i| fill ^ (i % 251) as u8).collect();
             let key = format!("chunks/{:02x}/obj{n}", n);
-            if n % 2 == 0 {
-                dir.put(&key, data.clone()).await.unwrap();
-            } else {
-                let (d, k, v) = (dir.clone(), key.clone(), data.clone());
-                tokio::task::spawn_blocking(move || d.put_blocking(&k, &v))
+            let (d, k, v) = (dir.clone(), key.clone(), data.clone());
+            match n % 3 {
+                0 => dir.put(&key, data.clone()).await.unwrap(),
+                1 => tokio::task::spawn_blocking(move || d.put_blocking(&k, &v))
                     .await
                     .unwrap()
-                    .unwrap();
+                    .unwrap(),
+                _ => tokio::task::spawn_blocking(move || {
+                    d.put_blocking_with(&k, v.len(), &mut |buf| {
+                        buf.copy_from_slice(&v);
+                        Ok(())
+                    })
+                })
+                .await
+                .unwrap()
+                .unwrap(),
             }
             let on_disk = std::fs::metadata(dir.path_of(&key).unwrap()).unwrap().len();
             assert_eq!(on_disk, len as u64, "size of {key}");
@@ -657,6 +752,24 @@ mod tests {
             vec![0x55; (1 << 20) + 100]
         );
         assert!(dir.get("chunks/zz/none").await.unwrap().is_none());
+        // A fill that fails stores nothing, large or small, and leaves no
+        // temporary file behind.
+        for len in [100, (1 << 20) + 7] {
+            let err = dir
+                .put_blocking_with("chunks/zz/failed", len, &mut |buf| {
+                    buf[0] = 1;
+                    Err(StoreError::Task("no".into()))
+                })
+                .unwrap_err();
+            assert!(matches!(err, StoreError::Task(_)), "{err}");
+            assert!(!dir.exists("chunks/zz/failed").await.unwrap());
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(root.join("chunks/zz"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(TEMP_PREFIX))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     }
 
     #[tokio::test]

@@ -814,7 +814,7 @@ impl Cipher {
 }
 
 /// Seals an encoded chunk with a session data key:
-/// `SRENC002 ‖ data key id ‖ nonce ‖ ciphertext ‖ tag ‖ BLAKE3(all before)`.
+/// `SRENC003 ‖ data key id ‖ nonce ‖ ciphertext ‖ tag ‖ XXH3-128(all before)`.
 /// The associated data is the header (magic, data key id, nonce) followed
 /// by the object's key.
 pub(crate) fn seal_chunk(
@@ -822,28 +822,52 @@ pub(crate) fn seal_chunk(
     object_key: &str,
     plain: &[u8],
 ) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![0u8; plain.len() + ENVELOPE_OVERHEAD];
+    seal_chunk_into(dek, object_key, plain, &mut out)?;
+    Ok(out)
+}
+
+/// [`seal_chunk`] into `out`, which must be exactly
+/// `plain.len() + ENVELOPE_OVERHEAD` bytes long (a caller's buffer: the
+/// local store seals straight into its direct-I/O staging buffer).
+pub(crate) fn seal_chunk_into(
+    dek: &DataKey,
+    object_key: &str,
+    plain: &[u8],
+    out: &mut [u8],
+) -> Result<(), StoreError> {
+    if out.len() != plain.len() + ENVELOPE_OVERHEAD {
+        return Err(StoreError::Task(format!(
+            "sealing a {}-byte chunk needs {} bytes, not {}",
+            plain.len(),
+            plain.len() + ENVELOPE_OVERHEAD,
+            out.len()
+        )));
+    }
     let nonce = random_bytes::<NONCE_LEN>("draw a random nonce")?;
-    let mut out = Vec::with_capacity(plain.len() + ENVELOPE_OVERHEAD);
-    out.extend_from_slice(ENVELOPE_MAGIC);
-    out.extend_from_slice(&dek.id);
-    out.extend_from_slice(&nonce);
-    let mut aad = out.clone();
+    let (header, rest) = out.split_at_mut(CHUNK_HEADER_LEN);
+    header[..8].copy_from_slice(ENVELOPE_MAGIC);
+    header[8..8 + DATA_KEY_ID_LEN].copy_from_slice(&dek.id);
+    header[8 + DATA_KEY_ID_LEN..].copy_from_slice(&nonce);
+    let mut aad = header.to_vec();
     aad.extend_from_slice(object_key.as_bytes());
-    out.extend_from_slice(plain);
+    let (body, trailer) = rest.split_at_mut(plain.len());
+    body.copy_from_slice(plain);
     let tag = dek
         .key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(&aad[..]),
-            &mut out[CHUNK_HEADER_LEN..],
+            body,
         )
         .map_err(|_| StoreError::Crypto {
             op: "encrypt a chunk",
         })?;
-    out.extend_from_slice(tag.as_ref());
-    let sum = envelope_checksum(&out);
-    out.extend_from_slice(&sum);
-    Ok(out)
+    trailer[..TAG_LEN].copy_from_slice(tag.as_ref());
+    let sealed = out.len() - CHECKSUM_LEN;
+    let sum = envelope_checksum(&out[..sealed]);
+    out[sealed..].copy_from_slice(&sum);
+    Ok(())
 }
 
 /// Checks a stored chunk object's envelope and checksum without any key
@@ -1055,6 +1079,12 @@ mod tests {
             bad[i] ^= 0x10;
             assert!(check_chunk_envelope(&bad).is_err(), "byte {i}: checksum");
             assert!(open_chunk(&opened, "chunks/ab/x", bad).is_err(), "byte {i}");
+        }
+        // Sealing into a buffer of the wrong length is refused, whatever
+        // the buffer held.
+        for len in [chunk.len() - 1, chunk.len() + 1] {
+            let mut out = vec![0xEE; len];
+            assert!(seal_chunk_into(&dek, "chunks/ab/x", b"hello world", &mut out).is_err());
         }
         let mut newer = chunk.clone();
         newer[7] = b'4';

@@ -1407,8 +1407,15 @@ fn store_checked(
         }
         None => check_stored_content(id, &bytes)?,
     }
-    let sealed = seal_stored(dek, key, bytes)?;
-    objects.put_blocking(key, &sealed)?;
+    match dek {
+        None => objects.put_blocking(key, &bytes)?,
+        // Sealed straight into the buffer the object is written from.
+        Some(dek) => {
+            objects.put_blocking_with(key, bytes.len() + crypt::ENVELOPE_OVERHEAD, &mut |out| {
+                crypt::seal_chunk_into(dek, key, &bytes, out)
+            })?
+        }
+    }
     Ok(true)
 }
 
