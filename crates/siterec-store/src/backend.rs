@@ -75,6 +75,16 @@ pub trait BlockingObjects: Send + Sync {
     /// [`Backend::put`].
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
 
+    /// [`Backend::get`], lending the object to `read` in a buffer of the
+    /// backend's (the store decrypts and decodes a chunk there instead of
+    /// copying it out first). Returns `false`, without calling `read`, if
+    /// there is no such object; an error from `read` is returned.
+    fn get_blocking_with(
+        &self,
+        key: &str,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+    ) -> Result<bool, StoreError>;
+
     /// [`Backend::put`] of an object of `len` bytes that `fill` writes
     /// into a buffer the backend provides (the store seals a chunk
     /// straight into the buffer a file is written from, instead of
@@ -560,6 +570,19 @@ impl BlockingObjects for LocalDir {
     ) -> Result<(), StoreError> {
         write_object(&self.path_of(key)?, len, fill)
     }
+
+    fn get_blocking_with(
+        &self,
+        key: &str,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+    ) -> Result<bool, StoreError> {
+        let path = self.path_of(key)?;
+        match read_object_with(&path, read) {
+            Ok(r) => r.map(|()| true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        }
+    }
 }
 
 fn file_exists(path: &Path) -> Result<bool, StoreError> {
@@ -601,30 +624,37 @@ fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// Reads a whole object file, with `O_DIRECT` when it is large and the
-/// filesystem allows it: chunk objects are read once (a restore, a
-/// verification), so filling fresh page-cache pages with them costs the
-/// same copy [`write_object`] avoids, for nothing.
-#[cfg(target_os = "linux")]
+/// Reads a whole object file.
 fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
+    read_object_with(path, &mut |data| data.to_vec())
+}
+
+/// Reads a whole object file into a buffer from the shared pool and runs
+/// `f` on it, with `O_DIRECT` when the object is large and the filesystem
+/// allows it: chunk objects are read once (a restore, a verification), so
+/// filling fresh page-cache pages with them costs the same copy
+/// [`write_object`] avoids, for nothing.
+#[cfg(target_os = "linux")]
+fn read_object_with<T>(path: &Path, f: &mut dyn FnMut(&mut [u8]) -> T) -> std::io::Result<T> {
     use std::io::Read;
+    let plain = |f: &mut dyn FnMut(&mut [u8]) -> T| std::fs::read(path).map(|mut v| f(&mut v));
     let direct = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
         .open(path);
     let mut file = match direct {
-        Ok(f) => f,
+        Ok(file) => file,
         // No direct I/O here (tmpfs): read through the page cache.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return std::fs::read(path),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return plain(f),
         Err(e) => return Err(e),
     };
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
     if len < DIRECT_MIN {
         drop(file);
-        return std::fs::read(path);
+        return plain(f);
     }
     let room = len.div_ceil(DIRECT_ALIGN).saturating_add(1) * DIRECT_ALIGN;
-    with_aligned(room, |buf| {
+    let read = with_aligned(room, |buf| {
         // Whole pages until the end of the file (a short read there).
         let mut got = 0;
         let result = loop {
@@ -639,20 +669,24 @@ fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
             }
         };
         match result {
-            Ok(()) if got == len => Ok(buf[..got].to_vec()),
+            Ok(()) if got == len => Ok(Some(f(&mut buf[..got]))),
             // Not the length it had a moment ago (objects are replaced
             // whole, never changed in place): read it again, plainly.
-            Ok(()) => std::fs::read(path),
+            Ok(()) => Ok(None),
             // A filesystem that takes the flag but not the read.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => std::fs::read(path),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
             Err(e) => Err(e),
         }
-    })
+    })?;
+    match read {
+        Some(t) => Ok(t),
+        None => plain(f),
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_object(path: &Path) -> std::io::Result<Vec<u8>> {
-    std::fs::read(path)
+fn read_object_with<T>(path: &Path, f: &mut dyn FnMut(&mut [u8]) -> T) -> std::io::Result<T> {
+    std::fs::read(path).map(|mut v| f(&mut v))
 }
 
 #[cfg(target_os = "linux")]

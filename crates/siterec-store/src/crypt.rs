@@ -927,11 +927,24 @@ pub(crate) fn open_chunk(
     object_key: &str,
     mut stored: Vec<u8>,
 ) -> Result<Vec<u8>, OpenError> {
-    let (id, checksum_len) = envelope_parts(&stored)?;
+    let n = open_chunk_in_place(dek, object_key, &mut stored)?;
+    stored.truncate(n);
+    Ok(stored)
+}
+
+/// [`open_chunk`] in the caller's buffer: decrypts `stored` where it lies
+/// and returns the length of the encoded chunk, which then starts the
+/// buffer.
+pub(crate) fn open_chunk_in_place(
+    dek: &DataKey,
+    object_key: &str,
+    stored: &mut [u8],
+) -> Result<usize, OpenError> {
+    let (id, checksum_len) = envelope_parts(stored)?;
     if id != dek.id {
         return Err(OpenError::Corrupt("sealed with another data key".into()));
     }
-    stored.truncate(stored.len() - checksum_len);
+    let sealed_len = stored.len() - checksum_len;
     let mut aad = stored[..CHUNK_HEADER_LEN].to_vec();
     aad.extend_from_slice(object_key.as_bytes());
     let mut nonce = [0u8; NONCE_LEN];
@@ -941,7 +954,7 @@ pub(crate) fn open_chunk(
         .open_within(
             Nonce::assume_unique_for_key(nonce),
             Aad::from(&aad[..]),
-            &mut stored,
+            &mut stored[..sealed_len],
             CHUNK_HEADER_LEN..,
         )
         .map_err(|_| {
@@ -950,8 +963,7 @@ pub(crate) fn open_chunk(
             )
         })?
         .len();
-    stored.truncate(n);
-    Ok(stored)
+    Ok(n)
 }
 
 impl RecoveryKey {

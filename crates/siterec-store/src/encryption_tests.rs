@@ -364,12 +364,29 @@ async fn tampering_with_encrypted_objects_is_detected() {
 }
 
 /// Delta chunks are put and checked with the credential alone (their base
-/// must exist by object name) and rebuilt on their base with the key.
+/// must exist by object name) and rebuilt on their base with the key, the
+/// base sealed in an earlier writer session (another data key), through
+/// the backend's blocking calls and without them.
 #[tokio::test]
 async fn delta_chunks_round_trip_in_an_encrypted_store() {
+    for async_only in [false, true] {
+        delta_chunks_round_trip(async_only).await;
+    }
+}
+
+async fn delta_chunks_round_trip(async_only: bool) {
     let dir = tempfile::tempdir().unwrap();
     let key = RecoveryKey::generate().unwrap();
-    let writer = open(dir.path(), Some(&key)).await.unwrap();
+    let open = |key: &RecoveryKey| {
+        let local = LocalDir::new(dir.path()).unwrap();
+        let backend: Arc<dyn Backend> = if async_only {
+            Arc::new(crate::store_tests::AsyncOnly(local))
+        } else {
+            Arc::new(local)
+        };
+        Store::open_or_create_with_credential(backend, Some(key.credential()))
+    };
+    let first = open(&key).await.unwrap();
     let v1 = texty(CS as usize, 1);
     let base = encode_chunk(&v1, true);
     let mut v2 = v1.clone();
@@ -378,10 +395,13 @@ async fn delta_chunks_round_trip_in_an_encrypted_store() {
     let pages: Vec<(u16, &[u8])> = vec![(1, &v2[4096..8192])];
     let delta = encode_delta_chunk(target, v2.len() as u32, base.id, &pages, true);
     assert!(matches!(
-        writer.put_encoded_chunk(delta.id, delta.bytes.clone()).await,
+        first.put_encoded_chunk(delta.id, delta.bytes.clone()).await,
         Err(StoreError::MissingChunk { id, .. }) if id == base.id
     ));
-    writer.put_encoded_chunk(base.id, base.bytes).await.unwrap();
+    first.put_encoded_chunk(base.id, base.bytes).await.unwrap();
+    first.sync().await.unwrap();
+    drop(first);
+    let writer = open(&key).await.unwrap();
     assert!(
         writer
             .put_encoded_chunk(delta.id, delta.bytes.clone())
@@ -404,6 +424,11 @@ async fn delta_chunks_round_trip_in_an_encrypted_store() {
         writer.get_chunk(delta.id).await,
         Err(StoreError::RecoveryKeyRequired { .. })
     ));
+    let data_keys = snapshot(dir.path())
+        .keys()
+        .filter(|k| k.starts_with("keys/"))
+        .count();
+    assert_eq!(data_keys, 2, "the two sessions seal with two data keys");
     let reader = writer.with_recovery_key(&key).unwrap();
     assert_eq!(reader.get_chunk(delta.id).await.unwrap(), v2);
     assert_eq!(read_back(&reader, &m, 0, 2).await, v2);

@@ -13,7 +13,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, BlockingObjects, LocalDir};
 use crate::chunk::{
-    CODEC_DELTA, ChunkContent, ChunkId, apply_delta, check_chunk, decode_chunk,
+    CODEC_DELTA, ChunkContent, ChunkId, Delta, apply_delta, check_chunk, decode_chunk,
     decode_chunk_unverified, delta_id, encode_chunk, is_all_zero, parse_chunk_header, parse_delta,
     parse_delta_unnamed,
 };
@@ -828,6 +828,31 @@ impl Store {
     }
 
     async fn get_chunk_unlocked(&self, id: ChunkId) -> Result<Vec<u8>, StoreError> {
+        if self.inner.backend.blocking_objects().is_some()
+            && (self.inner.cipher.is_none() || self.reader.is_some())
+        {
+            // Files: read, open and decode in one blocking call, in a
+            // pooled buffer, instead of a thread hop and a copy for each.
+            // A data key not loaded yet is loaded and the read tried again.
+            for _ in 0..3 {
+                let (inner, reader) = (Arc::clone(&self.inner), self.reader.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    let objects = inner.backend.blocking_objects().ok_or_else(|| {
+                        StoreError::Task("the backend no longer offers blocking calls".into())
+                    })?;
+                    read_chunk_blocking(&inner, reader.as_deref(), objects, id)
+                })
+                .await
+                .map_err(StoreError::task)??;
+                match (read, &self.reader) {
+                    (ChunkRead::Plain(plain), _) => return Ok(plain),
+                    (ChunkRead::NeedKey(chunk, dek_id), Some(reader)) => {
+                        self.data_key(reader, chunk, dek_id).await?;
+                    }
+                    (ChunkRead::NeedKey(..), None) => break,
+                }
+            }
+        }
         let key = self.inner.object_key(&id);
         let context = format!("object {key} not found");
         let encoded = self.fetch_encoded(id, key, context).await?;
@@ -1417,6 +1442,101 @@ fn store_checked(
         }
     }
     Ok(true)
+}
+
+/// What [`read_chunk_blocking`] found.
+enum ChunkRead {
+    /// The verified plaintext.
+    Plain(Vec<u8>),
+    /// Chunk `.0` is sealed with data key `.1`, not loaded yet.
+    NeedKey(ChunkId, [u8; DATA_KEY_ID_LEN]),
+}
+
+/// Reads chunk `id` (and the base of a delta) through blocking calls:
+/// opens it in the backend's buffer if the store is encrypted (`reader`
+/// holds the data keys loaded so far), decodes it and checks it against
+/// its id, as [`Store::get_chunk`] does.
+fn read_chunk_blocking(
+    inner: &Inner,
+    reader: Option<&Reader>,
+    objects: &dyn BlockingObjects,
+    id: ChunkId,
+) -> Result<ChunkRead, StoreError> {
+    // A whole chunk decodes in the lent buffer; a delta (a few pages) is
+    // parsed out of it and rebuilt on its base, read the same way.
+    enum Found {
+        Plain(Vec<u8>),
+        Delta(Delta),
+        NeedKey(ChunkId, [u8; DATA_KEY_ID_LEN]),
+    }
+    let read = |id: ChunkId, missing: &dyn Fn() -> String| -> Result<Found, StoreError> {
+        let key = inner.object_key(&id);
+        let mut found = None;
+        let present = objects.get_blocking_with(&key, &mut |stored| {
+            let encoded: &[u8] = match reader {
+                None => stored,
+                Some(reader) => {
+                    let dek_id = crypt::check_chunk_envelope(stored)
+                        .map_err(|e| envelope_error(id, &key, e))?;
+                    let dek = reader
+                        .data_keys
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(&dek_id).cloned());
+                    let Some(dek) = dek else {
+                        found = Some(Found::NeedKey(id, dek_id));
+                        return Ok(());
+                    };
+                    let n = crypt::open_chunk_in_place(&dek, &key, stored)
+                        .map_err(|e| envelope_error(id, &key, e))?;
+                    &stored[..n]
+                }
+            };
+            found = Some(if parse_chunk_header(id, encoded)?.codec == CODEC_DELTA {
+                Found::Delta(parse_delta(id, encoded)?)
+            } else {
+                Found::Plain(decode_chunk(id, encoded)?)
+            });
+            Ok(())
+        })?;
+        match found {
+            Some(found) if present => Ok(found),
+            _ => Err(StoreError::MissingChunk {
+                id,
+                context: missing(),
+            }),
+        }
+    };
+    let key = inner.object_key(&id);
+    let delta = match read(id, &|| format!("object {key} not found"))? {
+        Found::Plain(plain) => return Ok(ChunkRead::Plain(plain)),
+        Found::NeedKey(chunk, dek) => return Ok(ChunkRead::NeedKey(chunk, dek)),
+        Found::Delta(delta) => delta,
+    };
+    let base_key = inner.object_key(&delta.base);
+    let missing = || format!("the base of delta chunk {id}: object {base_key} not found");
+    let base = match read(delta.base, &missing)? {
+        Found::Plain(base) => base,
+        Found::NeedKey(chunk, dek) => return Ok(ChunkRead::NeedKey(chunk, dek)),
+        Found::Delta(_) => {
+            return Err(StoreError::CorruptChunk {
+                id,
+                reason: format!("its base {} is itself a delta", delta.base),
+            });
+        }
+    };
+    let plain = apply_delta(id, &delta, &base)?;
+    let actual = ChunkId::of(&plain);
+    if actual != delta.target {
+        return Err(StoreError::CorruptChunk {
+            id,
+            reason: format!(
+                "rebuilt on its base {}, it hashes to {actual}, not {}",
+                delta.base, delta.target
+            ),
+        });
+    }
+    Ok(ChunkRead::Plain(plain))
 }
 
 /// The encoded chunk to store: as is in a plain store (`dek` is `None`),

@@ -18,7 +18,7 @@ async fn new_store() -> (tempfile::TempDir, Store) {
 
 /// The files of a [`LocalDir`] without its blocking calls: the store then
 /// takes the path it takes for network backends.
-struct AsyncOnly(LocalDir);
+pub(crate) struct AsyncOnly(pub(crate) LocalDir);
 
 #[async_trait::async_trait]
 impl Backend for AsyncOnly {
