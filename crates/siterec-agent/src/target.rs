@@ -557,7 +557,8 @@ async fn write_image(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(WRITE_AHEAD);
     let write_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         while let Some((offset, data)) = rx.blocking_recv() {
-            writer.write_at(offset, &data)?;
+            // Each block once, into a new image: its zero pages may stay holes.
+            writer.write_new_at(offset, &data)?;
         }
         Ok(writer)
     });

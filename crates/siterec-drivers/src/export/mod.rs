@@ -152,6 +152,14 @@ pub trait ImageWriter: Send {
     /// offset, in any order.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ExportError>;
 
+    /// [`ImageWriter::write_at`] for a range nothing was written to yet
+    /// (materializing writes each block once): a writer may leave the
+    /// all-zero pages of `data` unwritten, as holes that read as zeros.
+    /// The raw writer does, keeping the image sparse where the disk was.
+    fn write_new_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
+        self.write_at(offset, data)
+    }
+
     /// Write the metadata and fsync the image.
     fn finish(self: Box<Self>) -> Result<(), ExportError>;
 }
@@ -234,12 +242,39 @@ impl ImageWriter for RawWriter {
             .map_err(|e| io_err("writing image", &self.path, e))
     }
 
+    /// Writes the runs of pages of `data` that are not all zeros; the
+    /// others stay holes (the file was created sparse). A block of a disk
+    /// that was mostly empty then costs the device only its data.
+    fn write_new_at(&mut self, offset: u64, data: &[u8]) -> Result<(), ExportError> {
+        check_range(offset, data.len(), self.virtual_size)?;
+        if !offset.is_multiple_of(SPARSE_PAGE as u64) {
+            return self.write_at(offset, data);
+        }
+        let page = |at: usize| &data[at..(at + SPARSE_PAGE).min(data.len())];
+        let mut at = 0;
+        while at < data.len() {
+            if crate::capture::is_zero(page(at)) {
+                at += page(at).len();
+                continue;
+            }
+            let start = at;
+            while at < data.len() && !crate::capture::is_zero(page(at)) {
+                at += page(at).len();
+            }
+            self.write_at(offset + start as u64, &data[start..at])?;
+        }
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<(), ExportError> {
         self.file
             .sync_all()
             .map_err(|e| io_err("syncing image", &self.path, e))
     }
 }
+
+/// Granularity at which [`RawWriter::write_new_at`] leaves zeros as holes.
+const SPARSE_PAGE: usize = 4096;
 
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER: u64 = 1 << CLUSTER_BITS;
