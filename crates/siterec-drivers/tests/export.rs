@@ -295,7 +295,10 @@ fn raw_write_new_at_leaves_zero_pages_as_holes() {
     f.sync_all().unwrap();
     drop(f);
     compare("raw", &reference, "raw", &sparse);
-    assert_eq!(std::fs::read(&sparse).unwrap(), std::fs::read(&reference).unwrap());
+    assert_eq!(
+        std::fs::read(&sparse).unwrap(),
+        std::fs::read(&reference).unwrap()
+    );
     // Data written: about 4 pages + 512 KiB + 10 KB + 3 KB, not 2 MiB
     // of mostly zeros (filesystems allocate a little more; tmpfs and ext4
     // both count 512-byte units).
