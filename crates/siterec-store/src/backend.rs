@@ -598,6 +598,9 @@ fn file_exists(path: &Path) -> Result<bool, StoreError> {
 const DIRECT_ALIGN: usize = 4096;
 /// Objects shorter than this go through the page cache only.
 const DIRECT_MIN: usize = 64 * 1024;
+/// Objects longer than this are read through the page cache.
+#[cfg(target_os = "linux")]
+const DIRECT_MAX: usize = 256 << 20;
 /// Largest staging buffer kept between direct writes and reads.
 const DIRECT_KEEP: usize = 4 << 20;
 
@@ -649,7 +652,9 @@ fn read_object_with<T>(path: &Path, f: &mut dyn FnMut(&mut [u8]) -> T) -> std::i
         Err(e) => return Err(e),
     };
     let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-    if len < DIRECT_MIN {
+    // Small objects, and ones far larger than any chunk (a big manifest),
+    // through the page cache.
+    if !(DIRECT_MIN..=DIRECT_MAX).contains(&len) {
         drop(file);
         return plain(f);
     }
