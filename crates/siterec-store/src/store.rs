@@ -835,7 +835,9 @@ impl Store {
             // pooled buffer, instead of a thread hop and a copy for each.
             // A data key not loaded yet is loaded and the read tried again.
             for _ in 0..3 {
-                let (inner, reader) = (Arc::clone(&self.inner), self.reader.clone());
+                // Keys only for an encrypted store's envelopes.
+                let reader = self.inner.cipher.as_ref().and(self.reader.clone());
+                let inner = Arc::clone(&self.inner);
                 let read = tokio::task::spawn_blocking(move || {
                     let objects = inner.backend.blocking_objects().ok_or_else(|| {
                         StoreError::Task("the backend no longer offers blocking calls".into())
