@@ -871,19 +871,7 @@ impl Store {
         let context = format!("the base of delta chunk {id}: object {base_key} not found");
         let base_encoded = self.fetch_encoded(base_id, base_key, context).await?;
         tokio::task::spawn_blocking(move || {
-            let base = decode_chunk(base_id, &base_encoded)?;
-            let plain = apply_delta(id, &delta, &base)?;
-            let actual = ChunkId::of(&plain);
-            if actual != delta.target {
-                return Err(StoreError::CorruptChunk {
-                    id,
-                    reason: format!(
-                        "rebuilt on its base {base_id}, it hashes to {actual}, not {}",
-                        delta.target
-                    ),
-                });
-            }
-            Ok(plain)
+            rebuild_delta(id, &delta, &decode_chunk(base_id, &base_encoded)?)
         })
         .await
         .map_err(StoreError::task)?
@@ -1527,7 +1515,13 @@ fn read_chunk_blocking(
             });
         }
     };
-    let plain = apply_delta(id, &delta, &base)?;
+    rebuild_delta(id, &delta, &base).map(ChunkRead::Plain)
+}
+
+/// The plaintext of delta chunk `id` rebuilt on its (verified) base's
+/// plaintext, checked against the id it must hash to.
+fn rebuild_delta(id: ChunkId, delta: &Delta, base: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let plain = apply_delta(id, delta, base)?;
     let actual = ChunkId::of(&plain);
     if actual != delta.target {
         return Err(StoreError::CorruptChunk {
@@ -1538,7 +1532,7 @@ fn read_chunk_blocking(
             ),
         });
     }
-    Ok(ChunkRead::Plain(plain))
+    Ok(plain)
 }
 
 /// The encoded chunk to store: as is in a plain store (`dek` is `None`),
