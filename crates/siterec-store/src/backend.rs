@@ -75,6 +75,9 @@ pub trait BlockingObjects: Send + Sync {
     /// [`Backend::put`].
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError>;
 
+    /// [`Backend::delete`].
+    fn delete_blocking(&self, key: &str) -> Result<(), StoreError>;
+
     /// [`Backend::get`], lending the object to `read` in a buffer of the
     /// backend's (the store decrypts and decodes a chunk there instead of
     /// copying it out first). Returns `false`, without calling `read`, if
@@ -476,20 +479,7 @@ impl Backend for LocalDir {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |_| match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            // No object there: nothing, or a directory (a key prefix).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(StoreError::io("delete", &path, e)),
-        })
-        .await
+        self.blocking(move |_| remove_object(&path)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
@@ -562,6 +552,10 @@ impl BlockingObjects for LocalDir {
         write_temp_and_rename(&self.root, &self.path_of(key)?, data, false)
     }
 
+    fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
+        remove_object(&self.path_of(key)?)
+    }
+
     fn put_blocking_with(
         &self,
         key: &str,
@@ -582,6 +576,23 @@ impl BlockingObjects for LocalDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(StoreError::io("read", &path, e)),
         }
+    }
+}
+
+/// Removes an object file; no object there (nothing, or a directory: a
+/// key prefix) is not an error.
+fn remove_object(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(StoreError::io("delete", path, e)),
     }
 }
 

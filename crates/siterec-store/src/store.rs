@@ -50,8 +50,8 @@ const MANIFEST_SUFFIX: &str = ".manifest";
 const META_PARALLELISM: usize = 16;
 /// Concurrent chunk reads while verifying or scrubbing.
 const READ_PARALLELISM: usize = 4;
-/// Keys looked up per blocking call when a backend offers them.
-pub(crate) const EXISTS_BATCH: usize = 1024;
+/// Keys looked up or deleted per blocking call when a backend offers them.
+pub(crate) const BLOCKING_BATCH: usize = 1024;
 
 /// The content of `store.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -790,26 +790,9 @@ impl Store {
     async fn exists_many(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
         let keys: Vec<String> = ids.iter().map(|id| self.inner.object_key(id)).collect();
         if self.inner.backend.blocking_objects().is_some() {
-            // Files: a `stat` each, a few microseconds. A thread hop per
-            // key cost more than the look itself, and a burst of short
-            // blocking tasks makes tokio start a thread for nearly each.
-            let mut found = Vec::with_capacity(keys.len());
-            for batch in keys.chunks(EXISTS_BATCH) {
-                let (inner, batch) = (Arc::clone(&self.inner), batch.to_vec());
-                let part = tokio::task::spawn_blocking(move || {
-                    let objects = inner.backend.blocking_objects().ok_or_else(|| {
-                        StoreError::Task("the backend no longer offers blocking calls".into())
-                    })?;
-                    batch
-                        .iter()
-                        .map(|key| objects.exists_blocking(key))
-                        .collect::<Result<Vec<bool>, StoreError>>()
-                })
-                .await
-                .map_err(StoreError::task)??;
-                found.extend(part);
-            }
-            return Ok(found);
+            return self
+                .in_blocking_batches(keys, |objects, key| objects.exists_blocking(key))
+                .await;
         }
         let backend = Arc::clone(&self.inner.backend);
         map_bounded(keys, META_PARALLELISM, move |key| {
@@ -819,6 +802,35 @@ impl Store {
         .await?
         .into_iter()
         .collect()
+    }
+
+    /// Runs `f` on every key, on blocking threads, [`BLOCKING_BATCH`] keys
+    /// to a call; results in the order of `keys`. For a backend offering
+    /// blocking calls (files): a `stat` or an `unlink` takes microseconds,
+    /// a thread hop per key cost more than the call itself, and a burst of
+    /// short blocking tasks makes tokio start a thread for nearly each.
+    async fn in_blocking_batches<R: Send + 'static>(
+        &self,
+        keys: Vec<String>,
+        f: fn(&dyn BlockingObjects, &str) -> Result<R, StoreError>,
+    ) -> Result<Vec<R>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(BLOCKING_BATCH) {
+            let (inner, batch) = (Arc::clone(&self.inner), batch.to_vec());
+            let part = tokio::task::spawn_blocking(move || {
+                let objects = inner.backend.blocking_objects().ok_or_else(|| {
+                    StoreError::Task("the backend no longer offers blocking calls".into())
+                })?;
+                batch
+                    .iter()
+                    .map(|key| f(objects, key))
+                    .collect::<Result<Vec<R>, StoreError>>()
+            })
+            .await
+            .map_err(StoreError::task)??;
+            out.extend(part);
+        }
+        Ok(out)
     }
 
     /// The verified plaintext of chunk `id`.
@@ -1224,15 +1236,22 @@ impl Store {
                 doomed.push(key);
             }
         }
-        let b = Arc::clone(backend);
-        let results = map_bounded(doomed, META_PARALLELISM, move |key| {
-            let b = Arc::clone(&b);
-            async move { b.delete(&key).await }
-        })
-        .await?;
-        for r in results {
-            r?;
-            report.chunks_deleted += 1;
+        if backend.blocking_objects().is_some() {
+            let deleted = self
+                .in_blocking_batches(doomed, |objects, key| objects.delete_blocking(key))
+                .await?;
+            report.chunks_deleted += deleted.len() as u64;
+        } else {
+            let b = Arc::clone(backend);
+            let results = map_bounded(doomed, META_PARALLELISM, move |key| {
+                let b = Arc::clone(&b);
+                async move { b.delete(&key).await }
+            })
+            .await?;
+            for r in results {
+                r?;
+                report.chunks_deleted += 1;
+            }
         }
         self.barrier_and_settle().await?;
         tracing::info!(?report, "gc done");

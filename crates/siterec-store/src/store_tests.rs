@@ -16,14 +16,18 @@ async fn new_store() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
-/// The files of a [`LocalDir`] without its blocking calls: the store then
-/// takes the path it takes for network backends.
+/// The files of a [`LocalDir`] without its blocking calls (every other
+/// call forwarded): the store then takes the path it takes for network
+/// backends.
 pub(crate) struct AsyncOnly(pub(crate) LocalDir);
 
 #[async_trait::async_trait]
 impl Backend for AsyncOnly {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
         self.0.put(key, data).await
+    }
+    async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.0.put_durable(key, data).await
     }
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.0.get(key).await
@@ -39,6 +43,9 @@ impl Backend for AsyncOnly {
     }
     async fn barrier(&self) -> Result<(), StoreError> {
         self.0.barrier().await
+    }
+    async fn remove_stale_temp(&self, min_age: std::time::Duration) -> Result<u64, StoreError> {
+        self.0.remove_stale_temp(min_age).await
     }
     fn describe(&self) -> String {
         format!("async-only {}", self.0.describe())
@@ -273,11 +280,11 @@ async fn has_chunks_answers_in_order_across_batches() {
         }
         // More ids than one blocking batch, with the stored ones at the
         // start, on a batch boundary and at the end.
-        let n = 2 * crate::store::EXISTS_BATCH + 1;
+        let n = 2 * crate::store::BLOCKING_BATCH + 1;
         let mut ids: Vec<ChunkId> = (0..n)
             .map(|i| ChunkId::of(format!("absent {i}").as_bytes()))
             .collect();
-        let at = [0, crate::store::EXISTS_BATCH, n - 1];
+        let at = [0, crate::store::BLOCKING_BATCH, n - 1];
         for (&i, &id) in at.iter().zip(&stored) {
             ids[i] = id;
         }
@@ -435,7 +442,16 @@ async fn wrong_length_chunk_is_reported() {
 
 #[tokio::test]
 async fn gc_sweeps_only_unreferenced_chunks() {
-    let (dir, store) = new_store().await;
+    gc_sweeps(false).await;
+}
+
+#[tokio::test]
+async fn gc_sweeps_only_unreferenced_chunks_without_blocking_calls() {
+    gc_sweeps(true).await;
+}
+
+async fn gc_sweeps(async_only: bool) {
+    let (dir, store) = store_of_kind(async_only).await;
     let img1 = image();
     let mut img2 = img1.clone();
     img2[CS as usize * 2..CS as usize * 3].copy_from_slice(&random(CS as usize));
