@@ -174,7 +174,7 @@ fn compressed_object(plain: &[u8], compress: bool) -> Option<Vec<u8>> {
     }
     // The compressor wants room for its worst case: it writes into a
     // buffer from a shared pool, and only a smaller block is copied out.
-    with_scratch(|scratch| {
+    SCRATCH.with(|scratch| {
         scratch.resize(lz4_flex::block::get_maximum_output_size(plain.len()), 0);
         let n = lz4_flex::block::compress_into(plain, scratch).ok()?;
         let block = scratch.get(..n).filter(|b| b.len() < plain.len())?;
@@ -536,7 +536,7 @@ pub enum ChunkContent {
 /// from a shared pool.
 pub fn check_chunk(id: ChunkId, bytes: &[u8]) -> Result<ChunkContent, StoreError> {
     let h = parse_chunk_header(id, bytes)?;
-    with_scratch(|scratch| {
+    SCRATCH.with(|scratch| {
         let plain = plaintext(id, h, &bytes[CHUNK_HEADER_LEN..], scratch)?;
         let actual = ChunkId::of(plain);
         if actual != id {
@@ -612,11 +612,6 @@ const SCRATCH_KEEP: usize = 4 << 20;
 /// Scratch buffers: the plaintext of a chunk being checked (see
 /// [`check_chunk`]) or the compressor's output (see `compressed_object`).
 static SCRATCH: Pool = Pool::new(8, SCRATCH_KEEP);
-
-/// Runs `f` on a scratch buffer from the shared pool.
-fn with_scratch<T>(f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    SCRATCH.with(f)
-}
 
 /// Decodes a chunk object without comparing its hash to anything; `id`
 /// only names the chunk in errors. The caller must hash the result.
