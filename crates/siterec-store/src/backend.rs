@@ -243,21 +243,18 @@ fn temp_path_for(path: &Path) -> Result<(&Path, PathBuf), StoreError> {
     Ok((dir, tmp))
 }
 
+/// Writes `data` as a new object at `path` (see [`write_object`]).
+fn write_bytes(path: &Path, data: &[u8]) -> Result<(), StoreError> {
+    write_object(path, data.len(), &mut |buf| {
+        buf.copy_from_slice(data);
+        Ok(())
+    })
+}
+
 /// Writes `data` to a temporary file and renames it into place, fsyncing
-/// the file and its directories when `durable` (manifests, the store's
-/// own state); without, see [`write_object`].
-fn write_temp_and_rename(
-    root: &Path,
-    path: &Path,
-    data: &[u8],
-    durable: bool,
-) -> Result<(), StoreError> {
-    if !durable {
-        return write_object(path, data.len(), &mut |buf| {
-            buf.copy_from_slice(data);
-            Ok(())
-        });
-    }
+/// the file and its directories up to `root` (manifests, the store's own
+/// state).
+fn write_durably(root: &Path, path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let (dir, tmp) = temp_path_for(path)?;
     let result = (|| {
         let f = create_temp(dir, &tmp, false)?.0;
@@ -444,13 +441,12 @@ fn walk(
 impl Backend for LocalDir {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |root| write_temp_and_rename(root, &path, &data, false))
-            .await
+        self.blocking(move |_| write_bytes(&path, &data)).await
     }
 
     async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |root| write_temp_and_rename(root, &path, &data, true))
+        self.blocking(move |root| write_durably(root, &path, &data))
             .await
     }
 
@@ -549,7 +545,7 @@ impl BlockingObjects for LocalDir {
     }
 
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        write_temp_and_rename(&self.root, &self.path_of(key)?, data, false)
+        write_bytes(&self.path_of(key)?, data)
     }
 
     fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
