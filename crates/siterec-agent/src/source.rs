@@ -1358,16 +1358,30 @@ async fn spool_write(
     Ok((bytes, chunks))
 }
 
-/// Sends a request to the target data endpoint. A 403 means the target has
-/// not yet heard from the vault that this agent is the item's source (it
-/// learns that on its next heartbeat): retry for about ten seconds.
+/// Sends a request to the target data endpoint. Every data-plane request is
+/// idempotent (chunks are content-addressed, a commit of a point the target
+/// holds succeeds), so one that failed on the way (the connection reset or
+/// closed under it) is sent once more on a new connection before the target
+/// counts as unreachable; connect errors and timeouts are not repeated. A 403
+/// means the target has not yet heard from the vault that this agent is the
+/// item's source (it learns that on its next heartbeat): retry for about ten
+/// seconds.
 async fn send_to_target(
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> reqwest::Result<reqwest::Response> {
     let mut delay = Duration::from_millis(200);
     let mut attempt = 0;
+    let mut resent = false;
     loop {
-        let resp = build().send().await?;
+        let resp = match build().send().await {
+            Ok(resp) => resp,
+            Err(e) if !resent && e.is_request() && !e.is_connect() && !e.is_timeout() => {
+                tracing::debug!("resending a request the target did not answer: {e}");
+                resent = true;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if resp.status() != reqwest::StatusCode::FORBIDDEN || attempt >= 8 {
             return Ok(resp);
         }
@@ -1420,4 +1434,57 @@ async fn flush_pending_reports(ctx: &SourceCtx, item: &str) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A listener that drops the first `drop_first` connections once it has
+    /// read a request from them, then answers 200 "ok" on each later one.
+    async fn flaky_server(drop_first: usize) -> (String, tokio::task::JoinHandle<usize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/x", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut accepted = 0;
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                accepted += 1;
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                if accepted <= drop_first {
+                    drop(conn);
+                    continue;
+                }
+                conn.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                )
+                .await
+                .unwrap();
+                return accepted;
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn a_request_cut_off_on_the_way_is_sent_once_more() {
+        siterec_pki::install_crypto_provider();
+        let client = reqwest::Client::new();
+        let (url, server) = flaky_server(1).await;
+        let resp = send_to_target(|| client.put(&url).body("chunk"))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(server.await.unwrap(), 2);
+
+        // Twice in a row: the target counts as unreachable.
+        let (url, server) = flaky_server(2).await;
+        let err = send_to_target(|| client.put(&url).body("chunk"))
+            .await
+            .unwrap_err();
+        assert!(target_unreachable(&err.into()));
+        server.abort();
+    }
 }

@@ -20,8 +20,8 @@ pub use ca::{
 };
 pub use error::{PkiError, Result};
 pub use fsutil::write_file_durable;
-pub use server::{PeerIdentity, serve};
+pub use server::{PeerIdentity, SERVER_IDLE_TIMEOUT, serve};
 pub use tls::{
-    ClientAuth, certificate_common_name, client_config, install_crypto_provider, reqwest_client,
-    server_config,
+    CLIENT_POOL_IDLE, ClientAuth, certificate_common_name, client_config, install_crypto_provider,
+    reqwest_client, server_config,
 };

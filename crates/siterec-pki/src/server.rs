@@ -22,6 +22,12 @@ use crate::tls::certificate_common_name;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// After shutdown, how long in-flight connections may take to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the server waits for a request's headers, counted from when the
+/// connection becomes idle (hyper's header read timeout): a keep-alive
+/// connection idle this long is closed. Clients must drop pooled connections
+/// sooner ([`crate::CLIENT_POOL_IDLE`]), or a request sent as the server
+/// closes fails with a reset.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The verified client certificate's subject common name (for agents: the
 /// agent id chosen by the vault at enrolment), or `None` when the client
@@ -187,8 +193,9 @@ where
 {
     let remote = svc.remote;
     let mut builder = hyper::server::conn::http1::Builder::new();
-    // The timer enables hyper's default 30 s header read timeout (slowloris).
+    // Against slowloris, and closes idle keep-alive connections.
     builder.timer(TokioTimer::new());
+    builder.header_read_timeout(SERVER_IDLE_TIMEOUT);
     let conn = builder.serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     let res = tokio::select! {

@@ -116,9 +116,15 @@ pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<rus
     Ok(config)
 }
 
+/// How long a client keeps an idle connection for reuse: well under
+/// [`crate::SERVER_IDLE_TIMEOUT`], so that it never sends a request on a
+/// connection the server is closing (the agents' 30 s replication cycle
+/// otherwise meets the server's 30 s idle close now and then).
+pub const CLIENT_POOL_IDLE: Duration = Duration::from_secs(15);
+
 /// A reqwest client using [`client_config`] (trusts only `ca_pem`, optional
-/// client certificate), with an overall per-request `timeout` and a connect
-/// timeout of at most 10 s. Proxy environment variables (`HTTPS_PROXY`,
+/// client certificate), with an overall per-request `timeout`, a connect
+/// timeout of at most 10 s, and idle connections kept [`CLIENT_POOL_IDLE`]. Proxy environment variables (`HTTPS_PROXY`,
 /// `NO_PROXY`) are honoured as usual; TLS is end to end through a proxy.
 pub fn reqwest_client(
     ca_pem: &str,
@@ -130,6 +136,7 @@ pub fn reqwest_client(
         .tls_backend_preconfigured(tls)
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(CLIENT_POOL_IDLE)
         .build()?;
     Ok(client)
 }

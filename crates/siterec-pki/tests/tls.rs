@@ -7,8 +7,9 @@ use axum::extract::ConnectInfo;
 use axum::routing::get;
 use axum::{Extension, Router};
 use siterec_pki::{
-    Ca, ClientAuth, PeerIdentity, PkiError, csr_subject_alt_names, generate_csr,
-    install_crypto_provider, reqwest_client, serve, server_config,
+    CLIENT_POOL_IDLE, Ca, ClientAuth, PeerIdentity, PkiError, SERVER_IDLE_TIMEOUT,
+    csr_subject_alt_names, generate_csr, install_crypto_provider, reqwest_client, serve,
+    server_config,
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -24,10 +25,15 @@ async fn remote(ConnectInfo(addr): ConnectInfo<SocketAddr>) -> String {
     addr.ip().to_string()
 }
 
+async fn port(ConnectInfo(addr): ConnectInfo<SocketAddr>) -> String {
+    addr.port().to_string()
+}
+
 fn router() -> Router {
     Router::new()
         .route("/whoami", get(whoami))
         .route("/remote", get(remote))
+        .route("/port", get(port))
 }
 
 struct Server {
@@ -246,6 +252,71 @@ async fn plain_http_has_no_identity() {
         .unwrap();
     assert_eq!(body, "<none>");
     server.stop().await;
+}
+
+/// The server closes a keep-alive connection idle for
+/// `SERVER_IDLE_TIMEOUT`; clients stop reusing one after `CLIENT_POOL_IDLE`,
+/// well before, so a request never goes out on a connection being closed
+/// (agents reporting every 30 s met exactly that race). Both halves run at
+/// once, at the real values.
+#[tokio::test]
+async fn clients_drop_idle_connections_before_the_server_closes_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    assert!(CLIENT_POOL_IDLE + Duration::from_secs(10) <= SERVER_IDLE_TIMEOUT);
+    let pki = pki();
+    let server = vault_server(&pki, ClientAuth::Optional).await;
+    let plain = Server::start(None).await;
+    let client = reqwest_client(pki.ca.cert_pem(), None, TIMEOUT).unwrap();
+    let url = server.url("https", "/port");
+    let client_port = || async {
+        let resp = client.get(&url).send().await.unwrap();
+        assert!(resp.status().is_success());
+        resp.text().await.unwrap()
+    };
+    let client_side = async {
+        let first = client_port().await;
+        assert_eq!(client_port().await, first, "an idle connection is reused");
+        tokio::time::sleep(CLIENT_POOL_IDLE + Duration::from_secs(2)).await;
+        assert_ne!(
+            client_port().await,
+            first,
+            "a connection idle longer than CLIENT_POOL_IDLE is not reused"
+        );
+    };
+    let server_side = async {
+        let mut conn = tokio::net::TcpStream::connect(plain.addr).await.unwrap();
+        conn.write_all(b"GET /port HTTP/1.1\r\nHost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !response.ends_with(b"\r\n\r\n") || response.len() < 40 {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the server closed before answering");
+            response.extend_from_slice(&buf[..n]);
+            // The body (a port number) follows the headers.
+            if let Some(at) = response.windows(4).position(|w| w == b"\r\n\r\n")
+                && response.len() > at + 4
+            {
+                break;
+            }
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200"));
+        let idle = std::time::Instant::now();
+        let n = tokio::time::timeout(SERVER_IDLE_TIMEOUT * 2, conn.read(&mut buf))
+            .await
+            .expect("the server keeps an idle connection open")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the server sent more than one answer");
+        let after = idle.elapsed();
+        assert!(
+            after + Duration::from_secs(1) >= SERVER_IDLE_TIMEOUT,
+            "closed after {after:?}, before SERVER_IDLE_TIMEOUT"
+        );
+    };
+    tokio::join!(client_side, server_side);
+    server.stop().await;
+    plain.stop().await;
 }
 
 #[test]

@@ -69,6 +69,7 @@ impl Api {
     pub fn new(url: &str, token: &str, vault_id: Option<&str>) -> anyhow::Result<Api> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
+            .pool_idle_timeout(siterec_pki::CLIENT_POOL_IDLE)
             .no_proxy()
             .build()
             .context("building the HTTP client")?;
