@@ -745,38 +745,90 @@ async fn head_point(
     })
 }
 
+/// Longest chunk object one `PUT chunks/{id}` may carry (the source sends
+/// 1 MiB blocks; as much as a batch may carry).
+const MAX_CHUNK_UPLOAD: usize = 2 << 20;
+
+/// `PUT chunks/{id}`: the body is gathered straight into the buffer the
+/// store checks, seals and writes it from (see `ChunkUpload`).
 async fn put_chunk(
     State(t): State<Arc<Target>>,
     Extension(peer): Extension<PeerIdentity>,
     UrlPath((item, id)): UrlPath<(String, String)>,
-    body: Bytes,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<StatusCode, DataError> {
+    use http_body_util::BodyExt;
     t.check_peer(&peer, &item)?;
     let id = parse_id(&item, &id)?;
-    match store_chunk(&t, &item, id, body).await? {
+    let too_large = || {
+        DataError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "TooLarge",
+            format!(
+                "chunk {id}: a chunk object may be at most {MAX_CHUNK_UPLOAD} bytes; send smaller blocks"
+            ),
+        )
+    };
+    let expected = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if expected.is_some_and(|n| n > MAX_CHUNK_UPLOAD) {
+        return Err(too_large());
+    }
+    let mut up = t
+        .store
+        .chunk_upload(expected.unwrap_or(1 << 20), MAX_CHUNK_UPLOAD);
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            DataError::new(
+                StatusCode::BAD_REQUEST,
+                "Rejected",
+                format!("chunk {id}: reading the request body: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            up.extend_from_slice(&data).map_err(|_| too_large())?;
+        }
+    }
+    remember_chunk(&t, &item, id, up.object());
+    let stored = t.store.put_chunk_upload(id, up).await;
+    match stored.map_err(store_error)? {
         true => Ok(StatusCode::CREATED),
         false => Ok(StatusCode::OK),
     }
 }
 
-/// Stores one uploaded chunk (`PUT chunks/{id}` or one of a batch): keeps
-/// it, and a delta's base, from garbage collection until the item's next
-/// commit. A delta whose base is not here is a 409 `MissingBase`.
-async fn store_chunk(t: &Target, item: &str, id: ChunkId, bytes: Bytes) -> Result<bool, DataError> {
+/// Keeps chunk `id` (received as `object`), and a delta's base, from
+/// garbage collection until the item's next commit.
+fn remember_chunk(t: &Target, item: &str, id: ChunkId, object: &[u8]) {
     t.remember(item, id);
-    if let Ok(Some(base)) = siterec_store::delta_base(id, &bytes) {
+    if let Ok(Some(base)) = siterec_store::delta_base(id, object) {
         t.remember(item, base);
     }
-    // No copy when the body is one buffer only this request holds.
-    match t.store.put_encoded_chunk(id, Vec::from(bytes)).await {
-        Ok(new) => Ok(new),
-        Err(e @ StoreError::MissingChunk { .. }) => Err(DataError::new(
-            StatusCode::CONFLICT,
-            "MissingBase",
-            e.to_string(),
-        )),
-        Err(e) => Err(e.into()),
+}
+
+/// A store error of a chunk upload: a delta whose base is not here is a
+/// 409 `MissingBase`.
+fn store_error(e: StoreError) -> DataError {
+    match e {
+        e @ StoreError::MissingChunk { .. } => {
+            DataError::new(StatusCode::CONFLICT, "MissingBase", e.to_string())
+        }
+        e => e.into(),
     }
+}
+
+/// Stores one chunk of a batch, as `PUT chunks/{id}` would.
+async fn store_chunk(t: &Target, item: &str, id: ChunkId, bytes: Bytes) -> Result<bool, DataError> {
+    remember_chunk(t, item, id, &bytes);
+    // No copy when the body is one buffer only this request holds.
+    t.store
+        .put_encoded_chunk(id, Vec::from(bytes))
+        .await
+        .map_err(store_error)
 }
 
 /// Chunks of one batch stored at the same time.
@@ -981,6 +1033,67 @@ mod tests {
         let err = send(body).await.unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
         assert!(err.message.contains("truncated"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn single_chunk_puts_are_checked_stored_and_bounded() {
+        let (_dir, t) = new_target().await;
+        t.set_sources([("web01".to_string(), "agent-a".to_string())]);
+        let send = |id: ChunkId, body: Vec<u8>, declared: bool| {
+            let mut headers = axum::http::HeaderMap::new();
+            if declared {
+                headers.insert(axum::http::header::CONTENT_LENGTH, body.len().into());
+            }
+            put_chunk(
+                State(t.clone()),
+                Extension(PeerIdentity(Some("agent-a".into()))),
+                UrlPath(("web01".to_string(), id.to_hex())),
+                headers,
+                axum::body::Body::from(body),
+            )
+        };
+        let data: Vec<u8> = (0..(1u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let enc = encode_chunk(&data, true);
+        assert_eq!(
+            send(enc.id, enc.bytes.clone(), true)
+                .await
+                .map_err(|e| e.message)
+                .unwrap(),
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            send(enc.id, enc.bytes.clone(), false)
+                .await
+                .map_err(|e| e.message)
+                .unwrap(),
+            StatusCode::OK
+        );
+        assert_eq!(t.store.get_chunk(enc.id).await.unwrap(), data);
+
+        // Bytes that are not what the id says: 400, nothing stored.
+        let claimed = ChunkId::of(b"some other content");
+        let err = send(claimed, enc.bytes.clone(), true).await.unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST, "{}", err.message);
+        assert!(!t.store.has_chunk(claimed).await.unwrap());
+
+        // Too long, declared or found while reading: 413, nothing stored.
+        let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8 + 1).collect();
+        let big_id = ChunkId::of(&big);
+        let mut object = encode_chunk(&big[..1 << 20], false).bytes;
+        object.resize(MAX_CHUNK_UPLOAD + 1, 1);
+        for declared in [true, false] {
+            let err = send(big_id, object.clone(), declared).await.unwrap_err();
+            assert_eq!(
+                (err.status, err.code),
+                (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
+                "{}",
+                err.message
+            );
+            assert!(err.message.contains(&MAX_CHUNK_UPLOAD.to_string()));
+            assert!(!t.store.has_chunk(big_id).await.unwrap());
+        }
     }
 
     #[tokio::test]

@@ -103,6 +103,21 @@ pub trait BlockingObjects: Send + Sync {
         fill(&mut data)?;
         self.put_blocking(key, &data)
     }
+
+    /// [`Backend::put`] of `buf[..len]`, where `buf` starts on a page
+    /// boundary ([`DIRECT_ALIGN`]) and runs on to the end of `len`'s last
+    /// page, zeros past `len`: a backend may write it as it is, with
+    /// direct I/O. (The store seals an upload in the buffer it was
+    /// received into.)
+    fn put_blocking_aligned(&self, key: &str, buf: &[u8], len: usize) -> Result<(), StoreError> {
+        let data = buf.get(..len).ok_or_else(|| {
+            StoreError::Task(format!(
+                "an object of {len} bytes in a buffer of {}",
+                buf.len()
+            ))
+        })?;
+        self.put_blocking(key, data)
+    }
 }
 
 const MAX_KEY_LEN: usize = 1024;
@@ -282,8 +297,28 @@ fn write_durably(root: &Path, path: &Path, data: &[u8]) -> Result<(), StoreError
 }
 
 /// Writes a new object of `len` bytes, which `fill` puts into a staging
-/// buffer, to a temporary file and renames it into place (atomic, not
-/// fsynced: the barrier's `syncfs` makes it durable).
+/// buffer from a shared pool, as [`write_aligned`] does.
+fn write_object(
+    path: &Path,
+    len: usize,
+    fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    with_aligned(padded_len(len), |buf| {
+        let (data, pad) = buf.split_at_mut(len);
+        fill(data)?;
+        pad.fill(0);
+        write_aligned(path, buf, len)
+    })
+}
+
+/// `len` rounded up to whole [`DIRECT_ALIGN`] pages.
+pub(crate) fn padded_len(len: usize) -> usize {
+    len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
+}
+
+/// Writes the object `buf[..len]` to a temporary file and renames it into
+/// place (atomic, not fsynced: the barrier's `syncfs` makes it durable).
+/// `buf` is page-aligned and [`padded_len`]`(len)` long, zeros past `len`.
 ///
 /// Objects of [`DIRECT_MIN`] bytes or more are written with `O_DIRECT`,
 /// padded to whole pages and then truncated to their length: one open and
@@ -293,52 +328,49 @@ fn write_durably(root: &Path, path: &Path, data: &[u8]) -> Result<(), StoreError
 /// about as much as compressing it. Where the filesystem has no direct
 /// I/O (tmpfs), the object goes through the page cache, with writeback
 /// started at once.
-fn write_object(
-    path: &Path,
-    len: usize,
-    fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
+fn write_aligned(path: &Path, buf: &[u8], len: usize) -> Result<(), StoreError> {
+    let padded = padded_len(len);
+    if buf.len() != padded || buf.as_ptr().align_offset(DIRECT_ALIGN) != 0 {
+        return Err(StoreError::Task(format!(
+            "writing {}: an object of {len} bytes needs {padded} page-aligned bytes, not {}",
+            path.display(),
+            buf.len()
+        )));
+    }
     let (dir, tmp) = temp_path_for(path)?;
     let result = (|| {
         let (f, direct) = create_temp(dir, &tmp, len >= DIRECT_MIN)?;
-        let padded = if direct {
-            len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN
-        } else {
-            len
-        };
-        with_aligned(padded, |buf| {
-            let (data, pad) = buf.split_at_mut(len);
-            fill(data)?;
-            pad.fill(0);
-            match f.write_all_at(buf, 0) {
-                Ok(()) => {}
-                // A filesystem that takes the flag but not the write:
-                // write the object again, through the page cache.
-                Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                    let plain = std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(&tmp)
-                        .map_err(|e| StoreError::io("open", &tmp, e))?;
-                    plain
-                        .write_all_at(&buf[..len], 0)
-                        .map_err(|e| StoreError::io("write", &tmp, e))?;
-                    plain
-                        .set_len(len as u64)
-                        .map_err(|e| StoreError::io("truncate", &tmp, e))?;
-                    start_writeback(&plain);
-                    return Ok(());
-                }
-                Err(e) => return Err(StoreError::io("write", &tmp, e)),
-            }
-            if padded != len {
-                f.set_len(len as u64)
+        let written = if direct { buf } else { &buf[..len] };
+        match f.write_all_at(written, 0) {
+            Ok(()) => {}
+            // A filesystem that takes the flag but not the write: write
+            // the object again, through the page cache.
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                let plain = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&tmp)
+                    .map_err(|e| StoreError::io("open", &tmp, e))?;
+                plain
+                    .write_all_at(&buf[..len], 0)
+                    .map_err(|e| StoreError::io("write", &tmp, e))?;
+                plain
+                    .set_len(len as u64)
                     .map_err(|e| StoreError::io("truncate", &tmp, e))?;
+                start_writeback(&plain);
+                drop(plain);
+                drop(f);
+                return std::fs::rename(&tmp, path)
+                    .map_err(|e| StoreError::io("rename into place", path, e));
             }
-            if !direct {
-                start_writeback(&f);
-            }
-            Ok(())
-        })?;
+            Err(e) => return Err(StoreError::io("write", &tmp, e)),
+        }
+        if direct && padded != len {
+            f.set_len(len as u64)
+                .map_err(|e| StoreError::io("truncate", &tmp, e))?;
+        }
+        if !direct {
+            start_writeback(&f);
+        }
         drop(f);
         std::fs::rename(&tmp, path).map_err(|e| StoreError::io("rename into place", path, e))
     })();
@@ -561,6 +593,10 @@ impl BlockingObjects for LocalDir {
         write_object(&self.path_of(key)?, len, fill)
     }
 
+    fn put_blocking_aligned(&self, key: &str, buf: &[u8], len: usize) -> Result<(), StoreError> {
+        write_aligned(&self.path_of(key)?, buf, len)
+    }
+
     fn get_blocking_with(
         &self,
         key: &str,
@@ -602,7 +638,7 @@ fn file_exists(path: &Path) -> Result<bool, StoreError> {
 
 /// Alignment of `O_DIRECT` offsets, lengths and memory (the page size; a
 /// multiple of every logical block size we meet).
-const DIRECT_ALIGN: usize = 4096;
+pub(crate) const DIRECT_ALIGN: usize = 4096;
 /// Objects shorter than this go through the page cache only.
 const DIRECT_MIN: usize = 64 * 1024;
 /// Objects longer than this are read through the page cache.
@@ -613,7 +649,8 @@ const DIRECT_KEEP: usize = 4 << 20;
 
 /// Staging buffers for direct I/O (over-allocated by one page so that a
 /// page-aligned stretch fits).
-static DIRECT_BUF: crate::bufpool::Pool = crate::bufpool::Pool::new(8, DIRECT_KEEP + DIRECT_ALIGN);
+pub(crate) static DIRECT_BUF: crate::bufpool::Pool =
+    crate::bufpool::Pool::new(8, DIRECT_KEEP + DIRECT_ALIGN);
 
 /// Runs `f` on `len` page-aligned bytes of a staging buffer from the
 /// shared pool.

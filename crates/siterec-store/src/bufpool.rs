@@ -34,15 +34,28 @@ impl Pool {
     /// last user left in it), and gives the buffer back afterwards unless
     /// the pool is full or the buffer grew too large.
     pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-        let mut buf = self.lock().pop().unwrap_or_default();
+        let mut buf = self.take();
         let out = f(&mut buf);
+        self.give(buf);
+        out
+    }
+
+    /// A buffer from the pool (empty or holding whatever the last user
+    /// left in it), for a user that holds it across calls; see
+    /// [`Pool::give`].
+    pub(crate) fn take(&self) -> Vec<u8> {
+        self.lock().pop().unwrap_or_default()
+    }
+
+    /// Gives `buf` back, unless the pool is full or the buffer grew too
+    /// large (then it is freed).
+    pub(crate) fn give(&self, buf: Vec<u8>) {
         if buf.capacity() <= self.max_capacity {
             let mut free = self.lock();
             if free.len() < self.keep {
                 free.push(buf);
             }
         }
-        out
     }
 
     /// Free buffers held now.

@@ -844,6 +844,30 @@ pub(crate) fn seal_chunk_into(
             out.len()
         )));
     }
+    out[ENVELOPE_BODY_START..][..plain.len()].copy_from_slice(plain);
+    seal_chunk_in_place(dek, object_key, out)
+}
+
+/// Where the chunk object starts in a sealed envelope: the room a caller
+/// leaves before an object it seals in place.
+pub const ENVELOPE_BODY_START: usize = CHUNK_HEADER_LEN;
+
+/// [`seal_chunk`] of the chunk object already at
+/// `out[ENVELOPE_BODY_START..out.len() - (ENVELOPE_OVERHEAD - ENVELOPE_BODY_START)]`,
+/// in place: the header and trailer are written around it (the target
+/// receives an upload into such a buffer and seals it there).
+pub(crate) fn seal_chunk_in_place(
+    dek: &DataKey,
+    object_key: &str,
+    out: &mut [u8],
+) -> Result<(), StoreError> {
+    if out.len() < ENVELOPE_OVERHEAD {
+        return Err(StoreError::Task(format!(
+            "a sealed chunk takes at least {ENVELOPE_OVERHEAD} bytes, not {}",
+            out.len()
+        )));
+    }
+    let body_len = out.len() - ENVELOPE_OVERHEAD;
     let nonce = random_bytes::<NONCE_LEN>("draw a random nonce")?;
     let (header, rest) = out.split_at_mut(CHUNK_HEADER_LEN);
     header[..8].copy_from_slice(ENVELOPE_MAGIC);
@@ -851,8 +875,7 @@ pub(crate) fn seal_chunk_into(
     header[8 + DATA_KEY_ID_LEN..].copy_from_slice(&nonce);
     let mut aad = header.to_vec();
     aad.extend_from_slice(object_key.as_bytes());
-    let (body, trailer) = rest.split_at_mut(plain.len());
-    body.copy_from_slice(plain);
+    let (body, trailer) = rest.split_at_mut(body_len);
     let tag = dek
         .key
         .seal_in_place_separate_tag(

@@ -370,11 +370,14 @@ async fn tampering_with_encrypted_objects_is_detected() {
 #[tokio::test]
 async fn delta_chunks_round_trip_in_an_encrypted_store() {
     for async_only in [false, true] {
-        delta_chunks_round_trip(async_only).await;
+        for upload in [false, true] {
+            delta_chunks_round_trip(async_only, upload).await;
+        }
     }
 }
 
-async fn delta_chunks_round_trip(async_only: bool) {
+async fn delta_chunks_round_trip(async_only: bool, upload: bool) {
+    use crate::store_tests::put_object;
     let dir = tempfile::tempdir().unwrap();
     let key = RecoveryKey::generate().unwrap();
     let open = |key: &RecoveryKey| {
@@ -395,16 +398,19 @@ async fn delta_chunks_round_trip(async_only: bool) {
     let pages: Vec<(u16, &[u8])> = vec![(1, &v2[4096..8192])];
     let delta = encode_delta_chunk(target, v2.len() as u32, base.id, &pages, true);
     assert!(matches!(
-        first.put_encoded_chunk(delta.id, delta.bytes.clone()).await,
+        put_object(&first, delta.id, &delta.bytes, upload).await,
         Err(StoreError::MissingChunk { id, .. }) if id == base.id
     ));
-    first.put_encoded_chunk(base.id, base.bytes).await.unwrap();
+    assert!(
+        put_object(&first, base.id, &base.bytes, upload)
+            .await
+            .unwrap()
+    );
     first.sync().await.unwrap();
     drop(first);
     let writer = open(&key).await.unwrap();
     assert!(
-        writer
-            .put_encoded_chunk(delta.id, delta.bytes.clone())
+        put_object(&writer, delta.id, &delta.bytes, upload)
             .await
             .unwrap()
     );
@@ -429,11 +435,24 @@ async fn delta_chunks_round_trip(async_only: bool) {
         .filter(|k| k.starts_with("keys/"))
         .count();
     assert_eq!(data_keys, 2, "the two sessions seal with two data keys");
+    // A whole chunk big enough to be written with direct I/O, sealed
+    // where it was received when sent as an upload.
+    let big = random(300_001);
+    let big_enc = encode_chunk(&big, true);
+    assert!(
+        put_object(&writer, big_enc.id, &big_enc.bytes, upload)
+            .await
+            .unwrap()
+    );
     let reader = writer.with_recovery_key(&key).unwrap();
+    assert_eq!(reader.get_chunk(big_enc.id).await.unwrap(), big);
     assert_eq!(reader.get_chunk(delta.id).await.unwrap(), v2);
     assert_eq!(read_back(&reader, &m, 0, 2).await, v2);
     let report = writer.gc(&HashSet::new()).await.unwrap();
-    assert_eq!(report.chunks_deleted, 0, "{report:?}");
+    assert_eq!(
+        report.chunks_deleted, 1,
+        "only the unreferenced big chunk: {report:?}"
+    );
     assert!(writer.verify().await.unwrap().all_ok());
     assert!(reader.verify().await.unwrap().all_ok());
     // Neither the delta's nor the base's object is named by its id.

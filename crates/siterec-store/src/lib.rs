@@ -116,6 +116,7 @@ mod error;
 mod manifest;
 mod remote;
 mod store;
+mod upload;
 
 #[cfg(test)]
 mod conformance;
@@ -149,3 +150,4 @@ pub use store::{
     STORE_FORMAT_VERSION_PLAIN, STORE_FORMAT_VERSION_RETIRED, STORE_INFO_KEY, Store, StoreInfo,
     UNSYNCED_MARKER_KEY, VerifyReport, chunk_key, manifest_key, parse_chunk_key,
 };
+pub use upload::{ChunkUpload, UploadTooLarge};

@@ -23,6 +23,7 @@ use crate::crypt::{
 };
 use crate::error::StoreError;
 use crate::manifest::{DiskManifest, Manifest, validate_name};
+use crate::upload::ChunkUpload;
 
 /// The newest store format version this build opens.
 pub const STORE_FORMAT_VERSION: u32 = STORE_FORMAT_VERSION_ENCRYPTED;
@@ -704,6 +705,52 @@ impl Store {
         .map_err(StoreError::task)??;
         self.write_chunk(guard, key, bytes).await?;
         Ok(true)
+    }
+
+    /// An empty [`ChunkUpload`] for a chunk object of about `expected`
+    /// bytes and at most `max`, to be stored by
+    /// [`Store::put_chunk_upload`].
+    pub fn chunk_upload(&self, expected: usize, max: usize) -> ChunkUpload {
+        let room = if self.is_encrypted() {
+            crypt::ENVELOPE_BODY_START
+        } else {
+            0
+        };
+        ChunkUpload::new(room, expected, max)
+    }
+
+    /// [`Store::put_encoded_chunk`] of a received [`ChunkUpload`]: on
+    /// files the object is checked, sealed and written where it was
+    /// received, without another copy.
+    pub async fn put_chunk_upload(&self, id: ChunkId, up: ChunkUpload) -> Result<bool, StoreError> {
+        if self.inner.backend.blocking_objects().is_none() {
+            return self.put_encoded_chunk(id, up.object().to_vec()).await;
+        }
+        let guard = Arc::clone(&self.inner.gate).read_owned().await;
+        let key = self.inner.object_key(&id);
+        let base = match parse_chunk_header(id, up.object())?.codec {
+            CODEC_DELTA => Some(parse_delta(id, up.object())?.base),
+            _ => None,
+        };
+        let base_key = base.map(|b| (b, self.inner.object_key(&b)));
+        let dek = self.session_key().await?;
+        self.begin_write().await?;
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let r = match inner.backend.blocking_objects() {
+                Some(objects) => {
+                    store_upload_checked(objects, id, &key, base_key, up, dek.as_deref())
+                }
+                None => Err(StoreError::Task(
+                    "the backend no longer offers blocking calls".into(),
+                )),
+            };
+            inner.writes_done.fetch_add(1, Ordering::SeqCst);
+            drop(guard);
+            r
+        })
+        .await
+        .map_err(StoreError::task)?
     }
 
     /// Encodes and stores a plaintext chunk (used when the data is local).
@@ -1430,27 +1477,87 @@ fn store_checked(
     bytes: Vec<u8>,
     dek: Option<&DataKey>,
 ) -> Result<bool, StoreError> {
+    if !needs_storing(objects, id, key, &base, &bytes)? {
+        return Ok(false);
+    }
+    write_checked(objects, key, &bytes, dek)?;
+    Ok(true)
+}
+
+/// Whether chunk `id`, received as `object`, is to be written: `false`
+/// if it is stored already; an error if a delta's base is not here or a
+/// whole chunk's content is not what `id` says.
+fn needs_storing(
+    objects: &dyn BlockingObjects,
+    id: ChunkId,
+    key: &str,
+    base: &Option<(ChunkId, String)>,
+    object: &[u8],
+) -> Result<bool, StoreError> {
     if objects.exists_blocking(key)? {
         return Ok(false);
     }
-    match &base {
+    match base {
         Some((base, base_key)) => {
             if !objects.exists_blocking(base_key)? {
                 return Err(missing_base(id, *base));
             }
         }
-        None => check_stored_content(id, &bytes)?,
+        None => check_stored_content(id, object)?,
     }
+    Ok(true)
+}
+
+/// [`store_checked`] of an upload: sealed (with `dek`) in its own buffer,
+/// and written from there.
+fn store_upload_checked(
+    objects: &dyn BlockingObjects,
+    id: ChunkId,
+    key: &str,
+    base: Option<(ChunkId, String)>,
+    mut up: ChunkUpload,
+    dek: Option<&DataKey>,
+) -> Result<bool, StoreError> {
+    if !needs_storing(objects, id, key, &base, up.object())? {
+        return Ok(false);
+    }
+    let object_len = up.object().len();
+    let (stored_len, sealing) = match dek {
+        Some(_) if up.room() == crypt::ENVELOPE_BODY_START => {
+            (object_len + crypt::ENVELOPE_OVERHEAD, true)
+        }
+        None if up.room() == 0 => (object_len, false),
+        // Received for another setting of the store: copy once.
+        _ => return write_checked(objects, key, up.object(), dek).map(|()| true),
+    };
+    let buf = up.stored_mut(stored_len).ok_or_else(|| {
+        StoreError::Task(format!(
+            "an upload of {object_len} bytes has no room to be stored"
+        ))
+    })?;
+    if let (true, Some(dek)) = (sealing, dek) {
+        crypt::seal_chunk_in_place(dek, key, &mut buf[..stored_len])?;
+    }
+    objects.put_blocking_aligned(key, buf, stored_len)?;
+    Ok(true)
+}
+
+/// Writes the checked chunk object `bytes`, sealed with `dek` if any.
+fn write_checked(
+    objects: &dyn BlockingObjects,
+    key: &str,
+    bytes: &[u8],
+    dek: Option<&DataKey>,
+) -> Result<(), StoreError> {
     match dek {
-        None => objects.put_blocking(key, &bytes)?,
+        None => objects.put_blocking(key, bytes),
         // Sealed straight into the buffer the object is written from.
         Some(dek) => {
             objects.put_blocking_with(key, bytes.len() + crypt::ENVELOPE_OVERHEAD, &mut |out| {
-                crypt::seal_chunk_into(dek, key, &bytes, out)
-            })?
+                crypt::seal_chunk_into(dek, key, bytes, out)
+            })
         }
     }
-    Ok(true)
 }
 
 /// What [`read_chunk_blocking`] found.

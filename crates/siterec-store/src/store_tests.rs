@@ -200,36 +200,65 @@ async fn commit_list_and_read_back() {
 
 #[tokio::test]
 async fn put_encoded_chunk_verifies_and_dedups() {
-    put_encoded_chunk_checks(false).await;
+    for upload in [false, true] {
+        put_encoded_chunk_checks(false, upload).await;
+    }
 }
 
 #[tokio::test]
 async fn put_encoded_chunk_verifies_and_dedups_without_blocking_calls() {
-    put_encoded_chunk_checks(true).await;
+    for upload in [false, true] {
+        put_encoded_chunk_checks(true, upload).await;
+    }
 }
 
-async fn put_encoded_chunk_checks(async_only: bool) {
+/// Stores a chunk object as the target does: whole
+/// ([`Store::put_encoded_chunk`]) or received in pieces into a
+/// [`ChunkUpload`] ([`Store::put_chunk_upload`]).
+pub(crate) async fn put_object(
+    store: &Store,
+    id: ChunkId,
+    bytes: &[u8],
+    upload: bool,
+) -> Result<bool, StoreError> {
+    if !upload {
+        return store.put_encoded_chunk(id, bytes.to_vec()).await;
+    }
+    // Sized for less than arrives, as without a content length.
+    let mut up = store.chunk_upload(bytes.len() / 3, bytes.len());
+    for piece in bytes.chunks(16 * 1024 + 3) {
+        up.extend_from_slice(piece).unwrap();
+    }
+    assert_eq!(up.object(), bytes);
+    store.put_chunk_upload(id, up).await
+}
+
+async fn put_encoded_chunk_checks(async_only: bool, upload: bool) {
     let (dir, store) = store_of_kind(async_only).await;
-    let plain = texty(10_000, 3);
+    // Big enough to be written with direct I/O, not a whole number of pages.
+    let plain = random(300_000);
     let enc = encode_chunk(&plain, true);
+    assert!(enc.bytes.len() > 64 * 1024 && !enc.bytes.len().is_multiple_of(4096));
     assert!(
-        store
-            .put_encoded_chunk(enc.id, enc.bytes.clone())
+        put_object(&store, enc.id, &enc.bytes, upload)
             .await
             .unwrap()
     );
     assert!(
-        !store
-            .put_encoded_chunk(enc.id, enc.bytes.clone())
+        !put_object(&store, enc.id, &enc.bytes, upload)
             .await
             .unwrap()
     );
     assert_eq!(store.get_chunk(enc.id).await.unwrap(), plain);
+    assert_eq!(
+        std::fs::read(chunk_path(dir.path(), &enc.id)).unwrap(),
+        enc.bytes,
+        "an unencrypted store keeps the object as it came"
+    );
 
     // Bytes that do not match the id are refused and not stored.
     let other = ChunkId::of(b"something else");
-    let err = store
-        .put_encoded_chunk(other, enc.bytes.clone())
+    let err = put_object(&store, other, &enc.bytes, upload)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::CorruptChunk { .. }), "{err}");
@@ -239,13 +268,12 @@ async fn put_encoded_chunk_checks(async_only: bool) {
     damaged[last] ^= 0xff;
     let plain2 = texty(10_000, 4);
     let id2 = ChunkId::of(&plain2);
-    assert!(store.put_encoded_chunk(id2, damaged).await.is_err());
+    assert!(put_object(&store, id2, &damaged, upload).await.is_err());
     assert!(!chunk_path(dir.path(), &id2).exists());
 
     // All-zero chunks are refused.
     let zero = encode_chunk(&[0u8; 4096], true);
-    let err = store
-        .put_encoded_chunk(zero.id, zero.bytes)
+    let err = put_object(&store, zero.id, &zero.bytes, upload)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::ZeroChunk { .. }), "{err}");
