@@ -501,15 +501,23 @@ pub(crate) fn parse_delta_unnamed(id: ChunkId, bytes: &[u8]) -> Result<Delta, St
 /// Rebuilds a delta chunk's plaintext from its base's (unverified: the
 /// caller hashes the result).
 pub(crate) fn apply_delta(id: ChunkId, delta: &Delta, base: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let mut plain = base.to_vec();
-    plain.resize(delta.plain_len as usize, 0);
-    if base.len() != plain.len() {
+    apply_delta_in_place(id, delta, base.to_vec())
+}
+
+/// [`apply_delta`] on the base's plaintext itself: its pages are replaced
+/// where it lies (no copy of the megabyte).
+pub(crate) fn apply_delta_in_place(
+    id: ChunkId,
+    delta: &Delta,
+    mut plain: Vec<u8>,
+) -> Result<Vec<u8>, StoreError> {
+    if plain.len() != delta.plain_len as usize {
         return Err(StoreError::CorruptChunk {
             id,
             reason: format!(
                 "its base {} is {} bytes long, the delta {}",
                 delta.base,
-                base.len(),
+                plain.len(),
                 delta.plain_len
             ),
         });

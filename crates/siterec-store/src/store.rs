@@ -13,9 +13,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, BlockingObjects, LocalDir};
 use crate::chunk::{
-    CODEC_DELTA, ChunkContent, ChunkId, Delta, apply_delta, check_chunk, decode_chunk,
-    decode_chunk_unverified, delta_id, encode_chunk, is_all_zero, parse_chunk_header, parse_delta,
-    parse_delta_unnamed,
+    CODEC_DELTA, ChunkContent, ChunkId, Delta, apply_delta, apply_delta_in_place, check_chunk,
+    decode_chunk, decode_chunk_unverified, delta_id, encode_chunk, is_all_zero, parse_chunk_header,
+    parse_delta, parse_delta_unnamed,
 };
 use crate::crypt::{
     self, Cipher, DATA_KEY_ID_LEN, DataKey, ENCRYPTION_ALGORITHM, KEY_WRAP_SCHEME, NAME_KEY_SCHEME,
@@ -930,7 +930,7 @@ impl Store {
         let context = format!("the base of delta chunk {id}: object {base_key} not found");
         let base_encoded = self.fetch_encoded(base_id, base_key, context).await?;
         tokio::task::spawn_blocking(move || {
-            rebuild_delta(id, &delta, &decode_chunk(base_id, &base_encoded)?)
+            rebuild_delta(id, &delta, decode_chunk_unverified(base_id, &base_encoded)?)
         })
         .await
         .map_err(StoreError::task)?
@@ -1371,6 +1371,17 @@ impl Store {
                     }
                 }
             }
+            // A delta's block is checked as rebuilt, so damage to its base
+            // in the pages the delta replaces does not show there: the base
+            // is reported on its own.
+            for base in m.bases.values() {
+                if let Some(Err(e)) = cache.get(base)
+                    && !damaged.contains(base)
+                {
+                    damaged.push(*base);
+                    first_error.get_or_insert_with(|| e.clone());
+                }
+            }
             report.points.push(PointVerify {
                 item: p.item,
                 point_id: p.point_id,
@@ -1585,53 +1596,58 @@ fn read_chunk_blocking(
         Delta(Delta),
         NeedKey(ChunkId, [u8; DATA_KEY_ID_LEN]),
     }
-    let read = |id: ChunkId, missing: &dyn Fn() -> String| -> Result<Found, StoreError> {
-        let key = inner.object_key(&id);
-        let mut found = None;
-        let present = objects.get_blocking_with(&key, &mut |stored| {
-            let encoded: &[u8] = match reader {
-                None => stored,
-                Some(reader) => {
-                    let dek_id = crypt::check_chunk_envelope(stored)
-                        .map_err(|e| envelope_error(id, &key, e))?;
-                    let dek = reader
-                        .data_keys
-                        .lock()
-                        .ok()
-                        .and_then(|m| m.get(&dek_id).cloned());
-                    let Some(dek) = dek else {
-                        found = Some(Found::NeedKey(id, dek_id));
-                        return Ok(());
-                    };
-                    let n = crypt::open_chunk_in_place(&dek, &key, stored)
-                        .map_err(|e| envelope_error(id, &key, e))?;
-                    &stored[..n]
-                }
-            };
-            found = Some(if parse_chunk_header(id, encoded)?.codec == CODEC_DELTA {
-                Found::Delta(parse_delta(id, encoded)?)
-            } else {
-                Found::Plain(decode_chunk(id, encoded)?)
-            });
-            Ok(())
-        })?;
-        match found {
-            Some(found) if present => Ok(found),
-            _ => Err(StoreError::MissingChunk {
-                id,
-                context: missing(),
-            }),
-        }
-    };
+    let read =
+        |id: ChunkId, verify: bool, missing: &dyn Fn() -> String| -> Result<Found, StoreError> {
+            let key = inner.object_key(&id);
+            let mut found = None;
+            let present = objects.get_blocking_with(&key, &mut |stored| {
+                let encoded: &[u8] = match reader {
+                    None => stored,
+                    Some(reader) => {
+                        let dek_id = crypt::check_chunk_envelope(stored)
+                            .map_err(|e| envelope_error(id, &key, e))?;
+                        let dek = reader
+                            .data_keys
+                            .lock()
+                            .ok()
+                            .and_then(|m| m.get(&dek_id).cloned());
+                        let Some(dek) = dek else {
+                            found = Some(Found::NeedKey(id, dek_id));
+                            return Ok(());
+                        };
+                        let n = crypt::open_chunk_in_place(&dek, &key, stored)
+                            .map_err(|e| envelope_error(id, &key, e))?;
+                        &stored[..n]
+                    }
+                };
+                found = Some(if parse_chunk_header(id, encoded)?.codec == CODEC_DELTA {
+                    Found::Delta(parse_delta(id, encoded)?)
+                } else if verify {
+                    Found::Plain(decode_chunk(id, encoded)?)
+                } else {
+                    Found::Plain(decode_chunk_unverified(id, encoded)?)
+                });
+                Ok(())
+            })?;
+            match found {
+                Some(found) if present => Ok(found),
+                _ => Err(StoreError::MissingChunk {
+                    id,
+                    context: missing(),
+                }),
+            }
+        };
     let key = inner.object_key(&id);
-    let delta = match read(id, &|| format!("object {key} not found"))? {
+    let delta = match read(id, true, &|| format!("object {key} not found"))? {
         Found::Plain(plain) => return Ok(ChunkRead::Plain(plain)),
         Found::NeedKey(chunk, dek) => return Ok(ChunkRead::NeedKey(chunk, dek)),
         Found::Delta(delta) => delta,
     };
     let base_key = inner.object_key(&delta.base);
     let missing = || format!("the base of delta chunk {id}: object {base_key} not found");
-    let base = match read(delta.base, &missing)? {
+    // The base is not hashed on its own: what is checked is the block
+    // rebuilt on it (see `rebuild_delta`).
+    let base = match read(delta.base, false, &missing)? {
         Found::Plain(base) => base,
         Found::NeedKey(chunk, dek) => return Ok(ChunkRead::NeedKey(chunk, dek)),
         Found::Delta(_) => {
@@ -1641,19 +1657,22 @@ fn read_chunk_blocking(
             });
         }
     };
-    rebuild_delta(id, &delta, &base).map(ChunkRead::Plain)
+    rebuild_delta(id, &delta, base).map(ChunkRead::Plain)
 }
 
-/// The plaintext of delta chunk `id` rebuilt on its (verified) base's
-/// plaintext, checked against the id it must hash to.
-fn rebuild_delta(id: ChunkId, delta: &Delta, base: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let plain = apply_delta(id, delta, base)?;
+/// The plaintext of delta chunk `id` rebuilt on its base's plaintext
+/// (decoded but not hashed: the pages the delta replaces need not be
+/// right), checked against the id it must hash to. What is returned is
+/// verified as any chunk read is; a damaged base or delta fails here
+/// (`verify` checks each object on its own and names which).
+fn rebuild_delta(id: ChunkId, delta: &Delta, base: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    let plain = apply_delta_in_place(id, delta, base)?;
     let actual = ChunkId::of(&plain);
     if actual != delta.target {
         return Err(StoreError::CorruptChunk {
             id,
             reason: format!(
-                "rebuilt on its base {}, it hashes to {actual}, not {}",
+                "rebuilt on its base {}, it hashes to {actual}, not {}: the delta or its base is damaged",
                 delta.base, delta.target
             ),
         });

@@ -795,3 +795,76 @@ fn manifests_of_version_one_still_read() {
     v2.extend_from_slice(sum.as_bytes());
     assert_eq!(Manifest::decode(&v2).unwrap(), m);
 }
+
+/// A delta is read by rebuilding it on its base, and only the rebuilt
+/// block is hashed: damage to the base in a page the delta replaces does
+/// not matter to the block, damage elsewhere fails the read (never wrong
+/// data), and `verify` names the damaged base either way.
+#[tokio::test]
+async fn a_delta_is_checked_as_rebuilt_and_a_damaged_base_is_named_by_verify() {
+    for async_only in [false, true] {
+        let (dir, store) = store_of_kind(async_only).await;
+        let v1 = random(CS as usize);
+        let base = encode_chunk(&v1, true);
+        assert_eq!(base.bytes[CHUNK_MAGIC.len()], CODEC_RAW, "a raw base");
+        let mut v2 = v1.clone();
+        v2[4096..8192].copy_from_slice(&random(4096));
+        let target = ChunkId::of(&v2);
+        let delta = encode_delta_chunk(target, CS, base.id, &[(1, &v2[4096..8192])], true);
+        store
+            .put_encoded_chunk(base.id, base.bytes.clone())
+            .await
+            .unwrap();
+        store
+            .put_encoded_chunk(delta.id, delta.bytes)
+            .await
+            .unwrap();
+        let mut m = manifest(
+            "vm",
+            "p1",
+            vec![DiskManifest {
+                disk_id: "d".into(),
+                size: CS as u64,
+                chunk_size: CS,
+                chunks: vec![Some(delta.id)],
+            }],
+        );
+        m.bases.insert(delta.id, base.id);
+        store.commit_point(&m).await.unwrap();
+        assert_eq!(store.get_chunk(delta.id).await.unwrap(), v2);
+
+        // A byte of the base's page 1, which the delta replaces.
+        let path = chunk_path(dir.path(), &base.id);
+        let flip = |at: usize| {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[CHUNK_HEADER_LEN + at] ^= 0x5a;
+            std::fs::write(&path, bytes).unwrap();
+        };
+        flip(4096 + 10);
+        assert_eq!(
+            store.get_chunk(delta.id).await.unwrap(),
+            v2,
+            "async_only {async_only}"
+        );
+        assert!(matches!(
+            store.get_chunk(base.id).await,
+            Err(StoreError::CorruptChunk { id, .. }) if id == base.id
+        ));
+        let report = store.verify().await.unwrap();
+        assert_eq!(report.points[0].damaged_chunks, vec![base.id]);
+
+        // A byte of page 5, which the block keeps from its base.
+        flip(4096 + 10);
+        flip(5 * 4096 + 3);
+        let err = store.get_chunk(delta.id).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::CorruptChunk { id, reason } if *id == delta.id && reason.contains(&base.id.to_string())),
+            "async_only {async_only}: {err}"
+        );
+        let report = store.verify().await.unwrap();
+        assert!(
+            report.points[0].damaged_chunks.contains(&base.id),
+            "{report:?}"
+        );
+    }
+}
