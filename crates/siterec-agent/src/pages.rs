@@ -182,15 +182,18 @@ pub fn plan(
     let Some(old) =
         old.filter(|o| acked == Some(&o.hash) && o.len == len && data.len() <= PAGES * DELTA_PAGE)
     else {
-        return (Plan::Whole, whole);
+        return on_zeros(data, whole);
     };
     let changed: PageMask = (old.fps.iter().zip(&fps).enumerate())
         .filter(|(_, (a, b))| a != b)
         .map(|(i, _)| i)
         .collect();
     let mask = old.mask | changed;
-    if mask.is_empty() || old.base == *hash || mask.count() > MAX_DELTA_PAGES {
+    if mask.is_empty() || old.base == *hash {
         return (Plan::Whole, whole);
+    }
+    if mask.count() > MAX_DELTA_PAGES {
+        return on_zeros(data, whole);
     }
     (
         Plan::Delta {
@@ -199,6 +202,41 @@ pub fn plan(
         },
         Record {
             base: old.base,
+            mask,
+            ..whole
+        },
+    )
+}
+
+/// A block with no usable delta base: as a delta on zeros
+/// ([`siterec_store::ZERO_BASE`]) when all but a few of its pages are zeros
+/// (found exactly, page by page: a reader rebuilds the block from just
+/// those pages), else whole. A block that was zeros before and took a few
+/// writes costs those pages, not a megabyte to compress and check.
+fn on_zeros(data: &[u8], whole: Record) -> (Plan, Record) {
+    if data.len() > PAGES * DELTA_PAGE {
+        return (Plan::Whole, whole);
+    }
+    let mut mask = PageMask::EMPTY;
+    for (i, page) in data.chunks(DELTA_PAGE).enumerate() {
+        if !siterec_store::is_all_zero(page) {
+            mask.insert(i);
+            // Most blocks stop here after a few dozen pages (each test
+            // stops at its first non-zero byte).
+            if mask.count() > MAX_DELTA_PAGES {
+                return (Plan::Whole, whole);
+            }
+        }
+    }
+    if mask.is_empty() {
+        // All zeros: the scan does not ship such a block at all.
+        return (Plan::Whole, whole);
+    }
+    let base = siterec_store::ZERO_BASE.0;
+    (
+        Plan::Delta { base, mask },
+        Record {
+            base,
             mask,
             ..whole
         },
@@ -355,6 +393,59 @@ mod tests {
 
     fn hash(d: &[u8]) -> [u8; 32] {
         *blake3::hash(d).as_bytes()
+    }
+
+    #[test]
+    fn a_block_of_zeros_but_a_few_pages_ships_as_a_delta_on_zeros() {
+        let zero = siterec_store::ZERO_BASE.0;
+        let mut v1 = vec![0u8; PAGES * DELTA_PAGE];
+        v1[3 * DELTA_PAGE + 100] = 7;
+        v1[200 * DELTA_PAGE + DELTA_PAGE - 1] = 9;
+        let h1 = hash(&v1);
+        // No record, or one not acknowledged: the non-zero pages, on zeros.
+        let (p, r1) = plan(None, None, &h1, &v1, &[]);
+        assert_eq!(
+            p,
+            Plan::Delta {
+                base: zero,
+                mask: [3, 200].into_iter().collect()
+            }
+        );
+        assert_eq!((r1.base, r1.hash), (zero, h1));
+        // The next change accumulates on zeros, as on any base; a page
+        // written back to zeros stays in the delta.
+        let mut v2 = v1.clone();
+        v2[3 * DELTA_PAGE + 100] = 0;
+        v2[10 * DELTA_PAGE] = 1;
+        let h2 = hash(&v2);
+        let (p, r2) = plan(Some(&h1), Some(&r1), &h2, &v2, &[]);
+        assert_eq!(
+            p,
+            Plan::Delta {
+                base: zero,
+                mask: [3, 10, 200].into_iter().collect()
+            }
+        );
+        assert_eq!(r2.base, zero);
+        // Past a quarter of the pages: whole.
+        let mut full = vec![0u8; PAGES * DELTA_PAGE];
+        for i in 0..=MAX_DELTA_PAGES as usize {
+            full[i * DELTA_PAGE + 1] = 1;
+        }
+        assert_eq!(plan(None, None, &hash(&full), &full, &[]).0, Plan::Whole);
+        // A page is zero only if every byte is, whatever its fingerprint.
+        let mut last = vec![0u8; PAGES * DELTA_PAGE];
+        last[PAGES * DELTA_PAGE - 1] = 1;
+        assert_eq!(
+            plan(None, None, &hash(&last), &last, &[]).0,
+            Plan::Delta {
+                base: zero,
+                mask: [PAGES - 1].into_iter().collect()
+            }
+        );
+        // Data everywhere: whole.
+        let v = block(4);
+        assert_eq!(plan(None, None, &hash(&v), &v, &[]).0, Plan::Whole);
     }
 
     #[test]

@@ -50,6 +50,13 @@ const SAMPLE_MIN_LEN: usize = 64 * 1024;
 /// Size of the sample compressed to detect incompressible data.
 const SAMPLE_LEN: usize = 4096;
 
+/// The base of a delta chunk on a block of zeros (all-zero bytes: not the
+/// hash of anything anyone will find). No object holds it — stores keep no
+/// all-zero chunk — and a reader rebuilds such a delta on zeros. A block
+/// that is zeros but for a few pages ships as such a delta instead of
+/// whole. See FORMAT.md.
+pub const ZERO_BASE: ChunkId = ChunkId([0; 32]);
+
 /// The id of a chunk: the BLAKE3 hash of its plaintext.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChunkId(pub [u8; 32]);

@@ -130,9 +130,9 @@ mod test_servers;
 pub use backend::{Backend, LocalDir, validate_key, validate_prefix};
 pub use chunk::{
     CHUNK_HEADER_LEN, CHUNK_MAGIC, CODEC_DELTA, CODEC_RAW, CODEC_ZSTD, ChunkContent, ChunkHeader,
-    ChunkId, DELTA_PAGE, EncodedChunk, MAX_CHUNK_LEN, ParseChunkIdError, check_chunk, decode_chunk,
-    delta_base, delta_id, encode_chunk, encode_chunk_with_id, encode_delta_chunk, is_all_zero,
-    parse_chunk_header,
+    ChunkId, DELTA_PAGE, EncodedChunk, MAX_CHUNK_LEN, ParseChunkIdError, ZERO_BASE, check_chunk,
+    decode_chunk, delta_base, delta_id, encode_chunk, encode_chunk_with_id, encode_delta_chunk,
+    is_all_zero, parse_chunk_header,
 };
 pub use config::{AzureConfig, BackendConfig, S3Config, Secret, open_backend};
 pub use crypt::{

@@ -194,6 +194,8 @@ impl Manifest {
             .iter()
             .flat_map(|d| d.chunks.iter().flatten().copied())
             .chain(self.bases.values().copied())
+            // A delta on zeros has no base object.
+            .filter(|id| *id != crate::chunk::ZERO_BASE)
             .collect()
     }
 

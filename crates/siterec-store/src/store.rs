@@ -13,9 +13,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, BlockingObjects, LocalDir};
 use crate::chunk::{
-    CODEC_DELTA, ChunkContent, ChunkId, Delta, apply_delta, apply_delta_in_place, check_chunk,
-    decode_chunk, decode_chunk_unverified, delta_id, encode_chunk, is_all_zero, parse_chunk_header,
-    parse_delta, parse_delta_unnamed,
+    CODEC_DELTA, ChunkContent, ChunkId, Delta, ZERO_BASE, apply_delta, apply_delta_in_place,
+    check_chunk, decode_chunk, decode_chunk_unverified, delta_id, encode_chunk, is_all_zero,
+    parse_chunk_header, parse_delta, parse_delta_unnamed,
 };
 use crate::crypt::{
     self, Cipher, DATA_KEY_ID_LEN, DataKey, ENCRYPTION_ALGORITHM, KEY_WRAP_SCHEME, NAME_KEY_SCHEME,
@@ -579,7 +579,10 @@ impl Store {
         // A delta is checked by rebuilding it on its (verified) base.
         let base = if parse_chunk_header(named, &encoded)?.codec == CODEC_DELTA {
             let delta = parse_delta_unnamed(named, &encoded)?;
-            Some(self.get_chunk_unlocked(delta.base).await?)
+            Some(match delta.base {
+                ZERO_BASE => vec![0; delta.plain_len as usize],
+                base => self.get_chunk_unlocked(base).await?,
+            })
         } else {
             None
         };
@@ -657,11 +660,7 @@ impl Store {
     pub async fn put_encoded_chunk(&self, id: ChunkId, bytes: Vec<u8>) -> Result<bool, StoreError> {
         let guard = Arc::clone(&self.inner.gate).read_owned().await;
         let key = self.inner.object_key(&id);
-        let base = match parse_chunk_header(id, &bytes)?.codec {
-            CODEC_DELTA => Some(parse_delta(id, &bytes)?.base),
-            _ => None,
-        };
-        let base_key = base.map(|b| (b, self.inner.object_key(&b)));
+        let need = prerequisite(&self.inner, id, &bytes)?;
         let dek = self.session_key().await?;
         if self.inner.backend.blocking_objects().is_some() {
             // Files: look, check, seal and write in one blocking call
@@ -671,9 +670,7 @@ impl Store {
             let inner = Arc::clone(&self.inner);
             return tokio::task::spawn_blocking(move || {
                 let r = match inner.backend.blocking_objects() {
-                    Some(objects) => {
-                        store_checked(objects, id, &key, base_key, bytes, dek.as_deref())
-                    }
+                    Some(objects) => store_checked(objects, id, &key, need, bytes, dek.as_deref()),
                     None => Err(StoreError::Task(
                         "the backend no longer offers blocking calls".into(),
                     )),
@@ -688,15 +685,14 @@ impl Store {
         if self.inner.backend.exists(&key).await? {
             return Ok(false);
         }
-        if let Some((base, base_key)) = &base_key
+        if let Prerequisite::Base(Some((base, base_key))) = &need
             && !self.inner.backend.exists(base_key).await?
         {
             return Err(missing_base(id, *base));
         }
         let object_key = key.clone();
-        let is_delta = base_key.is_some();
         let bytes = tokio::task::spawn_blocking(move || {
-            if !is_delta {
+            if let Prerequisite::Content = need {
                 check_stored_content(id, &bytes)?;
             }
             seal_stored(dek.as_deref(), &object_key, bytes)
@@ -728,19 +724,13 @@ impl Store {
         }
         let guard = Arc::clone(&self.inner.gate).read_owned().await;
         let key = self.inner.object_key(&id);
-        let base = match parse_chunk_header(id, up.object())?.codec {
-            CODEC_DELTA => Some(parse_delta(id, up.object())?.base),
-            _ => None,
-        };
-        let base_key = base.map(|b| (b, self.inner.object_key(&b)));
+        let need = prerequisite(&self.inner, id, up.object())?;
         let dek = self.session_key().await?;
         self.begin_write().await?;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let r = match inner.backend.blocking_objects() {
-                Some(objects) => {
-                    store_upload_checked(objects, id, &key, base_key, up, dek.as_deref())
-                }
+                Some(objects) => store_upload_checked(objects, id, &key, need, up, dek.as_deref()),
                 None => Err(StoreError::Task(
                     "the backend no longer offers blocking calls".into(),
                 )),
@@ -926,6 +916,12 @@ impl Store {
         // and check the result against the id like any chunk.
         let delta = parse_delta(id, &encoded)?;
         let base_id = delta.base;
+        if base_id == ZERO_BASE {
+            let zeros = vec![0; delta.plain_len as usize];
+            return tokio::task::spawn_blocking(move || rebuild_delta(id, &delta, zeros))
+                .await
+                .map_err(StoreError::task)?;
+        }
         let base_key = self.inner.object_key(&base_id);
         let context = format!("the base of delta chunk {id}: object {base_key} not found");
         let base_encoded = self.fetch_encoded(base_id, base_key, context).await?;
@@ -1484,11 +1480,11 @@ fn store_checked(
     objects: &dyn BlockingObjects,
     id: ChunkId,
     key: &str,
-    base: Option<(ChunkId, String)>,
+    need: Prerequisite,
     bytes: Vec<u8>,
     dek: Option<&DataKey>,
 ) -> Result<bool, StoreError> {
-    if !needs_storing(objects, id, key, &base, &bytes)? {
+    if !needs_storing(objects, id, key, &need, &bytes)? {
         return Ok(false);
     }
     write_checked(objects, key, &bytes, dek)?;
@@ -1502,21 +1498,43 @@ fn needs_storing(
     objects: &dyn BlockingObjects,
     id: ChunkId,
     key: &str,
-    base: &Option<(ChunkId, String)>,
+    need: &Prerequisite,
     object: &[u8],
 ) -> Result<bool, StoreError> {
     if objects.exists_blocking(key)? {
         return Ok(false);
     }
-    match base {
-        Some((base, base_key)) => {
+    match need {
+        Prerequisite::Base(Some((base, base_key))) => {
             if !objects.exists_blocking(base_key)? {
                 return Err(missing_base(id, *base));
             }
         }
-        None => check_stored_content(id, object)?,
+        Prerequisite::Base(None) => {}
+        Prerequisite::Content => check_stored_content(id, object)?,
     }
     Ok(true)
+}
+
+/// What a received chunk object needs checked before it is stored.
+enum Prerequisite {
+    /// A whole chunk: its content, against its id.
+    Content,
+    /// A delta: that its base (id, object key) is stored; `None` for a
+    /// delta on zeros ([`ZERO_BASE`]), which has no base object. A delta's
+    /// content is checked whenever it is read.
+    Base(Option<(ChunkId, String)>),
+}
+
+/// The [`Prerequisite`] of chunk object `object`, named `id`.
+fn prerequisite(inner: &Inner, id: ChunkId, object: &[u8]) -> Result<Prerequisite, StoreError> {
+    Ok(match parse_chunk_header(id, object)?.codec {
+        CODEC_DELTA => Prerequisite::Base(match parse_delta(id, object)?.base {
+            ZERO_BASE => None,
+            base => Some((base, inner.object_key(&base))),
+        }),
+        _ => Prerequisite::Content,
+    })
 }
 
 /// [`store_checked`] of an upload: sealed (with `dek`) in its own buffer,
@@ -1525,11 +1543,11 @@ fn store_upload_checked(
     objects: &dyn BlockingObjects,
     id: ChunkId,
     key: &str,
-    base: Option<(ChunkId, String)>,
+    need: Prerequisite,
     mut up: ChunkUpload,
     dek: Option<&DataKey>,
 ) -> Result<bool, StoreError> {
-    if !needs_storing(objects, id, key, &base, up.object())? {
+    if !needs_storing(objects, id, key, &need, up.object())? {
         return Ok(false);
     }
     let object_len = up.object().len();
@@ -1643,6 +1661,10 @@ fn read_chunk_blocking(
         Found::NeedKey(chunk, dek) => return Ok(ChunkRead::NeedKey(chunk, dek)),
         Found::Delta(delta) => delta,
     };
+    if delta.base == ZERO_BASE {
+        let zeros = vec![0; delta.plain_len as usize];
+        return rebuild_delta(id, &delta, zeros).map(ChunkRead::Plain);
+    }
     let base_key = inner.object_key(&delta.base);
     let missing = || format!("the base of delta chunk {id}: object {base_key} not found");
     // The base is not hashed on its own: what is checked is the block

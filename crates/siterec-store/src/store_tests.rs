@@ -868,3 +868,60 @@ async fn a_delta_is_checked_as_rebuilt_and_a_damaged_base_is_named_by_verify() {
         );
     }
 }
+
+/// A delta on zeros has no base object: it is stored, committed, read,
+/// verified and kept by garbage collection on its own.
+#[tokio::test]
+async fn a_delta_on_zeros_stands_alone() {
+    for async_only in [false, true] {
+        for upload in [false, true] {
+            let (dir, store) = store_of_kind(async_only).await;
+            let mut block = vec![0u8; CS as usize];
+            block[4096..8192].copy_from_slice(&random(4096));
+            block[CS as usize - 1] = 3;
+            let target = ChunkId::of(&block);
+            let last = (CS / 4096 - 1) as u16;
+            let delta = encode_delta_chunk(
+                target,
+                CS,
+                ZERO_BASE,
+                &[
+                    (1, &block[4096..8192]),
+                    (last, &block[CS as usize - 4096..]),
+                ],
+                true,
+            );
+            assert!(
+                put_object(&store, delta.id, &delta.bytes, upload)
+                    .await
+                    .unwrap()
+            );
+            let mut m = manifest(
+                "vm",
+                "p1",
+                vec![DiskManifest {
+                    disk_id: "d".into(),
+                    size: CS as u64,
+                    chunk_size: CS,
+                    chunks: vec![Some(delta.id)],
+                }],
+            );
+            m.bases.insert(delta.id, ZERO_BASE);
+            assert_eq!(m.referenced_chunks(), HashSet::from([delta.id]));
+            store.commit_point(&m).await.unwrap();
+            assert_eq!(store.get_chunk(delta.id).await.unwrap(), block);
+            assert_eq!(read_back(&store, &m, 0, 1).await, block);
+            let report = store.gc(&HashSet::new()).await.unwrap();
+            assert_eq!(report.chunks_deleted, 0, "{report:?}");
+            assert!(store.verify().await.unwrap().all_ok());
+            // Damage shows when it is read: never zeros or wrong pages.
+            let path = chunk_path(dir.path(), &delta.id);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let at = bytes.len() - 1;
+            bytes[at] ^= 0x20;
+            std::fs::write(&path, bytes).unwrap();
+            assert!(store.get_chunk(delta.id).await.is_err());
+            assert!(!store.verify().await.unwrap().all_ok());
+        }
+    }
+}
