@@ -663,24 +663,11 @@ impl Store {
         let need = prerequisite(&self.inner, id, &bytes)?;
         let dek = self.session_key().await?;
         if self.inner.backend.blocking_objects().is_some() {
-            // Files: look, check, seal and write in one blocking call
-            // rather than a thread hop for each (a chunk arrives every
-            // millisecond or two during an initial copy).
-            self.begin_write().await?;
-            let inner = Arc::clone(&self.inner);
-            return tokio::task::spawn_blocking(move || {
-                let r = match inner.backend.blocking_objects() {
-                    Some(objects) => store_checked(objects, id, &key, need, bytes, dek.as_deref()),
-                    None => Err(StoreError::Task(
-                        "the backend no longer offers blocking calls".into(),
-                    )),
-                };
-                inner.writes_done.fetch_add(1, Ordering::SeqCst);
-                drop(guard);
-                r
-            })
-            .await
-            .map_err(StoreError::task)?;
+            return self
+                .write_blocking(guard, move |objects| {
+                    store_checked(objects, id, &key, need, bytes, dek.as_deref())
+                })
+                .await;
         }
         if self.inner.backend.exists(&key).await? {
             return Ok(false);
@@ -726,11 +713,26 @@ impl Store {
         let key = self.inner.object_key(&id);
         let need = prerequisite(&self.inner, id, up.object())?;
         let dek = self.session_key().await?;
+        self.write_blocking(guard, move |objects| {
+            store_upload_checked(objects, id, &key, need, up, dek.as_deref())
+        })
+        .await
+    }
+
+    /// Runs a chunk write on a backend with blocking calls as one blocking
+    /// call — look, check, seal and write — rather than a thread hop for
+    /// each (a chunk arrives every millisecond or two during an initial
+    /// copy). `guard` (the gate) is held until it is done.
+    async fn write_blocking(
+        &self,
+        guard: OwnedRwLockReadGuard<()>,
+        write: impl FnOnce(&dyn BlockingObjects) -> Result<bool, StoreError> + Send + 'static,
+    ) -> Result<bool, StoreError> {
         self.begin_write().await?;
         let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
             let r = match inner.backend.blocking_objects() {
-                Some(objects) => store_upload_checked(objects, id, &key, need, up, dek.as_deref()),
+                Some(objects) => write(objects),
                 None => Err(StoreError::Task(
                     "the backend no longer offers blocking calls".into(),
                 )),
