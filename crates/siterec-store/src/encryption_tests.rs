@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use base64::Engine;
 
-use crate::store_tests::{CS, image, manifest, random, read_back, texty, upload_disk};
+use crate::store_tests::{
+    CS, delta_manifest, image, manifest, random, read_back, texty, upload_disk,
+};
 use crate::*;
 
 /// Opens with the credential of `key` (what the recovery agent does).
@@ -414,17 +416,7 @@ async fn delta_chunks_round_trip(async_only: bool, upload: bool) {
             .await
             .unwrap()
     );
-    let mut m = manifest(
-        "vm",
-        "p1",
-        vec![DiskManifest {
-            disk_id: "d".into(),
-            size: CS as u64,
-            chunk_size: CS,
-            chunks: vec![Some(delta.id)],
-        }],
-    );
-    m.bases.insert(delta.id, base.id);
+    let m = delta_manifest(delta.id, base.id);
     writer.commit_point(&m).await.unwrap();
     assert!(matches!(
         writer.get_chunk(delta.id).await,

@@ -86,6 +86,23 @@ fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
     dir.join(chunk_key(id))
 }
 
+/// Point "p1" of item "vm": one disk of one block, delta chunk `delta` on
+/// `base`.
+pub(crate) fn delta_manifest(delta: ChunkId, base: ChunkId) -> Manifest {
+    let mut m = manifest(
+        "vm",
+        "p1",
+        vec![DiskManifest {
+            disk_id: "d".into(),
+            size: CS as u64,
+            chunk_size: CS,
+            chunks: vec![Some(delta)],
+        }],
+    );
+    m.bases.insert(delta, base);
+    m
+}
+
 /// Uploads `image` as a disk the way the source agent would, returning its
 /// manifest (without committing it).
 pub(crate) async fn upload_disk(store: &Store, disk_id: &str, image: &[u8]) -> DiskManifest {
@@ -722,18 +739,9 @@ async fn delta_chunk_checks(async_only: bool) {
     );
     assert_eq!(store.get_chunk(delta.id).await.unwrap(), v2);
 
-    let mut m = manifest(
-        "vm",
-        "p1",
-        vec![DiskManifest {
-            disk_id: "d".into(),
-            size: CS as u64,
-            chunk_size: CS,
-            chunks: vec![Some(delta.id)],
-        }],
-    );
-    // Without its base listed, the manifest does not say what gc must keep.
-    m.bases.insert(delta.id, base.id);
+    // The base is listed: without it the manifest would not say what gc
+    // must keep.
+    let m = delta_manifest(delta.id, base.id);
     store.commit_point(&m).await.unwrap();
     let back = store.read_manifest("vm", "p1").await.unwrap();
     assert_eq!(back.bases, m.bases);
@@ -819,17 +827,7 @@ async fn a_delta_is_checked_as_rebuilt_and_a_damaged_base_is_named_by_verify() {
             .put_encoded_chunk(delta.id, delta.bytes)
             .await
             .unwrap();
-        let mut m = manifest(
-            "vm",
-            "p1",
-            vec![DiskManifest {
-                disk_id: "d".into(),
-                size: CS as u64,
-                chunk_size: CS,
-                chunks: vec![Some(delta.id)],
-            }],
-        );
-        m.bases.insert(delta.id, base.id);
+        let m = delta_manifest(delta.id, base.id);
         store.commit_point(&m).await.unwrap();
         assert_eq!(store.get_chunk(delta.id).await.unwrap(), v2);
 
@@ -896,17 +894,7 @@ async fn a_delta_on_zeros_stands_alone() {
                     .await
                     .unwrap()
             );
-            let mut m = manifest(
-                "vm",
-                "p1",
-                vec![DiskManifest {
-                    disk_id: "d".into(),
-                    size: CS as u64,
-                    chunk_size: CS,
-                    chunks: vec![Some(delta.id)],
-                }],
-            );
-            m.bases.insert(delta.id, ZERO_BASE);
+            let m = delta_manifest(delta.id, ZERO_BASE);
             assert_eq!(m.referenced_chunks(), HashSet::from([delta.id]));
             store.commit_point(&m).await.unwrap();
             assert_eq!(store.get_chunk(delta.id).await.unwrap(), block);
