@@ -242,9 +242,15 @@ fn a_multi_vm_group_gets_points_at_one_instant() {
             live_hash(&paths[1], &disks)
         );
     }
-    // Both guests run on after being paused for the points.
+    // Both guests run on after being paused for the points. The group's
+    // next cycle may be pausing them right now (the marker exists for the
+    // few moments of each pause), so a VM fails only if it stays paused.
     for vm in ["app01", "app02"] {
-        let status = std::fs::read_to_string(primary.join(format!("vms/{vm}/paused-by-siterec")));
-        assert!(status.is_err(), "{vm} left paused");
+        let marker = primary.join(format!("vms/{vm}/paused-by-siterec"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while marker.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(!marker.exists(), "{vm} left paused for 30 s");
     }
 }
