@@ -247,10 +247,8 @@ fn a_multi_vm_group_gets_points_at_one_instant() {
     // few moments of each pause), so a VM fails only if it stays paused.
     for vm in ["app01", "app02"] {
         let marker = primary.join(format!("vms/{vm}/paused-by-siterec"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while marker.exists() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(!marker.exists(), "{vm} left paused for 30 s");
+        wait_until(Duration::from_secs(30), &format!("{vm} to run on"), || {
+            !marker.exists()
+        });
     }
 }
