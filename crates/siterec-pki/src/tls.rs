@@ -8,13 +8,28 @@ use rustls::server::WebPkiClientVerifier;
 
 use crate::error::{PkiError, Result};
 
-/// Install rustls' aws-lc-rs provider as the process default. Idempotent: a
+/// Install rustls' aws-lc-rs provider as the process default (used by
+/// clients not made here, such as the object-storage ones). Idempotent: a
 /// provider already installed (by us or anyone else) is left alone.
 pub fn install_crypto_provider() {
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Losing a race against another installer is fine.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
+}
+
+/// The crypto provider of every TLS configuration made here: rustls'
+/// ring provider. Its AES-GCM has a VAES-AVX2 implementation that aws-lc
+/// lacks, which halves the cost of the bulk cipher on the data path of
+/// CPUs with AVX2 but no AVX-512 (measured 5.5-6.5 GB/s against 3.2-3.5
+/// on an AMD EPYC). The process default (aws-lc-rs, see
+/// [`install_crypto_provider`]) is left for other clients.
+fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> =
+        std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// Whether (and how) a TLS server asks for client certificates.
@@ -81,7 +96,8 @@ pub fn server_config(
     install_crypto_provider();
     let certs = parse_certs(cert_pem)?;
     let key = parse_key(key_pem)?;
-    let builder = rustls::ServerConfig::builder();
+    let builder = rustls::ServerConfig::builder_with_provider(tls_provider())
+        .with_safe_default_protocol_versions()?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Optional | ClientAuth::Required => {
@@ -90,7 +106,8 @@ pub fn server_config(
                     "client_auth {client_auth:?} needs a client CA certificate"
                 ))
             })?;
-            let mut vb = WebPkiClientVerifier::builder(root_store(ca)?);
+            let mut vb =
+                WebPkiClientVerifier::builder_with_provider(root_store(ca)?, tls_provider());
             if client_auth == ClientAuth::Optional {
                 vb = vb.allow_unauthenticated();
             }
@@ -106,7 +123,9 @@ pub fn server_config(
 /// presenting `identity = (cert_pem, key_pem)` as client certificate if given.
 pub fn client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Result<rustls::ClientConfig> {
     install_crypto_provider();
-    let builder = rustls::ClientConfig::builder().with_root_certificates(root_store(ca_pem)?);
+    let builder = rustls::ClientConfig::builder_with_provider(tls_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(root_store(ca_pem)?);
     let config = match identity {
         Some((cert_pem, key_pem)) => {
             builder.with_client_auth_cert(parse_certs(cert_pem)?, parse_key(key_pem)?)?

@@ -21,10 +21,10 @@ use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
-use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, X25519};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
 use crate::chunk::ChunkId;
 use crate::error::StoreError;
@@ -999,6 +999,57 @@ impl RecoveryKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks are sealed with ring's AES-256-GCM since stores were first
+    /// written with aws-lc's: each must open what the other sealed, or
+    /// stores written before the switch would become unreadable.
+    #[test]
+    fn chunk_envelopes_are_the_same_with_ring_and_aws_lc() {
+        use aws_lc_rs::aead as awslc;
+        let raw = [0x5au8; KEY_LEN];
+        let dek = DataKey {
+            id: [7; DATA_KEY_ID_LEN],
+            key: aead_key(&raw).unwrap(),
+        };
+        let lc_key =
+            || awslc::LessSafeKey::new(awslc::UnboundKey::new(&awslc::AES_256_GCM, &raw).unwrap());
+        let plain: Vec<u8> = (0..10_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let object_key = "chunks/ab/abcdef";
+
+        // Sealed here (ring), opened with aws-lc.
+        let sealed = seal_chunk(&dek, object_key, &plain).unwrap();
+        let mut aad = sealed[..CHUNK_HEADER_LEN].to_vec();
+        aad.extend_from_slice(object_key.as_bytes());
+        let nonce: [u8; NONCE_LEN] = sealed[8 + DATA_KEY_ID_LEN..CHUNK_HEADER_LEN]
+            .try_into()
+            .unwrap();
+        let mut body = sealed[CHUNK_HEADER_LEN..sealed.len() - CHECKSUM_LEN].to_vec();
+        let opened = lc_key()
+            .open_in_place(
+                awslc::Nonce::assume_unique_for_key(nonce),
+                awslc::Aad::from(&aad[..]),
+                &mut body,
+            )
+            .unwrap();
+        assert_eq!(opened, &plain[..]);
+
+        // Sealed with aws-lc (as stores written before were), opened here.
+        let mut stored = sealed[..CHUNK_HEADER_LEN].to_vec();
+        let mut ct = plain.clone();
+        let tag = lc_key()
+            .seal_in_place_separate_tag(
+                awslc::Nonce::assume_unique_for_key(nonce),
+                awslc::Aad::from(&aad[..]),
+                &mut ct,
+            )
+            .unwrap();
+        stored.extend_from_slice(&ct);
+        stored.extend_from_slice(tag.as_ref());
+        let sum = envelope_checksum(&stored);
+        stored.extend_from_slice(&sum);
+        assert_eq!(stored, sealed, "same key and nonce, same envelope");
+        assert!(open_chunk(&dek, object_key, stored).is_ok_and(|p| p == plain));
+    }
 
     #[test]
     fn recovery_key_file_round_trip() {
