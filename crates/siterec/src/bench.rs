@@ -15,8 +15,11 @@
 //!
 //! Peers that are not installed are skipped with a note (`--no-peers`
 //! skips them all, to profile siterec alone). Every timed step starts after
-//! a `sync`, so none pays for the writeback of the one before. Machines are
-//! shared and noisy: read the ratios, not the absolute times.
+//! a `sync`, so none pays for the writeback of the one before, and the
+//! `sync` that ends it is timed too: siterec's steps end durable (synced),
+//! most peers' do not, so each peer gets two ratios, as run and with that
+//! sync added to both sides. Machines are shared and noisy: read the
+//! ratios, not the absolute times.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,7 +51,33 @@ struct Row {
     /// CPU time (user + system) the step used: this process's for
     /// siterec, the child's for a peer.
     cpu: Option<f64>,
+    /// Seconds a `sync` right after the step took: writing back what the
+    /// step left dirty. siterec syncs what it writes (about zero here);
+    /// the peers mostly do not, so "peer + sync" is the like-for-like
+    /// figure for a copy that survives a power cut.
+    sync: Option<f64>,
     note: String,
+}
+
+/// A siterec row: the step timed from `(t, c)`, then the sync after it.
+fn ours(phase: &'static str, t: Instant, c: f64, note: String) -> Row {
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(libc::RUSAGE_SELF) - c;
+    Row {
+        phase,
+        tool: "siterec".into(),
+        secs: Some(secs),
+        cpu: Some(cpu),
+        sync: Some(timed_sync()),
+        note,
+    }
+}
+
+/// Seconds a `sync(2)` takes now.
+fn timed_sync() -> f64 {
+    let t = Instant::now();
+    settle();
+    t.elapsed().as_secs_f64()
 }
 
 /// User + system CPU seconds of this process (`RUSAGE_SELF`) or of its
@@ -81,13 +110,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     settle();
     let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_SELF));
     let p1 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
-    rows.push(Row {
-        phase: "initial",
-        tool: "siterec".into(),
-        secs: Some(t.elapsed().as_secs_f64()),
-        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
-        note: rig.sent_note(),
-    });
+    rows.push(ours("initial", t, c, rig.sent_note()));
     let store_bytes = du(&dir.join("siterec/store"));
 
     // ---- peers: initial ----
@@ -174,13 +197,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     settle();
     let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_SELF));
     let p2 = committed(siterec_agent::source::cycle(&rig.ctx, &assignment).await?)?;
-    rows.push(Row {
-        phase: "delta",
-        tool: "siterec".into(),
-        secs: Some(t.elapsed().as_secs_f64()),
-        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
-        note: rig.sent_note(),
-    });
+    rows.push(ours("delta", t, c, rig.sent_note()));
     if restic {
         rows.push(timed(
             "delta",
@@ -223,13 +240,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         .target
         .materialize_with_key(&key, "bench", &p2, &["raw".to_string()])
         .await?;
-    rows.push(Row {
-        phase: "restore",
-        tool: "siterec".into(),
-        secs: Some(t.elapsed().as_secs_f64()),
-        cpu: Some(cpu_secs(libc::RUSAGE_SELF) - c),
-        note: String::new(),
-    });
+    rows.push(ours("restore", t, c, String::new()));
     let restored = disks
         .first()
         .map(|d| PathBuf::from(&d.path))
@@ -268,19 +279,24 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let _ = p1;
 
     // ---- report ----
-    let ours = |phase: &str| {
+    let siterec_row = |phase: &str| {
         rows.iter()
             .find(|r| r.phase == phase && r.tool == "siterec")
-            .and_then(|r| r.secs)
     };
     let report: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let ratio = match (r.secs, ours(r.phase)) {
-                (Some(peer), Some(us)) if r.tool != "siterec" && us > 0.0 => Some(peer / us),
+            let us = siterec_row(r.phase).filter(|_| r.tool != "siterec");
+            let ratio = match (r.secs, us.and_then(|u| u.secs)) {
+                (Some(peer), Some(us)) if us > 0.0 => Some(peer / us),
                 _ => None,
             };
-            json!({"phase": r.phase, "tool": r.tool, "seconds": r.secs.map(round2), "cpuSeconds": r.cpu.map(round2), "peerOverSiterec": ratio.map(round2), "note": r.note})
+            let durable = |row: &Row| Some(row.secs? + row.sync?);
+            let durable_ratio = match (durable(r), us.and_then(durable)) {
+                (Some(peer), Some(us)) if us > 0.0 => Some(peer / us),
+                _ => None,
+            };
+            json!({"phase": r.phase, "tool": r.tool, "seconds": r.secs.map(round2), "cpuSeconds": r.cpu.map(round2), "syncSeconds": r.sync.map(round2), "peerOverSiterec": ratio.map(round2), "withSyncPeerOverSiterec": durable_ratio.map(round2), "note": r.note})
         })
         .collect();
     match out {
@@ -300,7 +316,9 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                     ("TOOL", "/tool"),
                     ("SECONDS", "/seconds"),
                     ("CPU S", "/cpuSeconds"),
+                    ("SYNC S", "/syncSeconds"),
                     ("PEER / SITEREC", "/peerOverSiterec"),
+                    ("+ SYNC", "/withSyncPeerOverSiterec"),
                     ("NOTE", "/note"),
                 ],
             );
@@ -325,6 +343,7 @@ fn missing(phase: &'static str, tool: &str) -> Row {
         tool: tool.into(),
         secs: None,
         cpu: None,
+        sync: None,
         note: format!(
             "{tool} not installed (apt-get install {})",
             match tool {
@@ -349,11 +368,13 @@ fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<R
     settle();
     let (t, c) = (Instant::now(), cpu_secs(libc::RUSAGE_CHILDREN));
     run(cmd)?;
+    let secs = t.elapsed().as_secs_f64();
     Ok(Row {
         phase,
         tool: tool.into(),
-        secs: Some(t.elapsed().as_secs_f64()),
+        secs: Some(secs),
         cpu: Some(cpu_secs(libc::RUSAGE_CHILDREN) - c),
+        sync: Some(timed_sync()),
         note: String::new(),
     })
 }

@@ -32,6 +32,12 @@ fn replication_benchmark_restores_identically_in_bounded_memory() {
         .map(|r| r["phase"].as_str().unwrap())
         .collect();
     assert_eq!(phases, ["initial", "delta", "restore"], "{report}");
+    // Every step that ran is timed with the sync after it (not bounded
+    // here: sync(2) also writes back what concurrent tests left dirty).
+    for row in report["rows"].as_array().unwrap() {
+        let sync = row["syncSeconds"].as_f64();
+        assert!(sync.is_some_and(|s| s >= 0.0), "{row}");
+    }
     // The agent must stay under 256 MiB at any disk size. At 1 GiB the
     // chunk lists are small: what is left is buffers, about 80 MiB. When
     // every blocking thread kept its own buffers, a burst of short tasks
