@@ -206,9 +206,102 @@ const TEMP_PREFIX: &str = ".srtmp-";
 /// place (atomic, not fsynced); [`Backend::barrier`] makes everything durable
 /// with one `syncfs(2)` of the root's filesystem. The root directory must not
 /// span several filesystems, and is owned by one process at a time.
+///
+/// Every [`FLUSH_AHEAD`] bytes put, a background `syncfs` starts (see
+/// [`FlushAhead`]), so the barrier that commits a recovery point finds the
+/// device's write cache mostly written already.
 #[derive(Debug, Clone)]
 pub struct LocalDir {
     root: Arc<PathBuf>,
+    ahead: Arc<FlushAhead>,
+}
+
+/// Bytes put between two background flushes of a [`LocalDir`].
+pub const FLUSH_AHEAD: u64 = 128 << 20;
+
+/// Background flushes of a [`LocalDir`]'s filesystem while objects are put.
+///
+/// Chunk objects are written with `O_DIRECT`: the device has them, but in a
+/// volatile write cache (a virtual disk's is the host's page cache) until a
+/// flush. Left to the commit's barrier, that flush comes all at once: about
+/// a second per GiB on the virtual machines we run on, with the copy
+/// already done. Started every [`FLUSH_AHEAD`] bytes, the device writes
+/// while we still compute (the initial copy of the benchmark's image: 0.4-
+/// 1.1 s less here). At most one runs at a time; puts never wait for it.
+///
+/// Only the barrier makes anything durable: a background flush is an early
+/// start, never relied on. It must not hide a failure from the barrier,
+/// though: `syncfs` reports a writeback error once per descriptor that
+/// has not seen it, so a background flush that fails keeps the error, and
+/// the next barrier returns it.
+#[derive(Debug)]
+pub struct FlushAhead {
+    every: u64,
+    /// Bytes put since the last flush started.
+    since: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicBool,
+    /// Background flushes started (for tests and diagnostics).
+    started: std::sync::atomic::AtomicU64,
+    failed: std::sync::Mutex<Option<std::io::Error>>,
+}
+
+impl FlushAhead {
+    fn new(every: u64) -> FlushAhead {
+        FlushAhead {
+            every,
+            since: 0.into(),
+            running: false.into(),
+            started: 0.into(),
+            failed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Counts `len` bytes put under `root`; starts a background flush of
+    /// its filesystem when [`FlushAhead::every`] bytes have been put since
+    /// the last one and none is running.
+    fn wrote(self: &Arc<Self>, root: &Arc<PathBuf>, len: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let since = self.since.fetch_add(len as u64, SeqCst) + len as u64;
+        if since < self.every
+            || self
+                .running
+                .compare_exchange(false, true, SeqCst, SeqCst)
+                .is_err()
+        {
+            return;
+        }
+        self.since.store(0, SeqCst);
+        self.started.fetch_add(1, SeqCst);
+        let (me, root) = (Arc::clone(self), Arc::clone(root));
+        let spawned = std::thread::Builder::new()
+            .name("siterec-flush-ahead".into())
+            .spawn(move || {
+                let result =
+                    std::fs::File::open(root.as_path()).and_then(|dir| sync_filesystem(&dir));
+                if let Err(e) = result {
+                    tracing::warn!(root = %root.display(), "background flush of the replica store failed: {e}");
+                    if let Ok(mut failed) = me.failed.lock() {
+                        failed.get_or_insert(e);
+                    }
+                }
+                me.running.store(false, SeqCst);
+            });
+        if spawned.is_err() {
+            // No thread now: the barrier will flush everything anyway.
+            self.running.store(false, SeqCst);
+        }
+    }
+
+    /// The error of a failed background flush since the last barrier
+    /// (taken: the barrier that returns it has reported it).
+    fn take_failure(&self) -> Option<std::io::Error> {
+        self.failed.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// Background flushes started so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl LocalDir {
@@ -218,12 +311,30 @@ impl LocalDir {
         std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
         Ok(LocalDir {
             root: Arc::new(root),
+            ahead: Arc::new(FlushAhead::new(FLUSH_AHEAD)),
         })
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The same store with a background flush every `every` bytes put
+    /// instead of every [`FLUSH_AHEAD`] (tests use small values).
+    pub fn with_flush_ahead(mut self, every: u64) -> LocalDir {
+        self.ahead = Arc::new(FlushAhead::new(every));
+        self
+    }
+
+    /// The background flushes of this store (shared by its clones).
+    pub fn flush_ahead(&self) -> &FlushAhead {
+        &self.ahead
+    }
+
+    /// Notes a successful put of `len` bytes (see [`FlushAhead`]).
+    fn wrote(&self, len: usize) {
+        self.ahead.wrote(&self.root, len);
     }
 
     /// The file holding `key` (validated).
@@ -473,7 +584,10 @@ fn walk(
 impl Backend for LocalDir {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
-        self.blocking(move |_| write_bytes(&path, &data)).await
+        let len = data.len();
+        self.blocking(move |_| write_bytes(&path, &data)).await?;
+        self.wrote(len);
+        Ok(())
     }
 
     async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
@@ -529,9 +643,16 @@ impl Backend for LocalDir {
     }
 
     async fn barrier(&self) -> Result<(), StoreError> {
-        self.blocking(|root| {
+        let ahead = Arc::clone(&self.ahead);
+        self.blocking(move |root| {
             let dir = std::fs::File::open(root).map_err(|e| StoreError::io("open", root, e))?;
-            sync_filesystem(&dir).map_err(|e| StoreError::io("syncfs", root, e))
+            sync_filesystem(&dir).map_err(|e| StoreError::io("syncfs", root, e))?;
+            // After our own syncfs: a background one that failed before it
+            // may have taken the error that ours would have seen.
+            match ahead.take_failure() {
+                None => Ok(()),
+                Some(e) => Err(StoreError::io("flush in the background (syncfs)", root, e)),
+            }
         })
         .await
     }
@@ -577,7 +698,9 @@ impl BlockingObjects for LocalDir {
     }
 
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        write_bytes(&self.path_of(key)?, data)
+        write_bytes(&self.path_of(key)?, data)?;
+        self.wrote(data.len());
+        Ok(())
     }
 
     fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
@@ -590,11 +713,15 @@ impl BlockingObjects for LocalDir {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        write_object(&self.path_of(key)?, len, fill)
+        write_object(&self.path_of(key)?, len, fill)?;
+        self.wrote(len);
+        Ok(())
     }
 
     fn put_blocking_aligned(&self, key: &str, buf: &[u8], len: usize) -> Result<(), StoreError> {
-        write_aligned(&self.path_of(key)?, buf, len)
+        write_aligned(&self.path_of(key)?, buf, len)?;
+        self.wrote(len);
+        Ok(())
     }
 
     fn get_blocking_with(
@@ -983,5 +1110,31 @@ mod tests {
         assert_eq!(b.remove_stale_temp(Duration::ZERO).await.unwrap(), 2);
         assert!(!tmp.exists());
         assert!(dir.path().join("chunks/ab/k1").exists());
+    }
+
+    /// A background flush starts once `every` bytes have been put (by any
+    /// clone), not before, and the store's objects and barrier are as
+    /// without it.
+    #[tokio::test]
+    async fn a_background_flush_starts_every_so_many_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalDir::new(dir.path()).unwrap().with_flush_ahead(1 << 20);
+        let clone = b.clone();
+        let object = vec![5u8; 600 << 10];
+        b.put_blocking("chunks/aa/one", &object).unwrap();
+        assert_eq!(b.flush_ahead().started(), 0);
+        clone.put("chunks/aa/two", object.clone()).await.unwrap();
+        assert_eq!(b.flush_ahead().started(), 1);
+        // The counter starts again after a flush: 600 KiB more is short.
+        b.put_blocking_with("chunks/aa/three", object.len(), &mut |buf| {
+            buf.copy_from_slice(&object);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(clone.flush_ahead().started(), 1);
+        b.barrier().await.unwrap();
+        for key in ["chunks/aa/one", "chunks/aa/two", "chunks/aa/three"] {
+            assert_eq!(b.get(key).await.unwrap().as_deref(), Some(&object[..]));
+        }
     }
 }
