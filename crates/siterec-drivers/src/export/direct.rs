@@ -386,14 +386,11 @@ impl DirectWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
-    /// Runs of every alignment and contiguity land where they were aimed:
-    /// the file reads back as the same writes into a plain buffer.
-    #[test]
-    fn gathered_direct_writes_read_back_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
-        let size = 3 * GATHER + 12345;
+    /// A new sparse file of `size` bytes in `dir`, and a writer on it.
+    fn sparse_image(dir: &Path, size: usize) -> (PathBuf, DirectWriter) {
+        let path = dir.join("img");
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -402,7 +399,17 @@ mod tests {
             .open(&path)
             .unwrap();
         file.set_len(size as u64).unwrap();
-        let mut w = DirectWriter::new(file, &path);
+        let w = DirectWriter::new(file, &path);
+        (path, w)
+    }
+
+    /// Runs of every alignment and contiguity land where they were aimed:
+    /// the file reads back as the same writes into a plain buffer.
+    #[test]
+    fn gathered_direct_writes_read_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 3 * GATHER + 12345;
+        let (path, mut w) = sparse_image(dir.path(), size);
         let mut expect = vec![0u8; size];
         let mut seed = 7u32;
         let mut next = || {
@@ -433,17 +440,8 @@ mod tests {
     #[test]
     fn queued_and_direct_writes_keep_their_order() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("img");
         let size = 8 * GATHER;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(size as u64).unwrap();
-        let mut w = DirectWriter::new(file, &path);
+        let (path, mut w) = sparse_image(dir.path(), size);
         let mut expect = vec![0u8; size];
         let mut seed = 11u32;
         let mut byte = || {
