@@ -231,9 +231,13 @@ pub const FLUSH_AHEAD: u64 = 128 << 20;
 ///
 /// Only the barrier makes anything durable: a background flush is an early
 /// start, never relied on. It must not hide a failure from the barrier,
-/// though: `syncfs` reports a writeback error once per descriptor that
-/// has not seen it, so a background flush that fails keeps the error, and
-/// the next barrier returns it.
+/// though: `syncfs` reports a writeback error only to descriptors opened
+/// before anyone saw it, so a background flush that fails keeps the error,
+/// and the next barrier returns it. The background flush holds the error
+/// slot's lock from before its `syncfs` until it has recorded the outcome,
+/// and the barrier takes that lock after its own `syncfs`: an error seen
+/// by a flush still running when the barrier opened its descriptor is not
+/// missed.
 #[derive(Debug)]
 pub struct FlushAhead {
     every: u64,
@@ -242,6 +246,8 @@ pub struct FlushAhead {
     running: std::sync::atomic::AtomicBool,
     /// Background flushes started (for tests and diagnostics).
     started: std::sync::atomic::AtomicU64,
+    /// The first failure of a background flush since the last barrier;
+    /// locked by a running flush (see above).
     failed: std::sync::Mutex<Option<std::io::Error>>,
 }
 
@@ -276,14 +282,16 @@ impl FlushAhead {
         let spawned = std::thread::Builder::new()
             .name("siterec-flush-ahead".into())
             .spawn(move || {
+                // Poisoned only if a thread panicked holding it: the slot
+                // (an Option) is still meaningful.
+                let mut failed = me.failed.lock().unwrap_or_else(|p| p.into_inner());
                 let result =
                     std::fs::File::open(root.as_path()).and_then(|dir| sync_filesystem(&dir));
                 if let Err(e) = result {
                     tracing::warn!(root = %root.display(), "background flush of the replica store failed: {e}");
-                    if let Ok(mut failed) = me.failed.lock() {
-                        failed.get_or_insert(e);
-                    }
+                    failed.get_or_insert(e);
                 }
+                drop(failed);
                 me.running.store(false, SeqCst);
             });
         if spawned.is_err() {
@@ -293,9 +301,10 @@ impl FlushAhead {
     }
 
     /// The error of a failed background flush since the last barrier
-    /// (taken: the barrier that returns it has reported it).
+    /// (taken: the barrier that returns it has reported it), after any
+    /// running flush has finished.
     fn take_failure(&self) -> Option<std::io::Error> {
-        self.failed.lock().ok().and_then(|mut f| f.take())
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Background flushes started so far.
