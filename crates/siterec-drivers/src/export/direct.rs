@@ -260,6 +260,13 @@ impl DirectWriter {
         Ok(())
     }
 
+    /// Queues the gathered run and waits until the queue is written: what
+    /// must come before reading, resizing, syncing or writing around it.
+    fn write_out(&mut self) -> io::Result<()> {
+        self.flush()?;
+        self.drain()
+    }
+
     /// Waits until every queued run is written.
     fn drain(&mut self) -> io::Result<()> {
         while self.io.as_ref().is_some_and(|io| io.in_flight > 0) {
@@ -288,8 +295,7 @@ impl DirectWriter {
     pub(crate) fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check()?;
         if !self.direct {
-            self.flush()?;
-            self.drain()?;
+            self.write_out()?;
             return self.buffered.write_all_at(data, offset);
         }
         let contiguous = self.run_len > 0 && offset == self.run_start + self.run_len as u64;
@@ -356,29 +362,25 @@ impl DirectWriter {
 
     /// Flushes and syncs the file's data and metadata.
     pub(crate) fn sync_all(&mut self) -> io::Result<()> {
-        self.flush()?;
-        self.drain()?;
+        self.write_out()?;
         self.buffered.sync_all()
     }
 
     /// Flushes and syncs the file's data.
     pub(crate) fn sync_data(&mut self) -> io::Result<()> {
-        self.flush()?;
-        self.drain()?;
+        self.write_out()?;
         self.buffered.sync_data()
     }
 
     /// Reads back what was written (after writing out the queue).
     pub(crate) fn read_exact_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.flush()?;
-        self.drain()?;
+        self.write_out()?;
         self.buffered.read_exact_at(buf, offset)
     }
 
     /// Sets the file's length (after writing out the queue).
     pub(crate) fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.flush()?;
-        self.drain()?;
+        self.write_out()?;
         self.buffered.set_len(len)
     }
 }
