@@ -30,6 +30,11 @@
 //!   [`Backend::barrier`], and only then writes the manifest durably
 //!   ([`Backend::put_durable`]). A point is visible exactly when its manifest
 //!   exists, so a crash never leaves a visible, incomplete point.
+//! * **Uploads written behind their answer.** On files, a chunk upload
+//!   ([`Store::put_chunk_upload`]) returns once it is checked and sealed;
+//!   writer threads write it. Commits, [`Store::sync`] and gc wait for the
+//!   writes accepted before them and fail if one failed; until written, a
+//!   chunk counts as present and reads of it wait.
 //! * **Chunks received before a crash.** Chunk writes are not fsynced one by
 //!   one, so after a power cut a chunk file may exist with damaged content
 //!   (e.g. empty). Before the first chunk write after a barrier, the store
@@ -108,6 +113,7 @@
 //! ```
 
 mod backend;
+mod behind;
 mod bufpool;
 mod chunk;
 mod config;

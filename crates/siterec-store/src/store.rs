@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, OwnedRwLockReadGuard, RwLock};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::backend::{Backend, BlockingObjects, LocalDir};
+use crate::behind::{Write, WriteBehind};
 use crate::chunk::{
     CODEC_DELTA, ChunkContent, ChunkId, Delta, ZERO_BASE, apply_delta, apply_delta_in_place,
     check_chunk, decode_chunk, decode_chunk_unverified, delta_id, encode_chunk, is_all_zero,
@@ -227,6 +228,24 @@ struct Inner {
     writes_started: AtomicU64,
     writes_done: AtomicU64,
     recovery: std::sync::OnceLock<RecoveryReport>,
+    /// The writer threads that write uploaded chunks after they were
+    /// answered (backends with blocking calls; started at the first such
+    /// upload). See `behind.rs`.
+    behind: std::sync::OnceLock<WriteBehind>,
+}
+
+/// A chunk write counted as started (`writes_started`) and holding the
+/// gate; dropping it counts the write done and releases the gate, on
+/// whichever thread the write ends.
+struct WriteToken {
+    inner: Arc<Inner>,
+    _gate: OwnedRwLockReadGuard<()>,
+}
+
+impl Drop for WriteToken {
+    fn drop(&mut self) {
+        self.inner.writes_done.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// The replica store. Cheap to clone; clones share everything.
@@ -423,6 +442,7 @@ impl Store {
                 writes_started: AtomicU64::new(0),
                 writes_done: AtomicU64::new(0),
                 recovery: std::sync::OnceLock::new(),
+                behind: std::sync::OnceLock::new(),
             }),
             reader: None,
         };
@@ -632,6 +652,7 @@ impl Store {
     /// Barrier, then remove the unsynced marker if every chunk write that
     /// ever started was complete before the barrier began.
     async fn barrier_and_settle(&self) -> Result<(), StoreError> {
+        self.wait_for_writes().await?;
         let inner = &self.inner;
         let started = inner.writes_started.load(Ordering::SeqCst);
         let done = inner.writes_done.load(Ordering::SeqCst);
@@ -664,8 +685,8 @@ impl Store {
         let dek = self.session_key().await?;
         if self.inner.backend.blocking_objects().is_some() {
             return self
-                .write_blocking(guard, move |objects| {
-                    store_checked(objects, id, &key, need, bytes, dek.as_deref())
+                .write_blocking(guard, move |inner, objects, _token| {
+                    store_checked(inner, objects, id, &key, need, bytes, dek.as_deref())
                 })
                 .await;
         }
@@ -703,8 +724,13 @@ impl Store {
     }
 
     /// [`Store::put_encoded_chunk`] of a received [`ChunkUpload`]: on
-    /// files the object is checked, sealed and written where it was
-    /// received, without another copy.
+    /// files the object is checked and sealed where it was received, and
+    /// written from there, without another copy, by the store's writer
+    /// threads after this returns (see `behind.rs`: the next commit, sync
+    /// or gc waits for it and fails if it failed; reads of it wait for it).
+    /// On files, `false` means a write of the chunk is queued already; a
+    /// chunk found on disk only by the writer thread answers `true`, and
+    /// is not written again.
     pub async fn put_chunk_upload(&self, id: ChunkId, up: ChunkUpload) -> Result<bool, StoreError> {
         if self.inner.backend.blocking_objects().is_none() {
             return self.put_encoded_chunk(id, up.object().to_vec()).await;
@@ -713,8 +739,8 @@ impl Store {
         let key = self.inner.object_key(&id);
         let need = prerequisite(&self.inner, id, up.object())?;
         let dek = self.session_key().await?;
-        self.write_blocking(guard, move |objects| {
-            store_upload_checked(objects, id, &key, need, up, dek.as_deref())
+        self.write_blocking(guard, move |inner, objects, token| {
+            store_upload_checked(inner, objects, id, key, need, up, dek.as_deref(), token)
         })
         .await
     }
@@ -722,24 +748,61 @@ impl Store {
     /// Runs a chunk write on a backend with blocking calls as one blocking
     /// call — look, check, seal and write — rather than a thread hop for
     /// each (a chunk arrives every millisecond or two during an initial
-    /// copy). `guard` (the gate) is held until it is done.
+    /// copy). The write is counted, and `guard` (the gate) held, until
+    /// `write` drops the token it is given: at its end, or once a write it
+    /// queued behind is over.
     async fn write_blocking(
         &self,
         guard: OwnedRwLockReadGuard<()>,
-        write: impl FnOnce(&dyn BlockingObjects) -> Result<bool, StoreError> + Send + 'static,
+        write: impl FnOnce(&Arc<Inner>, &dyn BlockingObjects, WriteToken) -> Result<bool, StoreError>
+        + Send
+        + 'static,
     ) -> Result<bool, StoreError> {
         self.begin_write().await?;
         let inner = Arc::clone(&self.inner);
+        // Made at once (no await since the write was counted), so that a
+        // cancelled caller still counts it done.
+        let token = WriteToken {
+            inner: Arc::clone(&inner),
+            _gate: guard,
+        };
+        tokio::task::spawn_blocking(move || match inner.backend.blocking_objects() {
+            Some(objects) => write(&inner, objects, token),
+            None => Err(StoreError::Task(
+                "the backend no longer offers blocking calls".into(),
+            )),
+        })
+        .await
+        .map_err(StoreError::task)?
+    }
+
+    /// Waits while a write of object `key` is queued behind its upload's
+    /// answer, so that a read finds what was uploaded.
+    async fn until_written(&self, key: &str) -> Result<(), StoreError> {
+        if !self.inner.behind.get().is_some_and(|b| b.pending(key)) {
+            return Ok(());
+        }
+        let (inner, key) = (Arc::clone(&self.inner), key.to_string());
         tokio::task::spawn_blocking(move || {
-            let r = match inner.backend.blocking_objects() {
-                Some(objects) => write(objects),
-                None => Err(StoreError::Task(
-                    "the backend no longer offers blocking calls".into(),
-                )),
-            };
-            inner.writes_done.fetch_add(1, Ordering::SeqCst);
-            drop(guard);
-            r
+            if let Some(behind) = inner.behind.get() {
+                behind.wait_for(&key);
+            }
+        })
+        .await
+        .map_err(StoreError::task)
+    }
+
+    /// Waits for the chunk writes queued behind their uploads' answers
+    /// (see `behind.rs`); the first that failed since the last wait fails
+    /// this.
+    async fn wait_for_writes(&self) -> Result<(), StoreError> {
+        if self.inner.behind.get().is_none() {
+            return Ok(());
+        }
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || match inner.behind.get() {
+            Some(behind) => behind.wait(),
+            None => Ok(()),
         })
         .await
         .map_err(StoreError::task)?
@@ -829,9 +892,20 @@ impl Store {
     async fn exists_many(&self, ids: Vec<ChunkId>) -> Result<Vec<bool>, StoreError> {
         let keys: Vec<String> = ids.iter().map(|id| self.inner.object_key(id)).collect();
         if self.inner.backend.blocking_objects().is_some() {
-            return self
+            // Queued writes first: one that ends between the two looks is
+            // then seen by the second.
+            let queued: Vec<bool> = match self.inner.behind.get() {
+                Some(b) => keys.iter().map(|k| b.pending(k)).collect(),
+                None => vec![false; keys.len()],
+            };
+            let stored = self
                 .in_blocking_batches(keys, |objects, key| objects.exists_blocking(key))
-                .await;
+                .await?;
+            return Ok(queued
+                .into_iter()
+                .zip(stored)
+                .map(|(q, s)| q || s)
+                .collect());
         }
         let backend = Arc::clone(&self.inner.backend);
         map_bounded(keys, META_PARALLELISM, move |key| {
@@ -952,6 +1026,7 @@ impl Store {
             }
             (Some(_), Some(r)) => Some(Arc::clone(r)),
         };
+        self.until_written(&key).await?;
         let stored = self
             .inner
             .backend
@@ -1045,6 +1120,7 @@ impl Store {
             return self.get_chunk_unlocked(id).await.map(|p| Some(p.len()));
         }
         let key = self.inner.object_key(&id);
+        self.until_written(&key).await?;
         let stored =
             self.inner
                 .backend
@@ -1098,6 +1174,8 @@ impl Store {
                 point_id: manifest.point_id.clone(),
             });
         }
+        // Chunks answered before this commit are written (or failed) first.
+        self.wait_for_writes().await?;
         let mut refs: Vec<ChunkId> = manifest.referenced_chunks().into_iter().collect();
         refs.sort();
         let present = self.exists_many(refs.clone()).await?;
@@ -1479,6 +1557,7 @@ fn missing_base(id: ChunkId, base: ChunkId) -> StoreError {
 /// with blocking calls: nothing if `key` exists, else check (a delta's
 /// base is present, a whole chunk's content), seal and write.
 fn store_checked(
+    inner: &Inner,
     objects: &dyn BlockingObjects,
     id: ChunkId,
     key: &str,
@@ -1486,7 +1565,7 @@ fn store_checked(
     bytes: Vec<u8>,
     dek: Option<&DataKey>,
 ) -> Result<bool, StoreError> {
-    if !needs_storing(objects, id, key, &need, &bytes)? {
+    if !needs_storing(inner, objects, id, key, &need, &bytes, true)? {
         return Ok(false);
     }
     write_checked(objects, key, &bytes, dek)?;
@@ -1494,21 +1573,31 @@ fn store_checked(
 }
 
 /// Whether chunk `id`, received as `object`, is to be written: `false`
-/// if it is stored already; an error if a delta's base is not here or a
-/// whole chunk's content is not what `id` says.
+/// if it is stored (or queued to be) already; an error if a delta's base
+/// is not here or a whole chunk's content is not what `id` says. Without
+/// `look_on_disk`, only the queued writes are looked at for `key` (the
+/// writer thread looks on disk; a directory lookup can wait on the disk).
 fn needs_storing(
+    inner: &Inner,
     objects: &dyn BlockingObjects,
     id: ChunkId,
     key: &str,
     need: &Prerequisite,
     object: &[u8],
+    look_on_disk: bool,
 ) -> Result<bool, StoreError> {
-    if objects.exists_blocking(key)? {
+    // A queued write is looked for first: if it ends between the two
+    // looks, the second sees its object.
+    let present = |key: &str, on_disk: bool| -> Result<bool, StoreError> {
+        Ok(inner.behind.get().is_some_and(|b| b.pending(key))
+            || (on_disk && objects.exists_blocking(key)?))
+    };
+    if present(key, look_on_disk)? {
         return Ok(false);
     }
     match need {
         Prerequisite::Base(Some((base, base_key))) => {
-            if !objects.exists_blocking(base_key)? {
+            if !present(base_key, true)? {
                 return Err(missing_base(id, *base));
             }
         }
@@ -1540,16 +1629,22 @@ fn prerequisite(inner: &Inner, id: ChunkId, object: &[u8]) -> Result<Prerequisit
 }
 
 /// [`store_checked`] of an upload: sealed (with `dek`) in its own buffer,
-/// and written from there.
+/// and queued to be written from there by the store's writer threads
+/// (`token` goes with it).
+#[allow(clippy::too_many_arguments)]
 fn store_upload_checked(
+    inner: &Arc<Inner>,
     objects: &dyn BlockingObjects,
     id: ChunkId,
-    key: &str,
+    key: String,
     need: Prerequisite,
     mut up: ChunkUpload,
     dek: Option<&DataKey>,
+    token: WriteToken,
 ) -> Result<bool, StoreError> {
-    if !needs_storing(objects, id, key, &need, up.object())? {
+    let key = key.as_str();
+    // Whether it is on disk already, the writer thread looks.
+    if !needs_storing(inner, objects, id, key, &need, up.object(), false)? {
         return Ok(false);
     }
     let object_len = up.object().len();
@@ -1569,7 +1664,18 @@ fn store_upload_checked(
     if let (true, Some(dek)) = (sealing, dek) {
         crypt::seal_chunk_in_place(dek, key, &mut buf[..stored_len])?;
     }
-    objects.put_blocking_aligned(key, buf, stored_len)?;
+    let behind = inner
+        .behind
+        .get_or_init(|| WriteBehind::start(Arc::clone(&inner.backend)));
+    behind.submit(
+        objects,
+        Write {
+            key: key.to_string(),
+            upload: up,
+            len: stored_len,
+            done: Box::new(token),
+        },
+    )?;
     Ok(true)
 }
 
@@ -1619,6 +1725,9 @@ fn read_chunk_blocking(
     let read =
         |id: ChunkId, verify: bool, missing: &dyn Fn() -> String| -> Result<Found, StoreError> {
             let key = inner.object_key(&id);
+            if let Some(behind) = inner.behind.get() {
+                behind.wait_for(&key);
+            }
             let mut found = None;
             let present = objects.get_blocking_with(&key, &mut |stored| {
                 let encoded: &[u8] = match reader {

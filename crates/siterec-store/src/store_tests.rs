@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use rand::RngCore;
 use siterec_core::Consistency;
 
+use crate::backend::BlockingObjects;
 use crate::*;
 
 pub(crate) const CS: u32 = 64 * 1024;
@@ -261,11 +262,22 @@ async fn put_encoded_chunk_checks(async_only: bool, upload: bool) {
             .await
             .unwrap()
     );
-    assert!(
-        !put_object(&store, enc.id, &enc.bytes, upload)
-            .await
+    store.sync().await.unwrap();
+    let inode = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(chunk_path(dir.path(), &enc.id))
             .unwrap()
-    );
+            .ino()
+    };
+    let first = inode();
+    let again = put_object(&store, enc.id, &enc.bytes, upload)
+        .await
+        .unwrap();
+    // An upload written behind its answer does not look on disk before
+    // answering (the writer thread does); the rest answer that it is there.
+    assert!(!again || (upload && !async_only));
+    store.sync().await.unwrap();
+    assert_eq!(inode(), first, "a stored chunk is not written again");
     assert_eq!(store.get_chunk(enc.id).await.unwrap(), plain);
     assert_eq!(
         std::fs::read(chunk_path(dir.path(), &enc.id)).unwrap(),
@@ -446,6 +458,143 @@ async fn commit_refuses_missing_chunks_and_leaves_nothing_visible() {
     let mut bad = manifest("vm-1", "p1", vec![]);
     bad.point_id = "a/b".into();
     assert!(store.commit_point(&bad).await.is_err());
+}
+
+/// A [`LocalDir`] whose direct writes of the keys in `doomed` fail (an
+/// I/O error, nothing written), to see what the store does with a write
+/// that fails after its upload was answered.
+struct FailingWrites {
+    dir: LocalDir,
+    doomed: std::sync::Mutex<HashSet<String>>,
+}
+
+#[async_trait::async_trait]
+impl Backend for FailingWrites {
+    async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.dir.put(key, data).await
+    }
+    async fn put_durable(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
+        self.dir.put_durable(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.dir.get(key).await
+    }
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.dir.exists(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.dir.delete(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.dir.list(prefix).await
+    }
+    async fn barrier(&self) -> Result<(), StoreError> {
+        self.dir.barrier().await
+    }
+    fn describe(&self) -> String {
+        format!("failing-writes {}", self.dir.describe())
+    }
+    fn blocking_objects(&self) -> Option<&dyn BlockingObjects> {
+        Some(self)
+    }
+}
+
+impl BlockingObjects for FailingWrites {
+    fn exists_blocking(&self, key: &str) -> Result<bool, StoreError> {
+        self.dir.exists_blocking(key)
+    }
+    fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
+        self.dir.put_blocking(key, data)
+    }
+    fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
+        self.dir.delete_blocking(key)
+    }
+    fn get_blocking_with(
+        &self,
+        key: &str,
+        read: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
+    ) -> Result<bool, StoreError> {
+        self.dir.get_blocking_with(key, read)
+    }
+    fn put_blocking_aligned(&self, key: &str, buf: &[u8], len: usize) -> Result<(), StoreError> {
+        if self.doomed.lock().unwrap().contains(key) {
+            return Err(StoreError::io(
+                "write",
+                Path::new(key),
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        self.dir.put_blocking_aligned(key, buf, len)
+    }
+}
+
+/// An upload is answered once checked and sealed; its file is written
+/// behind. A commit waits for it; a write that failed fails the next
+/// commit (once), and the chunk is then missing, so the source sends it
+/// again.
+#[tokio::test]
+async fn uploads_written_behind_their_answers_are_waited_for_and_their_failures_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = std::sync::Arc::new(FailingWrites {
+        dir: LocalDir::new(dir.path()).unwrap(),
+        doomed: Default::default(),
+    });
+    let store = Store::open_or_create(backend.clone()).await.unwrap();
+    let blocks: Vec<Vec<u8>> = (0..3).map(|i| texty(CS as usize, i + 1)).collect();
+    let encs: Vec<EncodedChunk> = blocks.iter().map(|b| encode_chunk(b, true)).collect();
+    let doomed = &encs[2];
+    backend
+        .doomed
+        .lock()
+        .unwrap()
+        .insert(store.chunk_object_key(&doomed.id));
+    for e in &encs {
+        assert!(put_object(&store, e.id, &e.bytes, true).await.unwrap());
+    }
+    // Answered: counted as stored whether written yet or not (the doomed
+    // one's write may have failed already).
+    assert_eq!(
+        store.has_chunks(&[encs[0].id, encs[1].id]).await.unwrap(),
+        [true, true]
+    );
+    let disk = |ids: &[ChunkId]| DiskManifest {
+        disk_id: "d".into(),
+        size: CS as u64 * ids.len() as u64,
+        chunk_size: CS,
+        chunks: ids.iter().map(|id| Some(*id)).collect(),
+    };
+    let all: Vec<ChunkId> = encs.iter().map(|e| e.id).collect();
+    let m = manifest("vm", "p1", vec![disk(&all)]);
+    let err = store.commit_point(&m).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Io { .. }),
+        "the failed write fails the commit: {err}"
+    );
+    // Reported once; then the chunk is simply missing.
+    let err = store.commit_point(&m).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::MissingChunk { id, .. } if id == doomed.id),
+        "{err}"
+    );
+    assert!(!store.has_chunk(doomed.id).await.unwrap());
+    assert!(store.list_points(None).await.unwrap().is_empty());
+    // The two that were written read back, and a point of them commits.
+    let m2 = manifest("vm", "p2", vec![disk(&all[..2])]);
+    store.commit_point(&m2).await.unwrap();
+    assert_eq!(read_back(&store, &m2, 0, 4).await, blocks[..2].concat());
+    // Sent again once writes work, it is stored and the point commits.
+    backend.doomed.lock().unwrap().clear();
+    assert!(
+        put_object(&store, doomed.id, &doomed.bytes, true)
+            .await
+            .unwrap()
+    );
+    store.commit_point(&m).await.unwrap();
+    assert_eq!(read_back(&store, &m, 0, 4).await, blocks.concat());
+    assert_eq!(
+        std::fs::read(chunk_path(dir.path(), &doomed.id)).unwrap(),
+        doomed.bytes
+    );
 }
 
 #[tokio::test]

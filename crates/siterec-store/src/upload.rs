@@ -95,6 +95,13 @@ impl ChunkUpload {
         self.room
     }
 
+    /// The stored object's buffer as [`ChunkUpload::stored_mut`] made it
+    /// (once sealed), for writing; `None` if `stored_len` does not fit.
+    pub(crate) fn stored(&self, stored_len: usize) -> Option<&[u8]> {
+        self.raw
+            .get(self.start..self.start + padded_len(stored_len))
+    }
+
     /// The stored object's page-aligned buffer for `stored_len` bytes
     /// (the room, the object, then what follows it), zeros from
     /// `stored_len` to the end of its last page; `None` if `stored_len`
