@@ -1037,7 +1037,7 @@ mod tests {
 
     #[tokio::test]
     async fn single_chunk_puts_are_checked_stored_and_bounded() {
-        let (_dir, t) = new_target().await;
+        let (dir, t) = new_target().await;
         t.set_sources([("web01".to_string(), "agent-a".to_string())]);
         let send = |id: ChunkId, body: Vec<u8>, declared: bool| {
             let mut headers = axum::http::HeaderMap::new();
@@ -1063,13 +1063,29 @@ mod tests {
                 .unwrap(),
             StatusCode::CREATED
         );
-        assert_eq!(
-            send(enc.id, enc.bytes.clone(), false)
-                .await
-                .map_err(|e| e.message)
-                .unwrap(),
-            StatusCode::OK
+        t.store.sync().await.unwrap();
+        let object = dir
+            .path()
+            .join("store")
+            .join(t.store.chunk_object_key(&enc.id));
+        let inode = || {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&object).unwrap().ino()
+        };
+        let first = inode();
+        // Sent again: 200 if the target knows it has it; 201 if only the
+        // writer thread finds it on disk (the answer does not wait for a
+        // directory lookup). Either way it is not written again.
+        let again = send(enc.id, enc.bytes.clone(), false)
+            .await
+            .map_err(|e| e.message)
+            .unwrap();
+        assert!(
+            matches!(again, StatusCode::OK | StatusCode::CREATED),
+            "{again}"
         );
+        t.store.sync().await.unwrap();
+        assert_eq!(inode(), first, "a stored chunk is not written again");
         assert_eq!(t.store.get_chunk(enc.id).await.unwrap(), data);
 
         // Bytes that are not what the id says: 400, nothing stored.
