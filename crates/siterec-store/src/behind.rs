@@ -74,6 +74,17 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Waits on `changed` while `busy` holds.
+    fn wait_while<'a>(
+        &self,
+        s: MutexGuard<'a, State>,
+        busy: impl FnMut(&mut State) -> bool,
+    ) -> MutexGuard<'a, State> {
+        self.changed
+            .wait_while(s, busy)
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Records that write `seq` of `key` is over.
     fn finish(&self, seq: u64, key: &str, result: Result<(), StoreError>) {
         let mut s = self.lock();
@@ -169,28 +180,18 @@ impl WriteBehind {
     /// Waits (blocking) while a write of `key` is queued or under way, so
     /// that a read right after an upload finds its object.
     pub(crate) fn wait_for(&self, key: &str) {
-        let mut s = self.shared.lock();
-        while s.keys.contains_key(key) {
-            s = self
-                .shared
-                .changed
-                .wait(s)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        let s = self.shared.lock();
+        drop(self.shared.wait_while(s, |s| s.keys.contains_key(key)));
     }
 
     /// Waits (blocking) until every write queued before this call is over;
     /// then returns, once, the first failure since the last wait.
     pub(crate) fn wait(&self) -> Result<(), StoreError> {
-        let mut s = self.shared.lock();
+        let s = self.shared.lock();
         let until = s.next;
-        while s.in_flight.first().is_some_and(|&seq| seq < until) {
-            s = self
-                .shared
-                .changed
-                .wait(s)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
+        let mut s = self
+            .shared
+            .wait_while(s, |s| s.in_flight.first().is_some_and(|&seq| seq < until));
         match s.failure.take() {
             Some(e) => Err(e),
             None => Ok(()),
