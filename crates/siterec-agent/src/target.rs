@@ -425,6 +425,11 @@ impl Target {
                 removed.push(id.to_hex());
             }
         }
+        if !removed.is_empty() {
+            // Removed for good: back after a crash, a damaged chunk would
+            // be vouched for again (a pack's index forgets it only here).
+            self.store.sync().await?;
+        }
         let mut v = serde_json::to_value(&report)?;
         v["removed_chunks"] = serde_json::json!(removed);
         Ok(v)
@@ -1064,13 +1069,17 @@ mod tests {
             StatusCode::CREATED
         );
         t.store.sync().await.unwrap();
-        let object = dir
-            .path()
-            .join("store")
-            .join(t.store.chunk_object_key(&enc.id));
+        // Where the object lies (a file, an offset in it) shows whether it
+        // was written again.
+        let key = t.store.chunk_object_key(&enc.id);
         let inode = || {
             use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(&object).unwrap().ino()
+            let (path, at, _) = siterec_store::LocalDir::new(dir.path().join("store"))
+                .unwrap()
+                .locate(&key)
+                .unwrap()
+                .unwrap();
+            (std::fs::metadata(path).unwrap().ino(), at)
         };
         let first = inode();
         // Sent again: 200 if the target knows it has it; 201 if only the

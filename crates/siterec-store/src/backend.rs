@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::chunk::ChunkId;
 use crate::error::StoreError;
+use crate::pack::{CompactReport, PACKS_DIR, Packs, packable};
+use crate::store::{CHUNKS_PREFIX, chunk_key};
 
 /// An object store: flat keys (`/`-separated, see [`validate_key`]) mapping
 /// to immutable byte strings.
@@ -56,6 +59,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A human-readable description, e.g. `local:/var/lib/siterec/store`.
     fn describe(&self) -> String;
+
+    /// Reclaims the space of deleted objects where the backend keeps
+    /// several objects in one file ([`LocalDir`]'s packs: those mostly
+    /// dead are rewritten); nothing elsewhere. Every object stays readable
+    /// throughout. [`Store::gc`](crate::Store::gc) calls it.
+    async fn compact(&self) -> Result<CompactReport, StoreError> {
+        Ok(CompactReport::default())
+    }
 
     /// The same calls as blocking functions, for a backend whose calls are
     /// blocking system calls anyway ([`LocalDir`]); `None` (the default)
@@ -197,7 +208,7 @@ fn validate_key_chars(key: &str) -> Result<(), String> {
 
 /// Prefix of temporary file names. Keys cannot have components starting
 /// with `.`, so these never collide with objects and are never listed.
-const TEMP_PREFIX: &str = ".srtmp-";
+pub(crate) const TEMP_PREFIX: &str = ".srtmp-";
 
 /// A backend storing each object as a file under a root directory:
 /// key `a/b/c` is the file `root/a/b/c`.
@@ -214,6 +225,12 @@ const TEMP_PREFIX: &str = ".srtmp-";
 pub struct LocalDir {
     root: Arc<PathBuf>,
     ahead: Arc<FlushAhead>,
+    /// Chunk objects appended to pack files, if this store uses them
+    /// (see [`LocalDir::with_packs`]).
+    packs: Option<Arc<Packs>>,
+    /// Whether chunk objects may also lie as files (written before the
+    /// store had packs): lookups that miss the packs then look there.
+    chunk_files: bool,
 }
 
 /// Bytes put between two background flushes of a [`LocalDir`].
@@ -318,10 +335,75 @@ impl LocalDir {
     pub fn new(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(|e| StoreError::io("create", &root, e))?;
+        let packs = Packs::open(&root)?;
         Ok(LocalDir {
+            chunk_files: root.join("chunks").exists(),
             root: Arc::new(root),
             ahead: Arc::new(FlushAhead::new(FLUSH_AHEAD)),
+            packs: Some(Arc::new(packs)),
         })
+    }
+
+    /// The same store writing each chunk object to a file of its own, as
+    /// stores did before packs (tests of that layout, and measurements).
+    /// Refused for a store that already has packs: their objects would
+    /// vanish from view.
+    pub fn without_packs(mut self) -> Result<LocalDir, StoreError> {
+        let dir = self.root.join(PACKS_DIR);
+        if dir.exists() {
+            return Err(StoreError::io(
+                "open without packs",
+                dir,
+                std::io::Error::other("this store keeps chunks in packs"),
+            ));
+        }
+        self.packs = None;
+        self.chunk_files = true;
+        Ok(self)
+    }
+
+    /// Whether chunk objects go to packs.
+    pub fn has_packs(&self) -> bool {
+        self.packs.is_some()
+    }
+
+    /// Where the object `key` lies on disk: a file, the offset of the
+    /// object's bytes in it and their length. `None` if there is no such
+    /// object. For tools, and tests that damage data on purpose.
+    pub fn locate(&self, key: &str) -> Result<Option<(PathBuf, u64, usize)>, StoreError> {
+        if let Some((packs, id)) = self.packed(key)
+            && let Some(at) = packs.locate(&id)
+        {
+            return Ok(Some(at));
+        }
+        let path = self.path_of(key)?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some((path, 0, m.len() as usize))),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("stat", &path, e)),
+        }
+    }
+
+    /// The keys of the objects in packs (tests).
+    #[cfg(test)]
+    pub(crate) fn packed_keys(&self) -> Vec<String> {
+        self.packs.as_ref().map_or_else(Vec::new, |p| {
+            p.ids().iter().map(|id| chunk_key(&ChunkId(*id))).collect()
+        })
+    }
+
+    /// The packs and key bytes of `key`, if it is a chunk key and this
+    /// store has packs.
+    fn packed(&self, key: &str) -> Option<(&Arc<Packs>, [u8; 32])> {
+        let packs = self.packs.as_ref()?;
+        Some((packs, packable(key)?))
+    }
+
+    /// Whether a miss in the packs must look for a file (always for keys
+    /// that are not chunk keys).
+    fn file_may_hold(&self, key: &str) -> bool {
+        self.chunk_files || self.packed(key).is_none()
     }
 
     /// The root directory.
@@ -594,7 +676,13 @@ impl Backend for LocalDir {
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
         let len = data.len();
-        self.blocking(move |_| write_bytes(&path, &data)).await?;
+        match self.packed(key) {
+            Some((packs, id)) => {
+                let packs = Arc::clone(packs);
+                self.blocking(move |_| packs.put_bytes(&id, &data)).await?;
+            }
+            None => self.blocking(move |_| write_bytes(&path, &data)).await?,
+        }
         self.wrote(len);
         Ok(())
     }
@@ -607,6 +695,22 @@ impl Backend for LocalDir {
 
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key) {
+            let packs = Arc::clone(packs);
+            let found = self
+                .blocking(move |_| {
+                    let mut out = None;
+                    packs.get_with(&id, &mut |d| {
+                        out = Some(d.to_vec());
+                        Ok(())
+                    })?;
+                    Ok(out)
+                })
+                .await?;
+            if found.is_some() || !self.chunk_files {
+                return Ok(found);
+            }
+        }
         self.blocking(move |_| match read_object(&path) {
             Ok(data) => Ok(Some(data)),
             // A directory is a key prefix, not an object (as for `exists`).
@@ -625,17 +729,32 @@ impl Backend for LocalDir {
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key)
+            && packs.contains(&id)
+        {
+            return Ok(true);
+        }
+        if !self.file_may_hold(key) {
+            return Ok(false);
+        }
         self.blocking(move |_| file_exists(&path)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key) {
+            packs.delete(&id);
+        }
+        if !self.file_may_hold(key) {
+            return Ok(());
+        }
         self.blocking(move |_| remove_object(&path)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         validate_prefix(prefix)?;
         let prefix = prefix.to_string();
+        let packs = self.packs.clone();
         self.blocking(move |root| {
             // Start at the deepest directory the prefix designates.
             let rel = match prefix.rfind('/') {
@@ -645,6 +764,17 @@ impl Backend for LocalDir {
             let mut keys = Vec::new();
             let mut temps = Vec::new();
             walk(&root.join(rel), rel, &mut keys, &mut temps)?;
+            if let Some(packs) = packs
+                && (prefix.starts_with(CHUNKS_PREFIX) || CHUNKS_PREFIX.starts_with(prefix.as_str()))
+            {
+                let had_files = !keys.is_empty();
+                keys.extend(packs.ids().iter().map(|id| chunk_key(&ChunkId(*id))));
+                if had_files {
+                    // A chunk both in a pack and in a file is one object.
+                    keys.sort_unstable();
+                    keys.dedup();
+                }
+            }
             keys.retain(|k| k.starts_with(prefix.as_str()));
             Ok(keys)
         })
@@ -653,7 +783,11 @@ impl Backend for LocalDir {
 
     async fn barrier(&self) -> Result<(), StoreError> {
         let ahead = Arc::clone(&self.ahead);
+        let packs = self.packs.clone();
         self.blocking(move |root| {
+            if let Some(packs) = packs {
+                packs.barrier()?;
+            }
             let dir = std::fs::File::open(root).map_err(|e| StoreError::io("open", root, e))?;
             sync_filesystem(&dir).map_err(|e| StoreError::io("syncfs", root, e))?;
             // After our own syncfs: a background one that failed before it
@@ -667,7 +801,12 @@ impl Backend for LocalDir {
     }
 
     async fn remove_stale_temp(&self, min_age: Duration) -> Result<u64, StoreError> {
+        let packs = self.packs.clone();
         self.blocking(move |root| {
+            let in_packs = match packs {
+                Some(p) => p.remove_stale_temp(min_age)?,
+                None => 0,
+            };
             let mut keys = Vec::new();
             let mut temps = Vec::new();
             walk(root, "", &mut keys, &mut temps)?;
@@ -687,13 +826,22 @@ impl Backend for LocalDir {
                     Err(e) => return Err(StoreError::io("delete temporary file", &t, e)),
                 }
             }
-            Ok(removed)
+            Ok(removed + in_packs)
         })
         .await
     }
 
     fn describe(&self) -> String {
         format!("local:{}", self.root.display())
+    }
+
+    async fn compact(&self) -> Result<CompactReport, StoreError> {
+        let packs = self.packs.clone();
+        self.blocking(move |_| match packs {
+            Some(p) => p.compact(),
+            None => Ok(CompactReport::default()),
+        })
+        .await
     }
 
     fn blocking_objects(&self) -> Option<&dyn BlockingObjects> {
@@ -703,17 +851,37 @@ impl Backend for LocalDir {
 
 impl BlockingObjects for LocalDir {
     fn exists_blocking(&self, key: &str) -> Result<bool, StoreError> {
-        file_exists(&self.path_of(key)?)
+        let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key)
+            && packs.contains(&id)
+        {
+            return Ok(true);
+        }
+        if !self.file_may_hold(key) {
+            return Ok(false);
+        }
+        file_exists(&path)
     }
 
     fn put_blocking(&self, key: &str, data: &[u8]) -> Result<(), StoreError> {
-        write_bytes(&self.path_of(key)?, data)?;
+        let path = self.path_of(key)?;
+        match self.packed(key) {
+            Some((packs, id)) => packs.put_bytes(&id, data)?,
+            None => write_bytes(&path, data)?,
+        }
         self.wrote(data.len());
         Ok(())
     }
 
     fn delete_blocking(&self, key: &str) -> Result<(), StoreError> {
-        remove_object(&self.path_of(key)?)
+        let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key) {
+            packs.delete(&id);
+        }
+        if !self.file_may_hold(key) {
+            return Ok(());
+        }
+        remove_object(&path)
     }
 
     fn put_blocking_with(
@@ -722,13 +890,21 @@ impl BlockingObjects for LocalDir {
         len: usize,
         fill: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        write_object(&self.path_of(key)?, len, fill)?;
+        let path = self.path_of(key)?;
+        match self.packed(key) {
+            Some((packs, id)) => packs.put_with(&id, len, fill)?,
+            None => write_object(&path, len, fill)?,
+        }
         self.wrote(len);
         Ok(())
     }
 
     fn put_blocking_aligned(&self, key: &str, buf: &[u8], len: usize) -> Result<(), StoreError> {
-        write_aligned(&self.path_of(key)?, buf, len)?;
+        let path = self.path_of(key)?;
+        match self.packed(key) {
+            Some((packs, id)) => packs.put_aligned(&id, buf, len)?,
+            None => write_aligned(&path, buf, len)?,
+        }
         self.wrote(len);
         Ok(())
     }
@@ -739,6 +915,14 @@ impl BlockingObjects for LocalDir {
         read: &mut dyn FnMut(&mut [u8]) -> Result<(), StoreError>,
     ) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
+        if let Some((packs, id)) = self.packed(key) {
+            if packs.get_with(&id, read)? {
+                return Ok(true);
+            }
+            if !self.chunk_files {
+                return Ok(false);
+            }
+        }
         match read_object_with(&path, read) {
             Ok(r) => r.map(|()| true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
@@ -790,7 +974,7 @@ pub(crate) static DIRECT_BUF: crate::bufpool::Pool =
 
 /// Runs `f` on `len` page-aligned bytes of a staging buffer from the
 /// shared pool.
-fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+pub(crate) fn with_aligned<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
     DIRECT_BUF.with(|raw| {
         let fits = |raw: &Vec<u8>| {
             let start = raw.as_ptr().align_offset(DIRECT_ALIGN);

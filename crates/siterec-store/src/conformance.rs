@@ -65,6 +65,7 @@ pub(crate) async fn backend_suite(b: Arc<dyn Backend>) {
     large_object(&b).await;
     many_small_objects(&b).await;
     concurrent_puts(&b).await;
+    chunk_keys(&b).await;
 
     // Everything the suite wrote was deleted again, by the sub-tests.
     assert!(
@@ -72,6 +73,51 @@ pub(crate) async fn backend_suite(b: Arc<dyn Backend>) {
         "{name}: leftovers {:?}",
         b.list("").await.unwrap()
     );
+}
+
+/// Keys shaped like chunk keys ([`LocalDir`] keeps those in packs):
+/// small and large objects, replaced, listed, deleted, across barriers.
+async fn chunk_keys(b: &Arc<dyn Backend>) {
+    let keys: Vec<String> = (0..6u8).map(|i| chunk_key(&ChunkId::of(&[i]))).collect();
+    let value = |i: usize| -> Vec<u8> {
+        let len = [0, 1, 5000, 64 * 1024, 300_001, 1 << 20][i];
+        (0..len).map(|j| (j * 7 + i) as u8).collect()
+    };
+    for (i, k) in keys.iter().enumerate() {
+        assert!(!b.exists(k).await.unwrap());
+        b.put(k, value(i)).await.unwrap();
+    }
+    b.barrier().await.unwrap();
+    for (i, k) in keys.iter().enumerate() {
+        assert!(b.exists(k).await.unwrap());
+        assert_eq!(b.get(k).await.unwrap().unwrap(), value(i), "{k}");
+    }
+    let mut expected = keys.clone();
+    expected.sort();
+    assert_eq!(list_sorted(b, "chunks/").await, expected);
+    assert_eq!(list_sorted(b, "").await, expected);
+    let one = &keys[0][..9]; // "chunks/xy"
+    let under: Vec<String> = expected
+        .iter()
+        .filter(|k| k.starts_with(one))
+        .cloned()
+        .collect();
+    assert_eq!(list_sorted(b, one).await, under);
+    // Replaced by a value of another size, then deleted.
+    b.put(&keys[4], value(2)).await.unwrap();
+    assert_eq!(b.get(&keys[4]).await.unwrap().unwrap(), value(2));
+    b.delete(&keys[4]).await.unwrap();
+    b.delete(&keys[4]).await.unwrap();
+    assert!(!b.exists(&keys[4]).await.unwrap());
+    assert_eq!(b.get(&keys[4]).await.unwrap(), None);
+    b.barrier().await.unwrap();
+    assert_eq!(b.list("chunks/").await.unwrap().len(), keys.len() - 1);
+    for k in &keys {
+        b.delete(k).await.unwrap();
+    }
+    b.barrier().await.unwrap();
+    b.compact().await.unwrap();
+    assert!(b.list("chunks/").await.unwrap().is_empty());
 }
 
 async fn basics(b: &Arc<dyn Backend>) {
@@ -625,6 +671,26 @@ async fn local_dir_conformance() {
     };
     let key = RecoveryKey::generate().unwrap();
     store_suite(open_backend(&config).await.unwrap(), Some(key)).await;
+}
+
+/// The layout of stores written before packs: a file per chunk object.
+#[tokio::test]
+async fn local_dir_without_packs_conformance() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = |name: &str| -> Arc<dyn Backend> {
+        Arc::new(
+            LocalDir::new(dir.path().join(name))
+                .unwrap()
+                .without_packs()
+                .unwrap(),
+        )
+    };
+    backend_suite(files("backend")).await;
+    store_suite(files("store"), None).await;
+    let key = RecoveryKey::generate().unwrap();
+    store_suite(files("encrypted"), Some(key)).await;
+    // No pack was made, and the chunks were files.
+    assert!(!dir.path().join("store").join(".packs").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

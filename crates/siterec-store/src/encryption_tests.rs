@@ -34,6 +34,20 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out);
+    // The pack files are in there as they are; each chunk object in them
+    // is added under its key too.
+    let objects = LocalDir::new(dir).unwrap();
+    for key in objects.packed_keys() {
+        let (path, at, len) = objects.locate(&key).unwrap().unwrap();
+        let mut bytes = vec![0u8; len];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(path).unwrap(),
+            &mut bytes,
+            at,
+        )
+        .unwrap();
+        out.insert(key, bytes);
+    }
     out
 }
 
@@ -281,15 +295,41 @@ async fn tampering_with_encrypted_objects_is_detected() {
     let disk = upload_disk(&writer, "disk0", &img).await;
     let m = manifest("vm-1", "p1", vec![disk]);
     writer.commit_point(&m).await.unwrap();
-    let path_of = |id: &ChunkId| dir.path().join(store.chunk_object_key(id));
+    // Where an object lies, and its bytes there.
+    let at = |id: &ChunkId| {
+        LocalDir::new(dir.path())
+            .unwrap()
+            .locate(&store.chunk_object_key(id))
+            .unwrap()
+            .unwrap()
+    };
+    let read_at = |(path, off, len): &(std::path::PathBuf, u64, usize)| {
+        let mut bytes = vec![0u8; *len];
+        std::os::unix::fs::FileExt::read_exact_at(
+            &std::fs::File::open(path).unwrap(),
+            &mut bytes,
+            *off,
+        )
+        .unwrap();
+        bytes
+    };
+    let write_at = |(path, off, _): &(std::path::PathBuf, u64, usize), bytes: &[u8]| {
+        std::os::unix::fs::FileExt::write_all_at(
+            &std::fs::OpenOptions::new().write(true).open(path).unwrap(),
+            bytes,
+            *off,
+        )
+        .unwrap();
+    };
 
     // One flipped byte: reading with the key and verifying without it
     // both find it.
     let victim = m.disks[0].chunks[2].unwrap();
-    let mut bytes = std::fs::read(path_of(&victim)).unwrap();
+    let place = at(&victim);
+    let mut bytes = read_at(&place);
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
-    std::fs::write(path_of(&victim), &bytes).unwrap();
+    write_at(&place, &bytes);
     let err = store.get_chunk(victim).await.unwrap_err();
     assert!(
         matches!(err, StoreError::CorruptChunk { id, .. } if id == victim),
@@ -305,10 +345,12 @@ async fn tampering_with_encrypted_objects_is_detected() {
     // name (their checksums are intact: only the key can tell).
     let a = m.disks[0].chunks[0].unwrap();
     let b = m.disks[0].chunks[4].unwrap();
-    let (pa, pb) = (path_of(&a), path_of(&b));
-    let (ba, bb) = (std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
-    std::fs::write(&pa, &bb).unwrap();
-    std::fs::write(&pb, &ba).unwrap();
+    let (ka, kb) = (store.chunk_object_key(&a), store.chunk_object_key(&b));
+    let backend = store.backend();
+    let ba = backend.get(&ka).await.unwrap().unwrap();
+    let bb = backend.get(&kb).await.unwrap().unwrap();
+    backend.put(&ka, bb).await.unwrap();
+    backend.put(&kb, ba).await.unwrap();
     for id in [a, b] {
         let err = store.get_chunk(id).await.unwrap_err();
         assert!(
@@ -321,7 +363,10 @@ async fn tampering_with_encrypted_objects_is_detected() {
     assert_eq!(damaged, HashSet::from([victim, a, b]));
 
     // A plaintext chunk object dropped in place of an encrypted one.
-    std::fs::write(&pa, encode_chunk(&img[..CS as usize], true).bytes).unwrap();
+    backend
+        .put(&ka, encode_chunk(&img[..CS as usize], true).bytes)
+        .await
+        .unwrap();
     assert!(matches!(
         store.get_chunk(a).await,
         Err(StoreError::CorruptChunk { .. })
@@ -521,9 +566,38 @@ async fn gc_and_recovery_on_an_encrypted_store() {
             .count(),
         1
     );
+}
 
-    // Crash recovery without the recovery key: a torn chunk goes (its
-    // checksum fails), the others stay.
+#[tokio::test]
+async fn crash_recovery_without_the_recovery_key() {
+    for packs in [false, true] {
+        crash_recovery_without_the_recovery_key_in(packs).await;
+    }
+}
+
+/// Crash recovery without the recovery key: a torn chunk goes (its
+/// checksum fails, or the pack's scan stops at it), the others stay.
+async fn crash_recovery_without_the_recovery_key_in(packs: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = RecoveryKey::generate().unwrap();
+    let open = || async {
+        let backend = LocalDir::new(dir.path()).unwrap();
+        let backend = if packs {
+            backend
+        } else {
+            backend.without_packs().unwrap()
+        };
+        Store::open_or_create_with_credential(Arc::new(backend), Some(key.credential()))
+            .await
+            .unwrap()
+    };
+    let store = open().await;
+    let committed = store
+        .put_plain_chunk(texty(9000, 3), true)
+        .await
+        .unwrap()
+        .unwrap();
+    store.sync().await.unwrap();
     let good = store
         .put_plain_chunk(texty(9000, 1), true)
         .await
@@ -535,17 +609,37 @@ async fn gc_and_recovery_on_an_encrypted_store() {
         .unwrap()
         .unwrap();
     let torn_key = store.chunk_object_key(&torn);
-    drop((store, reader));
-    let bytes = std::fs::read(dir.path().join(&torn_key)).unwrap();
-    std::fs::write(dir.path().join(&torn_key), &bytes[..bytes.len() / 2]).unwrap();
-    let store = open(dir.path(), Some(&key)).await.unwrap();
+    drop(store);
+    let (path, at, len) = LocalDir::new(dir.path())
+        .unwrap()
+        .locate(&torn_key)
+        .unwrap()
+        .unwrap();
+    if packs {
+        // Its second half never reached the disk.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &vec![0u8; len / 2], at + len as u64 / 2)
+            .unwrap();
+    } else {
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let store = open().await;
     let rec = store.last_recovery().unwrap();
-    assert_eq!(rec.chunks_checked, m2.referenced_chunks().len() as u64 + 2);
-    assert_eq!(rec.objects_removed, [torn_key]);
+    if packs {
+        // Opening stopped at the torn entry: recovery never saw it.
+        assert_eq!(rec.chunks_checked, 2);
+        assert!(rec.objects_removed.is_empty());
+    } else {
+        assert_eq!(rec.chunks_checked, 3);
+        assert_eq!(rec.objects_removed, [torn_key]);
+    }
     assert!(rec.chunks_removed.is_empty());
+    assert!(store.has_chunk(committed).await.unwrap());
     assert!(store.has_chunk(good).await.unwrap());
     assert!(!store.has_chunk(torn).await.unwrap());
     assert!(store.verify().await.unwrap().all_ok());
     let reader = store.with_recovery_key(&key).unwrap();
     assert_eq!(reader.get_chunk(good).await.unwrap(), texty(9000, 1));
+    assert_eq!(reader.get_chunk(committed).await.unwrap(), texty(9000, 3));
 }

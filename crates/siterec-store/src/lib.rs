@@ -7,9 +7,10 @@
 //! block, which is never stored).
 //!
 //! Objects live in a [`Backend`], an object-store-shaped async trait with
-//! three implementations that hold the same keys in the same layout:
+//! three implementations that hold the same keys:
 //!
-//! * [`LocalDir`]: files under a directory;
+//! * [`LocalDir`]: files under a directory, chunk objects appended to
+//!   pack files (`.packs/`, see `pack.rs`);
 //! * [`AzureBlob`]: block blobs in an Azure Blob Storage container;
 //! * [`S3`]: objects in a bucket of an S3-compatible object store.
 //!
@@ -36,8 +37,9 @@
 //!   writes accepted before them and fail if one failed; until written, a
 //!   chunk counts as present and reads of it wait.
 //! * **Chunks received before a crash.** Chunk writes are not fsynced one by
-//!   one, so after a power cut a chunk file may exist with damaged content
-//!   (e.g. empty). Before the first chunk write after a barrier, the store
+//!   one, so after a power cut a chunk object may exist with damaged content
+//!   (e.g. an empty file; in a pack, opening drops entries whose checksums
+//!   fail). Before the first chunk write after a barrier, the store
 //!   durably writes the marker `state/unsynced`; the marker is removed once
 //!   a barrier covers every started write. If [`Store::open_or_create`]
 //!   finds the marker, it verifies every chunk and removes damaged ones, so
@@ -120,6 +122,7 @@ mod config;
 mod crypt;
 mod error;
 mod manifest;
+mod pack;
 mod remote;
 mod store;
 mod upload;
@@ -149,6 +152,7 @@ pub use crypt::{
 };
 pub use error::StoreError;
 pub use manifest::{DiskManifest, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest, validate_name};
+pub use pack::CompactReport;
 pub use remote::{AzureBlob, S3};
 pub use store::{
     CHUNK_LAYOUT_V1, DiskBlock, DiskReader, EncryptionInfo, GcReport, PointRef, PointVerify,

@@ -83,8 +83,39 @@ pub(crate) fn texty(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn chunk_path(dir: &Path, id: &ChunkId) -> PathBuf {
-    dir.join(chunk_key(id))
+/// Where chunk `id` of the store in `dir` lies: a file (a pack or its
+/// own), the offset of its bytes and their length. Opens the directory
+/// afresh, as a tool would: it sees what a barrier covered, and scans
+/// packs no barrier indexed yet.
+pub(crate) fn chunk_at(dir: &Path, id: &ChunkId) -> Option<(PathBuf, u64, usize)> {
+    LocalDir::new(dir).unwrap().locate(&chunk_key(id)).unwrap()
+}
+
+/// The bytes of chunk `id` as stored.
+pub(crate) fn stored_chunk(dir: &Path, id: &ChunkId) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let (path, at, len) = chunk_at(dir, id).expect("chunk stored");
+    let mut out = vec![0u8; len];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut out, at)
+        .unwrap();
+    out
+}
+
+/// Changes the stored bytes of chunk `id` in place (same length), as
+/// damage on disk would.
+pub(crate) fn damage_chunk(dir: &Path, id: &ChunkId, f: impl FnOnce(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    let (path, at, _) = chunk_at(dir, id).expect("chunk stored");
+    let mut bytes = stored_chunk(dir, id);
+    f(&mut bytes);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&bytes, at)
+        .unwrap();
 }
 
 /// Point "p1" of item "vm": one disk of one block, delta chunk `delta` on
@@ -263,11 +294,12 @@ async fn put_encoded_chunk_checks(async_only: bool, upload: bool) {
             .unwrap()
     );
     store.sync().await.unwrap();
+    // Where the object lies (file and offset) shows whether it was
+    // written again.
     let inode = || {
         use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(chunk_path(dir.path(), &enc.id))
-            .unwrap()
-            .ino()
+        let (path, at, _) = chunk_at(dir.path(), &enc.id).unwrap();
+        (std::fs::metadata(path).unwrap().ino(), at)
     };
     let first = inode();
     let again = put_object(&store, enc.id, &enc.bytes, upload)
@@ -280,7 +312,7 @@ async fn put_encoded_chunk_checks(async_only: bool, upload: bool) {
     assert_eq!(inode(), first, "a stored chunk is not written again");
     assert_eq!(store.get_chunk(enc.id).await.unwrap(), plain);
     assert_eq!(
-        std::fs::read(chunk_path(dir.path(), &enc.id)).unwrap(),
+        stored_chunk(dir.path(), &enc.id),
         enc.bytes,
         "an unencrypted store keeps the object as it came"
     );
@@ -298,7 +330,7 @@ async fn put_encoded_chunk_checks(async_only: bool, upload: bool) {
     let plain2 = texty(10_000, 4);
     let id2 = ChunkId::of(&plain2);
     assert!(put_object(&store, id2, &damaged, upload).await.is_err());
-    assert!(!chunk_path(dir.path(), &id2).exists());
+    assert!(chunk_at(dir.path(), &id2).is_none());
 
     // All-zero chunks are refused.
     let zero = encode_chunk(&[0u8; 4096], true);
@@ -360,11 +392,10 @@ async fn corrupt_chunk_on_disk_is_detected() {
     let m = manifest("vm-1", "p1", vec![disk]);
     store.commit_point(&m).await.unwrap();
     let victim = m.disks[0].chunks[2].unwrap(); // a random (raw) block
-    let path = chunk_path(dir.path(), &victim);
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x01;
-    std::fs::write(&path, &bytes).unwrap();
+    damage_chunk(dir.path(), &victim, |bytes| {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+    });
 
     let err = store.get_chunk(victim).await.unwrap_err();
     assert!(
@@ -390,11 +421,12 @@ async fn corrupt_chunk_on_disk_is_detected() {
             .contains("corrupt")
     );
 
-    // A compressed chunk, truncated.
+    // A compressed chunk, its last bytes lost.
     let victim = m.disks[0].chunks[0].unwrap();
-    let path = chunk_path(dir.path(), &victim);
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+    damage_chunk(dir.path(), &victim, |bytes| {
+        let n = bytes.len();
+        bytes[n - 3..].fill(0);
+    });
     assert!(store.get_chunk(victim).await.is_err());
     let report = store.verify().await.unwrap();
     assert_eq!(report.points[0].damaged_chunks.len(), 2);
@@ -591,10 +623,7 @@ async fn uploads_written_behind_their_answers_are_waited_for_and_their_failures_
     );
     store.commit_point(&m).await.unwrap();
     assert_eq!(read_back(&store, &m, 0, 4).await, blocks.concat());
-    assert_eq!(
-        std::fs::read(chunk_path(dir.path(), &doomed.id)).unwrap(),
-        doomed.bytes
-    );
+    assert_eq!(stored_chunk(dir.path(), &doomed.id), doomed.bytes);
 }
 
 #[tokio::test]
@@ -667,6 +696,7 @@ async fn gc_sweeps(async_only: bool) {
         .unwrap();
     // A leftover temporary file from an interrupted put.
     let tmp = dir.path().join("chunks/.srtmp-leftover");
+    std::fs::create_dir_all(tmp.parent().unwrap()).unwrap();
     std::fs::write(&tmp, b"partial").unwrap();
 
     let keep: HashSet<ChunkId> = [in_flight].into();
@@ -696,8 +726,27 @@ async fn gc_sweeps(async_only: bool) {
 
 #[tokio::test]
 async fn unclean_shutdown_scrubs_damaged_chunks() {
+    for packs in [false, true] {
+        unclean_shutdown_scrubs_damaged_chunks_in(packs).await;
+    }
+}
+
+/// The store in `dir`, its chunks in packs or one file each.
+async fn open_layout(dir: &Path, packs: bool) -> Store {
+    let backend = LocalDir::new(dir).unwrap();
+    let backend = if packs {
+        backend
+    } else {
+        backend.without_packs().unwrap()
+    };
+    Store::open_or_create(std::sync::Arc::new(backend))
+        .await
+        .unwrap()
+}
+
+async fn unclean_shutdown_scrubs_damaged_chunks_in(packs: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_local(dir.path()).await.unwrap();
+    let store = open_layout(dir.path(), packs).await;
     assert!(store.last_recovery().is_none());
     let good = store
         .put_plain_chunk(texty(9000, 1), true)
@@ -711,13 +760,25 @@ async fn unclean_shutdown_scrubs_damaged_chunks() {
         .unwrap();
     assert!(dir.path().join(UNSYNCED_MARKER_KEY).exists());
     drop(store);
-    // As after a power cut before the barrier: the file exists, but empty.
-    std::fs::write(chunk_path(dir.path(), &torn), b"").unwrap();
+    // As after a power cut before the barrier: the file exists, but
+    // empty; the pack holds the entry, but not its data.
+    if packs {
+        damage_chunk(dir.path(), &torn, |bytes| bytes.fill(0));
+    } else {
+        std::fs::write(dir.path().join(chunk_key(&torn)), b"").unwrap();
+    }
 
-    let store = Store::open_local(dir.path()).await.unwrap();
+    let store = open_layout(dir.path(), packs).await;
     let rec = store.last_recovery().unwrap();
-    assert_eq!(rec.chunks_checked, 2);
-    assert_eq!(rec.chunks_removed, [torn]);
+    if packs {
+        // Opening the pack, no index covering it, stopped at the entry
+        // whose data does not match its checksum.
+        assert_eq!(rec.chunks_checked, 1);
+        assert!(rec.chunks_removed.is_empty());
+    } else {
+        assert_eq!(rec.chunks_checked, 2);
+        assert_eq!(rec.chunks_removed, [torn]);
+    }
     assert!(store.has_chunk(good).await.unwrap());
     assert!(
         !store.has_chunk(torn).await.unwrap(),
@@ -731,7 +792,7 @@ async fn unclean_shutdown_scrubs_damaged_chunks() {
     store.sync().await.unwrap();
     assert!(!dir.path().join(UNSYNCED_MARKER_KEY).exists());
     drop(store);
-    let store = Store::open_local(dir.path()).await.unwrap();
+    let store = open_layout(dir.path(), packs).await;
     assert!(store.last_recovery().is_none());
 
     // A commit's barrier also clears it.
@@ -855,7 +916,7 @@ async fn delta_chunks_rebuild_on_their_base_without_blocking_calls() {
 }
 
 async fn delta_chunk_checks(async_only: bool) {
-    let (dir, store) = store_of_kind(async_only).await;
+    let (_dir, store) = store_of_kind(async_only).await;
     let v1 = texty(CS as usize, 1);
     let base = encode_chunk(&v1, true);
     let mut v2 = v1.clone();
@@ -933,7 +994,11 @@ async fn delta_chunk_checks(async_only: bool) {
     assert!(report.points.iter().any(|p| p.point_id == "p1" && p.ok));
 
     // Losing the base breaks the delta loudly.
-    std::fs::remove_file(chunk_path(dir.path(), &base.id)).unwrap();
+    store
+        .backend()
+        .delete(&store.chunk_object_key(&base.id))
+        .await
+        .unwrap();
     assert!(matches!(
         store.get_chunk(delta.id).await,
         Err(StoreError::MissingChunk { id, .. }) if id == base.id
@@ -981,11 +1046,10 @@ async fn a_delta_is_checked_as_rebuilt_and_a_damaged_base_is_named_by_verify() {
         assert_eq!(store.get_chunk(delta.id).await.unwrap(), v2);
 
         // A byte of the base's page 1, which the delta replaces.
-        let path = chunk_path(dir.path(), &base.id);
         let flip = |at: usize| {
-            let mut bytes = std::fs::read(&path).unwrap();
-            bytes[CHUNK_HEADER_LEN + at] ^= 0x5a;
-            std::fs::write(&path, bytes).unwrap();
+            damage_chunk(dir.path(), &base.id, |bytes| {
+                bytes[CHUNK_HEADER_LEN + at] ^= 0x5a;
+            });
         };
         flip(4096 + 10);
         assert_eq!(
@@ -1052,13 +1116,66 @@ async fn a_delta_on_zeros_stands_alone() {
             assert_eq!(report.chunks_deleted, 0, "{report:?}");
             assert!(store.verify().await.unwrap().all_ok());
             // Damage shows when it is read: never zeros or wrong pages.
-            let path = chunk_path(dir.path(), &delta.id);
-            let mut bytes = std::fs::read(&path).unwrap();
-            let at = bytes.len() - 1;
-            bytes[at] ^= 0x20;
-            std::fs::write(&path, bytes).unwrap();
+            damage_chunk(dir.path(), &delta.id, |bytes| {
+                let at = bytes.len() - 1;
+                bytes[at] ^= 0x20;
+            });
             assert!(store.get_chunk(delta.id).await.is_err());
             assert!(!store.verify().await.unwrap().all_ok());
         }
     }
+}
+
+#[tokio::test]
+async fn gc_compacts_packs_and_the_survivors_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let packs_dir = dir.path().join(".packs");
+    let pack_files = || -> usize {
+        std::fs::read_dir(&packs_dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".pack")
+            })
+            .count()
+    };
+    let store = Store::open_local(dir.path()).await.unwrap();
+    // p1 holds three quarters of what is stored, p2 the rest.
+    let big = random(12 * CS as usize);
+    let small = random(4 * CS as usize);
+    let d1 = upload_disk(&store, "d", &big).await;
+    let d2 = upload_disk(&store, "d", &small).await;
+    let (m1, m2) = (
+        manifest("vm", "p1", vec![d1]),
+        manifest("vm", "p2", vec![d2]),
+    );
+    store.commit_point(&m1).await.unwrap();
+    store.commit_point(&m2).await.unwrap();
+    drop(store);
+    // Reopened, the store writes to new packs: the old ones are sealed
+    // and may be compacted.
+    let store = Store::open_local(dir.path()).await.unwrap();
+    let before = pack_files();
+    assert!(before >= 1);
+    store.delete_point("vm", "p1").await.unwrap();
+    let report = store.gc(&HashSet::new()).await.unwrap();
+    assert_eq!(report.chunks_deleted, 12, "{report:?}");
+    assert!(report.packs_compacted >= 1, "{report:?}");
+    assert!(report.pack_bytes_freed >= 11 * u64::from(CS), "{report:?}");
+    assert_eq!(read_back(&store, &m2, 0, 4).await, small);
+    assert!(store.verify().await.unwrap().all_ok());
+    drop(store);
+    let store = Store::open_local(dir.path()).await.unwrap();
+    assert_eq!(read_back(&store, &m2, 0, 4).await, small);
+    assert_eq!(store.backend().list("chunks/").await.unwrap().len(), 4);
+    // What is on disk now is about what p2 needs.
+    let on_disk: u64 = std::fs::read_dir(&packs_dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(on_disk < 6 * u64::from(CS), "{on_disk} bytes in packs");
+    assert!(pack_files() <= before, "{} packs", pack_files());
 }

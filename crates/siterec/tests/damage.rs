@@ -8,18 +8,25 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-fn chunk_files(store: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for dir in std::fs::read_dir(store.join("chunks")).unwrap() {
-        for f in std::fs::read_dir(dir.unwrap().path()).unwrap() {
-            let p = f.unwrap().path();
-            if p.file_name().unwrap().to_string_lossy().len() == 64 {
-                out.push(p);
-            }
-        }
-    }
-    out.sort();
-    out
+/// The stored chunks of the store at `store`: each one's name (64 hex
+/// digits), and where its bytes lie (a pack or a file of its own, an
+/// offset, a length). Opening the directory only reads it.
+fn stored_chunks(store: &Path) -> Vec<(String, PathBuf, u64, usize)> {
+    use siterec_store::Backend;
+    let dir = siterec_store::LocalDir::new(store).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut keys = rt.block_on(dir.list("chunks/")).unwrap();
+    keys.sort();
+    keys.into_iter()
+        .filter(|key| key.rsplit('/').next().is_some_and(|n| n.len() == 64))
+        .map(|key| {
+            let (path, at, len) = dir.locate(&key).unwrap().unwrap();
+            let name = key.rsplit('/').next().unwrap().to_string();
+            (name, path, at, len)
+        })
+        .collect()
 }
 
 #[test]
@@ -39,17 +46,27 @@ fn damaged_chunks_are_reported_and_never_restored() {
     );
 
     // Flip one byte in the middle of a stored chunk.
-    let chunks = chunk_files(&recovery.join("store"));
+    let chunks = stored_chunks(&recovery.join("store"));
     assert!(
         chunks.len() >= 3,
         "expected the store to hold chunks: {chunks:?}"
     );
-    let victim = &chunks[chunks.len() / 2];
-    let mut bytes = std::fs::read(victim).unwrap();
-    let at = bytes.len() / 2;
-    bytes[at] ^= 0x5a;
-    std::fs::write(victim, &bytes).unwrap();
-    let victim_id = victim.file_name().unwrap().to_string_lossy().to_string();
+    let (victim_id, path, at, len) = chunks[chunks.len() / 2].clone();
+    let is_stored = |id: &str| {
+        stored_chunks(&recovery.join("store"))
+            .iter()
+            .any(|(name, ..)| name == id)
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8];
+    let middle = at + len as u64 / 2;
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut byte, middle).unwrap();
+    byte[0] ^= 0x5a;
+    std::os::unix::fs::FileExt::write_all_at(&file, &byte, middle).unwrap();
 
     let out = env.cli(&[
         "--output", "json", "store", "verify", "--fabric", "recovery",
@@ -102,7 +119,7 @@ fn damaged_chunks_are_reported_and_never_restored() {
 
     // Verify removed the damaged chunk, so replication heals: the next
     // commit misses it, the source resynchronizes and sends it again.
-    assert!(!victim.exists(), "verify removes the damaged chunk");
+    assert!(!is_stored(&victim_id), "verify removes the damaged chunk");
     let healed_after = now_ms();
     let fresh = env.wait_point_after("app01", healed_after, std::time::Duration::from_secs(150));
     let out = env.cli(&[
@@ -120,7 +137,7 @@ fn damaged_chunks_are_reported_and_never_restored() {
         Some(serde_json::json!(true)),
         "{report}"
     );
-    assert!(victim.exists(), "the chunk was sent again");
+    assert!(is_stored(&victim_id), "the chunk was sent again");
     let failed = env.json(&["failover", "unplanned", "app01", "--point", &fresh]);
     assert_eq!(failed["status"], "Succeeded");
     let raw = failover_disk(&failed, "raw");
