@@ -406,6 +406,17 @@ impl LocalDir {
         self.chunk_files || self.packed(key).is_none()
     }
 
+    /// Whether `key` exists, if the packs can tell without a look at the
+    /// files (`None`: look).
+    fn exists_without_a_file(&self, key: &str) -> Option<bool> {
+        if let Some((packs, id)) = self.packed(key)
+            && packs.contains(&id)
+        {
+            return Some(true);
+        }
+        (!self.file_may_hold(key)).then_some(false)
+    }
+
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
@@ -729,13 +740,8 @@ impl Backend for LocalDir {
 
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
-        if let Some((packs, id)) = self.packed(key)
-            && packs.contains(&id)
-        {
-            return Ok(true);
-        }
-        if !self.file_may_hold(key) {
-            return Ok(false);
+        if let Some(known) = self.exists_without_a_file(key) {
+            return Ok(known);
         }
         self.blocking(move |_| file_exists(&path)).await
     }
@@ -852,13 +858,8 @@ impl Backend for LocalDir {
 impl BlockingObjects for LocalDir {
     fn exists_blocking(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path_of(key)?;
-        if let Some((packs, id)) = self.packed(key)
-            && packs.contains(&id)
-        {
-            return Ok(true);
-        }
-        if !self.file_may_hold(key) {
-            return Ok(false);
+        if let Some(known) = self.exists_without_a_file(key) {
+            return Ok(known);
         }
         file_exists(&path)
     }
