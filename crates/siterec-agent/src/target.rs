@@ -104,6 +104,7 @@ impl Target {
         if let Some(r) = store.last_recovery() {
             tracing::warn!(
                 checked = r.chunks_checked,
+                known_whole = r.chunks_known_whole,
                 removed = r.objects_removed.len().max(r.chunks_removed.len()),
                 "replica store recovered from an unclean shutdown"
             );
