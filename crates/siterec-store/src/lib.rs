@@ -121,6 +121,7 @@ mod chunk;
 mod config;
 mod crypt;
 mod error;
+mod keyindex;
 mod manifest;
 mod pack;
 mod remote;

@@ -29,7 +29,7 @@
 //! space. Deletes drop index entries; [`Packs::compact`] copies the live
 //! entries out of packs that are mostly dead and removes them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -42,6 +42,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::backend::{DIRECT_ALIGN, TEMP_PREFIX, padded_len, with_aligned};
 use crate::bufpool::Pool;
 use crate::error::StoreError;
+use crate::keyindex::KeyIndex;
 use crate::store::parse_chunk_key;
 
 /// The directory of the packs, under the store's root. Keys cannot start
@@ -64,6 +65,10 @@ const INDEX_ENTRY_LEN: usize = 48;
 /// Largest object a pack takes (chunk objects are at most 64 MiB and a
 /// little).
 const MAX_OBJECT: usize = 256 << 20;
+/// Packs are numbered below this, and entries start before this offset
+/// (so that a location fits 16 bytes).
+const MAX_SEQ: u64 = u32::MAX as u64;
+const MAX_ENTRY_OFF: u64 = (u32::MAX as u64) * DIRECT_ALIGN as u64;
 
 /// Page-sized, page-aligned header buffers (over-allocated by a page).
 static HEADER_PAGES: Pool = Pool::new(16, 2 * DIRECT_ALIGN);
@@ -75,13 +80,34 @@ type Entries = Vec<([u8; 32], Loc)>;
 /// `off + data_off`, `len` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Loc {
-    pack: u64,
-    off: u64,
+    pack: u32,
+    /// The entry's offset in pages.
+    page: u32,
     data_off: u32,
     len: u32,
 }
 
 impl Loc {
+    /// `off` is a multiple of [`DIRECT_ALIGN`]; `pack` and `off / 4096`
+    /// fit 32 bits (packs are numbered below 2^32 and are far smaller than
+    /// 16 TiB): checked where packs are numbered and entries read.
+    fn new(pack: u64, off: u64, data_off: u32, len: u32) -> Loc {
+        Loc {
+            pack: pack as u32,
+            page: (off / DIRECT_ALIGN as u64) as u32,
+            data_off,
+            len,
+        }
+    }
+
+    fn pack(&self) -> u64 {
+        u64::from(self.pack)
+    }
+
+    fn off(&self) -> u64 {
+        u64::from(self.page) * DIRECT_ALIGN as u64
+    }
+
     /// Bytes of the pack the entry takes, header and padding included.
     fn span(&self) -> u64 {
         padded_len(self.data_off as usize + self.len as usize) as u64
@@ -104,16 +130,17 @@ struct PackMeta {
     sealed: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Index {
-    map: HashMap<[u8; 32], Loc>,
+    /// 48 bytes per object (see [`KeyIndex`]).
+    map: KeyIndex<Loc>,
     packs: BTreeMap<u64, PackMeta>,
 }
 
 impl Index {
     /// Records `loc` for `id`; the entry it replaces, if any, is dead.
     fn insert(&mut self, id: [u8; 32], loc: Loc) {
-        if let Some(meta) = self.packs.get_mut(&loc.pack) {
+        if let Some(meta) = self.packs.get_mut(&loc.pack()) {
             meta.live += loc.span();
             meta.changed += 1;
         }
@@ -123,7 +150,7 @@ impl Index {
     }
 
     fn forget(&mut self, old: Loc) {
-        if let Some(meta) = self.packs.get_mut(&old.pack) {
+        if let Some(meta) = self.packs.get_mut(&old.pack()) {
             meta.live = meta.live.saturating_sub(old.span());
             meta.changed += 1;
         }
@@ -135,6 +162,9 @@ struct Appender {
     seq: u64,
     path: PathBuf,
     file: File,
+    /// The same file without `O_DIRECT`, for small entries (opened when
+    /// first needed).
+    buffered: Option<File>,
     len: u64,
     direct: bool,
 }
@@ -190,6 +220,15 @@ impl Packs {
                     let name = e.file_name();
                     let Some(name) = name.to_str() else { continue };
                     if let Some(seq) = name.strip_suffix(".pack").and_then(parse_seq) {
+                        if seq > MAX_SEQ {
+                            return Err(StoreError::io(
+                                "open pack",
+                                dir.join(name),
+                                std::io::Error::other(format!(
+                                    "pack numbers stop at {MAX_SEQ:016x}: this is not a pack this version wrote"
+                                )),
+                            ));
+                        }
                         packs.push(seq);
                     } else if let Some(seq) = name.strip_suffix(".idx").and_then(parse_seq) {
                         indexes.insert(seq);
@@ -267,7 +306,10 @@ impl Packs {
 
     /// The key bytes of every object the packs hold.
     pub(crate) fn ids(&self) -> Vec<[u8; 32]> {
-        self.read().map.keys().copied().collect()
+        let ix = self.read();
+        let mut ids = Vec::with_capacity(ix.map.len());
+        ix.map.for_each(|id, _| ids.push(*id));
+        ids
     }
 
     /// Drops object `id`; whether a pack held it.
@@ -360,7 +402,10 @@ impl Packs {
     ) -> Result<(), StoreError> {
         let mut app = self.take_appender()?;
         let off = app.len;
-        if let Err(e) = app.write_at(parts, off) {
+        // Small objects (a delta's few pages) through the page cache, as
+        // small files were: one copy instead of a round trip to the
+        // device each, and a restore soon after finds them there.
+        if let Err(e) = app.write_at(parts, off, data_off == DIRECT_ALIGN) {
             // Part of the entry may be in the file: no more appends here.
             let path = app.path.clone();
             if let Some(meta) = self.write().packs.get_mut(&app.seq) {
@@ -371,7 +416,7 @@ impl Packs {
         }
         let span: u64 = parts.iter().map(|p| p.len() as u64).sum();
         app.len = off + span;
-        let sealed = app.len >= PACK_TARGET;
+        let sealed = app.len >= PACK_TARGET.min(MAX_ENTRY_OFF);
         {
             let mut ix = self.write();
             if let Some(meta) = ix.packs.get_mut(&app.seq) {
@@ -379,15 +424,7 @@ impl Packs {
                 meta.file_len = app.len;
                 meta.sealed = sealed;
             }
-            ix.insert(
-                *id,
-                Loc {
-                    pack: app.seq,
-                    off,
-                    data_off: data_off as u32,
-                    len: len as u32,
-                },
-            );
+            ix.insert(*id, Loc::new(app.seq, off, data_off as u32, len as u32));
         }
         if !sealed {
             lock(&self.idle).push(app);
@@ -402,6 +439,15 @@ impl Packs {
         }
         let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
         let path = pack_path(&self.dir, seq);
+        if seq > MAX_SEQ {
+            return Err(StoreError::io(
+                "create pack",
+                path,
+                std::io::Error::other(
+                    "no pack numbers left: copy the store's objects to a new store",
+                ),
+            ));
+        }
         let create = |direct: bool| {
             let mut o = std::fs::OpenOptions::new();
             o.write(true).create_new(true);
@@ -434,6 +480,7 @@ impl Packs {
             seq,
             path,
             file,
+            buffered: None,
             len: 0,
             direct,
         })
@@ -448,10 +495,10 @@ impl Packs {
         // A compaction may move the object and remove its pack between
         // the lookup and the open: look again.
         for _ in 0..3 {
-            let Some(loc) = self.read().map.get(id).copied() else {
+            let Some(loc) = self.read().map.get(id) else {
                 return Ok(false);
             };
-            let path = pack_path(&self.dir, loc.pack);
+            let path = pack_path(&self.dir, loc.pack());
             match read_entry_data(&path, loc, read) {
                 Ok(()) => return Ok(true),
                 Err(ReadError::Gone) => continue,
@@ -502,13 +549,13 @@ impl Packs {
             if snaps.is_empty() {
                 return Ok(());
             }
-            for (id, loc) in &ix.map {
-                if let Some(s) = snaps.get_mut(&loc.pack)
-                    && loc.off < s.len
+            ix.map.for_each(|id, loc| {
+                if let Some(s) = snaps.get_mut(&loc.pack())
+                    && loc.off() < s.len
                 {
-                    s.entries.push((*id, *loc));
+                    s.entries.push((*id, loc));
                 }
-            }
+            });
             snaps
         };
         for (&seq, s) in &mut snaps {
@@ -522,7 +569,7 @@ impl Packs {
             File::open(&path)
                 .and_then(|f| f.sync_data())
                 .map_err(|e| StoreError::io("fsync", &path, e))?;
-            s.entries.sort_unstable_by_key(|(_, loc)| loc.off);
+            s.entries.sort_unstable_by_key(|(_, loc)| loc.off());
             write_index(&self.dir, seq, s.len, &s.entries)?;
         }
         let mut ix = self.write();
@@ -563,16 +610,17 @@ impl Packs {
         }
         let doomed: std::collections::HashSet<u64> = victims.iter().map(|v| v.0).collect();
         let moving: Vec<([u8; 32], Loc)> = {
-            let ix = self.read();
-            ix.map
-                .iter()
-                .filter(|(_, loc)| doomed.contains(&loc.pack))
-                .map(|(id, loc)| (*id, *loc))
-                .collect()
+            let mut moving = Vec::new();
+            self.read().map.for_each(|id, loc| {
+                if doomed.contains(&loc.pack()) {
+                    moving.push((*id, loc));
+                }
+            });
+            moving
         };
         let mut copied = 0u64;
         for (id, loc) in moving {
-            let path = pack_path(&self.dir, loc.pack);
+            let path = pack_path(&self.dir, loc.pack());
             let mut data = Vec::new();
             read_entry_data(&path, loc, &mut |d| {
                 data.extend_from_slice(d);
@@ -586,7 +634,7 @@ impl Packs {
                 }
             })?;
             // Deleted or replaced meanwhile: nothing to move.
-            if self.read().map.get(&id) != Some(&loc) {
+            if self.read().map.get(&id) != Some(loc) {
                 continue;
             }
             self.put_bytes(&id, &data)?;
@@ -596,11 +644,12 @@ impl Packs {
         // The copies durable and indexed before the originals go.
         self.write_indexes()?;
         for (seq, file_len) in victims {
-            {
-                let ix = self.read();
-                if ix.map.values().any(|loc| loc.pack == seq) {
-                    continue; // Written again meanwhile (cannot happen: sealed).
-                }
+            let mut still_used = false;
+            self.read()
+                .map
+                .for_each(|_, loc| still_used |= loc.pack() == seq);
+            if still_used {
+                continue; // Written again meanwhile (cannot happen: sealed).
             }
             remove_if_there(&index_path(&self.dir, seq))?;
             remove_if_there(&pack_path(&self.dir, seq))?;
@@ -642,10 +691,10 @@ impl Packs {
     /// Where object `id` lies on disk: the pack file, the offset of its
     /// data and its length (for tools, and tests that damage data).
     pub(crate) fn locate(&self, id: &[u8; 32]) -> Option<(PathBuf, u64, usize)> {
-        let loc = self.read().map.get(id).copied()?;
+        let loc = self.read().map.get(id)?;
         Some((
-            pack_path(&self.dir, loc.pack),
-            loc.off + u64::from(loc.data_off),
+            pack_path(&self.dir, loc.pack()),
+            loc.off() + u64::from(loc.data_off),
             loc.len as usize,
         ))
     }
@@ -684,7 +733,22 @@ fn check_len(len: usize) -> Result<(), StoreError> {
 }
 
 impl Appender {
-    fn write_at(&mut self, parts: &[&[u8]], off: u64) -> std::io::Result<()> {
+    /// Writes `parts` at `off`, around the page cache if `direct` and the
+    /// pack was opened so.
+    fn write_at(&mut self, parts: &[&[u8]], off: u64, direct: bool) -> std::io::Result<()> {
+        if !direct && self.direct {
+            if self.buffered.is_none() {
+                self.buffered = Some(std::fs::OpenOptions::new().write(true).open(&self.path)?);
+            }
+            if let Some(f) = &self.buffered {
+                let mut at = off;
+                for part in parts {
+                    f.write_all_at(part, at)?;
+                    at += part.len() as u64;
+                }
+                return Ok(());
+            }
+        }
         let mut at = off;
         for part in parts {
             match self.file.write_all_at(part, at) {
@@ -784,18 +848,13 @@ fn scan(
     let mut off = from;
     let mut head = vec![0u8; HEADER_LEN];
     let mut data = Vec::new();
-    while off + HEADER_LEN as u64 <= file_len {
+    while off + HEADER_LEN as u64 <= file_len && off < MAX_ENTRY_OFF {
         file.read_exact_at(&mut head, off)
             .map_err(|e| StoreError::io("read from pack", path, e))?;
         let Some((id, data_off, len, sum)) = parse_header(&head) else {
             break;
         };
-        let loc = Loc {
-            pack: seq,
-            off,
-            data_off: data_off as u32,
-            len: len as u32,
-        };
+        let loc = Loc::new(seq, off, data_off as u32, len as u32);
         if off + loc.span() > file_len {
             break;
         }
@@ -825,7 +884,7 @@ fn write_index(
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     for (id, loc) in entries {
         out.extend_from_slice(id);
-        out.extend_from_slice(&loc.off.to_le_bytes());
+        out.extend_from_slice(&loc.off().to_le_bytes());
         out.extend_from_slice(&loc.data_off.to_le_bytes());
         out.extend_from_slice(&loc.len.to_le_bytes());
     }
@@ -870,13 +929,12 @@ fn read_index(dir: &Path, seq: u64, file_len: u64) -> Result<Option<(Entries, u6
         for e in body[INDEX_HEAD_LEN..].chunks_exact(INDEX_ENTRY_LEN) {
             let mut id = [0u8; 32];
             id.copy_from_slice(&e[..32]);
-            let loc = Loc {
-                pack: seq,
-                off: le_u64(&e[32..]),
-                data_off: le_u32(&e[40..]),
-                len: le_u32(&e[44..]),
-            };
-            if loc.off + loc.span() > covered {
+            let (off, data_off, len) = (le_u64(&e[32..]), le_u32(&e[40..]), le_u32(&e[44..]));
+            if !off.is_multiple_of(DIRECT_ALIGN as u64) || off >= MAX_ENTRY_OFF {
+                return None;
+            }
+            let loc = Loc::new(seq, off, data_off, len);
+            if loc.off() + loc.span() > covered {
                 return None;
             }
             entries.push((id, loc));
@@ -919,12 +977,14 @@ fn read_entry_data(
             ReadError::Io(e)
         }
     };
-    let file = match open(true) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(false),
+    // Small entries were written through the page cache (see `append`).
+    let direct = loc.data_off as usize == DIRECT_ALIGN;
+    let file = match open(direct) {
+        Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => open(false),
         other => other,
     }
     .map_err(gone)?;
-    let start = loc.off + u64::from(loc.data_off);
+    let start = loc.off() + u64::from(loc.data_off);
     let aligned = start - start % DIRECT_ALIGN as u64;
     let skip = (start - aligned) as usize;
     let len = loc.len as usize;
