@@ -641,8 +641,15 @@ impl Packs {
             copied += loc.span();
             report.entries_moved += 1;
         }
-        // The copies durable and indexed before the originals go.
+        // The copies durable and indexed before the originals go: their
+        // data was synced by `write_indexes`, and their names (new packs,
+        // renamed indexes) must be too before an old pack's removal can
+        // reach the disk (a file system without a journal keeps no order
+        // between the two).
         self.write_indexes()?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io("fsync directory", &self.dir, e))?;
         for (seq, file_len) in victims {
             let mut still_used = false;
             self.read()
