@@ -242,7 +242,12 @@ impl Packs {
         let mut index = Index::default();
         for &seq in &packs {
             let path = pack_path(&dir, seq);
-            let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                // Removed since the listing (its owner compacted it).
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io("open", &path, e)),
+            };
             let file_len = file
                 .metadata()
                 .map_err(|e| StoreError::io("stat", &path, e))?
@@ -597,9 +602,7 @@ impl Packs {
             ix.packs
                 .iter()
                 .filter(|(_, m)| {
-                    m.sealed
-                        && m.file_len > 0
-                        && (m.live as f64) < COMPACT_BELOW * m.file_len as f64
+                    m.sealed && (m.live == 0 || (m.live as f64) < COMPACT_BELOW * m.file_len as f64)
                 })
                 .map(|(&seq, m)| (seq, m.file_len))
                 .collect()
@@ -1191,6 +1194,18 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn an_empty_pack_left_by_a_crash_is_removed_by_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let packs = dir.path().join(PACKS_DIR);
+        std::fs::create_dir_all(&packs).unwrap();
+        // Created, then the process died before its first entry.
+        std::fs::write(pack_path(&packs, 5), b"").unwrap();
+        let p = Packs::open(dir.path()).unwrap();
+        assert_eq!(p.compact().unwrap().packs_removed, 1);
+        assert!(!pack_path(&packs, 5).exists());
     }
 
     #[test]
