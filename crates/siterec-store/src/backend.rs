@@ -236,7 +236,7 @@ pub struct LocalDir {
     root: Arc<PathBuf>,
     ahead: Arc<FlushAhead>,
     /// Chunk objects appended to pack files, if this store uses them
-    /// (see [`LocalDir::with_packs`]).
+    /// (always, unless [`LocalDir::without_packs`]).
     packs: Option<Arc<Packs>>,
     /// Whether chunk objects may also lie as files (written before the
     /// store had packs): lookups that miss the packs then look there.
