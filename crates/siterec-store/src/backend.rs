@@ -372,11 +372,6 @@ impl LocalDir {
         Ok(self)
     }
 
-    /// Whether chunk objects go to packs.
-    pub fn has_packs(&self) -> bool {
-        self.packs.is_some()
-    }
-
     /// Where the object `key` lies on disk: a file, the offset of the
     /// object's bytes in it and their length. `None` if there is no such
     /// object. For tools, and tests that damage data on purpose.
