@@ -55,6 +55,13 @@ pub(crate) const PAGE_DATA_MIN: usize = 64 * 1024;
 /// [`Packs::compact`] rewrites sealed packs whose live entries fill less
 /// than this fraction of the file.
 pub(crate) const COMPACT_BELOW: f64 = 0.5;
+/// Sealed packs shorter than this (each restart seals the packs it had
+/// open, mostly part-filled)...
+pub(crate) const SMALL_PACK: u64 = PACK_TARGET / 4;
+/// ...are merged by [`Packs::compact`] once there are this many (two
+/// restarts' worth with four writers): fewer files to open and index,
+/// without copying a few megabytes again at every gc.
+pub(crate) const MERGE_SMALL_AT: usize = 8;
 
 const ENTRY_MAGIC: &[u8; 8] = b"SRPKENT1";
 const INDEX_MAGIC: &[u8; 8] = b"SRPKIDX1";
@@ -589,7 +596,8 @@ impl Packs {
     }
 
     /// Copies the live entries of sealed packs that are mostly dead (less
-    /// than [`COMPACT_BELOW`] live) into new packs, makes those durable
+    /// than [`COMPACT_BELOW`] live), and of small sealed packs once there
+    /// are [`MERGE_SMALL_AT`] of them, into new packs, makes those durable
     /// with their indexes, then removes the old packs. Readers are never
     /// without the object: the index points at the old copy until the new
     /// one is written, and a reader that finds the old pack gone looks
@@ -599,10 +607,19 @@ impl Packs {
         let _one = lock(&self.barrier);
         let victims: Vec<(u64, u64)> = {
             let ix = self.read();
+            let small = ix
+                .packs
+                .values()
+                .filter(|m| m.sealed && m.file_len < SMALL_PACK)
+                .count();
+            let merge = small >= MERGE_SMALL_AT;
             ix.packs
                 .iter()
                 .filter(|(_, m)| {
-                    m.sealed && (m.live == 0 || (m.live as f64) < COMPACT_BELOW * m.file_len as f64)
+                    m.sealed
+                        && (m.live == 0
+                            || (m.live as f64) < COMPACT_BELOW * m.file_len as f64
+                            || (merge && m.file_len < SMALL_PACK))
                 })
                 .map(|(&seq, m)| (seq, m.file_len))
                 .collect()
@@ -1233,6 +1250,50 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn compaction_merges_small_packs_once_there_are_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Packs::open(dir.path()).unwrap();
+        // Each "restart" seals a part-filled pack; fully live, so only the
+        // merge rule can pick them.
+        let mut n = 0;
+        let mut restart = |p: &Packs, k: u32| {
+            for _ in 0..k {
+                p.put_bytes(&id(n), &object(n, 70_000)).unwrap();
+                n += 1;
+            }
+            p.barrier().unwrap();
+            p.seal_all();
+        };
+        for _ in 0..MERGE_SMALL_AT - 1 {
+            restart(&p, 3);
+        }
+        assert_eq!(p.pack_stats().len(), MERGE_SMALL_AT - 1);
+        assert_eq!(p.compact().unwrap(), CompactReport::default());
+        restart(&p, 3);
+        let before = p.pack_stats();
+        assert_eq!(before.len(), MERGE_SMALL_AT);
+        let report = p.compact().unwrap();
+        assert_eq!(report.packs_removed, MERGE_SMALL_AT as u64);
+        assert_eq!(report.entries_moved, 3 * MERGE_SMALL_AT as u64);
+        let after = p.pack_stats();
+        assert_eq!(after.len(), 1, "{after:?}");
+        for (seq, _, _) in &before {
+            assert!(!pack_path(&dir.path().join(PACKS_DIR), *seq).exists());
+        }
+        let total = 3 * MERGE_SMALL_AT as u32;
+        for i in 0..total {
+            assert_eq!(get(&p, i).unwrap(), object(i, 70_000));
+        }
+        p.barrier().unwrap();
+        drop(p);
+        let p = Packs::open(dir.path()).unwrap();
+        assert_eq!(p.ids().len(), total as usize);
+        for i in 0..total {
+            assert_eq!(get(&p, i).unwrap(), object(i, 70_000));
+        }
     }
 
     #[test]
