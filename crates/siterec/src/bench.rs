@@ -11,7 +11,10 @@
 //!   random, against restic, borg and `rsync --inplace --no-whole-file`;
 //! - materializing the latest point as a raw image against `restic restore`
 //!   and `borg extract`;
-//! - this process's peak memory (it runs both the source and the target).
+//! - this process's peak memory (it runs both the source and the target);
+//! - with the peers, this disk's floor for the initial copy and the restore:
+//!   the time it takes to make as many bytes durable as each must write,
+//!   the best way (see `disk_floor`), beside what 3× restic asks.
 //!
 //! Peers that are not installed are skipped with a note (`--no-peers`
 //! skips them all, to profile siterec alone). Every timed step starts after
@@ -188,6 +191,10 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
         rows.push(missing("initial", "qemu-img"));
     }
 
+    if opts.peers {
+        rows.push(disk_floor("initial", &dir, store_bytes)?);
+    }
+
     // ---- churn: overwrite 1% of the 4 KiB blocks at random ----
     let blocks = churn(&image, size, opts.churn_percent)?;
     eprintln!(
@@ -249,6 +256,10 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     if !identical {
         bail!("the materialized image differs from the source: the benchmark is void");
     }
+    let restored_bytes = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&restored)?.blocks() * 512
+    };
     if restic {
         let target = dir.join("restic-restore");
         rows.push(timed(
@@ -275,6 +286,9 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                 .current_dir(&target),
         )?);
     }
+    if opts.peers {
+        rows.push(disk_floor("restore", &dir, restored_bytes)?);
+    }
     let peak = peak_rss_mib();
     let _ = p1;
 
@@ -286,7 +300,7 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
     let report: Vec<Value> = rows
         .iter()
         .map(|r| {
-            let us = siterec_row(r.phase).filter(|_| r.tool != "siterec");
+            let us = siterec_row(r.phase).filter(|_| r.tool != "siterec" && r.tool != FLOOR);
             let ratio = match (r.secs, us.and_then(|u| u.secs)) {
                 (Some(peer), Some(us)) if us > 0.0 => Some(peer / us),
                 _ => None,
@@ -322,6 +336,11 @@ pub async fn replication(opts: BenchOptions, out: Format) -> anyhow::Result<()> 
                     ("NOTE", "/note"),
                 ],
             );
+            for phase in ["initial", "restore"] {
+                if let Some(line) = target_line(&rows, phase) {
+                    println!("{line}");
+                }
+            }
             println!("peak memory of this process (source + target + store): {peak} MiB");
             println!(
                 "replica store on disk after the initial copy: {:.1} MiB",
@@ -377,6 +396,102 @@ fn timed(phase: &'static str, tool: &str, cmd: &mut Command) -> anyhow::Result<R
         sync: Some(timed_sync()),
         note: String::new(),
     })
+}
+
+/// The tool name of the disk floor rows.
+const FLOOR: &str = "disk floor";
+
+/// The least time this disk takes to make `bytes` durable, the way a
+/// store or a restore writes them at best: four threads appending 1 MiB
+/// writes with `O_DIRECT` to files of their own, then an fsync of each.
+/// No phase that must leave that many bytes durable can beat it here, so
+/// it says what the targets can mean on this machine.
+fn disk_floor(phase: &'static str, dir: &Path, bytes: u64) -> anyhow::Result<Row> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    const THREADS: u64 = 4;
+    const BLOCK: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    eprintln!("{phase}: {FLOOR}…");
+    let mut raw = vec![0u8; BLOCK + ALIGN];
+    StdRng::seed_from_u64(7).fill_bytes(&mut raw);
+    let start = raw.as_ptr().align_offset(ALIGN);
+    let block = &raw[start..start + BLOCK];
+    let per_thread = bytes.div_ceil(THREADS).div_ceil(BLOCK as u64);
+    let paths: Vec<PathBuf> = (0..THREADS)
+        .map(|i| dir.join(format!("floor-{i}")))
+        .collect();
+    settle();
+    let t = Instant::now();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                scope.spawn(move || -> std::io::Result<()> {
+                    let open = |flags| {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .custom_flags(flags)
+                            .open(path)
+                    };
+                    // A file system without O_DIRECT (tmpfs): through the
+                    // page cache, which the fsync then writes.
+                    let f = match open(libc::O_DIRECT) {
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0)?,
+                        f => f?,
+                    };
+                    for i in 0..per_thread {
+                        f.write_all_at(block, i * BLOCK as u64)?;
+                    }
+                    f.sync_all()
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a disk floor thread panicked"))?
+                .context("writing the disk floor files")?;
+        }
+        Ok(())
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    for path in &paths {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(Row {
+        phase,
+        tool: FLOOR.into(),
+        secs: Some(secs),
+        cpu: None,
+        sync: Some(timed_sync()),
+        note: format!(
+            "{:.0} MiB made durable: 4 threads, 1 MiB O_DIRECT writes, fsync",
+            (per_thread * THREADS * BLOCK as u64) as f64 / 1048576.0
+        ),
+    })
+}
+
+/// What the "3× faster than restic" asks of `phase` here, beside
+/// this disk's floor: `None` without both rows.
+fn target_line(rows: &[Row], phase: &str) -> Option<String> {
+    let secs = |tool: &str| {
+        rows.iter()
+            .find(|r| r.phase == phase && r.tool == tool)
+            .and_then(|r| r.secs)
+    };
+    let restic = secs(if phase == "restore" {
+        "restic restore"
+    } else {
+        "restic backup"
+    })?;
+    let floor = secs(FLOOR)?;
+    let ours = secs("siterec")?;
+    Some(format!(
+        "{phase}: 3× restic means {:.2} s; this disk needs {floor:.2} s to make the bytes durable; siterec took {ours:.2} s ({:.2}× the floor)",
+        restic / 3.0,
+        ours / floor
+    ))
 }
 
 /// Writes back every dirty page before a timed step, so that no step pays
@@ -556,5 +671,46 @@ pub(crate) fn committed(c: siterec_agent::source::Cycle) -> anyhow::Result<Strin
         siterec_agent::source::Cycle::Spooled(p) | siterec_agent::source::Cycle::Exported(p) => {
             anyhow::bail!("point {p} did not reach the bench's target")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disk_floor_writes_what_it_says_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = disk_floor("initial", dir.path(), 6 << 20).unwrap();
+        assert_eq!(row.tool, FLOOR);
+        assert!(row.secs.is_some_and(|s| s > 0.0));
+        // Rounded up to whole 1 MiB writes on each of four threads.
+        assert!(row.note.starts_with("8 MiB made durable"), "{}", row.note);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_target_line_sets_three_times_restic_beside_the_floor() {
+        let row = |phase, tool: &str, secs| Row {
+            phase,
+            tool: tool.into(),
+            secs: Some(secs),
+            cpu: None,
+            sync: None,
+            note: String::new(),
+        };
+        let rows = [
+            row("initial", "siterec", 4.0),
+            row("initial", "restic backup", 9.0),
+            row("initial", FLOOR, 2.0),
+            row("restore", "siterec", 3.0),
+            row("restore", FLOOR, 2.5),
+        ];
+        assert_eq!(
+            target_line(&rows, "initial").unwrap(),
+            "initial: 3× restic means 3.00 s; this disk needs 2.00 s to make the bytes durable; siterec took 4.00 s (2.00× the floor)"
+        );
+        // No restic restore row: nothing to say.
+        assert_eq!(target_line(&rows, "restore"), None);
     }
 }
