@@ -581,12 +581,7 @@ async fn crash_recovery_without_the_recovery_key_in(packs: bool) {
     let dir = tempfile::tempdir().unwrap();
     let key = RecoveryKey::generate().unwrap();
     let open = || async {
-        let backend = LocalDir::new(dir.path()).unwrap();
-        let backend = if packs {
-            backend
-        } else {
-            backend.without_packs().unwrap()
-        };
+        let backend = crate::store_tests::local_layout(dir.path(), packs);
         Store::open_or_create_with_credential(Arc::new(backend), Some(key.credential()))
             .await
             .unwrap()

@@ -732,14 +732,19 @@ async fn unclean_shutdown_scrubs_damaged_chunks() {
 }
 
 /// The store in `dir`, its chunks in packs or one file each.
-async fn open_layout(dir: &Path, packs: bool) -> Store {
+/// A local directory backend in either layout: chunks in packs, or one
+/// file each (`without_packs`).
+pub(crate) fn local_layout(dir: &Path, packs: bool) -> LocalDir {
     let backend = LocalDir::new(dir).unwrap();
-    let backend = if packs {
+    if packs {
         backend
     } else {
         backend.without_packs().unwrap()
-    };
-    Store::open_or_create(std::sync::Arc::new(backend))
+    }
+}
+
+async fn open_layout(dir: &Path, packs: bool) -> Store {
+    Store::open_or_create(std::sync::Arc::new(local_layout(dir, packs)))
         .await
         .unwrap()
 }
