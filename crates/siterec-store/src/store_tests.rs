@@ -731,7 +731,6 @@ async fn unclean_shutdown_scrubs_damaged_chunks() {
     }
 }
 
-/// The store in `dir`, its chunks in packs or one file each.
 /// A local directory backend in either layout: chunks in packs, or one
 /// file each (`without_packs`).
 pub(crate) fn local_layout(dir: &Path, packs: bool) -> LocalDir {
@@ -743,6 +742,7 @@ pub(crate) fn local_layout(dir: &Path, packs: bool) -> LocalDir {
     }
 }
 
+/// The store in `dir`, its chunks in packs or one file each.
 async fn open_layout(dir: &Path, packs: bool) -> Store {
     Store::open_or_create(std::sync::Arc::new(local_layout(dir, packs)))
         .await
