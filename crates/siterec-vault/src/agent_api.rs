@@ -53,7 +53,7 @@ async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, Stri
             "this call needs the agent's client certificate; enrol the agent first",
         ));
     };
-    let fabric: Option<String> = sqlx::query_scalar("SELECT fabric FROM agents WHERE id = ?")
+    let fabric: Option<String> = sqlx::query_scalar("SELECT fabric FROM agents WHERE id = $1")
         .bind(id)
         .fetch_optional(&st.db)
         .await?;
@@ -70,7 +70,7 @@ async fn enrol(
     Json(req): Json<EnrolRequest>,
 ) -> ApiResult<Json<EnrolResponse>> {
     let row: Option<(String, String, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT fabric, secret_hash, expires_ms, revoked_ms FROM registration_keys WHERE key_id = ?",
+        "SELECT fabric, secret_hash, expires_ms, revoked_ms FROM registration_keys WHERE key_id = $1",
     )
     .bind(&req.key_id)
     .fetch_optional(&st.db)
@@ -107,7 +107,7 @@ async fn enrol(
             ))
         })?;
     sqlx::query(
-        "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&agent_id)
     .bind(&fabric)
@@ -154,12 +154,12 @@ async fn heartbeat(
     let now = now_ms();
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
-        "UPDATE agents SET last_seen_ms = ?, cloud = ?, data_url = ?, store_encrypted = ?, store_key_id = ?, transport_key = ?, counters = ? WHERE id = ?",
+        "UPDATE agents SET last_seen_ms = $1, cloud = $2, data_url = $3, store_encrypted = $4, store_key_id = $5, transport_key = $6, counters = $7 WHERE id = $8",
     )
     .bind(now)
     .bind(&req.cloud)
     .bind(&req.data_url)
-    .bind(req.store_encrypted)
+    .bind(i64::from(req.store_encrypted))
     .bind(&req.store_key_id)
     .bind(&req.transport_key)
     .bind(serde_json::to_string(&req.counters).unwrap_or_else(|_| "{}".into()))
@@ -167,7 +167,7 @@ async fn heartbeat(
     .execute(&mut *tx)
     .await?;
     sqlx::query(
-        "INSERT INTO containers (fabric, name, created_ms) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
     )
     .bind(&fabric)
     .bind(&req.cloud)
@@ -175,7 +175,7 @@ async fn heartbeat(
     .execute(&mut *tx)
     .await?;
     let cloud: String =
-        sqlx::query_scalar("SELECT name FROM containers WHERE fabric = ? AND name = ?")
+        sqlx::query_scalar("SELECT name FROM containers WHERE fabric = $1 AND name = $2")
             .bind(&fabric)
             .bind(&req.cloud)
             .fetch_one(&mut *tx)
@@ -184,7 +184,7 @@ async fn heartbeat(
     for m in &req.machines {
         let info = serde_json::to_string(m).map_err(|e| ApiError::internal("machine info", e))?;
         sqlx::query(
-            "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES (?, ?, ?, ?, ?, ?)
+            "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms",
         )
         .bind(&fabric)
@@ -197,13 +197,13 @@ async fn heartbeat(
         .await?;
         reported.push(m.name.to_ascii_lowercase());
     }
-    let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = ?")
+    let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = $1")
         .bind(&agent)
         .fetch_all(&mut *tx)
         .await?;
     for name in mine {
         if !reported.contains(&name.to_ascii_lowercase()) {
-            sqlx::query("DELETE FROM machines WHERE agent_id = ? AND name = ?")
+            sqlx::query("DELETE FROM machines WHERE agent_id = $1 AND name = $2")
                 .bind(&agent)
                 .bind(&name)
                 .execute(&mut *tx)
@@ -211,13 +211,13 @@ async fn heartbeat(
         }
     }
     // The host's VM networks: exactly what this heartbeat reports.
-    sqlx::query("DELETE FROM networks WHERE agent_id = ?")
+    sqlx::query("DELETE FROM networks WHERE agent_id = $1")
         .bind(&agent)
         .execute(&mut *tx)
         .await?;
     for n in networks {
         sqlx::query(
-            "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(&fabric)
         .bind(n)
@@ -229,7 +229,7 @@ async fn heartbeat(
     tx.commit().await?;
 
     let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE agent_id = ? AND state = 'Pending' ORDER BY created_ms")
+        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE agent_id = $1 AND state = 'Pending' ORDER BY created_ms")
             .bind(&agent)
             .fetch_all(&st.db)
             .await?;
@@ -258,11 +258,12 @@ async fn imports_of(
     st: &AppState,
     agent: &str,
 ) -> ApiResult<std::collections::BTreeMap<String, String>> {
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT name, state, policy FROM protected_items WHERE target_agent_id = ?")
-            .bind(agent)
-            .fetch_all(&st.db)
-            .await?;
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT name, state, policy FROM protected_items WHERE target_agent_id = $1",
+    )
+    .bind(agent)
+    .fetch_all(&st.db)
+    .await?;
     let mut out = std::collections::BTreeMap::new();
     for (item, state, policy) in rows {
         if ProtectionState::parse(&state) != Some(ProtectionState::InitialReplicationInProgress) {
@@ -282,7 +283,7 @@ async fn sources_of(
     agent: &str,
 ) -> ApiResult<std::collections::BTreeMap<String, String>> {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = ?",
+        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = $1",
     )
     .bind(agent)
     .fetch_all(&st.db)
@@ -307,7 +308,7 @@ async fn assignments(
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
          JOIN agents a ON a.id = i.target_agent_id
-         WHERE m.agent_id = ? AND i.fabric = ?",
+         WHERE m.agent_id = $1 AND i.fabric = $2",
     )
     .bind(agent)
     .bind(fabric)
@@ -365,7 +366,7 @@ async fn task_result(
     let (agent, _) = agent_of(&st, &peer).await?;
     let state = if result.ok { "Succeeded" } else { "Failed" };
     let body = serde_json::to_string(&result).map_err(|e| ApiError::internal("task result", e))?;
-    let n = sqlx::query("UPDATE agent_tasks SET state = ?, result = ?, updated_ms = ? WHERE id = ? AND agent_id = ? AND state = 'Pending'")
+    let n = sqlx::query("UPDATE agent_tasks SET state = $1, result = $2, updated_ms = $3 WHERE id = $4 AND agent_id = $5 AND state = 'Pending'")
         .bind(state)
         .bind(body)
         .bind(now_ms())
@@ -376,7 +377,7 @@ async fn task_result(
         .rows_affected();
     if n == 0 {
         let exists: Option<String> =
-            sqlx::query_scalar("SELECT state FROM agent_tasks WHERE id = ? AND agent_id = ?")
+            sqlx::query_scalar("SELECT state FROM agent_tasks WHERE id = $1 AND agent_id = $2")
                 .bind(&id)
                 .bind(&agent)
                 .fetch_optional(&st.db)
@@ -398,7 +399,7 @@ async fn report_point(
     let (agent, fabric) = agent_of(&st, &peer).await?;
     let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
         "SELECT i.state, i.policy, i.name, i.target_agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         WHERE i.name = ? AND i.fabric = ? AND m.agent_id = ?",
+         WHERE i.name = $1 AND i.fabric = $2 AND m.agent_id = $3",
     )
     .bind(&rep.item)
     .bind(&fabric)
@@ -426,7 +427,7 @@ async fn report_point(
     };
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
-        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
     )
     .bind(&item)
     .bind(&rep.point_id)
@@ -441,7 +442,7 @@ async fn report_point(
     // delete them. A point is never listed again once hidden.
     let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
     let points: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT point_id, created_ms FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
     )
     .bind(&item)
     .fetch_all(&mut *tx)
@@ -455,7 +456,7 @@ async fn report_point(
     // exists (replication, and so retention, goes on meanwhile); a later
     // report prunes it.
     let held: Option<String> = sqlx::query_scalar(
-        "SELECT test_failover_point_id FROM protected_items WHERE name = ? AND test_failover_state = 'TestFailoverInitiated'",
+        "SELECT test_failover_point_id FROM protected_items WHERE name = $1 AND test_failover_state = 'TestFailoverInitiated'",
     )
     .bind(&item)
     .fetch_optional(&mut *tx)
@@ -464,12 +465,14 @@ async fn report_point(
     prune.retain(|p| Some(p) != held.as_ref());
     if !prune.is_empty() {
         for id in &prune {
-            sqlx::query("UPDATE recovery_points SET pruned_ms = ? WHERE item = ? AND point_id = ?")
-                .bind(now)
-                .bind(&item)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE recovery_points SET pruned_ms = $1 WHERE item = $2 AND point_id = $3",
+            )
+            .bind(now)
+            .bind(&item)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(target) = target {
             let work = TaskWork::Prune {
@@ -500,7 +503,7 @@ mod tests {
     use std::sync::Arc;
 
     async fn open(dir: &std::path::Path) -> Shared {
-        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        let db = crate::db::open_for_test(dir).await.unwrap();
         Arc::new(AppState {
             db,
             info: VaultInfo {

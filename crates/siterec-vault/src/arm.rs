@@ -74,7 +74,7 @@ async fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
         ));
     };
     let found: Option<String> =
-        sqlx::query_scalar("SELECT name FROM api_tokens WHERE token_hash = ?")
+        sqlx::query_scalar("SELECT name FROM api_tokens WHERE token_hash = $1")
             .bind(secret_hash(token))
             .fetch_optional(&st.db)
             .await?;
@@ -191,7 +191,7 @@ async fn handle(
         }
         (Method::PUT, ["replicationfabrics", _]) => {
             check_name("fabric", r[1])?;
-            sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING")
+            sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
                 .bind(r[1])
                 .bind(now_ms())
                 .execute(db)
@@ -210,7 +210,7 @@ async fn handle(
             ],
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
-            let rows = sqlx::query("SELECT * FROM agents WHERE fabric = ? ORDER BY enrolled_ms")
+            let rows = sqlx::query("SELECT * FROM agents WHERE fabric = $1 ORDER BY enrolled_ms")
                 .bind(&fabric)
                 .fetch_all(db)
                 .await?;
@@ -224,7 +224,7 @@ async fn handle(
         (Method::GET, ["replicationfabrics", _, "replicationprotectioncontainers"]) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
             let names: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM containers WHERE fabric = ? ORDER BY name")
+                sqlx::query_scalar("SELECT name FROM containers WHERE fabric = $1 ORDER BY name")
                     .bind(&fabric)
                     .fetch_all(db)
                     .await?;
@@ -259,7 +259,7 @@ async fn handle(
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
             let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT name, info FROM machines WHERE fabric = ? AND container = ? ORDER BY name",
+                "SELECT name, info FROM machines WHERE fabric = $1 AND container = $2 ORDER BY name",
             )
             .bind(r[1])
             .bind(&c)
@@ -292,7 +292,7 @@ async fn handle(
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
             let (name, info): (String, String) = sqlx::query_as(
-                "SELECT name, info FROM machines WHERE fabric = ? AND container = ? AND name = ?",
+                "SELECT name, info FROM machines WHERE fabric = $1 AND container = $2 AND name = $3",
             )
             .bind(r[1])
             .bind(&c)
@@ -332,12 +332,13 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let rows =
-                sqlx::query("SELECT * FROM container_mappings WHERE fabric = ? AND container = ?")
-                    .bind(r[1])
-                    .bind(&c)
-                    .fetch_all(db)
-                    .await?;
+            let rows = sqlx::query(
+                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2",
+            )
+            .bind(r[1])
+            .bind(&c)
+            .fetch_all(db)
+            .await?;
             ok(model::list(
                 rows.iter()
                     .map(|row| model::mapping_json(v, row))
@@ -357,7 +358,7 @@ async fn handle(
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
             let row = sqlx::query(
-                "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",
+                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
             )
             .bind(r[1])
             .bind(&c)
@@ -421,7 +422,7 @@ async fn handle(
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
             let rows = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? ORDER BY created_ms",
+                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 ORDER BY created_ms",
             )
             .bind(&fabric)
             .bind(r[3])
@@ -450,7 +451,7 @@ async fn handle(
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
             let row = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
             )
             .bind(&fabric)
             .bind(r[3])
@@ -528,7 +529,7 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let rows = sqlx::query("SELECT * FROM protected_items WHERE fabric = ? AND container = ? ORDER BY created_ms")
+            let rows = sqlx::query("SELECT * FROM protected_items WHERE fabric = $1 AND container = $2 ORDER BY created_ms")
                 .bind(r[1])
                 .bind(&c)
                 .fetch_all(db)
@@ -577,7 +578,7 @@ async fn handle(
             ],
         ) => {
             let item = model::load_item_at(db, r[1], r[3], r[5]).await?;
-            let rows = sqlx::query("SELECT * FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC")
+            let rows = sqlx::query("SELECT * FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC")
                 .bind(&item.name)
                 .fetch_all(db)
                 .await?;
@@ -601,7 +602,7 @@ async fn handle(
             ],
         ) => {
             let item = model::load_item_at(db, r[1], r[3], r[5]).await?;
-            let row = sqlx::query("SELECT * FROM recovery_points WHERE item = ? AND point_id = ? AND pruned_ms IS NULL")
+            let row = sqlx::query("SELECT * FROM recovery_points WHERE item = $1 AND point_id = $2 AND pruned_ms IS NULL")
                 .bind(&item.name)
                 .bind(r[7])
                 .fetch_optional(db)
@@ -660,7 +661,7 @@ async fn handle(
         // ----- jobs and operations -----
         (Method::GET, ["replicationjobs"]) => {
             let ids: Vec<String> =
-                sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_ms DESC, rowid DESC")
+                sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_ms DESC, seq DESC")
                     .fetch_all(db)
                     .await?;
             let mut out = Vec::new();
@@ -691,7 +692,7 @@ async fn handle(
             ))
         }
         (Method::DELETE, ["siterecregistrationkeys", _]) => {
-            let n = sqlx::query("UPDATE registration_keys SET revoked_ms = COALESCE(revoked_ms, ?) WHERE key_id = ?")
+            let n = sqlx::query("UPDATE registration_keys SET revoked_ms = COALESCE(revoked_ms, $1) WHERE key_id = $2")
                 .bind(now_ms())
                 .bind(r[1])
                 .execute(db)
@@ -711,12 +712,13 @@ async fn handle(
 }
 
 async fn machine_protected(st: &AppState, fabric: &str, machine: &str) -> ApiResult<bool> {
-    let n: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM protected_items WHERE fabric = ? AND machine = ?")
-            .bind(fabric)
-            .bind(machine)
-            .fetch_one(&st.db)
-            .await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM protected_items WHERE fabric = $1 AND machine = $2",
+    )
+    .bind(fabric)
+    .bind(machine)
+    .fetch_one(&st.db)
+    .await?;
     Ok(n > 0)
 }
 
@@ -754,7 +756,7 @@ async fn create_policy(
 async fn delete_policy(st: &Shared, name: &str) -> ApiResult<Response> {
     let (name, _) = model::load_policy(&st.db, name).await?;
     let used: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM container_mappings WHERE policy = ?) + (SELECT COUNT(*) FROM protected_items WHERE policy = ?)",
+        "SELECT (SELECT COUNT(*) FROM container_mappings WHERE policy = $1) + (SELECT COUNT(*) FROM protected_items WHERE policy = $2)",
     )
     .bind(&name)
     .bind(&name)
@@ -765,7 +767,7 @@ async fn delete_policy(st: &Shared, name: &str) -> ApiResult<Response> {
             "policy '{name}' is used by {used} cloud pairing(s) or protected item(s); remove those first"
         )));
     }
-    sqlx::query("DELETE FROM policies WHERE name = ?")
+    sqlx::query("DELETE FROM policies WHERE name = $1")
         .bind(&name)
         .execute(&st.db)
         .await?;
@@ -813,7 +815,7 @@ async fn create_mapping(
     // A pairing is only useful if the recovery cloud can keep replicas:
     // refuse it now rather than fail enable protection later.
     let stores: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ?",
+        "SELECT COUNT(*) FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND last_seen_ms > $3",
     )
     .bind(tf)
     .bind(&tc)
@@ -836,7 +838,7 @@ async fn create_mapping(
     }
     let mut tx = crate::db::begin(&st.db).await?;
     let existing = sqlx::query(
-        "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",
+        "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
     )
     .bind(fabric)
     .bind(&container)
@@ -862,7 +864,7 @@ async fn create_mapping(
     } else {
         for (f, c) in [(fabric, container.as_str()), (tf, tc.as_str())] {
             let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM container_mappings WHERE (fabric = ? AND container = ?) OR (target_fabric = ? AND target_container = ?)",
+                "SELECT COUNT(*) FROM container_mappings WHERE (fabric = $1 AND container = $2) OR (target_fabric = $3 AND target_container = $4)",
             )
             .bind(f)
             .bind(c)
@@ -877,7 +879,7 @@ async fn create_mapping(
             }
         }
         sqlx::query(
-            "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'Pairing', ?)",
+            "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'Pairing', $7)",
         )
         .bind(fabric)
         .bind(&container)
@@ -924,7 +926,7 @@ async fn enable_protection(
     })?;
     let machine_name = last_segment(machine_ref);
     let mapping: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT target_fabric, target_container, policy FROM container_mappings WHERE fabric = ? AND container = ? AND state = 'Paired'",
+        "SELECT target_fabric, target_container, policy FROM container_mappings WHERE fabric = $1 AND container = $2 AND state = 'Paired'",
     )
     .bind(fabric)
     .bind(&container)
@@ -945,7 +947,7 @@ async fn enable_protection(
     };
     if model::load_policy(&st.db, &policy).await?.1.encryption {
         let encrypted: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND store_encrypted = 1",
+            "SELECT COUNT(*) FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND store_encrypted = 1",
         )
         .bind(&tf)
         .bind(&tc)
@@ -962,7 +964,7 @@ async fn enable_protection(
         }
     }
     let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT name, info, agent_id FROM machines WHERE fabric = ? AND container = ? AND name = ?",
+        "SELECT name, info, agent_id FROM machines WHERE fabric = $1 AND container = $2 AND name = $3",
     )
     .bind(fabric)
     .bind(&container)
@@ -984,7 +986,7 @@ async fn enable_protection(
         ));
     }
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
+    let existing = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *tx)
         .await?;
@@ -1013,7 +1015,7 @@ async fn enable_protection(
         )));
     }
     let other: Option<String> =
-        sqlx::query_scalar("SELECT name FROM protected_items WHERE fabric = ? AND machine = ?")
+        sqlx::query_scalar("SELECT name FROM protected_items WHERE fabric = $1 AND machine = $2")
             .bind(fabric)
             .bind(&machine)
             .fetch_optional(&mut *tx)
@@ -1047,7 +1049,7 @@ async fn enable_protection(
     };
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(name)
     .bind(fabric)
@@ -1143,7 +1145,7 @@ struct Joining<'a> {
 /// policy and the same cloud pairing. A group with no members yet is
 /// started by this item.
 async fn join_group(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     group: &str,
     new: &Joining<'_>,
 ) -> ApiResult<String> {
@@ -1152,7 +1154,7 @@ async fn join_group(
          FROM protected_items i
          LEFT JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
          LEFT JOIN agents a ON a.id = m.agent_id
-         WHERE i.multi_vm_group = ?
+         WHERE i.multi_vm_group = $1
          ORDER BY i.created_ms, i.name",
     )
     .bind(group)
@@ -1171,7 +1173,7 @@ async fn join_group(
         {
             let host: Option<String> = row.try_get("hostname")?;
             let new_host: Option<String> =
-                sqlx::query_scalar("SELECT hostname FROM agents WHERE id = ?")
+                sqlx::query_scalar("SELECT hostname FROM agents WHERE id = $1")
                     .bind(new.agent)
                     .fetch_optional(&mut **tx)
                     .await?;
@@ -1215,12 +1217,12 @@ async fn join_group(
 }
 
 async fn latest_job(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     kind: JobKind,
     target: &str,
 ) -> ApiResult<Option<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = ? AND target_name = ? ORDER BY created_ms DESC LIMIT 1",
+        "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 ORDER BY created_ms DESC LIMIT 1",
     )
     .bind(kind.as_str())
     .bind(target)
@@ -1229,12 +1231,12 @@ async fn latest_job(
 }
 
 async fn running_job(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     kind: JobKind,
     target: &str,
 ) -> ApiResult<Option<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = ? AND target_name = ? AND state IN ('NotStarted', 'InProgress') ORDER BY created_ms DESC LIMIT 1",
+        "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 AND state IN ('NotStarted', 'InProgress') ORDER BY created_ms DESC LIMIT 1",
     )
     .bind(kind.as_str())
     .bind(target)
@@ -1274,19 +1276,19 @@ fn wanted_point(p: &Value) -> Option<String> {
 
 /// The point to fail over to: the one asked for, else the latest.
 async fn choose_point(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     item: &ItemRow,
     wanted: Option<&str>,
 ) -> ApiResult<String> {
     let point: Option<String> = match wanted {
-        Some(id) => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND point_id = ? AND pruned_ms IS NULL")
+        Some(id) => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = $1 AND point_id = $2 AND pruned_ms IS NULL")
             .bind(&item.name)
             .bind(id)
             .fetch_optional(&mut **tx)
             .await?
             .ok_or_else(|| ApiError::not_found("recovery point", &format!("{}/{id}", item.name)))
             .map(Some)?,
-        None => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1")
+        None => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1")
             .bind(&item.name)
             .fetch_optional(&mut **tx)
             .await?,
@@ -1301,11 +1303,8 @@ async fn choose_point(
 
 /// The item as it is now, inside the transaction that will change it (two
 /// requests racing see each other's writes).
-async fn reload_item(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    name: &str,
-) -> ApiResult<ItemRow> {
-    let row = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
+async fn reload_item(tx: &mut sqlx::Transaction<'_, sqlx::Any>, name: &str) -> ApiResult<ItemRow> {
+    let row = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut **tx)
         .await?
@@ -1348,7 +1347,7 @@ async fn unplanned_failover(
     }
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
     sqlx::query(
-        "UPDATE protected_items SET state = ?, last_error = NULL, updated_ms = ? WHERE name = ?",
+        "UPDATE protected_items SET state = $1, last_error = NULL, updated_ms = $2 WHERE name = $3",
     )
     .bind(next.as_str())
     .bind(now_ms())
@@ -1438,7 +1437,7 @@ async fn test_failover(
         .map_err(transition_error)?;
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
     sqlx::query(
-        "UPDATE protected_items SET test_failover_state = ?, test_failover_point_id = ?, test_failover_output = NULL, test_failover_error = NULL, updated_ms = ? WHERE name = ?",
+        "UPDATE protected_items SET test_failover_state = $1, test_failover_point_id = $2, test_failover_output = NULL, test_failover_error = NULL, updated_ms = $3 WHERE name = $4",
     )
     .bind(next.as_str())
     .bind(&point)
@@ -1539,7 +1538,7 @@ async fn test_network(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Opt
         let on_host = model::network_agents(&st.db, &item.target_fabric, &network).await?;
         if !on_host.iter().any(|a| a == agent) {
             let mine: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = ? ORDER BY name")
+                sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = $1 ORDER BY name")
                     .bind(agent)
                     .fetch_all(&st.db)
                     .await?;
@@ -1605,7 +1604,7 @@ async fn test_failover_cleanup(
         .and_then(|o| o.get("vmName").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_else(|| format!("{}-test", item.machine));
     sqlx::query(
-        "UPDATE protected_items SET test_failover_state = ?, updated_ms = ? WHERE name = ?",
+        "UPDATE protected_items SET test_failover_state = $1, updated_ms = $2 WHERE name = $3",
     )
     .bind(next.as_str())
     .bind(now_ms())
@@ -1693,7 +1692,7 @@ async fn create_network_mapping(
             )));
         }
     };
-    let rf: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = ?")
+    let rf: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = $1")
         .bind(rf)
         .fetch_optional(&st.db)
         .await?
@@ -1722,7 +1721,7 @@ async fn create_network_mapping(
     let id = model::network_mapping_id(&st.info, &fabric, &network, name);
     let mut tx = crate::db::begin(&st.db).await?;
     let existing: Option<(String, String, String, String)> = sqlx::query_as(
-        "SELECT name, recovery_fabric, recovery_network, state FROM network_mappings WHERE fabric = ? AND network = ?",
+        "SELECT name, recovery_fabric, recovery_network, state FROM network_mappings WHERE fabric = $1 AND network = $2",
     )
     .bind(&fabric)
     .bind(&network)
@@ -1748,7 +1747,7 @@ async fn create_network_mapping(
         if let Some(job) = latest_job_for(&mut tx, JobKind::CreateNetworkMapping, &id).await? {
             return accepted(st, headers, &job);
         }
-        let row = sqlx::query("SELECT * FROM network_mappings WHERE fabric = ? AND network = ?")
+        let row = sqlx::query("SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2")
             .bind(&fabric)
             .bind(&network)
             .fetch_one(&mut *tx)
@@ -1756,7 +1755,7 @@ async fn create_network_mapping(
         return ok(model::network_mapping_json(&st.info, &row)?);
     }
     sqlx::query(
-        "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES (?, ?, ?, ?, ?, ?, 'Pairing', ?)",
+        "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'Pairing', $7)",
     )
     .bind(&fabric)
     .bind(&network)
@@ -1793,7 +1792,7 @@ async fn delete_network_mapping(
     let fabric = model::fabric_exists(&st.db, fabric).await?;
     let mut tx = crate::db::begin(&st.db).await?;
     let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT network, name, state FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+        "SELECT network, name, state FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
     )
     .bind(&fabric)
     .bind(network)
@@ -1817,7 +1816,7 @@ async fn delete_network_mapping(
         }
         _ => {}
     }
-    sqlx::query("UPDATE network_mappings SET state = 'Unpairing' WHERE fabric = ? AND network = ? AND name = ?")
+    sqlx::query("UPDATE network_mappings SET state = 'Unpairing' WHERE fabric = $1 AND network = $2 AND name = $3")
         .bind(&fabric)
         .bind(&network)
         .bind(&name)
@@ -1839,12 +1838,12 @@ async fn delete_network_mapping(
 
 /// The latest job of `kind` on the resource with ARM id `target_id`.
 async fn latest_job_for(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     kind: JobKind,
     target_id: &str,
 ) -> ApiResult<Option<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = ? AND target_id = ? ORDER BY created_ms DESC LIMIT 1",
+        "SELECT id FROM jobs WHERE kind = $1 AND target_id = $2 ORDER BY created_ms DESC LIMIT 1",
     )
     .bind(kind.as_str())
     .bind(target_id)
@@ -1864,15 +1863,18 @@ async fn seal_recovery_key(st: &AppState, item: &ItemRow, p: &Value) -> ApiResul
     let Some(agent) = &item.target_agent_id else {
         return Ok(None);
     };
-    let row: Option<(bool, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT store_encrypted, store_key_id, transport_key FROM agents WHERE id = ?",
+    let row: Option<(i64, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT store_encrypted, store_key_id, transport_key FROM agents WHERE id = $1",
     )
     .bind(agent)
     .fetch_optional(&st.db)
     .await?;
-    let Some((true, store_key_id, transport)) = row else {
+    let Some((encrypted, store_key_id, transport)) = row else {
         return Ok(None);
     };
+    if encrypted == 0 {
+        return Ok(None);
+    }
     let given = p
         .get("providerSpecificDetails")
         .and_then(|d| d.get("primaryKekCertificatePfx"))
@@ -1941,7 +1943,7 @@ async fn commit_failover(
         .state
         .apply(ItemAction::StartCommit)
         .map_err(transition_error)?;
-    sqlx::query("UPDATE protected_items SET state = ?, updated_ms = ? WHERE name = ?")
+    sqlx::query("UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3")
         .bind(next.as_str())
         .bind(now_ms())
         .bind(&item.name)
@@ -1965,7 +1967,7 @@ async fn commit_failover(
 async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiResult<Response> {
     let fabric = model::fabric_exists(&st.db, fabric).await?;
     let agents: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM agents WHERE fabric = ? AND data_url IS NOT NULL ORDER BY id",
+        "SELECT id FROM agents WHERE fabric = $1 AND data_url IS NOT NULL ORDER BY id",
     )
     .bind(&fabric)
     .fetch_all(&st.db)
@@ -1992,7 +1994,7 @@ async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiRes
 
 async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
     let row = sqlx::query(
-        "SELECT state, start_ms, end_ms, error_code, error_message FROM jobs WHERE id = ?",
+        "SELECT state, start_ms, end_ms, error_code, error_message FROM jobs WHERE id = $1",
     )
     .bind(job_id)
     .fetch_optional(&st.db)
@@ -2024,7 +2026,7 @@ async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
 /// item); when it failed, the job's error.
 async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> ApiResult<Response> {
     let row =
-        sqlx::query("SELECT state, kind, input, error_code, error_message FROM jobs WHERE id = ?")
+        sqlx::query("SELECT state, kind, input, error_code, error_message FROM jobs WHERE id = $1")
             .bind(job_id)
             .fetch_optional(&st.db)
             .await?
@@ -2059,7 +2061,7 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         }
         Some(JobKind::CreateNetworkMapping) => {
             let row = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
             )
             .bind(input["fabric"].as_str().unwrap_or_default())
             .bind(input["network"].as_str().unwrap_or_default())
@@ -2076,7 +2078,7 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         }
         Some(JobKind::ConfigureProtection) => {
             let row = sqlx::query(
-                "SELECT * FROM container_mappings WHERE fabric = ? AND container = ? AND name = ?",
+                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
             )
             .bind(input["fabric"].as_str().unwrap_or_default())
             .bind(input["container"].as_str().unwrap_or_default())
@@ -2120,17 +2122,17 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
     let expires_ms = now + valid_secs * 1000;
     let mut tx = crate::db::begin(&st.db).await?;
     sqlx::query(
-        "INSERT INTO fabrics (name, created_ms) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO fabrics (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
     )
     .bind(fabric)
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    let fabric: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = ?")
+    let fabric: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = $1")
         .bind(fabric)
         .fetch_one(&mut *tx)
         .await?;
-    sqlx::query("INSERT INTO registration_keys (key_id, fabric, secret_hash, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO registration_keys (key_id, fabric, secret_hash, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)")
         .bind(&key_id)
         .bind(&fabric)
         .bind(secret_hash(&secret))
@@ -2159,7 +2161,7 @@ mod tests {
     use std::sync::Arc;
 
     async fn open(dir: &std::path::Path) -> Shared {
-        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        let db = crate::db::open_for_test(dir).await.unwrap();
         let st = Arc::new(AppState {
             db,
             info: VaultInfo {
@@ -2173,11 +2175,13 @@ mod tests {
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
         });
-        sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', 0)")
-            .bind(secret_hash("tok"))
-            .execute(&st.db)
-            .await
-            .unwrap();
+        sqlx::query(
+            "INSERT INTO api_tokens (token_hash, name, created_ms) VALUES ($1, 'admin', 0)",
+        )
+        .bind(secret_hash("tok"))
+        .execute(&st.db)
+        .await
+        .unwrap();
         st
     }
 
@@ -2579,7 +2583,7 @@ mod tests {
         )
         .await;
         assert_eq!((code, again.as_deref()), (202, Some(job.as_str())));
-        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
             .bind(&job)
             .fetch_one(&st.db)
             .await
@@ -2646,7 +2650,7 @@ mod tests {
         )
         .await;
         assert_eq!((code, again), (202, cleanup.clone()));
-        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = ?")
+        let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
             .bind(cleanup.unwrap())
             .fetch_one(&st.db)
             .await
@@ -2706,7 +2710,7 @@ mod tests {
             .await;
             assert_eq!(code, 202);
             let (input, step): (String, String) = sqlx::query_as(
-                "SELECT j.input, s.name FROM jobs j JOIN job_steps s ON s.job_id = j.id AND s.idx = 2 WHERE j.id = ?",
+                "SELECT j.input, s.name FROM jobs j JOIN job_steps s ON s.job_id = j.id AND s.idx = 2 WHERE j.id = $1",
             )
             .bind(job.unwrap())
             .fetch_one(&st.db)

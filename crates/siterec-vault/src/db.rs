@@ -1,19 +1,64 @@
-//! The vault database: opening, schema migrations, small helpers.
+//! The vault database: opening it on SQLite or PostgreSQL, schema
+//! migrations, small helpers.
 //!
-//! SQLite in WAL mode with `synchronous = FULL`: a change the API has
-//! acknowledged survives a crash of the vault or of the machine.
+//! One set of statements serves both engines, through sqlx's `Any` driver:
+//! placeholders are `$1, $2, …` (both take them), times are Unix
+//! milliseconds, flags are integers 0/1, JSON is text, and names compare
+//! case-insensitively on both (SQLite `COLLATE NOCASE`, a nondeterministic
+//! ICU collation on PostgreSQL). Where the engines differ — opening,
+//! migrations (one folder each), taking the write lock — [`Engine`] says
+//! which.
+//!
+//! - **SQLite** (the default, `DATA/vault.db`): WAL mode with
+//!   `synchronous = FULL`, so a change the API has acknowledged survives a
+//!   crash of the vault or of the machine. Write transactions start with
+//!   `BEGIN IMMEDIATE`.
+//! - **PostgreSQL** (`siterec vault --database postgres://…`): write
+//!   transactions take one transaction-scoped advisory lock first, so they
+//!   run one at a time as on SQLite (a check and the write it guards — "is
+//!   this machine already protected?" — cannot interleave with another).
 
 use std::path::Path;
-use std::str::FromStr;
+use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::SqlitePool;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{Any, AnyPool, Executor};
 
-pub type Db = SqlitePool;
+pub type Db = AnyPool;
 
-/// Schema migrations, in order. Each runs once, in a transaction.
-const MIGRATIONS: &[(i64, &str)] = &[
+/// The database engine behind a [`Db`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    pub fn of(db: &Db) -> Engine {
+        match db.connect_options().database_url.scheme() {
+            "postgres" | "postgresql" => Engine::Postgres,
+            _ => Engine::Sqlite,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Sqlite => "SQLite",
+            Engine::Postgres => "PostgreSQL",
+        }
+    }
+
+    /// Schema migrations, in order. Each runs once, in a transaction.
+    fn migrations(self) -> &'static [(i64, &'static str)] {
+        match self {
+            Engine::Sqlite => SQLITE_MIGRATIONS,
+            Engine::Postgres => POSTGRES_MIGRATIONS,
+        }
+    }
+}
+
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_init.sql")),
     (2, include_str!("../migrations/sqlite/0002_job_output.sql")),
     (
@@ -29,56 +74,118 @@ const MIGRATIONS: &[(i64, &str)] = &[
         6,
         include_str!("../migrations/sqlite/0006_multi_vm_group.sql"),
     ),
+    (
+        7,
+        include_str!("../migrations/sqlite/0007_job_order_and_step_keys.sql"),
+    ),
 ];
 
+const POSTGRES_MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../migrations/postgres/0001_init.sql"))];
+
+/// The advisory lock key every PostgreSQL write transaction takes.
+const PG_WRITE_LOCK: i64 = 0x5172_6563_5641_554c; // "SrecVAUL"
+
+/// Where the vault's database is: a `postgres://` URL, or a SQLite file.
+#[derive(Debug, Clone)]
+pub enum Location<'a> {
+    Sqlite(&'a Path),
+    Url(&'a str),
+}
+
+/// Opens the SQLite database at `path` (created if missing).
 pub async fn open(path: &Path) -> anyhow::Result<Db> {
-    let url = format!("sqlite://{}", path.display());
-    let opts = SqliteConnectOptions::from_str(&url)
-        .with_context(|| format!("database path {}", path.display()))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .foreign_keys(true)
-        .busy_timeout(std::time::Duration::from_secs(10));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(opts)
+    open_at(Location::Sqlite(path)).await
+}
+
+/// Opens (and migrates) the database at `location`.
+pub async fn open_at(location: Location<'_>) -> anyhow::Result<Db> {
+    install_default_drivers();
+    let (url, shown) = match location {
+        Location::Sqlite(path) => (
+            format!("sqlite://{}?mode=rwc", path.display()),
+            path.display().to_string(),
+        ),
+        Location::Url(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                anyhow::bail!(
+                    "database URL '{}' is not a PostgreSQL URL: give postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or leave --database out to use SQLite in the data directory",
+                    redact(url)
+                );
+            }
+            (url.to_string(), redact(url))
+        }
+    };
+    let sqlite = matches!(location, Location::Sqlite(_));
+    let pool = AnyPoolOptions::new()
+        .max_connections(if sqlite { 4 } else { 8 })
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
         .await
-        .with_context(|| format!("opening the vault database {}", path.display()))?;
-    migrate(&pool).await?;
+        .with_context(|| format!("opening the vault database {shown}"))?;
+    migrate(&pool)
+        .await
+        .with_context(|| format!("migrating the vault database {shown}"))?;
     Ok(pool)
 }
 
+/// A database URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 async fn migrate(pool: &Db) -> anyhow::Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)")
+    let engine = Engine::of(pool);
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
         .execute(pool)
         .await?;
+    let mut tx = begin(pool).await?;
     let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await?;
     let newest = newest.unwrap_or(0);
-    let known = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let known = engine.migrations().last().map(|m| m.0).unwrap_or(0);
     if newest > known {
         anyhow::bail!(
-            "the vault database has schema version {newest}, newer than this siterec knows ({known}); run a newer siterec"
+            "the vault database ({}) has schema version {newest}, newer than this siterec knows ({known}); run a newer siterec",
+            engine.name()
         );
     }
-    for (version, sql) in MIGRATIONS {
+    for (version, sql) in engine.migrations() {
         if *version <= newest {
             continue;
         }
-        let mut tx = pool.begin().await?;
         sqlx::raw_sql(*sql)
             .execute(&mut *tx)
             .await
             .with_context(|| format!("applying schema migration {version}"))?;
-        sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES (?, ?)")
+        sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
             .bind(version)
             .bind(now_ms())
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
     }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -118,9 +225,72 @@ pub fn random_secret(bytes: usize) -> String {
     hex::encode(buf)
 }
 
-/// Starts a write transaction. `BEGIN IMMEDIATE` takes SQLite's write lock
-/// up front: a deferred transaction that reads and then writes can fail with
-/// "database is locked" without waiting, when another writer got in between.
-pub async fn begin(db: &Db) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-    db.begin_with("BEGIN IMMEDIATE").await
+/// Starts a write transaction, holding the database's write lock from its
+/// first statement. On SQLite `BEGIN IMMEDIATE` (a deferred transaction
+/// that reads and then writes can fail with "database is locked" without
+/// waiting, when another writer got in between); on PostgreSQL an advisory
+/// lock held until commit or rollback.
+pub async fn begin(db: &Db) -> Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
+    match Engine::of(db) {
+        Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await,
+        Engine::Postgres => {
+            let mut tx = db.begin().await?;
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(PG_WRITE_LOCK)
+                .execute(&mut *tx)
+                .await?;
+            Ok(tx)
+        }
+    }
+}
+
+/// The environment variable that puts the vault's tests on PostgreSQL: a
+/// server URL without a database (`postgres://USER:PASSWORD@HOST:PORT`);
+/// each test gets a new database there.
+pub const TEST_POSTGRES_ENV: &str = "SITEREC_TEST_POSTGRES";
+
+/// The database of a test in `dir`, migrated: SQLite in `dir`, or on the
+/// PostgreSQL server [`TEST_POSTGRES_ENV`] names a database created for
+/// `dir` (its URL kept in `dir/postgres.url`, so that opening again — a
+/// restarted vault — finds the same one).
+#[doc(hidden)]
+pub async fn open_for_test(dir: &Path) -> anyhow::Result<Db> {
+    match std::env::var(TEST_POSTGRES_ENV) {
+        Ok(server) if !server.is_empty() => {
+            let kept = dir.join("postgres.url");
+            let url = match std::fs::read_to_string(&kept) {
+                Ok(url) => url,
+                Err(_) => {
+                    let url = create_test_database(&server).await?;
+                    std::fs::write(&kept, &url)?;
+                    url
+                }
+            };
+            open_at(Location::Url(&url)).await
+        }
+        _ => open(&dir.join("vault.db")).await,
+    }
+}
+
+/// Creates a database with a new name on a PostgreSQL server; its URL.
+#[doc(hidden)]
+pub async fn create_test_database(server: &str) -> anyhow::Result<String> {
+    install_default_drivers();
+    let server = server.trim_end_matches('/');
+    let name = format!("siterec_unit_{}_{}", std::process::id(), random_secret(6));
+    let admin = AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{server}/postgres"))
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the test PostgreSQL server {}",
+                redact(server)
+            )
+        })?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(format!("{server}/{name}"))
 }

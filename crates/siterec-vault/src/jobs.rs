@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
 use crate::AppState;
 use crate::db::now_ms;
@@ -27,7 +27,7 @@ use siterec_core::state::{
 };
 use siterec_core::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
-type Tx<'a> = Transaction<'a, Sqlite>;
+type Tx<'a> = Transaction<'a, Any>;
 
 /// How long a step waits for an agent that is not heard from before failing.
 const AGENT_WAIT_MS: i64 = 5 * 60_000;
@@ -82,7 +82,7 @@ pub async fn create_job_with_steps(
     let id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms) VALUES (?, ?, 'NotStarted', ?, ?, ?, ?, ?)",
+        "INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ($1, $2, 'NotStarted', $3, $4, $5, $6, $7, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
     )
     .bind(&id)
     .bind(kind.as_str())
@@ -95,7 +95,7 @@ pub async fn create_job_with_steps(
     .await?;
     for (idx, name) in steps.iter().enumerate() {
         sqlx::query(
-            "INSERT INTO job_steps (job_id, idx, name, state) VALUES (?, ?, ?, 'NotStarted')",
+            "INSERT INTO job_steps (job_id, idx, name, state) VALUES ($1, $2, $3, 'NotStarted')",
         )
         .bind(&id)
         .bind(idx as i64)
@@ -135,7 +135,7 @@ async fn active_jobs(st: &AppState) -> Result<Vec<String>, sqlx::Error> {
 async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
     loop {
         let mut tx = crate::db::begin(&st.db).await?;
-        let row = sqlx::query("SELECT kind, state, input FROM jobs WHERE id = ?")
+        let row = sqlx::query("SELECT kind, state, input FROM jobs WHERE id = $1")
             .bind(job_id)
             .fetch_one(&mut *tx)
             .await?;
@@ -151,20 +151,20 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         }
         let now = now_ms();
         if state == JobState::NotStarted {
-            sqlx::query("UPDATE jobs SET state = 'InProgress', start_ms = ? WHERE id = ?")
+            sqlx::query("UPDATE jobs SET state = 'InProgress', start_ms = $1 WHERE id = $2")
                 .bind(now)
                 .bind(job_id)
                 .execute(&mut *tx)
                 .await?;
         }
         let step: Option<(i64, String, Option<i64>)> = sqlx::query_as(
-            "SELECT idx, state, start_ms FROM job_steps WHERE job_id = ? AND state IN ('NotStarted', 'InProgress') ORDER BY idx LIMIT 1",
+            "SELECT idx, state, start_ms FROM job_steps WHERE job_id = $1 AND state IN ('NotStarted', 'InProgress') ORDER BY idx LIMIT 1",
         )
         .bind(job_id)
         .fetch_optional(&mut *tx)
         .await?;
         let Some((idx, step_state, step_start)) = step else {
-            sqlx::query("UPDATE jobs SET state = 'Succeeded', end_ms = ? WHERE id = ?")
+            sqlx::query("UPDATE jobs SET state = 'Succeeded', end_ms = $1 WHERE id = $2")
                 .bind(now)
                 .bind(job_id)
                 .execute(&mut *tx)
@@ -175,7 +175,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         };
         let started = step_start.unwrap_or(now);
         if step_state == "NotStarted" {
-            sqlx::query("UPDATE job_steps SET state = 'InProgress', start_ms = ? WHERE job_id = ? AND idx = ?")
+            sqlx::query("UPDATE job_steps SET state = 'InProgress', start_ms = $1 WHERE job_id = $2 AND idx = $3")
                 .bind(now)
                 .bind(job_id)
                 .bind(idx)
@@ -192,7 +192,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         let outcome = run_step(&ctx, &mut tx, kind, idx as usize).await?;
         match outcome {
             Step::Done => {
-                sqlx::query("UPDATE job_steps SET state = 'Succeeded', end_ms = ? WHERE job_id = ? AND idx = ?")
+                sqlx::query("UPDATE job_steps SET state = 'Succeeded', end_ms = $1 WHERE job_id = $2 AND idx = $3")
                     .bind(now_ms())
                     .bind(job_id)
                     .bind(idx)
@@ -206,18 +206,18 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
             }
             Step::Fail { code, message } => {
                 let end = now_ms();
-                sqlx::query("UPDATE job_steps SET state = 'Failed', end_ms = ?, error = ? WHERE job_id = ? AND idx = ?")
+                sqlx::query("UPDATE job_steps SET state = 'Failed', end_ms = $1, error = $2 WHERE job_id = $3 AND idx = $4")
                     .bind(end)
                     .bind(&message)
                     .bind(job_id)
                     .bind(idx)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE job_steps SET state = 'Cancelled' WHERE job_id = ? AND state = 'NotStarted'")
+                sqlx::query("UPDATE job_steps SET state = 'Cancelled' WHERE job_id = $1 AND state = 'NotStarted'")
                     .bind(job_id)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query("UPDATE jobs SET state = 'Failed', end_ms = ?, error_code = ?, error_message = ? WHERE id = ?")
+                sqlx::query("UPDATE jobs SET state = 'Failed', end_ms = $1, error_code = $2, error_message = $3 WHERE id = $4")
                     .bind(end)
                     .bind(code)
                     .bind(&message)
@@ -271,7 +271,7 @@ async fn run_step(
         (JobKind::CreatePolicy, 1) => {
             let name = ctx.str("name")?;
             sqlx::query(
-                "INSERT INTO policies (name, body, created_ms) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                "INSERT INTO policies (name, body, created_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET body = excluded.body",
             )
             .bind(&name)
             .bind(ctx.input["policy"].to_string())
@@ -283,7 +283,7 @@ async fn run_step(
         (JobKind::ConfigureProtection, 0) => {
             let policy = ctx.str("policy")?;
             let exists: Option<String> =
-                sqlx::query_scalar("SELECT name FROM policies WHERE name = ?")
+                sqlx::query_scalar("SELECT name FROM policies WHERE name = $1")
                     .bind(&policy)
                     .fetch_optional(&mut **tx)
                     .await?;
@@ -297,7 +297,7 @@ async fn run_step(
             })
         }
         (JobKind::ConfigureProtection, 1) => {
-            sqlx::query("UPDATE container_mappings SET state = 'Paired' WHERE fabric = ? AND container = ? AND name = ?")
+            sqlx::query("UPDATE container_mappings SET state = 'Paired' WHERE fabric = $1 AND container = $2 AND name = $3")
                 .bind(ctx.str("fabric")?)
                 .bind(ctx.str("container")?)
                 .bind(ctx.str("name")?)
@@ -314,7 +314,7 @@ async fn run_step(
         (JobKind::EnableProtection, 3) => {
             let item = ctx.str("item")?;
             let points: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+                "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
             )
             .bind(&item)
             .fetch_one(&mut **tx)
@@ -339,7 +339,7 @@ async fn run_step(
         (JobKind::UnplannedFailover, 3) => {
             let item = ctx.str("item")?;
             transition(tx, &item, ItemAction::FinishUnplannedFailover).await?;
-            sqlx::query("UPDATE protected_items SET failover_ms = ?, failover_point_id = ?, updated_ms = ? WHERE name = ?")
+            sqlx::query("UPDATE protected_items SET failover_ms = $1, failover_point_id = $2, updated_ms = $3 WHERE name = $4")
                 .bind(ctx.now_ms)
                 .bind(ctx.str("pointId")?)
                 .bind(ctx.now_ms)
@@ -370,7 +370,7 @@ async fn run_step(
         (JobKind::TestFailover, 2) => {
             let item = ctx.str("item")?;
             test_transition(tx, &item, TestAction::Finish).await?;
-            sqlx::query("UPDATE protected_items SET test_failover_ms = ?, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+            sqlx::query("UPDATE protected_items SET test_failover_ms = $1, test_failover_error = NULL, updated_ms = $2 WHERE name = $3")
                 .bind(ctx.now_ms)
                 .bind(ctx.now_ms)
                 .bind(&item)
@@ -396,7 +396,7 @@ async fn run_step(
         (JobKind::TestFailoverCleanup, 2) => {
             let item = ctx.str("item")?;
             test_transition(tx, &item, TestAction::FinishCleanup).await?;
-            sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = ? WHERE name = ?")
+            sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = $1 WHERE name = $2")
                 .bind(ctx.now_ms)
                 .bind(&item)
                 .execute(&mut **tx)
@@ -406,7 +406,7 @@ async fn run_step(
         (JobKind::CreateNetworkMapping, 0) => {
             let (rf, rn) = (ctx.str("recoveryFabric")?, ctx.str("recoveryNetwork")?);
             let there: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = ? AND name = ?")
+                sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = $1 AND name = $2")
                     .bind(&rf)
                     .bind(&rn)
                     .fetch_one(&mut **tx)
@@ -423,7 +423,7 @@ async fn run_step(
             })
         }
         (JobKind::CreateNetworkMapping, 1) => {
-            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ?")
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3")
                 .bind(ctx.str("fabric")?)
                 .bind(ctx.str("network")?)
                 .bind(ctx.str("name")?)
@@ -433,7 +433,7 @@ async fn run_step(
         }
         (JobKind::DeleteNetworkMapping, 0) => {
             sqlx::query(
-                "DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ?",
+                "DELETE FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
             )
             .bind(ctx.str("fabric")?)
             .bind(ctx.str("network")?)
@@ -449,7 +449,7 @@ async fn run_step(
 async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
     let item = ctx.str("item")?;
     let row: Option<(String, String)> =
-        sqlx::query_as("SELECT fabric, machine FROM protected_items WHERE name = ?")
+        sqlx::query_as("SELECT fabric, machine FROM protected_items WHERE name = $1")
             .bind(&item)
             .fetch_optional(&mut **tx)
             .await?;
@@ -460,7 +460,7 @@ async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
         ));
     };
     let info: Option<String> =
-        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
             .bind(&fabric)
             .bind(&machine)
             .fetch_optional(&mut **tx)
@@ -484,7 +484,7 @@ async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
 async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
     let item = ctx.str("item")?;
     let (tf, tc, current, policy): (String, String, Option<String>, String) =
-        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id, policy FROM protected_items WHERE name = ?")
+        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id, policy FROM protected_items WHERE name = $1")
             .bind(&item)
             .fetch_one(&mut **tx)
             .await?;
@@ -492,7 +492,7 @@ async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
         return Ok(Step::Done);
     }
     // A policy that encrypts data stored needs an encrypted replica store.
-    let body: Option<String> = sqlx::query_scalar("SELECT body FROM policies WHERE name = ?")
+    let body: Option<String> = sqlx::query_scalar("SELECT body FROM policies WHERE name = $1")
         .bind(&policy)
         .fetch_optional(&mut **tx)
         .await?;
@@ -506,32 +506,32 @@ async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
         "SELECT a.id FROM protected_items i
          JOIN protected_items g ON g.multi_vm_group = i.multi_vm_group AND g.name <> i.name
          JOIN agents a ON a.id = g.target_agent_id
-         WHERE i.name = ? AND a.fabric = ? AND a.cloud = ? AND a.data_url IS NOT NULL AND a.last_seen_ms > ? AND (a.store_encrypted = 1 OR ? = 0)
+         WHERE i.name = $1 AND a.fabric = $2 AND a.cloud = $3 AND a.data_url IS NOT NULL AND a.last_seen_ms > $4 AND (a.store_encrypted = 1 OR $5 = 0)
          ORDER BY g.created_ms, g.name LIMIT 1",
     )
     .bind(&item)
     .bind(&tf)
     .bind(&tc)
     .bind(ctx.now_ms - AGENT_ONLINE_MS)
-    .bind(encrypt)
+    .bind(i64::from(encrypt))
     .fetch_optional(&mut **tx)
     .await?;
     let agent: Option<String> = match group_agent {
         Some(a) => Some(a),
         None => sqlx::query_scalar(
-            "SELECT id FROM agents WHERE fabric = ? AND cloud = ? AND data_url IS NOT NULL AND last_seen_ms > ? AND (store_encrypted = 1 OR ? = 0) ORDER BY last_seen_ms DESC LIMIT 1",
+            "SELECT id FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND last_seen_ms > $3 AND (store_encrypted = 1 OR $4 = 0) ORDER BY last_seen_ms DESC LIMIT 1",
         )
         .bind(&tf)
         .bind(&tc)
         .bind(ctx.now_ms - AGENT_ONLINE_MS)
-        .bind(encrypt)
+        .bind(i64::from(encrypt))
         .fetch_optional(&mut **tx)
         .await?,
     };
     match agent {
         Some(agent) => {
             sqlx::query(
-                "UPDATE protected_items SET target_agent_id = ?, updated_ms = ? WHERE name = ?",
+                "UPDATE protected_items SET target_agent_id = $1, updated_ms = $2 WHERE name = $3",
             )
             .bind(agent)
             .bind(ctx.now_ms)
@@ -552,12 +552,13 @@ async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<S
 
 /// Done while the recovery point a failover uses is listed (not pruned).
 async fn point_still_there(tx: &mut Tx<'_>, item: &str, point: &str) -> anyhow::Result<Step> {
-    let pruned: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT pruned_ms FROM recovery_points WHERE item = ? AND point_id = ?")
-            .bind(item)
-            .bind(point)
-            .fetch_optional(&mut **tx)
-            .await?;
+    let pruned: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT pruned_ms FROM recovery_points WHERE item = $1 AND point_id = $2",
+    )
+    .bind(item)
+    .bind(point)
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(match pruned {
         Some(None) => Step::Done,
         _ => fail(
@@ -589,7 +590,7 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     let item = ctx.str("item")?;
     let point = ctx.str("pointId")?;
     let agent: Option<String> =
-        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = ?")
+        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
             .bind(&item)
             .fetch_one(&mut **tx)
             .await?;
@@ -612,7 +613,7 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     };
     ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
     let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
             .bind(&task_id)
             .fetch_one(&mut **tx)
             .await?;
@@ -625,7 +626,7 @@ async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step>
     match state.as_str() {
         "Succeeded" => {
             sqlx::query(
-                "UPDATE protected_items SET failover_output = ?, updated_ms = ? WHERE name = ?",
+                "UPDATE protected_items SET failover_output = $1, updated_ms = $2 WHERE name = $3",
             )
             .bind(
                 result
@@ -681,11 +682,12 @@ async fn agent_gone(
     agent: &str,
     what: &str,
 ) -> anyhow::Result<Option<Step>> {
-    let last_seen: Option<i64> = sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
-        .bind(agent)
-        .fetch_optional(&mut **tx)
-        .await?
-        .flatten();
+    let last_seen: Option<i64> =
+        sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = $1")
+            .bind(agent)
+            .fetch_optional(&mut **tx)
+            .await?
+            .flatten();
     Ok((ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS).then(|| {
         fail(
             "RecoveryAgentNotConnected",
@@ -706,7 +708,7 @@ async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow
     let point = ctx.str("pointId")?;
     let vm_name = ctx.str("vmName")?;
     let (agent, fabric, machine, target_fabric): (Option<String>, String, String, String) =
-        sqlx::query_as("SELECT target_agent_id, fabric, machine, target_fabric FROM protected_items WHERE name = ?")
+        sqlx::query_as("SELECT target_agent_id, fabric, machine, target_fabric FROM protected_items WHERE name = $1")
             .bind(&item)
             .fetch_one(&mut **tx)
             .await?;
@@ -717,13 +719,13 @@ async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow
         ));
     };
     let task_id = format!("{}-start-replica", ctx.job_id);
-    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM agent_tasks WHERE id = ?")
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM agent_tasks WHERE id = $1")
         .bind(&task_id)
         .fetch_optional(&mut **tx)
         .await?;
     if exists.is_none() {
         let info: Option<String> =
-            sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+            sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
                 .bind(&fabric)
                 .bind(&machine)
                 .fetch_optional(&mut **tx)
@@ -752,7 +754,7 @@ async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow
                 .map(|(n, (_, rn))| (n, rn))
                 .collect();
         let available: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = ?")
+            sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = $1")
                 .bind(&agent)
                 .fetch_all(&mut **tx)
                 .await?;
@@ -788,7 +790,7 @@ async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow
         .await?;
     }
     let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
             .bind(&task_id)
             .fetch_one(&mut **tx)
             .await?;
@@ -811,9 +813,9 @@ async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow
                 ));
             }
             let sql = if test {
-                "UPDATE protected_items SET test_failover_output = ?, updated_ms = ? WHERE name = ?"
+                "UPDATE protected_items SET test_failover_output = $1, updated_ms = $2 WHERE name = $3"
             } else {
-                "UPDATE protected_items SET failover_output = ?, updated_ms = ? WHERE name = ?"
+                "UPDATE protected_items SET failover_output = $1, updated_ms = $2 WHERE name = $3"
             };
             sqlx::query(sql)
                 .bind(output.to_string())
@@ -844,7 +846,7 @@ async fn remove_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<St
     let item = ctx.str("item")?;
     let vm_name = ctx.str("vmName")?;
     let agent: Option<String> =
-        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = ?")
+        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
             .bind(&item)
             .fetch_one(&mut **tx)
             .await?;
@@ -865,7 +867,7 @@ async fn remove_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<St
     };
     ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
     let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
             .bind(&task_id)
             .fetch_one(&mut **tx)
             .await?;
@@ -896,7 +898,7 @@ async fn set_step_output(
     ctx: &StepCtx<'_>,
     output: &Value,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE job_steps SET output = ? WHERE job_id = ? AND idx = ?")
+    sqlx::query("UPDATE job_steps SET output = $1 WHERE job_id = $2 AND idx = $3")
         .bind(output.to_string())
         .bind(ctx.job_id)
         .bind(ctx.idx)
@@ -917,7 +919,7 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
         let task_id = format!("{}-verify-{agent}", ctx.job_id);
         ensure_task(tx, &task_id, agent, Some(ctx.job_id), &TaskWork::Verify).await?;
         let (state, result): (String, Option<String>) =
-            sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = ?")
+            sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
                 .bind(&task_id)
                 .fetch_one(&mut **tx)
                 .await?;
@@ -954,7 +956,7 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
             }
             _ => {
                 let last_seen: Option<i64> =
-                    sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = ?")
+                    sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = $1")
                         .bind(agent)
                         .fetch_optional(&mut **tx)
                         .await?
@@ -973,7 +975,7 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
     if pending {
         return Ok(Step::Wait);
     }
-    sqlx::query("UPDATE jobs SET output = ? WHERE id = ?")
+    sqlx::query("UPDATE jobs SET output = $1 WHERE id = $2")
         .bind(json!({"stores": reports}).to_string())
         .bind(ctx.job_id)
         .execute(&mut **tx)
@@ -993,19 +995,39 @@ async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Ste
 /// ended, nothing needs it. (It is sealed to the recovery agent's transport
 /// key; the vault never holds the key in the clear.)
 async fn forget_sealed_key(tx: &mut Tx<'_>, job_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE jobs SET input = json_remove(input, '$.sealedKey') WHERE id = ? AND json_extract(input, '$.sealedKey') IS NOT NULL",
-    )
-    .bind(job_id)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "UPDATE agent_tasks SET work = json_remove(work, '$.sealedKey') WHERE job_id = ? AND json_extract(work, '$.sealedKey') IS NOT NULL",
-    )
-    .bind(job_id)
-    .execute(&mut **tx)
-    .await?;
+    let input: Option<String> = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    if let Some(stripped) = input.as_deref().and_then(without_sealed_key) {
+        sqlx::query("UPDATE jobs SET input = $1 WHERE id = $2")
+            .bind(stripped)
+            .bind(job_id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    let tasks: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_all(&mut **tx)
+            .await?;
+    for (id, work) in tasks {
+        if let Some(stripped) = without_sealed_key(&work) {
+            sqlx::query("UPDATE agent_tasks SET work = $1 WHERE id = $2")
+                .bind(stripped)
+                .bind(&id)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
     Ok(())
+}
+
+/// The JSON document without its top-level `sealedKey`, if it had one.
+fn without_sealed_key(doc: &str) -> Option<String> {
+    let mut v: Value = serde_json::from_str(doc).ok()?;
+    v.as_object_mut()?.remove("sealedKey")?;
+    Some(v.to_string())
 }
 
 /// Inserts an agent task unless it exists (steps are re-run after a restart).
@@ -1018,7 +1040,7 @@ pub async fn ensure_task(
 ) -> Result<(), sqlx::Error> {
     let now = now_ms();
     sqlx::query(
-        "INSERT INTO agent_tasks (id, agent_id, job_id, work, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, 'Pending', ?, ?) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO agent_tasks (id, agent_id, job_id, work, state, created_ms, updated_ms) VALUES ($1, $2, $3, $4, 'Pending', $5, $6) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id)
     .bind(agent)
@@ -1032,7 +1054,7 @@ pub async fn ensure_task(
 }
 
 async fn load_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<ProtectionState>> {
-    let s: Option<String> = sqlx::query_scalar("SELECT state FROM protected_items WHERE name = ?")
+    let s: Option<String> = sqlx::query_scalar("SELECT state FROM protected_items WHERE name = $1")
         .bind(item)
         .fetch_optional(&mut **tx)
         .await?;
@@ -1059,7 +1081,7 @@ pub async fn transition(
             return Err(e.into());
         }
     };
-    sqlx::query("UPDATE protected_items SET state = ?, updated_ms = ? WHERE name = ?")
+    sqlx::query("UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3")
         .bind(next.as_str())
         .bind(now_ms())
         .bind(item)
@@ -1084,7 +1106,7 @@ fn already_there(state: ProtectionState, action: ItemAction) -> bool {
 
 async fn load_test_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<TestFailoverState>> {
     let s: Option<String> =
-        sqlx::query_scalar("SELECT test_failover_state FROM protected_items WHERE name = ?")
+        sqlx::query_scalar("SELECT test_failover_state FROM protected_items WHERE name = $1")
             .bind(item)
             .fetch_optional(&mut **tx)
             .await?;
@@ -1123,7 +1145,7 @@ pub async fn test_transition(
         }
     };
     sqlx::query(
-        "UPDATE protected_items SET test_failover_state = ?, updated_ms = ? WHERE name = ?",
+        "UPDATE protected_items SET test_failover_state = $1, updated_ms = $2 WHERE name = $3",
     )
     .bind(next.as_str())
     .bind(now_ms())
@@ -1148,7 +1170,7 @@ async fn compensate(
         JobKind::UnplannedFailover => Some(ItemAction::AbortUnplannedFailover),
         JobKind::CommitFailover => Some(ItemAction::AbortCommit),
         JobKind::ConfigureProtection => {
-            sqlx::query("DELETE FROM container_mappings WHERE fabric = ? AND container = ? AND name = ? AND state = 'Pairing'")
+            sqlx::query("DELETE FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3 AND state = 'Pairing'")
                 .bind(input["fabric"].as_str().unwrap_or_default())
                 .bind(input["container"].as_str().unwrap_or_default())
                 .bind(input["name"].as_str().unwrap_or_default())
@@ -1167,7 +1189,7 @@ async fn compensate(
             if let Err(e) = test_transition(tx, item, action).await {
                 tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
             }
-            sqlx::query("UPDATE protected_items SET test_failover_error = ? WHERE name = ?")
+            sqlx::query("UPDATE protected_items SET test_failover_error = $1 WHERE name = $2")
                 .bind(message)
                 .bind(item)
                 .execute(&mut **tx)
@@ -1175,7 +1197,7 @@ async fn compensate(
             None
         }
         JobKind::CreateNetworkMapping => {
-            sqlx::query("DELETE FROM network_mappings WHERE fabric = ? AND network = ? AND name = ? AND state = 'Pairing'")
+            sqlx::query("DELETE FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Pairing'")
                 .bind(input["fabric"].as_str().unwrap_or_default())
                 .bind(input["network"].as_str().unwrap_or_default())
                 .bind(input["name"].as_str().unwrap_or_default())
@@ -1184,7 +1206,7 @@ async fn compensate(
             None
         }
         JobKind::DeleteNetworkMapping => {
-            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = ? AND network = ? AND name = ? AND state = 'Unpairing'")
+            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Unpairing'")
                 .bind(input["fabric"].as_str().unwrap_or_default())
                 .bind(input["network"].as_str().unwrap_or_default())
                 .bind(input["name"].as_str().unwrap_or_default())
@@ -1198,7 +1220,7 @@ async fn compensate(
         if let Err(e) = transition(tx, item, action).await {
             tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
         }
-        sqlx::query("UPDATE protected_items SET last_error = ? WHERE name = ?")
+        sqlx::query("UPDATE protected_items SET last_error = $1 WHERE name = $2")
             .bind(message)
             .bind(item)
             .execute(&mut **tx)
@@ -1213,7 +1235,7 @@ mod tests {
     use crate::{AppState, VaultInfo};
 
     async fn open(dir: &std::path::Path) -> AppState {
-        let db = crate::db::open(&dir.join("vault.db")).await.unwrap();
+        let db = crate::db::open_for_test(dir).await.unwrap();
         AppState {
             db,
             info: VaultInfo {
@@ -1239,7 +1261,7 @@ mod tests {
     }
 
     async fn steps(st: &AppState, job: &str) -> Vec<String> {
-        sqlx::query_scalar("SELECT state FROM job_steps WHERE job_id = ? ORDER BY idx")
+        sqlx::query_scalar("SELECT state FROM job_steps WHERE job_id = $1 ORDER BY idx")
             .bind(job)
             .fetch_all(&st.db)
             .await
@@ -1247,7 +1269,7 @@ mod tests {
     }
 
     async fn job_state(st: &AppState, job: &str) -> String {
-        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
             .bind(job)
             .fetch_one(&st.db)
             .await
@@ -1255,7 +1277,7 @@ mod tests {
     }
 
     async fn item_state(st: &AppState, item: &str) -> String {
-        sqlx::query_scalar("SELECT state FROM protected_items WHERE name = ?")
+        sqlx::query_scalar("SELECT state FROM protected_items WHERE name = $1")
             .bind(item)
             .fetch_one(&st.db)
             .await
@@ -1303,12 +1325,12 @@ mod tests {
         exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc', 0), ('recovery', 'rc', 0)").await;
         exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
         exec(st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('primary', 'pc', 'm1', 'agent-src', '{"name":"m1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
-        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt', 'recovery', 'h', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, ?)")
+        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt', 'recovery', 'h', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, $1)")
             .bind(now)
             .execute(&st.db)
             .await
             .unwrap();
-        sqlx::query("INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', ?, 0, 0)")
+        sqlx::query("INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ('i1', 'primary', 'pc', 'm1', 'pol', 'recovery', 'rc', $1, 0, 0)")
             .bind(state)
             .execute(&st.db)
             .await
@@ -1379,7 +1401,7 @@ mod tests {
         );
         assert_eq!(item_state(&st, "i1").await, "Protected");
         let (code, msg): (String, String) =
-            sqlx::query_as("SELECT error_code, error_message FROM jobs WHERE id = ?")
+            sqlx::query_as("SELECT error_code, error_message FROM jobs WHERE id = $1")
                 .bind(&job)
                 .fetch_one(&st.db)
                 .await
@@ -1520,7 +1542,7 @@ mod tests {
         exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i1', 'p1', 1, 'CrashConsistent', 0, 0, 1)").await;
         exec(st, "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ('primary', 'prod-lan', 'agent-src', 0), ('primary', 'backup', 'agent-src', 0), ('recovery', 'dr-lan', 'agent-tgt', 0), ('recovery', 'test-net', 'agent-tgt', 0)").await;
         exec(st, "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ('primary', 'prod-lan', 'm-prod', 'recovery', 'dr-lan', 'VmmToVmm', 'Paired', 0)").await;
-        sqlx::query("UPDATE protected_items SET test_failover_state = ?")
+        sqlx::query("UPDATE protected_items SET test_failover_state = $1")
             .bind(test_state)
             .execute(&st.db)
             .await
@@ -1542,7 +1564,7 @@ mod tests {
     /// The recovery agent answers its task as an agent does.
     async fn answer(st: &AppState, result: Value) {
         let ok = result["ok"] == Value::Bool(true);
-        sqlx::query("UPDATE agent_tasks SET state = ?, result = ?")
+        sqlx::query("UPDATE agent_tasks SET state = $1, result = $2")
             .bind(if ok { "Succeeded" } else { "Failed" })
             .bind(result.to_string())
             .execute(&st.db)
@@ -1570,7 +1592,7 @@ mod tests {
     }
 
     async fn step_outputs(st: &AppState, job: &str) -> Vec<Option<String>> {
-        sqlx::query_scalar("SELECT output FROM job_steps WHERE job_id = ? ORDER BY idx")
+        sqlx::query_scalar("SELECT output FROM job_steps WHERE job_id = $1 ORDER BY idx")
             .bind(job)
             .fetch_all(&st.db)
             .await
@@ -1955,7 +1977,7 @@ mod tests {
         protected_setup(&st, "Protected").await;
         let now = now_ms();
         // agent-tgt2 was heard from last: the pick for an item in no group.
-        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt2', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:3', '0', 0, ?)")
+        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-tgt2', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:3', '0', 0, $1)")
             .bind(now + 1)
             .execute(&st.db)
             .await

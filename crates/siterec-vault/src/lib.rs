@@ -7,7 +7,7 @@
 //!   vault; the vault never connects to them.
 //! - [`jobs`]: the durable job engine. Every state change is a job whose
 //!   steps are rows in the database; a restarted vault resumes them.
-//! - [`db`]: the SQLite database and its migrations.
+//! - [`db`]: the database (SQLite or PostgreSQL) and its migrations.
 
 pub mod agent_api;
 pub mod arm;
@@ -36,6 +36,8 @@ pub struct VaultOptions {
     pub agent_listen: SocketAddr,
     /// Vault resource name, used on first start only.
     pub name: String,
+    /// A PostgreSQL URL for the database; `None`: SQLite, `DATA/vault.db`.
+    pub database: Option<String>,
 }
 
 /// Identity of the one vault resource this process serves.
@@ -108,7 +110,12 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
             opts.data_dir.display()
         )
     })?;
-    let db = db::open(&opts.data_dir.join("vault.db")).await?;
+    let sqlite_path = opts.data_dir.join("vault.db");
+    let db = db::open_at(match &opts.database {
+        Some(url) => db::Location::Url(url),
+        None => db::Location::Sqlite(&sqlite_path),
+    })
+    .await?;
     let info = init_vault(&db, &opts.name).await?;
     let token_file = opts.data_dir.join("admin.token");
     init_admin_token(&db, &token_file).await?;
@@ -250,7 +257,7 @@ async fn init_vault(db: &Db, name: &str) -> anyhow::Result<VaultInfo> {
         name: name.to_string(),
         location: "local".into(),
     };
-    sqlx::query("INSERT INTO vault (id, subscription, resource_group, name, location, created_ms) VALUES (1, ?, ?, ?, ?, ?)")
+    sqlx::query("INSERT INTO vault (id, subscription, resource_group, name, location, created_ms) VALUES (1, $1, $2, $3, $4, $5)")
         .bind(&info.subscription)
         .bind(&info.resource_group)
         .bind(&info.name)
@@ -272,7 +279,7 @@ async fn init_admin_token(db: &Db, token_file: &Path) -> anyhow::Result<()> {
     // The file first: a crash between the two leaves a token file that does
     // not work yet, and the next start writes a new one.
     siterec_pki::write_file_durable(token_file, token.as_bytes(), 0o600)?;
-    sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES (?, 'admin', ?)")
+    sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES ($1, 'admin', $2)")
         .bind(db::secret_hash(&token))
         .bind(db::now_ms())
         .execute(db)

@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
+use sqlx::any::AnyRow;
 
 use crate::VaultInfo;
 use crate::db::{Db, opt_rfc3339, rfc3339};
@@ -70,7 +70,7 @@ pub fn list(value: Vec<Value>) -> Value {
 // ---------- fabrics, providers, containers ----------
 
 pub async fn fabric_exists(db: &Db, name: &str) -> ApiResult<String> {
-    sqlx::query_scalar::<_, String>("SELECT name FROM fabrics WHERE name = ?")
+    sqlx::query_scalar::<_, String>("SELECT name FROM fabrics WHERE name = $1")
         .bind(name)
         .fetch_optional(db)
         .await?
@@ -79,7 +79,7 @@ pub async fn fabric_exists(db: &Db, name: &str) -> ApiResult<String> {
 
 pub async fn container_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
     let fabric = fabric_exists(db, fabric).await?;
-    sqlx::query_scalar::<_, String>("SELECT name FROM containers WHERE fabric = ? AND name = ?")
+    sqlx::query_scalar::<_, String>("SELECT name FROM containers WHERE fabric = $1 AND name = $2")
         .bind(&fabric)
         .bind(name)
         .fetch_optional(db)
@@ -88,7 +88,7 @@ pub async fn container_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<St
 }
 
 pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<Value> {
-    let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE fabric = ?")
+    let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE fabric = $1")
         .bind(name)
         .fetch_one(db)
         .await?;
@@ -105,7 +105,7 @@ pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<Value>
     ))
 }
 
-pub async fn provider_json(row: &SqliteRow, v: &VaultInfo, now: i64) -> ApiResult<Value> {
+pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<Value> {
     let id: String = row.try_get("id")?;
     let fabric: String = row.try_get("fabric")?;
     let last_seen: Option<i64> = row.try_get("last_seen_ms")?;
@@ -133,7 +133,7 @@ pub async fn provider_json(row: &SqliteRow, v: &VaultInfo, now: i64) -> ApiResul
 
 pub async fn container_json(db: &Db, v: &VaultInfo, fabric: &str, name: &str) -> ApiResult<Value> {
     let paired: Option<(String, String)> = sqlx::query_as(
-        "SELECT fabric, container FROM container_mappings WHERE (fabric = ? AND container = ?) OR (target_fabric = ? AND target_container = ?) LIMIT 1",
+        "SELECT fabric, container FROM container_mappings WHERE (fabric = $1 AND container = $2) OR (target_fabric = $3 AND target_container = $4) LIMIT 1",
     )
     .bind(fabric)
     .bind(name)
@@ -196,7 +196,7 @@ pub fn protectable_json(
 /// The agents of `fabric` that report network `name` (empty: no such network).
 pub async fn network_agents(db: &Db, fabric: &str, name: &str) -> ApiResult<Vec<String>> {
     Ok(sqlx::query_scalar(
-        "SELECT agent_id FROM networks WHERE fabric = ? AND name = ? ORDER BY agent_id",
+        "SELECT agent_id FROM networks WHERE fabric = $1 AND name = $2 ORDER BY agent_id",
     )
     .bind(fabric)
     .bind(name)
@@ -207,7 +207,7 @@ pub async fn network_agents(db: &Db, fabric: &str, name: &str) -> ApiResult<Vec<
 /// The networks of a fabric (as its agents spell them), sorted.
 pub async fn fabric_networks(db: &Db, fabric: &str) -> ApiResult<Vec<String>> {
     let mut names: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT name FROM networks WHERE fabric = ?")
+        sqlx::query_scalar("SELECT DISTINCT name FROM networks WHERE fabric = $1")
             .bind(fabric)
             .fetch_all(db)
             .await?;
@@ -221,7 +221,7 @@ pub async fn fabric_networks(db: &Db, fabric: &str) -> ApiResult<Vec<String>> {
 pub async fn network_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
     let fabric = fabric_exists(db, fabric).await?;
     let found: Option<String> =
-        sqlx::query_scalar("SELECT name FROM networks WHERE fabric = ? AND name = ? LIMIT 1")
+        sqlx::query_scalar("SELECT name FROM networks WHERE fabric = $1 AND name = $2 LIMIT 1")
             .bind(&fabric)
             .bind(name)
             .fetch_optional(db)
@@ -252,7 +252,7 @@ pub fn network_json(v: &VaultInfo, fabric: &str, name: &str, agents: &[String]) 
     )
 }
 
-pub fn network_mapping_json(v: &VaultInfo, row: &SqliteRow) -> ApiResult<Value> {
+pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
     let fabric: String = row.try_get("fabric")?;
     let network: String = row.try_get("network")?;
     let name: String = row.try_get("name")?;
@@ -284,10 +284,10 @@ pub async fn paired_network_mappings<'e, E>(
     fabric: &str,
 ) -> Result<std::collections::BTreeMap<String, (String, String)>, sqlx::Error>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT network, recovery_fabric, recovery_network FROM network_mappings WHERE fabric = ? AND state = 'Paired'",
+        "SELECT network, recovery_fabric, recovery_network FROM network_mappings WHERE fabric = $1 AND state = 'Paired'",
     )
     .bind(fabric)
     .fetch_all(db)
@@ -301,7 +301,7 @@ where
 /// The machine an item protects, as its agent last reported it.
 pub async fn machine_info(db: &Db, fabric: &str, machine: &str) -> ApiResult<Option<MachineInfo>> {
     let info: Option<String> =
-        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = ? AND name = ?")
+        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
             .bind(fabric)
             .bind(machine)
             .fetch_optional(db)
@@ -327,7 +327,7 @@ pub fn policy_json(v: &VaultInfo, name: &str, policy: &siterec_core::policy::Pol
 
 pub async fn load_policy(db: &Db, name: &str) -> ApiResult<(String, siterec_core::policy::Policy)> {
     let (name, body): (String, String) =
-        sqlx::query_as("SELECT name, body FROM policies WHERE name = ?")
+        sqlx::query_as("SELECT name, body FROM policies WHERE name = $1")
             .bind(name)
             .fetch_optional(db)
             .await?
@@ -336,7 +336,7 @@ pub async fn load_policy(db: &Db, name: &str) -> ApiResult<(String, siterec_core
     Ok((name, policy))
 }
 
-pub fn mapping_json(v: &VaultInfo, row: &SqliteRow) -> ApiResult<Value> {
+pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
     let fabric: String = row.try_get("fabric")?;
     let container: String = row.try_get("container")?;
     let name: String = row.try_get("name")?;
@@ -392,7 +392,7 @@ pub struct ItemRow {
 }
 
 impl ItemRow {
-    pub fn from_row(row: &SqliteRow) -> ApiResult<ItemRow> {
+    pub fn from_row(row: &AnyRow) -> ApiResult<ItemRow> {
         let state: String = row.try_get("state")?;
         Ok(ItemRow {
             name: row.try_get("name")?,
@@ -427,7 +427,7 @@ impl ItemRow {
 }
 
 pub async fn load_item(db: &Db, name: &str) -> ApiResult<ItemRow> {
-    let row = sqlx::query("SELECT * FROM protected_items WHERE name = ?")
+    let row = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
         .bind(name)
         .fetch_optional(db)
         .await?
@@ -456,13 +456,13 @@ pub async fn load_item_at(
 
 pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Value> {
     let latest: Option<(String, i64)> = sqlx::query_as(
-        "SELECT point_id, created_ms FROM recovery_points WHERE item = ? AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
+        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
     )
     .bind(&item.name)
     .fetch_optional(db)
     .await?;
     let points: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM recovery_points WHERE item = ? AND pruned_ms IS NULL",
+        "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
     )
     .bind(&item.name)
     .fetch_one(db)
@@ -647,7 +647,7 @@ fn replica_json(out: &Value, point: Option<&str>) -> Value {
 /// The source agent's counters for this item, as last reported.
 async fn source_counters(db: &Db, item: &ItemRow) -> ApiResult<Value> {
     let agent: Option<String> =
-        sqlx::query_scalar("SELECT agent_id FROM machines WHERE fabric = ? AND name = ?")
+        sqlx::query_scalar("SELECT agent_id FROM machines WHERE fabric = $1 AND name = $2")
             .bind(&item.fabric)
             .bind(&item.machine)
             .fetch_optional(db)
@@ -655,7 +655,7 @@ async fn source_counters(db: &Db, item: &ItemRow) -> ApiResult<Value> {
     let Some(agent) = agent else {
         return Ok(Value::Null);
     };
-    let counters: Option<String> = sqlx::query_scalar("SELECT counters FROM agents WHERE id = ?")
+    let counters: Option<String> = sqlx::query_scalar("SELECT counters FROM agents WHERE id = $1")
         .bind(agent)
         .fetch_optional(db)
         .await?;
@@ -665,7 +665,7 @@ async fn source_counters(db: &Db, item: &ItemRow) -> ApiResult<Value> {
         .unwrap_or(Value::Null))
 }
 
-pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &SqliteRow) -> ApiResult<Value> {
+pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<Value> {
     let point_id: String = row.try_get("point_id")?;
     let consistency: String = row.try_get("consistency")?;
     Ok(resource(
@@ -690,12 +690,12 @@ pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &SqliteRow) -> ApiResult<V
 // ---------- jobs ----------
 
 pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> {
-    let row = sqlx::query("SELECT * FROM jobs WHERE id = ?")
+    let row = sqlx::query("SELECT * FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(db)
         .await?
         .ok_or_else(|| ApiError::not_found("job", job_id))?;
-    let steps = sqlx::query("SELECT * FROM job_steps WHERE job_id = ? ORDER BY idx")
+    let steps = sqlx::query("SELECT * FROM job_steps WHERE job_id = $1 ORDER BY idx")
         .bind(job_id)
         .fetch_all(db)
         .await?;

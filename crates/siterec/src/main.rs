@@ -167,6 +167,10 @@ struct VaultCmd {
     /// Vault name (first start only).
     #[arg(long, default_value = "siterec-vault")]
     name: String,
+    /// The vault database: a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE).
+    /// Without it, SQLite in the data directory (vault.db).
+    #[arg(long, env = "SITEREC_DATABASE")]
+    database: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -589,12 +593,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             agent_listen,
             name,
+            database,
         }) => {
             let v = siterec_vault::start(siterec_vault::VaultOptions {
                 data_dir: data.clone(),
                 listen,
                 agent_listen,
                 name,
+                database,
             })
             .await?;
             println!("vault {}", v.endpoint.vault_id);

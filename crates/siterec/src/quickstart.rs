@@ -53,6 +53,7 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
         listen: "127.0.0.1:0".parse()?,
         agent_listen: "127.0.0.1:0".parse()?,
         name: "quickstart".into(),
+        database: None,
     })
     .await?;
     let api = Api::from_vault_dir(&dir.join("vault"))?;

@@ -30,6 +30,74 @@ pub struct Env {
     pub procs: Vec<Proc>,
     /// Processes stopped by [`Env::kill`]: (name, arguments), for [`Env::restart`].
     pub stopped: Vec<(String, Vec<String>)>,
+    /// The PostgreSQL database of this test's vault, when the suite runs on
+    /// PostgreSQL ([`POSTGRES_ENV`]); dropped with the harness.
+    pub postgres: Option<TestDatabase>,
+}
+
+/// Set to a PostgreSQL server URL without a database
+/// (`postgres://USER[:PASSWORD]@HOST[:PORT]`), the vault of every test runs
+/// on a database of its own there instead of SQLite.
+pub const POSTGRES_ENV: &str = "SITEREC_TEST_POSTGRES";
+
+/// A database created for one test on the server [`POSTGRES_ENV`] names.
+pub struct TestDatabase {
+    pub server: String,
+    pub name: String,
+}
+
+impl TestDatabase {
+    /// Creates a new empty database, or `None` when the suite runs on SQLite.
+    pub fn create() -> Option<TestDatabase> {
+        let server = std::env::var(POSTGRES_ENV).ok().filter(|s| !s.is_empty())?;
+        let server = server.trim_end_matches('/').to_string();
+        let name = format!("siterec_test_{}", uuid_like());
+        psql(&server, &format!("CREATE DATABASE {name}"));
+        Some(TestDatabase { server, name })
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &format!("{}/postgres", self.server),
+                "-qc",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+fn psql(server: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([
+            &format!("{server}/postgres"),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
+        .output()
+        .expect("psql (install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{}_{nanos}", std::process::id())
 }
 
 impl Drop for Env {
@@ -81,24 +149,27 @@ impl Env {
             vault_dir: vault_dir.clone(),
             procs: Vec::new(),
             stopped: Vec::new(),
+            postgres: TestDatabase::create(),
         };
         let vd = vault_dir.display().to_string();
+        let database = env.postgres.as_ref().map(TestDatabase::url);
         // Fixed ports, so that a vault restarted by a test is where agents
         // knew it.
         let (api, agent) = (free_port(), free_port());
         let (api, agent) = (format!("127.0.0.1:{api}"), format!("127.0.0.1:{agent}"));
-        env.spawn(
+        let mut args = vec![
             "vault",
-            &[
-                "vault",
-                "--data",
-                &vd,
-                "--listen",
-                &api,
-                "--agent-listen",
-                &agent,
-            ],
-        );
+            "--data",
+            &vd,
+            "--listen",
+            &api,
+            "--agent-listen",
+            &agent,
+        ];
+        if let Some(url) = &database {
+            args.extend(["--database", url.as_str()]);
+        }
+        env.spawn("vault", &args);
         wait_until(Duration::from_secs(30), "the vault to listen", || {
             vault_dir.join("vault.json").exists()
         });
