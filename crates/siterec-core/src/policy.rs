@@ -17,6 +17,14 @@ pub const COPY_FREQUENCIES_SECS: [u32; 6] = [5, 10, 15, 30, 300, 900];
 pub const MAX_RETENTION_HOURS: u32 = 24;
 /// Most additional recovery points kept by count.
 pub const MAX_ADDITIONAL_POINTS: u32 = 15;
+/// The policy `instanceType`s accepted on input: those whose settings
+/// [`Policy::from_arm_input`] reads.
+pub const POLICY_INSTANCE_TYPES: [&str; 4] = [
+    "HyperVReplicaAzure",
+    "HyperVReplica2012R2",
+    "HyperVReplica2012",
+    "InMageAzureV2",
+];
 /// Longest app-consistent snapshot frequency, in hours.
 pub const MAX_APP_CONSISTENT_HOURS: u32 = 12;
 
@@ -34,7 +42,8 @@ pub enum Retention {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Policy {
-    /// The ARM `instanceType` the policy was created with (kept as given).
+    /// The ARM `instanceType` the policy was created with (one of
+    /// [`POLICY_INSTANCE_TYPES`], spelled as there).
     pub instance_type: String,
     pub copy_frequency_secs: u32,
     pub retention: Retention,
@@ -86,6 +95,10 @@ pub enum PolicyError {
     AppConsistentBeyondRetention { app: u32, window: u32 },
     #[error("{field}: {message}")]
     Field { field: String, message: String },
+    #[error(
+        "properties.providerSpecificInput.instanceType {0}: use one of HyperVReplicaAzure, HyperVReplica2012R2, HyperVReplica2012 or InMageAzureV2"
+    )]
+    InstanceType(String),
 }
 
 impl Policy {
@@ -122,18 +135,26 @@ impl Policy {
     /// Builds a policy from an ARM `providerSpecificInput` object, accepting
     /// the field names of the Hyper-V to Azure (`HyperVReplicaAzure`), site to
     /// site (`HyperVReplica2012R2`, `HyperVReplicaBase`) and VMware/physical
-    /// (`InMageAzureV2`) inputs. Unknown instance types are read with the
-    /// same field names. The result is validated.
+    /// (`InMageAzureV2`) inputs. Any other, or none, is refused, naming
+    /// the ones accepted. The result is validated.
     pub fn from_arm_input(input: &serde_json::Value) -> Result<Policy, PolicyError> {
         let obj = input.as_object().ok_or_else(|| PolicyError::Field {
             field: "properties.providerSpecificInput".into(),
             message: "must be a JSON object".into(),
         })?;
-        let instance_type = obj
-            .get("instanceType")
-            .and_then(|v| v.as_str())
-            .unwrap_or("HyperVReplicaAzure")
-            .to_string();
+        let instance_type = match obj.get("instanceType") {
+            Some(serde_json::Value::String(t)) => POLICY_INSTANCE_TYPES
+                .iter()
+                .find(|known| known.eq_ignore_ascii_case(t))
+                .map(|known| known.to_string())
+                .ok_or_else(|| PolicyError::InstanceType(format!("'{t}' is not known")))?,
+            Some(other) => {
+                return Err(PolicyError::InstanceType(format!(
+                    "must be a string, got {other}"
+                )));
+            }
+            None => return Err(PolicyError::InstanceType("is missing".into())),
+        };
         let int = |names: &[&str]| -> Result<Option<i64>, PolicyError> {
             for name in names {
                 if let Some(v) = obj.get(*name) {
@@ -406,7 +427,8 @@ mod tests {
                 "RFC 3339",
             ),
         ];
-        for (input, needle) in cases {
+        for (mut input, needle) in cases {
+            input["instanceType"] = "HyperVReplicaAzure".into();
             let err = Policy::from_arm_input(&input).unwrap_err().to_string();
             assert!(
                 err.contains(needle),
@@ -417,8 +439,36 @@ mod tests {
     }
 
     #[test]
+    fn instance_type_is_required_and_known() {
+        let base = json!({"replicationInterval": 300, "recoveryPointHistoryDuration": 2});
+        for (it, needle) in [
+            (None, "is missing"),
+            (Some(json!("Bogus")), "'Bogus' is not known"),
+            (Some(json!(7)), "must be a string"),
+            (Some(json!(null)), "must be a string"),
+        ] {
+            let mut input = base.clone();
+            if let Some(it) = it {
+                input["instanceType"] = it;
+            }
+            let err = Policy::from_arm_input(&input).unwrap_err().to_string();
+            assert!(
+                err.contains(needle) && err.contains("HyperVReplica2012R2, HyperVReplica2012"),
+                "{input}: {err}"
+            );
+        }
+        let mut input = base;
+        input["instanceType"] = "hypervreplicaazure".into();
+        assert_eq!(
+            Policy::from_arm_input(&input).unwrap().instance_type,
+            "HyperVReplicaAzure",
+            "matched case-insensitively, stored as spelled by the API"
+        );
+    }
+
+    #[test]
     fn details_round_trip() {
-        let p = Policy::from_arm_input(&json!({"recoveryPointHistoryDuration": 3, "replicationInterval": 300, "onlineReplicationStartTime": "2026-01-31T22:00:00Z"})).unwrap();
+        let p = Policy::from_arm_input(&json!({"instanceType": "HyperVReplicaAzure", "recoveryPointHistoryDuration": 3, "replicationInterval": 300, "onlineReplicationStartTime": "2026-01-31T22:00:00Z"})).unwrap();
         let again = Policy::from_arm_input(&p.to_arm_details()).unwrap();
         assert_eq!(p, again);
     }

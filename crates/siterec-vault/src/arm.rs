@@ -20,7 +20,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::jobs::{create_job, create_job_with_steps};
 use crate::model::{self, ItemRow};
 use crate::{AppState, Shared};
-use siterec_core::names::{check_name, last_segment, segment_after};
+use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
 use siterec_core::policy::Policy;
 use siterec_core::state::{
     ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
@@ -43,6 +43,115 @@ async fn dispatch(
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// Parses an ARM id given in a request body's `field`: a whole id of
+/// `kind` in this vault (else 400 naming what is wrong), as its names.
+fn parse_ref(
+    st: &AppState,
+    field: &'static str,
+    id: &str,
+    kind: ResourceKind,
+) -> ApiResult<Vec<String>> {
+    parse_id(field, &st.info.id(), id, kind)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidResourceId", e.to_string()))
+}
+
+/// A network id that may also be a bare network name (then of `fabric`
+/// when one is implied): `(fabric, network)`.
+fn parse_network_ref(
+    st: &AppState,
+    field: &'static str,
+    id: &str,
+) -> ApiResult<(Option<String>, String)> {
+    if !id.contains('/') {
+        check_name("network", id)?;
+        return Ok((None, id.to_string()));
+    }
+    let mut names = parse_ref(st, field, id, ResourceKind::Network)?;
+    let network = names.pop().unwrap_or_default();
+    Ok((names.pop(), network))
+}
+
+/// ARM requires `?api-version=` on every request; answer 400 naming the
+/// versions served when it is missing or not one of them.
+fn check_api_version(uri: &Uri) -> ApiResult<()> {
+    let supported = API_VERSIONS.join(", ");
+    let given: Vec<String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| k.eq_ignore_ascii_case("api-version"))
+        .map(|(_, v)| v.to_string())
+        .collect();
+    match given.as_slice() {
+        [] => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "MissingApiVersionParameter",
+            format!(
+                "the api-version query parameter is required: use ?api-version= one of {supported}"
+            ),
+        )),
+        [v] if API_VERSIONS.contains(&v.as_str()) => Ok(()),
+        [v] => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidApiVersionParameter",
+            format!("api-version '{v}' is not supported: use one of {supported}"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidApiVersionParameter",
+            format!(
+                "api-version is given {} times: give it once, one of {supported}",
+                given.len()
+            ),
+        )),
+    }
+}
+
+/// Items per page of a list of protected items; the answer's `nextLink`
+/// (with `skipToken`) fetches the next page.
+pub const ITEM_PAGE: i64 = 100;
+
+/// The query parameter `name` (case-insensitive), if given.
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
+    uri.query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.to_string())
+}
+
+/// One page of protected items (of one cloud, or all), in creation order.
+async fn item_page(
+    st: &Shared,
+    uri: &Uri,
+    headers: &HeaderMap,
+    cloud: Option<(&str, &str)>,
+    rel: &str,
+) -> ApiResult<Response> {
+    let after = match query_param(uri, "skipToken").or_else(|| query_param(uri, "$skipToken")) {
+        None => None,
+        Some(t) => Some(model::ItemCursor::parse(&t).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "skipToken '{t}' is not one this vault wrote: follow the nextLink of the previous page, or leave skipToken out for the first page"
+            ))
+        })?),
+    };
+    let (items, next) = model::item_page(&st.db, cloud, after.as_ref(), ITEM_PAGE).await?;
+    let mut out = Vec::with_capacity(items.len());
+    for item in &items {
+        out.push(model::item_json(&st.db, &st.info, item).await?);
+    }
+    let next = next.map(|c| {
+        format!(
+            "{}/{rel}?api-version={API_VERSION}&skipToken={}",
+            base_url(st, headers),
+            c.token()
+        )
+    });
+    ok(model::page(out, next))
 }
 
 fn ok(v: Value) -> ApiResult<Response> {
@@ -103,8 +212,8 @@ fn base_url(st: &AppState, headers: &HeaderMap) -> String {
 
 fn accepted(st: &AppState, headers: &HeaderMap, job_id: &str) -> ApiResult<Response> {
     let base = base_url(st, headers);
-    let location = format!("{base}/operationresults/{job_id}?api-version=2025-08-01");
-    let status = format!("{base}/replicationOperationStatus/{job_id}?api-version=2025-08-01");
+    let location = format!("{base}/operationresults/{job_id}?api-version={API_VERSION}");
+    let status = format!("{base}/replicationOperationStatus/{job_id}?api-version={API_VERSION}");
     let mut resp = (StatusCode::ACCEPTED, axum::Json(json!({"jobId": job_id}))).into_response();
     let h = resp.headers_mut();
     for (k, v) in [
@@ -149,6 +258,7 @@ async fn handle(
         ));
     }
     authorize(st, headers).await?;
+    check_api_version(uri)?;
     if !segs[1].eq_ignore_ascii_case(&st.info.subscription)
         || !segs[3].eq_ignore_ascii_case(&st.info.resource_group)
         || !segs[7].eq_ignore_ascii_case(&st.info.name)
@@ -509,14 +619,7 @@ async fn handle(
         (Method::DELETE, ["replicationpolicies", _]) => delete_policy(st, r[1]).await,
         // ----- protected items -----
         (Method::GET, ["replicationprotecteditems"]) => {
-            let rows = sqlx::query("SELECT * FROM protected_items ORDER BY created_ms")
-                .fetch_all(db)
-                .await?;
-            let mut out = Vec::new();
-            for row in &rows {
-                out.push(model::item_json(db, v, &ItemRow::from_row(row)?).await?);
-            }
-            ok(model::list(out))
+            item_page(st, uri, headers, None, "replicationProtectedItems").await
         }
         (
             Method::GET,
@@ -528,17 +631,12 @@ async fn handle(
                 "replicationprotecteditems",
             ],
         ) => {
-            let c = model::container_exists(db, r[1], r[3]).await?;
-            let rows = sqlx::query("SELECT * FROM protected_items WHERE fabric = $1 AND container = $2 ORDER BY created_ms")
-                .bind(r[1])
-                .bind(&c)
-                .fetch_all(db)
-                .await?;
-            let mut out = Vec::new();
-            for row in &rows {
-                out.push(model::item_json(db, v, &ItemRow::from_row(row)?).await?);
-            }
-            ok(model::list(out))
+            let f = model::fabric_exists(db, r[1]).await?;
+            let c = model::container_exists(db, &f, r[3]).await?;
+            let rel = format!(
+                "replicationFabrics/{f}/replicationProtectionContainers/{c}/replicationProtectedItems"
+            );
+            item_page(st, uri, headers, Some((&f, &c)), &rel).await
         }
         (
             Method::GET,
@@ -795,23 +893,21 @@ async fn create_mapping(
                 "properties.targetProtectionContainerId is required: the id of the recovery cloud",
             )
         })?;
-    let (tf, tc) = match (
-        segment_after(target_id, "replicationFabrics"),
-        segment_after(target_id, "replicationProtectionContainers"),
-    ) {
-        (Some(f), Some(c)) => (f, c),
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "targetProtectionContainerId '{target_id}' is not a protection container id (…/replicationFabrics/F/replicationProtectionContainers/C)"
-            )));
-        }
-    };
-    let tc = model::container_exists(&st.db, tf, tc).await?;
+    let target = parse_ref(
+        st,
+        "properties.targetProtectionContainerId",
+        target_id,
+        ResourceKind::ProtectionContainer,
+    )?;
+    let tf = model::fabric_exists(&st.db, &target[0]).await?;
+    let tf = tf.as_str();
+    let tc = model::container_exists(&st.db, tf, &target[1]).await?;
     let policy_ref = p
         .get("policyId")
         .and_then(|v| v.as_str())
         .ok_or_else(|| ApiError::bad_request("properties.policyId is required"))?;
-    let (policy, _) = model::load_policy(&st.db, last_segment(policy_ref)).await?;
+    let policy_name = parse_ref(st, "properties.policyId", policy_ref, ResourceKind::Policy)?;
+    let (policy, _) = model::load_policy(&st.db, &policy_name[0]).await?;
     // A pairing is only useful if the recovery cloud can keep replicas:
     // refuse it now rather than fail enable protection later.
     let stores: i64 = sqlx::query_scalar(
@@ -924,7 +1020,25 @@ async fn enable_protection(
     let machine_ref = p.get("protectableItemId").and_then(|v| v.as_str()).ok_or_else(|| {
         ApiError::bad_request("properties.protectableItemId is required: the id of the machine to protect (see replicationProtectableItems)")
     })?;
-    let machine_name = last_segment(machine_ref);
+    let machine_ref = parse_ref(
+        st,
+        "properties.protectableItemId",
+        machine_ref,
+        ResourceKind::ProtectableItem,
+    )?;
+    if !machine_ref[0].eq_ignore_ascii_case(fabric)
+        || !machine_ref[1].eq_ignore_ascii_case(&container)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidResourceId",
+            format!(
+                "properties.protectableItemId names a machine of cloud {}/{}, but protection is being enabled in cloud {fabric}/{container}: enable it under the machine's own cloud",
+                machine_ref[0], machine_ref[1]
+            ),
+        ));
+    }
+    let machine_name = machine_ref[2].as_str();
     let mapping: Option<(String, String, String)> = sqlx::query_as(
         "SELECT target_fabric, target_container, policy FROM container_mappings WHERE fabric = $1 AND container = $2 AND state = 'Paired'",
     )
@@ -941,9 +1055,27 @@ async fn enable_protection(
             ),
         ));
     };
-    let policy = match p.get("policyId").and_then(|v| v.as_str()) {
-        Some(pid) => model::load_policy(&st.db, last_segment(pid)).await?.0,
-        None => mapped_policy,
+    let policy = match p.get("policyId") {
+        None | Some(Value::Null) => mapped_policy,
+        Some(pid) => {
+            let pid = pid.as_str().ok_or_else(|| {
+                ApiError::bad_request(
+                    "properties.policyId must be a string: a replication policy id",
+                )
+            })?;
+            let named = parse_ref(st, "properties.policyId", pid, ResourceKind::Policy)?;
+            let (named, _) = model::load_policy(&st.db, &named[0]).await?;
+            if !named.eq_ignore_ascii_case(&mapped_policy) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PolicyNotOfPairing",
+                    format!(
+                        "policy '{named}' is not the policy of cloud {fabric}/{container}'s pairing, which replicates with policy '{mapped_policy}': leave policyId out, or give that one"
+                    ),
+                ));
+            }
+            mapped_policy
+        }
     };
     if model::load_policy(&st.db, &policy).await?.1.encryption {
         let encrypted: i64 = sqlx::query_scalar(
@@ -1265,13 +1397,39 @@ fn check_direction(p: &Value) -> ApiResult<()> {
 }
 
 /// The recovery point a failover input names
-/// (`providerSpecificDetails.recoveryPointId`, an id or a bare point id).
-fn wanted_point(p: &Value) -> Option<String> {
-    p.get("providerSpecificDetails")
+/// (`providerSpecificDetails.recoveryPointId`: a point id of this item, or
+/// a bare point id).
+fn wanted_point(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<String>> {
+    const FIELD: &str = "properties.providerSpecificDetails.recoveryPointId";
+    let Some(v) = p
+        .get("providerSpecificDetails")
         .and_then(|d| d.get("recoveryPointId"))
-        .and_then(|v| v.as_str())
-        .filter(|s| !s.is_empty())
-        .map(|s| last_segment(s).to_string())
+        .filter(|v| !v.is_null())
+    else {
+        return Ok(None);
+    };
+    let id = v
+        .as_str()
+        .ok_or_else(|| ApiError::bad_request(format!("{FIELD} must be a string, got {v}")))?
+        .trim();
+    if id.is_empty() {
+        return Ok(None);
+    }
+    if !id.contains('/') {
+        return Ok(Some(id.to_string()));
+    }
+    let names = parse_ref(st, FIELD, id, ResourceKind::RecoveryPoint)?;
+    if !names[2].eq_ignore_ascii_case(&item.name) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidResourceId",
+            format!(
+                "{FIELD} is a recovery point of item '{}', not of '{}': list this item's points with 'siterec points list {}'",
+                names[2], item.name, item.name
+            ),
+        ));
+    }
+    Ok(names.into_iter().nth(3))
 }
 
 /// The point to fail over to: the one asked for, else the latest.
@@ -1325,7 +1483,7 @@ async fn unplanned_failover(
     check_direction(p)?;
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p).await?;
-    let wanted = wanted_point(p);
+    let wanted = wanted_point(st, &item, p)?;
     // A VM is created and started at the recovery site; a physical
     // server's disks are written as images.
     let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
@@ -1423,7 +1581,7 @@ async fn test_failover(
     let network = test_network(st, &item, p).await?;
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p).await?;
-    let wanted = wanted_point(p);
+    let wanted = wanted_point(st, &item, p)?;
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, &item.name).await?;
     if item.test_state == TestFailoverState::TestFailoverInitiated
@@ -1504,18 +1662,9 @@ async fn test_network(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Opt
             )));
         }
     };
-    let (fabric, network) = match (
-        segment_after(id, "replicationFabrics"),
-        segment_after(id, "replicationNetworks"),
-    ) {
-        (Some(f), Some(n)) => (f, n),
-        (None, None) if !id.contains('/') => (item.target_fabric.as_str(), id),
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "networkId '{id}' is not a network id (…/replicationFabrics/F/replicationNetworks/N)"
-            )));
-        }
-    };
+    let (fabric, network) = parse_network_ref(st, "properties.networkId", id)?;
+    let fabric = fabric.unwrap_or_else(|| item.target_fabric.clone());
+    let (fabric, network) = (fabric.as_str(), network.as_str());
     if !fabric.eq_ignore_ascii_case(&item.target_fabric) {
         return Err(ApiError::bad_request(format!(
             "network '{network}' is in fabric '{fabric}', but item '{}' recovers to fabric '{}': choose one of its networks ('siterec network list --fabric {}')",
@@ -1666,18 +1815,8 @@ async fn create_network_mapping(
         .and_then(|v| v.as_str())
         .map(str::trim)
         .filter(|s| !s.is_empty());
-    let (id_rf, rn) = match (
-        segment_after(rid, "replicationFabrics"),
-        segment_after(rid, "replicationNetworks"),
-    ) {
-        (Some(f), Some(n)) => (Some(f), n),
-        (None, None) if !rid.contains('/') => (None, rid),
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "recoveryNetworkId '{rid}' is not a network id (…/replicationFabrics/RF/replicationNetworks/RN)"
-            )));
-        }
-    };
+    let (id_rf, rn) = parse_network_ref(st, "properties.recoveryNetworkId", rid)?;
+    let (id_rf, rn) = (id_rf.as_deref(), rn.as_str());
     let rf = match (given_rf, id_rf) {
         (Some(a), Some(b)) if !a.eq_ignore_ascii_case(b) => {
             return Err(ApiError::bad_request(format!(
@@ -2222,9 +2361,23 @@ mod tests {
         rel: &str,
         body: Value,
     ) -> (u16, Value, Option<String>) {
-        let uri: Uri = format!("{}/{rel}?api-version=2025-08-01", st.info.id())
-            .parse()
-            .unwrap();
+        call_uri(
+            st,
+            method,
+            &format!("{}/{rel}?api-version={API_VERSION}", st.info.id()),
+            body,
+        )
+        .await
+    }
+
+    /// [`call`] with the whole path and query.
+    async fn call_uri(
+        st: &Shared,
+        method: Method,
+        uri: &str,
+        body: Value,
+    ) -> (u16, Value, Option<String>) {
+        let uri: Uri = uri.parse().unwrap();
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer tok"));
         h.insert("host", HeaderValue::from_static("vault.test"));
@@ -2305,6 +2458,59 @@ mod tests {
         )
         .await;
         assert_eq!(code, 404);
+    }
+
+    #[tokio::test]
+    async fn item_lists_come_in_pages_linked_by_next_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let names = model::seed_fleet(&st.db, 3, 70, 1).await.unwrap();
+        let vault_rel = "replicationProtectedItems".to_string();
+        let cloud_rel = "replicationFabrics/bench-primary/replicationProtectionContainers/primary-cloud/replicationProtectedItems".to_string();
+        for rel in [vault_rel, cloud_rel] {
+            let mut uri = format!("{}/{rel}?api-version={API_VERSION}", st.info.id());
+            let mut seen = Vec::new();
+            let mut pages = Vec::new();
+            loop {
+                let (code, v, _) = call_uri(&st, Method::GET, &uri, Value::Null).await;
+                assert_eq!(code, 200, "{v}");
+                let page = v["value"].as_array().unwrap();
+                pages.push(page.len());
+                seen.extend(page.iter().map(|i| i["name"].as_str().unwrap().to_string()));
+                match v["nextLink"].as_str() {
+                    Some(next) => {
+                        uri = next.strip_prefix("http://vault.test").unwrap().to_string();
+                        assert!(uri.contains("skipToken="), "{uri}");
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(pages, vec![100, 100, 10], "{rel}");
+            // Each item once, in creation order.
+            assert_eq!(seen, names, "{rel}");
+        }
+        // A page of exactly the page size has no nextLink.
+        let dir2 = tempfile::tempdir().unwrap();
+        let st2 = open(dir2.path()).await;
+        model::seed_fleet(&st2.db, 1, 100, 0).await.unwrap();
+        let (_, v, _) = call(&st2, Method::GET, "replicationProtectedItems", Value::Null).await;
+        assert_eq!(v["value"].as_array().unwrap().len(), 100);
+        assert!(v.get("nextLink").is_none(), "{}", v["nextLink"]);
+        // A token the vault did not write is refused, naming what to do.
+        for bad in ["garbage", "12~", "x~vm0000-001", "1~a%20b"] {
+            let (code, v, _) = call_uri(
+                &st,
+                Method::GET,
+                &format!(
+                    "{}/replicationProtectedItems?api-version={API_VERSION}&skipToken={bad}",
+                    st.info.id()
+                ),
+                Value::Null,
+            )
+            .await;
+            assert_eq!(code, 400, "{bad}: {v}");
+            assert!(message(&v).contains("follow the nextLink"), "{v}");
+        }
     }
 
     #[tokio::test]
@@ -2907,24 +3113,6 @@ mod tests {
                 ],
             ),
             (
-                "pc",
-                "i5",
-                {
-                    let mut b = enable_body(
-                        &st,
-                        "pc",
-                        "m5",
-                        json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
-                    );
-                    b["properties"]["policyId"] = model::policy_id(&st.info, "pol2").into();
-                    b
-                },
-                vec![
-                    "multi-VM group 'app' replicates under policy 'pol'",
-                    "item 'i5' would use policy 'pol2'",
-                ],
-            ),
-            (
                 "pc2",
                 "i4",
                 enable_body(
@@ -2947,6 +3135,22 @@ mod tests {
                 assert!(message(&v).contains(n), "{item}: {n}: {v}");
             }
         }
+        // Another policy than the group's: an item takes its pairing's
+        // policy, so that is refused before the group is looked at.
+        let mut b = enable_body(
+            &st,
+            "pc",
+            "m5",
+            json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
+        );
+        b["properties"]["policyId"] = model::policy_id(&st.info, "pol2").into();
+        let (code, v, job) = call(&st, Method::PUT, &item_rel("pc", "i5"), b).await;
+        assert_eq!((code, job), (400, None), "{v}");
+        assert_eq!(v["error"]["code"], "PolicyNotOfPairing", "{v}");
+        assert!(
+            message(&v).contains("policy 'pol2' is not the policy of cloud primary/pc's pairing, which replicates with policy 'pol'"),
+            "{v}"
+        );
         assert_eq!((count(&st, items).await, count(&st, jobs).await), (4, 2));
 
         // The item shows its group as the SDK's replication details do.
@@ -3013,16 +3217,17 @@ mod tests {
             "DELETE FROM protected_items WHERE multi_vm_group = 'app'",
         )
         .await;
-        let (code, v, _) = call(&st, Method::PUT, &item_rel("pc", "i6"), {
-            let mut b = enable_body(
+        let (code, v, _) = call(
+            &st,
+            Method::PUT,
+            &item_rel("pc", "i6"),
+            enable_body(
                 &st,
                 "pc",
                 "m5",
                 json!({"instanceType": "InMageAzureV2", "multiVmGroupName": "app"}),
-            );
-            b["properties"]["policyId"] = model::policy_id(&st.info, "pol2").into();
-            b
-        })
+            ),
+        )
         .await;
         assert_eq!(code, 202, "{v}");
     }

@@ -1292,9 +1292,10 @@ mod tests {
     async fn a_policy_job_runs_every_step_and_persists_them() {
         let dir = tempfile::tempdir().unwrap();
         let st = open(dir.path()).await;
-        let policy =
-            siterec_core::policy::Policy::from_arm_input(&json!({"replicationInterval": 30}))
-                .unwrap();
+        let policy = siterec_core::policy::Policy::from_arm_input(
+            &json!({"instanceType": "HyperVReplicaAzure", "replicationInterval": 30}),
+        )
+        .unwrap();
         let job = new_job(
             &st,
             JobKind::CreatePolicy,

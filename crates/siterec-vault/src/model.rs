@@ -67,6 +67,78 @@ pub fn list(value: Vec<Value>) -> Value {
     json!({"value": value})
 }
 
+/// A page of a list: `nextLink` is absent on the last page.
+pub fn page(value: Vec<Value>, next_link: Option<String>) -> Value {
+    match next_link {
+        Some(next) => json!({"value": value, "nextLink": next}),
+        None => list(value),
+    }
+}
+
+/// Where a page of protected items resumes: after this item in creation
+/// order (`created_ms`, then name). Its token is `{created_ms}~{name}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemCursor {
+    pub created_ms: i64,
+    pub name: String,
+}
+
+impl ItemCursor {
+    pub fn token(&self) -> String {
+        format!("{}~{}", self.created_ms, self.name)
+    }
+
+    pub fn parse(token: &str) -> Option<ItemCursor> {
+        let (ms, name) = token.split_once('~')?;
+        let created_ms = ms.parse().ok()?;
+        siterec_core::names::check_name("item", name).ok()?;
+        Some(ItemCursor {
+            created_ms,
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Up to `limit` items after `after` (of one cloud, or all), and the
+/// cursor of the next page when there are more.
+pub async fn item_page(
+    db: &Db,
+    cloud: Option<(&str, &str)>,
+    after: Option<&ItemCursor>,
+    limit: i64,
+) -> ApiResult<(Vec<ItemRow>, Option<ItemCursor>)> {
+    let (after_ms, after_name) = after
+        .map(|c| (c.created_ms, c.name.clone()))
+        .unwrap_or((i64::MIN, String::new()));
+    let (fabric, container) = cloud.unwrap_or(("", ""));
+    let rows = sqlx::query(
+        "SELECT * FROM protected_items WHERE ($1 = 0 OR (fabric = $2 AND container = $3)) AND (created_ms > $4 OR (created_ms = $5 AND name > $6)) ORDER BY created_ms, name LIMIT $7",
+    )
+    .bind(i64::from(cloud.is_some()))
+    .bind(fabric)
+    .bind(container)
+    .bind(after_ms)
+    .bind(after_ms)
+    .bind(after_name)
+    .bind(limit + 1)
+    .fetch_all(db)
+    .await?;
+    let mut items = rows
+        .iter()
+        .map(ItemRow::from_row)
+        .collect::<ApiResult<Vec<_>>>()?;
+    let next = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|i| ItemCursor {
+            created_ms: i.created_ms,
+            name: i.name.clone(),
+        })
+    } else {
+        None
+    };
+    Ok((items, next))
+}
+
 // ---------- fabrics, providers, containers ----------
 
 pub async fn fabric_exists(db: &Db, name: &str) -> ApiResult<String> {
@@ -755,4 +827,125 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> 
             },
         }),
     ))
+}
+
+/// Fills an empty vault database with a fleet for `siterec bench api`:
+/// `agents` source agents in fabric `bench-primary`, each with
+/// `items_per_agent` machines of two disks, all protected under one policy
+/// to a recovery cloud, each item with `points` recovery points and the
+/// counters its agent reports. Rows are what the vault writes itself;
+/// this only writes many of them at once. Returns the item names.
+#[doc(hidden)]
+pub async fn seed_fleet(
+    db: &Db,
+    agents: usize,
+    items_per_agent: usize,
+    points: usize,
+) -> ApiResult<Vec<String>> {
+    let now = crate::db::now_ms();
+    let policy = siterec_core::policy::Policy::from_arm_input(&json!({
+        "instanceType": "HyperVReplicaAzure",
+        "replicationInterval": 300,
+        "recoveryPointHistoryDuration": 24
+    }))
+    .map_err(|e| ApiError::internal("bench policy", e))?;
+    let mut tx = crate::db::begin(db).await?;
+    for (fabric, cloud) in [
+        ("bench-primary", "primary-cloud"),
+        ("bench-recovery", "recovery-cloud"),
+    ] {
+        sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, $2)")
+            .bind(fabric)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3)")
+            .bind(fabric)
+            .bind(cloud)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("INSERT INTO policies (name, body, created_ms) VALUES ('bench', $1, $2)")
+        .bind(serde_json::to_string(&policy).map_err(|e| ApiError::internal("bench policy", e))?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('bench-primary', 'primary-cloud', 'bench', 'bench-recovery', 'recovery-cloud', 'bench', 'Paired', $1)",
+    )
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    let mut names = Vec::with_capacity(agents * items_per_agent);
+    for a in 0..agents {
+        let agent_id = format!("bench-agent-{a:04}");
+        let mut counters = serde_json::Map::new();
+        for i in 0..items_per_agent {
+            let name = format!("vm{a:04}-{i:03}");
+            let info = MachineInfo {
+                name: name.clone(),
+                kind: siterec_core::wire::KIND_PHYSICAL.to_string(),
+                disks: ["disk0", "disk1"]
+                    .iter()
+                    .map(|d| siterec_core::wire::DiskInfo {
+                        name: d.to_string(),
+                        path: format!("/dev/vg0/{name}-{d}"),
+                        size_bytes: 64 << 30,
+                    })
+                    .collect(),
+                nics: Vec::new(),
+                vm: None,
+                error: None,
+            };
+            sqlx::query(
+                "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('bench-primary', 'primary-cloud', $1, $2, $3, $4)",
+            )
+            .bind(&name)
+            .bind(&agent_id)
+            .bind(serde_json::to_string(&info).map_err(|e| ApiError::internal("bench machine", e))?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            let created = now - 86_400_000 + (names.len() as i64);
+            sqlx::query(
+                "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ($1, 'bench-primary', 'primary-cloud', $2, 'bench', 'bench-recovery', 'recovery-cloud', 'Protected', $3, $4)",
+            )
+            .bind(&name)
+            .bind(&name)
+            .bind(created)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            for p in 0..points {
+                let at = now - (points - p) as i64 * 300_000;
+                sqlx::query(
+                    "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ($1, $2, $3, 'CrashConsistent', 1048576, 4194304, $4)",
+                )
+                .bind(&name)
+                .bind(format!("{at}-{p:02}"))
+                .bind(at)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            counters.insert(
+                name.clone(),
+                json!({"bytesSent": 1_u64 << 30, "cycles": 288, "lastCycleMs": 1200, "healthWarnings": []}),
+            );
+            names.push(name);
+        }
+        sqlx::query(
+            "INSERT INTO agents (id, fabric, hostname, key_id, cloud, version, counters, enrolled_ms, last_seen_ms) VALUES ($1, 'bench-primary', $2, 'bench', 'primary-cloud', 'bench', $3, $4, $5)",
+        )
+        .bind(&agent_id)
+        .bind(format!("host{a:04}"))
+        .bind(serde_json::Value::Object(counters).to_string())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(names)
 }

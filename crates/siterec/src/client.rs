@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use serde_json::{Value, json};
 
-pub const API_VERSION: &str = "2025-08-01";
+pub use siterec_core::names::API_VERSION;
 
 #[derive(Clone)]
 pub struct Api {

@@ -268,6 +268,51 @@ impl Env {
         })
     }
 
+    /// One raw ARM request to the vault, bypassing the CLI: `rel` is below
+    /// the vault's id (`replicationPolicies/p1`), `query` the whole query
+    /// string (the CLI would add `api-version`), `body` a JSON body. Returns
+    /// the status and the answer's JSON (`Null` when it has none).
+    pub fn arm(&self, method: &str, rel: &str, query: &str, body: Option<Value>) -> (u16, Value) {
+        let ep: Value =
+            serde_json::from_slice(&std::fs::read(self.vault_dir.join("vault.json")).unwrap())
+                .unwrap();
+        let token = std::fs::read_to_string(self.vault_dir.join("admin.token")).unwrap();
+        let url = format!(
+            "{}{}/{rel}{}{query}",
+            ep["url"].as_str().unwrap().trim_end_matches('/'),
+            ep["vaultId"].as_str().unwrap(),
+            if query.is_empty() { "" } else { "?" },
+        );
+        siterec_pki::install_crypto_provider();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = reqwest::Client::builder().no_proxy().build().unwrap();
+            let mut req = client
+                .request(method.parse().unwrap(), &url)
+                .bearer_auth(token.trim());
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(b.to_string());
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        })
+    }
+
+    /// The vault's ARM id.
+    pub fn vault_id(&self) -> String {
+        let ep: Value =
+            serde_json::from_slice(&std::fs::read(self.vault_dir.join("vault.json")).unwrap())
+                .unwrap();
+        ep["vaultId"].as_str().unwrap().to_string()
+    }
+
     /// Runs the CLI expecting failure; returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.cli(args);
