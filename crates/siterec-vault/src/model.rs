@@ -1,5 +1,7 @@
 //! Rows of the vault database and their ARM JSON renderings.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -526,26 +528,164 @@ pub async fn load_item_at(
     Ok(item)
 }
 
+/// What the views of protected items need besides their rows, read for
+/// a whole page of items in a few statements (not a few per item).
+#[derive(Default)]
+pub struct ItemFacts {
+    /// Per item (lower-case name): its unpruned points' count, and the
+    /// latest one (id, created).
+    points: HashMap<String, (i64, Option<(String, i64)>)>,
+    /// Per policy (lower-case name).
+    policies: HashMap<String, siterec_core::policy::Policy>,
+    /// Per machine (lower-case fabric and name): its agent and its report.
+    machines: HashMap<(String, String), (String, Option<MachineInfo>)>,
+    /// Per agent id: the counters it last reported, per item.
+    counters: HashMap<String, Value>,
+    /// Per fabric (lower-case): its paired network mappings.
+    network_mappings: HashMap<String, std::collections::BTreeMap<String, (String, String)>>,
+}
+
+/// `$first, $first+1, ...` for `n` values bound in an `IN (...)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Reads the [`ItemFacts`] of `items`.
+pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
+    let mut facts = ItemFacts::default();
+    if items.is_empty() {
+        return Ok(facts);
+    }
+    let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
+    let sql = format!(
+        "SELECT item, point_id, created_ms FROM recovery_points WHERE pruned_ms IS NULL AND item IN ({})",
+        placeholders(1, names.len())
+    );
+    let mut q = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql));
+    for n in &names {
+        q = q.bind(*n);
+    }
+    for (item, point, created) in q.fetch_all(db).await? {
+        let e = facts
+            .points
+            .entry(item.to_ascii_lowercase())
+            .or_insert((0, None));
+        e.0 += 1;
+        if e.1.as_ref().is_none_or(|(_, t)| created > *t) {
+            e.1 = Some((point, created));
+        }
+    }
+    let policies: Vec<(String, String)> = sqlx::query_as("SELECT name, body FROM policies")
+        .fetch_all(db)
+        .await?;
+    for (name, body) in policies {
+        if let Ok(p) = serde_json::from_str(&body) {
+            facts.policies.insert(name.to_ascii_lowercase(), p);
+        }
+    }
+    // Per fabric, so that the lookup follows the machines' key (fabric, name).
+    let mut by_fabric: HashMap<String, Vec<&str>> = HashMap::new();
+    for i in items {
+        by_fabric
+            .entry(i.fabric.to_ascii_lowercase())
+            .or_default()
+            .push(i.machine.as_str());
+    }
+    for (fabric, machines) in &by_fabric {
+        let sql = format!(
+            "SELECT fabric, name, agent_id, info FROM machines WHERE fabric = $1 AND name IN ({})",
+            placeholders(2, machines.len())
+        );
+        let mut q = sqlx::query_as::<_, (String, String, String, String)>(sqlx::AssertSqlSafe(sql))
+            .bind(fabric.as_str());
+        for m in machines {
+            q = q.bind(*m);
+        }
+        for (fabric, name, agent, info) in q.fetch_all(db).await? {
+            facts.machines.insert(
+                (fabric.to_ascii_lowercase(), name.to_ascii_lowercase()),
+                (agent, serde_json::from_str(&info).ok()),
+            );
+        }
+    }
+    let mut agents: Vec<&str> = facts.machines.values().map(|(a, _)| a.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    if !agents.is_empty() {
+        let sql = format!(
+            "SELECT id, counters FROM agents WHERE id IN ({})",
+            placeholders(1, agents.len())
+        );
+        let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
+        for a in &agents {
+            q = q.bind(*a);
+        }
+        let rows = q.fetch_all(db).await?;
+        for (id, counters) in rows {
+            if let Ok(c) = serde_json::from_str::<Value>(&counters) {
+                facts.counters.insert(id, c);
+            }
+        }
+    }
+    let mut vm_fabrics: Vec<String> = items
+        .iter()
+        .filter(|i| {
+            facts
+                .machine(&i.fabric, &i.machine)
+                .is_some_and(|(_, m)| m.as_ref().is_some_and(is_vm))
+        })
+        .map(|i| i.fabric.to_ascii_lowercase())
+        .collect();
+    vm_fabrics.sort_unstable();
+    vm_fabrics.dedup();
+    for f in vm_fabrics {
+        let m = paired_network_mappings(db, &f).await?;
+        facts.network_mappings.insert(f, m);
+    }
+    Ok(facts)
+}
+
+impl ItemFacts {
+    fn machine(&self, fabric: &str, name: &str) -> Option<&(String, Option<MachineInfo>)> {
+        self.machines
+            .get(&(fabric.to_ascii_lowercase(), name.to_ascii_lowercase()))
+    }
+}
+
+/// One protected item as the API shows it.
 pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Value> {
-    let latest: Option<(String, i64)> = sqlx::query_as(
-        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
-    )
-    .bind(&item.name)
-    .fetch_optional(db)
-    .await?;
-    let points: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
-    )
-    .bind(&item.name)
-    .fetch_one(db)
-    .await?;
-    let (policy_instance, copy_secs) = match load_policy(db, &item.policy).await {
-        Ok((_, p)) => (p.instance_type, i64::from(p.copy_frequency_secs)),
-        Err(_) => ("HyperVReplicaAzure".to_string(), 300),
-    };
+    let facts = item_facts(db, std::slice::from_ref(item)).await?;
+    Ok(item_view(v, item, &facts, crate::db::now_ms()))
+}
+
+/// Protected items as the API shows them, reading what they need at once.
+pub async fn items_json(db: &Db, v: &VaultInfo, items: &[ItemRow]) -> ApiResult<Vec<Value>> {
+    let facts = item_facts(db, items).await?;
     let now = crate::db::now_ms();
+    Ok(items.iter().map(|i| item_view(v, i, &facts, now)).collect())
+}
+
+/// The view of one protected item from its row and its facts.
+pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> Value {
+    let (points, latest) = facts
+        .points
+        .get(&item.name.to_ascii_lowercase())
+        .cloned()
+        .unwrap_or((0, None));
+    let (policy_instance, copy_secs) = match facts.policies.get(&item.policy.to_ascii_lowercase()) {
+        Some(p) => (p.instance_type.clone(), i64::from(p.copy_frequency_secs)),
+        None => ("HyperVReplicaAzure".to_string(), 300),
+    };
     let rpo_secs = latest.as_ref().map(|(_, t)| (now - t) / 1000);
-    let counters = source_counters(db, item).await?;
+    // The source agent's counters for this item, as last reported.
+    let counters = facts
+        .machine(&item.fabric, &item.machine)
+        .and_then(|(agent, _)| facts.counters.get(agent))
+        .and_then(|c| c.get(&item.name).cloned())
+        .unwrap_or(Value::Null);
     // The source agent's own warnings (disk spool in use, resynchronization).
     let agent_warnings: Vec<String> = counters
         .get("healthWarnings")
@@ -593,11 +733,17 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .map(|o| replica_json(&o, item.test_point_id.as_deref()))
         .unwrap_or(Value::Null);
-    let machine = machine_info(db, &item.fabric, &item.machine).await?;
-    let vm = machine.as_ref().is_some_and(is_vm);
-    let vm_nics = match &machine {
+    let machine = facts
+        .machine(&item.fabric, &item.machine)
+        .and_then(|(_, m)| m.as_ref());
+    let vm = machine.is_some_and(is_vm);
+    let no_mappings = std::collections::BTreeMap::new();
+    let vm_nics = match machine {
         Some(m) if vm => {
-            let mappings = paired_network_mappings(db, &item.fabric).await?;
+            let mappings = facts
+                .network_mappings
+                .get(&item.fabric.to_ascii_lowercase())
+                .unwrap_or(&no_mappings);
             let test_nics: Vec<ReplicaNicView> = item
                 .test_output
                 .as_deref()
@@ -649,13 +795,13 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
         | ProtectionState::FailoverCommitted => "Recovery",
         _ => "Primary",
     };
-    Ok(resource(
+    resource(
         item_id(v, &item.fabric, &item.container, &item.name),
         &item.name,
         T_ITEM,
         json!({
             "friendlyName": item.name,
-            "protectedItemType": machine.as_ref().map(|m| m.kind.as_str()).unwrap_or("PhysicalServer"),
+            "protectedItemType": machine.map(|m| m.kind.as_str()).unwrap_or("PhysicalServer"),
             "protectableItemId": format!("{}/replicationProtectableItems/{}", container_id(v, &item.fabric, &item.container), item.machine),
             "recoveryServicesProviderId": item.target_agent_id,
             "primaryFabricFriendlyName": item.fabric,
@@ -693,7 +839,7 @@ pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Valu
                 "multiVmSyncStatus": if item.group.is_some() { "Enabled" } else { "Disabled" },
             },
         }),
-    ))
+    )
 }
 
 struct ReplicaNicView {
@@ -714,27 +860,6 @@ fn replica_json(out: &Value, point: Option<&str>) -> Value {
         v["recoveryPointId"] = p.into();
     }
     v
-}
-
-/// The source agent's counters for this item, as last reported.
-async fn source_counters(db: &Db, item: &ItemRow) -> ApiResult<Value> {
-    let agent: Option<String> =
-        sqlx::query_scalar("SELECT agent_id FROM machines WHERE fabric = $1 AND name = $2")
-            .bind(&item.fabric)
-            .bind(&item.machine)
-            .fetch_optional(db)
-            .await?;
-    let Some(agent) = agent else {
-        return Ok(Value::Null);
-    };
-    let counters: Option<String> = sqlx::query_scalar("SELECT counters FROM agents WHERE id = $1")
-        .bind(agent)
-        .fetch_optional(db)
-        .await?;
-    Ok(counters
-        .and_then(|c| serde_json::from_str::<Value>(&c).ok())
-        .and_then(|c| c.get(&item.name).cloned())
-        .unwrap_or(Value::Null))
 }
 
 pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<Value> {
@@ -947,5 +1072,10 @@ pub async fn seed_fleet(
         .await?;
     }
     tx.commit().await?;
+    // Statistics, as a database that grew to this size would have them
+    // (autovacuum on PostgreSQL; SQLite plans well without).
+    if crate::db::Engine::of(db) == crate::db::Engine::Postgres {
+        sqlx::query("ANALYZE").execute(db).await?;
+    }
     Ok(names)
 }

@@ -136,6 +136,12 @@ impl Api {
         Ok(resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// GET an absolute URL the vault gave (a `nextLink`).
+    pub async fn get_url(&self, url: &str) -> anyhow::Result<Value> {
+        let resp = self.send(self.http.get(url)).await?;
+        Ok(resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// GET a list, following `nextLink`.
     pub async fn list(&self, rel: &str) -> anyhow::Result<Vec<Value>> {
         let v = self.get(rel).await?;
