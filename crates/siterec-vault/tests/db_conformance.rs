@@ -1,0 +1,292 @@
+//! The vault database's conformance suite: what the vault's statements rely
+//! on, checked on each engine — SQLite always, PostgreSQL too when
+//! `SITEREC_TEST_POSTGRES` names a server (scripts/test sets it). Both
+//! engines must pass the same checks; where both are here, their schemas
+//! are compared column by column.
+
+use std::time::Duration;
+
+use siterec_vault::db::{self, Db, Engine};
+use siterec_vault::model;
+
+/// A fresh, migrated database per engine available: SQLite in `dir`, and
+/// a new database on the PostgreSQL server when one is given.
+async fn engines(dir: &std::path::Path) -> Vec<Db> {
+    let mut out = vec![db::open(&dir.join("vault.db")).await.unwrap()];
+    if let Ok(server) = std::env::var(db::TEST_POSTGRES_ENV)
+        && !server.is_empty()
+    {
+        let url = db::create_test_database(&server).await.unwrap();
+        out.push(db::open_at(db::Location::Url(&url)).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn names_compare_ignoring_case_and_sort_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut orders = Vec::new();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        for name in ["gamma", "Beta", "alpha", "DELTA"] {
+            sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, 0)")
+                .bind(name)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        // Equality ignores case...
+        let found: Option<String> = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = $1")
+            .bind("BETA")
+            .fetch_optional(&db)
+            .await
+            .unwrap();
+        assert_eq!(found.as_deref(), Some("Beta"), "{e}");
+        // ...and so does uniqueness: 'ALPHA' is 'alpha'.
+        let dup = sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ('ALPHA', 0)")
+            .execute(&db)
+            .await;
+        assert!(
+            dup.is_err(),
+            "{e}: a name differing only in case was accepted"
+        );
+        let kept = sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ('ALPHA', 0) ON CONFLICT (name) DO NOTHING")
+            .execute(&db)
+            .await
+            .unwrap();
+        assert_eq!(kept.rows_affected(), 0, "{e}");
+        // Order ignores case, on both engines the same.
+        let order: Vec<String> = sqlx::query_scalar("SELECT name FROM fabrics ORDER BY name")
+            .fetch_all(&db)
+            .await
+            .unwrap();
+        assert_eq!(order, ["alpha", "Beta", "DELTA", "gamma"], "{e}");
+        // A range on a name (pages resume after one) follows that order.
+        let after: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM fabrics WHERE name > $1 ORDER BY name")
+                .bind("beta")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        assert_eq!(after, ["DELTA", "gamma"], "{e}");
+        orders.push(order);
+    }
+    orders.dedup();
+    assert_eq!(orders.len(), 1);
+}
+
+#[tokio::test]
+async fn integers_and_flags_keep_their_values() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        let big = 1_i64 << 41; // a time in ms, past 2^32
+        sqlx::query("INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms, store_encrypted) VALUES ('a', 'f', 'h', 'k', 'v', $1, $2, 1)")
+            .bind(big)
+            .bind(-big)
+            .execute(&db)
+            .await
+            .unwrap();
+        let (enrolled, seen, flag, counters): (i64, Option<i64>, i64, String) = sqlx::query_as(
+            "SELECT enrolled_ms, last_seen_ms, store_encrypted, counters FROM agents WHERE id = 'a'",
+        )
+        .fetch_one(&db)
+        .await
+        .unwrap();
+        assert_eq!((enrolled, seen, flag), (big, Some(-big), 1), "{e}");
+        assert_eq!(counters, "{}", "{e}: the column default");
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE store_encrypted = 1")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{e}");
+        let missing: Option<i64> = sqlx::query_scalar("SELECT MAX(end_ms) FROM jobs")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(missing, None, "{e}: an aggregate of nothing is NULL");
+    }
+}
+
+/// Two writers that read, wait and write never lose an update: `begin`
+/// holds the write lock from the first statement.
+#[tokio::test]
+async fn write_transactions_are_serialized() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        sqlx::query("INSERT INTO policies (name, body, created_ms) VALUES ('counter', '0', 0)")
+            .execute(&db)
+            .await
+            .unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let db = db.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tx = db::begin(&db).await.unwrap();
+                let v: String =
+                    sqlx::query_scalar("SELECT body FROM policies WHERE name = 'counter'")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let next = v.parse::<i64>().unwrap() + 1;
+                sqlx::query("UPDATE policies SET body = $1 WHERE name = 'counter'")
+                    .bind(next.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let v: String = sqlx::query_scalar("SELECT body FROM policies WHERE name = 'counter'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(v, "4", "{e}: an update was lost");
+    }
+}
+
+/// Reopening migrates nothing twice; a database newer than this siterec
+/// is refused, naming both versions, and left as it was.
+#[tokio::test]
+async fn migrations_run_once_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = dir.path().join("vault.db");
+    let url = match std::env::var(db::TEST_POSTGRES_ENV) {
+        Ok(s) if !s.is_empty() => Some(db::create_test_database(&s).await.unwrap()),
+        _ => None,
+    };
+    let mut locations = vec![db::Location::Sqlite(&sqlite)];
+    if let Some(u) = &url {
+        locations.push(db::Location::Url(u));
+    }
+    for location in locations {
+        let db = db::open_at(location.clone()).await.unwrap();
+        let e = Engine::of(&db).name();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        db.close().await;
+        let again = db::open_at(location.clone()).await.unwrap();
+        let after: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&again)
+                .await
+                .unwrap();
+        assert_eq!(versions, after, "{e}");
+        let newest = *after.last().unwrap();
+        sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, 0)")
+            .bind(newest + 1)
+            .execute(&again)
+            .await
+            .unwrap();
+        again.close().await;
+        let err = db::open_at(location.clone()).await.unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains(&format!("schema version {}", newest + 1))
+                && msg.contains(&format!("knows ({newest})")),
+            "{e}: {msg}"
+        );
+    }
+}
+
+/// Both engines have the same tables with the same columns: one set of
+/// statements serves both.
+#[tokio::test]
+async fn both_engines_have_the_same_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let dbs = engines(dir.path()).await;
+    if dbs.len() < 2 {
+        eprintln!(
+            "SQLite only: set {} to compare with PostgreSQL",
+            db::TEST_POSTGRES_ENV
+        );
+    }
+    let mut schemas = Vec::new();
+    for db in &dbs {
+        let cols: Vec<(String, String)> = match Engine::of(db) {
+            Engine::Sqlite => sqlx::query_as(
+                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' ORDER BY m.name, p.name",
+            )
+            .fetch_all(db)
+            .await
+            .unwrap(),
+            Engine::Postgres => sqlx::query_as(
+                "SELECT CAST(table_name AS TEXT), CAST(column_name AS TEXT) FROM information_schema.columns WHERE table_schema = 'public' ORDER BY 1, 2",
+            )
+            .fetch_all(db)
+            .await
+            .unwrap(),
+        };
+        let mut cols: Vec<(String, String)> = cols
+            .into_iter()
+            .map(|(t, c)| (t.to_ascii_lowercase(), c.to_ascii_lowercase()))
+            .collect();
+        cols.sort();
+        assert!(
+            cols.iter()
+                .any(|(t, c)| t == "protected_items" && c == "multi_vm_group")
+        );
+        schemas.push(cols);
+    }
+    if let [a, b] = schemas.as_slice() {
+        let only_a: Vec<_> = a.iter().filter(|c| !b.contains(c)).collect();
+        let only_b: Vec<_> = b.iter().filter(|c| !a.contains(c)).collect();
+        assert!(
+            only_a.is_empty() && only_b.is_empty(),
+            "only on SQLite: {only_a:?}; only on PostgreSQL: {only_b:?}"
+        );
+    }
+}
+
+/// Pages of protected items: creation order, ties broken by name ignoring
+/// case, each item once, on both engines.
+#[tokio::test]
+async fn item_pages_resume_after_their_last_item() {
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        // Three items created in the same millisecond, two later ones.
+        for (name, created) in [("b-2", 5), ("A-1", 5), ("c-3", 5), ("d-4", 9), ("E-5", 7)] {
+            sqlx::query("INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ($1, 'f', 'c', $2, 'p', 'rf', 'rc', 'Protected', $3, 0)")
+                .bind(name)
+                .bind(name)
+                .bind(created as i64)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let (items, next) = model::item_page(&db, None, after.as_ref(), 2)
+                .await
+                .unwrap();
+            assert!(items.len() <= 2);
+            seen.extend(items.into_iter().map(|i| i.name));
+            match next {
+                Some(c) => {
+                    let token = c.token();
+                    after = Some(model::ItemCursor::parse(&token).unwrap());
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["A-1", "b-2", "c-3", "E-5", "d-4"], "{e}");
+        let (items, _) = model::item_page(&db, Some(("F", "C")), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(items.len(), 5, "{e}: a cloud's page, its names in any case");
+        let (items, _) = model::item_page(&db, Some(("f", "other")), None, 10)
+            .await
+            .unwrap();
+        assert!(items.is_empty(), "{e}");
+    }
+}
