@@ -129,11 +129,11 @@ impl AgentConfig {
         use siterec_core::names::check_name;
         check_name("cloud", &self.cloud)?;
         if let Some(n) = self.upload_streams
-            && !(1..=crate::source::MAX_UPLOAD_STREAMS).contains(&n)
+            && !(1..=crate::limits::MAX_UPLOAD_STREAMS).contains(&n)
         {
             anyhow::bail!(
                 "upload_streams = {n} is out of range: use 1 to {}",
-                crate::source::MAX_UPLOAD_STREAMS
+                crate::limits::MAX_UPLOAD_STREAMS
             );
         }
         if let Some(t) = &self.target

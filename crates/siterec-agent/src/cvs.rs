@@ -27,7 +27,7 @@ use blake3::hazmat::{
 /// Bytes per page.
 pub const PAGE: usize = 4096;
 /// Pages per full block (a power of two, so that pages merge pairwise).
-pub const PAGES: usize = crate::pages::PAGES;
+pub use crate::limits::PAGES;
 /// A full block's length.
 pub const BLOCK: usize = PAGE * PAGES;
 const _: () = assert!(PAGES.is_power_of_two() && PAGE == siterec_store::DELTA_PAGE);

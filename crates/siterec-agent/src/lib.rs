@@ -14,6 +14,7 @@ pub mod cvs;
 pub mod group;
 pub mod identity;
 pub mod instant;
+pub mod limits;
 pub mod pages;
 pub mod source;
 pub mod spool;

@@ -36,7 +36,7 @@ use anyhow::Context;
 use siterec_store::DELTA_PAGE;
 
 /// Pages per block (blocks are at most this many pages long).
-pub const PAGES: usize = crate::source::CHUNK_SIZE as usize / DELTA_PAGE;
+pub use crate::limits::PAGES;
 /// A delta carries at most this many pages (a quarter of a block); more,
 /// and the block ships whole (and becomes the base of its next deltas).
 pub const MAX_DELTA_PAGES: u32 = (PAGES / 4) as u32;

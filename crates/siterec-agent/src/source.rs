@@ -44,12 +44,9 @@ use tokio::task::JoinSet;
 use crate::spool::{Entry, Spool, SpoolFull};
 use crate::util::{now_ms, write_durably};
 
-/// Block (chunk) size of replicated disks.
-pub const CHUNK_SIZE: u32 = 1024 * 1024;
-/// Chunk uploads in flight per disk, by default (the seeds' UploadThreadsPerVM).
-pub const DEFAULT_UPLOAD_STREAMS: usize = 4;
-/// The most upload streams per disk.
-pub const MAX_UPLOAD_STREAMS: usize = 32;
+pub use crate::limits::{CHUNK_SIZE, DEFAULT_UPLOAD_STREAMS, MAX_UPLOAD_STREAMS};
+
+mod vm_cycle;
 
 /// What every replicator of an agent shares.
 pub struct SourceCtx {
@@ -296,7 +293,7 @@ async fn offline_initial(
     // against a point the target does not have.
     write_durably(&marker, &serde_json::to_vec(&exported)?, 0o600)?;
     save_hashes(state_dir, a, &results)?;
-    crate::vm::point_saved(ctx, a, state_dir).await;
+    vm_cycle::point_saved(ctx, a, state_dir).await;
     tracing::info!(item = %a.item, point = %manifest.point_id, dir = %dir.display(), bytes = bytes_exported, "initial copy exported for offline replication");
     Ok(Some(Cycle::Exported(manifest.point_id)))
 }
@@ -360,7 +357,7 @@ fn health(ctx: &SourceCtx, item: &str) -> Health {
     if let Ok(why) = std::fs::read_to_string(resync_reason_path(&ctx.state_dir(item))) {
         warnings.push(format!("resynchronization required: {why}"));
     }
-    if let Some(w) = crate::vm::cbt_warning(&ctx.state_dir(item)) {
+    if let Some(w) = vm_cycle::cbt_warning(&ctx.state_dir(item)) {
         warnings.push(w);
     }
     if let Ok(bytes) = std::fs::read(offline_marker(&ctx.state_dir(item)))
@@ -459,7 +456,7 @@ async fn capture(
     sink: &Sink,
 ) -> anyhow::Result<(Manifest, Vec<DiskResult>)> {
     let (results, consistency, created_ms) = match ctx.vms.get(&a.machine) {
-        Some(slot) => crate::vm::capture_disks(ctx, a, state_dir, sink, &slot).await?,
+        Some(slot) => vm_cycle::capture_disks(ctx, a, state_dir, sink, &slot).await?,
         None => capture_files(ctx, a, state_dir, sink).await?,
     };
     let point_id = format!(
@@ -622,7 +619,7 @@ async fn direct_cycle(
     let committed = started.elapsed();
     // The target has the point durably: this is the new acknowledged state.
     save_hashes(state_dir, a, &results)?;
-    crate::vm::point_saved(ctx, a, state_dir).await;
+    vm_cycle::point_saved(ctx, a, state_dir).await;
     tracing::debug!(
         item = %a.item,
         capture_ms = captured.as_millis() as u64,
@@ -685,7 +682,7 @@ async fn spool_cycle(
     spool.finish(&tmp, &manifest.encode())?;
     // The spooled point is the base of the next capture.
     save_hashes(state_dir, a, &results)?;
-    crate::vm::point_saved(ctx, a, state_dir).await;
+    vm_cycle::point_saved(ctx, a, state_dir).await;
     let bytes_read: u64 = results.iter().map(|r| r.bytes_read).sum();
     ctx.update(&a.item, |c| {
         c.bytes_read += bytes_read;
