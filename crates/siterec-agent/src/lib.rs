@@ -197,16 +197,17 @@ pub async fn run(
         async move { vms.start_all().await }
     });
     let ctx = Arc::new(source::SourceCtx {
-        vms,
-        groups: Default::default(),
-        data_dir: data.clone(),
-        vault: client.clone(),
-        data: data_client,
-        vault_url: id.agent_url.clone(),
         status: status.clone(),
         upload_streams: cfg.upload_streams.unwrap_or(source::DEFAULT_UPLOAD_STREAMS),
         throttle: throttle.clone(),
         spool_max_bytes: cfg.spool_max_mib.unwrap_or(spool::DEFAULT_SPOOL_MAX_MIB) << 20,
+        ..source::SourceCtx::new(
+            data.clone(),
+            client.clone(),
+            data_client,
+            id.agent_url.clone(),
+            vms,
+        )
     });
     let mut replications: HashMap<String, Replication> = HashMap::new();
     let running_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));

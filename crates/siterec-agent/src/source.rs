@@ -71,6 +71,30 @@ pub struct SourceCtx {
 }
 
 impl SourceCtx {
+    /// A source context with the defaults of an agent without settings:
+    /// default upload streams and spool bound, no bandwidth limit, no
+    /// groups, fresh counters. Callers override fields by struct update.
+    pub fn new(
+        data_dir: PathBuf,
+        vault: reqwest::Client,
+        data: reqwest::Client,
+        vault_url: String,
+        vms: Arc<crate::vm::VmHost>,
+    ) -> SourceCtx {
+        SourceCtx {
+            data_dir,
+            vault,
+            data,
+            vault_url,
+            status: Default::default(),
+            upload_streams: DEFAULT_UPLOAD_STREAMS,
+            throttle: Default::default(),
+            spool_max_bytes: crate::spool::DEFAULT_SPOOL_MAX_MIB << 20,
+            vms,
+            groups: Default::default(),
+        }
+    }
+
     fn state_dir(&self, item: &str) -> PathBuf {
         self.data_dir.join("state").join(item)
     }

@@ -26,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -596,16 +596,14 @@ impl Rig {
             Duration::from_secs(300),
         )?;
         let ctx = siterec_agent::source::SourceCtx {
-            data_dir: dir.join("source"),
-            vault: client.clone(),
-            data: client,
-            vault_url: "https://127.0.0.1:9".into(),
-            status: Arc::new(Mutex::new(siterec_agent::AgentStatus::default())),
             upload_streams: streams,
-            throttle: Default::default(),
-            spool_max_bytes: siterec_agent::spool::DEFAULT_SPOOL_MAX_MIB << 20,
-            vms: Arc::new(siterec_agent::vm::VmHost::new(&[], &dir.join("source"))),
-            groups: Default::default(),
+            ..siterec_agent::source::SourceCtx::new(
+                dir.join("source"),
+                client.clone(),
+                client,
+                "https://127.0.0.1:9".into(),
+                Arc::new(siterec_agent::vm::VmHost::new(&[], &dir.join("source"))),
+            )
         };
         Ok(Rig {
             ctx,
