@@ -77,14 +77,7 @@ fn parse_network_ref(
 /// versions served when it is missing or not one of them.
 fn check_api_version(uri: &Uri) -> ApiResult<()> {
     let supported = API_VERSIONS.join(", ");
-    let given: Vec<String> = uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(|(k, _)| k.eq_ignore_ascii_case("api-version"))
-        .map(|(_, v)| v.to_string())
-        .collect();
+    let given = query_values(uri, "api-version");
     match given.as_slice() {
         [] => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -114,13 +107,20 @@ fn check_api_version(uri: &Uri) -> ApiResult<()> {
 /// (with `skipToken`) fetches the next page.
 pub const ITEM_PAGE: i64 = 100;
 
+/// Every value of the query parameter `name` (case-insensitive), in order.
+fn query_values(uri: &Uri, name: &str) -> Vec<String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.to_string())
+        .collect()
+}
+
 /// The query parameter `name` (case-insensitive), if given.
 fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    uri.query()?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| k.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.to_string())
+    query_values(uri, name).into_iter().next()
 }
 
 /// One page of protected items (of one cloud, or all), in creation order.

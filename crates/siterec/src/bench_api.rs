@@ -28,13 +28,26 @@ const PAGE_P99_TARGET_MS: f64 = 100.0;
 const GET_P99_TARGET_MS: f64 = 10.0;
 const ITEMS_PER_AGENT: usize = 100;
 
+#[derive(clap::Args)]
 pub struct ApiBenchOptions {
+    /// Working directory (the bench's vault directories).
+    #[arg(long)]
     pub dir: PathBuf,
+    /// Protected items (100 per source agent).
+    #[arg(long, default_value_t = 10_000)]
     pub items: usize,
+    /// Recovery points of each item.
+    #[arg(long, default_value_t = 5)]
     pub points: usize,
+    /// Times the whole list is read.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// GETs of single items.
+    #[arg(long, default_value_t = 1000)]
     pub gets: usize,
-    /// A PostgreSQL server URL without a database: the bench creates one.
+    /// Also on PostgreSQL: a server URL without a database
+    /// (postgres://USER:PASSWORD@HOST:PORT); the bench creates one.
+    #[arg(long)]
     pub postgres: Option<String>,
 }
 

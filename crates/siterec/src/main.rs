@@ -108,27 +108,7 @@ enum Cmd {
 #[derive(Subcommand)]
 enum BenchCmd {
     /// The vault's API at a fleet's size: list 10,000 protected items page by page and get single items, on SQLite and PostgreSQL.
-    Api {
-        /// Working directory (the bench's vault directories).
-        #[arg(long)]
-        dir: PathBuf,
-        /// Protected items (100 per source agent).
-        #[arg(long, default_value_t = 10_000)]
-        items: usize,
-        /// Recovery points of each item.
-        #[arg(long, default_value_t = 5)]
-        points: usize,
-        /// Times the whole list is read.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// GETs of single items.
-        #[arg(long, default_value_t = 1000)]
-        gets: usize,
-        /// Also on PostgreSQL: a server URL without a database
-        /// (postgres://USER:PASSWORD@HOST:PORT); the bench creates one.
-        #[arg(long)]
-        postgres: Option<String>,
-    },
+    Api(bench_api::ApiBenchOptions),
     /// Initial replication, a 1% delta cycle and restore, against restic, borg, rsync and qemu-img.
     Replication {
         /// Working directory (needs about 5× the image size free).
@@ -1002,26 +982,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench(BenchCmd::Api {
-            dir,
-            items,
-            points,
-            rounds,
-            gets,
-            postgres,
-        }) => {
-            bench_api::api(
-                bench_api::ApiBenchOptions {
-                    dir,
-                    items,
-                    points,
-                    rounds,
-                    gets,
-                    postgres,
-                },
-                out,
-            )
-            .await?;
+        Cmd::Bench(BenchCmd::Api(opts)) => {
+            bench_api::api(opts, out).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(BenchCmd::Vm {
