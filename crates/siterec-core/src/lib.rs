@@ -9,10 +9,12 @@
 //! - [`wire`]: the agent protocol's messages.
 //! - [`names`]: resource names and ARM ids.
 //! - [`network`]: network mapping: the recovery network of each replica NIC.
+//! - [`orchestration`]: the job engine's decisions: which step, what it writes, compensation.
 
 pub mod consistency;
 pub mod names;
 pub mod network;
+pub mod orchestration;
 pub mod policy;
 pub mod retention;
 pub mod state;

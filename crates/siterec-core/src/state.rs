@@ -431,7 +431,7 @@ impl JobState {
     }
 }
 
-/// The kinds of job the vault runs, with their steps in order.
+/// The kinds of job the vault runs (their steps: [`JobKind::step_keys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobKind {
     CreatePolicy,
@@ -493,60 +493,6 @@ impl JobKind {
             Self::TestFailoverCleanup => "Test failover cleanup",
             Self::CreateNetworkMapping => "Map networks",
             Self::DeleteNetworkMapping => "Remove network mapping",
-        }
-    }
-
-    /// The steps the job runs, in order.
-    pub fn steps(self) -> &'static [&'static str] {
-        match self {
-            Self::CreatePolicy => &["Validate the policy", "Save the policy"],
-            Self::ConfigureProtection => {
-                &["Prerequisites check for pairing clouds", "Pair the clouds"]
-            }
-            Self::EnableProtection => &[
-                "Prerequisites check for enabling protection",
-                "Identifying replication target",
-                "Enable replication",
-                "Starting initial replication",
-                "Finalize protection",
-            ],
-            Self::UnplannedFailover => &[
-                "Prerequisites check for failover",
-                "Stop replication at the source",
-                "Materialize disks at the recovery site",
-                "Complete failover",
-            ],
-            Self::CommitFailover => &["Prerequisites check for commit", "Commit the failover"],
-            Self::VerifyStore => &["Verify the chunks and manifests of the site's replica stores"],
-            Self::TestFailover => &[
-                "Prerequisites check for test failover",
-                "Create and start the test virtual machine",
-                "Complete test failover",
-            ],
-            Self::TestFailoverCleanup => &[
-                "Prerequisites check for test failover cleanup",
-                "Power off and delete the test virtual machine",
-                "Complete test failover cleanup",
-            ],
-            Self::CreateNetworkMapping => &[
-                "Prerequisites check for network mapping",
-                "Map the networks",
-            ],
-            Self::DeleteNetworkMapping => &["Remove the network mapping"],
-        }
-    }
-
-    /// The steps of this kind of job for a virtual machine, where they
-    /// differ (same count and order: the engine runs steps by index).
-    pub fn vm_steps(self) -> &'static [&'static str] {
-        match self {
-            Self::UnplannedFailover => &[
-                "Prerequisites check for failover",
-                "Stop replication at the source",
-                "Create and start the virtual machine at the recovery site",
-                "Complete failover",
-            ],
-            other => other.steps(),
         }
     }
 }
@@ -633,12 +579,8 @@ mod tests {
         assert_eq!(J::Cancelled.operation_status(), "Canceled");
         for k in [JobKind::EnableProtection, JobKind::UnplannedFailover] {
             assert_eq!(JobKind::parse(k.as_str()), Some(k));
-            assert!(!k.steps().is_empty());
+            assert!(!k.step_keys(false).is_empty());
         }
-        assert_eq!(
-            JobKind::EnableProtection.steps().last(),
-            Some(&"Finalize protection")
-        );
     }
 
     #[test]
@@ -756,9 +698,5 @@ mod tests {
         ] {
             assert_eq!(JobKind::parse(k.as_str()), Some(k));
         }
-        assert_eq!(
-            JobKind::UnplannedFailover.vm_steps().len(),
-            JobKind::UnplannedFailover.steps().len()
-        );
     }
 }

@@ -347,6 +347,25 @@ pub struct MaterializedDisk {
     pub size_bytes: u64,
 }
 
+/// The vault's answer to a task result: the state the task has now (the
+/// first result posted counts; a repeat is answered with it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskResultRecorded {
+    pub task_id: String,
+    pub state: String,
+}
+
+/// The vault's answer to a point report: the point is listed, and these
+/// points of the item are pruned by the policy's retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PointRecorded {
+    pub item: String,
+    pub point_id: String,
+    pub pruned: Vec<String>,
+}
+
 /// A source agent reports a recovery point the target has committed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

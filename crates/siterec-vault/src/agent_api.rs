@@ -15,21 +15,21 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Json, Router};
-use serde_json::{Value, json};
-use sqlx::Row;
 
 use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::ensure_task;
+use crate::persist::agents as persist;
 use crate::{AppState, Shared};
 use siterec_core::Consistency;
 use siterec_core::names::check_name;
 use siterec_core::policy::Policy;
-use siterec_core::retention::{PointAge, points_to_prune};
+use siterec_core::retention::points_to_prune;
 use siterec_core::state::ProtectionState;
 use siterec_core::wire::{
     AgentTask, DiskInfo, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
-    PointReport, ReplicationAssignment, TaskResult, TaskWork,
+    MachineInfo, PointRecorded, PointReport, ReplicationAssignment, TaskResult, TaskResultRecorded,
+    TaskWork,
 };
 use siterec_pki::PeerIdentity;
 
@@ -53,10 +53,7 @@ async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, Stri
             "this call needs the agent's client certificate; enrol the agent first",
         ));
     };
-    let fabric: Option<String> = sqlx::query_scalar("SELECT fabric FROM agents WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&st.db)
-        .await?;
+    let fabric = persist::agent_fabric(&st.db, id).await?;
     match fabric {
         Some(f) => Ok((id.to_string(), f)),
         None => Err(unauthorized(format!(
@@ -69,13 +66,13 @@ async fn enrol(
     State(st): State<Shared>,
     Json(req): Json<EnrolRequest>,
 ) -> ApiResult<Json<EnrolResponse>> {
-    let row: Option<(String, String, i64, Option<i64>)> = sqlx::query_as(
-        "SELECT fabric, secret_hash, expires_ms, revoked_ms FROM registration_keys WHERE key_id = $1",
-    )
-    .bind(&req.key_id)
-    .fetch_optional(&st.db)
-    .await?;
-    let Some((fabric, hash, expires, revoked)) = row else {
+    let Some(persist::KeyRow {
+        fabric,
+        secret_hash: hash,
+        expires_ms: expires,
+        revoked_ms: revoked,
+    }) = persist::registration_key(&st.db, &req.key_id).await?
+    else {
         return Err(unauthorized(
             "the registration key is not known to this vault; create one with 'siterec vault key create'",
         ));
@@ -106,18 +103,14 @@ async fn enrol(
                 "the certificate signing request was refused: {e:#}"
             ))
         })?;
-    sqlx::query(
-        "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&agent_id)
-    .bind(&fabric)
-    .bind(&req.hostname)
-    .bind(&req.key_id)
-    .bind(&req.agent_version)
-    .bind(now)
-    .bind(now)
-    .execute(&st.db)
-    .await?;
+    let new = persist::NewAgent {
+        id: &agent_id,
+        fabric: &fabric,
+        hostname: &req.hostname,
+        key_id: &req.key_id,
+        version: &req.agent_version,
+    };
+    persist::insert_agent(&st.db, &new, now).await?;
     tracing::info!(agent = %agent_id, fabric = %fabric, "agent enrolled");
     Ok(Json(EnrolResponse {
         agent_id,
@@ -152,87 +145,28 @@ async fn heartbeat(
         })
         .collect();
     let now = now_ms();
-    let mut tx = crate::db::begin(&st.db).await?;
-    sqlx::query(
-        "UPDATE agents SET last_seen_ms = $1, cloud = $2, data_url = $3, store_encrypted = $4, store_key_id = $5, transport_key = $6, counters = $7 WHERE id = $8",
+    let infos = req
+        .machines
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::internal("machine info", e))?;
+    let counters =
+        serde_json::to_string(&req.counters).map_err(|e| ApiError::internal("counters", e))?;
+    persist::record_heartbeat(
+        &st.db,
+        &persist::Heartbeat {
+            agent: &agent,
+            fabric: &fabric,
+            req: &req,
+            infos: &infos,
+            counters: &counters,
+            networks: &networks,
+        },
+        now,
     )
-    .bind(now)
-    .bind(&req.cloud)
-    .bind(&req.data_url)
-    .bind(i64::from(req.store_encrypted))
-    .bind(&req.store_key_id)
-    .bind(&req.transport_key)
-    .bind(serde_json::to_string(&req.counters).unwrap_or_else(|_| "{}".into()))
-    .bind(&agent)
-    .execute(&mut *tx)
     .await?;
-    sqlx::query(
-        "INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-    )
-    .bind(&fabric)
-    .bind(&req.cloud)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    let cloud: String =
-        sqlx::query_scalar("SELECT name FROM containers WHERE fabric = $1 AND name = $2")
-            .bind(&fabric)
-            .bind(&req.cloud)
-            .fetch_one(&mut *tx)
-            .await?;
-    let mut reported = Vec::new();
-    for m in &req.machines {
-        let info = serde_json::to_string(m).map_err(|e| ApiError::internal("machine info", e))?;
-        sqlx::query(
-            "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms",
-        )
-        .bind(&fabric)
-        .bind(&cloud)
-        .bind(&m.name)
-        .bind(&agent)
-        .bind(info)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        reported.push(m.name.to_ascii_lowercase());
-    }
-    let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = $1")
-        .bind(&agent)
-        .fetch_all(&mut *tx)
-        .await?;
-    for name in mine {
-        if !reported.contains(&name.to_ascii_lowercase()) {
-            sqlx::query("DELETE FROM machines WHERE agent_id = $1 AND name = $2")
-                .bind(&agent)
-                .bind(&name)
-                .execute(&mut *tx)
-                .await?;
-        }
-    }
-    // The host's VM networks: exactly what this heartbeat reports.
-    sqlx::query("DELETE FROM networks WHERE agent_id = $1")
-        .bind(&agent)
-        .execute(&mut *tx)
-        .await?;
-    for n in networks {
-        sqlx::query(
-            "INSERT INTO networks (fabric, name, agent_id, updated_ms) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(&fabric)
-        .bind(n)
-        .bind(&agent)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-
-    let rows: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE agent_id = $1 AND state = 'Pending' ORDER BY created_ms")
-            .bind(&agent)
-            .fetch_all(&st.db)
-            .await?;
+    let rows = persist::pending_tasks(&st.db, &agent).await?;
     let mut tasks = Vec::new();
     for (id, work) in rows {
         match serde_json::from_str::<TaskWork>(&work) {
@@ -258,12 +192,7 @@ async fn imports_of(
     st: &AppState,
     agent: &str,
 ) -> ApiResult<std::collections::BTreeMap<String, String>> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT name, state, policy FROM protected_items WHERE target_agent_id = $1",
-    )
-    .bind(agent)
-    .fetch_all(&st.db)
-    .await?;
+    let rows = persist::target_items(&st.db, agent).await?;
     let mut out = std::collections::BTreeMap::new();
     for (item, state, policy) in rows {
         if ProtectionState::parse(&state) != Some(ProtectionState::InitialReplicationInProgress) {
@@ -282,12 +211,7 @@ async fn sources_of(
     st: &AppState,
     agent: &str,
 ) -> ApiResult<std::collections::BTreeMap<String, String>> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = $1",
-    )
-    .bind(agent)
-    .fetch_all(&st.db)
-    .await?;
+    let rows = persist::target_sources(&st.db, agent).await?;
     Ok(rows
         .into_iter()
         .filter(|(_, state, _)| {
@@ -303,28 +227,16 @@ async fn assignments(
     agent: &str,
     fabric: &str,
 ) -> ApiResult<Vec<ReplicationAssignment>> {
-    let rows = sqlx::query(
-        "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url
-         FROM protected_items i
-         JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         JOIN agents a ON a.id = i.target_agent_id
-         WHERE m.agent_id = $1 AND i.fabric = $2",
-    )
-    .bind(agent)
-    .bind(fabric)
-    .fetch_all(&st.db)
-    .await?;
     let mut out = Vec::new();
-    for row in rows {
-        let state: String = row.try_get("state")?;
+    for row in persist::source_items(&st.db, agent, fabric).await? {
+        let state = row.state;
         if !siterec_core::state::ProtectionState::parse(&state).is_some_and(|s| s.replicating()) {
             continue;
         }
-        let Some(target_url) = row.try_get::<Option<String>, _>("data_url")? else {
+        let Some(target_url) = row.target_url else {
             continue;
         };
-        let (_, policy): (String, Policy) =
-            crate::model::load_policy(&st.db, &row.try_get::<String, _>("policy")?).await?;
+        let (_, policy): (String, Policy) = crate::model::load_policy(&st.db, &row.policy).await?;
         // Only the initial copy goes offline; later cycles use the network.
         let offline_export = policy
             .offline
@@ -334,21 +246,20 @@ async fn assignments(
                     == Some(ProtectionState::InitialReplicationInProgress)
             })
             .map(|o| o.export_path.clone());
-        let info: Value =
-            serde_json::from_str(&row.try_get::<String, _>("info")?).unwrap_or(Value::Null);
-        let disks: Vec<DiskInfo> =
-            serde_json::from_value(info.get("disks").cloned().unwrap_or(json!([])))
-                .unwrap_or_default();
+        let machine = row.machine;
+        let info: MachineInfo = serde_json::from_str(&row.info)
+            .map_err(|e| ApiError::internal(&format!("stored report of machine '{machine}'"), e))?;
+        let disks: Vec<DiskInfo> = info.disks;
         out.push(ReplicationAssignment {
-            item: row.try_get("name")?,
-            machine: row.try_get("machine")?,
+            item: row.name,
+            machine,
             disks,
-            target_agent_id: row.try_get("target_id")?,
+            target_agent_id: row.target_id,
             target_url,
             copy_frequency_secs: policy.copy_frequency_secs,
             app_consistent_secs: policy.app_consistent_frequency_hours.saturating_mul(3600),
             // The agent takes the points of a group's items together.
-            group: row.try_get("multi_vm_group")?,
+            group: row.group,
             compression: policy.compression,
             not_before: policy.initial_replication_start,
             offline_export,
@@ -362,51 +273,35 @@ async fn task_result(
     Extension(peer): Extension<PeerIdentity>,
     Path(id): Path<String>,
     Json(result): Json<TaskResult>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TaskResultRecorded>> {
     let (agent, _) = agent_of(&st, &peer).await?;
     let state = if result.ok { "Succeeded" } else { "Failed" };
     let body = serde_json::to_string(&result).map_err(|e| ApiError::internal("task result", e))?;
-    let n = sqlx::query("UPDATE agent_tasks SET state = $1, result = $2, updated_ms = $3 WHERE id = $4 AND agent_id = $5 AND state = 'Pending'")
-        .bind(state)
-        .bind(body)
-        .bind(now_ms())
-        .bind(&id)
-        .bind(&agent)
-        .execute(&st.db)
-        .await?
-        .rows_affected();
-    if n == 0 {
-        let exists: Option<String> =
-            sqlx::query_scalar("SELECT state FROM agent_tasks WHERE id = $1 AND agent_id = $2")
-                .bind(&id)
-                .bind(&agent)
-                .fetch_optional(&st.db)
-                .await?;
-        if exists.is_none() {
-            return Err(ApiError::not_found("task", &id));
-        }
+    match persist::record_task_result(&st.db, &id, &agent, state, &body, now_ms()).await? {
+        persist::TaskRecorded::Unknown => return Err(ApiError::not_found("task", &id)),
         // A result posted twice (the agent retried): the first one counts.
+        persist::TaskRecorded::Recorded | persist::TaskRecorded::AlreadyAnswered => {}
     }
     st.wake.notify_one();
-    Ok(Json(json!({"taskId": id, "state": state})))
+    Ok(Json(TaskResultRecorded {
+        task_id: id,
+        state: state.to_string(),
+    }))
 }
 
 async fn report_point(
     State(st): State<Shared>,
     Extension(peer): Extension<PeerIdentity>,
     Json(rep): Json<PointReport>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PointRecorded>> {
     let (agent, fabric) = agent_of(&st, &peer).await?;
-    let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT i.state, i.policy, i.name, i.target_agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         WHERE i.name = $1 AND i.fabric = $2 AND m.agent_id = $3",
-    )
-    .bind(&rep.item)
-    .bind(&fabric)
-    .bind(&agent)
-    .fetch_optional(&st.db)
-    .await?;
-    let Some((state, policy, item, target)) = row else {
+    let Some(persist::ReportedItem {
+        state,
+        policy,
+        name: item,
+        target,
+    }) = persist::reported_item(&st.db, &rep.item, &fabric, &agent).await?
+    else {
         return Err(ApiError::not_found(
             "protected item replicated by this agent",
             &rep.item,
@@ -426,54 +321,27 @@ async fn report_point(
         Consistency::Inconsistent => "Inconsistent",
     };
     let mut tx = crate::db::begin(&st.db).await?;
-    sqlx::query(
-        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
-    )
-    .bind(&item)
-    .bind(&rep.point_id)
-    .bind(rep.created_at_ms)
-    .bind(consistency)
-    .bind(rep.bytes_sent as i64)
-    .bind(rep.bytes_read as i64)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+    let point = persist::NewPoint {
+        item: &item,
+        point_id: &rep.point_id,
+        created_ms: rep.created_at_ms,
+        consistency,
+        bytes_sent: i64::try_from(rep.bytes_sent).unwrap_or(i64::MAX),
+        bytes_read: i64::try_from(rep.bytes_read).unwrap_or(i64::MAX),
+    };
+    persist::insert_point(&mut tx, &point, now).await?;
     // Retention: hide the points the policy lets go, then ask the target to
     // delete them. A point is never listed again once hidden.
     let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
-    let points: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
-    )
-    .bind(&item)
-    .fetch_all(&mut *tx)
-    .await?;
-    let ages: Vec<PointAge> = points
-        .into_iter()
-        .map(|(id, created_at_ms)| PointAge { id, created_at_ms })
-        .collect();
+    let ages = persist::listed_points(&mut tx, &item).await?;
     let mut prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
     // The point a test failover is creating its VM from stays until the VM
     // exists (replication, and so retention, goes on meanwhile); a later
     // report prunes it.
-    let held: Option<String> = sqlx::query_scalar(
-        "SELECT test_failover_point_id FROM protected_items WHERE name = $1 AND test_failover_state = 'TestFailoverInitiated'",
-    )
-    .bind(&item)
-    .fetch_optional(&mut *tx)
-    .await?
-    .flatten();
+    let held = persist::held_test_point(&mut tx, &item).await?;
     prune.retain(|p| Some(p) != held.as_ref());
     if !prune.is_empty() {
-        for id in &prune {
-            sqlx::query(
-                "UPDATE recovery_points SET pruned_ms = $1 WHERE item = $2 AND point_id = $3",
-            )
-            .bind(now)
-            .bind(&item)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        }
+        persist::hide_points(&mut tx, &item, &prune, now).await?;
         if let Some(target) = target {
             let work = TaskWork::Prune {
                 item: item.clone(),
@@ -491,9 +359,11 @@ async fn report_point(
     }
     tx.commit().await?;
     st.wake.notify_one();
-    Ok(Json(
-        json!({"item": item, "pointId": rep.point_id, "pruned": prune}),
-    ))
+    Ok(Json(PointRecorded {
+        item,
+        point_id: rep.point_id,
+        pruned: prune,
+    }))
 }
 
 #[cfg(test)]

@@ -17,16 +17,21 @@ use sqlx::Row;
 
 use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
-use crate::jobs::{create_job, create_job_with_steps};
+use crate::jobs::create_job;
 use crate::model::{self, ItemRow};
 use crate::{AppState, Shared};
+use siterec_api as api;
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
+use siterec_core::orchestration::{
+    CleanupInput, FailoverInput, ItemInput, JobInput, NetworkMappingInput, NetworkRef,
+    PairingInput, PolicyInput, TestFailoverInput, VerifyInput,
+};
 use siterec_core::policy::Policy;
 use siterec_core::state::{
     ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
     test_blocks_failover,
 };
-use siterec_core::wire::{KEY_FILE_FORMAT, KEY_VALIDITY_SECS, KeyFile};
+use siterec_core::wire::{KEY_FILE_FORMAT, KEY_VALIDITY_SECS, KeyFile, MachineInfo};
 
 pub fn router(st: Shared) -> Router {
     Router::new().fallback(dispatch).with_state(st)
@@ -151,8 +156,14 @@ async fn item_page(
     ok(model::page(out, next))
 }
 
-fn ok(v: Value) -> ApiResult<Response> {
+fn ok<T: serde::Serialize>(v: T) -> ApiResult<Response> {
     Ok((StatusCode::OK, axum::Json(v)).into_response())
+}
+
+/// A machine's report as the vault stored it.
+fn stored_machine(name: &str, info: &str) -> ApiResult<MachineInfo> {
+    serde_json::from_str(info)
+        .map_err(|e| ApiError::internal(&format!("stored report of machine '{name}'"), e))
 }
 
 fn body_json(body: &Bytes) -> ApiResult<Value> {
@@ -211,7 +222,13 @@ fn accepted(st: &AppState, headers: &HeaderMap, job_id: &str) -> ApiResult<Respo
     let base = base_url(st, headers);
     let location = format!("{base}/operationresults/{job_id}?api-version={API_VERSION}");
     let status = format!("{base}/replicationOperationStatus/{job_id}?api-version={API_VERSION}");
-    let mut resp = (StatusCode::ACCEPTED, axum::Json(json!({"jobId": job_id}))).into_response();
+    let mut resp = (
+        StatusCode::ACCEPTED,
+        axum::Json(api::Accepted {
+            job_id: job_id.to_string(),
+        }),
+    )
+        .into_response();
     let h = resp.headers_mut();
     for (k, v) in [
         ("location", location),
@@ -278,9 +295,15 @@ async fn handle(
     let v = &st.info;
     let m = method.clone();
     match (m, l.as_slice()) {
-        (Method::GET, []) => ok(
-            json!({"id": v.id(), "name": v.name, "type": "Microsoft.RecoveryServices/vaults", "location": v.location, "properties": {"provisioningState": "Succeeded"}}),
-        ),
+        (Method::GET, []) => ok(api::Vault {
+            id: v.id(),
+            name: v.name.clone(),
+            kind: api::types::VAULT.into(),
+            location: v.location.clone(),
+            properties: api::VaultProperties {
+                provisioning_state: "Succeeded".into(),
+            },
+        }),
         // ----- fabrics -----
         (Method::GET, ["replicationfabrics"]) => {
             let names: Vec<String> = sqlx::query_scalar("SELECT name FROM fabrics ORDER BY name")
@@ -380,7 +403,7 @@ async fn handle(
                     r[1],
                     &c,
                     &name,
-                    &serde_json::from_str(&info).unwrap_or(Value::Null),
+                    &stored_machine(&name, &info)?,
                     protected,
                 ));
             }
@@ -413,7 +436,7 @@ async fn handle(
                 r[1],
                 &c,
                 &name,
-                &serde_json::from_str(&info).unwrap_or(Value::Null),
+                &stored_machine(&name, &info)?,
                 protected,
             ))
         }
@@ -780,8 +803,20 @@ async fn handle(
             ok(model::list(
                 rows.into_iter()
                     .map(|(id, fabric, created, expires, revoked)| {
-                        let state = if revoked.is_some() { "Revoked" } else if expires < now { "Expired" } else { "Valid" };
-                        json!({"keyId": id, "fabric": fabric, "createdTime": crate::db::rfc3339(created), "expiryTime": crate::db::rfc3339(expires), "state": state})
+                        let state = if revoked.is_some() {
+                            "Revoked"
+                        } else if expires < now {
+                            "Expired"
+                        } else {
+                            "Valid"
+                        };
+                        api::RegistrationKey {
+                            key_id: id,
+                            fabric,
+                            created_time: crate::db::rfc3339(created),
+                            expiry_time: crate::db::rfc3339(expires),
+                            state: state.into(),
+                        }
                     })
                     .collect(),
             ))
@@ -796,7 +831,10 @@ async fn handle(
             if n == 0 {
                 return Err(ApiError::not_found("registration key", r[1]));
             }
-            ok(json!({"keyId": r[1], "state": "Revoked"}))
+            ok(api::KeyRevoked {
+                key_id: r[1].to_string(),
+                state: "Revoked".into(),
+            })
         }
         (m, _) => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -836,11 +874,13 @@ async fn create_policy(
     let mut tx = crate::db::begin(&st.db).await?;
     let job = create_job(
         &mut tx,
-        JobKind::CreatePolicy,
+        &JobInput::CreatePolicy(PolicyInput {
+            name: name.to_string(),
+            policy,
+        }),
         "ProtectionProfile",
         name,
         &model::policy_id(&st.info, name),
-        &json!({"name": name, "policy": policy}),
     )
     .await?;
     tx.commit().await?;
@@ -990,11 +1030,15 @@ async fn create_mapping(
     );
     let job = create_job(
         &mut tx,
-        JobKind::ConfigureProtection,
+        &JobInput::ConfigureProtection(PairingInput {
+            fabric: fabric.to_string(),
+            container: container.to_string(),
+            name: name.to_string(),
+            policy: policy.to_string(),
+        }),
         "ProtectionContainerMapping",
         name,
         &id,
-        &json!({"fabric": fabric, "container": container, "name": name, "policy": policy}),
     )
     .await?;
     tx.commit().await?;
@@ -1195,11 +1239,12 @@ async fn enable_protection(
     .await?;
     let job = create_job(
         &mut tx,
-        JobKind::EnableProtection,
+        &JobInput::EnableProtection(ItemInput {
+            item: name.to_string(),
+        }),
         "ProtectionEntity",
         name,
         &model::item_id(&st.info, fabric, &container, name),
-        &json!({"item": name}),
     )
     .await?;
     tx.commit().await?;
@@ -1509,25 +1554,21 @@ async fn unplanned_failover(
     .bind(&item.name)
     .execute(&mut *tx)
     .await?;
-    let mut input = json!({"item": item.name, "pointId": point});
-    if vm {
-        input["vm"] = true.into();
-        input["vmName"] = item.machine.clone().into();
-    }
-    if let Some(sealed) = sealed_key {
+    let input = JobInput::UnplannedFailover(FailoverInput {
+        item: item.name.clone(),
+        point_id: point.clone(),
+        vm,
+        vm_name: vm.then(|| item.machine.clone()),
         // Sealed to the recovery agent's transport key; forgotten once the
-        // materialize task is over (see jobs::forget_sealed_key).
-        input["sealedKey"] = sealed.into();
-    }
-    let kind = JobKind::UnplannedFailover;
-    let job = create_job_with_steps(
+        // task that needs it is over (Effect::ForgetSealedKey).
+        sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+    });
+    let job = create_job(
         &mut tx,
-        kind,
-        if vm { kind.vm_steps() } else { kind.steps() },
+        &input,
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-        &input,
     )
     .await?;
     tx.commit().await?;
@@ -1600,25 +1641,20 @@ async fn test_failover(
     .bind(&item.name)
     .execute(&mut *tx)
     .await?;
-    let mut input = json!({
-        "item": item.name,
-        "pointId": point,
-        "vmName": format!("{}-test", item.machine),
-    });
-    if let Some(n) = network {
-        input["network"] = n.into();
-    }
-    if let Some(sealed) = sealed_key {
+    let input = JobInput::TestFailover(TestFailoverInput {
+        item: item.name.clone(),
+        point_id: point.clone(),
+        vm_name: format!("{}-test", item.machine),
+        network: network.map(|n| n.to_string()),
         // Forgotten once the StartReplica task is over.
-        input["sealedKey"] = sealed.into();
-    }
+        sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+    });
     let job = create_job(
         &mut tx,
-        JobKind::TestFailover,
+        &input,
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-        &input,
     )
     .await?;
     tx.commit().await?;
@@ -1759,11 +1795,14 @@ async fn test_failover_cleanup(
     .await?;
     let job = create_job(
         &mut tx,
-        JobKind::TestFailoverCleanup,
+        &JobInput::TestFailoverCleanup(CleanupInput {
+            item: item.name.clone(),
+            vm_name: vm_name.to_string(),
+            comments: Some(comments.clone()),
+        }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-        &json!({"item": item.name, "vmName": vm_name, "comments": comments}),
     )
     .await?;
     tx.commit().await?;
@@ -1772,7 +1811,7 @@ async fn test_failover_cleanup(
 }
 
 /// The networks of a fabric as resources, with the agents that report each.
-async fn networks_of(st: &AppState, fabric: &str) -> ApiResult<Vec<Value>> {
+async fn networks_of(st: &AppState, fabric: &str) -> ApiResult<Vec<api::Network>> {
     let mut out = Vec::new();
     for n in model::fabric_networks(&st.db, fabric).await? {
         let agents = model::network_agents(&st.db, fabric, &n).await?;
@@ -1904,11 +1943,16 @@ async fn create_network_mapping(
     .await?;
     let job = create_job(
         &mut tx,
-        JobKind::CreateNetworkMapping,
+        &JobInput::CreateNetworkMapping(NetworkMappingInput {
+            fabric: fabric.to_string(),
+            network: network.to_string(),
+            name: name.to_string(),
+            recovery_fabric: rf.to_string(),
+            recovery_network: rn.to_string(),
+        }),
         "NetworkMapping",
         name,
         &id,
-        &json!({"fabric": fabric, "network": network, "name": name, "recoveryFabric": rf, "recoveryNetwork": rn}),
     )
     .await?;
     tx.commit().await?;
@@ -1960,11 +2004,14 @@ async fn delete_network_mapping(
         .await?;
     let job = create_job(
         &mut tx,
-        JobKind::DeleteNetworkMapping,
+        &JobInput::DeleteNetworkMapping(NetworkRef {
+            fabric: fabric.to_string(),
+            network: network.to_string(),
+            name: name.to_string(),
+        }),
         "NetworkMapping",
         &name,
         &id,
-        &json!({"fabric": fabric, "network": network, "name": name}),
     )
     .await?;
     tx.commit().await?;
@@ -2087,11 +2134,12 @@ async fn commit_failover(
         .await?;
     let job = create_job(
         &mut tx,
-        JobKind::CommitFailover,
+        &JobInput::CommitFailover(ItemInput {
+            item: item.name.clone(),
+        }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-        &json!({"item": item.name}),
     )
     .await?;
     tx.commit().await?;
@@ -2116,11 +2164,13 @@ async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiRes
     let mut tx = crate::db::begin(&st.db).await?;
     let job = create_job(
         &mut tx,
-        JobKind::VerifyStore,
+        &JobInput::VerifyStore(VerifyInput {
+            fabric: fabric.to_string(),
+            agents,
+        }),
         "Fabric",
         &fabric,
         &model::fabric_id(&st.info, &fabric),
-        &json!({"fabric": fabric, "agents": agents}),
     )
     .await?;
     tx.commit().await?;
@@ -2144,17 +2194,17 @@ async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
     let status = JobState::parse(&state)
         .map(|s| s.operation_status())
         .unwrap_or("Failed");
-    let mut v = json!({
-        "id": format!("{}/replicationOperationStatus/{job_id}", st.info.id()),
-        "name": job_id,
-        "status": status,
-        "startTime": crate::db::opt_rfc3339(start),
-        "endTime": crate::db::opt_rfc3339(end),
-    });
-    if let (Some(code), Some(message)) = (code, message) {
-        v["error"] = json!({"code": code, "message": message});
-    }
-    ok(v)
+    ok(api::OperationStatus {
+        id: format!("{}/replicationOperationStatus/{job_id}", st.info.id()),
+        name: job_id.to_string(),
+        status: status.into(),
+        start_time: crate::db::opt_rfc3339(start),
+        end_time: crate::db::opt_rfc3339(end),
+        error: match (code, message) {
+            (Some(code), Some(message)) => Some(api::ErrorDetail { code, message }),
+            _ => None,
+        },
+    })
 }
 
 /// The Location of a long-running operation: 202 while it runs; when it has
@@ -2184,53 +2234,47 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
             message: format!("{msg} ({})", code.unwrap_or_default()),
         });
     }
-    let input: Value = serde_json::from_str(&input).unwrap_or(Value::Null);
-    let kind = JobKind::parse(&kind);
-    match kind {
-        Some(JobKind::CreatePolicy) => {
-            let (name, p) =
-                model::load_policy(&st.db, input["name"].as_str().unwrap_or_default()).await?;
+    let kind = JobKind::parse(&kind)
+        .ok_or_else(|| ApiError::internal("stored job", format!("unknown job kind {kind}")))?;
+    let input = JobInput::parse(kind, &input).map_err(|e| ApiError::internal("stored job", e))?;
+    match input {
+        JobInput::CreatePolicy(p) => {
+            let (name, p) = model::load_policy(&st.db, &p.name).await?;
             ok(model::policy_json(&st.info, &name, &p))
         }
-        Some(JobKind::VerifyStore | JobKind::DeleteNetworkMapping) => {
+        JobInput::VerifyStore(_) | JobInput::DeleteNetworkMapping(_) => {
             ok(model::job_json(&st.db, &st.info, job_id).await?)
         }
-        Some(JobKind::CreateNetworkMapping) => {
+        JobInput::CreateNetworkMapping(m) => {
             let row = sqlx::query(
                 "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
             )
-            .bind(input["fabric"].as_str().unwrap_or_default())
-            .bind(input["network"].as_str().unwrap_or_default())
-            .bind(input["name"].as_str().unwrap_or_default())
+            .bind(&m.fabric)
+            .bind(&m.network)
+            .bind(&m.name)
             .fetch_optional(&st.db)
             .await?
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "network mapping",
-                    input["name"].as_str().unwrap_or_default(),
-                )
-            })?;
+            .ok_or_else(|| ApiError::not_found("network mapping", &m.name))?;
             ok(model::network_mapping_json(&st.info, &row)?)
         }
-        Some(JobKind::ConfigureProtection) => {
+        JobInput::ConfigureProtection(p) => {
             let row = sqlx::query(
                 "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
             )
-            .bind(input["fabric"].as_str().unwrap_or_default())
-            .bind(input["container"].as_str().unwrap_or_default())
-            .bind(input["name"].as_str().unwrap_or_default())
+            .bind(&p.fabric)
+            .bind(&p.container)
+            .bind(&p.name)
             .fetch_optional(&st.db)
             .await?
-            .ok_or_else(|| {
-                ApiError::not_found(
-                    "protection container mapping",
-                    input["name"].as_str().unwrap_or_default(),
-                )
-            })?;
+            .ok_or_else(|| ApiError::not_found("protection container mapping", &p.name))?;
             ok(model::mapping_json(&st.info, &row)?)
         }
-        _ => {
-            let item = model::load_item(&st.db, input["item"].as_str().unwrap_or_default()).await?;
+        JobInput::EnableProtection(ItemInput { item })
+        | JobInput::CommitFailover(ItemInput { item })
+        | JobInput::UnplannedFailover(FailoverInput { item, .. })
+        | JobInput::TestFailover(TestFailoverInput { item, .. })
+        | JobInput::TestFailoverCleanup(CleanupInput { item, .. }) => {
+            let item = model::load_item(&st.db, &item).await?;
             ok(model::item_json(&st.db, &st.info, &item).await?)
         }
     }

@@ -217,11 +217,8 @@ pub fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-pub fn opt_rfc3339(ms: Option<i64>) -> serde_json::Value {
-    match ms {
-        Some(ms) => rfc3339(ms).into(),
-        None => serde_json::Value::Null,
-    }
+pub fn opt_rfc3339(ms: Option<i64>) -> Option<String> {
+    ms.map(rfc3339)
 }
 
 /// BLAKE3 hex of a secret (tokens and registration key secrets are stored hashed).

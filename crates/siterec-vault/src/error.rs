@@ -7,7 +7,6 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -39,19 +38,27 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "Conflict", message)
     }
+    /// A failure of the vault itself: the error is logged with its
+    /// context, the client is told only where it happened (never the
+    /// database's or the parser's text) and to look in the vault's log.
     pub fn internal(context: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!("{context}: {err}");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "InternalError",
-            format!("{context}: {err}"),
+            format!("the vault failed reading or writing {context}; the vault's log says why"),
         )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = siterec_api::ErrorResponse {
+            error: siterec_api::ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }
@@ -65,5 +72,25 @@ impl From<sqlx::Error> for ApiError {
 impl From<siterec_core::names::NameError> for ApiError {
     fn from(e: siterec_core::names::NameError) -> Self {
         ApiError::bad_request(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_errors_reach_clients_as_a_code_and_a_message_without_their_text() {
+        let e = ApiError::from(sqlx::Error::Protocol(
+            "relation \"registration_keys\" does not exist".into(),
+        ));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.code, "InternalError");
+        assert!(!e.message.contains("registration_keys"), "{}", e.message);
+        assert!(
+            e.message.contains("database") && e.message.contains("log"),
+            "{}",
+            e.message
+        );
     }
 }

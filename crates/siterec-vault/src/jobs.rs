@@ -1,116 +1,49 @@
-//! The durable job engine.
+//! The durable job engine: a thin driver of the decisions in
+//! [`siterec_core::orchestration`] over the database ([`crate::persist::jobs`]).
 //!
-//! A job is a row in `jobs` with one row per step in `job_steps`. The API
-//! validates a request, then creates the job (and whatever rows it needs)
-//! in one transaction and answers 202. The engine advances jobs step by
-//! step: each step's effects and its completion are committed in one
-//! transaction, and every step is idempotent, so a vault killed at any
-//! moment resumes its jobs from the first unfinished step on restart.
+//! A job is a row in `jobs` with one row per step in `job_steps`, each step
+//! named by its stable [`StepKey`](siterec_core::orchestration::StepKey).
+//! The API validates a request, then creates the job (and whatever rows it
+//! needs) in one transaction and answers 202. The engine advances jobs a
+//! round at a time: it loads what the due step looks at, asks the core for
+//! a decision, and commits the decision's effects with the step's new
+//! state in one transaction. Every step is idempotent, so a vault killed at
+//! any moment resumes its jobs from the first unfinished step on restart.
 //!
 //! A step either finishes, waits (for an agent's task result, a recovery
-//! point, ...) or fails; a failed step fails the job and runs the job's
+//! point, ...) or fails; a failed step fails the job and writes the job's
 //! compensation (for example an aborted failover returns the item to
-//! Protected). Database errors are treated as transient: the step is tried
-//! again on the next round.
+//! Protected). Database errors are treated as transient: the round is
+//! tried again on the next pass.
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use sqlx::{Any, Row, Transaction};
-
 use crate::AppState;
 use crate::db::now_ms;
-use crate::model::AGENT_ONLINE_MS;
-use siterec_core::network::{NicPlan, resolve_nics};
-use siterec_core::state::{
-    ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
+use crate::persist::jobs::{self as jobs_db, Tx};
+use siterec_core::orchestration::{
+    JobInput, Next, Outcome, StepCtx, decide, needs, next_step, on_failure, on_success,
 };
-use siterec_core::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
+use siterec_core::state::JobState;
 
-type Tx<'a> = Transaction<'a, Any>;
-
-/// How long a step waits for an agent that is not heard from before failing.
-const AGENT_WAIT_MS: i64 = 5 * 60_000;
-
-enum Step {
-    Done,
-    Wait,
-    Fail { code: &'static str, message: String },
-}
-
-fn fail(code: &'static str, message: impl Into<String>) -> Step {
-    Step::Fail {
-        code,
-        message: message.into(),
-    }
-}
+pub use crate::persist::jobs::ensure_task;
 
 /// Creates a job and its steps (NotStarted) inside the caller's transaction.
 pub async fn create_job(
     tx: &mut Tx<'_>,
-    kind: JobKind,
+    input: &JobInput,
     target_type: &str,
     target_name: &str,
     target_id: &str,
-    input: &Value,
 ) -> Result<String, sqlx::Error> {
-    create_job_with_steps(
-        tx,
-        kind,
-        kind.steps(),
-        target_type,
-        target_name,
-        target_id,
-        input,
-    )
-    .await
-}
-
-/// [`create_job`] with step names of the caller's choice (a VM's failover
-/// names its steps differently); the engine runs steps by index, so they
-/// must be as many as the kind's.
-pub async fn create_job_with_steps(
-    tx: &mut Tx<'_>,
-    kind: JobKind,
-    steps: &[&str],
-    target_type: &str,
-    target_name: &str,
-    target_id: &str,
-    input: &Value,
-) -> Result<String, sqlx::Error> {
-    debug_assert_eq!(steps.len(), kind.steps().len());
-    let id = uuid::Uuid::new_v4().to_string();
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ($1, $2, 'NotStarted', $3, $4, $5, $6, $7, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
-    )
-    .bind(&id)
-    .bind(kind.as_str())
-    .bind(target_type)
-    .bind(target_name)
-    .bind(target_id)
-    .bind(input.to_string())
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    for (idx, name) in steps.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO job_steps (job_id, idx, name, state) VALUES ($1, $2, $3, 'NotStarted')",
-        )
-        .bind(&id)
-        .bind(idx as i64)
-        .bind(*name)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(id)
+    jobs_db::create(tx, input, target_type, target_name, target_id).await
 }
 
 /// Runs until the task is aborted: advances every unfinished job, then
 /// sleeps until woken or for a second.
 pub async fn run_engine(st: crate::Shared) {
     loop {
-        match active_jobs(&st).await {
+        match jobs_db::active(&st.db).await {
             Ok(ids) => {
                 for id in ids {
                     if let Err(e) = advance(&st, &id).await {
@@ -124,1108 +57,104 @@ pub async fn run_engine(st: crate::Shared) {
     }
 }
 
-async fn active_jobs(st: &AppState) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE state IN ('NotStarted', 'InProgress') ORDER BY created_ms",
-    )
-    .fetch_all(&st.db)
-    .await
-}
-
+/// Runs rounds of the job until it waits or ends.
 async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
     loop {
         let mut tx = crate::db::begin(&st.db).await?;
-        let row = sqlx::query("SELECT kind, state, input FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let kind_s: String = row.try_get("kind")?;
-        let state_s: String = row.try_get("state")?;
-        let input: Value = serde_json::from_str(&row.try_get::<String, _>("input")?)?;
-        let Some(kind) = JobKind::parse(&kind_s) else {
-            anyhow::bail!("unknown job kind {kind_s}");
+        let record = match jobs_db::load(&mut tx, job_id).await? {
+            None => return Ok(()),
+            Some(Ok(record)) => record,
+            Some(Err(e)) => {
+                // Not a job this build can read: fail it, loudly, rather
+                // than retry it forever.
+                tracing::error!(job = %job_id, "failing an unreadable job: {e}");
+                jobs_db::fail_job(&mut tx, job_id, None, "JobNotReadable", &e.to_string()).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
         };
-        let state = JobState::parse(&state_s).unwrap_or(JobState::Failed);
-        if state.is_terminal() {
+        if record.state.is_terminal() {
             return Ok(());
         }
         let now = now_ms();
-        if state == JobState::NotStarted {
-            sqlx::query("UPDATE jobs SET state = 'InProgress', start_ms = $1 WHERE id = $2")
-                .bind(now)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
+        if record.state == JobState::NotStarted {
+            jobs_db::start_job(&mut tx, job_id, now).await?;
         }
-        let step: Option<(i64, String, Option<i64>)> = sqlx::query_as(
-            "SELECT idx, state, start_ms FROM job_steps WHERE job_id = $1 AND state IN ('NotStarted', 'InProgress') ORDER BY idx LIMIT 1",
-        )
-        .bind(job_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some((idx, step_state, step_start)) = step else {
-            sqlx::query("UPDATE jobs SET state = 'Succeeded', end_ms = $1 WHERE id = $2")
-                .bind(now)
-                .bind(job_id)
-                .execute(&mut *tx)
-                .await?;
-            forget_sealed_key(&mut tx, job_id).await?;
-            tx.commit().await?;
-            return Ok(());
+        let input = match JobInput::parse(record.kind, &record.input) {
+            Ok(input) => input,
+            Err(e) => {
+                tracing::error!(job = %job_id, "failing a job whose input does not read: {e}");
+                jobs_db::fail_job(&mut tx, job_id, None, "JobNotReadable", &e.to_string()).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
         };
-        let started = step_start.unwrap_or(now);
-        if step_state == "NotStarted" {
-            sqlx::query("UPDATE job_steps SET state = 'InProgress', start_ms = $1 WHERE job_id = $2 AND idx = $3")
-                .bind(now)
-                .bind(job_id)
-                .bind(idx)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let steps = jobs_db::steps(&mut tx, job_id).await?;
+        let (idx, key) = match next_step(&input, &steps) {
+            Next::Finished => {
+                for effect in on_success(&input) {
+                    jobs_db::apply(&mut tx, job_id, 0, &effect).await?;
+                }
+                jobs_db::succeed_job(&mut tx, job_id).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
+            Next::Unrunnable { idx, code, message } => {
+                fail(&mut tx, job_id, &input, idx, code, &message).await?;
+                tx.commit().await?;
+                return Ok(());
+            }
+            Next::Run { idx, key } => (idx, key),
+        };
+        let started_ms = match steps[idx].started_ms {
+            Some(started) if steps[idx].state == JobState::InProgress => started,
+            _ => {
+                jobs_db::start_step(&mut tx, job_id, idx, now).await?;
+                now
+            }
+        };
         let ctx = StepCtx {
             job_id,
-            idx,
-            input: &input,
-            started_ms: started,
+            started_ms,
             now_ms: now,
         };
-        let outcome = run_step(&ctx, &mut tx, kind, idx as usize).await?;
-        match outcome {
-            Step::Done => {
-                sqlx::query("UPDATE job_steps SET state = 'Succeeded', end_ms = $1 WHERE job_id = $2 AND idx = $3")
-                    .bind(now_ms())
-                    .bind(job_id)
-                    .bind(idx)
-                    .execute(&mut *tx)
-                    .await?;
+        let seen = jobs_db::observe(&mut tx, &needs(key, &input, job_id), now).await?;
+        let decision = decide(key, &input, &ctx, &seen);
+        for effect in &decision.effects {
+            jobs_db::apply(&mut tx, job_id, idx, effect).await?;
+        }
+        match decision.outcome {
+            Outcome::Done => {
+                jobs_db::finish_step(&mut tx, job_id, idx).await?;
                 tx.commit().await?;
             }
-            Step::Wait => {
+            Outcome::Wait => {
                 tx.commit().await?;
                 return Ok(());
             }
-            Step::Fail { code, message } => {
-                let end = now_ms();
-                sqlx::query("UPDATE job_steps SET state = 'Failed', end_ms = $1, error = $2 WHERE job_id = $3 AND idx = $4")
-                    .bind(end)
-                    .bind(&message)
-                    .bind(job_id)
-                    .bind(idx)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("UPDATE job_steps SET state = 'Cancelled' WHERE job_id = $1 AND state = 'NotStarted'")
-                    .bind(job_id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("UPDATE jobs SET state = 'Failed', end_ms = $1, error_code = $2, error_message = $3 WHERE id = $4")
-                    .bind(end)
-                    .bind(code)
-                    .bind(&message)
-                    .bind(job_id)
-                    .execute(&mut *tx)
-                    .await?;
-                compensate(&mut tx, kind, &input, &message).await?;
-                forget_sealed_key(&mut tx, job_id).await?;
+            Outcome::Fail { code, message } => {
+                fail(&mut tx, job_id, &input, idx, code, &message).await?;
                 tx.commit().await?;
-                tracing::warn!(job = %job_id, "job failed: {message}");
                 return Ok(());
             }
         }
     }
 }
 
-struct StepCtx<'a> {
-    job_id: &'a str,
-    /// The step's index.
-    idx: i64,
-    input: &'a Value,
-    started_ms: i64,
-    now_ms: i64,
-}
-
-impl StepCtx<'_> {
-    fn str(&self, key: &str) -> anyhow::Result<String> {
-        self.input
-            .get(key)
-            .and_then(|v| v.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| anyhow::anyhow!("job input lacks {key}"))
-    }
-}
-
-async fn run_step(
-    ctx: &StepCtx<'_>,
+/// Fails step `idx` and the job, and writes the job's compensation.
+async fn fail(
     tx: &mut Tx<'_>,
-    kind: JobKind,
+    job_id: &str,
+    input: &JobInput,
     idx: usize,
-) -> anyhow::Result<Step> {
-    match (kind, idx) {
-        (JobKind::CreatePolicy, 0) => {
-            let policy: siterec_core::policy::Policy =
-                serde_json::from_value(ctx.input["policy"].clone())?;
-            Ok(match policy.validate() {
-                Ok(()) => Step::Done,
-                Err(e) => fail("InvalidPolicy", e.to_string()),
-            })
-        }
-        (JobKind::CreatePolicy, 1) => {
-            let name = ctx.str("name")?;
-            sqlx::query(
-                "INSERT INTO policies (name, body, created_ms) VALUES ($1, $2, $3) ON CONFLICT (name) DO UPDATE SET body = excluded.body",
-            )
-            .bind(&name)
-            .bind(ctx.input["policy"].to_string())
-            .bind(ctx.now_ms)
-            .execute(&mut **tx)
-            .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::ConfigureProtection, 0) => {
-            let policy = ctx.str("policy")?;
-            let exists: Option<String> =
-                sqlx::query_scalar("SELECT name FROM policies WHERE name = $1")
-                    .bind(&policy)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            Ok(if exists.is_some() {
-                Step::Done
-            } else {
-                fail(
-                    "PolicyNotFound",
-                    format!("replication policy '{policy}' no longer exists"),
-                )
-            })
-        }
-        (JobKind::ConfigureProtection, 1) => {
-            sqlx::query("UPDATE container_mappings SET state = 'Paired' WHERE fabric = $1 AND container = $2 AND name = $3")
-                .bind(ctx.str("fabric")?)
-                .bind(ctx.str("container")?)
-                .bind(ctx.str("name")?)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::EnableProtection, 0) => enable_prereq(ctx, tx).await,
-        (JobKind::EnableProtection, 1) => identify_target(ctx, tx).await,
-        (JobKind::EnableProtection, 2) => {
-            transition(tx, &ctx.str("item")?, ItemAction::StartInitialReplication).await?;
-            Ok(Step::Done)
-        }
-        (JobKind::EnableProtection, 3) => {
-            let item = ctx.str("item")?;
-            let points: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
-            )
-            .bind(&item)
-            .fetch_one(&mut **tx)
-            .await?;
-            Ok(if points > 0 { Step::Done } else { Step::Wait })
-        }
-        (JobKind::EnableProtection, 4) => {
-            transition(tx, &ctx.str("item")?, ItemAction::FinishInitialReplication).await?;
-            Ok(Step::Done)
-        }
-        (JobKind::UnplannedFailover, 0) => failover_prereq(ctx, tx).await,
-        // Replication stops as soon as the item leaves the replicating
-        // states (the API moved it there): source agents drop it from their
-        // next heartbeat's assignments, and late points are refused.
-        (JobKind::UnplannedFailover, 1) => Ok(Step::Done),
-        // A VM is created and started at the recovery site; a physical
-        // server's disks are written as images.
-        (JobKind::UnplannedFailover, 2) if ctx.input["vm"] == Value::Bool(true) => {
-            start_replica(ctx, tx, false).await
-        }
-        (JobKind::UnplannedFailover, 2) => materialize(ctx, tx).await,
-        (JobKind::UnplannedFailover, 3) => {
-            let item = ctx.str("item")?;
-            transition(tx, &item, ItemAction::FinishUnplannedFailover).await?;
-            sqlx::query("UPDATE protected_items SET failover_ms = $1, failover_point_id = $2, updated_ms = $3 WHERE name = $4")
-                .bind(ctx.now_ms)
-                .bind(ctx.str("pointId")?)
-                .bind(ctx.now_ms)
-                .bind(&item)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::CommitFailover, 0) => {
-            let item = load_state(tx, &ctx.str("item")?).await?;
-            Ok(match item {
-                Some(
-                    ProtectionState::FailoverCommitInProgress | ProtectionState::FailoverCommitted,
-                ) => Step::Done,
-                other => fail(
-                    "InvalidState",
-                    format!("the item is {other:?}, not committing a failover"),
-                ),
-            })
-        }
-        (JobKind::CommitFailover, 1) => {
-            transition(tx, &ctx.str("item")?, ItemAction::FinishCommit).await?;
-            Ok(Step::Done)
-        }
-        (JobKind::VerifyStore, 0) => verify_stores(ctx, tx).await,
-        (JobKind::TestFailover, 0) => test_failover_prereq(ctx, tx).await,
-        (JobKind::TestFailover, 1) => start_replica(ctx, tx, true).await,
-        (JobKind::TestFailover, 2) => {
-            let item = ctx.str("item")?;
-            test_transition(tx, &item, TestAction::Finish).await?;
-            sqlx::query("UPDATE protected_items SET test_failover_ms = $1, test_failover_error = NULL, updated_ms = $2 WHERE name = $3")
-                .bind(ctx.now_ms)
-                .bind(ctx.now_ms)
-                .bind(&item)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::TestFailoverCleanup, 0) => {
-            let item = ctx.str("item")?;
-            Ok(match load_test_state(tx, &item).await? {
-                Some(TestFailoverState::TestFailoverCleanupInitiated | TestFailoverState::None) => {
-                    Step::Done
-                }
-                other => fail(
-                    "InvalidState",
-                    format!(
-                        "item '{item}' is not cleaning up a test failover (test failover state {other:?})"
-                    ),
-                ),
-            })
-        }
-        (JobKind::TestFailoverCleanup, 1) => remove_replica(ctx, tx).await,
-        (JobKind::TestFailoverCleanup, 2) => {
-            let item = ctx.str("item")?;
-            test_transition(tx, &item, TestAction::FinishCleanup).await?;
-            sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = $1 WHERE name = $2")
-                .bind(ctx.now_ms)
-                .bind(&item)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::CreateNetworkMapping, 0) => {
-            let (rf, rn) = (ctx.str("recoveryFabric")?, ctx.str("recoveryNetwork")?);
-            let there: i64 =
-                sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = $1 AND name = $2")
-                    .bind(&rf)
-                    .bind(&rn)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            Ok(if there > 0 {
-                Step::Done
-            } else {
-                fail(
-                    "NetworkNotFound",
-                    format!(
-                        "recovery network '{rn}' is no longer reported by any agent of fabric '{rf}'"
-                    ),
-                )
-            })
-        }
-        (JobKind::CreateNetworkMapping, 1) => {
-            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3")
-                .bind(ctx.str("fabric")?)
-                .bind(ctx.str("network")?)
-                .bind(ctx.str("name")?)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        (JobKind::DeleteNetworkMapping, 0) => {
-            sqlx::query(
-                "DELETE FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
-            )
-            .bind(ctx.str("fabric")?)
-            .bind(ctx.str("network")?)
-            .bind(ctx.str("name")?)
-            .execute(&mut **tx)
-            .await?;
-            Ok(Step::Done)
-        }
-        (kind, idx) => anyhow::bail!("job kind {kind:?} has no step {idx}"),
-    }
-}
-
-async fn enable_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT fabric, machine FROM protected_items WHERE name = $1")
-            .bind(&item)
-            .fetch_optional(&mut **tx)
-            .await?;
-    let Some((fabric, machine)) = row else {
-        return Ok(fail(
-            "ItemNotFound",
-            format!("protected item '{item}' no longer exists"),
-        ));
-    };
-    let info: Option<String> =
-        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
-            .bind(&fabric)
-            .bind(&machine)
-            .fetch_optional(&mut **tx)
-            .await?;
-    let Some(info) = info else {
-        return Ok(fail(
-            "MachineNotFound",
-            format!("machine '{machine}' is no longer reported by any agent of fabric '{fabric}'"),
-        ));
-    };
-    let info: Value = serde_json::from_str(&info)?;
-    if let Some(err) = info.get("error").and_then(|e| e.as_str()) {
-        return Ok(fail(
-            "MachineNotReady",
-            format!("machine '{machine}' cannot be protected: {err}"),
-        ));
-    }
-    Ok(Step::Done)
-}
-
-async fn identify_target(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let (tf, tc, current, policy): (String, String, Option<String>, String) =
-        sqlx::query_as("SELECT target_fabric, target_container, target_agent_id, policy FROM protected_items WHERE name = $1")
-            .bind(&item)
-            .fetch_one(&mut **tx)
-            .await?;
-    if current.is_some() {
-        return Ok(Step::Done);
-    }
-    // A policy that encrypts data stored needs an encrypted replica store.
-    let body: Option<String> = sqlx::query_scalar("SELECT body FROM policies WHERE name = $1")
-        .bind(&policy)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let encrypt = body
-        .and_then(|b| serde_json::from_str::<siterec_core::policy::Policy>(&b).ok())
-        .is_some_and(|p| p.encryption);
-    // A multi-VM group keeps its points in one replica store: a member
-    // goes to the recovery agent the group's other members replicate to,
-    // while that agent can take it; else to any that can.
-    let group_agent: Option<String> = sqlx::query_scalar(
-        "SELECT a.id FROM protected_items i
-         JOIN protected_items g ON g.multi_vm_group = i.multi_vm_group AND g.name <> i.name
-         JOIN agents a ON a.id = g.target_agent_id
-         WHERE i.name = $1 AND a.fabric = $2 AND a.cloud = $3 AND a.data_url IS NOT NULL AND a.last_seen_ms > $4 AND (a.store_encrypted = 1 OR $5 = 0)
-         ORDER BY g.created_ms, g.name LIMIT 1",
-    )
-    .bind(&item)
-    .bind(&tf)
-    .bind(&tc)
-    .bind(ctx.now_ms - AGENT_ONLINE_MS)
-    .bind(i64::from(encrypt))
-    .fetch_optional(&mut **tx)
-    .await?;
-    let agent: Option<String> = match group_agent {
-        Some(a) => Some(a),
-        None => sqlx::query_scalar(
-            "SELECT id FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND last_seen_ms > $3 AND (store_encrypted = 1 OR $4 = 0) ORDER BY last_seen_ms DESC LIMIT 1",
-        )
-        .bind(&tf)
-        .bind(&tc)
-        .bind(ctx.now_ms - AGENT_ONLINE_MS)
-        .bind(i64::from(encrypt))
-        .fetch_optional(&mut **tx)
-        .await?,
-    };
-    match agent {
-        Some(agent) => {
-            sqlx::query(
-                "UPDATE protected_items SET target_agent_id = $1, updated_ms = $2 WHERE name = $3",
-            )
-            .bind(agent)
-            .bind(ctx.now_ms)
-            .bind(&item)
-            .execute(&mut **tx)
-            .await?;
-            Ok(Step::Done)
-        }
-        None if ctx.now_ms - ctx.started_ms > AGENT_WAIT_MS => Ok(fail(
-            "NoRecoveryAgent",
-            format!(
-                "no agent of recovery cloud {tf}/{tc} with a replica store has been heard from; start the recovery site's agent and enable protection again"
-            ),
-        )),
-        None => Ok(Step::Wait),
-    }
-}
-
-/// Done while the recovery point a failover uses is listed (not pruned).
-async fn point_still_there(tx: &mut Tx<'_>, item: &str, point: &str) -> anyhow::Result<Step> {
-    let pruned: Option<Option<i64>> = sqlx::query_scalar(
-        "SELECT pruned_ms FROM recovery_points WHERE item = $1 AND point_id = $2",
-    )
-    .bind(item)
-    .bind(point)
-    .fetch_optional(&mut **tx)
-    .await?;
-    Ok(match pruned {
-        Some(None) => Step::Done,
-        _ => fail(
-            "RecoveryPointNotFound",
-            format!("recovery point '{point}' of item '{item}' no longer exists"),
-        ),
-    })
-}
-
-async fn failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let point = ctx.str("pointId")?;
-    match load_state(tx, &item).await? {
-        Some(
-            ProtectionState::UnplannedFailoverInProgress
-            | ProtectionState::UnplannedFailoverCompleted,
-        ) => {}
-        other => {
-            return Ok(fail(
-                "InvalidState",
-                format!("the item is {other:?}, not failing over"),
-            ));
-        }
-    }
-    point_still_there(tx, &item, &point).await
-}
-
-async fn materialize(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let point = ctx.str("pointId")?;
-    let agent: Option<String> =
-        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
-            .bind(&item)
-            .fetch_one(&mut **tx)
-            .await?;
-    let Some(agent) = agent else {
-        return Ok(fail(
-            "NoRecoveryAgent",
-            format!("item '{item}' has no recovery agent"),
-        ));
-    };
-    let task_id = format!("{}-materialize", ctx.job_id);
-    let work = TaskWork::Materialize {
-        item: item.clone(),
-        point_id: point,
-        formats: vec!["raw".into(), "qcow2".into()],
-        sealed_key: ctx
-            .input
-            .get("sealedKey")
-            .and_then(|v| v.as_str())
-            .map(|s| SealedKey(s.to_string())),
-    };
-    ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
-    let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
-            .bind(&task_id)
-            .fetch_one(&mut **tx)
-            .await?;
-    let result: Value = result
-        .and_then(|r| serde_json::from_str(&r).ok())
-        .unwrap_or(Value::Null);
-    if state == "Succeeded" || state == "Failed" {
-        forget_sealed_key(tx, ctx.job_id).await?;
-    }
-    match state.as_str() {
-        "Succeeded" => {
-            sqlx::query(
-                "UPDATE protected_items SET failover_output = $1, updated_ms = $2 WHERE name = $3",
-            )
-            .bind(
-                result
-                    .get("output")
-                    .cloned()
-                    .unwrap_or(Value::Null)
-                    .to_string(),
-            )
-            .bind(ctx.now_ms)
-            .bind(&item)
-            .execute(&mut **tx)
-            .await?;
-            Ok(Step::Done)
-        }
-        "Failed" => Ok(fail(
-            "MaterializeFailed",
-            format!(
-                "the recovery agent could not write the disks: {}",
-                result
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("unknown error")
-            ),
-        )),
-        _ => Ok(agent_gone(ctx, tx, &agent, "failover")
-            .await?
-            .unwrap_or(Step::Wait)),
-    }
-}
-
-async fn test_failover_prereq(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let point = ctx.str("pointId")?;
-    match load_test_state(tx, &item).await? {
-        Some(
-            TestFailoverState::TestFailoverInitiated | TestFailoverState::TestFailoverCompleted,
-        ) => {}
-        other => {
-            return Ok(fail(
-                "InvalidState",
-                format!("item '{item}' is not in a test failover (test failover state {other:?})"),
-            ));
-        }
-    }
-    point_still_there(tx, &item, &point).await
-}
-
-/// Fails a step whose agent task has had no answer for 5 minutes while the
-/// agent was not heard from; `None` while it is worth waiting.
-async fn agent_gone(
-    ctx: &StepCtx<'_>,
-    tx: &mut Tx<'_>,
-    agent: &str,
-    what: &str,
-) -> anyhow::Result<Option<Step>> {
-    let last_seen: Option<i64> =
-        sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = $1")
-            .bind(agent)
-            .fetch_optional(&mut **tx)
-            .await?
-            .flatten();
-    Ok((ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS).then(|| {
-        fail(
-            "RecoveryAgentNotConnected",
-            format!("recovery agent {agent} has not been heard from for 5 minutes; start it and retry the {what}"),
-        )
-    }))
-}
-
-/// Asks the item's recovery agent to create and start a VM from the job's
-/// recovery point (`test`: the test VM of a test failover, beside the
-/// replicating item; else the failed-over VM), and records what it started.
-/// The task is created once, with the NICs resolved then: a test failover
-/// puts every NIC on the network the operator chose (or isolates them), a
-/// failover follows the network mappings, and a NIC left isolated is said
-/// in the step's output.
-async fn start_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>, test: bool) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let point = ctx.str("pointId")?;
-    let vm_name = ctx.str("vmName")?;
-    let (agent, fabric, machine, target_fabric): (Option<String>, String, String, String) =
-        sqlx::query_as("SELECT target_agent_id, fabric, machine, target_fabric FROM protected_items WHERE name = $1")
-            .bind(&item)
-            .fetch_one(&mut **tx)
-            .await?;
-    let Some(agent) = agent else {
-        return Ok(fail(
-            "NoRecoveryAgent",
-            format!("item '{item}' has no recovery agent"),
-        ));
-    };
-    let task_id = format!("{}-start-replica", ctx.job_id);
-    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM agent_tasks WHERE id = $1")
-        .bind(&task_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    if exists.is_none() {
-        let info: Option<String> =
-            sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
-                .bind(&fabric)
-                .bind(&machine)
-                .fetch_optional(&mut **tx)
-                .await?;
-        let Some(info) = info.and_then(|i| serde_json::from_str::<MachineInfo>(&i).ok()) else {
-            return Ok(fail(
-                "MachineNotFound",
-                format!(
-                    "machine '{machine}' is no longer reported by fabric '{fabric}': its VM settings (memory, CPUs, NICs) are unknown"
-                ),
-            ));
-        };
-        let Some(vm) = info.vm.clone() else {
-            return Ok(fail(
-                "NotAVirtualMachine",
-                format!(
-                    "machine '{machine}' is not a virtual machine: the recovery site cannot boot it"
-                ),
-            ));
-        };
-        let mappings: std::collections::BTreeMap<String, String> =
-            crate::model::paired_network_mappings(&mut **tx, &fabric)
-                .await?
-                .into_iter()
-                .filter(|(_, (rf, _))| rf.eq_ignore_ascii_case(&target_fabric))
-                .map(|(n, (_, rn))| (n, rn))
-                .collect();
-        let available: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = $1")
-                .bind(&agent)
-                .fetch_all(&mut **tx)
-                .await?;
-        let test_network = ctx.input.get("network").and_then(|n| n.as_str());
-        let plan = match (test, test_network) {
-            (true, Some(n)) => NicPlan::AllTo(n),
-            (true, None) => NicPlan::Isolated,
-            (false, _) => NicPlan::Mapped {
-                mappings: &mappings,
-                available: &available,
-            },
-        };
-        let resolved = resolve_nics(&info.nics, plan);
-        let work = TaskWork::StartReplica {
-            item: item.clone(),
-            point_id: point,
-            vm_name: vm_name.clone(),
-            test,
-            vm,
-            nics: resolved.nics.clone(),
-            sealed_key: ctx
-                .input
-                .get("sealedKey")
-                .and_then(|v| v.as_str())
-                .map(|s| SealedKey(s.to_string())),
-        };
-        ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
-        set_step_output(
-            tx,
-            ctx,
-            &json!({"vmName": vm_name, "agent": agent, "nics": resolved.nics, "notes": resolved.notes}),
-        )
-        .await?;
-    }
-    let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
-            .bind(&task_id)
-            .fetch_one(&mut **tx)
-            .await?;
-    let result: Value = result
-        .and_then(|r| serde_json::from_str(&r).ok())
-        .unwrap_or(Value::Null);
-    if state == "Succeeded" || state == "Failed" {
-        forget_sealed_key(tx, ctx.job_id).await?;
-    }
-    let what = if test { "test failover" } else { "failover" };
-    match state.as_str() {
-        "Succeeded" => {
-            let output = result.get("output").cloned().unwrap_or(Value::Null);
-            if let Err(e) = serde_json::from_value::<ReplicaStarted>(output.clone()) {
-                return Ok(fail(
-                    "StartReplicaFailed",
-                    format!(
-                        "recovery agent {agent} answered the VM start with an output that is not a started replica ({e})"
-                    ),
-                ));
-            }
-            let sql = if test {
-                "UPDATE protected_items SET test_failover_output = $1, updated_ms = $2 WHERE name = $3"
-            } else {
-                "UPDATE protected_items SET failover_output = $1, updated_ms = $2 WHERE name = $3"
-            };
-            sqlx::query(sql)
-                .bind(output.to_string())
-                .bind(ctx.now_ms)
-                .bind(&item)
-                .execute(&mut **tx)
-                .await?;
-            Ok(Step::Done)
-        }
-        "Failed" => Ok(fail(
-            "StartReplicaFailed",
-            format!(
-                "the recovery agent could not create and start VM {vm_name}: {}",
-                result
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("unknown error")
-            ),
-        )),
-        _ => Ok(agent_gone(ctx, tx, &agent, what)
-            .await?
-            .unwrap_or(Step::Wait)),
-    }
-}
-
-/// Asks the item's recovery agent to power off and delete the test VM.
-async fn remove_replica(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let item = ctx.str("item")?;
-    let vm_name = ctx.str("vmName")?;
-    let agent: Option<String> =
-        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
-            .bind(&item)
-            .fetch_one(&mut **tx)
-            .await?;
-    let Some(agent) = agent else {
-        // No recovery agent was ever chosen: no VM can have been started.
-        set_step_output(
-            tx,
-            ctx,
-            &json!({"notes": ["the item has no recovery agent: no test VM to delete"]}),
-        )
-        .await?;
-        return Ok(Step::Done);
-    };
-    let task_id = format!("{}-remove-replica", ctx.job_id);
-    let work = TaskWork::RemoveReplica {
-        item: item.clone(),
-        vm_name: vm_name.clone(),
-    };
-    ensure_task(tx, &task_id, &agent, Some(ctx.job_id), &work).await?;
-    let (state, result): (String, Option<String>) =
-        sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
-            .bind(&task_id)
-            .fetch_one(&mut **tx)
-            .await?;
-    let result: Value = result
-        .and_then(|r| serde_json::from_str(&r).ok())
-        .unwrap_or(Value::Null);
-    match state.as_str() {
-        "Succeeded" => Ok(Step::Done),
-        "Failed" => Ok(fail(
-            "RemoveReplicaFailed",
-            format!(
-                "the recovery agent could not power off and delete test VM {vm_name}: {}",
-                result
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("unknown error")
-            ),
-        )),
-        _ => Ok(agent_gone(ctx, tx, &agent, "test failover cleanup")
-            .await?
-            .unwrap_or(Step::Wait)),
-    }
-}
-
-/// Records what a step wants the operator to know (`job_steps.output`).
-async fn set_step_output(
-    tx: &mut Tx<'_>,
-    ctx: &StepCtx<'_>,
-    output: &Value,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE job_steps SET output = $1 WHERE job_id = $2 AND idx = $3")
-        .bind(output.to_string())
-        .bind(ctx.job_id)
-        .bind(ctx.idx)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
-}
-
-/// Asks every target agent the job names to verify its replica store and
-/// waits for all of them. The reports become the job's output; any damage
-/// (or a store that could not be verified) fails the job, naming the points.
-async fn verify_stores(ctx: &StepCtx<'_>, tx: &mut Tx<'_>) -> anyhow::Result<Step> {
-    let agents: Vec<String> = serde_json::from_value(ctx.input["agents"].clone())?;
-    let mut reports = Vec::new();
-    let mut pending = false;
-    let mut problems = Vec::new();
-    for agent in &agents {
-        let task_id = format!("{}-verify-{agent}", ctx.job_id);
-        ensure_task(tx, &task_id, agent, Some(ctx.job_id), &TaskWork::Verify).await?;
-        let (state, result): (String, Option<String>) =
-            sqlx::query_as("SELECT state, result FROM agent_tasks WHERE id = $1")
-                .bind(&task_id)
-                .fetch_one(&mut **tx)
-                .await?;
-        let result: Value = result
-            .and_then(|r| serde_json::from_str(&r).ok())
-            .unwrap_or(Value::Null);
-        match state.as_str() {
-            "Succeeded" => {
-                let report = result.get("output").cloned().unwrap_or(Value::Null);
-                for p in report["points"].as_array().into_iter().flatten() {
-                    if p["ok"] != Value::Bool(true) {
-                        problems.push(format!(
-                            "{}/{} ({} damaged chunk(s){})",
-                            p["item"].as_str().unwrap_or("?"),
-                            p["point_id"].as_str().unwrap_or("?"),
-                            p["damaged_chunks"].as_array().map(|a| a.len()).unwrap_or(0),
-                            p["error"]
-                                .as_str()
-                                .map(|e| format!(": {e}"))
-                                .unwrap_or_default()
-                        ));
-                    }
-                }
-                reports.push(json!({"agent": agent, "report": report}));
-            }
-            "Failed" => {
-                let error = result
-                    .get("error")
-                    .and_then(|e| e.as_str())
-                    .unwrap_or("unknown error")
-                    .to_string();
-                problems.push(format!("agent {agent} could not verify its store: {error}"));
-                reports.push(json!({"agent": agent, "error": error}));
-            }
-            _ => {
-                let last_seen: Option<i64> =
-                    sqlx::query_scalar("SELECT last_seen_ms FROM agents WHERE id = $1")
-                        .bind(agent)
-                        .fetch_optional(&mut **tx)
-                        .await?
-                        .flatten();
-                if ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
-                    problems.push(format!(
-                        "agent {agent} has not been heard from for 5 minutes"
-                    ));
-                    reports.push(json!({"agent": agent, "error": "not connected"}));
-                } else {
-                    pending = true;
-                }
-            }
-        }
-    }
-    if pending {
-        return Ok(Step::Wait);
-    }
-    sqlx::query("UPDATE jobs SET output = $1 WHERE id = $2")
-        .bind(json!({"stores": reports}).to_string())
-        .bind(ctx.job_id)
-        .execute(&mut **tx)
-        .await?;
-    if problems.is_empty() {
-        Ok(Step::Done)
-    } else {
-        Ok(fail(
-            "DamageFound",
-            format!("replica store damage: {}", problems.join("; ")),
-        ))
-    }
-}
-
-/// Deletes a failover's sealed recovery key from the job's input and from
-/// its agent tasks: once the materialize task is over, or the job has
-/// ended, nothing needs it. (It is sealed to the recovery agent's transport
-/// key; the vault never holds the key in the clear.)
-async fn forget_sealed_key(tx: &mut Tx<'_>, job_id: &str) -> Result<(), sqlx::Error> {
-    let input: Option<String> = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    if let Some(stripped) = input.as_deref().and_then(without_sealed_key) {
-        sqlx::query("UPDATE jobs SET input = $1 WHERE id = $2")
-            .bind(stripped)
-            .bind(job_id)
-            .execute(&mut **tx)
-            .await?;
-    }
-    let tasks: Vec<(String, String)> =
-        sqlx::query_as("SELECT id, work FROM agent_tasks WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_all(&mut **tx)
-            .await?;
-    for (id, work) in tasks {
-        if let Some(stripped) = without_sealed_key(&work) {
-            sqlx::query("UPDATE agent_tasks SET work = $1 WHERE id = $2")
-                .bind(stripped)
-                .bind(&id)
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
-    Ok(())
-}
-
-/// The JSON document without its top-level `sealedKey`, if it had one.
-fn without_sealed_key(doc: &str) -> Option<String> {
-    let mut v: Value = serde_json::from_str(doc).ok()?;
-    v.as_object_mut()?.remove("sealedKey")?;
-    Some(v.to_string())
-}
-
-/// Inserts an agent task unless it exists (steps are re-run after a restart).
-pub async fn ensure_task(
-    tx: &mut Tx<'_>,
-    id: &str,
-    agent: &str,
-    job: Option<&str>,
-    work: &TaskWork,
-) -> Result<(), sqlx::Error> {
-    let now = now_ms();
-    sqlx::query(
-        "INSERT INTO agent_tasks (id, agent_id, job_id, work, state, created_ms, updated_ms) VALUES ($1, $2, $3, $4, 'Pending', $5, $6) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id)
-    .bind(agent)
-    .bind(job)
-    .bind(serde_json::to_string(work).unwrap_or_default())
-    .bind(now)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn load_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<ProtectionState>> {
-    let s: Option<String> = sqlx::query_scalar("SELECT state FROM protected_items WHERE name = $1")
-        .bind(item)
-        .fetch_optional(&mut **tx)
-        .await?;
-    Ok(s.and_then(|s| ProtectionState::parse(&s)))
-}
-
-/// Applies `action` to the item's state. Idempotent: if the item already is
-/// in the state the action leads to (a step re-run after a crash), nothing
-/// changes.
-pub async fn transition(
-    tx: &mut Tx<'_>,
-    item: &str,
-    action: ItemAction,
-) -> anyhow::Result<ProtectionState> {
-    let Some(state) = load_state(tx, item).await? else {
-        anyhow::bail!("protected item '{item}' does not exist");
-    };
-    let next = match state.apply(action) {
-        Ok(next) => next,
-        Err(e) => {
-            if already_there(state, action) {
-                return Ok(state);
-            }
-            return Err(e.into());
-        }
-    };
-    sqlx::query("UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3")
-        .bind(next.as_str())
-        .bind(now_ms())
-        .bind(item)
-        .execute(&mut **tx)
-        .await?;
-    Ok(next)
-}
-
-fn already_there(state: ProtectionState, action: ItemAction) -> bool {
-    use ItemAction as A;
-    use ProtectionState as S;
-    matches!(
-        (state, action),
-        (
-            S::InitialReplicationInProgress | S::Protected,
-            A::StartInitialReplication
-        ) | (S::Protected, A::FinishInitialReplication)
-            | (S::UnplannedFailoverCompleted, A::FinishUnplannedFailover)
-            | (S::FailoverCommitted, A::FinishCommit)
-    )
-}
-
-async fn load_test_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<TestFailoverState>> {
-    let s: Option<String> =
-        sqlx::query_scalar("SELECT test_failover_state FROM protected_items WHERE name = $1")
-            .bind(item)
-            .fetch_optional(&mut **tx)
-            .await?;
-    Ok(s.and_then(|s| TestFailoverState::parse(&s)))
-}
-
-/// Applies a test failover action to the item. Idempotent like
-/// [`transition`]: a step re-run after a crash finds the state it leads to.
-pub async fn test_transition(
-    tx: &mut Tx<'_>,
-    item: &str,
-    action: TestAction,
-) -> anyhow::Result<TestFailoverState> {
-    let Some(protection) = load_state(tx, item).await? else {
-        anyhow::bail!("protected item '{item}' does not exist");
-    };
-    let Some(state) = load_test_state(tx, item).await? else {
-        anyhow::bail!("protected item '{item}' has no readable test failover state");
-    };
-    let next = match state.apply(action, protection) {
-        Ok(next) => next,
-        Err(e) => {
-            use TestAction as A;
-            use TestFailoverState as T;
-            let there = matches!(
-                (state, action),
-                (T::TestFailoverCompleted, A::Finish)
-                    | (T::TestFailoverFailed, A::Fail)
-                    | (T::None, A::FinishCleanup)
-                    | (T::MarkedForDeletion, A::FailCleanup)
-            );
-            if there {
-                return Ok(state);
-            }
-            return Err(e.into());
-        }
-    };
-    sqlx::query(
-        "UPDATE protected_items SET test_failover_state = $1, updated_ms = $2 WHERE name = $3",
-    )
-    .bind(next.as_str())
-    .bind(now_ms())
-    .bind(item)
-    .execute(&mut **tx)
-    .await?;
-    Ok(next)
-}
-
-async fn compensate(
-    tx: &mut Tx<'_>,
-    kind: JobKind,
-    input: &Value,
+    code: &str,
     message: &str,
 ) -> anyhow::Result<()> {
-    let item = input
-        .get("item")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default();
-    let action = match kind {
-        JobKind::EnableProtection => Some(ItemAction::FailProtection),
-        JobKind::UnplannedFailover => Some(ItemAction::AbortUnplannedFailover),
-        JobKind::CommitFailover => Some(ItemAction::AbortCommit),
-        JobKind::ConfigureProtection => {
-            sqlx::query("DELETE FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3 AND state = 'Pairing'")
-                .bind(input["fabric"].as_str().unwrap_or_default())
-                .bind(input["container"].as_str().unwrap_or_default())
-                .bind(input["name"].as_str().unwrap_or_default())
-                .execute(&mut **tx)
-                .await?;
-            None
-        }
-        JobKind::TestFailover | JobKind::TestFailoverCleanup => {
-            // The item goes on replicating: its test failover state says
-            // what failed, and cleanup is what to do next.
-            let action = if kind == JobKind::TestFailover {
-                TestAction::Fail
-            } else {
-                TestAction::FailCleanup
-            };
-            if let Err(e) = test_transition(tx, item, action).await {
-                tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
-            }
-            sqlx::query("UPDATE protected_items SET test_failover_error = $1 WHERE name = $2")
-                .bind(message)
-                .bind(item)
-                .execute(&mut **tx)
-                .await?;
-            None
-        }
-        JobKind::CreateNetworkMapping => {
-            sqlx::query("DELETE FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Pairing'")
-                .bind(input["fabric"].as_str().unwrap_or_default())
-                .bind(input["network"].as_str().unwrap_or_default())
-                .bind(input["name"].as_str().unwrap_or_default())
-                .execute(&mut **tx)
-                .await?;
-            None
-        }
-        JobKind::DeleteNetworkMapping => {
-            sqlx::query("UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Unpairing'")
-                .bind(input["fabric"].as_str().unwrap_or_default())
-                .bind(input["network"].as_str().unwrap_or_default())
-                .bind(input["name"].as_str().unwrap_or_default())
-                .execute(&mut **tx)
-                .await?;
-            None
-        }
-        JobKind::CreatePolicy | JobKind::VerifyStore => None,
-    };
-    if let Some(action) = action {
-        if let Err(e) = transition(tx, item, action).await {
-            tracing::warn!("compensation of {kind:?} for {item}: {e:#}");
-        }
-        sqlx::query("UPDATE protected_items SET last_error = $1 WHERE name = $2")
-            .bind(message)
-            .bind(item)
-            .execute(&mut **tx)
-            .await?;
+    jobs_db::fail_job(tx, job_id, Some(idx), code, message).await?;
+    for effect in on_failure(input, message) {
+        jobs_db::apply(tx, job_id, idx, &effect).await?;
     }
+    tracing::warn!(job = %job_id, "job failed: {message}");
     Ok(())
 }
 
@@ -1233,6 +162,9 @@ async fn compensate(
 mod tests {
     use super::*;
     use crate::{AppState, VaultInfo};
+    use serde_json::{Value, json};
+    use siterec_core::state::JobKind;
+    use siterec_core::wire::{SealedKey, TaskWork};
 
     async fn open(dir: &std::path::Path) -> AppState {
         let db = crate::db::open_for_test(dir).await.unwrap();
@@ -1253,9 +185,8 @@ mod tests {
 
     async fn new_job(st: &AppState, kind: JobKind, input: Value) -> String {
         let mut tx = crate::db::begin(&st.db).await.unwrap();
-        let id = create_job(&mut tx, kind, "T", "t", "/t", &input)
-            .await
-            .unwrap();
+        let input = JobInput::parse(kind, &input.to_string()).unwrap();
+        let id = create_job(&mut tx, &input, "T", "t", "/t").await.unwrap();
         tx.commit().await.unwrap();
         id
     }
@@ -1381,6 +312,76 @@ mod tests {
         assert_eq!(job_state(&st, &job).await, "Succeeded");
         assert_eq!(steps(&st, &job).await, ["Succeeded"; 5]);
         assert_eq!(item_state(&st, "i1").await, "Protected");
+    }
+
+    #[tokio::test]
+    async fn jobs_of_other_builds_resume_at_their_step_or_fail_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        protected_setup(&st, "Protected").await;
+        // A commit written before steps were named (no step key), stopped
+        // after its first step: it resumes at the second, by index.
+        exec(
+            &st,
+            "UPDATE protected_items SET state = 'FailoverCommitInProgress' WHERE name = 'i1'",
+        )
+        .await;
+        exec(&st, r#"INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ('old', 'CommitFailover', 'InProgress', 'T', 'i1', '/t', '{"item":"i1"}', 0, 1)"#).await;
+        exec(&st, "INSERT INTO job_steps (job_id, idx, name, state) VALUES ('old', 0, 'Prerequisites check for commit', 'Succeeded'), ('old', 1, 'Commit the failover', 'NotStarted')").await;
+        advance(&st, "old").await.unwrap();
+        assert_eq!(job_state(&st, "old").await, "Succeeded");
+        assert_eq!(item_state(&st, "i1").await, "FailoverCommitted");
+        // A step this build does not know fails the job, saying why.
+        exec(&st, r#"INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ('future', 'CommitFailover', 'InProgress', 'T', 'i1', '/t', '{"item":"i1"}', 0, 2)"#).await;
+        exec(&st, "INSERT INTO job_steps (job_id, idx, name, step, state) VALUES ('future', 0, 'x', 'CheckCommit', 'Succeeded'), ('future', 1, 'y', 'CommitTwice', 'NotStarted')").await;
+        advance(&st, "future").await.unwrap();
+        assert_eq!(job_state(&st, "future").await, "Failed");
+        assert_eq!(steps(&st, "future").await, ["Succeeded", "Failed"]);
+        let (code, msg): (String, String) =
+            sqlx::query_as("SELECT error_code, error_message FROM jobs WHERE id = 'future'")
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(code, "StepNotRunnable");
+        assert!(
+            msg.contains("CommitTwice") && msg.contains("run the operation again"),
+            "{msg}"
+        );
+        // An input that does not read as its kind's, and a kind this build
+        // does not know: failed, not retried forever.
+        exec(&st, r#"INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ('junk', 'UnplannedFailover', 'NotStarted', 'T', 'i1', '/t', '{"item":"i1"}', 0, 3), ('alien', 'Teleport', 'NotStarted', 'T', 'i1', '/t', '{}', 0, 4)"#).await;
+        exec(&st, "INSERT INTO job_steps (job_id, idx, name, step, state) VALUES ('junk', 0, 'x', 'CheckFailover', 'NotStarted')").await;
+        for (job, words) in [("junk", "pointId"), ("alien", "Teleport")] {
+            advance(&st, job).await.unwrap();
+            assert_eq!(job_state(&st, job).await, "Failed");
+            let (code, msg): (String, String) =
+                sqlx::query_as("SELECT error_code, error_message FROM jobs WHERE id = $1")
+                    .bind(job)
+                    .fetch_one(&st.db)
+                    .await
+                    .unwrap();
+            assert_eq!(code, "JobNotReadable");
+            assert!(msg.contains(words), "{msg}");
+        }
+        assert_eq!(steps(&st, "junk").await, ["Cancelled"]);
+        // New jobs store each step's key beside its title.
+        let job = new_job(&st, JobKind::CommitFailover, json!({"item": "i1"})).await;
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT step, name FROM job_steps WHERE job_id = $1 ORDER BY idx")
+                .bind(&job)
+                .fetch_all(&st.db)
+                .await
+                .unwrap();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "CheckCommit".to_string(),
+                    "Prerequisites check for commit".to_string()
+                ),
+                ("Commit".to_string(), "Commit the failover".to_string())
+            ]
+        );
     }
 
     #[tokio::test]
@@ -1678,9 +679,12 @@ mod tests {
         // The API shows the test VM where a client can find it, and what
         // can be done next.
         let item = crate::model::load_item(&st.db, "i1").await.unwrap();
-        let v = crate::model::item_json(&st.db, &st.info, &item)
-            .await
-            .unwrap();
+        let v = serde_json::to_value(
+            crate::model::item_json(&st.db, &st.info, &item)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         let p = &v["properties"];
         assert_eq!(p["testFailoverState"], "TestFailoverCompleted");
         assert_eq!(p["protectedItemType"], "VirtualMachine");
@@ -1739,19 +743,12 @@ mod tests {
         let st = open(dir.path()).await;
         vm_setup(&st, "UnplannedFailoverInProgress", "None").await;
         // As the API creates it for a VM.
-        let mut tx = crate::db::begin(&st.db).await.unwrap();
-        let job = create_job_with_steps(
-            &mut tx,
+        let job = new_job(
+            &st,
             JobKind::UnplannedFailover,
-            JobKind::UnplannedFailover.vm_steps(),
-            "ProtectionEntity",
-            "i1",
-            "/i1",
-            &json!({"item": "i1", "pointId": "p1", "vm": true, "vmName": "m1"}),
+            json!({"item": "i1", "pointId": "p1", "vm": true, "vmName": "m1"}),
         )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
+        .await;
         advance(&st, &job).await.unwrap();
         let (_, work) = only_task(&st).await;
         let TaskWork::StartReplica {
@@ -1772,9 +769,12 @@ mod tests {
             out.contains("eth1") && out.contains("no network mapping for backup"),
             "{out}"
         );
-        let job_view = crate::model::job_json(&st.db, &st.info, &job)
-            .await
-            .unwrap();
+        let job_view = serde_json::to_value(
+            crate::model::job_json(&st.db, &st.info, &job)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         let step = &job_view["properties"]["tasks"][2];
         assert_eq!(
             step["name"],
@@ -1799,9 +799,12 @@ mod tests {
         assert_eq!(job_state(&st, &job).await, "Succeeded");
         assert_eq!(item_state(&st, "i1").await, "UnplannedFailoverCompleted");
         let item = crate::model::load_item(&st.db, "i1").await.unwrap();
-        let v = crate::model::item_json(&st.db, &st.info, &item)
-            .await
-            .unwrap();
+        let v = serde_json::to_value(
+            crate::model::item_json(&st.db, &st.info, &item)
+                .await
+                .unwrap(),
+        )
+        .unwrap();
         let d = &v["properties"]["providerSpecificDetails"];
         // The disk listing works as for a physical server, plus the VM.
         assert_eq!(

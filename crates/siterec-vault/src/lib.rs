@@ -7,6 +7,7 @@
 //!   vault; the vault never connects to them.
 //! - [`jobs`]: the durable job engine. Every state change is a job whose
 //!   steps are rows in the database; a restarted vault resumes them.
+//! - [`persist`]: persistence — the SQL the vault runs, per area, on either engine.
 //! - [`db`]: the database (SQLite or PostgreSQL) and its migrations.
 
 pub mod agent_api;
@@ -15,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod jobs;
 pub mod model;
+pub mod persist;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

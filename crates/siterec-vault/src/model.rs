@@ -12,20 +12,8 @@ use crate::error::{ApiError, ApiResult};
 use siterec_core::state::{JobKind, JobState, ProtectionState, TestFailoverState};
 use siterec_core::wire::{KIND_VM, MachineInfo, ReplicaStarted};
 
-pub const T_FABRIC: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics";
-pub const T_PROVIDER: &str =
-    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationRecoveryServicesProviders";
-pub const T_CONTAINER: &str =
-    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers";
-pub const T_PROTECTABLE: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectableItems";
-pub const T_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectionContainerMappings";
-pub const T_ITEM: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems";
-pub const T_POINT: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationProtectionContainers/replicationProtectedItems/recoveryPoints";
-pub const T_POLICY: &str = "Microsoft.RecoveryServices/vaults/replicationPolicies";
-pub const T_NETWORK: &str =
-    "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks";
-pub const T_NETWORK_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks/replicationNetworkMappings";
-pub const T_JOB: &str = "Microsoft.RecoveryServices/vaults/replicationJobs";
+use siterec_api as api;
+use siterec_api::types;
 
 /// An agent is "connected" when heard from within this many milliseconds.
 pub const AGENT_ONLINE_MS: i64 = 60_000;
@@ -61,20 +49,17 @@ pub fn job_id(v: &VaultInfo, job: &str) -> String {
     format!("{}/replicationJobs/{job}", v.id())
 }
 
-fn resource(id: String, name: &str, ty: &str, properties: Value) -> Value {
-    json!({"id": id, "name": name, "type": ty, "location": "local", "properties": properties})
+fn resource<P>(id: String, name: &str, ty: &str, properties: P) -> api::Resource<P> {
+    api::Resource::new(id, name, ty, properties)
 }
 
-pub fn list(value: Vec<Value>) -> Value {
-    json!({"value": value})
+pub fn list<T>(value: Vec<T>) -> api::List<T> {
+    api::List::all(value)
 }
 
 /// A page of a list: `nextLink` is absent on the last page.
-pub fn page(value: Vec<Value>, next_link: Option<String>) -> Value {
-    match next_link {
-        Some(next) => json!({"value": value, "nextLink": next}),
-        None => list(value),
-    }
+pub fn page<T>(value: Vec<T>, next_link: Option<String>) -> api::List<T> {
+    api::List { value, next_link }
 }
 
 /// Where a page of protected items resumes: after this item in creation
@@ -161,7 +146,7 @@ pub async fn container_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<St
         .ok_or_else(|| ApiError::not_found("protection container", &format!("{fabric}/{name}")))
 }
 
-pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<Value> {
+pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<api::Fabric> {
     let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE fabric = $1")
         .bind(name)
         .fetch_one(db)
@@ -169,17 +154,20 @@ pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<Value>
     Ok(resource(
         fabric_id(v, name),
         name,
-        T_FABRIC,
-        json!({
-            "friendlyName": name,
-            "internalIdentifier": name,
-            "health": "Normal",
-            "customDetails": {"instanceType": "SiterecSite", "agents": agents},
-        }),
+        types::FABRIC,
+        api::FabricProperties {
+            friendly_name: name.to_string(),
+            internal_identifier: name.to_string(),
+            health: "Normal".into(),
+            custom_details: api::FabricDetails {
+                instance_type: "SiterecSite".into(),
+                agents,
+            },
+        },
     ))
 }
 
-pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<Value> {
+pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<api::Provider> {
     let id: String = row.try_get("id")?;
     let fabric: String = row.try_get("fabric")?;
     let last_seen: Option<i64> = row.try_get("last_seen_ms")?;
@@ -191,21 +179,27 @@ pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<V
             fabric_id(v, &fabric)
         ),
         &id,
-        T_PROVIDER,
-        json!({
-            "friendlyName": row.try_get::<String, _>("hostname")?,
-            "fabricFriendlyName": fabric,
-            "providerVersion": row.try_get::<String, _>("version")?,
-            "connectionStatus": if online { "Connected" } else { "NotConnected" },
-            "lastHeartBeat": opt_rfc3339(last_seen),
-            "protectionContainerFriendlyName": row.try_get::<Option<String>, _>("cloud")?,
-            "dataEndpoint": row.try_get::<Option<String>, _>("data_url")?,
-            "counters": serde_json::from_str::<Value>(&counters).unwrap_or(Value::Null),
-        }),
+        types::PROVIDER,
+        api::ProviderProperties {
+            friendly_name: row.try_get("hostname")?,
+            fabric_friendly_name: fabric,
+            provider_version: row.try_get("version")?,
+            connection_status: if online { "Connected" } else { "NotConnected" }.into(),
+            last_heart_beat: opt_rfc3339(last_seen),
+            protection_container_friendly_name: row.try_get("cloud")?,
+            data_endpoint: row.try_get("data_url")?,
+            counters: serde_json::from_str(&counters)
+                .map_err(|e| ApiError::internal("stored agent counters", e))?,
+        },
     ))
 }
 
-pub async fn container_json(db: &Db, v: &VaultInfo, fabric: &str, name: &str) -> ApiResult<Value> {
+pub async fn container_json(
+    db: &Db,
+    v: &VaultInfo,
+    fabric: &str,
+    name: &str,
+) -> ApiResult<api::Container> {
     let paired: Option<(String, String)> = sqlx::query_as(
         "SELECT fabric, container FROM container_mappings WHERE (fabric = $1 AND container = $2) OR (target_fabric = $3 AND target_container = $4) LIMIT 1",
     )
@@ -218,14 +212,26 @@ pub async fn container_json(db: &Db, v: &VaultInfo, fabric: &str, name: &str) ->
     Ok(resource(
         container_id(v, fabric, name),
         name,
-        T_CONTAINER,
-        json!({
-            "friendlyName": name,
-            "fabricFriendlyName": fabric,
-            "fabricType": "SiterecSite",
-            "pairingStatus": if paired.is_some() { "Paired" } else { "NotPaired" },
-            "role": match &paired { Some((f, c)) if f.eq_ignore_ascii_case(fabric) && c.eq_ignore_ascii_case(name) => "Primary", Some(_) => "Recovery", None => "" },
-        }),
+        types::CONTAINER,
+        api::ContainerProperties {
+            friendly_name: name.to_string(),
+            fabric_friendly_name: fabric.to_string(),
+            fabric_type: "SiterecSite".into(),
+            pairing_status: if paired.is_some() {
+                "Paired"
+            } else {
+                "NotPaired"
+            }
+            .into(),
+            role: match &paired {
+                Some((f, c)) if f.eq_ignore_ascii_case(fabric) && c.eq_ignore_ascii_case(name) => {
+                    "Primary"
+                }
+                Some(_) => "Recovery",
+                None => "",
+            }
+            .into(),
+        },
     ))
 }
 
@@ -234,34 +240,48 @@ pub fn protectable_json(
     fabric: &str,
     container: &str,
     name: &str,
-    info: &Value,
+    info: &MachineInfo,
     protected: bool,
-) -> Value {
+) -> api::ProtectableItem {
     resource(
         format!(
             "{}/replicationProtectableItems/{name}",
             container_id(v, fabric, container)
         ),
         name,
-        T_PROTECTABLE,
-        json!({
-            "friendlyName": name,
-            "protectionStatus": if protected { "Protected" } else { "Unprotected" },
-            "protectionReadinessErrors": info.get("error").filter(|e| !e.is_null()).map(|e| vec![e.clone()]).unwrap_or_default(),
-            "supportedReplicationProviders": ["HyperVReplicaAzure", "HyperVReplica2012R2", "InMageAzureV2"],
-            "customDetails": {
-                "instanceType": info.get("kind").cloned().unwrap_or(json!("PhysicalServer")),
-                "disks": info.get("disks").cloned().unwrap_or(json!([])),
-                // As the SDK's VMNicDetails (nicId, vMNetworkName), plus the MAC.
-                "vmNics": info.get("nics").and_then(Value::as_array).map(|nics| nics.iter().map(|n| json!({
-                    "nicId": n.get("name"),
-                    "vMNetworkName": n.get("network"),
-                    "macAddress": n.get("mac"),
-                })).collect::<Vec<_>>()).unwrap_or_default(),
-                "memoryMib": info.pointer("/vm/memoryMib"),
-                "cpus": info.pointer("/vm/cpus"),
+        types::PROTECTABLE,
+        api::ProtectableItemProperties {
+            friendly_name: name.to_string(),
+            protection_status: if protected {
+                "Protected"
+            } else {
+                "Unprotected"
+            }
+            .into(),
+            protection_readiness_errors: info.error.iter().cloned().collect(),
+            supported_replication_providers: [
+                "HyperVReplicaAzure",
+                "HyperVReplica2012R2",
+                "InMageAzureV2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            custom_details: api::ProtectableDetails {
+                instance_type: info.kind.clone(),
+                disks: info.disks.clone(),
+                vm_nics: info
+                    .nics
+                    .iter()
+                    .map(|n| api::VmNic {
+                        nic_id: n.name.clone(),
+                        vm_network_name: n.network.clone(),
+                        mac_address: n.mac.clone(),
+                    })
+                    .collect(),
+                memory_mib: info.vm.as_ref().map(|vm| vm.memory_mib),
+                cpus: info.vm.as_ref().map(|vm| vm.cpus),
             },
-        }),
+        },
     )
 }
 
@@ -311,22 +331,22 @@ pub async fn network_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<Stri
     })
 }
 
-pub fn network_json(v: &VaultInfo, fabric: &str, name: &str, agents: &[String]) -> Value {
+pub fn network_json(v: &VaultInfo, fabric: &str, name: &str, agents: &[String]) -> api::Network {
     resource(
         network_id(v, fabric, name),
         name,
-        T_NETWORK,
-        json!({
-            "fabricType": "SiterecSite",
-            "friendlyName": name,
-            "networkType": "VmNetwork",
-            "subnets": [],
-            "agents": agents,
-        }),
+        types::NETWORK,
+        api::NetworkProperties {
+            fabric_type: "SiterecSite".into(),
+            friendly_name: name.to_string(),
+            network_type: "VmNetwork".into(),
+            subnets: vec![],
+            agents: agents.to_vec(),
+        },
     )
 }
 
-pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
+pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::NetworkMapping> {
     let fabric: String = row.try_get("fabric")?;
     let network: String = row.try_get("network")?;
     let name: String = row.try_get("name")?;
@@ -336,18 +356,20 @@ pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
     Ok(resource(
         network_mapping_id(v, &fabric, &network, &name),
         &name,
-        T_NETWORK_MAPPING,
-        json!({
-            "state": row.try_get::<String, _>("state")?,
-            "primaryNetworkFriendlyName": network,
-            "primaryNetworkId": network_id(v, &fabric, &network),
-            "primaryFabricFriendlyName": fabric,
-            "recoveryNetworkFriendlyName": rn,
-            "recoveryNetworkId": network_id(v, &rf, &rn),
-            "recoveryFabricArmId": fabric_id(v, &rf),
-            "recoveryFabricFriendlyName": rf,
-            "fabricSpecificSettings": {"instanceType": instance},
-        }),
+        types::NETWORK_MAPPING,
+        api::NetworkMappingProperties {
+            state: row.try_get("state")?,
+            primary_network_id: network_id(v, &fabric, &network),
+            primary_network_friendly_name: network,
+            primary_fabric_friendly_name: fabric,
+            recovery_network_id: network_id(v, &rf, &rn),
+            recovery_network_friendly_name: rn,
+            recovery_fabric_arm_id: fabric_id(v, &rf),
+            recovery_fabric_friendly_name: rf,
+            fabric_specific_settings: api::InstanceType {
+                instance_type: instance,
+            },
+        },
     ))
 }
 
@@ -390,12 +412,19 @@ pub fn is_vm(info: &MachineInfo) -> bool {
 
 // ---------- policies and mappings ----------
 
-pub fn policy_json(v: &VaultInfo, name: &str, policy: &siterec_core::policy::Policy) -> Value {
+pub fn policy_json(
+    v: &VaultInfo,
+    name: &str,
+    policy: &siterec_core::policy::Policy,
+) -> api::Policy {
     resource(
         policy_id(v, name),
         name,
-        T_POLICY,
-        json!({"friendlyName": name, "providerSpecificDetails": policy.to_arm_details()}),
+        types::POLICY,
+        api::PolicyProperties {
+            friendly_name: name.to_string(),
+            provider_specific_details: policy.to_arm_details(),
+        },
     )
 }
 
@@ -410,7 +439,7 @@ pub async fn load_policy(db: &Db, name: &str) -> ApiResult<(String, siterec_core
     Ok((name, policy))
 }
 
-pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
+pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::ContainerMapping> {
     let fabric: String = row.try_get("fabric")?;
     let container: String = row.try_get("container")?;
     let name: String = row.try_get("name")?;
@@ -423,18 +452,18 @@ pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<Value> {
             container_id(v, &fabric, &container)
         ),
         &name,
-        T_MAPPING,
-        json!({
-            "sourceFabricFriendlyName": fabric,
-            "sourceProtectionContainerFriendlyName": container,
-            "targetFabricFriendlyName": tf,
-            "targetProtectionContainerFriendlyName": tc,
-            "targetProtectionContainerId": container_id(v, &tf, &tc),
-            "policyId": policy_id(v, &policy),
-            "policyFriendlyName": policy,
-            "state": row.try_get::<String, _>("state")?,
-            "health": "Normal",
-        }),
+        types::MAPPING,
+        api::ContainerMappingProperties {
+            source_fabric_friendly_name: fabric,
+            source_protection_container_friendly_name: container,
+            target_protection_container_id: container_id(v, &tf, &tc),
+            target_fabric_friendly_name: tf,
+            target_protection_container_friendly_name: tc,
+            policy_id: policy_id(v, &policy),
+            policy_friendly_name: policy,
+            state: row.try_get("state")?,
+            health: "Normal".into(),
+        },
     ))
 }
 
@@ -656,20 +685,24 @@ impl ItemFacts {
 }
 
 /// One protected item as the API shows it.
-pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<Value> {
+pub async fn item_json(db: &Db, v: &VaultInfo, item: &ItemRow) -> ApiResult<api::ProtectedItem> {
     let facts = item_facts(db, std::slice::from_ref(item)).await?;
     Ok(item_view(v, item, &facts, crate::db::now_ms()))
 }
 
 /// Protected items as the API shows them, reading what they need at once.
-pub async fn items_json(db: &Db, v: &VaultInfo, items: &[ItemRow]) -> ApiResult<Vec<Value>> {
+pub async fn items_json(
+    db: &Db,
+    v: &VaultInfo,
+    items: &[ItemRow],
+) -> ApiResult<Vec<api::ProtectedItem>> {
     let facts = item_facts(db, items).await?;
     let now = crate::db::now_ms();
     Ok(items.iter().map(|i| item_view(v, i, &facts, now)).collect())
 }
 
 /// The view of one protected item from its row and its facts.
-pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> Value {
+pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> api::ProtectedItem {
     let (points, latest) = facts
         .points
         .get(&item.name.to_ascii_lowercase())
@@ -703,15 +736,21 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
         (None, ProtectionState::Protected, Some(rpo)) if rpo > 2 * copy_secs + 60 => "Warning",
         _ => "Normal",
     };
-    let mut health_errors: Vec<Value> = item
+    let mut health_errors: Vec<api::HealthError> = item
         .last_error
         .iter()
-        .map(|e| json!({"errorMessage": e}))
+        .map(|e| api::HealthError {
+            error_message: e.clone(),
+            error_level: None,
+            error_source: None,
+        })
         .collect();
     if item.state.replicating() {
-        health_errors.extend(agent_warnings.iter().map(
-            |w| json!({"errorMessage": w, "errorLevel": "Warning", "errorSource": "SourceAgent"}),
-        ));
+        health_errors.extend(agent_warnings.iter().map(|w| api::HealthError {
+            error_message: w.clone(),
+            error_level: Some("Warning".into()),
+            error_source: Some("SourceAgent".into()),
+        }));
     }
     // A physical server's failover output is its materialized disks; a
     // VM's is the replica the recovery agent started (with its disks).
@@ -723,16 +762,15 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
     let (failover_disks, failover_vm) = match &failover_output {
         Value::Object(o) if o.contains_key("vmName") => (
             o.get("disks").cloned().unwrap_or(Value::Null),
-            replica_json(&failover_output, None),
+            replica_vm(&failover_output, None),
         ),
-        other => (other.clone(), Value::Null),
+        other => (other.clone(), None),
     };
     let test_vm = item
         .test_output
         .as_deref()
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
-        .map(|o| replica_json(&o, item.test_point_id.as_deref()))
-        .unwrap_or(Value::Null);
+        .and_then(|o| replica_vm(&o, item.test_point_id.as_deref()));
     let machine = facts
         .machine(&item.fabric, &item.machine)
         .and_then(|(_, m)| m.as_ref());
@@ -758,7 +796,7 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
                         .collect()
                 })
                 .unwrap_or_default();
-            Value::Array(
+            Some(
                 m.nics
                     .iter()
                     .map(|n| {
@@ -768,20 +806,20 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
                             .find(|t| t.name == n.name)
                             .and_then(|t| t.network.as_deref())
                             .map(|net| network_id(v, &item.target_fabric, net));
-                        json!({
-                            "nicId": n.name,
-                            "vMNetworkName": n.network,
-                            "macAddress": n.mac,
-                            "recoveryVMNetworkId": mapped.map(|(rf, rn)| network_id(v, rf, rn)),
-                            "recoveryVMNetworkName": mapped.map(|(_, rn)| rn),
-                            "tfoVMNetworkId": tfo,
-                            "selectionType": "SelectedByUser",
-                        })
+                        api::ItemNic {
+                            nic_id: n.name.clone(),
+                            vm_network_name: n.network.clone(),
+                            mac_address: n.mac.clone(),
+                            recovery_vm_network_id: mapped.map(|(rf, rn)| network_id(v, rf, rn)),
+                            recovery_vm_network_name: mapped.map(|(_, rn)| rn.clone()),
+                            tfo_vm_network_id: tfo,
+                            selection_type: "SelectedByUser".into(),
+                        }
                     })
                     .collect(),
             )
         }
-        _ => Value::Null,
+        _ => None,
     };
     let test_description = match (&item.test_error, item.test_state) {
         (Some(e), TestFailoverState::TestFailoverFailed | TestFailoverState::MarkedForDeletion) => {
@@ -798,47 +836,64 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
     resource(
         item_id(v, &item.fabric, &item.container, &item.name),
         &item.name,
-        T_ITEM,
-        json!({
-            "friendlyName": item.name,
-            "protectedItemType": machine.map(|m| m.kind.as_str()).unwrap_or("PhysicalServer"),
-            "protectableItemId": format!("{}/replicationProtectableItems/{}", container_id(v, &item.fabric, &item.container), item.machine),
-            "recoveryServicesProviderId": item.target_agent_id,
-            "primaryFabricFriendlyName": item.fabric,
-            "recoveryFabricFriendlyName": item.target_fabric,
-            "primaryProtectionContainerFriendlyName": item.container,
-            "recoveryProtectionContainerFriendlyName": item.target_container,
-            "recoveryContainerId": container_id(v, &item.target_fabric, &item.target_container),
-            "policyId": policy_id(v, &item.policy),
-            "policyFriendlyName": item.policy,
-            "protectionState": item.state.as_str(),
-            "protectionStateDescription": item.state.description(),
-            "replicationHealth": health,
-            "replicationHealthErrors": health_errors,
-            "activeLocation": active_location,
-            "allowedOperations": siterec_core::state::allowed_operations(item.state, item.test_state, vm),
-            "lastSuccessfulFailoverTime": opt_rfc3339(item.failover_ms),
-            "testFailoverState": item.test_state.as_str(),
-            "testFailoverStateDescription": test_description,
-            "lastSuccessfulTestFailoverTime": opt_rfc3339(item.test_ms),
-            "providerSpecificDetails": {
-                "instanceType": policy_instance,
-                "lastReplicatedTime": opt_rfc3339(latest.as_ref().map(|l| l.1)),
-                "rpoInSeconds": rpo_secs,
-                "recoveryPointCount": points,
-                "sourceAgentCounters": counters,
-                "failoverRecoveryPointId": item.failover_point_id,
-                "failoverDisks": failover_disks,
-                "failoverVm": failover_vm,
-                "vmNics": vm_nics,
-                "testVm": test_vm,
-                // As the SDK's InMageAzureV2ReplicationDetails: a group's
-                // id is its name (as Azure PowerShell sets both).
-                "multiVmGroupId": item.group,
-                "multiVmGroupName": item.group,
-                "multiVmSyncStatus": if item.group.is_some() { "Enabled" } else { "Disabled" },
+        types::ITEM,
+        api::ProtectedItemProperties {
+            friendly_name: item.name.clone(),
+            protected_item_type: machine
+                .map(|m| m.kind.as_str())
+                .unwrap_or("PhysicalServer")
+                .into(),
+            protectable_item_id: format!(
+                "{}/replicationProtectableItems/{}",
+                container_id(v, &item.fabric, &item.container),
+                item.machine
+            ),
+            recovery_services_provider_id: item.target_agent_id.clone(),
+            primary_fabric_friendly_name: item.fabric.clone(),
+            recovery_fabric_friendly_name: item.target_fabric.clone(),
+            primary_protection_container_friendly_name: item.container.clone(),
+            recovery_protection_container_friendly_name: item.target_container.clone(),
+            recovery_container_id: container_id(v, &item.target_fabric, &item.target_container),
+            policy_id: policy_id(v, &item.policy),
+            policy_friendly_name: item.policy.clone(),
+            protection_state: item.state.as_str().into(),
+            protection_state_description: item.state.description().into(),
+            replication_health: health.into(),
+            replication_health_errors: health_errors,
+            active_location: active_location.into(),
+            allowed_operations: siterec_core::state::allowed_operations(
+                item.state,
+                item.test_state,
+                vm,
+            )
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            last_successful_failover_time: opt_rfc3339(item.failover_ms),
+            test_failover_state: item.test_state.as_str().into(),
+            test_failover_state_description: test_description,
+            last_successful_test_failover_time: opt_rfc3339(item.test_ms),
+            provider_specific_details: api::ReplicationDetails {
+                instance_type: policy_instance,
+                last_replicated_time: opt_rfc3339(latest.as_ref().map(|l| l.1)),
+                rpo_in_seconds: rpo_secs,
+                recovery_point_count: points,
+                source_agent_counters: counters,
+                failover_recovery_point_id: item.failover_point_id.clone(),
+                failover_disks,
+                failover_vm,
+                vm_nics,
+                test_vm,
+                multi_vm_group_id: item.group.clone(),
+                multi_vm_group_name: item.group.clone(),
+                multi_vm_sync_status: if item.group.is_some() {
+                    "Enabled"
+                } else {
+                    "Disabled"
+                }
+                .into(),
             },
-        }),
+        },
     )
 }
 
@@ -847,22 +902,22 @@ struct ReplicaNicView {
     network: Option<String>,
 }
 
-/// A replica VM (a StartReplica output) as the API shows it.
-fn replica_json(out: &Value, point: Option<&str>) -> Value {
-    let mut v = json!({
-        "name": out.get("vmName"),
-        "runDir": out.get("runDir"),
-        "serialLog": out.get("serialLog"),
-        "disks": out.get("disks"),
-        "nics": out.get("nics"),
-    });
-    if let Some(p) = point {
-        v["recoveryPointId"] = p.into();
-    }
-    v
+/// A replica VM (a StartReplica output) as the API shows it; `None` for
+/// an output that is not a started replica (the job that wrote it refused
+/// such an output, so only a failed start leaves none).
+fn replica_vm(out: &Value, point: Option<&str>) -> Option<api::ReplicaVm> {
+    let r: ReplicaStarted = serde_json::from_value(out.clone()).ok()?;
+    Some(api::ReplicaVm {
+        name: r.vm_name,
+        run_dir: r.run_dir,
+        serial_log: r.serial_log,
+        disks: r.disks,
+        nics: r.nics,
+        recovery_point_id: point.map(str::to_string),
+    })
 }
 
-pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<Value> {
+pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<api::RecoveryPoint> {
     let point_id: String = row.try_get("point_id")?;
     let consistency: String = row.try_get("consistency")?;
     Ok(resource(
@@ -871,22 +926,22 @@ pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<Valu
             item_id(v, &item.fabric, &item.container, &item.name)
         ),
         &point_id,
-        T_POINT,
-        json!({
-            "recoveryPointTime": rfc3339(row.try_get("created_ms")?),
-            "recoveryPointType": consistency,
-            "providerSpecificDetails": {
-                "instanceType": "Siterec",
-                "bytesSent": row.try_get::<i64, _>("bytes_sent")?,
-                "bytesRead": row.try_get::<i64, _>("bytes_read")?,
+        types::POINT,
+        api::RecoveryPointProperties {
+            recovery_point_time: rfc3339(row.try_get("created_ms")?),
+            recovery_point_type: consistency,
+            provider_specific_details: api::PointDetails {
+                instance_type: "Siterec".into(),
+                bytes_sent: row.try_get("bytes_sent")?,
+                bytes_read: row.try_get("bytes_read")?,
             },
-        }),
+        },
     ))
 }
 
 // ---------- jobs ----------
 
-pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> {
+pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Job> {
     let row = sqlx::query("SELECT * FROM jobs WHERE id = $1")
         .bind(job_id)
         .fetch_optional(db)
@@ -905,52 +960,71 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<Value> 
     for s in &steps {
         let st: String = s.try_get("state")?;
         let err: Option<String> = s.try_get("error")?;
-        tasks.push(json!({
-            "taskId": format!("{job_id}-{}", s.try_get::<i64, _>("idx")?),
-            "name": s.try_get::<String, _>("name")?,
-            "friendlyName": s.try_get::<String, _>("name")?,
-            "state": st,
-            "stateDescription": st,
-            "startTime": opt_rfc3339(s.try_get("start_ms")?),
-            "endTime": opt_rfc3339(s.try_get("end_ms")?),
-            "errors": err.iter().map(|e| json!({"taskErrorDetails": {"errorMessage": e}})).collect::<Vec<_>>(),
-            "customDetails": s.try_get::<Option<String>, _>("output")?
-                .and_then(|o| serde_json::from_str::<Value>(&o).ok())
-                .map(|o| json!({"instanceType": "SiterecStepOutput", "notes": o.get("notes"), "output": o})),
-        }));
+        let output = s
+            .try_get::<Option<String>, _>("output")?
+            .map(|o| serde_json::from_str::<Value>(&o))
+            .transpose()
+            .map_err(|e| ApiError::internal("stored step output", e))?;
+        let name: String = s.try_get("name")?;
+        tasks.push(api::JobTask {
+            task_id: format!("{job_id}-{}", s.try_get::<i64, _>("idx")?),
+            name: name.clone(),
+            friendly_name: name,
+            state: st.clone(),
+            state_description: st,
+            start_time: opt_rfc3339(s.try_get("start_ms")?),
+            end_time: opt_rfc3339(s.try_get("end_ms")?),
+            errors: err
+                .into_iter()
+                .map(|e| api::TaskError {
+                    task_error_details: api::TaskErrorDetails { error_message: e },
+                })
+                .collect(),
+            custom_details: output.map(|o| api::StepDetails {
+                instance_type: "SiterecStepOutput".into(),
+                notes: o.get("notes").cloned(),
+                output: o,
+            }),
+        });
     }
     let code: Option<String> = row.try_get("error_code")?;
     let message: Option<String> = row.try_get("error_message")?;
-    let errors: Vec<Value> = match (code, message) {
-        (Some(c), Some(m)) => vec![
-            json!({"serviceErrorDetails": {"code": c, "message": m}, "providerErrorDetails": null}),
-        ],
+    let errors = match (code, message) {
+        (Some(code), Some(message)) => vec![api::JobError {
+            service_error_details: api::ErrorDetail { code, message },
+            provider_error_details: None,
+        }],
         _ => vec![],
     };
+    let output = row
+        .try_get::<Option<String>, _>("output")?
+        .map(|o| serde_json::from_str::<Value>(&o))
+        .transpose()
+        .map_err(|e| ApiError::internal("stored job output", e))?;
     let st = JobState::parse(&state);
     Ok(resource(
         crate::model::job_id(v, job_id),
         job_id,
-        T_JOB,
-        json!({
-            "activityId": job_id,
-            "scenarioName": kind,
-            "friendlyName": display,
-            "state": state,
-            "stateDescription": st.map(|s| s.as_str()).unwrap_or("Unknown"),
-            "tasks": tasks,
-            "errors": errors,
-            "startTime": opt_rfc3339(row.try_get("start_ms")?),
-            "endTime": opt_rfc3339(row.try_get("end_ms")?),
-            "allowedActions": [],
-            "targetObjectId": row.try_get::<String, _>("target_id")?,
-            "targetObjectName": row.try_get::<String, _>("target_name")?,
-            "targetInstanceType": row.try_get::<String, _>("target_type")?,
-            "customDetails": {
-                "instanceType": "JobDetails",
-                "output": row.try_get::<Option<String>, _>("output")?.and_then(|o| serde_json::from_str::<Value>(&o).ok()),
+        types::JOB,
+        api::JobProperties {
+            activity_id: job_id.to_string(),
+            scenario_name: kind,
+            friendly_name: display.into(),
+            state_description: st.map(|s| s.as_str()).unwrap_or("Unknown").into(),
+            state,
+            tasks,
+            errors,
+            start_time: opt_rfc3339(row.try_get("start_ms")?),
+            end_time: opt_rfc3339(row.try_get("end_ms")?),
+            allowed_actions: vec![],
+            target_object_id: row.try_get("target_id")?,
+            target_object_name: row.try_get("target_name")?,
+            target_instance_type: row.try_get("target_type")?,
+            custom_details: api::JobDetails {
+                instance_type: "JobDetails".into(),
+                output,
             },
-        }),
+        },
     ))
 }
 

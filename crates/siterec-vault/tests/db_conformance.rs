@@ -290,3 +290,172 @@ async fn item_pages_resume_after_their_last_item() {
         assert!(items.is_empty(), "{e}");
     }
 }
+
+/// The job engine's persistence (`job_store`): a job and its named steps
+/// written and read back, a round's effects, a task created once, the
+/// sealed key forgotten everywhere, a failure recorded with the steps
+/// after it cancelled — the same on each engine.
+#[tokio::test]
+async fn jobs_their_steps_and_effects_read_back_as_written() {
+    use siterec_core::orchestration::{Effect, FailoverInput, JobInput, Need, Observed, StepKey};
+    use siterec_core::state::{JobKind, JobState};
+    use siterec_core::wire::{SealedKey, TaskWork};
+    use siterec_vault::persist::jobs as job_store;
+
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        let input = JobInput::UnplannedFailover(FailoverInput {
+            item: "web01".into(),
+            point_id: "p1".into(),
+            vm: true,
+            vm_name: Some("web01".into()),
+            sealed_key: Some(SealedKey("c2VhbGVk".into())),
+        });
+        let mut tx = db::begin(&db).await.unwrap();
+        let job = job_store::create(&mut tx, &input, "ProtectionEntity", "web01", "/web01")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(job_store::active(&db).await.unwrap(), vec![job.clone()], "{e}");
+
+        let mut tx = db::begin(&db).await.unwrap();
+        let record = job_store::load(&mut tx, &job)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(record.kind, JobKind::UnplannedFailover, "{e}");
+        assert_eq!(record.state, JobState::NotStarted, "{e}");
+        assert_eq!(
+            JobInput::parse(record.kind, &record.input).unwrap(),
+            input,
+            "{e}"
+        );
+        let steps = job_store::steps(&mut tx, &job).await.unwrap();
+        let keys: Vec<_> = steps.iter().map(|s| s.key.clone().unwrap()).collect();
+        assert_eq!(
+            keys,
+            [
+                StepKey::CheckFailover,
+                StepKey::StopReplication,
+                StepKey::StartVm,
+                StepKey::CompleteFailover
+            ]
+            .map(|k| k.as_str().to_string()),
+            "{e}"
+        );
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.state == JobState::NotStarted && s.started_ms.is_none())
+        );
+
+        // A round: the step starts, a task is created (twice: once), the
+        // step says something, the key is forgotten.
+        job_store::start_job(&mut tx, &job, 5).await.unwrap();
+        job_store::start_step(&mut tx, &job, 2, 7).await.unwrap();
+        let task = Effect::EnsureTask {
+            id: format!("{job}-start-replica"),
+            agent: "agent-1".into(),
+            work: TaskWork::Materialize {
+                item: "web01".into(),
+                point_id: "p1".into(),
+                formats: vec!["raw".into()],
+                sealed_key: Some(SealedKey("c2VhbGVk".into())),
+            },
+        };
+        for effect in [
+            &task,
+            &task,
+            &Effect::StepOutput(serde_json::json!({"notes": ["hello"]})),
+            &Effect::ForgetSealedKey,
+        ] {
+            job_store::apply(&mut tx, &job, 2, effect).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let (n, work): (i64, String) =
+            sqlx::query_as("SELECT COUNT(*), MAX(work) FROM agent_tasks WHERE job_id = $1")
+                .bind(&job)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+        assert_eq!(n, 1, "{e}: the task was created once");
+        assert!(!work.contains("sealedKey"), "{e}: {work}");
+        let mut tx = db::begin(&db).await.unwrap();
+        let record = job_store::load(&mut tx, &job)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(!record.input.contains("sealedKey"), "{e}: {}", record.input);
+        assert_eq!(record.state, JobState::InProgress, "{e}");
+        let steps = job_store::steps(&mut tx, &job).await.unwrap();
+        assert_eq!(steps[2].state, JobState::InProgress, "{e}");
+        assert_eq!(steps[2].started_ms, Some(7), "{e}");
+        // The task is seen as pending, with the item's agent unknown.
+        let seen = job_store::observe(
+            &mut tx,
+            &Need::Stores {
+                tasks: vec![("agent-1".into(), format!("{job}-start-replica"))],
+            },
+            10,
+        )
+        .await
+        .unwrap();
+        match seen {
+            Observed::Stores(t) => {
+                assert_eq!(t.len(), 1, "{e}");
+                assert_eq!(
+                    t[0].task,
+                    Some(siterec_core::orchestration::TaskResult::Pending),
+                    "{e}"
+                );
+                assert_eq!(t[0].agent_last_seen_ms, None, "{e}");
+            }
+            other => panic!("{e}: {other:?}"),
+        }
+        // A failure: the step failed, the rest cancelled, the job failed.
+        job_store::fail_job(&mut tx, &job, Some(2), "StartReplicaFailed", "no qemu")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let states: Vec<String> =
+            sqlx::query_scalar("SELECT state FROM job_steps WHERE job_id = $1 ORDER BY idx")
+                .bind(&job)
+                .fetch_all(&db)
+                .await
+                .unwrap();
+        // (Steps 0 and 1 never ran here: unfinished, they are cancelled too.)
+        assert_eq!(
+            states,
+            ["Cancelled", "Cancelled", "Failed", "Cancelled"],
+            "{e}"
+        );
+        let view = model::job_json(&db, &test_vault(), &job).await.unwrap();
+        assert_eq!(view.properties.state, "Failed", "{e}");
+        assert_eq!(
+            view.properties.errors[0].service_error_details.code, "StartReplicaFailed",
+            "{e}"
+        );
+        assert_eq!(
+            view.properties.tasks[2]
+                .custom_details
+                .as_ref()
+                .unwrap()
+                .output["notes"][0],
+            "hello",
+            "{e}"
+        );
+        assert!(job_store::active(&db).await.unwrap().is_empty(), "{e}");
+    }
+}
+
+fn test_vault() -> siterec_vault::VaultInfo {
+    siterec_vault::VaultInfo {
+        subscription: "s".into(),
+        resource_group: "rg".into(),
+        name: "v".into(),
+        location: "local".into(),
+    }
+}

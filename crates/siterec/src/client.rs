@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use serde_json::{Value, json};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use siterec_api as sapi;
 
 pub use siterec_core::names::API_VERSION;
 
@@ -40,6 +42,38 @@ pub struct Operation {
     pub error: Option<String>,
     /// The resource the operation returns (GET of its Location) on success.
     pub result: Option<Value>,
+}
+
+impl Operation {
+    /// The result read as the resource the operation returns.
+    pub fn result_as<T: DeserializeOwned>(&self) -> anyhow::Result<Option<T>> {
+        self.result
+            .clone()
+            .map(|r| {
+                serde_json::from_value(r).with_context(|| {
+                    format!(
+                        "the result of job {} does not read as a {}",
+                        self.job_id,
+                        std::any::type_name::<T>()
+                    )
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Reads an answer of the vault as `T`, naming what did not read.
+async fn read<T: DeserializeOwned>(resp: reqwest::Response, what: &str) -> anyhow::Result<T> {
+    let bytes = resp
+        .bytes()
+        .await
+        .with_context(|| format!("reading the vault's answer to {what}"))?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "the vault's answer to {what} does not read as {} (is the vault of another siterec version?)",
+            std::any::type_name::<T>()
+        )
+    })
 }
 
 impl Api {
@@ -119,41 +153,64 @@ impl Api {
         }
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
-        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        // Not every failure is the vault's ARM error (a proxy's page, say):
+        // then the text is the message.
+        let (code, message) = match serde_json::from_str::<sapi::ErrorResponse>(&text) {
+            Ok(e) => (e.error.code, e.error.message),
+            Err(_) => ("Error".to_string(), text),
+        };
         Err(ApiFailure {
             status,
-            code: v["error"]["code"].as_str().unwrap_or("Error").to_string(),
-            message: v["error"]["message"]
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or(text),
+            code,
+            message,
         }
         .into())
     }
 
     pub async fn get(&self, rel: &str) -> anyhow::Result<Value> {
+        self.get_as(rel).await
+    }
+
+    /// GET, read as `T` (a resource type of [`siterec_api`]).
+    pub async fn get_as<T: DeserializeOwned>(&self, rel: &str) -> anyhow::Result<T> {
         let resp = self.send(self.http.get(self.full(rel))).await?;
-        Ok(resp.json().await.unwrap_or(Value::Null))
+        read(resp, &format!("GET {rel}")).await
     }
 
     /// GET an absolute URL the vault gave (a `nextLink`).
     pub async fn get_url(&self, url: &str) -> anyhow::Result<Value> {
         let resp = self.send(self.http.get(url)).await?;
-        Ok(resp.json().await.unwrap_or(Value::Null))
+        read(resp, &format!("GET {url}")).await
     }
 
     /// GET a list, following `nextLink`.
     pub async fn list(&self, rel: &str) -> anyhow::Result<Vec<Value>> {
-        let v = self.get(rel).await?;
-        let mut out: Vec<Value> = v["value"].as_array().cloned().unwrap_or_default();
-        let mut next = v["nextLink"].as_str().map(str::to_string);
-        while let Some(link) = next {
+        self.list_as(rel).await
+    }
+
+    /// GET a list of `T`, following `nextLink`.
+    pub async fn list_as<T: DeserializeOwned>(&self, rel: &str) -> anyhow::Result<Vec<T>> {
+        let mut page: sapi::List<T> = self.get_as(rel).await?;
+        let mut out = std::mem::take(&mut page.value);
+        while let Some(link) = page.next_link.take() {
             let resp = self.send(self.http.get(&link)).await?;
-            let v: Value = resp.json().await.unwrap_or(Value::Null);
-            out.extend(v["value"].as_array().cloned().unwrap_or_default());
-            next = v["nextLink"].as_str().map(str::to_string);
+            page = read(resp, &format!("GET {link}")).await?;
+            out.append(&mut page.value);
         }
         Ok(out)
+    }
+
+    /// GET a list of `T`, each as JSON (for the table and JSON outputs):
+    /// an answer that does not read as `T` is an error, not blank cells.
+    pub async fn rows<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        rel: &str,
+    ) -> anyhow::Result<Vec<Value>> {
+        self.list_as::<T>(rel)
+            .await?
+            .iter()
+            .map(|r| serde_json::to_value(r).map_err(Into::into))
+            .collect()
     }
 
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {
@@ -163,7 +220,7 @@ impl Api {
 
     pub async fn post_sync(&self, rel: &str, body: &Value) -> anyhow::Result<Value> {
         let resp = self.send(self.http.post(self.full(rel)).json(body)).await?;
-        Ok(resp.json().await.unwrap_or(Value::Null))
+        read(resp, &format!("POST {rel}")).await
     }
 
     /// Starts a long-running PUT or POST; returns the job id and the
@@ -215,18 +272,13 @@ impl Api {
         let deadline = Instant::now() + timeout;
         loop {
             let resp = self.send(self.http.get(async_op)).await?;
-            let v: Value = resp.json().await.unwrap_or(Value::Null);
-            let status = v["status"].as_str().unwrap_or("InProgress").to_string();
+            let v: sapi::OperationStatus = read(resp, &format!("GET {async_op}")).await?;
+            let status = v.status;
             if status != "InProgress" {
-                let error = v["error"]["message"].as_str().map(str::to_string);
+                let error = v.error.map(|e| e.message);
                 let result = if status == "Succeeded" && !location.is_empty() {
-                    Some(
-                        self.send(self.http.get(location))
-                            .await?
-                            .json()
-                            .await
-                            .unwrap_or(Value::Null),
-                    )
+                    let resp = self.send(self.http.get(location)).await?;
+                    Some(read(resp, &format!("GET {location}")).await?)
                 } else {
                     None
                 };
@@ -248,21 +300,17 @@ impl Api {
     }
 
     /// The ARM path (relative to the vault) of a protected item, found by name.
-    pub async fn item_path(&self, name: &str) -> anyhow::Result<(String, Value)> {
-        let items = self.list("replicationProtectedItems").await?;
+    pub async fn item_path(&self, name: &str) -> anyhow::Result<(String, sapi::ProtectedItem)> {
+        let items: Vec<sapi::ProtectedItem> = self.list_as("replicationProtectedItems").await?;
         let item = items
             .into_iter()
-            .find(|i| {
-                i["name"]
-                    .as_str()
-                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
-            })
+            .find(|i| i.name.eq_ignore_ascii_case(name))
             .ok_or_else(|| {
                 anyhow!(
                     "protected item '{name}' was not found; 'siterec item list' shows the items"
                 )
             })?;
-        let id = item["id"].as_str().unwrap_or_default();
+        let id = &item.id;
         let rel = relative(id, &self.vault_id)
             .ok_or_else(|| anyhow!("item id {id} is not under this vault"))?;
         Ok((rel, item))
@@ -273,7 +321,10 @@ impl Api {
         fabric: &str,
         valid_seconds: Option<i64>,
     ) -> anyhow::Result<Value> {
-        let body = json!({"fabric": fabric, "validSeconds": valid_seconds});
+        let body = serde_json::to_value(sapi::CreateKeyInput {
+            fabric: fabric.to_string(),
+            valid_seconds,
+        })?;
         self.post_sync("siterecRegistrationKeys", &body).await
     }
 }

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use client::Api;
 use output::Format;
+use siterec_api as sapi;
 
 #[derive(Parser)]
 #[command(
@@ -640,7 +641,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 KeyCmd::List => {
-                    let keys = api.list("siterecRegistrationKeys").await?;
+                    let keys = api
+                        .rows::<sapi::RegistrationKey>("siterecRegistrationKeys")
+                        .await?;
                     output::rows(
                         out,
                         &keys,
@@ -752,7 +755,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fabric(FabricCmd::List) => {
-            let v = api(&cli.conn).await?.list("replicationFabrics").await?;
+            let v = api(&cli.conn)
+                .await?
+                .rows::<sapi::Fabric>("replicationFabrics")
+                .await?;
             output::rows(
                 out,
                 &v,
@@ -767,7 +773,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Fabric(FabricCmd::Agents { fabric }) => {
             let v = api(&cli.conn)
                 .await?
-                .list(&format!(
+                .rows::<sapi::Provider>(&format!(
                     "replicationFabrics/{fabric}/replicationRecoveryServicesProviders"
                 ))
                 .await?;
@@ -787,7 +793,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Cloud(CloudCmd::List { fabric }) => {
             let v = api(&cli.conn)
                 .await?
-                .list(&format!(
+                .rows::<sapi::Container>(&format!(
                     "replicationFabrics/{fabric}/replicationProtectionContainers"
                 ))
                 .await?;
@@ -804,15 +810,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Machine(MachineCmd::List { fabric, cloud }) => {
-            let mut v = api(&cli.conn)
+            let machines = api(&cli.conn)
                 .await?
-                .list(&format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectableItems"))
+                .list_as::<sapi::ProtectableItem>(&format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectableItems"))
                 .await?;
-            if out == Format::Table {
-                for m in &mut v {
-                    let nics = nics_text(m.pointer("/properties/customDetails/vmNics"));
-                    m["nicsText"] = nics.into();
+            let mut v = Vec::new();
+            for m in &machines {
+                let mut row = serde_json::to_value(m)?;
+                if out == Format::Table {
+                    let nics = m
+                        .properties
+                        .custom_details
+                        .vm_nics
+                        .iter()
+                        .map(|n| format!("{}: {}", n.nic_id, n.vm_network_name))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    row["nicsText"] = nics.into();
                 }
+                v.push(row);
             }
             output::rows(
                 out,
@@ -838,11 +854,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }) => {
             let api = api(&cli.conn).await?;
             let name = name.unwrap_or_else(|| format!("{cloud}-to-{target_cloud}"));
-            let body = json!({"properties": {
-                "targetProtectionContainerId": format!("{}/replicationFabrics/{target_fabric}/replicationProtectionContainers/{target_cloud}", api.vault_id()),
-                "policyId": format!("{}/replicationPolicies/{policy}", api.vault_id()),
-                "providerSpecificInput": {"instanceType": "ReplicationProviderSpecificContainerMappingInput"},
-            }});
+            let body = input(sapi::CreateContainerMappingInput {
+                target_protection_container_id: format!(
+                    "{}/replicationFabrics/{target_fabric}/replicationProtectionContainers/{target_cloud}",
+                    api.vault_id()
+                ),
+                policy_id: format!("{}/replicationPolicies/{policy}", api.vault_id()),
+                provider_specific_input: sapi::InstanceType {
+                    instance_type: "ReplicationProviderSpecificContainerMappingInput".into(),
+                },
+            });
             let rel = format!(
                 "replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectionContainerMappings/{name}"
             );
@@ -854,7 +875,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Pairing(PairingCmd::List) => {
             let v = api(&cli.conn)
                 .await?
-                .list("replicationProtectionContainerMappings")
+                .rows::<sapi::ContainerMapping>("replicationProtectionContainerMappings")
                 .await?;
             output::rows(
                 out,
@@ -882,7 +903,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Points(PointsCmd::List { item }) => {
             let api = api(&cli.conn).await?;
             let (rel, _) = api.item_path(&item).await?;
-            let v = api.list(&format!("{rel}/recoveryPoints")).await?;
+            let v = api
+                .rows::<sapi::RecoveryPoint>(&format!("{rel}/recoveryPoints"))
+                .await?;
             output::rows(
                 out,
                 &v,
@@ -900,7 +923,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Failover(f) => failover(&cli.conn, out, f).await,
         Cmd::Jobs(JobsCmd::List) => {
-            let v = api(&cli.conn).await?.list("replicationJobs").await?;
+            let v = api(&cli.conn)
+                .await?
+                .rows::<sapi::Job>("replicationJobs")
+                .await?;
             output::rows(
                 out,
                 &v,
@@ -916,10 +942,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Jobs(JobsCmd::Show { id }) => {
-            let v = api(&cli.conn)
+            let job: sapi::Job = api(&cli.conn)
                 .await?
-                .get(&format!("replicationJobs/{id}"))
+                .get_as(&format!("replicationJobs/{id}"))
                 .await?;
+            let v = serde_json::to_value(&job)?;
             if out == Format::Json {
                 output::json(&v);
             } else {
@@ -935,10 +962,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         ("end", "/properties/endTime"),
                     ],
                 );
-                let steps = v["properties"]["tasks"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
+                let steps = job
+                    .properties
+                    .tasks
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<Vec<_>, _>>()?;
                 output::rows(
                     out,
                     &steps,
@@ -951,11 +980,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         ("NOTES", "/customDetails/notes"),
                     ],
                 );
-                if let Some(e) = v
-                    .pointer("/properties/errors/0/serviceErrorDetails/message")
-                    .and_then(|m| m.as_str())
-                {
-                    println!("error: {e}");
+                if let Some(e) = job.properties.errors.first() {
+                    println!("error: {}", e.service_error_details.message);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -1056,35 +1082,45 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             offline_export_path,
             offline_import_path,
         } => {
-            let mut input = json!({
-                "instanceType": instance_type,
-                "replicationInterval": copy_frequency,
-                "applicationConsistentSnapshotFrequencyInHours": app_consistent_hours,
-                "compression": if no_compression { "Disable" } else { "Enable" },
-                "encryption": if encrypt { "Enable" } else { "Disable" },
-            });
-            match (retention_hours, recovery_points) {
-                (_, Some(n)) => input["recoveryPoints"] = n.into(),
-                (Some(h), None) => input["recoveryPointHistoryDuration"] = h.into(),
-                (None, None) => input["recoveryPointHistoryDuration"] = 24.into(),
-            }
-            if let (Some(export), Some(import)) = (offline_export_path, offline_import_path) {
-                input["initialReplicationMethod"] = "Offline".into();
-                input["offlineReplicationExportPath"] = export.into();
-                input["offlineReplicationImportPath"] = import.into();
-            }
+            let (history, points) = match (retention_hours, recovery_points) {
+                (_, Some(n)) => (None, Some(n)),
+                (Some(h), None) => (Some(h), None),
+                (None, None) => (Some(24), None),
+            };
+            let offline = match (offline_export_path, offline_import_path) {
+                (Some(export), Some(import)) => Some((export, import)),
+                _ => None,
+            };
+            let policy_input = sapi::PolicyProviderInput {
+                instance_type,
+                replication_interval: copy_frequency,
+                recovery_point_history_duration: history,
+                recovery_points: points,
+                application_consistent_snapshot_frequency_in_hours: app_consistent_hours,
+                compression: if no_compression { "Disable" } else { "Enable" }.into(),
+                encryption: if encrypt { "Enable" } else { "Disable" }.into(),
+                initial_replication_method: offline.as_ref().map(|_| "Offline".to_string()),
+                offline_replication_export_path: offline.as_ref().map(|o| o.0.clone()),
+                offline_replication_import_path: offline.map(|o| o.1),
+            };
             let op = api
                 .run(
                     reqwest::Method::PUT,
                     &format!("replicationPolicies/{name}"),
-                    &json!({"properties": {"providerSpecificInput": input}}),
+                    &input(sapi::CreatePolicyInput {
+                        provider_specific_input: policy_input,
+                    }),
                     JOB_TIMEOUT,
                 )
                 .await?;
             finish(op, out, &format!("policy {name}"))
         }
         PolicyCmd::List => {
-            output::rows(out, &api.list("replicationPolicies").await?, &cols);
+            output::rows(
+                out,
+                &api.rows::<sapi::Policy>("replicationPolicies").await?,
+                &cols,
+            );
             Ok(ExitCode::SUCCESS)
         }
         PolicyCmd::Show { name } => {
@@ -1144,20 +1180,20 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             let name = name.unwrap_or_else(|| machine.clone());
             let base =
                 format!("replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}");
-            let mut props = json!({
-                "protectableItemId": format!("{}/{base}/replicationProtectableItems/{machine}", api.vault_id()),
-                "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure"},
-            });
-            if let Some(p) = policy {
-                props["policyId"] = format!("{}/replicationPolicies/{p}", api.vault_id()).into();
-            }
-            if let Some(g) = group {
-                // As Azure PowerShell: the group's name is also its id.
-                props["providerSpecificDetails"]["multiVmGroupId"] = g.clone().into();
-                props["providerSpecificDetails"]["multiVmGroupName"] = g.into();
-            }
             let rel = format!("{base}/replicationProtectedItems/{name}");
-            let body = json!({"properties": props});
+            let body = input(sapi::EnableProtectionInput {
+                protectable_item_id: format!(
+                    "{}/{base}/replicationProtectableItems/{machine}",
+                    api.vault_id()
+                ),
+                policy_id: policy.map(|p| format!("{}/replicationPolicies/{p}", api.vault_id())),
+                provider_specific_details: sapi::EnableProtectionDetails {
+                    instance_type: "HyperVReplicaAzure".into(),
+                    // As Azure PowerShell: the group's name is also its id.
+                    multi_vm_group_id: group.clone(),
+                    multi_vm_group_name: group,
+                },
+            });
             if no_wait {
                 let (job, _, _) = api.start(reqwest::Method::PUT, &rel, &body).await?;
                 return Ok(started(&job, out, "enable protection"));
@@ -1170,13 +1206,15 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
         ItemCmd::List => {
             output::rows(
                 out,
-                &api.list("replicationProtectedItems").await?,
+                &api.rows::<sapi::ProtectedItem>("replicationProtectedItems")
+                    .await?,
                 &ITEM_COLS,
             );
             Ok(ExitCode::SUCCESS)
         }
         ItemCmd::Show { item } => {
-            let (_, mut v) = api.item_path(&item).await?;
+            let (_, item) = api.item_path(&item).await?;
+            let mut v = serde_json::to_value(&item)?;
             let mut fields = ITEM_COLS.to_vec();
             fields.extend([
                 ("machine", "/properties/protectableItemId"),
@@ -1212,7 +1250,13 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
                 ("NICs", "/nicsText"),
             ]);
             if out == Format::Table {
-                let nics = nics_text(v.pointer("/properties/providerSpecificDetails/vmNics"));
+                let nics = nics_text(
+                    item.properties
+                        .provider_specific_details
+                        .vm_nics
+                        .as_deref()
+                        .unwrap_or_default(),
+                );
                 v["nicsText"] = nics.into();
             }
             output::object(out, &v, &fields);
@@ -1246,16 +1290,23 @@ fn read_optional_key(path: Option<&std::path::Path>) -> anyhow::Result<Option<St
 
 /// The `providerSpecificDetails` of a failover or test failover: the point
 /// (`latest` = none given) and the recovery key, if any.
-fn failover_details(api: &Api, rel: &str, point: &str, key: Option<String>) -> serde_json::Value {
-    let mut details = json!({"instanceType": "HyperVReplicaAzure"});
-    if let Some(key) = key {
-        details["primaryKekCertificatePfx"] = key.into();
+fn failover_details(
+    api: &Api,
+    rel: &str,
+    point: &str,
+    key: Option<String>,
+) -> sapi::FailoverDetails {
+    sapi::FailoverDetails {
+        instance_type: "HyperVReplicaAzure".into(),
+        recovery_point_id: (point != "latest")
+            .then(|| format!("{}/{rel}/recoveryPoints/{point}", api.vault_id())),
+        primary_kek_certificate_pfx: key,
     }
-    if point != "latest" {
-        details["recoveryPointId"] =
-            format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()).into();
-    }
-    details
+}
+
+/// A request body: `{"properties": ...}`, as JSON.
+fn input<P: serde::Serialize>(properties: P) -> Value {
+    serde_json::to_value(sapi::Input { properties }).unwrap_or(Value::Null)
 }
 
 async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<ExitCode> {
@@ -1271,7 +1322,11 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
             let key = read_optional_key(encryption_key.as_deref())?;
             let (rel, _) = api.item_path(&item).await?;
             let details = failover_details(&api, &rel, &point, key);
-            let body = json!({"properties": {"failoverDirection": "PrimaryToRecovery", "sourceSiteOperations": "NotRequired", "providerSpecificDetails": details}});
+            let body = input(sapi::UnplannedFailoverInput {
+                failover_direction: "PrimaryToRecovery".into(),
+                source_site_operations: "NotRequired".into(),
+                provider_specific_details: details,
+            });
             if no_wait {
                 let (job, _, _) = api
                     .start(
@@ -1292,19 +1347,17 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 .await?;
             if op.status == "Succeeded"
                 && out == Format::Table
-                && let Some(disks) = op
-                    .result
-                    .as_ref()
-                    .and_then(|r| r.pointer("/properties/providerSpecificDetails/failoverDisks"))
-                    .and_then(|d| d.as_array())
+                && let Some(failed_over) = op.result_as::<sapi::ProtectedItem>()?
             {
+                let disks = serde_json::from_value::<Vec<sapi::MaterializedDisk>>(
+                    failed_over
+                        .properties
+                        .provider_specific_details
+                        .failover_disks,
+                )
+                .unwrap_or_default();
                 for d in disks {
-                    println!(
-                        "{} ({}): {}",
-                        output::cell(d.get("disk")),
-                        output::cell(d.get("format")),
-                        output::cell(d.get("path"))
-                    );
+                    println!("{} ({}): {}", d.disk, d.format, d.path);
                 }
             }
             finish(op, out, &format!("unplanned failover of {item}"))
@@ -1340,24 +1393,23 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
         } => {
             let key = read_optional_key(encryption_key.as_deref())?;
             let (rel, v) = api.item_path(&item).await?;
-            let details = failover_details(&api, &rel, &point, key);
-            let mut props = json!({
-                "failoverDirection": "PrimaryToRecovery",
-                "networkType": "NoNetworkAttachAsInput",
-                "providerSpecificDetails": details,
+            let rf = &v.properties.recovery_fabric_friendly_name;
+            let body = input(sapi::TestFailoverInput {
+                failover_direction: "PrimaryToRecovery".into(),
+                network_type: if network.is_some() {
+                    "VmNetworkAsInput"
+                } else {
+                    "NoNetworkAttachAsInput"
+                }
+                .into(),
+                network_id: network.map(|n| {
+                    format!(
+                        "{}/replicationFabrics/{rf}/replicationNetworks/{n}",
+                        api.vault_id()
+                    )
+                }),
+                provider_specific_details: failover_details(&api, &rel, &point, key),
             });
-            if let Some(n) = network {
-                let rf = v["properties"]["recoveryFabricFriendlyName"]
-                    .as_str()
-                    .unwrap_or_default();
-                props["networkType"] = "VmNetworkAsInput".into();
-                props["networkId"] = format!(
-                    "{}/replicationFabrics/{rf}/replicationNetworks/{n}",
-                    api.vault_id()
-                )
-                .into();
-            }
-            let body = json!({"properties": props});
             let rel = format!("{rel}/testFailover");
             if no_wait {
                 let (job, _, _) = api.start(reqwest::Method::POST, &rel, &body).await?;
@@ -1368,21 +1420,19 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 .await?;
             if op.status == "Succeeded"
                 && out == Format::Table
-                && let Some(vm) = op
-                    .result
-                    .as_ref()
-                    .and_then(|r| r.pointer("/properties/providerSpecificDetails/testVm"))
+                && let Some(tested) = op.result_as::<sapi::ProtectedItem>()?
+                && let Some(vm) = tested.properties.provider_specific_details.test_vm
             {
                 println!(
                     "test VM {} started from point {} in {} (serial console: {})",
-                    output::cell(vm.get("name")),
-                    output::cell(vm.get("recoveryPointId")),
-                    output::cell(vm.get("runDir")),
-                    output::cell(vm.get("serialLog"))
+                    vm.name,
+                    vm.recovery_point_id.as_deref().unwrap_or_default(),
+                    vm.run_dir,
+                    vm.serial_log
                 );
-                for n in vm["nics"].as_array().into_iter().flatten() {
-                    let net = n["network"].as_str().unwrap_or("an isolated network");
-                    println!("  NIC {}: {net}", output::cell(n.get("name")));
+                for n in &vm.nics {
+                    let net = n.network.as_deref().unwrap_or("an isolated network");
+                    println!("  NIC {}: {net}", n.name);
                 }
                 println!("clean it up with 'siterec failover test-cleanup {item}'");
             }
@@ -1394,7 +1444,9 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
             no_wait,
         } => {
             let (rel, _) = api.item_path(&item).await?;
-            let body = json!({"properties": {"comments": comments.unwrap_or_default()}});
+            let body = input(sapi::TestFailoverCleanupInput {
+                comments: comments.unwrap_or_default(),
+            });
             let rel = format!("{rel}/testFailoverCleanup");
             if no_wait {
                 let (job, _, _) = api.start(reqwest::Method::POST, &rel, &body).await?;
@@ -1409,17 +1461,11 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
 }
 
 /// A VM's NICs in one cell: `eth0: prod-lan → recovery/dr-lan`.
-fn nics_text(nics: Option<&Value>) -> String {
-    nics.and_then(Value::as_array)
-        .into_iter()
-        .flatten()
+fn nics_text(nics: &[sapi::ItemNic]) -> String {
+    nics.iter()
         .map(|n| {
-            let mut s = format!(
-                "{}: {}",
-                output::cell(n.get("nicId")),
-                output::cell(n.get("vMNetworkName"))
-            );
-            if let Some(target) = n.get("recoveryVMNetworkId").and_then(Value::as_str) {
+            let mut s = format!("{}: {}", n.nic_id, n.vm_network_name);
+            if let Some(target) = &n.recovery_vm_network_id {
                 let fabric = siterec_core::names::segment_after(target, "replicationFabrics")
                     .unwrap_or_default();
                 s.push_str(&format!(
@@ -1453,7 +1499,7 @@ async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<Ex
                 Some(f) => format!("replicationFabrics/{f}/replicationNetworks"),
                 None => "replicationNetworks".to_string(),
             };
-            let mut v = api.list(&rel).await?;
+            let mut v = api.rows::<sapi::Network>(&rel).await?;
             for n in &mut v {
                 let id = n["id"].as_str().unwrap_or_default();
                 n["fabric"] = siterec_core::names::segment_after(id, "replicationFabrics")
@@ -1480,11 +1526,14 @@ async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<Ex
             instance_type,
         } => {
             let name = name.unwrap_or_else(|| format!("{network}-to-{recovery_network}"));
-            let body = json!({"properties": {
-                "recoveryFabricName": recovery_fabric,
-                "recoveryNetworkId": format!("{}/replicationFabrics/{recovery_fabric}/replicationNetworks/{recovery_network}", api.vault_id()),
-                "fabricSpecificDetails": {"instanceType": instance_type},
-            }});
+            let body = input(sapi::CreateNetworkMappingInput {
+                recovery_network_id: format!(
+                    "{}/replicationFabrics/{recovery_fabric}/replicationNetworks/{recovery_network}",
+                    api.vault_id()
+                ),
+                recovery_fabric_name: recovery_fabric,
+                fabric_specific_details: sapi::InstanceType { instance_type },
+            });
             let rel = format!(
                 "replicationFabrics/{fabric}/replicationNetworks/{network}/replicationNetworkMappings/{name}"
             );
@@ -1496,7 +1545,8 @@ async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<Ex
         NetworkCmd::Mappings => {
             output::rows(
                 out,
-                &api.list("replicationNetworkMappings").await?,
+                &api.rows::<sapi::NetworkMapping>("replicationNetworkMappings")
+                    .await?,
                 &NETWORK_MAPPING_COLS,
             );
             Ok(ExitCode::SUCCESS)
@@ -1516,10 +1566,11 @@ async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<Ex
                     n
                 }
                 None => api
-                    .list(&base)
+                    .list_as::<sapi::NetworkMapping>(&base)
                     .await?
-                    .first()
-                    .and_then(|m| m["name"].as_str().map(str::to_string))
+                    .into_iter()
+                    .next()
+                    .map(|m| m.name)
                     .ok_or_else(|| {
                         anyhow::anyhow!(
                             "network '{network}' of fabric '{fabric}' has no mapping; 'siterec network mappings' lists them"
@@ -1549,11 +1600,10 @@ async fn verify_stores(conn: &Conn, out: Format, fabric: &str) -> anyhow::Result
             JOB_TIMEOUT,
         )
         .await?;
-    let job = api.get(&format!("replicationJobs/{}", op.job_id)).await?;
-    let output = job
-        .pointer("/properties/customDetails/output")
-        .cloned()
-        .unwrap_or(Value::Null);
+    let job: sapi::Job = api
+        .get_as(&format!("replicationJobs/{}", op.job_id))
+        .await?;
+    let output = job.properties.custom_details.output.unwrap_or(Value::Null);
     let mut rows = Vec::new();
     for store in output["stores"].as_array().into_iter().flatten() {
         if let Some(e) = store["error"].as_str() {

@@ -1,0 +1,1421 @@
+//! The job engine's decisions, without I/O.
+//!
+//! A job is a list of steps, each named by a [`StepKey`] that is stored by
+//! name, and a typed [`JobInput`] per [`JobKind`]. The vault's driver runs
+//! one round of a job like this:
+//!
+//! 1. [`next_step`] says which step is due (or that the job is finished, or
+//!    that a step written by another build cannot be resumed);
+//! 2. [`needs`] says what the step must look at, the driver loads it from
+//!    the database and answers an [`Observed`];
+//! 3. [`decide`] turns the observation into a [`Decision`]: an [`Outcome`]
+//!    (done, wait, fail) and the [`Effect`]s to write;
+//! 4. the driver writes the effects and the step's new state in one
+//!    transaction; on a failure, the effects of [`on_failure`] too (the
+//!    job's compensation), on success those of [`on_success`].
+//!
+//! Because the effects of a round and the step's state commit together, a
+//! crash at any moment leaves the job at the start of a round, and every
+//! decision is a function of what is stored: the next process resumes it.
+//! Effects are idempotent (an item already in the state an action leads to
+//! stays there, a task is created once under a fixed id), so a step re-run
+//! after its effects were written finds them and goes on.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::network::{NicPlan, resolve_nics};
+use crate::policy::Policy;
+use crate::state::{ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState};
+use crate::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
+
+#[cfg(test)]
+mod tests;
+
+/// How long a step waits for an agent that is not heard from before failing.
+pub const AGENT_WAIT_MS: i64 = 5 * 60_000;
+
+/// A step of a job, by a name that stays the same across builds (stored in
+/// `job_steps.step`; never reorder meaning behind a name, add new ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum StepKey {
+    ValidatePolicy,
+    SavePolicy,
+    CheckPairing,
+    PairClouds,
+    CheckEnable,
+    IdentifyTarget,
+    EnableReplication,
+    InitialReplication,
+    FinalizeProtection,
+    CheckFailover,
+    StopReplication,
+    MaterializeDisks,
+    StartVm,
+    CompleteFailover,
+    CheckCommit,
+    Commit,
+    VerifyStores,
+    CheckTestFailover,
+    StartTestVm,
+    CompleteTestFailover,
+    CheckCleanup,
+    RemoveTestVm,
+    CompleteCleanup,
+    CheckNetworkMapping,
+    MapNetworks,
+    RemoveNetworkMapping,
+}
+
+impl StepKey {
+    pub const ALL: [StepKey; 26] = [
+        Self::ValidatePolicy,
+        Self::SavePolicy,
+        Self::CheckPairing,
+        Self::PairClouds,
+        Self::CheckEnable,
+        Self::IdentifyTarget,
+        Self::EnableReplication,
+        Self::InitialReplication,
+        Self::FinalizeProtection,
+        Self::CheckFailover,
+        Self::StopReplication,
+        Self::MaterializeDisks,
+        Self::StartVm,
+        Self::CompleteFailover,
+        Self::CheckCommit,
+        Self::Commit,
+        Self::VerifyStores,
+        Self::CheckTestFailover,
+        Self::StartTestVm,
+        Self::CompleteTestFailover,
+        Self::CheckCleanup,
+        Self::RemoveTestVm,
+        Self::CompleteCleanup,
+        Self::CheckNetworkMapping,
+        Self::MapNetworks,
+        Self::RemoveNetworkMapping,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValidatePolicy => "ValidatePolicy",
+            Self::SavePolicy => "SavePolicy",
+            Self::CheckPairing => "CheckPairing",
+            Self::PairClouds => "PairClouds",
+            Self::CheckEnable => "CheckEnable",
+            Self::IdentifyTarget => "IdentifyTarget",
+            Self::EnableReplication => "EnableReplication",
+            Self::InitialReplication => "InitialReplication",
+            Self::FinalizeProtection => "FinalizeProtection",
+            Self::CheckFailover => "CheckFailover",
+            Self::StopReplication => "StopReplication",
+            Self::MaterializeDisks => "MaterializeDisks",
+            Self::StartVm => "StartVm",
+            Self::CompleteFailover => "CompleteFailover",
+            Self::CheckCommit => "CheckCommit",
+            Self::Commit => "Commit",
+            Self::VerifyStores => "VerifyStores",
+            Self::CheckTestFailover => "CheckTestFailover",
+            Self::StartTestVm => "StartTestVm",
+            Self::CompleteTestFailover => "CompleteTestFailover",
+            Self::CheckCleanup => "CheckCleanup",
+            Self::RemoveTestVm => "RemoveTestVm",
+            Self::CompleteCleanup => "CompleteCleanup",
+            Self::CheckNetworkMapping => "CheckNetworkMapping",
+            Self::MapNetworks => "MapNetworks",
+            Self::RemoveNetworkMapping => "RemoveNetworkMapping",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The step's name as the portal shows it (`job_steps.name`).
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::ValidatePolicy => "Validate the policy",
+            Self::SavePolicy => "Save the policy",
+            Self::CheckPairing => "Prerequisites check for pairing clouds",
+            Self::PairClouds => "Pair the clouds",
+            Self::CheckEnable => "Prerequisites check for enabling protection",
+            Self::IdentifyTarget => "Identifying replication target",
+            Self::EnableReplication => "Enable replication",
+            Self::InitialReplication => "Starting initial replication",
+            Self::FinalizeProtection => "Finalize protection",
+            Self::CheckFailover => "Prerequisites check for failover",
+            Self::StopReplication => "Stop replication at the source",
+            Self::MaterializeDisks => "Materialize disks at the recovery site",
+            Self::StartVm => "Create and start the virtual machine at the recovery site",
+            Self::CompleteFailover => "Complete failover",
+            Self::CheckCommit => "Prerequisites check for commit",
+            Self::Commit => "Commit the failover",
+            Self::VerifyStores => "Verify the chunks and manifests of the site's replica stores",
+            Self::CheckTestFailover => "Prerequisites check for test failover",
+            Self::StartTestVm => "Create and start the test virtual machine",
+            Self::CompleteTestFailover => "Complete test failover",
+            Self::CheckCleanup => "Prerequisites check for test failover cleanup",
+            Self::RemoveTestVm => "Power off and delete the test virtual machine",
+            Self::CompleteCleanup => "Complete test failover cleanup",
+            Self::CheckNetworkMapping => "Prerequisites check for network mapping",
+            Self::MapNetworks => "Map the networks",
+            Self::RemoveNetworkMapping => "Remove the network mapping",
+        }
+    }
+}
+
+impl JobKind {
+    /// The steps a job of this kind runs, in order (`vm`: an unplanned
+    /// failover that boots a VM instead of writing disk images).
+    pub fn step_keys(self, vm: bool) -> &'static [StepKey] {
+        use StepKey as K;
+        match self {
+            Self::CreatePolicy => &[K::ValidatePolicy, K::SavePolicy],
+            Self::ConfigureProtection => &[K::CheckPairing, K::PairClouds],
+            Self::EnableProtection => &[
+                K::CheckEnable,
+                K::IdentifyTarget,
+                K::EnableReplication,
+                K::InitialReplication,
+                K::FinalizeProtection,
+            ],
+            Self::UnplannedFailover if vm => &[
+                K::CheckFailover,
+                K::StopReplication,
+                K::StartVm,
+                K::CompleteFailover,
+            ],
+            Self::UnplannedFailover => &[
+                K::CheckFailover,
+                K::StopReplication,
+                K::MaterializeDisks,
+                K::CompleteFailover,
+            ],
+            Self::CommitFailover => &[K::CheckCommit, K::Commit],
+            Self::VerifyStore => &[K::VerifyStores],
+            Self::TestFailover => &[
+                K::CheckTestFailover,
+                K::StartTestVm,
+                K::CompleteTestFailover,
+            ],
+            Self::TestFailoverCleanup => &[K::CheckCleanup, K::RemoveTestVm, K::CompleteCleanup],
+            Self::CreateNetworkMapping => &[K::CheckNetworkMapping, K::MapNetworks],
+            Self::DeleteNetworkMapping => &[K::RemoveNetworkMapping],
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The input of a job, per kind. Stored as the JSON of the inner struct in
+/// `jobs.input`, the kind in `jobs.kind`: [`JobInput::parse`] reads it back.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum JobInput {
+    CreatePolicy(PolicyInput),
+    ConfigureProtection(PairingInput),
+    EnableProtection(ItemInput),
+    UnplannedFailover(FailoverInput),
+    CommitFailover(ItemInput),
+    VerifyStore(VerifyInput),
+    TestFailover(TestFailoverInput),
+    TestFailoverCleanup(CleanupInput),
+    CreateNetworkMapping(NetworkMappingInput),
+    DeleteNetworkMapping(NetworkRef),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyInput {
+    pub name: String,
+    pub policy: Policy,
+}
+
+/// A cloud pairing (protection container mapping) being created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingInput {
+    pub fabric: String,
+    pub container: String,
+    pub name: String,
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemInput {
+    pub item: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverInput {
+    pub item: String,
+    pub point_id: String,
+    /// The item is a VM: the failover boots it at the recovery site.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vm: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// Sealed to the recovery agent's transport key; forgotten once the
+    /// task that needs it is over, or when the job ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestFailoverInput {
+    pub item: String,
+    pub point_id: String,
+    pub vm_name: String,
+    /// The recovery network every NIC goes on; `None`: isolated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupInput {
+    pub item: String,
+    pub vm_name: String,
+    #[serde(default)]
+    pub comments: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyInput {
+    pub fabric: String,
+    /// The recovery agents whose stores are verified.
+    pub agents: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMappingInput {
+    pub fabric: String,
+    pub network: String,
+    pub name: String,
+    pub recovery_fabric: String,
+    pub recovery_network: String,
+}
+
+/// A network mapping: source fabric, source network, mapping name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRef {
+    pub fabric: String,
+    pub network: String,
+    pub name: String,
+}
+
+/// A stored job input that does not read as its kind's.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored input of a {kind} job does not read: {source}")]
+pub struct InputError {
+    pub kind: &'static str,
+    #[source]
+    pub source: serde_json::Error,
+}
+
+impl JobInput {
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Self::CreatePolicy(_) => JobKind::CreatePolicy,
+            Self::ConfigureProtection(_) => JobKind::ConfigureProtection,
+            Self::EnableProtection(_) => JobKind::EnableProtection,
+            Self::UnplannedFailover(_) => JobKind::UnplannedFailover,
+            Self::CommitFailover(_) => JobKind::CommitFailover,
+            Self::VerifyStore(_) => JobKind::VerifyStore,
+            Self::TestFailover(_) => JobKind::TestFailover,
+            Self::TestFailoverCleanup(_) => JobKind::TestFailoverCleanup,
+            Self::CreateNetworkMapping(_) => JobKind::CreateNetworkMapping,
+            Self::DeleteNetworkMapping(_) => JobKind::DeleteNetworkMapping,
+        }
+    }
+
+    /// Reads a stored input (`jobs.input`) of a job of `kind`.
+    pub fn parse(kind: JobKind, json: &str) -> Result<Self, InputError> {
+        fn read<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, serde_json::Error> {
+            serde_json::from_str(json)
+        }
+        let parsed = match kind {
+            JobKind::CreatePolicy => read(json).map(Self::CreatePolicy),
+            JobKind::ConfigureProtection => read(json).map(Self::ConfigureProtection),
+            JobKind::EnableProtection => read(json).map(Self::EnableProtection),
+            JobKind::UnplannedFailover => read(json).map(Self::UnplannedFailover),
+            JobKind::CommitFailover => read(json).map(Self::CommitFailover),
+            JobKind::VerifyStore => read(json).map(Self::VerifyStore),
+            JobKind::TestFailover => read(json).map(Self::TestFailover),
+            JobKind::TestFailoverCleanup => read(json).map(Self::TestFailoverCleanup),
+            JobKind::CreateNetworkMapping => read(json).map(Self::CreateNetworkMapping),
+            JobKind::DeleteNetworkMapping => read(json).map(Self::DeleteNetworkMapping),
+        };
+        parsed.map_err(|source| InputError {
+            kind: kind.as_str(),
+            source,
+        })
+    }
+
+    /// The JSON stored in `jobs.input`.
+    pub fn to_json(&self) -> String {
+        // Plain structs of strings, booleans and a policy: nothing here can
+        // fail to serialize.
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+
+    /// The steps a job with this input runs.
+    pub fn step_keys(&self) -> &'static [StepKey] {
+        let vm = matches!(self, Self::UnplannedFailover(f) if f.vm);
+        self.kind().step_keys(vm)
+    }
+
+    /// The protected item the job acts on, if any.
+    pub fn item(&self) -> Option<&str> {
+        match self {
+            Self::EnableProtection(i) | Self::CommitFailover(i) => Some(&i.item),
+            Self::UnplannedFailover(f) => Some(&f.item),
+            Self::TestFailover(t) => Some(&t.item),
+            Self::TestFailoverCleanup(c) => Some(&c.item),
+            _ => None,
+        }
+    }
+
+    /// Drops the sealed recovery key; `true` if there was one.
+    pub fn forget_sealed_key(&mut self) -> bool {
+        let key = match self {
+            Self::UnplannedFailover(f) => &mut f.sealed_key,
+            Self::TestFailover(t) => &mut t.sealed_key,
+            _ => return false,
+        };
+        key.take().is_some()
+    }
+
+    fn sealed_key(&self) -> Option<SealedKey> {
+        match self {
+            Self::UnplannedFailover(f) => f.sealed_key.clone(),
+            Self::TestFailover(t) => t.sealed_key.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// A step as stored: its stable name (`None` on rows written before steps
+/// had one, known by their index), its state and when it started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRow {
+    pub key: Option<String>,
+    pub state: JobState,
+    pub started_ms: Option<i64>,
+}
+
+/// What a job does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Every step succeeded: the job succeeds.
+    Finished,
+    /// Run this step (its index in the job).
+    Run { idx: usize, key: StepKey },
+    /// The step cannot be run by this build: fail the job with this reason.
+    Unrunnable {
+        idx: usize,
+        code: &'static str,
+        message: String,
+    },
+}
+
+/// The first unfinished step of a job, resolved to a step this build runs.
+pub fn next_step(input: &JobInput, steps: &[StepRow]) -> Next {
+    let Some(idx) = steps.iter().position(|s| !s.state.is_terminal()) else {
+        return Next::Finished;
+    };
+    let keys = input.step_keys();
+    let key = match &steps[idx].key {
+        Some(name) => match StepKey::parse(name) {
+            Some(k) if keys.contains(&k) => k,
+            _ => {
+                return Next::Unrunnable {
+                    idx,
+                    code: "StepNotRunnable",
+                    message: format!(
+                        "step '{name}' of this {} job was written by another siterec build and this build cannot run it; run the operation again",
+                        input.kind().display_name()
+                    ),
+                };
+            }
+        },
+        // Written before steps were named: the step list of that build
+        // was this one's, so the index names the step.
+        None => match (steps.len() == keys.len(), keys.get(idx)) {
+            (true, Some(k)) => *k,
+            _ => {
+                return Next::Unrunnable {
+                    idx,
+                    code: "StepNotRunnable",
+                    message: format!(
+                        "this {} job was written by an older siterec build with {} steps where this build has {}; run the operation again",
+                        input.kind().display_name(),
+                        steps.len(),
+                        keys.len()
+                    ),
+                };
+            }
+        },
+    };
+    Next::Run { idx, key }
+}
+
+/// What a step must look at before it decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    Nothing,
+    /// Whether the policy exists.
+    Policy {
+        name: String,
+    },
+    /// The machine an item protects, as its agent reports it.
+    Machine {
+        item: String,
+    },
+    /// The item's recovery agent, and the one it could have.
+    Target {
+        item: String,
+    },
+    /// How many recovery points the item has.
+    Points {
+        item: String,
+    },
+    /// The item's states, and whether `point` (if any) is listed.
+    Item {
+        item: String,
+        point: Option<String>,
+    },
+    /// The item's recovery agent and the task `task_id`.
+    Task {
+        item: String,
+        task_id: String,
+    },
+    /// [`Need::Task`], and what a VM needs to be placed at the recovery site.
+    Replica {
+        item: String,
+        task_id: String,
+    },
+    /// Each agent's task, by (agent, task id).
+    Stores {
+        tasks: Vec<(String, String)>,
+    },
+    /// Whether a network is reported in the fabric.
+    Network {
+        fabric: String,
+        name: String,
+    },
+}
+
+/// What the driver found for a [`Need`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observed {
+    Nothing,
+    Policy {
+        exists: bool,
+    },
+    Machine(MachineSeen),
+    Target {
+        current: Option<String>,
+        /// An online recovery agent that can take the item (the one its
+        /// multi-VM group replicates to, while that one can).
+        candidate: Option<String>,
+        recovery_fabric: String,
+        recovery_cloud: String,
+    },
+    Points {
+        listed: u64,
+    },
+    Item {
+        state: Option<ProtectionState>,
+        test: Option<TestFailoverState>,
+        /// The asked point is listed (not pruned); `false` when none asked.
+        point_listed: bool,
+    },
+    Task(TaskSeen),
+    Replica {
+        task: TaskSeen,
+        placement: Box<Placement>,
+    },
+    Stores(Vec<StoreTask>),
+    Network {
+        exists: bool,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineSeen {
+    ItemGone,
+    MachineGone {
+        fabric: String,
+        machine: String,
+    },
+    /// Reported; `error` when its agent says it cannot be protected.
+    Reported {
+        machine: String,
+        error: Option<String>,
+    },
+}
+
+/// An agent task of a step, and the agent that runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSeen {
+    /// The item's recovery agent (`None`: none was chosen).
+    pub agent: Option<String>,
+    /// `None`: not created yet.
+    pub task: Option<TaskResult>,
+    pub agent_last_seen_ms: Option<i64>,
+}
+
+/// A task's state as the agent reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskResult {
+    Pending,
+    Succeeded { output: Value },
+    Failed { error: String },
+}
+
+/// What placing an item's VM at the recovery site looks at.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Placement {
+    pub fabric: String,
+    pub machine: String,
+    /// As last reported; `None` when no agent reports it.
+    pub info: Option<MachineInfo>,
+    /// Source network (lower case) → recovery network, mappings in force
+    /// toward the item's recovery fabric.
+    pub mappings: BTreeMap<String, String>,
+    /// The networks the recovery agent reports.
+    pub available: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreTask {
+    pub agent: String,
+    pub task: Option<TaskResult>,
+    pub agent_last_seen_ms: Option<i64>,
+}
+
+/// A write the driver does for a decision, in the round's transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    SavePolicy {
+        name: String,
+        policy: Policy,
+    },
+    /// Pairing → Paired.
+    PairClouds(PairingInput),
+    /// Delete the mapping if it is still Pairing.
+    DropPendingPairing(PairingInput),
+    /// Pairing → Paired.
+    MapNetworks(NetworkRef),
+    DropPendingNetworkMapping(NetworkRef),
+    RemoveNetworkMapping(NetworkRef),
+    /// Unpairing → Paired.
+    KeepNetworkMapping(NetworkRef),
+    /// The item's state by `action`, idempotently ([`transition`]); an
+    /// action that does not apply is an error (the round is retried).
+    Transition {
+        item: String,
+        action: ItemAction,
+    },
+    /// Best effort (a compensation): the item's state by `action` when it
+    /// applies, and `message` as its last error.
+    Compensate {
+        item: String,
+        action: ItemAction,
+        message: String,
+    },
+    TestTransition {
+        item: String,
+        action: TestAction,
+    },
+    /// Best effort: the test failover state by `action`, and the error.
+    CompensateTest {
+        item: String,
+        action: TestAction,
+        message: String,
+    },
+    SetRecoveryAgent {
+        item: String,
+        agent: String,
+    },
+    /// Create the task unless one of that id exists.
+    EnsureTask {
+        id: String,
+        agent: String,
+        work: TaskWork,
+    },
+    /// Delete the sealed recovery key from the job's input and tasks.
+    ForgetSealedKey,
+    SetFailoverOutput {
+        item: String,
+        output: Value,
+    },
+    SetTestFailoverOutput {
+        item: String,
+        output: Value,
+    },
+    /// The failover is over: when, and from which point.
+    RecordFailover {
+        item: String,
+        point_id: String,
+    },
+    RecordTestFailover {
+        item: String,
+    },
+    ClearTestFailover {
+        item: String,
+    },
+    /// What the step wants the operator to know (`job_steps.output`).
+    StepOutput(Value),
+    /// The job's output (`jobs.output`).
+    JobOutput(Value),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    Wait,
+    Fail { code: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub effects: Vec<Effect>,
+}
+
+impl Decision {
+    fn done(effects: Vec<Effect>) -> Self {
+        Self {
+            outcome: Outcome::Done,
+            effects,
+        }
+    }
+    fn wait() -> Self {
+        Self {
+            outcome: Outcome::Wait,
+            effects: vec![],
+        }
+    }
+    fn fail(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            outcome: Outcome::Fail {
+                code,
+                message: message.into(),
+            },
+            effects: vec![],
+        }
+    }
+    fn with(mut self, effects: impl IntoIterator<Item = Effect>) -> Self {
+        self.effects.extend(effects);
+        self
+    }
+}
+
+/// The round's context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepCtx<'a> {
+    pub job_id: &'a str,
+    /// When the step started (its first round).
+    pub started_ms: i64,
+    pub now_ms: i64,
+}
+
+fn task_id(job_id: &str, key: StepKey) -> String {
+    match key {
+        StepKey::MaterializeDisks => format!("{job_id}-materialize"),
+        StepKey::StartVm | StepKey::StartTestVm => format!("{job_id}-start-replica"),
+        _ => format!("{job_id}-remove-replica"),
+    }
+}
+
+/// The task id of the store verification of `agent` in job `job_id`.
+pub fn verify_task_id(job_id: &str, agent: &str) -> String {
+    format!("{job_id}-verify-{agent}")
+}
+
+/// What `key` must look at.
+pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
+    use JobInput as I;
+    use StepKey as K;
+    let item = || input.item().unwrap_or_default().to_string();
+    match (key, input) {
+        (K::CheckPairing, I::ConfigureProtection(p)) => Need::Policy {
+            name: p.policy.clone(),
+        },
+        (K::CheckEnable, _) => Need::Machine { item: item() },
+        (K::IdentifyTarget, _) => Need::Target { item: item() },
+        (K::InitialReplication, _) => Need::Points { item: item() },
+        (K::CheckFailover, I::UnplannedFailover(f)) => Need::Item {
+            item: f.item.clone(),
+            point: Some(f.point_id.clone()),
+        },
+        (K::CheckTestFailover, I::TestFailover(t)) => Need::Item {
+            item: t.item.clone(),
+            point: Some(t.point_id.clone()),
+        },
+        (K::CheckCommit | K::CheckCleanup, _) => Need::Item {
+            item: item(),
+            point: None,
+        },
+        (K::MaterializeDisks | K::RemoveTestVm, _) => Need::Task {
+            item: item(),
+            task_id: task_id(job_id, key),
+        },
+        (K::StartVm | K::StartTestVm, _) => Need::Replica {
+            item: item(),
+            task_id: task_id(job_id, key),
+        },
+        (K::VerifyStores, I::VerifyStore(v)) => Need::Stores {
+            tasks: v
+                .agents
+                .iter()
+                .map(|a| (a.clone(), verify_task_id(job_id, a)))
+                .collect(),
+        },
+        (K::CheckNetworkMapping, I::CreateNetworkMapping(m)) => Need::Network {
+            fabric: m.recovery_fabric.clone(),
+            name: m.recovery_network.clone(),
+        },
+        _ => Need::Nothing,
+    }
+}
+
+/// Fails a step whose agent task has had no answer for 5 minutes while the
+/// agent was not heard from; `None` while it is worth waiting.
+fn agent_gone(
+    ctx: &StepCtx<'_>,
+    agent: &str,
+    last_seen: Option<i64>,
+    what: &str,
+) -> Option<Decision> {
+    (ctx.now_ms - last_seen.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS).then(|| {
+        Decision::fail(
+            "RecoveryAgentNotConnected",
+            format!(
+                "recovery agent {agent} has not been heard from for 5 minutes; start it and retry the {what}"
+            ),
+        )
+    })
+}
+
+/// Decides step `key` of a job from what was observed.
+pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed) -> Decision {
+    use JobInput as I;
+    use StepKey as K;
+    let item = input.item().unwrap_or_default().to_string();
+    match (key, input, seen) {
+        (K::ValidatePolicy, I::CreatePolicy(p), _) => match p.policy.validate() {
+            Ok(()) => Decision::done(vec![]),
+            Err(e) => Decision::fail("InvalidPolicy", e.to_string()),
+        },
+        (K::SavePolicy, I::CreatePolicy(p), _) => Decision::done(vec![Effect::SavePolicy {
+            name: p.name.clone(),
+            policy: p.policy.clone(),
+        }]),
+        (K::CheckPairing, I::ConfigureProtection(p), Observed::Policy { exists }) => {
+            if *exists {
+                Decision::done(vec![])
+            } else {
+                Decision::fail(
+                    "PolicyNotFound",
+                    format!("replication policy '{}' no longer exists", p.policy),
+                )
+            }
+        }
+        (K::PairClouds, I::ConfigureProtection(p), _) => {
+            Decision::done(vec![Effect::PairClouds(p.clone())])
+        }
+        (K::CheckEnable, _, Observed::Machine(m)) => match m {
+            MachineSeen::ItemGone => Decision::fail(
+                "ItemNotFound",
+                format!("protected item '{item}' no longer exists"),
+            ),
+            MachineSeen::MachineGone { fabric, machine } => Decision::fail(
+                "MachineNotFound",
+                format!(
+                    "machine '{machine}' is no longer reported by any agent of fabric '{fabric}'"
+                ),
+            ),
+            MachineSeen::Reported {
+                machine,
+                error: Some(err),
+            } => Decision::fail(
+                "MachineNotReady",
+                format!("machine '{machine}' cannot be protected: {err}"),
+            ),
+            MachineSeen::Reported { error: None, .. } => Decision::done(vec![]),
+        },
+        (
+            K::IdentifyTarget,
+            _,
+            Observed::Target {
+                current,
+                candidate,
+                recovery_fabric,
+                recovery_cloud,
+            },
+        ) => match (current, candidate) {
+            (Some(_), _) => Decision::done(vec![]),
+            (None, Some(agent)) => Decision::done(vec![Effect::SetRecoveryAgent {
+                item,
+                agent: agent.clone(),
+            }]),
+            (None, None) if ctx.now_ms - ctx.started_ms > AGENT_WAIT_MS => Decision::fail(
+                "NoRecoveryAgent",
+                format!(
+                    "no agent of recovery cloud {recovery_fabric}/{recovery_cloud} with a replica store has been heard from; start the recovery site's agent and enable protection again"
+                ),
+            ),
+            (None, None) => Decision::wait(),
+        },
+        (K::EnableReplication, _, _) => Decision::done(vec![Effect::Transition {
+            item,
+            action: ItemAction::StartInitialReplication,
+        }]),
+        (K::InitialReplication, _, Observed::Points { listed }) => {
+            if *listed > 0 {
+                Decision::done(vec![])
+            } else {
+                Decision::wait()
+            }
+        }
+        (K::FinalizeProtection, _, _) => Decision::done(vec![Effect::Transition {
+            item,
+            action: ItemAction::FinishInitialReplication,
+        }]),
+        (
+            K::CheckFailover,
+            I::UnplannedFailover(f),
+            Observed::Item {
+                state,
+                point_listed,
+                ..
+            },
+        ) => match state {
+            Some(
+                ProtectionState::UnplannedFailoverInProgress
+                | ProtectionState::UnplannedFailoverCompleted,
+            ) => point_check(&item, &f.point_id, *point_listed),
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not failing over"),
+            ),
+        },
+        // Replication stops as soon as the item leaves the replicating
+        // states (the API moved it there): source agents drop it from their
+        // next heartbeat's assignments, and late points are refused.
+        (K::StopReplication, _, _) => Decision::done(vec![]),
+        (K::MaterializeDisks, I::UnplannedFailover(f), Observed::Task(t)) => {
+            materialize(ctx, input, f, t)
+        }
+        (K::StartVm, _, Observed::Replica { task, placement }) => {
+            start_replica(ctx, input, false, task, placement)
+        }
+        (K::StartTestVm, _, Observed::Replica { task, placement }) => {
+            start_replica(ctx, input, true, task, placement)
+        }
+        (K::CompleteFailover, I::UnplannedFailover(f), _) => Decision::done(vec![
+            Effect::Transition {
+                item: item.clone(),
+                action: ItemAction::FinishUnplannedFailover,
+            },
+            Effect::RecordFailover {
+                item,
+                point_id: f.point_id.clone(),
+            },
+        ]),
+        (K::CheckCommit, _, Observed::Item { state, .. }) => match state {
+            Some(
+                ProtectionState::FailoverCommitInProgress | ProtectionState::FailoverCommitted,
+            ) => Decision::done(vec![]),
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not committing a failover"),
+            ),
+        },
+        (K::Commit, _, _) => Decision::done(vec![Effect::Transition {
+            item,
+            action: ItemAction::FinishCommit,
+        }]),
+        (K::VerifyStores, _, Observed::Stores(tasks)) => verify_stores(ctx, tasks),
+        (
+            K::CheckTestFailover,
+            I::TestFailover(t),
+            Observed::Item {
+                test, point_listed, ..
+            },
+        ) => match test {
+            Some(
+                TestFailoverState::TestFailoverInitiated | TestFailoverState::TestFailoverCompleted,
+            ) => point_check(&item, &t.point_id, *point_listed),
+            other => Decision::fail(
+                "InvalidState",
+                format!("item '{item}' is not in a test failover (test failover state {other:?})"),
+            ),
+        },
+        (K::CompleteTestFailover, _, _) => Decision::done(vec![
+            Effect::TestTransition {
+                item: item.clone(),
+                action: TestAction::Finish,
+            },
+            Effect::RecordTestFailover { item },
+        ]),
+        (K::CheckCleanup, _, Observed::Item { test, .. }) => match test {
+            Some(TestFailoverState::TestFailoverCleanupInitiated | TestFailoverState::None) => {
+                Decision::done(vec![])
+            }
+            other => Decision::fail(
+                "InvalidState",
+                format!(
+                    "item '{item}' is not cleaning up a test failover (test failover state {other:?})"
+                ),
+            ),
+        },
+        (K::RemoveTestVm, I::TestFailoverCleanup(c), Observed::Task(t)) => {
+            remove_replica(ctx, c, t)
+        }
+        (K::CompleteCleanup, _, _) => Decision::done(vec![
+            Effect::TestTransition {
+                item: item.clone(),
+                action: TestAction::FinishCleanup,
+            },
+            Effect::ClearTestFailover { item },
+        ]),
+        (K::CheckNetworkMapping, I::CreateNetworkMapping(m), Observed::Network { exists }) => {
+            if *exists {
+                Decision::done(vec![])
+            } else {
+                Decision::fail(
+                    "NetworkNotFound",
+                    format!(
+                        "recovery network '{}' is no longer reported by any agent of fabric '{}'",
+                        m.recovery_network, m.recovery_fabric
+                    ),
+                )
+            }
+        }
+        (K::MapNetworks, I::CreateNetworkMapping(m), _) => {
+            Decision::done(vec![Effect::MapNetworks(NetworkRef {
+                fabric: m.fabric.clone(),
+                network: m.network.clone(),
+                name: m.name.clone(),
+            })])
+        }
+        (K::RemoveNetworkMapping, I::DeleteNetworkMapping(m), _) => {
+            Decision::done(vec![Effect::RemoveNetworkMapping(m.clone())])
+        }
+        (key, input, seen) => Decision::fail(
+            "JobInconsistent",
+            format!(
+                "step {} of a {} job cannot decide on {seen:?}: this is a bug in siterec",
+                key.as_str(),
+                input.kind().as_str()
+            ),
+        ),
+    }
+}
+
+fn point_check(item: &str, point: &str, listed: bool) -> Decision {
+    if listed {
+        Decision::done(vec![])
+    } else {
+        Decision::fail(
+            "RecoveryPointNotFound",
+            format!("recovery point '{point}' of item '{item}' no longer exists"),
+        )
+    }
+}
+
+fn task_error(error: &str) -> &str {
+    if error.is_empty() {
+        "unknown error"
+    } else {
+        error
+    }
+}
+
+fn materialize(ctx: &StepCtx<'_>, input: &JobInput, f: &FailoverInput, t: &TaskSeen) -> Decision {
+    let Some(agent) = &t.agent else {
+        return Decision::fail(
+            "NoRecoveryAgent",
+            format!("item '{}' has no recovery agent", f.item),
+        );
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::MaterializeDisks),
+                agent: agent.clone(),
+                work: TaskWork::Materialize {
+                    item: f.item.clone(),
+                    point_id: f.point_id.clone(),
+                    formats: vec!["raw".into(), "qcow2".into()],
+                    sealed_key: input.sealed_key(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { output } => Decision::done(effects).with([
+            Effect::ForgetSealedKey,
+            Effect::SetFailoverOutput {
+                item: f.item.clone(),
+                output,
+            },
+        ]),
+        TaskResult::Failed { error } => Decision::fail(
+            "MaterializeFailed",
+            format!(
+                "the recovery agent could not write the disks: {}",
+                task_error(&error)
+            ),
+        )
+        .with([Effect::ForgetSealedKey]),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "failover")
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+/// Asks the item's recovery agent to create and start a VM from the job's
+/// recovery point (`test`: the test VM of a test failover, beside the
+/// replicating item; else the failed-over VM), and records what it started.
+/// The task is created once, with the NICs resolved then: a test failover
+/// puts every NIC on the network the operator chose (or isolates them), a
+/// failover follows the network mappings, and a NIC left isolated is said
+/// in the step's output.
+fn start_replica(
+    ctx: &StepCtx<'_>,
+    input: &JobInput,
+    test: bool,
+    t: &TaskSeen,
+    placement: &Placement,
+) -> Decision {
+    let item = input.item().unwrap_or_default().to_string();
+    let (point_id, vm_name, test_network) = match input {
+        JobInput::TestFailover(t) => (&t.point_id, t.vm_name.clone(), t.network.as_deref()),
+        JobInput::UnplannedFailover(f) => (
+            &f.point_id,
+            f.vm_name
+                .clone()
+                .unwrap_or_else(|| placement.machine.clone()),
+            None,
+        ),
+        _ => {
+            return Decision::fail(
+                "JobInconsistent",
+                "a VM start step in a job that starts no VM: this is a bug in siterec",
+            );
+        }
+    };
+    let Some(agent) = &t.agent else {
+        return Decision::fail(
+            "NoRecoveryAgent",
+            format!("item '{item}' has no recovery agent"),
+        );
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            let (fabric, machine) = (&placement.fabric, &placement.machine);
+            let Some(info) = &placement.info else {
+                return Decision::fail(
+                    "MachineNotFound",
+                    format!(
+                        "machine '{machine}' is no longer reported by fabric '{fabric}': its VM settings (memory, CPUs, NICs) are unknown"
+                    ),
+                );
+            };
+            let Some(vm) = info.vm.clone() else {
+                return Decision::fail(
+                    "NotAVirtualMachine",
+                    format!(
+                        "machine '{machine}' is not a virtual machine: the recovery site cannot boot it"
+                    ),
+                );
+            };
+            let plan = match (test, test_network) {
+                (true, Some(n)) => NicPlan::AllTo(n),
+                (true, None) => NicPlan::Isolated,
+                (false, _) => NicPlan::Mapped {
+                    mappings: &placement.mappings,
+                    available: &placement.available,
+                },
+            };
+            let resolved = resolve_nics(&info.nics, plan);
+            effects.push(Effect::StepOutput(json!({
+                "vmName": vm_name, "agent": agent, "nics": resolved.nics, "notes": resolved.notes
+            })));
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::StartVm),
+                agent: agent.clone(),
+                work: TaskWork::StartReplica {
+                    item: item.clone(),
+                    point_id: point_id.clone(),
+                    vm_name: vm_name.clone(),
+                    test,
+                    vm,
+                    nics: resolved.nics,
+                    sealed_key: input.sealed_key(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    let what = if test { "test failover" } else { "failover" };
+    match task {
+        TaskResult::Succeeded { output } => {
+            if let Err(e) = serde_json::from_value::<ReplicaStarted>(output.clone()) {
+                return Decision::fail(
+                    "StartReplicaFailed",
+                    format!(
+                        "recovery agent {agent} answered the VM start with an output that is not a started replica ({e})"
+                    ),
+                )
+                .with([Effect::ForgetSealedKey]);
+            }
+            let record = if test {
+                Effect::SetTestFailoverOutput { item, output }
+            } else {
+                Effect::SetFailoverOutput { item, output }
+            };
+            Decision::done(effects).with([Effect::ForgetSealedKey, record])
+        }
+        TaskResult::Failed { error } => Decision::fail(
+            "StartReplicaFailed",
+            format!(
+                "the recovery agent could not create and start VM {vm_name}: {}",
+                task_error(&error)
+            ),
+        )
+        .with([Effect::ForgetSealedKey]),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, what)
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+/// Asks the item's recovery agent to power off and delete the test VM.
+fn remove_replica(ctx: &StepCtx<'_>, c: &CleanupInput, t: &TaskSeen) -> Decision {
+    let Some(agent) = &t.agent else {
+        // No recovery agent was ever chosen: no VM can have been started.
+        return Decision::done(vec![Effect::StepOutput(json!({
+            "notes": ["the item has no recovery agent: no test VM to delete"]
+        }))]);
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::RemoveTestVm),
+                agent: agent.clone(),
+                work: TaskWork::RemoveReplica {
+                    item: c.item.clone(),
+                    vm_name: c.vm_name.clone(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { .. } => Decision::done(effects),
+        TaskResult::Failed { error } => Decision::fail(
+            "RemoveReplicaFailed",
+            format!(
+                "the recovery agent could not power off and delete test VM {}: {}",
+                c.vm_name,
+                task_error(&error)
+            ),
+        ),
+        TaskResult::Pending => {
+            agent_gone(ctx, agent, t.agent_last_seen_ms, "test failover cleanup")
+                .unwrap_or_else(Decision::wait)
+                .with(effects)
+        }
+    }
+}
+
+/// Asks every target agent the job names to verify its replica store and
+/// waits for all of them. The reports become the job's output; any damage
+/// (or a store that could not be verified) fails the job, naming the points.
+fn verify_stores(ctx: &StepCtx<'_>, tasks: &[StoreTask]) -> Decision {
+    let mut effects = Vec::new();
+    let mut reports = Vec::new();
+    let mut pending = false;
+    let mut problems = Vec::new();
+    for t in tasks {
+        let agent = &t.agent;
+        let task = match &t.task {
+            Some(task) => task.clone(),
+            None => {
+                effects.push(Effect::EnsureTask {
+                    id: verify_task_id(ctx.job_id, agent),
+                    agent: agent.clone(),
+                    work: TaskWork::Verify,
+                });
+                TaskResult::Pending
+            }
+        };
+        match task {
+            TaskResult::Succeeded { output } => {
+                for p in output["points"].as_array().into_iter().flatten() {
+                    if p["ok"] != Value::Bool(true) {
+                        problems.push(format!(
+                            "{}/{} ({} damaged chunk(s){})",
+                            p["item"].as_str().unwrap_or("?"),
+                            p["point_id"].as_str().unwrap_or("?"),
+                            p["damaged_chunks"].as_array().map(|a| a.len()).unwrap_or(0),
+                            p["error"]
+                                .as_str()
+                                .map(|e| format!(": {e}"))
+                                .unwrap_or_default()
+                        ));
+                    }
+                }
+                reports.push(json!({"agent": agent, "report": output}));
+            }
+            TaskResult::Failed { error } => {
+                let error = task_error(&error).to_string();
+                problems.push(format!("agent {agent} could not verify its store: {error}"));
+                reports.push(json!({"agent": agent, "error": error}));
+            }
+            TaskResult::Pending => {
+                if ctx.now_ms - t.agent_last_seen_ms.unwrap_or(0).max(ctx.started_ms)
+                    > AGENT_WAIT_MS
+                {
+                    problems.push(format!(
+                        "agent {agent} has not been heard from for 5 minutes"
+                    ));
+                    reports.push(json!({"agent": agent, "error": "not connected"}));
+                } else {
+                    pending = true;
+                }
+            }
+        }
+    }
+    if pending {
+        return Decision::wait().with(effects);
+    }
+    effects.push(Effect::JobOutput(json!({ "stores": reports })));
+    if problems.is_empty() {
+        Decision::done(effects)
+    } else {
+        Decision::fail(
+            "DamageFound",
+            format!("replica store damage: {}", problems.join("; ")),
+        )
+        .with(effects)
+    }
+}
+
+/// What a job that succeeded writes last.
+pub fn on_success(_input: &JobInput) -> Vec<Effect> {
+    vec![Effect::ForgetSealedKey]
+}
+
+/// The compensation of a failed job: what returns the resources it acted
+/// on to where they were (an aborted failover returns the item to
+/// Protected), and the error where the operator looks for it.
+pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
+    let message = message.to_string();
+    let mut effects = match input {
+        JobInput::EnableProtection(i) => vec![Effect::Compensate {
+            item: i.item.clone(),
+            action: ItemAction::FailProtection,
+            message,
+        }],
+        JobInput::UnplannedFailover(f) => vec![Effect::Compensate {
+            item: f.item.clone(),
+            action: ItemAction::AbortUnplannedFailover,
+            message,
+        }],
+        JobInput::CommitFailover(i) => vec![Effect::Compensate {
+            item: i.item.clone(),
+            action: ItemAction::AbortCommit,
+            message,
+        }],
+        JobInput::ConfigureProtection(p) => vec![Effect::DropPendingPairing(p.clone())],
+        // The item goes on replicating: its test failover state says what
+        // failed, and cleanup is what to do next.
+        JobInput::TestFailover(t) => vec![Effect::CompensateTest {
+            item: t.item.clone(),
+            action: TestAction::Fail,
+            message,
+        }],
+        JobInput::TestFailoverCleanup(c) => vec![Effect::CompensateTest {
+            item: c.item.clone(),
+            action: TestAction::FailCleanup,
+            message,
+        }],
+        JobInput::CreateNetworkMapping(m) => {
+            vec![Effect::DropPendingNetworkMapping(NetworkRef {
+                fabric: m.fabric.clone(),
+                network: m.network.clone(),
+                name: m.name.clone(),
+            })]
+        }
+        JobInput::DeleteNetworkMapping(m) => vec![Effect::KeepNetworkMapping(m.clone())],
+        JobInput::CreatePolicy(_) | JobInput::VerifyStore(_) => vec![],
+    };
+    effects.push(Effect::ForgetSealedKey);
+    effects
+}
+
+/// `action` applied to an item in `state`, idempotently: where the item
+/// already is in the state the action leads to (a step re-run after a
+/// crash), it stays.
+pub fn transition(
+    state: ProtectionState,
+    action: ItemAction,
+) -> Result<ProtectionState, crate::state::TransitionError> {
+    use ItemAction as A;
+    use ProtectionState as S;
+    state.apply(action).or_else(|e| {
+        let there = matches!(
+            (state, action),
+            (
+                S::InitialReplicationInProgress | S::Protected,
+                A::StartInitialReplication
+            ) | (S::Protected, A::FinishInitialReplication)
+                | (S::UnplannedFailoverCompleted, A::FinishUnplannedFailover)
+                | (S::FailoverCommitted, A::FinishCommit)
+        );
+        if there { Ok(state) } else { Err(e) }
+    })
+}
+
+/// A test failover action applied idempotently, like [`transition`].
+pub fn test_transition(
+    state: TestFailoverState,
+    action: TestAction,
+    protection: ProtectionState,
+) -> Result<TestFailoverState, crate::state::TransitionError> {
+    use TestAction as A;
+    use TestFailoverState as T;
+    state.apply(action, protection).or_else(|e| {
+        let there = matches!(
+            (state, action),
+            (T::TestFailoverCompleted, A::Finish)
+                | (T::TestFailoverFailed, A::Fail)
+                | (T::None, A::FinishCleanup)
+                | (T::MarkedForDeletion, A::FailCleanup)
+        );
+        if there { Ok(state) } else { Err(e) }
+    })
+}

@@ -1,0 +1,1173 @@
+//! The decisions of every job kind, run against an in-memory world (a
+//! stand-in for the database and the agents, inside this module's tests
+//! only): each job's happy path, each of its failures with the
+//! compensation it leaves, and a crash after each step, both before the
+//! step's round commits and after its effects are written but before the
+//! step is marked done (a step must be safe to run twice).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::wire::{NicInfo, VmInfo};
+
+const JOB: &str = "job-1";
+const ITEM: &str = "i1";
+const AGENT: &str = "agent-tgt";
+
+/// How the simulated recovery agent answers the tasks it is given.
+#[derive(Debug, Clone, PartialEq)]
+enum AgentPlays {
+    /// Runs every task and succeeds, with a well-formed output.
+    Succeeds,
+    /// Answers every task with a failure.
+    Fails,
+    /// Succeeds but answers a VM start with junk.
+    AnswersJunk,
+    /// Never answers and is not heard from.
+    Silent,
+    /// Reports damage from a store verification.
+    FindsDamage,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ItemRow {
+    state: ProtectionState,
+    test: TestFailoverState,
+    agent: Option<String>,
+    last_error: Option<String>,
+    test_error: Option<String>,
+    failover_output: Option<Value>,
+    test_output: Option<Value>,
+    failover_point: Option<String>,
+    tested: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct World {
+    now: i64,
+    input: JobInput,
+    job_state: JobState,
+    job_error: Option<(String, String)>,
+    job_output: Option<Value>,
+    steps: Vec<StepRow>,
+    step_outputs: BTreeMap<usize, Value>,
+    policies: BTreeMap<String, Policy>,
+    pairing: Option<&'static str>,
+    mapping: Option<&'static str>,
+    networks: BTreeSet<String>,
+    item: Option<ItemRow>,
+    machine: Option<MachineInfo>,
+    candidate: Option<String>,
+    points: BTreeMap<String, bool>,
+    tasks: BTreeMap<String, (String, TaskWork, TaskResult)>,
+    plays: AgentPlays,
+    agent_seen: i64,
+}
+
+fn vm_machine() -> MachineInfo {
+    MachineInfo {
+        name: "m1".into(),
+        kind: crate::wire::KIND_VM.into(),
+        disks: vec![],
+        nics: vec![NicInfo {
+            name: "eth0".into(),
+            network: "prod".into(),
+            mac: None,
+        }],
+        vm: Some(VmInfo {
+            memory_mib: 256,
+            cpus: 1,
+            kernel: None,
+            initrd: None,
+            append: None,
+        }),
+        error: None,
+    }
+}
+
+fn policy() -> Policy {
+    Policy::from_arm_input(
+        &json!({"instanceType": "HyperVReplicaAzure", "replicationInterval": 30}),
+    )
+    .unwrap()
+}
+
+fn item(state: ProtectionState, test: TestFailoverState) -> ItemRow {
+    ItemRow {
+        state,
+        test,
+        agent: Some(AGENT.into()),
+        last_error: None,
+        test_error: None,
+        failover_output: None,
+        test_output: None,
+        failover_point: None,
+        tested: false,
+    }
+}
+
+impl World {
+    fn new(input: JobInput) -> Self {
+        let steps = input
+            .step_keys()
+            .iter()
+            .map(|k| StepRow {
+                key: Some(k.as_str().into()),
+                state: JobState::NotStarted,
+                started_ms: None,
+            })
+            .collect();
+        let mut policies = BTreeMap::new();
+        policies.insert("pol".to_string(), policy());
+        World {
+            now: 1_000_000,
+            input,
+            job_state: JobState::NotStarted,
+            job_error: None,
+            job_output: None,
+            steps,
+            step_outputs: BTreeMap::new(),
+            policies,
+            pairing: Some("Pairing"),
+            mapping: Some("Pairing"),
+            networks: ["rnet".to_string()].into(),
+            item: None,
+            machine: Some(vm_machine()),
+            candidate: Some(AGENT.into()),
+            points: [("p1".to_string(), true)].into(),
+            tasks: BTreeMap::new(),
+            plays: AgentPlays::Succeeds,
+            agent_seen: 1_000_000,
+        }
+    }
+
+    fn with_item(mut self, state: ProtectionState, test: TestFailoverState) -> Self {
+        self.item = Some(item(state, test));
+        self
+    }
+
+    fn item(&self) -> &ItemRow {
+        self.item.as_ref().expect("the scenario has an item")
+    }
+
+    fn task_seen(&self, task_id: &str) -> TaskSeen {
+        TaskSeen {
+            agent: self.item.as_ref().and_then(|i| i.agent.clone()),
+            task: self.tasks.get(task_id).map(|(_, _, r)| r.clone()),
+            agent_last_seen_ms: Some(self.agent_seen),
+        }
+    }
+
+    /// What the driver would load for `need`.
+    fn observe(&self, need: &Need) -> Observed {
+        match need {
+            Need::Nothing => Observed::Nothing,
+            Need::Policy { name } => Observed::Policy {
+                exists: self.policies.contains_key(name),
+            },
+            Need::Machine { .. } => Observed::Machine(match (&self.item, &self.machine) {
+                (None, _) => MachineSeen::ItemGone,
+                (Some(_), None) => MachineSeen::MachineGone {
+                    fabric: "primary".into(),
+                    machine: "m1".into(),
+                },
+                (Some(_), Some(m)) => MachineSeen::Reported {
+                    machine: m.name.clone(),
+                    error: m.error.clone(),
+                },
+            }),
+            Need::Target { .. } => Observed::Target {
+                current: self.item().agent.clone(),
+                candidate: self.candidate.clone(),
+                recovery_fabric: "recovery".into(),
+                recovery_cloud: "rc".into(),
+            },
+            Need::Points { .. } => Observed::Points {
+                listed: self.points.values().filter(|l| **l).count() as u64,
+            },
+            Need::Item { point, .. } => Observed::Item {
+                state: self.item.as_ref().map(|i| i.state),
+                test: self.item.as_ref().map(|i| i.test),
+                point_listed: point
+                    .as_ref()
+                    .is_some_and(|p| self.points.get(p) == Some(&true)),
+            },
+            Need::Task { task_id, .. } => Observed::Task(self.task_seen(task_id)),
+            Need::Replica { task_id, .. } => Observed::Replica {
+                task: self.task_seen(task_id),
+                placement: Box::new(Placement {
+                    fabric: "primary".into(),
+                    machine: "m1".into(),
+                    info: self.machine.clone(),
+                    mappings: [("prod".to_string(), "rnet".to_string())].into(),
+                    available: vec!["rnet".into()],
+                }),
+            },
+            Need::Stores { tasks } => Observed::Stores(
+                tasks
+                    .iter()
+                    .map(|(agent, id)| StoreTask {
+                        agent: agent.clone(),
+                        task: self.tasks.get(id).map(|(_, _, r)| r.clone()),
+                        agent_last_seen_ms: Some(self.agent_seen),
+                    })
+                    .collect(),
+            ),
+            Need::Network { name, .. } => Observed::Network {
+                exists: self.networks.contains(name),
+            },
+        }
+    }
+
+    /// Writes one effect as the driver would; `Err` where the driver's
+    /// round would fail (and be retried).
+    fn apply(&mut self, idx: usize, effect: &Effect) -> Result<(), String> {
+        match effect {
+            Effect::SavePolicy { name, policy } => {
+                self.policies.insert(name.clone(), policy.clone());
+            }
+            Effect::PairClouds(_) => self.pairing = Some("Paired"),
+            Effect::DropPendingPairing(_) => {
+                if self.pairing == Some("Pairing") {
+                    self.pairing = None
+                }
+            }
+            Effect::MapNetworks(_) => self.mapping = Some("Paired"),
+            Effect::DropPendingNetworkMapping(_) => {
+                if self.mapping == Some("Pairing") {
+                    self.mapping = None
+                }
+            }
+            Effect::RemoveNetworkMapping(_) => self.mapping = None,
+            Effect::KeepNetworkMapping(_) => {
+                if self.mapping == Some("Unpairing") {
+                    self.mapping = Some("Paired")
+                }
+            }
+            Effect::Transition { action, .. } => {
+                let i = self.item.as_mut().ok_or("no item")?;
+                i.state = transition(i.state, *action).map_err(|e| e.to_string())?;
+            }
+            Effect::Compensate {
+                action, message, ..
+            } => {
+                if let Some(i) = self.item.as_mut() {
+                    if let Ok(next) = transition(i.state, *action) {
+                        i.state = next;
+                    }
+                    i.last_error = Some(message.clone());
+                }
+            }
+            Effect::TestTransition { action, .. } => {
+                let i = self.item.as_mut().ok_or("no item")?;
+                i.test = test_transition(i.test, *action, i.state).map_err(|e| e.to_string())?;
+            }
+            Effect::CompensateTest {
+                action, message, ..
+            } => {
+                if let Some(i) = self.item.as_mut() {
+                    if let Ok(next) = test_transition(i.test, *action, i.state) {
+                        i.test = next;
+                    }
+                    i.test_error = Some(message.clone());
+                }
+            }
+            Effect::SetRecoveryAgent { agent, .. } => {
+                self.item.as_mut().ok_or("no item")?.agent = Some(agent.clone());
+            }
+            Effect::EnsureTask { id, agent, work } => {
+                self.tasks.entry(id.clone()).or_insert((
+                    agent.clone(),
+                    work.clone(),
+                    TaskResult::Pending,
+                ));
+            }
+            Effect::ForgetSealedKey => {
+                self.input.forget_sealed_key();
+                for (_, work, _) in self.tasks.values_mut() {
+                    match work {
+                        TaskWork::Materialize { sealed_key, .. }
+                        | TaskWork::StartReplica { sealed_key, .. } => *sealed_key = None,
+                        _ => {}
+                    }
+                }
+            }
+            Effect::SetFailoverOutput { output, .. } => {
+                self.item.as_mut().ok_or("no item")?.failover_output = Some(output.clone());
+            }
+            Effect::SetTestFailoverOutput { output, .. } => {
+                self.item.as_mut().ok_or("no item")?.test_output = Some(output.clone());
+            }
+            Effect::RecordFailover { point_id, .. } => {
+                self.item.as_mut().ok_or("no item")?.failover_point = Some(point_id.clone());
+            }
+            Effect::RecordTestFailover { .. } => {
+                let i = self.item.as_mut().ok_or("no item")?;
+                i.tested = true;
+                i.test_error = None;
+            }
+            Effect::ClearTestFailover { .. } => {
+                let i = self.item.as_mut().ok_or("no item")?;
+                i.test_output = None;
+                i.test_error = None;
+            }
+            Effect::StepOutput(v) => {
+                self.step_outputs.insert(idx, v.clone());
+            }
+            Effect::JobOutput(v) => self.job_output = Some(v.clone()),
+        }
+        Ok(())
+    }
+
+    /// The recovery agent takes its pending tasks and answers them.
+    fn agent_runs(&mut self) {
+        if self.plays == AgentPlays::Silent {
+            return;
+        }
+        self.agent_seen = self.now;
+        for (_, work, result) in self.tasks.values_mut() {
+            if *result != TaskResult::Pending {
+                continue;
+            }
+            *result = match (&self.plays, &*work) {
+                (AgentPlays::Fails, _) => TaskResult::Failed {
+                    error: "disk full".into(),
+                },
+                (AgentPlays::AnswersJunk, TaskWork::StartReplica { .. }) => TaskResult::Succeeded {
+                    output: json!({"what": "junk"}),
+                },
+                (AgentPlays::FindsDamage, TaskWork::Verify) => TaskResult::Succeeded {
+                    output: json!({"points": [{"item": ITEM, "point_id": "p1", "ok": false, "damaged_chunks": ["c1"]}]}),
+                },
+                (_, TaskWork::StartReplica { vm_name, nics, .. }) => TaskResult::Succeeded {
+                    output: serde_json::to_value(ReplicaStarted {
+                        vm_name: vm_name.clone(),
+                        run_dir: "/run/vm".into(),
+                        serial_log: "/run/vm/serial".into(),
+                        disks: vec![],
+                        nics: nics.clone(),
+                    })
+                    .unwrap(),
+                },
+                (_, TaskWork::Verify) => TaskResult::Succeeded {
+                    output: json!({"points": [{"item": ITEM, "point_id": "p1", "ok": true}]}),
+                },
+                _ => TaskResult::Succeeded {
+                    output: json!({"disks": []}),
+                },
+            };
+        }
+    }
+}
+
+/// What may go wrong in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    /// The round runs and commits.
+    None,
+    /// The process dies before the round commits: nothing of it is kept.
+    BeforeCommit,
+    /// The step's effects are kept but the step is not marked done, so
+    /// the next process runs the step again.
+    AfterEffects,
+}
+
+/// One round of the driver over the world. `false` once the job is over.
+fn round(w: &mut World, crash: Crash) -> bool {
+    if w.job_state.is_terminal() {
+        return false;
+    }
+    let before = w.clone();
+    w.job_state = JobState::InProgress;
+    let (idx, key) = match next_step(&w.input, &w.steps) {
+        Next::Finished => {
+            for e in on_success(&w.input) {
+                w.apply(0, &e).unwrap();
+            }
+            w.job_state = JobState::Succeeded;
+            return false;
+        }
+        Next::Unrunnable { idx, code, message } => {
+            w.steps[idx].state = JobState::Failed;
+            w.job_state = JobState::Failed;
+            w.job_error = Some((code.into(), message));
+            return false;
+        }
+        Next::Run { idx, key } => (idx, key),
+    };
+    let step = &mut w.steps[idx];
+    step.state = JobState::InProgress;
+    let started_ms = *step.started_ms.get_or_insert(w.now);
+    let ctx = StepCtx {
+        job_id: JOB,
+        started_ms,
+        now_ms: w.now,
+    };
+    let seen = w.observe(&needs(key, &w.input, JOB));
+    let decision = decide(key, &w.input, &ctx, &seen);
+    for e in &decision.effects {
+        if let Err(e) = w.apply(idx, e) {
+            panic!("step {key:?} wrote an effect that does not apply: {e}");
+        }
+    }
+    match crash {
+        Crash::BeforeCommit => {
+            *w = before;
+            return true;
+        }
+        Crash::AfterEffects => return true,
+        Crash::None => {}
+    }
+    match decision.outcome {
+        Outcome::Done => w.steps[idx].state = JobState::Succeeded,
+        Outcome::Wait => {}
+        Outcome::Fail { code, message } => {
+            w.steps[idx].state = JobState::Failed;
+            for s in &mut w.steps[idx + 1..] {
+                s.state = JobState::Cancelled;
+            }
+            w.job_state = JobState::Failed;
+            for e in on_failure(&w.input, &message) {
+                w.apply(idx, &e).unwrap();
+            }
+            w.job_error = Some((code.into(), message));
+        }
+    }
+    true
+}
+
+/// Runs the job to its end: the agent answers between rounds and the clock
+/// moves on a minute per round. `crash_at`: the round (counted from 0) in
+/// which the process dies, and how.
+fn run(mut w: World, crash_at: Option<(usize, Crash)>) -> World {
+    for n in 0..200 {
+        let crash = match crash_at {
+            Some((at, how)) if at == n => how,
+            _ => Crash::None,
+        };
+        if !round(&mut w, crash) {
+            return w;
+        }
+        w.now += 60_000;
+        w.agent_runs();
+    }
+    panic!("job did not end in 200 rounds: {w:#?}");
+}
+
+/// Rounds the job takes without crashes.
+fn rounds(w: &World) -> usize {
+    let mut w = w.clone();
+    let mut n = 0;
+    while round(&mut w, Crash::None) {
+        n += 1;
+        w.now += 60_000;
+        w.agent_runs();
+    }
+    n
+}
+
+/// The scenario ends the same way (job, steps, item, tasks, mappings)
+/// whichever round a crash hits, of either kind.
+fn survives_crashes(w: &World) -> World {
+    let clean = run(w.clone(), None);
+    for at in 0..=rounds(w) {
+        for how in [Crash::BeforeCommit, Crash::AfterEffects] {
+            let crashed = run(w.clone(), Some((at, how)));
+            assert_eq!(
+                end_state(&crashed),
+                end_state(&clean),
+                "a crash ({how:?}) in round {at} changed how {:?} ended",
+                w.input.kind()
+            );
+        }
+    }
+    clean
+}
+
+/// What must not depend on crashes (the clock, and when steps started, may).
+fn end_state(w: &World) -> impl PartialEq + std::fmt::Debug {
+    (
+        w.job_state,
+        w.job_error.clone(),
+        w.job_output.clone(),
+        w.steps.iter().map(|s| s.state).collect::<Vec<_>>(),
+        w.step_outputs.clone(),
+        w.item.clone(),
+        w.tasks.clone(),
+        w.policies.clone(),
+        w.pairing,
+        w.mapping,
+        w.input.clone(),
+    )
+}
+
+fn succeeded(w: &World) {
+    assert_eq!(w.job_state, JobState::Succeeded, "{:?}", w.job_error);
+    assert!(w.steps.iter().all(|s| s.state == JobState::Succeeded));
+}
+
+fn failed_at(seen: &mut BTreeSet<StepKey>, w: &World, step: StepKey, code: &str) {
+    seen.insert(step);
+    assert_eq!(w.job_state, JobState::Failed);
+    assert_eq!(
+        w.job_error.as_ref().map(|e| e.0.as_str()),
+        Some(code),
+        "{:?}",
+        w.job_error
+    );
+    let keys = w.input.step_keys();
+    let at = keys.iter().position(|k| *k == step).unwrap();
+    for (i, s) in w.steps.iter().enumerate() {
+        let want = match i.cmp(&at) {
+            std::cmp::Ordering::Less => JobState::Succeeded,
+            std::cmp::Ordering::Equal => JobState::Failed,
+            std::cmp::Ordering::Greater => JobState::Cancelled,
+        };
+        assert_eq!(s.state, want, "step {i} of {keys:?}");
+    }
+}
+
+fn enable() -> World {
+    World::new(JobInput::EnableProtection(ItemInput { item: ITEM.into() }))
+        .with_item(ProtectionState::EnablingProtection, TestFailoverState::None)
+}
+
+fn failover(vm: bool) -> World {
+    World::new(JobInput::UnplannedFailover(FailoverInput {
+        item: ITEM.into(),
+        point_id: "p1".into(),
+        vm,
+        vm_name: vm.then(|| "m1".into()),
+        sealed_key: Some(SealedKey("sealed".into())),
+    }))
+    .with_item(
+        ProtectionState::UnplannedFailoverInProgress,
+        TestFailoverState::None,
+    )
+}
+
+fn test_failover() -> World {
+    World::new(JobInput::TestFailover(TestFailoverInput {
+        item: ITEM.into(),
+        point_id: "p1".into(),
+        vm_name: "m1-test".into(),
+        network: Some("rnet".into()),
+        sealed_key: None,
+    }))
+    .with_item(
+        ProtectionState::Protected,
+        TestFailoverState::TestFailoverInitiated,
+    )
+}
+
+fn cleanup() -> World {
+    World::new(JobInput::TestFailoverCleanup(CleanupInput {
+        item: ITEM.into(),
+        vm_name: "m1-test".into(),
+        comments: Some("ok".into()),
+    }))
+    .with_item(
+        ProtectionState::Protected,
+        TestFailoverState::TestFailoverCleanupInitiated,
+    )
+}
+
+fn commit() -> World {
+    World::new(JobInput::CommitFailover(ItemInput { item: ITEM.into() })).with_item(
+        ProtectionState::FailoverCommitInProgress,
+        TestFailoverState::None,
+    )
+}
+
+fn pairing() -> World {
+    World::new(JobInput::ConfigureProtection(PairingInput {
+        fabric: "primary".into(),
+        container: "pc".into(),
+        name: "map1".into(),
+        policy: "pol".into(),
+    }))
+}
+
+fn create_policy(p: Policy) -> World {
+    World::new(JobInput::CreatePolicy(PolicyInput {
+        name: "p2".into(),
+        policy: p,
+    }))
+}
+
+fn map_networks() -> World {
+    World::new(JobInput::CreateNetworkMapping(NetworkMappingInput {
+        fabric: "primary".into(),
+        network: "prod".into(),
+        name: "nm1".into(),
+        recovery_fabric: "recovery".into(),
+        recovery_network: "rnet".into(),
+    }))
+}
+
+fn unmap_networks() -> World {
+    let mut w = World::new(JobInput::DeleteNetworkMapping(NetworkRef {
+        fabric: "primary".into(),
+        network: "prod".into(),
+        name: "nm1".into(),
+    }));
+    w.mapping = Some("Unpairing");
+    w
+}
+
+fn verify() -> World {
+    World::new(JobInput::VerifyStore(VerifyInput {
+        fabric: "recovery".into(),
+        agents: vec![AGENT.into(), "agent-2".into()],
+    }))
+}
+
+#[test]
+fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
+    let w = survives_crashes(&create_policy(policy()));
+    succeeded(&w);
+    assert!(w.policies.contains_key("p2"));
+
+    let w = survives_crashes(&pairing());
+    succeeded(&w);
+    assert_eq!(w.pairing, Some("Paired"));
+
+    // Enable protection waits for a first recovery point.
+    let mut e = enable();
+    e.points.clear();
+    let mut waiting = e.clone();
+    for _ in 0..5 {
+        round(&mut waiting, Crash::None);
+    }
+    assert_eq!(waiting.job_state, JobState::InProgress);
+    assert_eq!(
+        waiting.steps[3].state,
+        JobState::InProgress,
+        "waits at InitialReplication"
+    );
+    assert_eq!(
+        waiting.item().state,
+        ProtectionState::InitialReplicationInProgress
+    );
+    waiting.points.insert("p1".into(), true);
+    let w = run(waiting, None);
+    succeeded(&w);
+    assert_eq!(w.item().state, ProtectionState::Protected);
+    let w = survives_crashes(&enable());
+    assert_eq!(w.item().state, ProtectionState::Protected);
+
+    // A server's failover writes images; the sealed key is forgotten.
+    let w = survives_crashes(&failover(false));
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(i.state, ProtectionState::UnplannedFailoverCompleted);
+    assert_eq!(i.failover_point.as_deref(), Some("p1"));
+    assert_eq!(i.failover_output, Some(json!({"disks": []})));
+    assert!(matches!(w.input, JobInput::UnplannedFailover(ref f) if f.sealed_key.is_none()));
+    let (_, work, _) = &w.tasks["job-1-materialize"];
+    assert!(
+        matches!(work, TaskWork::Materialize { sealed_key: None, formats, .. } if formats == &["raw", "qcow2"])
+    );
+
+    // A VM's failover boots it, its NIC on the mapped network.
+    let w = survives_crashes(&failover(true));
+    succeeded(&w);
+    assert_eq!(w.item().state, ProtectionState::UnplannedFailoverCompleted);
+    let (agent, work, _) = &w.tasks["job-1-start-replica"];
+    assert_eq!(agent, AGENT);
+    match work {
+        TaskWork::StartReplica {
+            test,
+            nics,
+            vm_name,
+            ..
+        } => {
+            assert!(!test);
+            assert_eq!(vm_name, "m1");
+            assert_eq!(nics[0].network.as_deref(), Some("rnet"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.step_outputs[&2]["agent"], AGENT);
+
+    let w = survives_crashes(&commit());
+    succeeded(&w);
+    assert_eq!(w.item().state, ProtectionState::FailoverCommitted);
+
+    let w = survives_crashes(&test_failover());
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(i.test, TestFailoverState::TestFailoverCompleted);
+    assert_eq!(i.state, ProtectionState::Protected, "replication goes on");
+    assert!(i.tested);
+    assert_eq!(i.test_output.as_ref().unwrap()["vmName"], "m1-test");
+
+    let w = survives_crashes(&cleanup());
+    succeeded(&w);
+    assert_eq!(w.item().test, TestFailoverState::None);
+    assert!(matches!(
+        w.tasks["job-1-remove-replica"].1,
+        TaskWork::RemoveReplica { .. }
+    ));
+
+    let w = survives_crashes(&map_networks());
+    succeeded(&w);
+    assert_eq!(w.mapping, Some("Paired"));
+    let w = survives_crashes(&unmap_networks());
+    succeeded(&w);
+    assert_eq!(w.mapping, None);
+
+    let w = survives_crashes(&verify());
+    succeeded(&w);
+    assert_eq!(
+        w.job_output.as_ref().unwrap()["stores"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn every_failure_fails_its_step_and_compensates() {
+    use ProtectionState as S;
+    use StepKey as K;
+    use TestFailoverState as T;
+    let mut seen = BTreeSet::new();
+
+    let mut bad = policy();
+    bad.copy_frequency_secs = 0;
+    let w = survives_crashes(&create_policy(bad));
+    failed_at(&mut seen, &w, K::ValidatePolicy, "InvalidPolicy");
+    assert!(!w.policies.contains_key("p2"));
+
+    let mut p = pairing();
+    p.policies.clear();
+    let w = survives_crashes(&p);
+    failed_at(&mut seen, &w, K::CheckPairing, "PolicyNotFound");
+    assert_eq!(w.pairing, None, "the pending pairing is dropped");
+
+    let mut e = enable();
+    e.machine = None;
+    let w = survives_crashes(&e);
+    failed_at(&mut seen, &w, K::CheckEnable, "MachineNotFound");
+    assert_eq!(w.item().state, S::ProtectionFailed);
+    assert!(
+        w.item()
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("no longer reported")
+    );
+    let mut e = enable();
+    e.machine.as_mut().unwrap().error = Some("disk missing".into());
+    failed_at(
+        &mut seen,
+        &survives_crashes(&e),
+        K::CheckEnable,
+        "MachineNotReady",
+    );
+    let mut e = enable();
+    e.item = None;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&e),
+        K::CheckEnable,
+        "ItemNotFound",
+    );
+    // No recovery agent for five minutes.
+    let mut e = enable();
+    e.item.as_mut().unwrap().agent = None;
+    e.candidate = None;
+    let w = survives_crashes(&e);
+    failed_at(&mut seen, &w, K::IdentifyTarget, "NoRecoveryAgent");
+    assert_eq!(w.item().state, S::ProtectionFailed);
+
+    // Failover: the point went, the agent failed, the agent went silent.
+    for vm in [false, true] {
+        let mut f = failover(vm);
+        f.points.insert("p1".into(), false);
+        let w = survives_crashes(&f);
+        failed_at(&mut seen, &w, K::CheckFailover, "RecoveryPointNotFound");
+        assert_eq!(
+            w.item().state,
+            S::Protected,
+            "an aborted failover returns to Protected"
+        );
+        assert!(matches!(w.input, JobInput::UnplannedFailover(ref f) if f.sealed_key.is_none()));
+
+        let mut f = failover(vm);
+        f.item.as_mut().unwrap().state = S::Protected;
+        failed_at(
+            &mut seen,
+            &survives_crashes(&f),
+            K::CheckFailover,
+            "InvalidState",
+        );
+
+        let step = if vm { K::StartVm } else { K::MaterializeDisks };
+        let mut f = failover(vm);
+        f.plays = AgentPlays::Fails;
+        let w = survives_crashes(&f);
+        let code = if vm {
+            "StartReplicaFailed"
+        } else {
+            "MaterializeFailed"
+        };
+        failed_at(&mut seen, &w, step, code);
+        assert!(w.job_error.as_ref().unwrap().1.contains("disk full"));
+        assert_eq!(w.item().state, S::Protected);
+        assert!(w.tasks.values().all(|(_, work, _)| !matches!(
+            work,
+            TaskWork::Materialize {
+                sealed_key: Some(_),
+                ..
+            } | TaskWork::StartReplica {
+                sealed_key: Some(_),
+                ..
+            }
+        )));
+
+        let mut f = failover(vm);
+        f.plays = AgentPlays::Silent;
+        let w = survives_crashes(&f);
+        failed_at(&mut seen, &w, step, "RecoveryAgentNotConnected");
+        assert_eq!(w.item().state, S::Protected);
+
+        let mut f = failover(vm);
+        f.item.as_mut().unwrap().agent = None;
+        failed_at(&mut seen, &survives_crashes(&f), step, "NoRecoveryAgent");
+    }
+    let mut f = failover(true);
+    f.plays = AgentPlays::AnswersJunk;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&f),
+        K::StartVm,
+        "StartReplicaFailed",
+    );
+    let mut f = failover(true);
+    f.machine.as_mut().unwrap().vm = None;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&f),
+        K::StartVm,
+        "NotAVirtualMachine",
+    );
+    let mut f = failover(true);
+    f.machine = None;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&f),
+        K::StartVm,
+        "MachineNotFound",
+    );
+
+    let mut c = commit();
+    c.item.as_mut().unwrap().state = S::Protected;
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::CheckCommit, "InvalidState");
+    assert_eq!(
+        w.item().state,
+        S::Protected,
+        "abort of a commit that never started"
+    );
+    let mut c = commit();
+    c.item.as_mut().unwrap().state = S::UnplannedFailoverCompleted;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&c),
+        K::CheckCommit,
+        "InvalidState",
+    );
+
+    // A failed test failover leaves the item replicating, to be cleaned up.
+    let mut t = test_failover();
+    t.plays = AgentPlays::Fails;
+    let w = survives_crashes(&t);
+    failed_at(&mut seen, &w, K::StartTestVm, "StartReplicaFailed");
+    assert_eq!(w.item().state, S::Protected);
+    assert_eq!(w.item().test, T::TestFailoverFailed);
+    assert!(w.item().test_error.as_ref().unwrap().contains("disk full"));
+    let mut t = test_failover();
+    t.points.clear();
+    failed_at(
+        &mut seen,
+        &survives_crashes(&t),
+        K::CheckTestFailover,
+        "RecoveryPointNotFound",
+    );
+    let mut t = test_failover();
+    t.item.as_mut().unwrap().test = T::None;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&t),
+        K::CheckTestFailover,
+        "InvalidState",
+    );
+    let mut t = test_failover();
+    t.plays = AgentPlays::Silent;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&t),
+        K::StartTestVm,
+        "RecoveryAgentNotConnected",
+    );
+
+    let mut c = cleanup();
+    c.plays = AgentPlays::Fails;
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::RemoveTestVm, "RemoveReplicaFailed");
+    assert_eq!(w.item().test, T::MarkedForDeletion);
+    let mut c = cleanup();
+    c.plays = AgentPlays::Silent;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&c),
+        K::RemoveTestVm,
+        "RecoveryAgentNotConnected",
+    );
+    let mut c = cleanup();
+    c.item.as_mut().unwrap().test = T::TestFailoverCompleted;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&c),
+        K::CheckCleanup,
+        "InvalidState",
+    );
+    // No recovery agent: no VM was ever started, nothing to delete.
+    let mut c = cleanup();
+    c.item.as_mut().unwrap().agent = None;
+    let w = survives_crashes(&c);
+    succeeded(&w);
+    assert!(w.tasks.is_empty());
+    assert!(
+        w.step_outputs[&1]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("no test VM")
+    );
+
+    let mut m = map_networks();
+    m.networks.clear();
+    let w = survives_crashes(&m);
+    failed_at(&mut seen, &w, K::CheckNetworkMapping, "NetworkNotFound");
+    assert_eq!(w.mapping, None, "the pending mapping is dropped");
+
+    let mut v = verify();
+    v.plays = AgentPlays::FindsDamage;
+    let w = survives_crashes(&v);
+    failed_at(&mut seen, &w, K::VerifyStores, "DamageFound");
+    assert!(
+        w.job_error
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("i1/p1 (1 damaged chunk(s))")
+    );
+    let mut v = verify();
+    v.plays = AgentPlays::Fails;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&v),
+        K::VerifyStores,
+        "DamageFound",
+    );
+    let mut v = verify();
+    v.plays = AgentPlays::Silent;
+    let w = survives_crashes(&v);
+    failed_at(&mut seen, &w, K::VerifyStores, "DamageFound");
+    assert!(
+        w.job_error
+            .as_ref()
+            .unwrap()
+            .1
+            .contains("not been heard from")
+    );
+
+    // Every step that looks at something can fail, and failed above; the
+    // others only write what the job's own input says. Initial
+    // replication waits as long as the first point takes: it looks, but
+    // never fails.
+    let can_fail: BTreeSet<StepKey> = StepKey::ALL
+        .into_iter()
+        .filter(|k| needs(*k, &sample_input(*k), JOB) != Need::Nothing || *k == K::ValidatePolicy)
+        .filter(|k| *k != K::InitialReplication)
+        .collect();
+    assert_eq!(seen, can_fail);
+}
+
+/// An input of the job kind `key` belongs to.
+fn sample_input(key: StepKey) -> JobInput {
+    [
+        create_policy(policy()),
+        pairing(),
+        enable(),
+        failover(false),
+        failover(true),
+        commit(),
+        verify(),
+        test_failover(),
+        cleanup(),
+        map_networks(),
+        unmap_networks(),
+    ]
+    .into_iter()
+    .map(|w| w.input)
+    .find(|i| i.step_keys().contains(&key))
+    .unwrap()
+}
+
+#[test]
+fn steps_are_known_by_name_and_old_rows_by_index() {
+    for k in StepKey::ALL {
+        assert_eq!(StepKey::parse(k.as_str()), Some(k));
+        assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        assert!(!k.title().is_empty());
+        // Every key belongs to some job kind.
+        let _ = sample_input(k);
+    }
+    let input = failover(true).input;
+    let row = |key: Option<&str>, state| StepRow {
+        key: key.map(str::to_string),
+        state,
+        started_ms: None,
+    };
+    // Named rows resume at the named step.
+    let named = [
+        row(Some("CheckFailover"), JobState::Succeeded),
+        row(Some("StopReplication"), JobState::Succeeded),
+        row(Some("StartVm"), JobState::InProgress),
+        row(Some("CompleteFailover"), JobState::NotStarted),
+    ];
+    assert_eq!(
+        next_step(&input, &named),
+        Next::Run {
+            idx: 2,
+            key: StepKey::StartVm
+        }
+    );
+    // Rows of a build that named no steps resume by index (a VM's job).
+    let legacy = [
+        row(None, JobState::Succeeded),
+        row(None, JobState::NotStarted),
+        row(None, JobState::NotStarted),
+        row(None, JobState::NotStarted),
+    ];
+    assert_eq!(
+        next_step(&input, &legacy),
+        Next::Run {
+            idx: 1,
+            key: StepKey::StopReplication
+        }
+    );
+    let legacy_vm = [
+        row(None, JobState::Succeeded),
+        row(None, JobState::Succeeded),
+        row(None, JobState::NotStarted),
+        row(None, JobState::NotStarted),
+    ];
+    assert_eq!(
+        next_step(&input, &legacy_vm),
+        Next::Run {
+            idx: 2,
+            key: StepKey::StartVm
+        }
+    );
+    assert_eq!(
+        next_step(&failover(false).input, &legacy_vm),
+        Next::Run {
+            idx: 2,
+            key: StepKey::MaterializeDisks
+        }
+    );
+    // A step this build does not know, or one of another kind, fails the
+    // job with a reason; so does an old job whose step count differs.
+    for bad in ["DefragmentTheMoon", "SavePolicy"] {
+        let rows = [
+            row(Some("CheckFailover"), JobState::Succeeded),
+            row(Some(bad), JobState::NotStarted),
+        ];
+        match next_step(&input, &rows) {
+            Next::Unrunnable {
+                idx: 1,
+                code: "StepNotRunnable",
+                message,
+            } => {
+                assert!(
+                    message.contains(bad) && message.contains("run the operation again"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let short = [
+        row(None, JobState::Succeeded),
+        row(None, JobState::NotStarted),
+    ];
+    assert!(matches!(next_step(&input, &short), Next::Unrunnable { .. }));
+    let done = [row(Some("CheckFailover"), JobState::Succeeded)];
+    assert_eq!(next_step(&input, &done), Next::Finished);
+}
+
+#[test]
+fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
+    for w in [
+        create_policy(policy()),
+        pairing(),
+        enable(),
+        failover(false),
+        failover(true),
+        commit(),
+        verify(),
+        test_failover(),
+        cleanup(),
+        map_networks(),
+        unmap_networks(),
+    ] {
+        let kind = w.input.kind();
+        let back = JobInput::parse(kind, &w.input.to_json()).unwrap();
+        assert_eq!(back, w.input);
+    }
+    // Inputs written by the builds before typed inputs read the same.
+    let old = r#"{"item":"i1","pointId":"p1","vm":true,"vmName":"m1","sealedKey":"abc"}"#;
+    match JobInput::parse(JobKind::UnplannedFailover, old).unwrap() {
+        JobInput::UnplannedFailover(f) => {
+            assert!(f.vm);
+            assert_eq!(f.sealed_key, Some(SealedKey("abc".into())));
+        }
+        other => panic!("{other:?}"),
+    }
+    let old = r#"{"item":"i1","vmName":"m1-test","comments":null}"#;
+    assert!(JobInput::parse(JobKind::TestFailoverCleanup, old).is_ok());
+    // A server's failover input says nothing of a VM.
+    assert!(!failover(false).input.to_json().contains("vm"));
+    let err = JobInput::parse(JobKind::UnplannedFailover, r#"{"item":"i1"}"#).unwrap_err();
+    assert!(err.to_string().contains("pointId"), "{err}");
+    assert!(JobInput::parse(JobKind::EnableProtection, "not json").is_err());
+}
+
+#[test]
+fn idempotent_transitions_stay_where_a_rerun_step_left_them() {
+    use ItemAction as A;
+    use ProtectionState as S;
+    assert_eq!(
+        transition(S::Protected, A::FinishInitialReplication).unwrap(),
+        S::Protected
+    );
+    assert_eq!(
+        transition(S::FailoverCommitted, A::FinishCommit).unwrap(),
+        S::FailoverCommitted
+    );
+    assert!(transition(S::Protected, A::FinishCommit).is_err());
+    use TestAction as TA;
+    use TestFailoverState as T;
+    assert_eq!(
+        test_transition(T::None, TA::FinishCleanup, S::Protected).unwrap(),
+        T::None
+    );
+    assert!(test_transition(T::None, TA::Finish, S::Protected).is_err());
+}
