@@ -12,13 +12,14 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
-use sqlx::Row;
+use serde_json::Value;
 
 use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::create_job;
 use crate::model::{self, ItemRow};
+use crate::persist::jobs::{self as jobs_db, JobOf, Tx};
+use crate::persist::{config, inventory, items};
 use crate::{AppState, Shared};
 use siterec_api as api;
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
@@ -168,7 +169,7 @@ fn stored_machine(name: &str, info: &str) -> ApiResult<MachineInfo> {
 
 fn body_json(body: &Bytes) -> ApiResult<Value> {
     if body.is_empty() {
-        return Ok(json!({}));
+        return Ok(Value::Object(Default::default()));
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
@@ -190,11 +191,7 @@ async fn authorize(st: &AppState, headers: &HeaderMap) -> ApiResult<()> {
             "missing bearer token: send 'Authorization: Bearer <token>' with the token from the vault's admin.token file",
         ));
     };
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT name FROM api_tokens WHERE token_hash = $1")
-            .bind(secret_hash(token))
-            .fetch_optional(&st.db)
-            .await?;
+    let found = inventory::token_name(&st.db, &secret_hash(token)).await?;
     match found {
         Some(_) => Ok(()),
         None => Err(ApiError::new(
@@ -306,11 +303,8 @@ async fn handle(
         }),
         // ----- fabrics -----
         (Method::GET, ["replicationfabrics"]) => {
-            let names: Vec<String> = sqlx::query_scalar("SELECT name FROM fabrics ORDER BY name")
-                .fetch_all(db)
-                .await?;
             let mut out = Vec::new();
-            for n in names {
+            for n in inventory::fabric_names(db).await? {
                 out.push(model::fabric_json(db, v, &n).await?);
             }
             ok(model::list(out))
@@ -321,11 +315,7 @@ async fn handle(
         }
         (Method::PUT, ["replicationfabrics", _]) => {
             check_name("fabric", r[1])?;
-            sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
-                .bind(r[1])
-                .bind(now_ms())
-                .execute(db)
-                .await?;
+            inventory::ensure_fabric(db, r[1], now_ms()).await?;
             ok(model::fabric_json(db, v, r[1]).await?)
         }
         (Method::POST, ["replicationfabrics", _, "siterecverifystores"]) => {
@@ -340,26 +330,17 @@ async fn handle(
             ],
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
-            let rows = sqlx::query("SELECT * FROM agents WHERE fabric = $1 ORDER BY enrolled_ms")
-                .bind(&fabric)
-                .fetch_all(db)
-                .await?;
             let now = now_ms();
             let mut out = Vec::new();
-            for row in &rows {
-                out.push(model::provider_json(row, v, now).await?);
+            for row in &inventory::agents_of_fabric(db, &fabric).await? {
+                out.push(model::provider_json(row, v, now)?);
             }
             ok(model::list(out))
         }
         (Method::GET, ["replicationfabrics", _, "replicationprotectioncontainers"]) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
-            let names: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM containers WHERE fabric = $1 ORDER BY name")
-                    .bind(&fabric)
-                    .fetch_all(db)
-                    .await?;
             let mut out = Vec::new();
-            for n in names {
+            for n in inventory::container_names(db, &fabric).await? {
                 out.push(model::container_json(db, v, &fabric, &n).await?);
             }
             ok(model::list(out))
@@ -388,15 +369,10 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let rows: Vec<(String, String)> = sqlx::query_as(
-                "SELECT name, info FROM machines WHERE fabric = $1 AND container = $2 ORDER BY name",
-            )
-            .bind(r[1])
-            .bind(&c)
-            .fetch_all(db)
-            .await?;
             let mut out = Vec::new();
-            for (name, info) in rows {
+            for inventory::MachineRow { name, info, .. } in
+                inventory::machines_of_cloud(db, r[1], &c).await?
+            {
                 let protected = machine_protected(st, r[1], &name).await?;
                 out.push(model::protectable_json(
                     v,
@@ -421,15 +397,10 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let (name, info): (String, String) = sqlx::query_as(
-                "SELECT name, info FROM machines WHERE fabric = $1 AND container = $2 AND name = $3",
-            )
-            .bind(r[1])
-            .bind(&c)
-            .bind(r[5])
-            .fetch_optional(db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("protectable item", r[5]))?;
+            let inventory::MachineRow { name, info, .. } =
+                inventory::machine_of_cloud(db, r[1], &c, r[5])
+                    .await?
+                    .ok_or_else(|| ApiError::not_found("protectable item", r[5]))?;
             let protected = machine_protected(st, r[1], &name).await?;
             ok(model::protectable_json(
                 v,
@@ -442,13 +413,9 @@ async fn handle(
         }
         // ----- container mappings -----
         (Method::GET, ["replicationprotectioncontainermappings"]) => {
-            let rows = sqlx::query("SELECT * FROM container_mappings ORDER BY created_ms")
-                .fetch_all(db)
-                .await?;
+            let rows = config::pairings(db, None).await?;
             ok(model::list(
-                rows.iter()
-                    .map(|row| model::mapping_json(v, row))
-                    .collect::<ApiResult<Vec<_>>>()?,
+                rows.iter().map(|row| model::mapping_json(v, row)).collect(),
             ))
         }
         (
@@ -462,17 +429,9 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let rows = sqlx::query(
-                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2",
-            )
-            .bind(r[1])
-            .bind(&c)
-            .fetch_all(db)
-            .await?;
+            let rows = config::pairings(db, Some((r[1], &c))).await?;
             ok(model::list(
-                rows.iter()
-                    .map(|row| model::mapping_json(v, row))
-                    .collect::<ApiResult<Vec<_>>>()?,
+                rows.iter().map(|row| model::mapping_json(v, row)).collect(),
             ))
         }
         (
@@ -487,16 +446,10 @@ async fn handle(
             ],
         ) => {
             let c = model::container_exists(db, r[1], r[3]).await?;
-            let row = sqlx::query(
-                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
-            )
-            .bind(r[1])
-            .bind(&c)
-            .bind(r[5])
-            .fetch_optional(db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("protection container mapping", r[5]))?;
-            ok(model::mapping_json(v, &row)?)
+            let row = config::pairing(db, r[1], &c, r[5])
+                .await?
+                .ok_or_else(|| ApiError::not_found("protection container mapping", r[5]))?;
+            ok(model::mapping_json(v, &row))
         }
         (
             Method::PUT,
@@ -511,11 +464,8 @@ async fn handle(
         ) => create_mapping(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // ----- networks and network mappings -----
         (Method::GET, ["replicationnetworks"]) => {
-            let fabrics: Vec<String> = sqlx::query_scalar("SELECT name FROM fabrics ORDER BY name")
-                .fetch_all(db)
-                .await?;
             let mut out = Vec::new();
-            for f in fabrics {
+            for f in inventory::fabric_names(db).await? {
                 out.extend(networks_of(st, &f).await?);
             }
             ok(model::list(out))
@@ -531,13 +481,11 @@ async fn handle(
             ok(model::network_json(v, &fabric, &network, &agents))
         }
         (Method::GET, ["replicationnetworkmappings"]) => {
-            let rows = sqlx::query("SELECT * FROM network_mappings ORDER BY created_ms")
-                .fetch_all(db)
-                .await?;
+            let rows = config::network_mappings(db, None).await?;
             ok(model::list(
                 rows.iter()
                     .map(|row| model::network_mapping_json(v, row))
-                    .collect::<ApiResult<Vec<_>>>()?,
+                    .collect(),
             ))
         }
         (
@@ -551,13 +499,7 @@ async fn handle(
             ],
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
-            let rows = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 ORDER BY created_ms",
-            )
-            .bind(&fabric)
-            .bind(r[3])
-            .fetch_all(db)
-            .await?;
+            let rows = config::network_mappings(db, Some((&fabric, r[3]))).await?;
             if rows.is_empty() {
                 // 404 for a network that does not exist, else an empty list.
                 model::network_exists(db, &fabric, r[3]).await?;
@@ -565,7 +507,7 @@ async fn handle(
             ok(model::list(
                 rows.iter()
                     .map(|row| model::network_mapping_json(v, row))
-                    .collect::<ApiResult<Vec<_>>>()?,
+                    .collect(),
             ))
         }
         (
@@ -580,18 +522,12 @@ async fn handle(
             ],
         ) => {
             let fabric = model::fabric_exists(db, r[1]).await?;
-            let row = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
-            )
-            .bind(&fabric)
-            .bind(r[3])
-            .bind(r[5])
-            .fetch_optional(db)
-            .await?
-            .ok_or_else(|| {
-                ApiError::not_found("network mapping", &format!("{fabric}/{}/{}", r[3], r[5]))
-            })?;
-            ok(model::network_mapping_json(v, &row)?)
+            let row = config::network_mapping(db, &fabric, r[3], r[5])
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found("network mapping", &format!("{fabric}/{}/{}", r[3], r[5]))
+                })?;
+            ok(model::network_mapping_json(v, &row))
         }
         (
             Method::PUT,
@@ -617,10 +553,7 @@ async fn handle(
         ) => delete_network_mapping(st, headers, r[1], r[3], r[5]).await,
         // ----- policies -----
         (Method::GET, ["replicationpolicies"]) => {
-            let rows: Vec<(String, String)> =
-                sqlx::query_as("SELECT name, body FROM policies ORDER BY name")
-                    .fetch_all(db)
-                    .await?;
+            let rows = config::policies(db).await?;
             let mut out = Vec::new();
             for (name, body) in rows {
                 let p: Policy = serde_json::from_str(&body)
@@ -696,14 +629,11 @@ async fn handle(
             ],
         ) => {
             let item = model::load_item_at(db, r[1], r[3], r[5]).await?;
-            let rows = sqlx::query("SELECT * FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC")
-                .bind(&item.name)
-                .fetch_all(db)
-                .await?;
+            let rows = items::points(db, &item.name).await?;
             ok(model::list(
                 rows.iter()
                     .map(|row| model::point_json(v, &item, row))
-                    .collect::<ApiResult<Vec<_>>>()?,
+                    .collect(),
             ))
         }
         (
@@ -720,13 +650,10 @@ async fn handle(
             ],
         ) => {
             let item = model::load_item_at(db, r[1], r[3], r[5]).await?;
-            let row = sqlx::query("SELECT * FROM recovery_points WHERE item = $1 AND point_id = $2 AND pruned_ms IS NULL")
-                .bind(&item.name)
-                .bind(r[7])
-                .fetch_optional(db)
+            let row = items::point(db, &item.name, r[7])
                 .await?
                 .ok_or_else(|| ApiError::not_found("recovery point", r[7]))?;
-            ok(model::point_json(v, &item, &row)?)
+            ok(model::point_json(v, &item, &row))
         }
         (
             Method::POST,
@@ -778,12 +705,8 @@ async fn handle(
         ) => test_failover_cleanup(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // ----- jobs and operations -----
         (Method::GET, ["replicationjobs"]) => {
-            let ids: Vec<String> =
-                sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_ms DESC, seq DESC")
-                    .fetch_all(db)
-                    .await?;
             let mut out = Vec::new();
-            for id in ids {
+            for id in jobs_db::ids(db).await? {
                 out.push(model::job_json(db, v, &id).await?);
             }
             ok(model::list(out))
@@ -794,27 +717,23 @@ async fn handle(
         // ----- registration keys (siterec's own; not part of ARM) -----
         (Method::POST, ["siterecregistrationkeys"]) => create_key(st, &body_json(body)?).await,
         (Method::GET, ["siterecregistrationkeys"]) => {
-            let rows: Vec<(String, String, i64, i64, Option<i64>)> = sqlx::query_as(
-                "SELECT key_id, fabric, created_ms, expires_ms, revoked_ms FROM registration_keys ORDER BY created_ms",
-            )
-            .fetch_all(db)
-            .await?;
+            let rows = inventory::registration_keys(db).await?;
             let now = now_ms();
             ok(model::list(
                 rows.into_iter()
-                    .map(|(id, fabric, created, expires, revoked)| {
-                        let state = if revoked.is_some() {
+                    .map(|k| {
+                        let state = if k.revoked_ms.is_some() {
                             "Revoked"
-                        } else if expires < now {
+                        } else if k.expires_ms < now {
                             "Expired"
                         } else {
                             "Valid"
                         };
                         api::RegistrationKey {
-                            key_id: id,
-                            fabric,
-                            created_time: crate::db::rfc3339(created),
-                            expiry_time: crate::db::rfc3339(expires),
+                            key_id: k.key_id,
+                            fabric: k.fabric,
+                            created_time: crate::db::rfc3339(k.created_ms),
+                            expiry_time: crate::db::rfc3339(k.expires_ms),
                             state: state.into(),
                         }
                     })
@@ -822,13 +741,7 @@ async fn handle(
             ))
         }
         (Method::DELETE, ["siterecregistrationkeys", _]) => {
-            let n = sqlx::query("UPDATE registration_keys SET revoked_ms = COALESCE(revoked_ms, $1) WHERE key_id = $2")
-                .bind(now_ms())
-                .bind(r[1])
-                .execute(db)
-                .await?
-                .rows_affected();
-            if n == 0 {
+            if !inventory::revoke_key(db, r[1], now_ms()).await? {
                 return Err(ApiError::not_found("registration key", r[1]));
             }
             ok(api::KeyRevoked {
@@ -845,14 +758,9 @@ async fn handle(
 }
 
 async fn machine_protected(st: &AppState, fabric: &str, machine: &str) -> ApiResult<bool> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM protected_items WHERE fabric = $1 AND machine = $2",
-    )
-    .bind(fabric)
-    .bind(machine)
-    .fetch_one(&st.db)
-    .await?;
-    Ok(n > 0)
+    Ok(items::item_of_machine(&st.db, fabric, machine)
+        .await?
+        .is_some())
 }
 
 fn props(body: &Value) -> &Value {
@@ -890,22 +798,13 @@ async fn create_policy(
 
 async fn delete_policy(st: &Shared, name: &str) -> ApiResult<Response> {
     let (name, _) = model::load_policy(&st.db, name).await?;
-    let used: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM container_mappings WHERE policy = $1) + (SELECT COUNT(*) FROM protected_items WHERE policy = $2)",
-    )
-    .bind(&name)
-    .bind(&name)
-    .fetch_one(&st.db)
-    .await?;
+    let used = config::policy_uses(&st.db, &name).await?;
     if used > 0 {
         return Err(ApiError::conflict(format!(
             "policy '{name}' is used by {used} cloud pairing(s) or protected item(s); remove those first"
         )));
     }
-    sqlx::query("DELETE FROM policies WHERE name = $1")
-        .bind(&name)
-        .execute(&st.db)
-        .await?;
+    config::delete_policy(&st.db, &name).await?;
     // The delete is a long-running operation in the API: done at once, it
     // answers 204 (the SDK's poller takes 202 or 204, and fails on 200).
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -947,14 +846,8 @@ async fn create_mapping(
     let (policy, _) = model::load_policy(&st.db, &policy_name[0]).await?;
     // A pairing is only useful if the recovery cloud can keep replicas:
     // refuse it now rather than fail enable protection later.
-    let stores: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND last_seen_ms > $3",
-    )
-    .bind(tf)
-    .bind(&tc)
-    .bind(now_ms() - model::AGENT_ONLINE_MS)
-    .fetch_one(&st.db)
-    .await?;
+    let stores =
+        inventory::online_stores(&st.db, tf, &tc, now_ms() - model::AGENT_ONLINE_MS).await?;
     if stores == 0 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -970,25 +863,12 @@ async fn create_mapping(
         ));
     }
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing = sqlx::query(
-        "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
-    )
-    .bind(fabric)
-    .bind(&container)
-    .bind(name)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let existing = config::pairing(&mut *tx, fabric, &container, name).await?;
     if let Some(row) = existing {
         // Idempotent re-PUT of the same pairing.
-        let same = row
-            .try_get::<String, _>("target_fabric")?
-            .eq_ignore_ascii_case(tf)
-            && row
-                .try_get::<String, _>("target_container")?
-                .eq_ignore_ascii_case(&tc)
-            && row
-                .try_get::<String, _>("policy")?
-                .eq_ignore_ascii_case(&policy);
+        let same = row.target_fabric.eq_ignore_ascii_case(tf)
+            && row.target_container.eq_ignore_ascii_case(&tc)
+            && row.policy.eq_ignore_ascii_case(&policy);
         if !same {
             return Err(ApiError::conflict(format!(
                 "mapping '{name}' exists with other settings; delete it first"
@@ -996,33 +876,23 @@ async fn create_mapping(
         }
     } else {
         for (f, c) in [(fabric, container.as_str()), (tf, tc.as_str())] {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM container_mappings WHERE (fabric = $1 AND container = $2) OR (target_fabric = $3 AND target_container = $4)",
-            )
-            .bind(f)
-            .bind(c)
-            .bind(f)
-            .bind(c)
-            .fetch_one(&mut *tx)
-            .await?;
+            let n = config::cloud_pairings(&mut tx, f, c).await?;
             if n > 0 {
                 return Err(ApiError::conflict(format!(
                     "cloud {f}/{c} is already paired: a cloud belongs to at most one pairing, as primary or recovery"
                 )));
             }
         }
-        sqlx::query(
-            "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'Pairing', $7)",
-        )
-        .bind(fabric)
-        .bind(&container)
-        .bind(name)
-        .bind(tf)
-        .bind(&tc)
-        .bind(&policy)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
+        let pairing = config::PairingRow {
+            fabric: fabric.to_string(),
+            container: container.clone(),
+            name: name.to_string(),
+            target_fabric: tf.to_string(),
+            target_container: tc.clone(),
+            policy: policy.clone(),
+            state: "Pairing".into(),
+        };
+        config::insert_pairing(&mut tx, &pairing, now_ms()).await?;
     }
     let id = format!(
         "{}/replicationProtectionContainerMappings/{name}",
@@ -1080,13 +950,7 @@ async fn enable_protection(
         ));
     }
     let machine_name = machine_ref[2].as_str();
-    let mapping: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT target_fabric, target_container, policy FROM container_mappings WHERE fabric = $1 AND container = $2 AND state = 'Paired'",
-    )
-    .bind(fabric)
-    .bind(&container)
-    .fetch_optional(&st.db)
-    .await?;
+    let mapping = config::paired_target(&st.db, fabric, &container).await?;
     let Some((tf, tc, mapped_policy)) = mapping else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -1119,13 +983,7 @@ async fn enable_protection(
         }
     };
     if model::load_policy(&st.db, &policy).await?.1.encryption {
-        let encrypted: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM agents WHERE fabric = $1 AND cloud = $2 AND data_url IS NOT NULL AND store_encrypted = 1",
-        )
-        .bind(&tf)
-        .bind(&tc)
-        .fetch_one(&st.db)
-        .await?;
+        let encrypted = inventory::encrypted_stores(&st.db, &tf, &tc).await?;
         if encrypted == 0 {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -1136,22 +994,17 @@ async fn enable_protection(
             ));
         }
     }
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT name, info, agent_id FROM machines WHERE fabric = $1 AND container = $2 AND name = $3",
-    )
-    .bind(fabric)
-    .bind(&container)
-    .bind(machine_name)
-    .fetch_optional(&st.db)
-    .await?;
+    let row = inventory::machine_of_cloud(&st.db, fabric, &container, machine_name)
+        .await?
+        .map(|m| (m.name, m.info, m.agent_id));
     let Some((machine, info, agent)) = row else {
         return Err(ApiError::not_found(
             "protectable item",
             &format!("{fabric}/{container}/{machine_name}"),
         ));
     };
-    let info: Value = serde_json::from_str(&info).unwrap_or(Value::Null);
-    if let Some(err) = info.get("error").and_then(|e| e.as_str()) {
+    let info = stored_machine(&machine, &info)?;
+    if let Some(err) = &info.error {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "MachineNotReady",
@@ -1159,12 +1012,8 @@ async fn enable_protection(
         ));
     }
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if let Some(row) = existing {
-        let item = ItemRow::from_row(&row)?;
+    let existing = items::load(&mut *tx, name).await?;
+    if let Some(item) = existing {
         if item.machine.eq_ignore_ascii_case(&machine) && item.fabric.eq_ignore_ascii_case(fabric) {
             if !same_group(item.group.as_deref(), group.as_deref()) {
                 return Err(ApiError::new(
@@ -1187,12 +1036,7 @@ async fn enable_protection(
             "a protected item named '{name}' already exists; choose another name"
         )));
     }
-    let other: Option<String> =
-        sqlx::query_scalar("SELECT name FROM protected_items WHERE fabric = $1 AND machine = $2")
-            .bind(fabric)
-            .bind(&machine)
-            .fetch_optional(&mut *tx)
-            .await?;
+    let other: Option<String> = items::item_of_machine(&mut *tx, fabric, &machine).await?;
     if let Some(other) = other {
         return Err(ApiError::conflict(format!(
             "machine '{machine}' is already protected as item '{other}'"
@@ -1221,22 +1065,18 @@ async fn enable_protection(
         None => None,
     };
     let now = now_ms();
-    sqlx::query(
-        "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, multi_vm_group, created_ms, updated_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(name)
-    .bind(fabric)
-    .bind(&container)
-    .bind(&machine)
-    .bind(&policy)
-    .bind(&tf)
-    .bind(&tc)
-    .bind(ProtectionState::EnablingProtection.as_str())
-    .bind(&group)
-    .bind(now)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
+    let new = items::NewItem {
+        name,
+        fabric,
+        container: &container,
+        machine: &machine,
+        policy: &policy,
+        target_fabric: &tf,
+        target_container: &tc,
+        state: ProtectionState::EnablingProtection,
+        group: group.as_deref(),
+    };
+    items::insert(&mut tx, &new, now).await?;
     let job = create_job(
         &mut tx,
         &JobInput::EnableProtection(ItemInput {
@@ -1318,39 +1158,20 @@ struct Joining<'a> {
 /// agent (the agent takes the group's points at one instant), under the same
 /// policy and the same cloud pairing. A group with no members yet is
 /// started by this item.
-async fn join_group(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    group: &str,
-    new: &Joining<'_>,
-) -> ApiResult<String> {
-    let members = sqlx::query(
-        "SELECT i.name, i.multi_vm_group, i.policy, i.fabric, i.container, i.target_fabric, i.target_container, m.agent_id, a.hostname
-         FROM protected_items i
-         LEFT JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         LEFT JOIN agents a ON a.id = m.agent_id
-         WHERE i.multi_vm_group = $1
-         ORDER BY i.created_ms, i.name",
-    )
-    .bind(group)
-    .fetch_all(&mut **tx)
-    .await?;
+async fn join_group(tx: &mut Tx<'_>, group: &str, new: &Joining<'_>) -> ApiResult<String> {
+    let members = items::group_members(tx, group).await?;
     let conflict =
         |message: String| ApiError::new(StatusCode::CONFLICT, "MultiVmGroupConflict", message);
     let mut canonical = None;
     for row in &members {
-        let member: String = row.try_get("name")?;
-        let spelled: Option<String> = row.try_get("multi_vm_group")?;
-        canonical = canonical.or(spelled);
+        let member = &row.name;
+        canonical = canonical.or(row.group.clone());
         // A member whose machine is no longer reported has no agent to compare.
-        if let Some(agent) = row.try_get::<Option<String>, _>("agent_id")?
+        if let Some(agent) = &row.agent_id
             && agent != new.agent
         {
-            let host: Option<String> = row.try_get("hostname")?;
-            let new_host: Option<String> =
-                sqlx::query_scalar("SELECT hostname FROM agents WHERE id = $1")
-                    .bind(new.agent)
-                    .fetch_optional(&mut **tx)
-                    .await?;
+            let host = &row.hostname;
+            let new_host: Option<String> = inventory::agent_hostname(tx, new.agent).await?;
             return Err(conflict(format!(
                 "machine '{}' is on agent {} (host {}), but multi-VM group '{group}' is replicated by agent {agent} (host {}), which hosts its member '{member}': a group's recovery points are taken at one instant by one source agent, so every machine of a group must be on the same agent; enable item '{}' in another group (of its own agent's machines) or in none",
                 new.machine,
@@ -1362,19 +1183,19 @@ async fn join_group(
         }
     }
     for row in &members {
-        let member: String = row.try_get("name")?;
-        let policy: String = row.try_get("policy")?;
+        let member = &row.name;
+        let policy = &row.policy;
         if !policy.eq_ignore_ascii_case(new.policy) {
             return Err(conflict(format!(
                 "multi-VM group '{group}' replicates under policy '{policy}' (its member '{member}'), but item '{}' would use policy '{}': every item of a group uses the same policy; enable it with policy '{policy}', or in another group",
                 new.item, new.policy,
             )));
         }
-        let (f, c, tf, tc): (String, String, String, String) = (
-            row.try_get("fabric")?,
-            row.try_get("container")?,
-            row.try_get("target_fabric")?,
-            row.try_get("target_container")?,
+        let (f, c, tf, tc) = (
+            &row.fabric,
+            &row.container,
+            &row.target_fabric,
+            &row.target_container,
         );
         let same = f.eq_ignore_ascii_case(new.fabric)
             && c.eq_ignore_ascii_case(new.container)
@@ -1390,32 +1211,12 @@ async fn join_group(
     Ok(canonical.unwrap_or_else(|| group.to_string()))
 }
 
-async fn latest_job(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    kind: JobKind,
-    target: &str,
-) -> ApiResult<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 ORDER BY created_ms DESC LIMIT 1",
-    )
-    .bind(kind.as_str())
-    .bind(target)
-    .fetch_optional(&mut **tx)
-    .await?)
+async fn latest_job(tx: &mut Tx<'_>, kind: JobKind, target: &str) -> ApiResult<Option<String>> {
+    Ok(jobs_db::find(tx, kind, JobOf::Named(target)).await?)
 }
 
-async fn running_job(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    kind: JobKind,
-    target: &str,
-) -> ApiResult<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 AND state IN ('NotStarted', 'InProgress') ORDER BY created_ms DESC LIMIT 1",
-    )
-    .bind(kind.as_str())
-    .bind(target)
-    .fetch_optional(&mut **tx)
-    .await?)
+async fn running_job(tx: &mut Tx<'_>, kind: JobKind, target: &str) -> ApiResult<Option<String>> {
+    Ok(jobs_db::find(tx, kind, JobOf::RunningOn(target)).await?)
 }
 
 fn transition_error(e: siterec_core::state::TransitionError) -> ApiError {
@@ -1475,23 +1276,13 @@ fn wanted_point(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<St
 }
 
 /// The point to fail over to: the one asked for, else the latest.
-async fn choose_point(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    item: &ItemRow,
-    wanted: Option<&str>,
-) -> ApiResult<String> {
+async fn choose_point(tx: &mut Tx<'_>, item: &ItemRow, wanted: Option<&str>) -> ApiResult<String> {
     let point: Option<String> = match wanted {
-        Some(id) => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = $1 AND point_id = $2 AND pruned_ms IS NULL")
-            .bind(&item.name)
-            .bind(id)
-            .fetch_optional(&mut **tx)
+        Some(id) => items::listed_point(tx, &item.name, id)
             .await?
             .ok_or_else(|| ApiError::not_found("recovery point", &format!("{}/{id}", item.name)))
             .map(Some)?,
-        None => sqlx::query_scalar("SELECT point_id FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1")
-            .bind(&item.name)
-            .fetch_optional(&mut **tx)
-            .await?,
+        None => items::latest_point(tx, &item.name).await?,
     };
     point.ok_or_else(|| {
         ApiError::conflict(format!(
@@ -1503,13 +1294,10 @@ async fn choose_point(
 
 /// The item as it is now, inside the transaction that will change it (two
 /// requests racing see each other's writes).
-async fn reload_item(tx: &mut sqlx::Transaction<'_, sqlx::Any>, name: &str) -> ApiResult<ItemRow> {
-    let row = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut **tx)
+async fn reload_item(tx: &mut Tx<'_>, name: &str) -> ApiResult<ItemRow> {
+    items::load(&mut **tx, name)
         .await?
-        .ok_or_else(|| ApiError::not_found("protected item", name))?;
-    ItemRow::from_row(&row)
+        .ok_or_else(|| ApiError::not_found("protected item", name))
 }
 
 async fn unplanned_failover(
@@ -1546,14 +1334,7 @@ async fn unplanned_failover(
         return Err(transition_error(e));
     }
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
-    sqlx::query(
-        "UPDATE protected_items SET state = $1, last_error = NULL, updated_ms = $2 WHERE name = $3",
-    )
-    .bind(next.as_str())
-    .bind(now_ms())
-    .bind(&item.name)
-    .execute(&mut *tx)
-    .await?;
+    items::set_state(&mut tx, &item.name, next, true, now_ms()).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
         item: item.name.clone(),
         point_id: point.clone(),
@@ -1632,15 +1413,7 @@ async fn test_failover(
         .apply(TestAction::Start, item.state)
         .map_err(transition_error)?;
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
-    sqlx::query(
-        "UPDATE protected_items SET test_failover_state = $1, test_failover_point_id = $2, test_failover_output = NULL, test_failover_error = NULL, updated_ms = $3 WHERE name = $4",
-    )
-    .bind(next.as_str())
-    .bind(&point)
-    .bind(now_ms())
-    .bind(&item.name)
-    .execute(&mut *tx)
-    .await?;
+    items::start_test_failover(&mut tx, &item.name, next, &point, now_ms()).await?;
     let input = JobInput::TestFailover(TestFailoverInput {
         item: item.name.clone(),
         point_id: point.clone(),
@@ -1719,11 +1492,7 @@ async fn test_network(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Opt
     if let Some(agent) = &item.target_agent_id {
         let on_host = model::network_agents(&st.db, &item.target_fabric, &network).await?;
         if !on_host.iter().any(|a| a == agent) {
-            let mine: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM networks WHERE agent_id = $1 ORDER BY name")
-                    .bind(agent)
-                    .fetch_all(&st.db)
-                    .await?;
+            let mine: Vec<String> = inventory::agent_networks(&st.db, agent).await?;
             return Err(ApiError::bad_request(format!(
                 "network '{network}' of fabric '{}' is not on the host of item '{}''s recovery agent {agent}, where the test VM runs ({})",
                 item.target_fabric,
@@ -1785,14 +1554,7 @@ async fn test_failover_cleanup(
         .and_then(|o| serde_json::from_str::<Value>(o).ok())
         .and_then(|o| o.get("vmName").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_else(|| format!("{}-test", item.machine));
-    sqlx::query(
-        "UPDATE protected_items SET test_failover_state = $1, updated_ms = $2 WHERE name = $3",
-    )
-    .bind(next.as_str())
-    .bind(now_ms())
-    .bind(&item.name)
-    .execute(&mut *tx)
-    .await?;
+    items::set_test_state(&mut tx, &item.name, next, now_ms()).await?;
     let job = create_job(
         &mut tx,
         &JobInput::TestFailoverCleanup(CleanupInput {
@@ -1867,15 +1629,11 @@ async fn create_network_mapping(
             )));
         }
     };
-    let rf: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = $1")
-        .bind(rf)
-        .fetch_optional(&st.db)
-        .await?
-        .ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "recovery fabric '{rf}' does not exist; 'siterec fabric list' shows the fabrics"
-            ))
-        })?;
+    let rf: String = inventory::fabric(&st.db, rf).await?.ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "recovery fabric '{rf}' does not exist; 'siterec fabric list' shows the fabrics"
+        ))
+    })?;
     let recovery_networks = model::fabric_networks(&st.db, &rf).await?;
     let rn = recovery_networks
         .iter()
@@ -1895,14 +1653,14 @@ async fn create_network_mapping(
         .to_string();
     let id = model::network_mapping_id(&st.info, &fabric, &network, name);
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing: Option<(String, String, String, String)> = sqlx::query_as(
-        "SELECT name, recovery_fabric, recovery_network, state FROM network_mappings WHERE fabric = $1 AND network = $2",
-    )
-    .bind(&fabric)
-    .bind(&network)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if let Some((other, erf, ern, state)) = existing {
+    let existing = config::mapping_of_network(&mut tx, &fabric, &network).await?;
+    if let Some(row) = existing {
+        let (other, erf, ern, state) = (
+            &row.name,
+            &row.recovery_fabric,
+            &row.recovery_network,
+            &row.state,
+        );
         if !other.eq_ignore_ascii_case(name) {
             return Err(ApiError::conflict(format!(
                 "network '{network}' of fabric '{fabric}' is already mapped to {erf}/{ern} by mapping '{other}': a network has one mapping; remove it first with 'siterec network unmap --fabric {fabric} --network {network}'"
@@ -1922,25 +1680,18 @@ async fn create_network_mapping(
         if let Some(job) = latest_job_for(&mut tx, JobKind::CreateNetworkMapping, &id).await? {
             return accepted(st, headers, &job);
         }
-        let row = sqlx::query("SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2")
-            .bind(&fabric)
-            .bind(&network)
-            .fetch_one(&mut *tx)
-            .await?;
-        return ok(model::network_mapping_json(&st.info, &row)?);
+        return ok(model::network_mapping_json(&st.info, &row));
     }
-    sqlx::query(
-        "INSERT INTO network_mappings (fabric, network, name, recovery_fabric, recovery_network, instance_type, state, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'Pairing', $7)",
-    )
-    .bind(&fabric)
-    .bind(&network)
-    .bind(name)
-    .bind(&rf)
-    .bind(&rn)
-    .bind(&instance)
-    .bind(now_ms())
-    .execute(&mut *tx)
-    .await?;
+    let mapping = config::NetworkMappingRow {
+        fabric: fabric.to_string(),
+        network: network.to_string(),
+        name: name.to_string(),
+        recovery_fabric: rf.to_string(),
+        recovery_network: rn.to_string(),
+        instance_type: instance.clone(),
+        state: "Pairing".into(),
+    };
+    config::insert_network_mapping(&mut tx, &mapping, now_ms()).await?;
     let job = create_job(
         &mut tx,
         &JobInput::CreateNetworkMapping(NetworkMappingInput {
@@ -1971,15 +1722,14 @@ async fn delete_network_mapping(
 ) -> ApiResult<Response> {
     let fabric = model::fabric_exists(&st.db, fabric).await?;
     let mut tx = crate::db::begin(&st.db).await?;
-    let row: Option<(String, String, String)> = sqlx::query_as(
-        "SELECT network, name, state FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
-    )
-    .bind(&fabric)
-    .bind(network)
-    .bind(name)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((network, name, state)) = row else {
+    let row = config::network_mapping(&mut *tx, &fabric, network, name).await?;
+    let Some(config::NetworkMappingRow {
+        network,
+        name,
+        state,
+        ..
+    }) = row
+    else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let id = model::network_mapping_id(&st.info, &fabric, &network, &name);
@@ -1996,12 +1746,7 @@ async fn delete_network_mapping(
         }
         _ => {}
     }
-    sqlx::query("UPDATE network_mappings SET state = 'Unpairing' WHERE fabric = $1 AND network = $2 AND name = $3")
-        .bind(&fabric)
-        .bind(&network)
-        .bind(&name)
-        .execute(&mut *tx)
-        .await?;
+    config::unpair_network_mapping(&mut tx, &fabric, &network, &name).await?;
     let job = create_job(
         &mut tx,
         &JobInput::DeleteNetworkMapping(NetworkRef {
@@ -2021,17 +1766,11 @@ async fn delete_network_mapping(
 
 /// The latest job of `kind` on the resource with ARM id `target_id`.
 async fn latest_job_for(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    tx: &mut Tx<'_>,
     kind: JobKind,
     target_id: &str,
 ) -> ApiResult<Option<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT id FROM jobs WHERE kind = $1 AND target_id = $2 ORDER BY created_ms DESC LIMIT 1",
-    )
-    .bind(kind.as_str())
-    .bind(target_id)
-    .fetch_optional(&mut **tx)
-    .await?)
+    Ok(jobs_db::find(tx, kind, JobOf::Id(target_id)).await?)
 }
 
 /// For an item kept in an encrypted replica store: the operator's recovery
@@ -2046,16 +1785,15 @@ async fn seal_recovery_key(st: &AppState, item: &ItemRow, p: &Value) -> ApiResul
     let Some(agent) = &item.target_agent_id else {
         return Ok(None);
     };
-    let row: Option<(i64, Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT store_encrypted, store_key_id, transport_key FROM agents WHERE id = $1",
-    )
-    .bind(agent)
-    .fetch_optional(&st.db)
-    .await?;
-    let Some((encrypted, store_key_id, transport)) = row else {
+    let Some(inventory::StoreKeys {
+        encrypted,
+        key_id: store_key_id,
+        transport_key: transport,
+    }) = inventory::store_keys(&st.db, agent).await?
+    else {
         return Ok(None);
     };
-    if encrypted == 0 {
+    if !encrypted {
         return Ok(None);
     }
     let given = p
@@ -2126,12 +1864,7 @@ async fn commit_failover(
         .state
         .apply(ItemAction::StartCommit)
         .map_err(transition_error)?;
-    sqlx::query("UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3")
-        .bind(next.as_str())
-        .bind(now_ms())
-        .bind(&item.name)
-        .execute(&mut *tx)
-        .await?;
+    items::set_state(&mut tx, &item.name, next, false, now_ms()).await?;
     let job = create_job(
         &mut tx,
         &JobInput::CommitFailover(ItemInput {
@@ -2150,12 +1883,7 @@ async fn commit_failover(
 /// siterec's own action: verify every replica store of a site's agents.
 async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiResult<Response> {
     let fabric = model::fabric_exists(&st.db, fabric).await?;
-    let agents: Vec<String> = sqlx::query_scalar(
-        "SELECT id FROM agents WHERE fabric = $1 AND data_url IS NOT NULL ORDER BY id",
-    )
-    .bind(&fabric)
-    .fetch_all(&st.db)
-    .await?;
+    let agents = inventory::store_agents(&st.db, &fabric).await?;
     if agents.is_empty() {
         return Err(ApiError::bad_request(format!(
             "fabric '{fabric}' has no agent with a replica store: nothing to verify"
@@ -2179,18 +1907,16 @@ async fn verify_stores(st: &Shared, headers: &HeaderMap, fabric: &str) -> ApiRes
 }
 
 async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
-    let row = sqlx::query(
-        "SELECT state, start_ms, end_ms, error_code, error_message FROM jobs WHERE id = $1",
-    )
-    .bind(job_id)
-    .fetch_optional(&st.db)
-    .await?
-    .ok_or_else(|| ApiError::not_found("operation", job_id))?;
-    let state: String = row.try_get("state")?;
-    let start: Option<i64> = row.try_get("start_ms")?;
-    let end: Option<i64> = row.try_get("end_ms")?;
-    let code: Option<String> = row.try_get("error_code")?;
-    let message: Option<String> = row.try_get("error_message")?;
+    let job = jobs_db::view(&st.db, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("operation", job_id))?;
+    let (state, start, end, code, message) = (
+        job.state,
+        job.start_ms,
+        job.end_ms,
+        job.error_code,
+        job.error_message,
+    );
     let status = JobState::parse(&state)
         .map(|s| s.operation_status())
         .unwrap_or("Failed");
@@ -2211,17 +1937,16 @@ async fn operation_status(st: &Shared, job_id: &str) -> ApiResult<Response> {
 /// succeeded, the resource it acted on (a failover returns the protected
 /// item); when it failed, the job's error.
 async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> ApiResult<Response> {
-    let row =
-        sqlx::query("SELECT state, kind, input, error_code, error_message FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(&st.db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("operation", job_id))?;
-    let state: String = row.try_get("state")?;
-    let kind: String = row.try_get("kind")?;
-    let input: String = row.try_get("input")?;
-    let code: Option<String> = row.try_get("error_code")?;
-    let message: Option<String> = row.try_get("error_message")?;
+    let job = jobs_db::view(&st.db, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("operation", job_id))?;
+    let (state, kind, input, code, message) = (
+        job.state,
+        job.kind,
+        job.input,
+        job.error_code,
+        job.error_message,
+    );
     let state = JobState::parse(&state).unwrap_or(JobState::Failed);
     if !state.is_terminal() {
         return accepted(st, headers, job_id);
@@ -2246,28 +1971,16 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
             ok(model::job_json(&st.db, &st.info, job_id).await?)
         }
         JobInput::CreateNetworkMapping(m) => {
-            let row = sqlx::query(
-                "SELECT * FROM network_mappings WHERE fabric = $1 AND network = $2 AND name = $3",
-            )
-            .bind(&m.fabric)
-            .bind(&m.network)
-            .bind(&m.name)
-            .fetch_optional(&st.db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("network mapping", &m.name))?;
-            ok(model::network_mapping_json(&st.info, &row)?)
+            let row = config::network_mapping(&st.db, &m.fabric, &m.network, &m.name)
+                .await?
+                .ok_or_else(|| ApiError::not_found("network mapping", &m.name))?;
+            ok(model::network_mapping_json(&st.info, &row))
         }
         JobInput::ConfigureProtection(p) => {
-            let row = sqlx::query(
-                "SELECT * FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3",
-            )
-            .bind(&p.fabric)
-            .bind(&p.container)
-            .bind(&p.name)
-            .fetch_optional(&st.db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("protection container mapping", &p.name))?;
-            ok(model::mapping_json(&st.info, &row)?)
+            let row = config::pairing(&st.db, &p.fabric, &p.container, &p.name)
+                .await?
+                .ok_or_else(|| ApiError::not_found("protection container mapping", &p.name))?;
+            ok(model::mapping_json(&st.info, &row))
         }
         JobInput::EnableProtection(ItemInput { item })
         | JobInput::CommitFailover(ItemInput { item })
@@ -2301,25 +2014,19 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
     };
     let expires_ms = now + valid_secs * 1000;
     let mut tx = crate::db::begin(&st.db).await?;
-    sqlx::query(
-        "INSERT INTO fabrics (name, created_ms) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-    )
-    .bind(fabric)
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    let fabric: String = sqlx::query_scalar("SELECT name FROM fabrics WHERE name = $1")
-        .bind(fabric)
-        .fetch_one(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO registration_keys (key_id, fabric, secret_hash, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)")
-        .bind(&key_id)
-        .bind(&fabric)
-        .bind(secret_hash(&secret))
-        .bind(now)
-        .bind(expires_ms)
-        .execute(&mut *tx)
-        .await?;
+    inventory::ensure_fabric(&mut *tx, fabric, now).await?;
+    let fabric = inventory::fabric(&mut *tx, fabric)
+        .await?
+        .ok_or_else(|| ApiError::internal("fabric", "created and not found"))?;
+    let hash = secret_hash(&secret);
+    let new = inventory::NewKey {
+        key_id: &key_id,
+        fabric: &fabric,
+        secret_hash: &hash,
+        created_ms: now,
+        expires_ms,
+    };
+    inventory::insert_key(&mut tx, &new).await?;
     tx.commit().await?;
     let key = KeyFile {
         format: KEY_FILE_FORMAT.into(),
@@ -2331,13 +2038,14 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         secret,
         expires_at: expires_ms / 1000,
     };
-    ok(serde_json::to_value(key).map_err(|e| ApiError::internal("key file", e))?)
+    ok(key)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::VaultInfo;
+    use serde_json::json;
     use std::sync::Arc;
 
     async fn open(dir: &std::path::Path) -> Shared {

@@ -238,19 +238,8 @@ fn write_endpoint(dir: &Path, endpoint: &VaultEndpoint) -> anyhow::Result<()> {
 }
 
 async fn init_vault(db: &Db, name: &str) -> anyhow::Result<VaultInfo> {
-    if let Some((subscription, resource_group, name, location)) =
-        sqlx::query_as::<_, (String, String, String, String)>(
-            "SELECT subscription, resource_group, name, location FROM vault WHERE id = 1",
-        )
-        .fetch_optional(db)
-        .await?
-    {
-        return Ok(VaultInfo {
-            subscription,
-            resource_group,
-            name,
-            location,
-        });
+    if let Some(info) = persist::inventory::vault(db).await? {
+        return Ok(info);
     }
     siterec_core::names::check_name("vault", name)?;
     let info = VaultInfo {
@@ -259,21 +248,12 @@ async fn init_vault(db: &Db, name: &str) -> anyhow::Result<VaultInfo> {
         name: name.to_string(),
         location: "local".into(),
     };
-    sqlx::query("INSERT INTO vault (id, subscription, resource_group, name, location, created_ms) VALUES (1, $1, $2, $3, $4, $5)")
-        .bind(&info.subscription)
-        .bind(&info.resource_group)
-        .bind(&info.name)
-        .bind(&info.location)
-        .bind(db::now_ms())
-        .execute(db)
-        .await?;
+    persist::inventory::insert_vault(db, &info, db::now_ms()).await?;
     Ok(info)
 }
 
 async fn init_admin_token(db: &Db, token_file: &Path) -> anyhow::Result<()> {
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_tokens")
-        .fetch_one(db)
-        .await?;
+    let count = persist::inventory::token_count(db).await?;
     if count > 0 {
         return Ok(());
     }
@@ -281,10 +261,6 @@ async fn init_admin_token(db: &Db, token_file: &Path) -> anyhow::Result<()> {
     // The file first: a crash between the two leaves a token file that does
     // not work yet, and the next start writes a new one.
     siterec_pki::write_file_durable(token_file, token.as_bytes(), 0o600)?;
-    sqlx::query("INSERT INTO api_tokens (token_hash, name, created_ms) VALUES ($1, 'admin', $2)")
-        .bind(db::secret_hash(&token))
-        .bind(db::now_ms())
-        .execute(db)
-        .await?;
+    persist::inventory::insert_token(db, "admin", &db::secret_hash(&token), db::now_ms()).await?;
     Ok(())
 }

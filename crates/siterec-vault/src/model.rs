@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 
-use serde_json::{Value, json};
-use sqlx::Row;
-use sqlx::any::AnyRow;
+use serde_json::Value;
 
 use crate::VaultInfo;
 use crate::db::{Db, opt_rfc3339, rfc3339};
 use crate::error::{ApiError, ApiResult};
+use crate::persist::config::{NetworkMappingRow, PairingRow};
+use crate::persist::inventory::{self, AgentRow};
+use crate::persist::items;
 use siterec_core::state::{JobKind, JobState, ProtectionState, TestFailoverState};
 use siterec_core::wire::{KIND_VM, MachineInfo, ReplicaStarted};
 
@@ -97,23 +98,7 @@ pub async fn item_page(
     let (after_ms, after_name) = after
         .map(|c| (c.created_ms, c.name.clone()))
         .unwrap_or((i64::MIN, String::new()));
-    let (fabric, container) = cloud.unwrap_or(("", ""));
-    let rows = sqlx::query(
-        "SELECT * FROM protected_items WHERE ($1 = 0 OR (fabric = $2 AND container = $3)) AND (created_ms > $4 OR (created_ms = $5 AND name > $6)) ORDER BY created_ms, name LIMIT $7",
-    )
-    .bind(i64::from(cloud.is_some()))
-    .bind(fabric)
-    .bind(container)
-    .bind(after_ms)
-    .bind(after_ms)
-    .bind(after_name)
-    .bind(limit + 1)
-    .fetch_all(db)
-    .await?;
-    let mut items = rows
-        .iter()
-        .map(ItemRow::from_row)
-        .collect::<ApiResult<Vec<_>>>()?;
+    let mut items = items::page(db, cloud, after_ms, &after_name, limit + 1).await?;
     let next = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|i| ItemCursor {
@@ -129,28 +114,20 @@ pub async fn item_page(
 // ---------- fabrics, providers, containers ----------
 
 pub async fn fabric_exists(db: &Db, name: &str) -> ApiResult<String> {
-    sqlx::query_scalar::<_, String>("SELECT name FROM fabrics WHERE name = $1")
-        .bind(name)
-        .fetch_optional(db)
+    inventory::fabric(db, name)
         .await?
         .ok_or_else(|| ApiError::not_found("fabric", name))
 }
 
 pub async fn container_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
     let fabric = fabric_exists(db, fabric).await?;
-    sqlx::query_scalar::<_, String>("SELECT name FROM containers WHERE fabric = $1 AND name = $2")
-        .bind(&fabric)
-        .bind(name)
-        .fetch_optional(db)
+    inventory::container(db, &fabric, name)
         .await?
         .ok_or_else(|| ApiError::not_found("protection container", &format!("{fabric}/{name}")))
 }
 
 pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<api::Fabric> {
-    let agents: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM agents WHERE fabric = $1")
-        .bind(name)
-        .fetch_one(db)
-        .await?;
+    let agents = inventory::agent_count(db, name).await?;
     Ok(resource(
         fabric_id(v, name),
         name,
@@ -167,12 +144,18 @@ pub async fn fabric_json(db: &Db, v: &VaultInfo, name: &str) -> ApiResult<api::F
     ))
 }
 
-pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<api::Provider> {
-    let id: String = row.try_get("id")?;
-    let fabric: String = row.try_get("fabric")?;
-    let last_seen: Option<i64> = row.try_get("last_seen_ms")?;
+pub fn provider_json(row: &AgentRow, v: &VaultInfo, now: i64) -> ApiResult<api::Provider> {
+    let AgentRow {
+        id,
+        fabric,
+        hostname,
+        version,
+        last_seen_ms: last_seen,
+        cloud,
+        data_url,
+        counters,
+    } = row.clone();
     let online = last_seen.is_some_and(|t| now - t < AGENT_ONLINE_MS);
-    let counters: String = row.try_get("counters")?;
     Ok(resource(
         format!(
             "{}/replicationRecoveryServicesProviders/{id}",
@@ -181,13 +164,13 @@ pub async fn provider_json(row: &AnyRow, v: &VaultInfo, now: i64) -> ApiResult<a
         &id,
         types::PROVIDER,
         api::ProviderProperties {
-            friendly_name: row.try_get("hostname")?,
+            friendly_name: hostname,
             fabric_friendly_name: fabric,
-            provider_version: row.try_get("version")?,
+            provider_version: version,
             connection_status: if online { "Connected" } else { "NotConnected" }.into(),
             last_heart_beat: opt_rfc3339(last_seen),
-            protection_container_friendly_name: row.try_get("cloud")?,
-            data_endpoint: row.try_get("data_url")?,
+            protection_container_friendly_name: cloud,
+            data_endpoint: data_url,
             counters: serde_json::from_str(&counters)
                 .map_err(|e| ApiError::internal("stored agent counters", e))?,
         },
@@ -200,15 +183,7 @@ pub async fn container_json(
     fabric: &str,
     name: &str,
 ) -> ApiResult<api::Container> {
-    let paired: Option<(String, String)> = sqlx::query_as(
-        "SELECT fabric, container FROM container_mappings WHERE (fabric = $1 AND container = $2) OR (target_fabric = $3 AND target_container = $4) LIMIT 1",
-    )
-    .bind(fabric)
-    .bind(name)
-    .bind(fabric)
-    .bind(name)
-    .fetch_optional(db)
-    .await?;
+    let paired = inventory::container_pairing(db, fabric, name).await?;
     Ok(resource(
         container_id(v, fabric, name),
         name,
@@ -289,22 +264,12 @@ pub fn protectable_json(
 
 /// The agents of `fabric` that report network `name` (empty: no such network).
 pub async fn network_agents(db: &Db, fabric: &str, name: &str) -> ApiResult<Vec<String>> {
-    Ok(sqlx::query_scalar(
-        "SELECT agent_id FROM networks WHERE fabric = $1 AND name = $2 ORDER BY agent_id",
-    )
-    .bind(fabric)
-    .bind(name)
-    .fetch_all(db)
-    .await?)
+    Ok(inventory::network_agents(db, fabric, name).await?)
 }
 
 /// The networks of a fabric (as its agents spell them), sorted.
 pub async fn fabric_networks(db: &Db, fabric: &str) -> ApiResult<Vec<String>> {
-    let mut names: Vec<String> =
-        sqlx::query_scalar("SELECT DISTINCT name FROM networks WHERE fabric = $1")
-            .bind(fabric)
-            .fetch_all(db)
-            .await?;
+    let mut names = inventory::fabric_networks(db, fabric).await?;
     names.sort_by_key(|n| n.to_ascii_lowercase());
     names.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
     Ok(names)
@@ -314,12 +279,7 @@ pub async fn fabric_networks(db: &Db, fabric: &str) -> ApiResult<Vec<String>> {
 /// fabric's networks otherwise.
 pub async fn network_exists(db: &Db, fabric: &str, name: &str) -> ApiResult<String> {
     let fabric = fabric_exists(db, fabric).await?;
-    let found: Option<String> =
-        sqlx::query_scalar("SELECT name FROM networks WHERE fabric = $1 AND name = $2 LIMIT 1")
-            .bind(&fabric)
-            .bind(name)
-            .fetch_optional(db)
-            .await?;
+    let found = inventory::network(db, &fabric, name).await?;
     found.ok_or_else(|| {
         ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -346,19 +306,22 @@ pub fn network_json(v: &VaultInfo, fabric: &str, name: &str, agents: &[String]) 
     )
 }
 
-pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::NetworkMapping> {
-    let fabric: String = row.try_get("fabric")?;
-    let network: String = row.try_get("network")?;
-    let name: String = row.try_get("name")?;
-    let rf: String = row.try_get("recovery_fabric")?;
-    let rn: String = row.try_get("recovery_network")?;
-    let instance: String = row.try_get("instance_type")?;
-    Ok(resource(
+pub fn network_mapping_json(v: &VaultInfo, row: &NetworkMappingRow) -> api::NetworkMapping {
+    let NetworkMappingRow {
+        fabric,
+        network,
+        name,
+        recovery_fabric: rf,
+        recovery_network: rn,
+        instance_type: instance,
+        state,
+    } = row.clone();
+    resource(
         network_mapping_id(v, &fabric, &network, &name),
         &name,
         types::NETWORK_MAPPING,
         api::NetworkMappingProperties {
-            state: row.try_get("state")?,
+            state,
             primary_network_id: network_id(v, &fabric, &network),
             primary_network_friendly_name: network,
             primary_fabric_friendly_name: fabric,
@@ -370,39 +333,21 @@ pub fn network_mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::Netwo
                 instance_type: instance,
             },
         },
-    ))
+    )
 }
 
-/// The network mappings in force from `fabric`'s networks: source network
-/// (lower case) → (recovery fabric, recovery network).
-pub async fn paired_network_mappings<'e, E>(
-    db: E,
-    fabric: &str,
-) -> Result<std::collections::BTreeMap<String, (String, String)>, sqlx::Error>
-where
-    E: sqlx::Executor<'e, Database = sqlx::Any>,
-{
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT network, recovery_fabric, recovery_network FROM network_mappings WHERE fabric = $1 AND state = 'Paired'",
-    )
-    .bind(fabric)
-    .fetch_all(db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(n, rf, rn)| (n.to_ascii_lowercase(), (rf, rn)))
-        .collect())
-}
+pub use crate::persist::config::paired_network_mappings;
 
 /// The machine an item protects, as its agent last reported it.
 pub async fn machine_info(db: &Db, fabric: &str, machine: &str) -> ApiResult<Option<MachineInfo>> {
-    let info: Option<String> =
-        sqlx::query_scalar("SELECT info FROM machines WHERE fabric = $1 AND name = $2")
-            .bind(fabric)
-            .bind(machine)
-            .fetch_optional(db)
-            .await?;
-    Ok(info.and_then(|i| serde_json::from_str(&i).ok()))
+    inventory::machine_info(db, fabric, machine)
+        .await?
+        .map(|i| {
+            serde_json::from_str(&i).map_err(|e| {
+                ApiError::internal(&format!("stored report of machine '{machine}'"), e)
+            })
+        })
+        .transpose()
 }
 
 /// Whether a reported machine is a VM the recovery site can boot.
@@ -429,24 +374,24 @@ pub fn policy_json(
 }
 
 pub async fn load_policy(db: &Db, name: &str) -> ApiResult<(String, siterec_core::policy::Policy)> {
-    let (name, body): (String, String) =
-        sqlx::query_as("SELECT name, body FROM policies WHERE name = $1")
-            .bind(name)
-            .fetch_optional(db)
-            .await?
-            .ok_or_else(|| ApiError::not_found("replication policy", name))?;
+    let (name, body) = crate::persist::config::policy(db, name)
+        .await?
+        .ok_or_else(|| ApiError::not_found("replication policy", name))?;
     let policy = serde_json::from_str(&body).map_err(|e| ApiError::internal("stored policy", e))?;
     Ok((name, policy))
 }
 
-pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::ContainerMapping> {
-    let fabric: String = row.try_get("fabric")?;
-    let container: String = row.try_get("container")?;
-    let name: String = row.try_get("name")?;
-    let tf: String = row.try_get("target_fabric")?;
-    let tc: String = row.try_get("target_container")?;
-    let policy: String = row.try_get("policy")?;
-    Ok(resource(
+pub fn mapping_json(v: &VaultInfo, row: &PairingRow) -> api::ContainerMapping {
+    let PairingRow {
+        fabric,
+        container,
+        name,
+        target_fabric: tf,
+        target_container: tc,
+        policy,
+        state,
+    } = row.clone();
+    resource(
         format!(
             "{}/replicationProtectionContainerMappings/{name}",
             container_id(v, &fabric, &container)
@@ -461,81 +406,20 @@ pub fn mapping_json(v: &VaultInfo, row: &AnyRow) -> ApiResult<api::ContainerMapp
             target_protection_container_friendly_name: tc,
             policy_id: policy_id(v, &policy),
             policy_friendly_name: policy,
-            state: row.try_get("state")?,
+            state,
             health: "Normal".into(),
         },
-    ))
+    )
 }
 
 // ---------- protected items and recovery points ----------
 
-#[derive(Debug, Clone)]
-pub struct ItemRow {
-    pub name: String,
-    pub fabric: String,
-    pub container: String,
-    pub machine: String,
-    pub policy: String,
-    pub target_fabric: String,
-    pub target_container: String,
-    pub target_agent_id: Option<String>,
-    pub state: ProtectionState,
-    pub last_error: Option<String>,
-    pub failover_point_id: Option<String>,
-    pub failover_output: Option<String>,
-    pub failover_ms: Option<i64>,
-    pub test_state: TestFailoverState,
-    pub test_output: Option<String>,
-    pub test_point_id: Option<String>,
-    pub test_error: Option<String>,
-    pub test_ms: Option<i64>,
-    /// The multi-VM consistency group (ARM `multiVmGroupName`), if any.
-    pub group: Option<String>,
-    pub created_ms: i64,
-}
-
-impl ItemRow {
-    pub fn from_row(row: &AnyRow) -> ApiResult<ItemRow> {
-        let state: String = row.try_get("state")?;
-        Ok(ItemRow {
-            name: row.try_get("name")?,
-            fabric: row.try_get("fabric")?,
-            container: row.try_get("container")?,
-            machine: row.try_get("machine")?,
-            policy: row.try_get("policy")?,
-            target_fabric: row.try_get("target_fabric")?,
-            target_container: row.try_get("target_container")?,
-            target_agent_id: row.try_get("target_agent_id")?,
-            state: ProtectionState::parse(&state).ok_or_else(|| {
-                ApiError::internal("stored item state", format!("unknown state {state}"))
-            })?,
-            last_error: row.try_get("last_error")?,
-            failover_point_id: row.try_get("failover_point_id")?,
-            failover_output: row.try_get("failover_output")?,
-            failover_ms: row.try_get("failover_ms")?,
-            test_state: {
-                let t: String = row.try_get("test_failover_state")?;
-                TestFailoverState::parse(&t).ok_or_else(|| {
-                    ApiError::internal("stored test failover state", format!("unknown state {t}"))
-                })?
-            },
-            test_output: row.try_get("test_failover_output")?,
-            test_point_id: row.try_get("test_failover_point_id")?,
-            test_error: row.try_get("test_failover_error")?,
-            test_ms: row.try_get("test_failover_ms")?,
-            group: row.try_get("multi_vm_group")?,
-            created_ms: row.try_get("created_ms")?,
-        })
-    }
-}
+pub use crate::persist::items::ItemRow;
 
 pub async fn load_item(db: &Db, name: &str) -> ApiResult<ItemRow> {
-    let row = sqlx::query("SELECT * FROM protected_items WHERE name = $1")
-        .bind(name)
-        .fetch_optional(db)
+    items::load(db, name)
         .await?
-        .ok_or_else(|| ApiError::not_found("protected item", name))?;
-    ItemRow::from_row(&row)
+        .ok_or_else(|| ApiError::not_found("protected item", name))
 }
 
 /// Loads an item addressed by its ARM path, checking fabric and container.
@@ -574,14 +458,6 @@ pub struct ItemFacts {
     network_mappings: HashMap<String, std::collections::BTreeMap<String, (String, String)>>,
 }
 
-/// `$first, $first+1, ...` for `n` values bound in an `IN (...)` list.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Reads the [`ItemFacts`] of `items`.
 pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
     let mut facts = ItemFacts::default();
@@ -589,15 +465,7 @@ pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
         return Ok(facts);
     }
     let names: Vec<&str> = items.iter().map(|i| i.name.as_str()).collect();
-    let sql = format!(
-        "SELECT item, point_id, created_ms FROM recovery_points WHERE pruned_ms IS NULL AND item IN ({})",
-        placeholders(1, names.len())
-    );
-    let mut q = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(sql));
-    for n in &names {
-        q = q.bind(*n);
-    }
-    for (item, point, created) in q.fetch_all(db).await? {
+    for (item, point, created) in items::listed_points_of(db, &names).await? {
         let e = facts
             .points
             .entry(item.to_ascii_lowercase())
@@ -607,13 +475,10 @@ pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
             e.1 = Some((point, created));
         }
     }
-    let policies: Vec<(String, String)> = sqlx::query_as("SELECT name, body FROM policies")
-        .fetch_all(db)
-        .await?;
-    for (name, body) in policies {
-        if let Ok(p) = serde_json::from_str(&body) {
-            facts.policies.insert(name.to_ascii_lowercase(), p);
-        }
+    for (name, body) in crate::persist::config::policies(db).await? {
+        let p = serde_json::from_str(&body)
+            .map_err(|e| ApiError::internal(&format!("stored policy '{name}'"), e))?;
+        facts.policies.insert(name.to_ascii_lowercase(), p);
     }
     // Per fabric, so that the lookup follows the machines' key (fabric, name).
     let mut by_fabric: HashMap<String, Vec<&str>> = HashMap::new();
@@ -624,19 +489,13 @@ pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
             .push(i.machine.as_str());
     }
     for (fabric, machines) in &by_fabric {
-        let sql = format!(
-            "SELECT fabric, name, agent_id, info FROM machines WHERE fabric = $1 AND name IN ({})",
-            placeholders(2, machines.len())
-        );
-        let mut q = sqlx::query_as::<_, (String, String, String, String)>(sqlx::AssertSqlSafe(sql))
-            .bind(fabric.as_str());
-        for m in machines {
-            q = q.bind(*m);
-        }
-        for (fabric, name, agent, info) in q.fetch_all(db).await? {
+        for (fabric, name, agent, info) in inventory::machines_named(db, fabric, machines).await? {
+            let info = serde_json::from_str(&info).map_err(|e| {
+                ApiError::internal(&format!("stored report of machine '{name}'"), e)
+            })?;
             facts.machines.insert(
                 (fabric.to_ascii_lowercase(), name.to_ascii_lowercase()),
-                (agent, serde_json::from_str(&info).ok()),
+                (agent, Some(info)),
             );
         }
     }
@@ -644,19 +503,10 @@ pub async fn item_facts(db: &Db, items: &[ItemRow]) -> ApiResult<ItemFacts> {
     agents.sort_unstable();
     agents.dedup();
     if !agents.is_empty() {
-        let sql = format!(
-            "SELECT id, counters FROM agents WHERE id IN ({})",
-            placeholders(1, agents.len())
-        );
-        let mut q = sqlx::query_as::<_, (String, String)>(sqlx::AssertSqlSafe(sql));
-        for a in &agents {
-            q = q.bind(*a);
-        }
-        let rows = q.fetch_all(db).await?;
-        for (id, counters) in rows {
-            if let Ok(c) = serde_json::from_str::<Value>(&counters) {
-                facts.counters.insert(id, c);
-            }
+        for (id, counters) in inventory::agent_counters(db, &agents).await? {
+            let c = serde_json::from_str::<Value>(&counters)
+                .map_err(|e| ApiError::internal(&format!("stored counters of agent {id}"), e))?;
+            facts.counters.insert(id, c);
         }
     }
     let mut vm_fabrics: Vec<String> = items
@@ -917,63 +767,57 @@ fn replica_vm(out: &Value, point: Option<&str>) -> Option<api::ReplicaVm> {
     })
 }
 
-pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &AnyRow) -> ApiResult<api::RecoveryPoint> {
-    let point_id: String = row.try_get("point_id")?;
-    let consistency: String = row.try_get("consistency")?;
-    Ok(resource(
+pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &items::PointRow) -> api::RecoveryPoint {
+    resource(
         format!(
-            "{}/recoveryPoints/{point_id}",
-            item_id(v, &item.fabric, &item.container, &item.name)
+            "{}/recoveryPoints/{}",
+            item_id(v, &item.fabric, &item.container, &item.name),
+            row.point_id
         ),
-        &point_id,
+        &row.point_id,
         types::POINT,
         api::RecoveryPointProperties {
-            recovery_point_time: rfc3339(row.try_get("created_ms")?),
-            recovery_point_type: consistency,
+            recovery_point_time: rfc3339(row.created_ms),
+            recovery_point_type: row.consistency.clone(),
             provider_specific_details: api::PointDetails {
                 instance_type: "Siterec".into(),
-                bytes_sent: row.try_get("bytes_sent")?,
-                bytes_read: row.try_get("bytes_read")?,
+                bytes_sent: row.bytes_sent,
+                bytes_read: row.bytes_read,
             },
         },
-    ))
+    )
 }
 
 // ---------- jobs ----------
 
 pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Job> {
-    let row = sqlx::query("SELECT * FROM jobs WHERE id = $1")
-        .bind(job_id)
-        .fetch_optional(db)
+    let row = crate::persist::jobs::view(db, job_id)
         .await?
         .ok_or_else(|| ApiError::not_found("job", job_id))?;
-    let steps = sqlx::query("SELECT * FROM job_steps WHERE job_id = $1 ORDER BY idx")
-        .bind(job_id)
-        .fetch_all(db)
-        .await?;
-    let kind: String = row.try_get("kind")?;
-    let state: String = row.try_get("state")?;
+    let steps = crate::persist::jobs::step_views(db, job_id).await?;
+    let kind = row.kind.clone();
+    let state = row.state.clone();
     let display = JobKind::parse(&kind)
         .map(|k| k.display_name())
         .unwrap_or("Job");
     let mut tasks = Vec::new();
-    for s in &steps {
-        let st: String = s.try_get("state")?;
-        let err: Option<String> = s.try_get("error")?;
+    for s in steps {
+        let st = s.state;
+        let err = s.error;
         let output = s
-            .try_get::<Option<String>, _>("output")?
+            .output
             .map(|o| serde_json::from_str::<Value>(&o))
             .transpose()
             .map_err(|e| ApiError::internal("stored step output", e))?;
-        let name: String = s.try_get("name")?;
+        let name = s.name;
         tasks.push(api::JobTask {
-            task_id: format!("{job_id}-{}", s.try_get::<i64, _>("idx")?),
+            task_id: format!("{job_id}-{}", s.idx),
             name: name.clone(),
             friendly_name: name,
             state: st.clone(),
             state_description: st,
-            start_time: opt_rfc3339(s.try_get("start_ms")?),
-            end_time: opt_rfc3339(s.try_get("end_ms")?),
+            start_time: opt_rfc3339(s.start_ms),
+            end_time: opt_rfc3339(s.end_ms),
             errors: err
                 .into_iter()
                 .map(|e| api::TaskError {
@@ -987,9 +831,7 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
             }),
         });
     }
-    let code: Option<String> = row.try_get("error_code")?;
-    let message: Option<String> = row.try_get("error_message")?;
-    let errors = match (code, message) {
+    let errors = match (row.error_code, row.error_message) {
         (Some(code), Some(message)) => vec![api::JobError {
             service_error_details: api::ErrorDetail { code, message },
             provider_error_details: None,
@@ -997,7 +839,7 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
         _ => vec![],
     };
     let output = row
-        .try_get::<Option<String>, _>("output")?
+        .output
         .map(|o| serde_json::from_str::<Value>(&o))
         .transpose()
         .map_err(|e| ApiError::internal("stored job output", e))?;
@@ -1014,12 +856,12 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
             state,
             tasks,
             errors,
-            start_time: opt_rfc3339(row.try_get("start_ms")?),
-            end_time: opt_rfc3339(row.try_get("end_ms")?),
+            start_time: opt_rfc3339(row.start_ms),
+            end_time: opt_rfc3339(row.end_ms),
             allowed_actions: vec![],
-            target_object_id: row.try_get("target_id")?,
-            target_object_name: row.try_get("target_name")?,
-            target_instance_type: row.try_get("target_type")?,
+            target_object_id: row.target_id,
+            target_object_name: row.target_name,
+            target_instance_type: row.target_type,
             custom_details: api::JobDetails {
                 instance_type: "JobDetails".into(),
                 output,
@@ -1028,128 +870,4 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
     ))
 }
 
-/// Fills an empty vault database with a fleet for `siterec bench api`:
-/// `agents` source agents in fabric `bench-primary`, each with
-/// `items_per_agent` machines of two disks, all protected under one policy
-/// to a recovery cloud, each item with `points` recovery points and the
-/// counters its agent reports. Rows are what the vault writes itself;
-/// this only writes many of them at once. Returns the item names.
-#[doc(hidden)]
-pub async fn seed_fleet(
-    db: &Db,
-    agents: usize,
-    items_per_agent: usize,
-    points: usize,
-) -> ApiResult<Vec<String>> {
-    let now = crate::db::now_ms();
-    let policy = siterec_core::policy::Policy::from_arm_input(&json!({
-        "instanceType": "HyperVReplicaAzure",
-        "replicationInterval": 300,
-        "recoveryPointHistoryDuration": 24
-    }))
-    .map_err(|e| ApiError::internal("bench policy", e))?;
-    let mut tx = crate::db::begin(db).await?;
-    for (fabric, cloud) in [
-        ("bench-primary", "primary-cloud"),
-        ("bench-recovery", "recovery-cloud"),
-    ] {
-        sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, $2)")
-            .bind(fabric)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3)")
-            .bind(fabric)
-            .bind(cloud)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-    }
-    sqlx::query("INSERT INTO policies (name, body, created_ms) VALUES ('bench', $1, $2)")
-        .bind(serde_json::to_string(&policy).map_err(|e| ApiError::internal("bench policy", e))?)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query(
-        "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('bench-primary', 'primary-cloud', 'bench', 'bench-recovery', 'recovery-cloud', 'bench', 'Paired', $1)",
-    )
-    .bind(now)
-    .execute(&mut *tx)
-    .await?;
-    let mut names = Vec::with_capacity(agents * items_per_agent);
-    for a in 0..agents {
-        let agent_id = format!("bench-agent-{a:04}");
-        let mut counters = serde_json::Map::new();
-        for i in 0..items_per_agent {
-            let name = format!("vm{a:04}-{i:03}");
-            let info = MachineInfo {
-                name: name.clone(),
-                kind: siterec_core::wire::KIND_PHYSICAL.to_string(),
-                disks: ["disk0", "disk1"]
-                    .iter()
-                    .map(|d| siterec_core::wire::DiskInfo {
-                        name: d.to_string(),
-                        path: format!("/dev/vg0/{name}-{d}"),
-                        size_bytes: 64 << 30,
-                    })
-                    .collect(),
-                nics: Vec::new(),
-                vm: None,
-                error: None,
-            };
-            sqlx::query(
-                "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ('bench-primary', 'primary-cloud', $1, $2, $3, $4)",
-            )
-            .bind(&name)
-            .bind(&agent_id)
-            .bind(serde_json::to_string(&info).map_err(|e| ApiError::internal("bench machine", e))?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            let created = now - 86_400_000 + (names.len() as i64);
-            sqlx::query(
-                "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, state, created_ms, updated_ms) VALUES ($1, 'bench-primary', 'primary-cloud', $2, 'bench', 'bench-recovery', 'recovery-cloud', 'Protected', $3, $4)",
-            )
-            .bind(&name)
-            .bind(&name)
-            .bind(created)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            for p in 0..points {
-                let at = now - (points - p) as i64 * 300_000;
-                sqlx::query(
-                    "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ($1, $2, $3, 'CrashConsistent', 1048576, 4194304, $4)",
-                )
-                .bind(&name)
-                .bind(format!("{at}-{p:02}"))
-                .bind(at)
-                .bind(at)
-                .execute(&mut *tx)
-                .await?;
-            }
-            counters.insert(
-                name.clone(),
-                json!({"bytesSent": 1_u64 << 30, "cycles": 288, "lastCycleMs": 1200, "healthWarnings": []}),
-            );
-            names.push(name);
-        }
-        sqlx::query(
-            "INSERT INTO agents (id, fabric, hostname, key_id, cloud, version, counters, enrolled_ms, last_seen_ms) VALUES ($1, 'bench-primary', $2, 'bench', 'primary-cloud', 'bench', $3, $4, $5)",
-        )
-        .bind(&agent_id)
-        .bind(format!("host{a:04}"))
-        .bind(serde_json::Value::Object(counters).to_string())
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    // Statistics, as a database that grew to this size would have them
-    // (autovacuum on PostgreSQL; SQLite plans well without).
-    if crate::db::Engine::of(db) == crate::db::Engine::Postgres {
-        sqlx::query("ANALYZE").execute(db).await?;
-    }
-    Ok(names)
-}
+pub use crate::persist::seed::seed_fleet;

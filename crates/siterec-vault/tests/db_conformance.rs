@@ -317,7 +317,11 @@ async fn jobs_their_steps_and_effects_read_back_as_written() {
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        assert_eq!(job_store::active(&db).await.unwrap(), vec![job.clone()], "{e}");
+        assert_eq!(
+            job_store::active(&db).await.unwrap(),
+            vec![job.clone()],
+            "{e}"
+        );
 
         let mut tx = db::begin(&db).await.unwrap();
         let record = job_store::load(&mut tx, &job)
@@ -457,5 +461,308 @@ fn test_vault() -> siterec_vault::VaultInfo {
         resource_group: "rg".into(),
         name: "v".into(),
         location: "local".into(),
+    }
+}
+
+/// The other persistence areas, the same on each engine: an agent's
+/// heartbeat inventory, a pairing and a network mapping through their
+/// states, an item with its points and group, registration keys.
+#[tokio::test]
+async fn inventory_pairings_items_and_keys_read_back_as_written() {
+    use siterec_core::state::{ProtectionState, TestFailoverState};
+    use siterec_core::wire::{HeartbeatRequest, MachineInfo};
+    use siterec_vault::persist::{agents, config, inventory, items, jobs};
+
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        inventory::ensure_fabric(&db, "Primary", 1).await.unwrap();
+        inventory::ensure_fabric(&db, "PRIMARY", 2).await.unwrap();
+        inventory::ensure_fabric(&db, "recovery", 3).await.unwrap();
+        assert_eq!(
+            inventory::fabric_names(&db).await.unwrap(),
+            ["Primary", "recovery"],
+            "{e}"
+        );
+        let agent = agents::NewAgent {
+            id: "agent-1",
+            fabric: "Primary",
+            hostname: "h1",
+            key_id: "k1",
+            version: "0.1",
+        };
+        agents::insert_agent(&db, &agent, 10).await.unwrap();
+        let machine = MachineInfo {
+            name: "web01".into(),
+            kind: "PhysicalServer".into(),
+            disks: vec![],
+            nics: vec![],
+            vm: None,
+            error: None,
+        };
+        let req = HeartbeatRequest {
+            cloud: "Cloud1".into(),
+            machines: vec![machine.clone()],
+            data_url: None,
+            networks: vec!["lan".into()],
+            store_encrypted: false,
+            store_key_id: None,
+            transport_key: None,
+            counters: Default::default(),
+        };
+        let infos = vec![serde_json::to_string(&machine).unwrap()];
+        let lan = "lan".to_string();
+        let beat = agents::Heartbeat {
+            agent: "agent-1",
+            fabric: "primary",
+            req: &req,
+            infos: &infos,
+            counters: "{}",
+            networks: &[&lan],
+        };
+        agents::record_heartbeat(&db, &beat, 20).await.unwrap();
+        // Twice: nothing doubles.
+        agents::record_heartbeat(&db, &beat, 21).await.unwrap();
+        assert_eq!(
+            inventory::container_names(&db, "primary").await.unwrap(),
+            ["Cloud1"],
+            "{e}"
+        );
+        let ms = inventory::machines_of_cloud(&db, "PRIMARY", "cloud1")
+            .await
+            .unwrap();
+        assert_eq!(ms.len(), 1, "{e}");
+        assert_eq!(ms[0].agent_id, "agent-1", "{e}");
+        assert_eq!(
+            inventory::agent_networks(&db, "agent-1").await.unwrap(),
+            ["lan"],
+            "{e}"
+        );
+        let a = inventory::agents_of_fabric(&db, "primary").await.unwrap();
+        assert_eq!(
+            (a.len(), a[0].last_seen_ms, a[0].cloud.as_deref()),
+            (1, Some(21), Some("Cloud1")),
+            "{e}"
+        );
+
+        // A pairing: written Pairing, read back, paired by its job.
+        let mut tx = db::begin(&db).await.unwrap();
+        let pairing = config::PairingRow {
+            fabric: "Primary".into(),
+            container: "Cloud1".into(),
+            name: "map1".into(),
+            target_fabric: "recovery".into(),
+            target_container: "rc".into(),
+            policy: "pol".into(),
+            state: "Pairing".into(),
+        };
+        config::insert_pairing(&mut tx, &pairing, 30).await.unwrap();
+        assert_eq!(
+            config::cloud_pairings(&mut tx, "recovery", "RC")
+                .await
+                .unwrap(),
+            1,
+            "{e}"
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            config::pairing(&db, "primary", "cloud1", "MAP1")
+                .await
+                .unwrap(),
+            Some(pairing.clone()),
+            "{e}"
+        );
+        assert_eq!(
+            config::paired_target(&db, "primary", "cloud1")
+                .await
+                .unwrap(),
+            None,
+            "{e}: not paired yet"
+        );
+        let mut tx = db::begin(&db).await.unwrap();
+        jobs::apply(
+            &mut tx,
+            "j",
+            0,
+            &siterec_core::orchestration::Effect::PairClouds(
+                siterec_core::orchestration::PairingInput {
+                    fabric: "primary".into(),
+                    container: "cloud1".into(),
+                    name: "map1".into(),
+                    policy: "pol".into(),
+                },
+            ),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            config::paired_target(&db, "primary", "cloud1")
+                .await
+                .unwrap(),
+            Some(("recovery".into(), "rc".into(), "pol".into())),
+            "{e}"
+        );
+
+        // A network mapping through Pairing → (unpairing).
+        let mut tx = db::begin(&db).await.unwrap();
+        let nm = config::NetworkMappingRow {
+            fabric: "Primary".into(),
+            network: "lan".into(),
+            name: "nm1".into(),
+            recovery_fabric: "recovery".into(),
+            recovery_network: "dr".into(),
+            instance_type: "VmmToVmm".into(),
+            state: "Pairing".into(),
+        };
+        config::insert_network_mapping(&mut tx, &nm, 40)
+            .await
+            .unwrap();
+        assert_eq!(
+            config::mapping_of_network(&mut tx, "primary", "LAN")
+                .await
+                .unwrap(),
+            Some(nm.clone()),
+            "{e}"
+        );
+        config::unpair_network_mapping(&mut tx, "primary", "lan", "nm1")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let all = config::network_mappings(&db, None).await.unwrap();
+        assert_eq!(all.len(), 1, "{e}");
+        assert_eq!(all[0].state, "Unpairing", "{e}");
+
+        // An item, its states, its points, its group.
+        let mut tx = db::begin(&db).await.unwrap();
+        let new = items::NewItem {
+            name: "web01",
+            fabric: "Primary",
+            container: "Cloud1",
+            machine: "web01",
+            policy: "pol",
+            target_fabric: "recovery",
+            target_container: "rc",
+            state: ProtectionState::EnablingProtection,
+            group: Some("app"),
+        };
+        items::insert(&mut tx, &new, 50).await.unwrap();
+        items::set_state(&mut tx, "WEB01", ProtectionState::Protected, true, 51)
+            .await
+            .unwrap();
+        items::start_test_failover(
+            &mut tx,
+            "web01",
+            TestFailoverState::TestFailoverInitiated,
+            "p2",
+            52,
+        )
+        .await
+        .unwrap();
+        let point = |id: &'static str, at: i64| agents::NewPoint {
+            item: "web01",
+            point_id: id,
+            created_ms: at,
+            consistency: "CrashConsistent",
+            bytes_sent: 1 << 40,
+            bytes_read: 7,
+        };
+        agents::insert_point(&mut tx, &point("p1", 100), 60)
+            .await
+            .unwrap();
+        agents::insert_point(&mut tx, &point("p2", 200), 61)
+            .await
+            .unwrap();
+        agents::insert_point(&mut tx, &point("p2", 200), 62)
+            .await
+            .unwrap();
+        assert_eq!(
+            agents::held_test_point(&mut tx, "web01")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("p2"),
+            "{e}"
+        );
+        agents::hide_points(&mut tx, "web01", &["p1".to_string()], 63)
+            .await
+            .unwrap();
+        assert_eq!(
+            items::latest_point(&mut tx, "web01")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("p2"),
+            "{e}"
+        );
+        assert_eq!(
+            items::listed_point(&mut tx, "web01", "p1").await.unwrap(),
+            None,
+            "{e}: pruned"
+        );
+        let members = items::group_members(&mut tx, "APP").await.unwrap();
+        assert_eq!(members.len(), 1, "{e}");
+        assert_eq!(members[0].agent_id.as_deref(), Some("agent-1"), "{e}");
+        tx.commit().await.unwrap();
+        let item = items::load(&db, "Web01").await.unwrap().unwrap();
+        assert_eq!(
+            (item.state, item.test_state),
+            (
+                ProtectionState::Protected,
+                TestFailoverState::TestFailoverInitiated
+            ),
+            "{e}"
+        );
+        assert_eq!(item.test_point_id.as_deref(), Some("p2"), "{e}");
+        let points = items::points(&db, "web01").await.unwrap();
+        assert_eq!(points.len(), 1, "{e}");
+        assert_eq!(
+            (points[0].bytes_sent, points[0].bytes_read),
+            (1 << 40, 7),
+            "{e}"
+        );
+        assert_eq!(
+            items::item_of_machine(&db, "primary", "WEB01")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("web01"),
+            "{e}"
+        );
+        let sources = agents::source_items(&db, "agent-1", "primary")
+            .await
+            .unwrap();
+        assert!(sources.is_empty(), "{e}: no recovery agent chosen yet");
+
+        // Registration keys: listed, revoked once.
+        let mut tx = db::begin(&db).await.unwrap();
+        let key = inventory::NewKey {
+            key_id: "k2",
+            fabric: "recovery",
+            secret_hash: "h",
+            created_ms: 70,
+            expires_ms: 80,
+        };
+        inventory::insert_key(&mut tx, &key).await.unwrap();
+        tx.commit().await.unwrap();
+        assert!(inventory::revoke_key(&db, "k2", 90).await.unwrap(), "{e}");
+        assert!(inventory::revoke_key(&db, "k2", 95).await.unwrap(), "{e}");
+        assert!(
+            !inventory::revoke_key(&db, "nope", 95).await.unwrap(),
+            "{e}"
+        );
+        let keys = inventory::registration_keys(&db).await.unwrap();
+        assert_eq!(keys.len(), 1, "{e}");
+        assert_eq!(
+            keys[0].revoked_ms,
+            Some(90),
+            "{e}: revoked at its first time"
+        );
+        let k = agents::registration_key(&db, "k2").await.unwrap().unwrap();
+        assert_eq!(
+            (k.fabric.as_str(), k.revoked_ms, k.expires_ms),
+            ("recovery", Some(90), 80),
+            "{e}"
+        );
     }
 }

@@ -767,3 +767,128 @@ fn without_sealed_key(doc: &str) -> Option<String> {
     v.as_object_mut()?.remove("sealedKey")?;
     Some(v.to_string())
 }
+
+// ---------- what the API reads of jobs ----------
+
+/// Which jobs of a kind [`find`] looks for.
+pub enum JobOf<'a> {
+    /// The latest on a resource by name.
+    Named(&'a str),
+    /// The latest not yet ended on a resource by name.
+    RunningOn(&'a str),
+    /// The latest on a resource by ARM id.
+    Id(&'a str),
+}
+
+/// The latest job of `kind` that `of` says.
+pub async fn find(
+    tx: &mut Tx<'_>,
+    kind: JobKind,
+    of: JobOf<'_>,
+) -> Result<Option<String>, sqlx::Error> {
+    let (sql, target) = match of {
+        JobOf::Named(t) => (
+            "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 ORDER BY created_ms DESC LIMIT 1",
+            t,
+        ),
+        JobOf::RunningOn(t) => (
+            "SELECT id FROM jobs WHERE kind = $1 AND target_name = $2 AND state IN ('NotStarted', 'InProgress') ORDER BY created_ms DESC LIMIT 1",
+            t,
+        ),
+        JobOf::Id(t) => (
+            "SELECT id FROM jobs WHERE kind = $1 AND target_id = $2 ORDER BY created_ms DESC LIMIT 1",
+            t,
+        ),
+    };
+    sqlx::query_scalar(sql)
+        .bind(kind.as_str())
+        .bind(target)
+        .fetch_optional(&mut **tx)
+        .await
+}
+
+/// Every job's id, newest first (jobs of one millisecond in creation order
+/// reversed).
+pub async fn ids(db: &crate::Db) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_ms DESC, seq DESC")
+        .fetch_all(db)
+        .await
+}
+
+/// A job as the API shows it.
+pub struct JobView {
+    pub kind: String,
+    pub state: String,
+    /// `jobs.input`, read by [`JobInput::parse`].
+    pub input: String,
+    pub target_type: String,
+    pub target_name: String,
+    pub target_id: String,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// The job's own output, as stored.
+    pub output: Option<String>,
+}
+
+/// A job's step as the API shows it.
+pub struct StepView {
+    pub idx: i64,
+    pub name: String,
+    pub state: String,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+    pub error: Option<String>,
+    /// What the step said, as stored.
+    pub output: Option<String>,
+}
+
+/// The job, if there is one of that id.
+pub async fn view(db: &crate::Db, job_id: &str) -> Result<Option<JobView>, sqlx::Error> {
+    let Some(row) = sqlx::query(
+        "SELECT kind, state, input, target_type, target_name, target_id, start_ms, end_ms, error_code, error_message, output FROM jobs WHERE id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(db)
+    .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(JobView {
+        kind: row.try_get("kind")?,
+        state: row.try_get("state")?,
+        input: row.try_get("input")?,
+        target_type: row.try_get("target_type")?,
+        target_name: row.try_get("target_name")?,
+        target_id: row.try_get("target_id")?,
+        start_ms: row.try_get("start_ms")?,
+        end_ms: row.try_get("end_ms")?,
+        error_code: row.try_get("error_code")?,
+        error_message: row.try_get("error_message")?,
+        output: row.try_get("output")?,
+    }))
+}
+
+/// The job's steps in order.
+pub async fn step_views(db: &crate::Db, job_id: &str) -> Result<Vec<StepView>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT idx, name, state, start_ms, end_ms, error, output FROM job_steps WHERE job_id = $1 ORDER BY idx",
+    )
+    .bind(job_id)
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|s| {
+            Ok(StepView {
+                idx: s.try_get("idx")?,
+                name: s.try_get("name")?,
+                state: s.try_get("state")?,
+                start_ms: s.try_get("start_ms")?,
+                end_ms: s.try_get("end_ms")?,
+                error: s.try_get("error")?,
+                output: s.try_get("output")?,
+            })
+        })
+        .collect()
+}
