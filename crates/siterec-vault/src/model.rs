@@ -16,8 +16,7 @@ use siterec_core::wire::{KIND_VM, MachineInfo, ReplicaStarted};
 use siterec_api as api;
 use siterec_api::types;
 
-/// An agent is "connected" when heard from within this many milliseconds.
-pub const AGENT_ONLINE_MS: i64 = 60_000;
+pub use crate::persist::inventory::AGENT_ONLINE_MS;
 
 pub fn fabric_id(v: &VaultInfo, fabric: &str) -> String {
     format!("{}/replicationFabrics/{fabric}", v.id())

@@ -8,6 +8,9 @@ use sqlx::any::AnyRow;
 use crate::db::Db;
 use crate::persist::jobs::Tx;
 
+/// An agent is "connected" when heard from within this many milliseconds.
+pub const AGENT_ONLINE_MS: i64 = 60_000;
+
 /// Some executor of the `Any` driver: the pool or a transaction.
 pub trait Exec<'e>: sqlx::Executor<'e, Database = sqlx::Any> {}
 impl<'e, T: sqlx::Executor<'e, Database = sqlx::Any>> Exec<'e> for T {}

@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::{Any, Row, Transaction};
 
 use crate::db::now_ms;
-use crate::model::AGENT_ONLINE_MS;
+use crate::persist::inventory::AGENT_ONLINE_MS;
 use siterec_core::orchestration::{
     Effect, JobInput, MachineSeen, Need, NetworkRef, Observed, PairingInput, Placement, StepRow,
     StoreTask, TaskResult, TaskSeen, test_transition, transition,
@@ -521,7 +521,7 @@ async fn placement(tx: &mut Tx<'_>, item: &str, agent: &str) -> anyhow::Result<P
             })
         })
         .transpose()?;
-    let mappings = crate::model::paired_network_mappings(&mut **tx, &fabric)
+    let mappings = crate::persist::config::paired_network_mappings(&mut **tx, &fabric)
         .await?
         .into_iter()
         .filter(|(_, (rf, _))| rf.eq_ignore_ascii_case(&target_fabric))
