@@ -237,13 +237,71 @@ pub struct NetworkMappingProperties {
 
 // ---------- policies and cloud pairings ----------
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyProperties {
     pub friendly_name: String,
-    /// As the policy's provider names its settings
-    /// ([`siterec_core::policy::Policy::to_arm_details`]).
-    pub provider_specific_details: Value,
+    pub provider_specific_details: PolicyDetails,
+}
+
+/// A policy's settings as its provider names them (HyperVReplicaAzure's
+/// policy details; the same names the input takes, so a policy read back
+/// can be written again as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDetails {
+    pub instance_type: String,
+    pub replication_interval: u32,
+    pub replication_frequency_in_seconds: u32,
+    pub application_consistent_snapshot_frequency_in_hours: u32,
+    /// Enable or Disable.
+    pub compression: String,
+    /// Enable or Disable.
+    pub encryption: String,
+    /// OverNetwork or Offline.
+    pub initial_replication_method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_replication_export_path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_replication_import_path: Option<String>,
+    /// Retention by age, hours.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_history_duration: Option<u32>,
+    /// Retention by count: points kept besides the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_points: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_replication_start_time: Option<String>,
+}
+
+impl From<&siterec_core::policy::Policy> for PolicyDetails {
+    fn from(p: &siterec_core::policy::Policy) -> Self {
+        use siterec_core::policy::Retention;
+        let enable = |on: bool| if on { "Enable" } else { "Disable" }.to_string();
+        let (hours, points) = match p.retention {
+            Retention::Hours { hours } => (Some(hours), None),
+            Retention::Count { additional } => (None, Some(additional)),
+        };
+        PolicyDetails {
+            instance_type: p.instance_type.clone(),
+            replication_interval: p.copy_frequency_secs,
+            replication_frequency_in_seconds: p.copy_frequency_secs,
+            application_consistent_snapshot_frequency_in_hours: p.app_consistent_frequency_hours,
+            compression: enable(p.compression),
+            encryption: enable(p.encryption),
+            initial_replication_method: if p.offline.is_some() {
+                "Offline"
+            } else {
+                "OverNetwork"
+            }
+            .into(),
+            offline_replication_export_path: p.offline.as_ref().map(|o| o.export_path.clone()),
+            offline_replication_import_path: p.offline.as_ref().map(|o| o.import_path.clone()),
+            recovery_point_history_duration: hours,
+            recovery_points: points,
+            online_replication_start_time: p.start_time_rfc3339(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -653,6 +711,27 @@ mod tests {
         let page: List<i32> =
             serde_json::from_value(json!({"value": [], "nextLink": "https://n"})).unwrap();
         assert_eq!(page.next_link.as_deref(), Some("https://n"));
+    }
+
+    #[test]
+    fn a_policy_read_back_writes_the_same_policy() {
+        use siterec_core::policy::Policy;
+        for input in [
+            json!({"instanceType": "HyperVReplicaAzure", "recoveryPointHistoryDuration": 3, "replicationInterval": 300, "onlineReplicationStartTime": "2026-01-31T22:00:00Z"}),
+            json!({"instanceType": "InMageAzureV2", "replicationInterval": 30, "recoveryPoints": 2, "compression": "Disable", "encryption": "Enable", "applicationConsistentSnapshotFrequencyInHours": 1}),
+            json!({"instanceType": "HyperVReplicaAzure", "replicationInterval": 300, "initialReplicationMethod": "Offline", "offlineReplicationExportPath": "/mnt/export", "offlineReplicationImportPath": "/mnt/import"}),
+        ] {
+            let p = Policy::from_arm_input(&input).unwrap();
+            let details = PolicyDetails::from(&p);
+            let v = serde_json::to_value(&details).unwrap();
+            assert_eq!(Policy::from_arm_input(&v).unwrap(), p, "{v}");
+            assert_eq!(serde_json::from_value::<PolicyDetails>(v).unwrap(), details);
+        }
+        let offline = Policy::from_arm_input(&json!({"instanceType": "HyperVReplicaAzure", "replicationInterval": 300, "initialReplicationMethod": "Offline", "offlineReplicationExportPath": "/mnt/export", "offlineReplicationImportPath": "/mnt/import"})).unwrap();
+        let v = serde_json::to_value(PolicyDetails::from(&offline)).unwrap();
+        assert_eq!(v["initialReplicationMethod"], "Offline");
+        assert_eq!(v["offlineReplicationImportPath"], "/mnt/import");
+        assert_eq!(v["replicationFrequencyInSeconds"], 300);
     }
 
     #[test]

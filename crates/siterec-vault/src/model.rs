@@ -367,7 +367,7 @@ pub fn policy_json(
         types::POLICY,
         api::PolicyProperties {
             friendly_name: name.to_string(),
-            provider_specific_details: policy.to_arm_details(),
+            provider_specific_details: api::PolicyDetails::from(policy),
         },
     )
 }
