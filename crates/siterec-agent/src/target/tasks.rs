@@ -1,0 +1,318 @@
+//! The tasks the vault gives a recovery-site agent: offline import,
+//! materialize, prune, verify.
+
+use super::*;
+
+impl Target {
+    /// Imports offline initial copies: for each item, the points exported
+    /// by its source agent (the spool layout, see `crate::spool`) that the
+    /// operator copied to `import_path/ITEM`. Every chunk is verified
+    /// against its name as it is stored; a point is committed only once
+    /// all of its chunks are in. Points already in the store are skipped,
+    /// so importing again is harmless. Returns the points committed.
+    pub async fn import_offline(
+        &self,
+        item: &str,
+        import_path: &Path,
+    ) -> anyhow::Result<Vec<String>> {
+        let spool = crate::spool::Spool::new(import_path.join(item));
+        let mut imported = Vec::new();
+        for entry in spool.entries()? {
+            let path = entry.manifest_path();
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let manifest = Manifest::decode_named(&path.display().to_string(), &bytes)?;
+            if manifest.item != item {
+                anyhow::bail!(
+                    "{} holds a point of item '{}', not '{item}': copy each item's export to IMPORT_PATH/ITEM",
+                    path.display(),
+                    manifest.item
+                );
+            }
+            if self
+                .store
+                .read_manifest(item, &manifest.point_id)
+                .await
+                .is_ok()
+            {
+                continue;
+            }
+            for (name, chunk) in entry.chunks()? {
+                let id: ChunkId = name.parse().map_err(|e| {
+                    anyhow::anyhow!("{} is not named by a chunk id: {e}", chunk.display())
+                })?;
+                self.remember(item, id);
+                let data = tokio::fs::read(&chunk)
+                    .await
+                    .with_context(|| format!("reading {}", chunk.display()))?;
+                self.store
+                    .put_encoded_chunk(id, data)
+                    .await
+                    .with_context(|| format!("importing {}", chunk.display()))?;
+            }
+            self.store
+                .commit_point(&manifest)
+                .await
+                .with_context(|| format!("committing the imported point {}", manifest.point_id))?;
+            if let Ok(mut m) = self.in_flight.lock() {
+                m.remove(item);
+            }
+            tracing::info!(item, point = %manifest.point_id, from = %entry.dir.display(), "offline initial copy imported");
+            imported.push(manifest.point_id);
+        }
+        Ok(imported)
+    }
+
+    /// Runs one task from the vault; the result's `output` is JSON.
+    pub async fn run_task(self: &Arc<Self>, work: &TaskWork) -> anyhow::Result<serde_json::Value> {
+        match work {
+            TaskWork::Materialize {
+                item,
+                point_id,
+                formats,
+                sealed_key,
+            } => {
+                // The recovery key lives in this handle only, for this task.
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let disks = self
+                    .materialize_from(&store, item, point_id, formats)
+                    .await?;
+                Ok(serde_json::to_value(disks)?)
+            }
+            TaskWork::Verify => self.verify().await,
+            TaskWork::StartReplica {
+                item,
+                point_id,
+                vm_name,
+                test,
+                vm,
+                nics,
+                sealed_key,
+            } => {
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let started = self
+                    .compute
+                    .start_replica(
+                        &store,
+                        crate::compute::ReplicaRequest {
+                            item,
+                            point_id,
+                            vm_name,
+                            test: *test,
+                            vm,
+                            nics,
+                        },
+                    )
+                    .await?;
+                Ok(serde_json::to_value(started)?)
+            }
+            TaskWork::RemoveReplica { item, vm_name } => {
+                self.compute.remove_replica(item, vm_name).await?;
+                Ok(serde_json::json!({ "removed": vm_name }))
+            }
+            TaskWork::Prune { item, point_ids } => {
+                for p in point_ids {
+                    self.store.delete_point(item, p).await?;
+                }
+                Ok(match self.collect_after_prune().await? {
+                    Some(report) => serde_json::json!({
+                        "deletedPoints": point_ids,
+                        "chunksDeleted": report.chunks_deleted,
+                        "chunksKept": report.chunks_kept,
+                    }),
+                    None => serde_json::json!({
+                        "deletedPoints": point_ids,
+                        "garbageCollection": "deferred",
+                    }),
+                })
+            }
+        }
+    }
+
+    /// Verifies the whole store. Chunks found damaged are removed: they are
+    /// useless, and while they exist the store would vouch for them and new
+    /// points would keep referencing them. With them gone, the next commit
+    /// that needs one is refused as missing and the source resynchronizes,
+    /// sending the data again. Damaged points stay damaged and are reported.
+    async fn verify(&self) -> anyhow::Result<serde_json::Value> {
+        let report = self.store.verify().await?;
+        let damaged: HashSet<ChunkId> = report
+            .points
+            .iter()
+            .flat_map(|p| p.damaged_chunks.iter().copied())
+            .collect();
+        let mut removed = Vec::new();
+        for id in damaged {
+            // Checked as far as the agent can (integrity, without the
+            // recovery key in an encrypted store).
+            if let Err(StoreError::CorruptChunk { .. }) = self.store.check_chunk(id).await {
+                self.store
+                    .backend()
+                    .delete(&self.store.chunk_object_key(&id))
+                    .await?;
+                tracing::warn!(chunk = %id, "removed a damaged chunk from the replica store");
+                removed.push(id.to_hex());
+            }
+        }
+        if !removed.is_empty() {
+            // Removed for good: back after a crash, a damaged chunk would
+            // be vouched for again (a pack's index forgets it only here).
+            self.store.sync().await?;
+        }
+        let mut v = serde_json::to_value(&report)?;
+        v["removed_chunks"] = serde_json::json!(removed);
+        Ok(v)
+    }
+
+    /// Writes every disk of a recovery point as images, one file per disk
+    /// and format, under `failover_dir/ITEM/`. Each file is written under a
+    /// temporary name, synced, then renamed: a crash never leaves a
+    /// half-written image under the final name.
+    pub async fn materialize(
+        &self,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        self.materialize_from(&self.store, item, point_id, formats)
+            .await
+    }
+
+    /// [`Target::materialize`] of an encrypted store with its recovery key
+    /// in hand (the operator's, as `siterec bench` holds it).
+    pub async fn materialize_with_key(
+        &self,
+        key: &RecoveryKey,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        let store = self.store.with_recovery_key(key)?;
+        self.materialize_from(&store, item, point_id, formats).await
+    }
+
+    /// [`Target::materialize`] reading through `store` (a handle with the
+    /// recovery key for an encrypted store).
+    async fn materialize_from(
+        &self,
+        store: &Store,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        if !store.can_read_data() {
+            // Before any file is created.
+            return Err(StoreError::RecoveryKeyRequired {
+                key_id: store.key_id().unwrap_or_default(),
+            }
+            .into());
+        }
+        self.materialize_into(
+            store,
+            item,
+            point_id,
+            formats,
+            &self.failover_dir.join(item),
+        )
+        .await
+    }
+
+    /// Writes a point's disks as images into `dir` (see
+    /// [`Target::materialize`]).
+    pub(crate) async fn materialize_into(
+        &self,
+        store: &Store,
+        item: &str,
+        point_id: &str,
+        formats: &[String],
+        dir: &Path,
+    ) -> anyhow::Result<Vec<MaterializedDisk>> {
+        if !store.can_read_data() {
+            return Err(StoreError::RecoveryKeyRequired {
+                key_id: store.key_id().unwrap_or_default(),
+            }
+            .into());
+        }
+        let manifest = store.read_manifest(item, point_id).await?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut out = Vec::new();
+        for (di, disk) in manifest.disks.iter().enumerate() {
+            for format in formats {
+                let fmt: ImageFormat = format.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "unknown image format '{format}': use raw, qcow2, vhd-fixed or vhd-dynamic"
+                    )
+                })?;
+                // Both VHD kinds end in .vhd: the fixed one is named apart.
+                let name = match fmt {
+                    ImageFormat::VhdFixed => format!("{}.fixed.vhd", disk.disk_id),
+                    _ => format!("{}.{}", disk.disk_id, fmt.extension()),
+                };
+                let path = dir.join(&name);
+                let tmp = dir.join(format!(".{name}.partial"));
+                let _ = item;
+                if let Err(e) = write_image(store, &manifest, di, fmt, &tmp).await {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming into {}", path.display()))?;
+                std::fs::File::open(dir)?.sync_all()?;
+                out.push(MaterializedDisk {
+                    disk: disk.disk_id.clone(),
+                    format: fmt.as_str().into(),
+                    path: path.display().to_string(),
+                    size_bytes: disk.size,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Blocks fetched and decoded ahead of the image writer.
+const WRITE_AHEAD: usize = 8;
+
+async fn write_image(
+    store: &Store,
+    manifest: &Manifest,
+    disk_index: usize,
+    fmt: ImageFormat,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let disk = &manifest.disks[disk_index];
+    let size = disk.size;
+    let path_owned = path.to_path_buf();
+    let mut writer =
+        tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
+    // One thread writes the image (direct writes wait for the device) while
+    // the chunks ahead of it are fetched and decoded: a write never holds
+    // up the reads, nor a read the writes.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(WRITE_AHEAD);
+    let write_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        while let Some((offset, data)) = rx.blocking_recv() {
+            // Each block once, into a new image: its zero pages may stay holes.
+            writer.write_new_at(offset, &data)?;
+        }
+        Ok(writer)
+    });
+    let reading = async {
+        let mut reader = store.read_disk(manifest, disk_index, 8)?;
+        while let Some(block) = reader.next().await {
+            let block = block?;
+            if let Some(data) = block.data
+                && tx.send((block.offset, data)).await.is_err()
+            {
+                break; // The writer failed: its error is reported below.
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    drop(tx);
+    let writer = write_task.await?;
+    reading?;
+    let writer = writer?;
+    tokio::task::spawn_blocking(move || writer.finish()).await??;
+    Ok(())
+}
