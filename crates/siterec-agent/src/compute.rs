@@ -262,6 +262,34 @@ impl Compute {
     }
 }
 
+impl Compute {
+    /// Powers off and deletes every replica VM (test or not) made from
+    /// `item`'s points; answers their names.
+    pub async fn remove_replicas_of(&self, item: &str) -> anyhow::Result<Vec<String>> {
+        let mut names = Vec::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", self.root.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("listing {}", self.root.display()))?;
+            let Ok(bytes) = std::fs::read(entry.path().join("replica.json")) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<ReplicaRecord>(&bytes) else {
+                continue;
+            };
+            if record.item == item {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                self.remove_replica(item, &name).await?;
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+}
+
 fn nbd_socket(dir: &Path, disk: &str) -> PathBuf {
     dir.join(format!("nbd-{disk}.sock"))
 }

@@ -367,21 +367,28 @@ fn reconcile(
         }
     }
     ctx.groups.set_members(groups);
-    running.retain(|item, r| {
-        let keep = wanted.get(item).is_some_and(|a| *a == r.assignment) && !r.handle.is_finished();
-        if !keep {
+    // Replicators told to stop finish their cycle first; a new one for the
+    // same item waits for that (two cycles of an item never overlap).
+    let mut stopping: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    for item in running.keys().cloned().collect::<Vec<_>>() {
+        let keep = match (wanted.get(&item), running.get(&item)) {
+            (Some(a), Some(r)) => *a == r.assignment && !r.handle.is_finished(),
+            _ => false,
+        };
+        if !keep && let Some(r) = running.remove(&item) {
             tracing::info!(item, "stopping replication");
             let _ = r.stop.send(true);
+            stopping.insert(item, r.handle);
         }
-        keep
-    });
+    }
     for (item, a) in wanted {
         if running.contains_key(&item) {
             continue;
         }
         tracing::info!(item = %item, target = %a.target_url, "starting replication");
         let (stop, rx) = watch::channel(false);
-        let handle = tokio::spawn(source::run_item(ctx.clone(), a.clone(), rx));
+        let previous = stopping.remove(&item);
+        let handle = tokio::spawn(source::run_item(ctx.clone(), a.clone(), rx, previous));
         running.insert(
             item,
             Replication {

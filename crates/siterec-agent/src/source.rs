@@ -118,12 +118,24 @@ impl SourceCtx {
     }
 }
 
-/// Replicates one item until `stop` turns true.
+/// Replicates one item until `stop` turns true. `previous`: the replicator
+/// of the item's earlier assignment, told to stop; it finishes its cycle
+/// before this one starts, so that two cycles of an item never overlap.
+///
+/// An assignment with `final_point` (a planned failover) takes one point
+/// at once, reports it as the job's final point, and then takes no more.
 pub async fn run_item(
     ctx: Arc<SourceCtx>,
     a: ReplicationAssignment,
     mut stop: watch::Receiver<bool>,
+    previous: Option<tokio::task::JoinHandle<()>>,
 ) {
+    if let Some(p) = previous {
+        let _ = p.await;
+    }
+    if let Some(job) = &a.final_point {
+        return final_point(&ctx, &a, job, stop).await;
+    }
     if let Some(nb) = a.not_before {
         let wait = nb * 1000 - now_ms();
         if wait > 0 {
@@ -175,6 +187,45 @@ pub async fn run_item(
         };
         let wait = wait.saturating_sub(started.elapsed());
         if sleep_or_stop(&mut stop, wait).await {
+            return;
+        }
+    }
+}
+
+/// The final point of planned failover `job`: cycles (a failed one again
+/// after 5 s) until one is committed and reported, then waits for the
+/// vault to take the item away.
+async fn final_point(
+    ctx: &SourceCtx,
+    a: &ReplicationAssignment,
+    job: &str,
+    mut stop: watch::Receiver<bool>,
+) {
+    let state_dir = ctx.state_dir(&a.item);
+    loop {
+        if let Err(e) = flush_pending_reports(ctx, &a.item).await {
+            tracing::warn!(item = %a.item, "reporting points to the vault: {e:#}");
+        }
+        if let Some(point) = final_point_taken(&state_dir, job) {
+            tracing::info!(item = %a.item, point = %point, job, "final point taken: replication stopped");
+            let _ = stop.wait_for(|s| *s).await;
+            return;
+        }
+        match cycle(ctx, a).await {
+            Ok(c) => {
+                ctx.update(&a.item, |c| c.last_error = None);
+                tracing::info!(item = %a.item, point = %c.point_id(), job, "planned failover cycle");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(item = %a.item, "final replication cycle failed: {e:#}");
+                ctx.update(&a.item, |c| {
+                    c.failed_cycles += 1;
+                    c.last_error = Some(format!("{e:#}"));
+                });
+            }
+        }
+        if sleep_or_stop(&mut stop, Duration::from_secs(5)).await {
             return;
         }
     }
@@ -310,6 +361,7 @@ async fn offline_initial(
             consistency: manifest.consistency,
             bytes_sent: 0,
             bytes_read,
+            final_for: None,
         },
         dir: dir.clone(),
     };
@@ -592,16 +644,28 @@ fn save_hashes(
     Ok(())
 }
 
-/// Counts a committed point and queues its report to the vault.
+/// What a committed point cost.
+struct PointCost {
+    bytes_read: u64,
+    bytes_sent: u64,
+    chunks_sent: u64,
+}
+
+/// Counts a committed point and queues its report to the vault
+/// (`final_for`: the planned failover it is the final point of).
 fn point_committed(
     ctx: &SourceCtx,
     a: &ReplicationAssignment,
     state_dir: &Path,
     manifest: &Manifest,
-    bytes_read: u64,
-    bytes_sent: u64,
-    chunks_sent: u64,
+    cost: PointCost,
+    final_for: Option<&str>,
 ) -> anyhow::Result<()> {
+    let PointCost {
+        bytes_read,
+        bytes_sent,
+        chunks_sent,
+    } = cost;
     let point_id = manifest.point_id.clone();
     // The health goes with the count: whoever sees the new cycle sees
     // what it left (a lost-tracking warning, say) too.
@@ -626,6 +690,7 @@ fn point_committed(
             consistency: manifest.consistency,
             bytes_sent,
             bytes_read,
+            final_for: final_for.map(str::to_string),
         },
     )
 }
@@ -659,11 +724,47 @@ async fn direct_cycle(
         a,
         state_dir,
         &manifest,
-        bytes_read,
-        bytes_sent,
-        chunks_sent,
+        PointCost {
+            bytes_read,
+            bytes_sent,
+            chunks_sent,
+        },
+        a.final_point.as_deref(),
     )?;
+    if let Some(job) = &a.final_point {
+        // Taken after the source stopped, reported as the job's final
+        // point: the item takes no more.
+        let marker = FinalMarker {
+            job: job.clone(),
+            point_id: manifest.point_id.clone(),
+        };
+        crate::util::write_durably(
+            &final_marker(state_dir),
+            &serde_json::to_vec(&marker)?,
+            0o600,
+        )?;
+    }
     Ok(manifest.point_id)
+}
+
+/// The final point a planned failover asked for, once taken
+/// (`state/ITEM/final-point.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct FinalMarker {
+    job: String,
+    point_id: String,
+}
+
+fn final_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("final-point.json")
+}
+
+/// The final point already taken for planned failover `job`, if any.
+fn final_point_taken(state_dir: &Path, job: &str) -> Option<String> {
+    let bytes = std::fs::read(final_marker(state_dir)).ok()?;
+    let m: FinalMarker = serde_json::from_slice(&bytes).ok()?;
+    (m.job == job).then_some(m.point_id)
 }
 
 /// Captures a point into the disk spool. If the spool would outgrow its
@@ -733,7 +834,18 @@ async fn drain(
             .with_context(|| format!("spooled point {}", entry.dir.display()))?;
         let (bytes_sent, chunks_sent) = ship_spooled_chunks(ctx, &base, &entry, streams).await?;
         commit_point(ctx, a, state_dir, &manifest).await?;
-        point_committed(ctx, a, state_dir, &manifest, 0, bytes_sent, chunks_sent)?;
+        point_committed(
+            ctx,
+            a,
+            state_dir,
+            &manifest,
+            PointCost {
+                bytes_read: 0,
+                bytes_sent,
+                chunks_sent,
+            },
+            None,
+        )?;
         spool.remove(&entry)?;
         tracing::info!(item = %a.item, point = %manifest.point_id, "spooled recovery point committed");
         refresh_health(ctx, &a.item);

@@ -258,6 +258,9 @@ pub struct PolicyDetails {
     pub compression: String,
     /// Enable or Disable.
     pub encryption: String,
+    /// Required or NotRequired: delete the replica when protection is disabled.
+    #[serde(default = "not_required")]
+    pub replica_deletion: String,
     /// OverNetwork or Offline.
     pub initial_replication_method: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -272,6 +275,10 @@ pub struct PolicyDetails {
     pub recovery_points: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online_replication_start_time: Option<String>,
+}
+
+fn not_required() -> String {
+    "NotRequired".into()
 }
 
 impl From<&siterec_core::policy::Policy> for PolicyDetails {
@@ -289,6 +296,12 @@ impl From<&siterec_core::policy::Policy> for PolicyDetails {
             application_consistent_snapshot_frequency_in_hours: p.app_consistent_frequency_hours,
             compression: enable(p.compression),
             encryption: enable(p.encryption),
+            replica_deletion: if p.replica_deletion {
+                "Required"
+            } else {
+                "NotRequired"
+            }
+            .into(),
             initial_replication_method: if p.offline.is_some() {
                 "Offline"
             } else {
@@ -546,6 +559,10 @@ pub struct PolicyProviderInput {
     pub compression: String,
     /// Enable or Disable (siterec: encrypt what the store holds).
     pub encryption: String,
+    /// Required or NotRequired (the default): delete the replica when
+    /// protection is disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_deletion: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_replication_method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -591,6 +608,36 @@ pub struct UnplannedFailoverInput {
     pub failover_direction: String,
     pub source_site_operations: String,
     pub provider_specific_details: FailoverDetails,
+}
+
+/// POST …/plannedFailover (the SDK's `PlannedFailoverInput`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedFailoverInput {
+    /// PrimaryToRecovery, or RecoveryToPrimary (failback).
+    pub failover_direction: String,
+    pub provider_specific_details: PlannedFailoverDetails,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedFailoverDetails {
+    pub instance_type: String,
+    /// siterec's own: the operator says the source server is stopped
+    /// (siterec cannot stop a physical server).
+    #[serde(default)]
+    pub source_stopped: bool,
+    /// The recovery key of an encrypted store, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_kek_certificate_pfx: Option<String>,
+}
+
+/// POST …/remove (the SDK's `DisableProtectionInput`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DisableProtectionInput {
+    /// NotSpecified or MigrationComplete.
+    pub disable_protection_reason: String,
 }
 
 /// POST …/testFailover.

@@ -56,6 +56,12 @@ pub struct Policy {
     /// encrypted with a key held at the recovery side.
     #[serde(default)]
     pub encryption: bool,
+    /// Delete the replica — its recovery points and its disks at the
+    /// recovery site — when protection is disabled (the seeds' "Delete
+    /// Replica Virtual Machine"; ARM `replicaDeletion`: Required or
+    /// NotRequired).
+    #[serde(default)]
+    pub replica_deletion: bool,
     /// Unix seconds; `None` = start initial replication immediately.
     pub initial_replication_start: Option<i64>,
     /// Offline initial replication (the seeds' "Offline" initial replication
@@ -235,6 +241,17 @@ impl Policy {
         };
         let compression = switch("compression", true)?;
         let encryption = switch("encryption", false)?;
+        let replica_deletion = match obj.get("replicaDeletion").and_then(|v| v.as_str()) {
+            None | Some("") => false,
+            Some(s) if s.eq_ignore_ascii_case("Required") => true,
+            Some(s) if s.eq_ignore_ascii_case("NotRequired") => false,
+            Some(other) => {
+                return Err(PolicyError::Field {
+                    field: "replicaDeletion".into(),
+                    message: format!("must be \"Required\" or \"NotRequired\", got \"{other}\""),
+                });
+            }
+        };
         let initial_replication_start = match obj
             .get("onlineReplicationStartTime")
             .and_then(|v| v.as_str())
@@ -278,6 +295,7 @@ impl Policy {
             app_consistent_frequency_hours,
             compression,
             encryption,
+            replica_deletion,
             initial_replication_start,
             offline,
         };

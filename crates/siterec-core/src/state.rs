@@ -8,23 +8,81 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// The protection state of a protected (replicated) item, named as Site
-/// Recovery names them in `protectionState`.
+/// Recovery names them in `protectionState`. It says what runs and what may
+/// follow; where the machine runs is the item's [`Location`], and the two
+/// together are its [`Lifecycle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ProtectionState {
     /// Enable Protection job running: target chosen, initial replication not done.
     EnablingProtection,
     /// Initial replication in progress.
     InitialReplicationInProgress,
-    /// Replicating deltas; failover possible.
+    /// Replicating deltas from the active location to the other; failover
+    /// possible.
     Protected,
     UnplannedFailoverInProgress,
-    /// Failed over to the recovery site; the failover can be committed.
+    /// Failed over without the source's last changes (or to a point the
+    /// operator chose); the failover can be committed.
     UnplannedFailoverCompleted,
+    /// Planned failover running: the source is stopped, its last changes
+    /// replicated into a final point, the machine brought up from it.
+    PlannedFailoverInProgress,
+    /// Failed over from the source's last state, no data lost; the failover
+    /// can be committed.
+    PlannedFailoverCompleted,
+    /// The failed-over machine is being rebuilt from another recovery point.
+    ChangeRecoveryPointInProgress,
     FailoverCommitInProgress,
-    /// Failover committed: the machine runs at the recovery site.
+    /// Failover committed: the machine runs at its new active location and
+    /// nothing replicates it until a reprotect.
     FailoverCommitted,
+    /// Reprotect running: replication is being set up from the active
+    /// location back to the other site, sending only the blocks that differ.
+    ReprotectInProgress,
     /// Enable Protection failed; the item can be removed or protection retried.
     ProtectionFailed,
+    /// Disable Protection running (or failed: run it again): replication is
+    /// stopped, the item goes once its job is done.
+    DisablingProtection,
+}
+
+/// Where a protected machine runs (`activeLocation`): the site it was
+/// protected from, or the recovery site. Replication, when there is any,
+/// goes from the active location to the other one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Location {
+    Primary,
+    Recovery,
+}
+
+impl Location {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "Primary",
+            Self::Recovery => "Recovery",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Primary, Self::Recovery]
+            .into_iter()
+            .find(|l| l.as_str() == s)
+    }
+
+    pub fn other(self) -> Self {
+        match self {
+            Self::Primary => Self::Recovery,
+            Self::Recovery => Self::Primary,
+        }
+    }
+
+    /// The `failoverDirection` of a failover that leaves this location.
+    pub fn failover_direction(self) -> &'static str {
+        match self {
+            Self::Primary => "PrimaryToRecovery",
+            Self::Recovery => "RecoveryToPrimary",
+        }
+    }
 }
 
 /// Operations on a protected item.
@@ -37,9 +95,20 @@ pub enum ItemAction {
     FinishUnplannedFailover,
     /// The failover job failed: back to where it started.
     AbortUnplannedFailover,
+    StartPlannedFailover,
+    FinishPlannedFailover,
+    /// The planned failover failed: the source runs on where it was.
+    AbortPlannedFailover,
+    StartChangeRecoveryPoint,
+    FinishChangeRecoveryPoint,
+    AbortChangeRecoveryPoint,
     StartCommit,
     FinishCommit,
     AbortCommit,
+    StartReprotect,
+    FinishReprotect,
+    AbortReprotect,
+    StartDisable,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -58,9 +127,14 @@ impl ProtectionState {
             Self::Protected => "Protected",
             Self::UnplannedFailoverInProgress => "UnplannedFailoverInProgress",
             Self::UnplannedFailoverCompleted => "UnplannedFailoverCompleted",
+            Self::PlannedFailoverInProgress => "PlannedFailoverInProgress",
+            Self::PlannedFailoverCompleted => "PlannedFailoverCompleted",
+            Self::ChangeRecoveryPointInProgress => "ChangeRecoveryPointInProgress",
             Self::FailoverCommitInProgress => "FailoverCommitInProgress",
             Self::FailoverCommitted => "FailoverCommitted",
+            Self::ReprotectInProgress => "ReprotectInProgress",
             Self::ProtectionFailed => "ProtectionFailed",
+            Self::DisablingProtection => "DisablingProtection",
         }
     }
 
@@ -76,24 +150,62 @@ impl ProtectionState {
             Self::Protected => "Protected",
             Self::UnplannedFailoverInProgress => "Unplanned failover in progress",
             Self::UnplannedFailoverCompleted => "Failed over",
+            Self::PlannedFailoverInProgress => "Planned failover in progress",
+            Self::PlannedFailoverCompleted => "Failed over (planned, no data loss)",
+            Self::ChangeRecoveryPointInProgress => "Changing the recovery point",
             Self::FailoverCommitInProgress => "Committing failover",
             Self::FailoverCommitted => "Failover committed",
+            Self::ReprotectInProgress => "Reprotect in progress",
             Self::ProtectionFailed => "Protection failed",
+            Self::DisablingProtection => "Disabling protection",
         }
     }
 
-    /// Whether the source should be replicating in this state.
+    /// Whether the active location's agent replicates the item in this
+    /// state (a planned failover replicates until its final point).
     pub fn replicating(self) -> bool {
-        matches!(self, Self::InitialReplicationInProgress | Self::Protected)
+        matches!(
+            self,
+            Self::InitialReplicationInProgress
+                | Self::Protected
+                | Self::PlannedFailoverInProgress
+                | Self::ReprotectInProgress
+        )
     }
 
-    /// Operations the API lists in `allowedOperations`.
+    /// Failed over and not committed: commit or change the point next.
+    pub fn failed_over(self) -> bool {
+        matches!(
+            self,
+            Self::UnplannedFailoverCompleted | Self::PlannedFailoverCompleted
+        )
+    }
+
+    /// A job of the item's lifecycle is running in this state.
+    pub fn in_progress(self) -> bool {
+        matches!(
+            self,
+            Self::EnablingProtection
+                | Self::InitialReplicationInProgress
+                | Self::UnplannedFailoverInProgress
+                | Self::PlannedFailoverInProgress
+                | Self::ChangeRecoveryPointInProgress
+                | Self::FailoverCommitInProgress
+                | Self::ReprotectInProgress
+        )
+    }
+
+    /// Operations the API lists in `allowedOperations` (before the test
+    /// failover and the machine kind are taken into account:
+    /// [`allowed_operations`]).
     pub fn allowed_operations(self) -> &'static [&'static str] {
         match self {
-            Self::Protected => &["UnplannedFailover", "DisableProtection"],
-            Self::UnplannedFailoverCompleted => &["Commit"],
-            Self::FailoverCommitted => &["DisableProtection"],
-            Self::ProtectionFailed => &["DisableProtection"],
+            Self::Protected => &["PlannedFailover", "UnplannedFailover", "DisableProtection"],
+            Self::UnplannedFailoverCompleted | Self::PlannedFailoverCompleted => {
+                &["Commit", "ChangePit"]
+            }
+            Self::FailoverCommitted => &["ReverseReplicate", "DisableProtection"],
+            Self::ProtectionFailed | Self::DisablingProtection => &["DisableProtection"],
             _ => &[],
         }
     }
@@ -113,9 +225,27 @@ impl ProtectionState {
                 S::UnplannedFailoverCompleted
             }
             (S::UnplannedFailoverInProgress, A::AbortUnplannedFailover) => S::Protected,
-            (S::UnplannedFailoverCompleted, A::StartCommit) => S::FailoverCommitInProgress,
+            (S::Protected, A::StartPlannedFailover) => S::PlannedFailoverInProgress,
+            (S::PlannedFailoverInProgress, A::FinishPlannedFailover) => S::PlannedFailoverCompleted,
+            (S::PlannedFailoverInProgress, A::AbortPlannedFailover) => S::Protected,
+            (s, A::StartChangeRecoveryPoint) if s.failed_over() => S::ChangeRecoveryPointInProgress,
+            // Another point than the last state: no longer a failover
+            // without data loss, whatever the first failover was. A failed
+            // change leaves the item failed over, to be changed again.
+            (
+                S::ChangeRecoveryPointInProgress,
+                A::FinishChangeRecoveryPoint | A::AbortChangeRecoveryPoint,
+            ) => S::UnplannedFailoverCompleted,
+            (s, A::StartCommit) if s.failed_over() => S::FailoverCommitInProgress,
             (S::FailoverCommitInProgress, A::FinishCommit) => S::FailoverCommitted,
             (S::FailoverCommitInProgress, A::AbortCommit) => S::UnplannedFailoverCompleted,
+            (S::FailoverCommitted, A::StartReprotect) => S::ReprotectInProgress,
+            (S::ReprotectInProgress, A::FinishReprotect) => S::Protected,
+            (S::ReprotectInProgress, A::AbortReprotect) => S::FailoverCommitted,
+            (
+                S::Protected | S::ProtectionFailed | S::FailoverCommitted | S::DisablingProtection,
+                A::StartDisable,
+            ) => S::DisablingProtection,
             (state, action) => {
                 return Err(TransitionError {
                     state: state.description().to_lowercase(),
@@ -125,6 +255,82 @@ impl ProtectionState {
             }
         };
         Ok(next)
+    }
+
+    /// Why protection cannot be enabled again on an item in this state, if
+    /// it cannot: an item that failed over comes back by reprotect.
+    pub fn enable_again(self) -> Result<(), TransitionError> {
+        let hint = match self {
+            s if s.failed_over() => {
+                "it has failed over: commit the failover, then reprotect it (ReverseReplicate)"
+            }
+            Self::FailoverCommitted => {
+                "its failover is committed: reprotect it (ReverseReplicate) to replicate it again"
+            }
+            Self::DisablingProtection => {
+                "its protection is being disabled: wait for the job (or run DisableProtection again), then enable protection"
+            }
+            s if s.in_progress()
+                && !matches!(
+                    s,
+                    Self::EnablingProtection | Self::InitialReplicationInProgress
+                ) =>
+            {
+                "another operation is running; wait for its job to finish"
+            }
+            _ => return Ok(()),
+        };
+        Err(TransitionError {
+            state: self.description().to_lowercase(),
+            action: "enable protection again".into(),
+            hint: hint.into(),
+        })
+    }
+}
+
+/// A protected item's place in its life: its protection state and where
+/// its machine runs. The vault's jobs move it only through [`Lifecycle::apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lifecycle {
+    pub state: ProtectionState,
+    pub active: Location,
+}
+
+impl Lifecycle {
+    /// A newly enabled item: protecting the machine where it runs.
+    pub const NEW: Lifecycle = Lifecycle {
+        state: ProtectionState::EnablingProtection,
+        active: Location::Primary,
+    };
+
+    /// The lifecycle after `action`: a completed failover moves the
+    /// machine to the other location; nothing else moves it.
+    pub fn apply(self, action: ItemAction) -> Result<Lifecycle, TransitionError> {
+        let state = self.state.apply(action)?;
+        let active = match action {
+            ItemAction::FinishPlannedFailover | ItemAction::FinishUnplannedFailover => {
+                self.active.other()
+            }
+            _ => self.active,
+        };
+        Ok(Lifecycle { state, active })
+    }
+
+    /// Where replication comes from while the item replicates: the active
+    /// location (`None`: nothing replicates).
+    pub fn replication_source(self) -> Option<Location> {
+        self.state.replicating().then_some(self.active)
+    }
+
+    /// A failover now would leave this location (`failoverDirection`).
+    pub fn failover_direction(self) -> &'static str {
+        self.active.failover_direction()
+    }
+
+    /// Replication goes from the recovery site back to the primary site
+    /// (after a reprotect of a failed-over machine).
+    pub fn reversed(self) -> bool {
+        self.active == Location::Recovery
     }
 }
 
@@ -285,33 +491,55 @@ fn test_action_name(a: TestAction) -> &'static str {
     }
 }
 
-/// Why an unplanned failover cannot start now because of a test failover,
-/// if it cannot. A test VM that is running (Completed) does not stand in
-/// the way: it has its own name and is cleaned up on its own.
-pub fn test_blocks_failover(test: TestFailoverState) -> Option<TransitionError> {
-    test.in_progress().then(|| TransitionError {
+/// Why `action` cannot start now because of the item's test failover, if
+/// it cannot. A failover waits for a running test failover job; a test VM
+/// that is running (Completed) does not stand in its way: it has its own
+/// name and is cleaned up on its own. Disabling protection waits until no
+/// test failover is left, so that no test VM outlives its item.
+pub fn test_blocks(action: ItemAction, test: TestFailoverState) -> Option<TransitionError> {
+    let hint = match action {
+        ItemAction::StartUnplannedFailover | ItemAction::StartPlannedFailover
+            if test.in_progress() =>
+        {
+            "a test failover job is running; wait for it to finish"
+        }
+        ItemAction::StartDisable if test != TestFailoverState::None => {
+            "a test failover is active: clean it up (TestFailoverCleanup) first"
+        }
+        _ => return None,
+    };
+    Some(TransitionError {
         state: test.description().to_lowercase(),
-        action: action_name(ItemAction::StartUnplannedFailover).into(),
-        hint: "a test failover job is running; wait for it to finish".into(),
+        action: action_name(action).into(),
+        hint: hint.into(),
     })
 }
 
-/// `allowedOperations` of an item: its protection state's, less an
-/// unplanned failover while a test failover job runs, plus TestFailover
-/// (VMs only: the recovery site's compute driver boots VMs) and
-/// TestFailoverCleanup when one is due.
-pub fn allowed_operations(
-    protection: ProtectionState,
-    test: TestFailoverState,
-    vm: bool,
-) -> Vec<&'static str> {
-    let mut ops: Vec<&'static str> = protection
+/// `allowedOperations` of an item: its protection state's, less what its
+/// test failover stands in the way of ([`test_blocks`]), plus TestFailover
+/// (VMs only: the recovery site's compute driver boots VMs; from the
+/// primary site only) and TestFailoverCleanup when one is due.
+pub fn allowed_operations(life: Lifecycle, test: TestFailoverState, vm: bool) -> Vec<&'static str> {
+    let mut ops: Vec<&'static str> = life
+        .state
         .allowed_operations()
         .iter()
         .copied()
-        .filter(|op| !(test.in_progress() && *op == "UnplannedFailover"))
+        .filter(|op| {
+            let action = match *op {
+                "UnplannedFailover" => ItemAction::StartUnplannedFailover,
+                "PlannedFailover" => ItemAction::StartPlannedFailover,
+                "DisableProtection" => ItemAction::StartDisable,
+                _ => return true,
+            };
+            test_blocks(action, test).is_none()
+        })
         .collect();
-    if vm && protection == ProtectionState::Protected && test == TestFailoverState::None {
+    if vm
+        && life.state == ProtectionState::Protected
+        && life.active == Location::Primary
+        && test == TestFailoverState::None
+    {
         ops.push("TestFailover");
     }
     if test.needs_cleanup() {
@@ -320,15 +548,46 @@ pub fn allowed_operations(
     ops
 }
 
-const ALL_STATES: [ProtectionState; 8] = [
+const ALL_STATES: [ProtectionState; 13] = [
     ProtectionState::EnablingProtection,
     ProtectionState::InitialReplicationInProgress,
     ProtectionState::Protected,
     ProtectionState::UnplannedFailoverInProgress,
     ProtectionState::UnplannedFailoverCompleted,
+    ProtectionState::PlannedFailoverInProgress,
+    ProtectionState::PlannedFailoverCompleted,
+    ProtectionState::ChangeRecoveryPointInProgress,
     ProtectionState::FailoverCommitInProgress,
     ProtectionState::FailoverCommitted,
+    ProtectionState::ReprotectInProgress,
     ProtectionState::ProtectionFailed,
+    ProtectionState::DisablingProtection,
+];
+
+/// Every protection state (for exhaustive tests and lookups).
+pub const PROTECTION_STATES: &[ProtectionState] = &ALL_STATES;
+
+/// Every item action.
+pub const ITEM_ACTIONS: [ItemAction; 19] = [
+    ItemAction::StartInitialReplication,
+    ItemAction::FinishInitialReplication,
+    ItemAction::FailProtection,
+    ItemAction::StartUnplannedFailover,
+    ItemAction::FinishUnplannedFailover,
+    ItemAction::AbortUnplannedFailover,
+    ItemAction::StartPlannedFailover,
+    ItemAction::FinishPlannedFailover,
+    ItemAction::AbortPlannedFailover,
+    ItemAction::StartChangeRecoveryPoint,
+    ItemAction::FinishChangeRecoveryPoint,
+    ItemAction::AbortChangeRecoveryPoint,
+    ItemAction::StartCommit,
+    ItemAction::FinishCommit,
+    ItemAction::AbortCommit,
+    ItemAction::StartReprotect,
+    ItemAction::FinishReprotect,
+    ItemAction::AbortReprotect,
+    ItemAction::StartDisable,
 ];
 
 fn action_name(a: ItemAction) -> &'static str {
@@ -339,29 +598,62 @@ fn action_name(a: ItemAction) -> &'static str {
         ItemAction::StartUnplannedFailover => "fail over",
         ItemAction::FinishUnplannedFailover => "complete the failover",
         ItemAction::AbortUnplannedFailover => "abort the failover",
+        ItemAction::StartPlannedFailover => "run a planned failover",
+        ItemAction::FinishPlannedFailover => "complete the planned failover",
+        ItemAction::AbortPlannedFailover => "abort the planned failover",
+        ItemAction::StartChangeRecoveryPoint => "change the recovery point",
+        ItemAction::FinishChangeRecoveryPoint => "complete the change of recovery point",
+        ItemAction::AbortChangeRecoveryPoint => "abort the change of recovery point",
         ItemAction::StartCommit => "commit the failover",
         ItemAction::FinishCommit => "complete the commit",
         ItemAction::AbortCommit => "abort the commit",
+        ItemAction::StartReprotect => "reprotect",
+        ItemAction::FinishReprotect => "complete the reprotect",
+        ItemAction::AbortReprotect => "abort the reprotect",
+        ItemAction::StartDisable => "disable protection",
     }
 }
 
 fn hint(state: ProtectionState, action: ItemAction) -> &'static str {
+    use ItemAction as A;
     use ProtectionState as S;
     match (state, action) {
         (
             S::EnablingProtection | S::InitialReplicationInProgress,
-            ItemAction::StartUnplannedFailover,
+            A::StartUnplannedFailover | A::StartPlannedFailover,
         ) => "wait until initial replication finishes and the item is protected",
-        (
-            S::UnplannedFailoverCompleted | S::FailoverCommitted,
-            ItemAction::StartUnplannedFailover,
-        ) => "the item has already failed over",
-        (_, ItemAction::StartCommit) => {
+        (S::EnablingProtection | S::InitialReplicationInProgress, A::StartDisable) => {
+            "wait until initial replication finishes (or fails), then disable protection"
+        }
+        (s, A::StartUnplannedFailover | A::StartPlannedFailover) if s.failed_over() => {
+            "the item has already failed over: commit the failover, then reprotect it"
+        }
+        (S::FailoverCommitted, A::StartUnplannedFailover | A::StartPlannedFailover) => {
+            "the failover is committed and nothing replicates the machine: reprotect it first (ReverseReplicate)"
+        }
+        (S::ProtectionFailed, A::StartUnplannedFailover | A::StartPlannedFailover) => {
+            "protection failed: disable protection and enable it again"
+        }
+        (s, A::StartCommit) if !s.in_progress() => {
             "commit follows a completed failover; fail the item over first"
         }
-        (S::UnplannedFailoverInProgress | S::FailoverCommitInProgress, _) => {
-            "another operation is running; wait for its job to finish"
+        (S::FailoverCommitted, A::StartChangeRecoveryPoint) => {
+            "the failover is committed: its recovery point can no longer be changed"
         }
+        (s, A::StartChangeRecoveryPoint) if !s.in_progress() => {
+            "changing the recovery point follows a failover that is not committed yet; fail the item over first"
+        }
+        (s, A::StartReprotect) if s.failed_over() => {
+            "commit the failover first (Commit), then reprotect"
+        }
+        (S::Protected, A::StartReprotect) => "the item is already protected and replicating",
+        (s, A::StartReprotect) if !s.in_progress() => {
+            "reprotect follows a committed failover; fail the item over and commit first"
+        }
+        (s, A::StartDisable) if s.failed_over() => {
+            "commit the failover first (Commit), then disable protection"
+        }
+        (s, _) if s.in_progress() => "another operation is running; wait for its job to finish",
         _ => "see the item's allowedOperations",
     }
 }
@@ -444,6 +736,8 @@ pub enum JobKind {
     TestFailoverCleanup,
     CreateNetworkMapping,
     DeleteNetworkMapping,
+    PlannedFailover,
+    DisableProtection,
 }
 
 impl JobKind {
@@ -460,6 +754,8 @@ impl JobKind {
             Self::TestFailoverCleanup => "TestFailoverCleanup",
             Self::CreateNetworkMapping => "MapNetwork",
             Self::DeleteNetworkMapping => "UnmapNetwork",
+            Self::PlannedFailover => "PlannedFailover",
+            Self::DisableProtection => "DisableDr",
         }
     }
 
@@ -475,6 +771,8 @@ impl JobKind {
             Self::TestFailoverCleanup,
             Self::CreateNetworkMapping,
             Self::DeleteNetworkMapping,
+            Self::PlannedFailover,
+            Self::DisableProtection,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -493,6 +791,8 @@ impl JobKind {
             Self::TestFailoverCleanup => "Test failover cleanup",
             Self::CreateNetworkMapping => "Map networks",
             Self::DeleteNetworkMapping => "Remove network mapping",
+            Self::PlannedFailover => "Planned failover",
+            Self::DisableProtection => "Disable protection",
         }
     }
 }
@@ -560,7 +860,12 @@ mod tests {
         let replicating: Vec<_> = ALL_STATES.iter().filter(|s| s.replicating()).collect();
         assert_eq!(
             replicating,
-            [&S::InitialReplicationInProgress, &S::Protected]
+            [
+                &S::InitialReplicationInProgress,
+                &S::Protected,
+                &S::PlannedFailoverInProgress,
+                &S::ReprotectInProgress
+            ]
         );
         for s in ALL_STATES {
             assert_eq!(S::parse(s.as_str()), Some(s));
@@ -663,33 +968,51 @@ mod tests {
     #[test]
     fn allowed_operations_follow_both_states_and_the_machine_kind() {
         use TestFailoverState as F;
+        let at = |state| Lifecycle {
+            state,
+            active: Location::Primary,
+        };
         assert_eq!(
-            allowed_operations(S::Protected, F::None, true),
-            ["UnplannedFailover", "DisableProtection", "TestFailover"]
+            allowed_operations(at(S::Protected), F::None, true),
+            [
+                "PlannedFailover",
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailover"
+            ]
         );
         // Physical servers cannot be booted by the compute driver.
         assert_eq!(
-            allowed_operations(S::Protected, F::None, false),
-            ["UnplannedFailover", "DisableProtection"]
+            allowed_operations(at(S::Protected), F::None, false),
+            ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
         );
+        // Replicating back from the recovery site: no test failover there.
+        let reversed = Lifecycle {
+            state: S::Protected,
+            active: Location::Recovery,
+        };
         assert_eq!(
-            allowed_operations(S::Protected, F::TestFailoverInitiated, true),
-            ["DisableProtection"]
+            allowed_operations(reversed, F::None, true),
+            ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
         );
+        assert!(allowed_operations(at(S::Protected), F::TestFailoverInitiated, true).is_empty());
         assert_eq!(
-            allowed_operations(S::Protected, F::TestFailoverCompleted, true),
+            allowed_operations(at(S::Protected), F::TestFailoverCompleted, true),
             [
+                "PlannedFailover",
                 "UnplannedFailover",
-                "DisableProtection",
                 "TestFailoverCleanup"
             ]
         );
         assert_eq!(
-            allowed_operations(S::FailoverCommitted, F::MarkedForDeletion, true),
-            ["DisableProtection", "TestFailoverCleanup"]
+            allowed_operations(at(S::FailoverCommitted), F::MarkedForDeletion, true),
+            ["ReverseReplicate", "TestFailoverCleanup"]
         );
-        assert!(test_blocks_failover(F::TestFailoverCleanupInitiated).is_some());
-        assert!(test_blocks_failover(F::TestFailoverCompleted).is_none());
+        assert!(test_blocks(A::StartUnplannedFailover, F::TestFailoverCleanupInitiated).is_some());
+        assert!(test_blocks(A::StartPlannedFailover, F::TestFailoverInitiated).is_some());
+        assert!(test_blocks(A::StartUnplannedFailover, F::TestFailoverCompleted).is_none());
+        let err = test_blocks(A::StartDisable, F::TestFailoverCompleted).unwrap();
+        assert!(err.to_string().contains("clean it up"), "{err}");
         for k in [
             JobKind::TestFailover,
             JobKind::TestFailoverCleanup,
@@ -698,5 +1021,301 @@ mod tests {
         ] {
             assert_eq!(JobKind::parse(k.as_str()), Some(k));
         }
+    }
+
+    /// Every (state, action) pair that is allowed, and where it leads;
+    /// every other pair is refused.
+    const ALLOWED: &[(S, A, S)] = &[
+        (
+            S::EnablingProtection,
+            A::StartInitialReplication,
+            S::InitialReplicationInProgress,
+        ),
+        (
+            S::EnablingProtection,
+            A::FailProtection,
+            S::ProtectionFailed,
+        ),
+        (
+            S::InitialReplicationInProgress,
+            A::FinishInitialReplication,
+            S::Protected,
+        ),
+        (
+            S::InitialReplicationInProgress,
+            A::FailProtection,
+            S::ProtectionFailed,
+        ),
+        (
+            S::Protected,
+            A::StartUnplannedFailover,
+            S::UnplannedFailoverInProgress,
+        ),
+        (
+            S::Protected,
+            A::StartPlannedFailover,
+            S::PlannedFailoverInProgress,
+        ),
+        (S::Protected, A::StartDisable, S::DisablingProtection),
+        (
+            S::UnplannedFailoverInProgress,
+            A::FinishUnplannedFailover,
+            S::UnplannedFailoverCompleted,
+        ),
+        (
+            S::UnplannedFailoverInProgress,
+            A::AbortUnplannedFailover,
+            S::Protected,
+        ),
+        (
+            S::PlannedFailoverInProgress,
+            A::FinishPlannedFailover,
+            S::PlannedFailoverCompleted,
+        ),
+        (
+            S::PlannedFailoverInProgress,
+            A::AbortPlannedFailover,
+            S::Protected,
+        ),
+        (
+            S::UnplannedFailoverCompleted,
+            A::StartCommit,
+            S::FailoverCommitInProgress,
+        ),
+        (
+            S::UnplannedFailoverCompleted,
+            A::StartChangeRecoveryPoint,
+            S::ChangeRecoveryPointInProgress,
+        ),
+        (
+            S::PlannedFailoverCompleted,
+            A::StartCommit,
+            S::FailoverCommitInProgress,
+        ),
+        (
+            S::PlannedFailoverCompleted,
+            A::StartChangeRecoveryPoint,
+            S::ChangeRecoveryPointInProgress,
+        ),
+        (
+            S::ChangeRecoveryPointInProgress,
+            A::FinishChangeRecoveryPoint,
+            S::UnplannedFailoverCompleted,
+        ),
+        (
+            S::ChangeRecoveryPointInProgress,
+            A::AbortChangeRecoveryPoint,
+            S::UnplannedFailoverCompleted,
+        ),
+        (
+            S::FailoverCommitInProgress,
+            A::FinishCommit,
+            S::FailoverCommitted,
+        ),
+        (
+            S::FailoverCommitInProgress,
+            A::AbortCommit,
+            S::UnplannedFailoverCompleted,
+        ),
+        (
+            S::FailoverCommitted,
+            A::StartReprotect,
+            S::ReprotectInProgress,
+        ),
+        (
+            S::FailoverCommitted,
+            A::StartDisable,
+            S::DisablingProtection,
+        ),
+        (S::ReprotectInProgress, A::FinishReprotect, S::Protected),
+        (
+            S::ReprotectInProgress,
+            A::AbortReprotect,
+            S::FailoverCommitted,
+        ),
+        (S::ProtectionFailed, A::StartDisable, S::DisablingProtection),
+        (
+            S::DisablingProtection,
+            A::StartDisable,
+            S::DisablingProtection,
+        ),
+    ];
+
+    #[test]
+    fn every_transition_is_the_table_and_every_refusal_says_why() {
+        let mut allowed = 0;
+        for &state in PROTECTION_STATES {
+            for action in ITEM_ACTIONS {
+                let want = ALLOWED
+                    .iter()
+                    .find(|(s, a, _)| *s == state && *a == action)
+                    .map(|(_, _, to)| *to);
+                match (state.apply(action), want) {
+                    (Ok(to), Some(w)) => {
+                        assert_eq!(to, w, "{state:?} --{action:?}");
+                        allowed += 1;
+                    }
+                    (Err(e), None) => {
+                        assert_eq!(e.state, state.description().to_lowercase());
+                        assert_eq!(e.action, action_name(action));
+                        assert!(!e.hint.is_empty());
+                        let text = e.to_string();
+                        assert!(text.starts_with("cannot "), "{text}");
+                    }
+                    (got, want) => panic!("{state:?} --{action:?}: got {got:?}, want {want:?}"),
+                }
+            }
+        }
+        assert_eq!(allowed, ALLOWED.len());
+    }
+
+    #[test]
+    fn allowed_operations_are_exactly_the_operations_that_can_start() {
+        for &state in PROTECTION_STATES {
+            for op in state.allowed_operations() {
+                let action = match *op {
+                    "PlannedFailover" => A::StartPlannedFailover,
+                    "UnplannedFailover" => A::StartUnplannedFailover,
+                    "DisableProtection" => A::StartDisable,
+                    "Commit" => A::StartCommit,
+                    "ChangePit" => A::StartChangeRecoveryPoint,
+                    "ReverseReplicate" => A::StartReprotect,
+                    other => panic!("unknown operation {other}"),
+                };
+                assert!(state.apply(action).is_ok(), "{state:?} lists {op}");
+            }
+            // And the other way round: a Start action that applies is listed.
+            for (action, op) in [
+                (A::StartPlannedFailover, "PlannedFailover"),
+                (A::StartUnplannedFailover, "UnplannedFailover"),
+                (A::StartDisable, "DisableProtection"),
+                (A::StartCommit, "Commit"),
+                (A::StartChangeRecoveryPoint, "ChangePit"),
+                (A::StartReprotect, "ReverseReplicate"),
+            ] {
+                assert_eq!(
+                    state.apply(action).is_ok(),
+                    state.allowed_operations().contains(&op),
+                    "{state:?} {op}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_whole_cycle_comes_home_in_the_original_direction() {
+        let mut life = Lifecycle::NEW;
+        let mut locations = vec![];
+        for a in [
+            A::StartInitialReplication,
+            A::FinishInitialReplication,
+            // Planned failover to the recovery site, commit, reprotect.
+            A::StartPlannedFailover,
+            A::FinishPlannedFailover,
+            A::StartCommit,
+            A::FinishCommit,
+            A::StartReprotect,
+            A::FinishReprotect,
+            // Failback: a planned failover the other way, commit, reprotect.
+            A::StartPlannedFailover,
+            A::FinishPlannedFailover,
+            A::StartCommit,
+            A::FinishCommit,
+            A::StartReprotect,
+            A::FinishReprotect,
+        ] {
+            life = life.apply(a).unwrap();
+            locations.push((life.state, life.active, life.replication_source()));
+        }
+        assert_eq!(
+            life,
+            Lifecycle {
+                state: S::Protected,
+                active: Location::Primary
+            }
+        );
+        use Location::{Primary as P, Recovery as R};
+        // Replication runs from the active location only, and not at all
+        // between a failover's end and its reprotect.
+        assert_eq!(
+            locations,
+            [
+                (S::InitialReplicationInProgress, P, Some(P)),
+                (S::Protected, P, Some(P)),
+                (S::PlannedFailoverInProgress, P, Some(P)),
+                (S::PlannedFailoverCompleted, R, None),
+                (S::FailoverCommitInProgress, R, None),
+                (S::FailoverCommitted, R, None),
+                (S::ReprotectInProgress, R, Some(R)),
+                (S::Protected, R, Some(R)),
+                (S::PlannedFailoverInProgress, R, Some(R)),
+                (S::PlannedFailoverCompleted, P, None),
+                (S::FailoverCommitInProgress, P, None),
+                (S::FailoverCommitted, P, None),
+                (S::ReprotectInProgress, P, Some(P)),
+                (S::Protected, P, Some(P)),
+            ]
+        );
+        let back = Lifecycle {
+            state: S::Protected,
+            active: R,
+        };
+        assert_eq!(back.failover_direction(), "RecoveryToPrimary");
+        assert!(back.reversed());
+        // An aborted failover leaves the machine where it ran.
+        let aborted = back
+            .apply(A::StartUnplannedFailover)
+            .unwrap()
+            .apply(A::AbortUnplannedFailover)
+            .unwrap();
+        assert_eq!(aborted, back);
+        assert_eq!(Location::parse("Recovery"), Some(R));
+        assert_eq!(Location::parse("recovery"), None);
+    }
+
+    #[test]
+    fn a_failed_over_item_is_not_enabled_again_but_reprotected() {
+        for s in [
+            S::UnplannedFailoverCompleted,
+            S::PlannedFailoverCompleted,
+            S::FailoverCommitted,
+        ] {
+            let err = s.enable_again().unwrap_err();
+            assert!(err.to_string().contains("ReverseReplicate"), "{err}");
+        }
+        for s in [
+            S::Protected,
+            S::EnablingProtection,
+            S::InitialReplicationInProgress,
+            S::ProtectionFailed,
+        ] {
+            assert!(s.enable_again().is_ok(), "{s:?}");
+        }
+        assert!(S::ReprotectInProgress.enable_again().is_err());
+        let err = S::PlannedFailoverCompleted
+            .apply(A::StartReprotect)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("commit the failover first"),
+            "{err}"
+        );
+        let err = S::FailoverCommitted
+            .apply(A::StartPlannedFailover)
+            .unwrap_err();
+        assert!(err.to_string().contains("reprotect it first"), "{err}");
+        let err = S::FailoverCommitted
+            .apply(A::StartChangeRecoveryPoint)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("can no longer be changed"),
+            "{err}"
+        );
+        let err = S::UnplannedFailoverCompleted
+            .apply(A::StartDisable)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("commit the failover first"),
+            "{err}"
+        );
     }
 }

@@ -256,6 +256,10 @@ pub struct ReplicationAssignment {
     /// directory (on the source host) instead of sending it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_export: Option<String>,
+    /// A planned failover (this job id) waits for a final point: take one
+    /// now, report it with `finalFor` set to this id, and take no more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_point: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -312,6 +316,11 @@ pub enum TaskWork {
     /// does not exist is answered ok.
     #[serde(rename_all = "camelCase")]
     RemoveReplica { item: String, vm_name: String },
+    /// Delete every recovery point of the item from the store (and collect
+    /// its chunks), its failover disks, and a replica VM of it if one runs
+    /// (disabling protection with replica deletion).
+    #[serde(rename_all = "camelCase")]
+    DeleteReplica { item: String },
 }
 
 /// A recovery key sealed to an agent's transport key (base64 of an
@@ -376,6 +385,9 @@ pub struct PointReport {
     pub consistency: Consistency,
     pub bytes_sent: u64,
     pub bytes_read: u64,
+    /// The planned failover job this point is the final point of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_for: Option<String>,
 }
 
 /// Answer of the target's commit endpoint when chunks are missing.

@@ -263,6 +263,10 @@ async fn assignments(
             compression: policy.compression,
             not_before: policy.initial_replication_start,
             offline_export,
+            // Only while the item waits for it.
+            final_point: row.final_job.filter(|_| {
+                ProtectionState::parse(&state) == Some(ProtectionState::PlannedFailoverInProgress)
+            }),
         });
     }
     Ok(out)
@@ -328,6 +332,7 @@ async fn report_point(
         consistency,
         bytes_sent: i64::try_from(rep.bytes_sent).unwrap_or(i64::MAX),
         bytes_read: i64::try_from(rep.bytes_read).unwrap_or(i64::MAX),
+        final_for: rep.final_for.as_deref(),
     };
     persist::insert_point(&mut tx, &point, now).await?;
     // Retention: hide the points the policy lets go, then ask the target to
@@ -470,6 +475,7 @@ mod tests {
             consistency: Consistency::CrashConsistent,
             bytes_sent: 0,
             bytes_read: 0,
+            final_for: None,
         };
         let me = || Extension(PeerIdentity(Some("agent-src".into())));
         for (id, t) in [("p1", now - 3000), ("p2", now - 2000), ("p3", now - 1000)] {

@@ -24,13 +24,13 @@ use crate::{AppState, Shared};
 use siterec_api as api;
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
 use siterec_core::orchestration::{
-    CleanupInput, FailoverInput, ItemInput, JobInput, NetworkMappingInput, NetworkRef,
-    PairingInput, PolicyInput, TestFailoverInput, VerifyInput,
+    CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput, NetworkMappingInput,
+    NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput, TestFailoverInput, VerifyInput,
 };
 use siterec_core::policy::Policy;
 use siterec_core::state::{
-    ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState,
-    test_blocks_failover,
+    ItemAction, JobKind, JobState, Location, ProtectionState, TestAction, TestFailoverState,
+    test_blocks,
 };
 use siterec_core::wire::{KEY_FILE_FORMAT, KEY_VALIDITY_SECS, KeyFile, MachineInfo};
 
@@ -688,6 +688,43 @@ async fn handle(
                 _,
                 "replicationprotecteditems",
                 _,
+                "plannedfailover",
+            ],
+        ) => planned_failover(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        // Disable protection: the SDK's `remove` action (DisableProtectionInput)
+        // and DELETE of the item do the same here.
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+                "remove",
+            ],
+        )
+        | (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+            ],
+        ) => disable_protection(st, headers, r[1], r[3], r[5]).await,
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
                 "testfailover",
             ],
         ) => test_failover(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
@@ -757,10 +794,13 @@ async fn handle(
     }
 }
 
-async fn machine_protected(st: &AppState, fabric: &str, machine: &str) -> ApiResult<bool> {
-    Ok(items::item_of_machine(&st.db, fabric, machine)
-        .await?
-        .is_some())
+/// The protection state of the item protecting a machine, if any.
+async fn machine_protected(
+    st: &AppState,
+    fabric: &str,
+    machine: &str,
+) -> ApiResult<Option<ProtectionState>> {
+    Ok(items::state_of_machine(&st.db, fabric, machine).await?)
 }
 
 fn props(body: &Value) -> &Value {
@@ -1027,6 +1067,9 @@ async fn enable_protection(
                     ),
                 ));
             }
+            // An item that failed over comes back by reprotect, not by
+            // enabling it again (which would do nothing).
+            item.state.enable_again().map_err(transition_error)?;
             // A retried PUT: point at the job that is (or was) doing it.
             if let Some(job) = latest_job(&mut tx, JobKind::EnableProtection, &item.name).await? {
                 return accepted(st, headers, &job);
@@ -1227,16 +1270,32 @@ fn transition_error(e: siterec_core::state::TransitionError) -> ApiError {
     )
 }
 
-/// Refuses a failover direction other than PrimaryToRecovery.
-fn check_direction(p: &Value) -> ApiResult<()> {
-    if let Some(dir) = p.get("failoverDirection").and_then(|v| v.as_str())
-        && !dir.eq_ignore_ascii_case("PrimaryToRecovery")
-    {
-        return Err(ApiError::bad_request(format!(
-            "failoverDirection '{dir}' is not supported yet: only PrimaryToRecovery"
-        )));
+/// Refuses a `failoverDirection` that is not the way the item can fail
+/// over now (away from where its machine runs); absent means that way.
+fn check_direction(item: &ItemRow, p: &Value) -> ApiResult<()> {
+    // An item that cannot fail over now is refused by its state, whose
+    // message says what to do.
+    if item.state != ProtectionState::Protected {
+        return Ok(());
     }
-    Ok(())
+    let want = item.life().failover_direction();
+    match p.get("failoverDirection") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(dir)) if dir.eq_ignore_ascii_case(want) => Ok(()),
+        Some(Value::String(dir))
+            if dir.eq_ignore_ascii_case(Location::Primary.failover_direction())
+                || dir.eq_ignore_ascii_case(Location::Recovery.failover_direction()) =>
+        {
+            Err(ApiError::conflict(format!(
+                "failoverDirection '{dir}' does not apply: item '{}' runs at its {} site, so a failover now goes {want}",
+                item.name,
+                item.active.as_str().to_lowercase()
+            )))
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "properties.failoverDirection must be PrimaryToRecovery or RecoveryToPrimary, got {other}"
+        ))),
+    }
 }
 
 /// The recovery point a failover input names
@@ -1310,7 +1369,7 @@ async fn unplanned_failover(
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
     let p = props(body);
-    check_direction(p)?;
+    check_direction(&item, p)?;
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p).await?;
     let wanted = wanted_point(st, &item, p)?;
@@ -1327,14 +1386,14 @@ async fn unplanned_failover(
         return accepted(st, headers, &job);
     }
     let next = item
-        .state
+        .life()
         .apply(ItemAction::StartUnplannedFailover)
         .map_err(transition_error)?;
-    if let Some(e) = test_blocks_failover(item.test_state) {
+    if let Some(e) = test_blocks(ItemAction::StartUnplannedFailover, item.test_state) {
         return Err(transition_error(e));
     }
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
-    items::set_state(&mut tx, &item.name, next, true, now_ms()).await?;
+    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
         item: item.name.clone(),
         point_id: point.clone(),
@@ -1347,6 +1406,136 @@ async fn unplanned_failover(
     let job = create_job(
         &mut tx,
         &input,
+        "ProtectionEntity",
+        &item.name,
+        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Planned failover (SDK `PlannedFailoverInput`): no data loss. The source
+/// must be stopped — siterec cannot stop a physical server, so its operator
+/// says it is (`providerSpecificDetails.sourceStopped`, the CLI's
+/// `--source-stopped`) —; its agent replicates the last changes into a
+/// final point, and the server is brought up from exactly that point.
+async fn planned_failover(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let p = props(body);
+    check_direction(&item, p)?;
+    let source_stopped = match p
+        .get("providerSpecificDetails")
+        .and_then(|d| d.get("sourceStopped"))
+    {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "properties.providerSpecificDetails.sourceStopped must be true or false, got {other}"
+            )));
+        }
+    };
+    let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
+        .await?
+        .is_some_and(|m| model::is_vm(&m));
+    if vm {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PlannedFailoverNotSupported",
+            format!(
+                "item '{}' is a virtual machine: this build runs planned failovers of physical servers only; shut the VM down and run an unplanned failover from its latest point",
+                item.name
+            ),
+        ));
+    }
+    if !source_stopped && item.state != ProtectionState::PlannedFailoverInProgress {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "SourceNotStopped",
+            format!(
+                "machine '{}' is a physical server and siterec cannot stop it: stop it (or take its disks out of service), then run the planned failover again with --source-stopped (ARM: properties.providerSpecificDetails.sourceStopped = true)",
+                item.machine
+            ),
+        ));
+    }
+    // Before anything is written: a refused key creates no job.
+    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.state == ProtectionState::PlannedFailoverInProgress
+        && let Some(job) = running_job(&mut tx, JobKind::PlannedFailover, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .life()
+        .apply(ItemAction::StartPlannedFailover)
+        .map_err(transition_error)?;
+    if let Some(e) = test_blocks(ItemAction::StartPlannedFailover, item.test_state) {
+        return Err(transition_error(e));
+    }
+    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
+    let input = JobInput::PlannedFailover(PlannedFailoverInput {
+        item: item.name.clone(),
+        source_stopped,
+        final_point: None,
+        sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+    });
+    let job = create_job(
+        &mut tx,
+        &input,
+        "ProtectionEntity",
+        &item.name,
+        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Disable protection (SDK `remove`, or DELETE of the item): replication
+/// stops, the item goes, and — when its policy says `replicaDeletion:
+/// Required` — the recovery agent deletes its recovery points and disks.
+async fn disable_protection(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let (_, policy) = model::load_policy(&st.db, &item.policy).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.state == ProtectionState::DisablingProtection
+        && let Some(job) = running_job(&mut tx, JobKind::DisableProtection, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .life()
+        .apply(ItemAction::StartDisable)
+        .map_err(transition_error)?;
+    if let Some(e) = test_blocks(ItemAction::StartDisable, item.test_state) {
+        return Err(transition_error(e));
+    }
+    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::DisableProtection(DisableInput {
+            item: item.name.clone(),
+            delete_replica: policy.replica_deletion,
+        }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
@@ -1372,7 +1561,7 @@ async fn test_failover(
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
     let p = props(body);
-    check_direction(p)?;
+    check_direction(&item, p)?;
     let machine = model::machine_info(&st.db, &item.fabric, &item.machine).await?;
     match &machine {
         Some(m) if model::is_vm(m) => {}
@@ -1861,10 +2050,10 @@ async fn commit_failover(
         return accepted(st, headers, &job);
     }
     let next = item
-        .state
+        .life()
         .apply(ItemAction::StartCommit)
         .map_err(transition_error)?;
-    items::set_state(&mut tx, &item.name, next, false, now_ms()).await?;
+    items::set_life(&mut tx, &item.name, next, false, now_ms()).await?;
     let job = create_job(
         &mut tx,
         &JobInput::CommitFailover(ItemInput {
@@ -1967,9 +2156,10 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
             let (name, p) = model::load_policy(&st.db, &p.name).await?;
             ok(model::policy_json(&st.info, &name, &p))
         }
-        JobInput::VerifyStore(_) | JobInput::DeleteNetworkMapping(_) => {
-            ok(model::job_json(&st.db, &st.info, job_id).await?)
-        }
+        // A disabled item is gone: the job says what was done.
+        JobInput::VerifyStore(_)
+        | JobInput::DeleteNetworkMapping(_)
+        | JobInput::DisableProtection(_) => ok(model::job_json(&st.db, &st.info, job_id).await?),
         JobInput::CreateNetworkMapping(m) => {
             let row = config::network_mapping(&st.db, &m.fabric, &m.network, &m.name)
                 .await?
@@ -1986,7 +2176,8 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         | JobInput::CommitFailover(ItemInput { item })
         | JobInput::UnplannedFailover(FailoverInput { item, .. })
         | JobInput::TestFailover(TestFailoverInput { item, .. })
-        | JobInput::TestFailoverCleanup(CleanupInput { item, .. }) => {
+        | JobInput::TestFailoverCleanup(CleanupInput { item, .. })
+        | JobInput::PlannedFailover(PlannedFailoverInput { item, .. }) => {
             let item = model::load_item(&st.db, &item).await?;
             ok(model::item_json(&st.db, &st.info, &item).await?)
         }
@@ -2511,8 +2702,8 @@ mod tests {
                 VM,
                 "testFailover",
                 json!({"properties": {"failoverDirection": "RecoveryToPrimary"}}),
-                400,
-                "only PrimaryToRecovery",
+                409,
+                "runs at its primary site, so a failover now goes PrimaryToRecovery",
             ),
             (
                 VM,
@@ -2587,10 +2778,9 @@ mod tests {
             item["properties"]["testFailoverState"],
             "TestFailoverInitiated"
         );
-        assert_eq!(
-            item["properties"]["allowedOperations"],
-            json!(["DisableProtection"])
-        );
+        // Nothing may start while the job runs (disabling protection
+        // waits until no test failover is left).
+        assert_eq!(item["properties"]["allowedOperations"], json!([]));
         // No cleanup, and no unplanned failover, while the job runs.
         let (code, v, _) = call(
             &st,
@@ -2671,7 +2861,12 @@ mod tests {
         let ops = item["properties"]["allowedOperations"].clone();
         assert_eq!(
             ops,
-            json!(["UnplannedFailover", "DisableProtection", "TestFailover"])
+            json!([
+                "PlannedFailover",
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailover"
+            ])
         );
         let nic = &item["properties"]["providerSpecificDetails"]["vmNics"][0];
         assert_eq!(nic["recoveryVMNetworkId"], Value::Null);
@@ -2682,7 +2877,7 @@ mod tests {
         let (_, phys, _) = call(&st, Method::GET, PHYS, Value::Null).await;
         assert_eq!(
             phys["properties"]["allowedOperations"],
-            json!(["UnplannedFailover", "DisableProtection"])
+            json!(["PlannedFailover", "UnplannedFailover", "DisableProtection"])
         );
         assert_eq!(phys["properties"]["protectedItemType"], "PhysicalServer");
 
@@ -2707,6 +2902,95 @@ mod tests {
             let input: Value = serde_json::from_str(&input).unwrap();
             assert_eq!(input["vm"] == Value::Bool(true), vm, "{input}");
             assert_eq!(step.contains("virtual machine"), vm, "{step}");
+        }
+    }
+
+    #[tokio::test]
+    async fn each_forbidden_action_answers_409_naming_the_state_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        exec(&st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0)").await;
+        let enable = enable_body(&st, "pc", "phys1", json!({}));
+        let cases: [(&str, Method, &str, Value, &str); 7] = [
+            (
+                "Protected",
+                Method::POST,
+                "failoverCommit",
+                json!({}),
+                "fail the item over first",
+            ),
+            (
+                "FailoverCommitted",
+                Method::POST,
+                "plannedFailover",
+                json!({"properties": {"failoverDirection": "RecoveryToPrimary", "providerSpecificDetails": {"sourceStopped": true}}}),
+                "reprotect it first",
+            ),
+            (
+                "FailoverCommitted",
+                Method::POST,
+                "unplannedFailover",
+                json!({"properties": {"failoverDirection": "RecoveryToPrimary"}}),
+                "reprotect it first",
+            ),
+            (
+                "UnplannedFailoverCompleted",
+                Method::POST,
+                "remove",
+                json!({}),
+                "commit the failover first",
+            ),
+            (
+                "PlannedFailoverCompleted",
+                Method::DELETE,
+                "",
+                Value::Null,
+                "commit the failover first",
+            ),
+            (
+                "FailoverCommitted",
+                Method::PUT,
+                "",
+                enable.clone(),
+                "ReverseReplicate",
+            ),
+            (
+                "InitialReplicationInProgress",
+                Method::POST,
+                "plannedFailover",
+                json!({"properties": {"providerSpecificDetails": {"sourceStopped": true}}}),
+                "wait until initial replication finishes",
+            ),
+        ];
+        for (state, method, action, body, hint) in cases {
+            let active = if state.contains("Failover") && state != "Protected" {
+                "Recovery"
+            } else {
+                "Primary"
+            };
+            exec(&st, &format!("UPDATE protected_items SET state = '{state}', active_location = '{active}' WHERE name = 'i-phys'")).await;
+            let jobs = count(&st, "SELECT COUNT(*) FROM jobs").await;
+            let rel = if action.is_empty() {
+                PHYS.to_string()
+            } else {
+                format!("{PHYS}/{action}")
+            };
+            let (code, body, _) = call(&st, method.clone(), &rel, body).await;
+            assert_eq!(code, 409, "{state} {method} {action}: {body}");
+            let msg = message(&body);
+            assert!(msg.contains(hint), "{state} {method} {action}: {msg}");
+            assert_eq!(
+                count(&st, "SELECT COUNT(*) FROM jobs").await,
+                jobs,
+                "{state} {action}"
+            );
+            let (now,): (String,) =
+                sqlx::query_as("SELECT state FROM protected_items WHERE name = 'i-phys'")
+                    .fetch_one(&st.db)
+                    .await
+                    .unwrap();
+            assert_eq!(now, state, "{action} changed nothing");
         }
     }
 

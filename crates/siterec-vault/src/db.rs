@@ -79,6 +79,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/sqlite/0007_job_order_and_step_keys.sql"),
     ),
     (8, include_str!("../migrations/sqlite/0008_item_pages.sql")),
+    (9, include_str!("../migrations/sqlite/0009_lifecycle.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -87,6 +88,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../migrations/postgres/0002_item_pages.sql"),
     ),
+    (3, include_str!("../migrations/postgres/0003_lifecycle.sql")),
 ];
 
 /// The advisory lock key every PostgreSQL write transaction takes.

@@ -215,7 +215,7 @@ pub fn protectable_json(
     container: &str,
     name: &str,
     info: &MachineInfo,
-    protected: bool,
+    protected: Option<ProtectionState>,
 ) -> api::ProtectableItem {
     resource(
         format!(
@@ -226,12 +226,11 @@ pub fn protectable_json(
         types::PROTECTABLE,
         api::ProtectableItemProperties {
             friendly_name: name.to_string(),
-            protection_status: if protected {
-                "Protected"
-            } else {
-                "Unprotected"
-            }
-            .into(),
+            // The protecting item's state, as it changes (failed over,
+            // committed, …); a machine no item protects is Unprotected.
+            protection_status: protected
+                .map_or("Unprotected", ProtectionState::as_str)
+                .into(),
             protection_readiness_errors: info.error.iter().cloned().collect(),
             supported_replication_providers: [
                 "HyperVReplicaAzure",
@@ -676,12 +675,6 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
         }
         _ => item.test_state.description().to_string(),
     };
-    let active_location = match item.state {
-        ProtectionState::UnplannedFailoverCompleted
-        | ProtectionState::FailoverCommitInProgress
-        | ProtectionState::FailoverCommitted => "Recovery",
-        _ => "Primary",
-    };
     resource(
         item_id(v, &item.fabric, &item.container, &item.name),
         &item.name,
@@ -709,9 +702,9 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
             protection_state_description: item.state.description().into(),
             replication_health: health.into(),
             replication_health_errors: health_errors,
-            active_location: active_location.into(),
+            active_location: item.active.as_str().into(),
             allowed_operations: siterec_core::state::allowed_operations(
-                item.state,
+                item.life(),
                 item.test_state,
                 vm,
             )

@@ -469,8 +469,10 @@ fn test_vault() -> siterec_vault::VaultInfo {
 /// states, an item with its points and group, registration keys.
 #[tokio::test]
 async fn inventory_pairings_items_and_keys_read_back_as_written() {
-    use siterec_core::state::{ProtectionState, TestFailoverState};
+    use siterec_core::orchestration::{Need, Observed};
+    use siterec_core::state::{Lifecycle, Location, ProtectionState, TestFailoverState};
     use siterec_core::wire::{HeartbeatRequest, MachineInfo};
+    use siterec_vault::persist::jobs as job_store;
     use siterec_vault::persist::{agents, config, inventory, items, jobs};
 
     let dir = tempfile::tempdir().unwrap();
@@ -647,7 +649,13 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             group: Some("app"),
         };
         items::insert(&mut tx, &new, 50).await.unwrap();
-        items::set_state(&mut tx, "WEB01", ProtectionState::Protected, true, 51)
+        // Protected again after a failover: replicating back from the
+        // recovery site.
+        let back = Lifecycle {
+            state: ProtectionState::Protected,
+            active: Location::Recovery,
+        };
+        items::set_life(&mut tx, "WEB01", back, true, 51)
             .await
             .unwrap();
         items::start_test_failover(
@@ -666,6 +674,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             consistency: "CrashConsistent",
             bytes_sent: 1 << 40,
             bytes_read: 7,
+            final_for: None,
         };
         agents::insert_point(&mut tx, &point("p1", 100), 60)
             .await
@@ -700,22 +709,45 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             None,
             "{e}: pruned"
         );
+        // A planned failover's final point is found by its job.
+        let final_point = agents::NewPoint {
+            final_for: Some("job-9"),
+            ..point("p3", 300)
+        };
+        agents::insert_point(&mut tx, &final_point, 64)
+            .await
+            .unwrap();
+        for (job, want) in [("job-9", Some("p3")), ("job-8", None)] {
+            match job_store::observe(
+                &mut tx,
+                &Need::FinalPoint {
+                    item: "web01".into(),
+                    job_id: job.into(),
+                },
+                65,
+            )
+            .await
+            .unwrap()
+            {
+                Observed::FinalPoint { point, .. } => {
+                    assert_eq!(point.as_deref(), want, "{e}: {job}")
+                }
+                other => panic!("{e}: {other:?}"),
+            }
+        }
         let members = items::group_members(&mut tx, "APP").await.unwrap();
         assert_eq!(members.len(), 1, "{e}");
         assert_eq!(members[0].agent_id.as_deref(), Some("agent-1"), "{e}");
         tx.commit().await.unwrap();
         let item = items::load(&db, "Web01").await.unwrap().unwrap();
         assert_eq!(
-            (item.state, item.test_state),
-            (
-                ProtectionState::Protected,
-                TestFailoverState::TestFailoverInitiated
-            ),
+            (item.life(), item.test_state),
+            (back, TestFailoverState::TestFailoverInitiated),
             "{e}"
         );
         assert_eq!(item.test_point_id.as_deref(), Some("p2"), "{e}");
         let points = items::points(&db, "web01").await.unwrap();
-        assert_eq!(points.len(), 1, "{e}");
+        assert_eq!(points.len(), 2, "{e}: p1 pruned, p2 and p3 listed");
         assert_eq!(
             (points[0].bytes_sent, points[0].bytes_read),
             (1 << 40, 7),

@@ -635,6 +635,7 @@ impl Rig {
             compression: true,
             not_before: None,
             offline_export: None,
+            final_point: None,
         }
     }
 

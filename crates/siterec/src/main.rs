@@ -301,6 +301,10 @@ enum PolicyCmd {
         /// Encrypt data stored (the recovery agent's store must be encrypted).
         #[arg(long)]
         encrypt: bool,
+        /// Delete the replica (its recovery points and disks at the
+        /// recovery site) when protection is disabled.
+        #[arg(long)]
+        delete_replica: bool,
         /// ARM instanceType of the policy.
         #[arg(long, default_value = "HyperVReplicaAzure")]
         instance_type: String,
@@ -411,6 +415,14 @@ enum ItemCmd {
     Show {
         item: String,
     },
+    /// Disable protection: replication stops and the item is removed (with
+    /// its recovery points and replica disks when its policy says
+    /// replicaDeletion Required).
+    Disable {
+        item: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +441,20 @@ enum FailoverCmd {
         /// The recovery key file exported when the item's encrypted replica
         /// store was created (required for an item in an encrypted store).
         /// The vault seals it to the recovery agent for this failover only.
+        #[arg(long, value_name = "FILE")]
+        encryption_key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Planned failover, without data loss: the source's last changes are
+    /// replicated into a final point and the machine comes up from it. A
+    /// physical server must be stopped first; say so with --source-stopped.
+    Planned {
+        item: String,
+        /// The source server is stopped (or its disks are out of service).
+        #[arg(long)]
+        source_stopped: bool,
+        /// The recovery key file, for an item in an encrypted replica store.
         #[arg(long, value_name = "FILE")]
         encryption_key: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -1078,6 +1104,7 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             app_consistent_hours,
             no_compression,
             encrypt,
+            delete_replica,
             instance_type,
             offline_export_path,
             offline_import_path,
@@ -1099,6 +1126,7 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
                 application_consistent_snapshot_frequency_in_hours: app_consistent_hours,
                 compression: if no_compression { "Disable" } else { "Enable" }.into(),
                 encryption: if encrypt { "Enable" } else { "Disable" }.into(),
+                replica_deletion: delete_replica.then(|| "Required".into()),
                 initial_replication_method: offline.as_ref().map(|_| "Offline".to_string()),
                 offline_replication_export_path: offline.as_ref().map(|o| o.0.clone()),
                 offline_replication_import_path: offline.map(|o| o.1),
@@ -1262,6 +1290,21 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             output::object(out, &v, &fields);
             Ok(ExitCode::SUCCESS)
         }
+        ItemCmd::Disable { item, no_wait } => {
+            let (rel, _) = api.item_path(&item).await?;
+            let body = input(sapi::DisableProtectionInput {
+                disable_protection_reason: "NotSpecified".into(),
+            });
+            let path = format!("{rel}/remove");
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
+                return Ok(started(&job, out, "disable protection"));
+            }
+            let op = api
+                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("disable protection of {item}"))
+        }
     }
 }
 
@@ -1361,6 +1404,37 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 }
             }
             finish(op, out, &format!("unplanned failover of {item}"))
+        }
+        FailoverCmd::Planned {
+            item,
+            source_stopped,
+            encryption_key,
+            no_wait,
+        } => {
+            let key = read_optional_key(encryption_key.as_deref())?;
+            let (rel, v) = api.item_path(&item).await?;
+            let direction = if v.properties.active_location == "Recovery" {
+                "RecoveryToPrimary"
+            } else {
+                "PrimaryToRecovery"
+            };
+            let body = input(sapi::PlannedFailoverInput {
+                failover_direction: direction.into(),
+                provider_specific_details: sapi::PlannedFailoverDetails {
+                    instance_type: "HyperVReplicaAzure".into(),
+                    source_stopped,
+                    primary_kek_certificate_pfx: key,
+                },
+            });
+            let path = format!("{rel}/plannedFailover");
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
+                return Ok(started(&job, out, "planned failover"));
+            }
+            let op = api
+                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("planned failover of {item}"))
         }
         FailoverCmd::Commit { item, no_wait } => {
             let (rel, _) = api.item_path(&item).await?;

@@ -110,6 +110,7 @@ impl Target {
                 self.compute.remove_replica(item, vm_name).await?;
                 Ok(serde_json::json!({ "removed": vm_name }))
             }
+            TaskWork::DeleteReplica { item } => self.delete_replica(item).await,
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;
@@ -127,6 +128,33 @@ impl Target {
                 })
             }
         }
+    }
+
+    /// Deletes everything this agent keeps of `item`: its replica VMs, its
+    /// failover disks and every recovery point, then collects the chunks
+    /// no other point references. Idempotent: what is already gone is
+    /// skipped.
+    async fn delete_replica(self: &Arc<Self>, item: &str) -> anyhow::Result<serde_json::Value> {
+        siterec_core::names::check_name("protected item", item)?;
+        let vms = self.compute.remove_replicas_of(item).await?;
+        let dir = self.failover_dir.join(item);
+        let disks_deleted = match std::fs::remove_dir_all(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        };
+        let points = self.store.list_points(Some(item)).await?;
+        for p in &points {
+            self.store.delete_point(item, &p.point_id).await?;
+        }
+        let gc = self.collect_after_prune().await?;
+        tracing::info!(item, points = points.len(), "replica deleted");
+        Ok(serde_json::json!({
+            "deletedPoints": points.iter().map(|p| p.point_id.clone()).collect::<Vec<_>>(),
+            "deletedVms": vms,
+            "failoverDisksDeleted": disks_deleted,
+            "garbageCollection": if gc.is_some() { "done" } else { "deferred" },
+        }))
     }
 
     /// Verifies the whole store. Chunks found damaged are removed: they are

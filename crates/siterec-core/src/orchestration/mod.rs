@@ -28,7 +28,9 @@ use serde_json::{Value, json};
 
 use crate::network::{NicPlan, resolve_nics};
 use crate::policy::Policy;
-use crate::state::{ItemAction, JobKind, JobState, ProtectionState, TestAction, TestFailoverState};
+use crate::state::{
+    ItemAction, JobKind, JobState, Lifecycle, ProtectionState, TestAction, TestFailoverState,
+};
 use crate::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
 #[cfg(test)]
@@ -67,10 +69,17 @@ pub enum StepKey {
     CheckNetworkMapping,
     MapNetworks,
     RemoveNetworkMapping,
+    CheckPlannedFailover,
+    ShutDownSource,
+    FinalReplication,
+    CompletePlannedFailover,
+    CheckDisable,
+    RemoveReplicaData,
+    RemoveItem,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 26] = [
+    pub const ALL: [StepKey; 33] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -97,6 +106,13 @@ impl StepKey {
         Self::CheckNetworkMapping,
         Self::MapNetworks,
         Self::RemoveNetworkMapping,
+        Self::CheckPlannedFailover,
+        Self::ShutDownSource,
+        Self::FinalReplication,
+        Self::CompletePlannedFailover,
+        Self::CheckDisable,
+        Self::RemoveReplicaData,
+        Self::RemoveItem,
     ];
 
     /// The stored name.
@@ -128,6 +144,13 @@ impl StepKey {
             Self::CheckNetworkMapping => "CheckNetworkMapping",
             Self::MapNetworks => "MapNetworks",
             Self::RemoveNetworkMapping => "RemoveNetworkMapping",
+            Self::CheckPlannedFailover => "CheckPlannedFailover",
+            Self::ShutDownSource => "ShutDownSource",
+            Self::FinalReplication => "FinalReplication",
+            Self::CompletePlannedFailover => "CompletePlannedFailover",
+            Self::CheckDisable => "CheckDisable",
+            Self::RemoveReplicaData => "RemoveReplicaData",
+            Self::RemoveItem => "RemoveItem",
         }
     }
 
@@ -164,6 +187,13 @@ impl StepKey {
             Self::CheckNetworkMapping => "Prerequisites check for network mapping",
             Self::MapNetworks => "Map the networks",
             Self::RemoveNetworkMapping => "Remove the network mapping",
+            Self::CheckPlannedFailover => "Prerequisites check for planned failover",
+            Self::ShutDownSource => "Shut down the source machine",
+            Self::FinalReplication => "Replicate the last changes into a final recovery point",
+            Self::CompletePlannedFailover => "Complete planned failover",
+            Self::CheckDisable => "Prerequisites check for disabling protection",
+            Self::RemoveReplicaData => "Delete the replica's recovery points and disks",
+            Self::RemoveItem => "Remove the protected item",
         }
     }
 }
@@ -205,6 +235,19 @@ impl JobKind {
             Self::TestFailoverCleanup => &[K::CheckCleanup, K::RemoveTestVm, K::CompleteCleanup],
             Self::CreateNetworkMapping => &[K::CheckNetworkMapping, K::MapNetworks],
             Self::DeleteNetworkMapping => &[K::RemoveNetworkMapping],
+            Self::PlannedFailover => &[
+                K::CheckPlannedFailover,
+                K::ShutDownSource,
+                K::FinalReplication,
+                K::MaterializeDisks,
+                K::CompletePlannedFailover,
+            ],
+            Self::DisableProtection => &[
+                K::CheckDisable,
+                K::StopReplication,
+                K::RemoveReplicaData,
+                K::RemoveItem,
+            ],
         }
     }
 }
@@ -228,6 +271,8 @@ pub enum JobInput {
     TestFailoverCleanup(CleanupInput),
     CreateNetworkMapping(NetworkMappingInput),
     DeleteNetworkMapping(NetworkRef),
+    PlannedFailover(PlannedFailoverInput),
+    DisableProtection(DisableInput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -264,6 +309,35 @@ pub struct FailoverInput {
     /// task that needs it is over, or when the job ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+}
+
+/// A planned failover: the source is stopped (a physical server by its
+/// operator, who says so), its last changes are replicated into a final
+/// point, and the machine is brought up from exactly that point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedFailoverInput {
+    pub item: String,
+    /// The operator says the source machine is stopped (a physical server:
+    /// siterec cannot stop it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub source_stopped: bool,
+    /// The final point, once the source's agent has reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_point: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+/// Disabling protection of an item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DisableInput {
+    pub item: String,
+    /// Delete the replica's recovery points and disks at the recovery site
+    /// (the policy's `replicaDeletion`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delete_replica: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +409,8 @@ impl JobInput {
             Self::TestFailoverCleanup(_) => JobKind::TestFailoverCleanup,
             Self::CreateNetworkMapping(_) => JobKind::CreateNetworkMapping,
             Self::DeleteNetworkMapping(_) => JobKind::DeleteNetworkMapping,
+            Self::PlannedFailover(_) => JobKind::PlannedFailover,
+            Self::DisableProtection(_) => JobKind::DisableProtection,
         }
     }
 
@@ -354,6 +430,8 @@ impl JobInput {
             JobKind::TestFailoverCleanup => read(json).map(Self::TestFailoverCleanup),
             JobKind::CreateNetworkMapping => read(json).map(Self::CreateNetworkMapping),
             JobKind::DeleteNetworkMapping => read(json).map(Self::DeleteNetworkMapping),
+            JobKind::PlannedFailover => read(json).map(Self::PlannedFailover),
+            JobKind::DisableProtection => read(json).map(Self::DisableProtection),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -381,6 +459,8 @@ impl JobInput {
             Self::UnplannedFailover(f) => Some(&f.item),
             Self::TestFailover(t) => Some(&t.item),
             Self::TestFailoverCleanup(c) => Some(&c.item),
+            Self::PlannedFailover(p) => Some(&p.item),
+            Self::DisableProtection(d) => Some(&d.item),
             _ => None,
         }
     }
@@ -390,6 +470,7 @@ impl JobInput {
         let key = match self {
             Self::UnplannedFailover(f) => &mut f.sealed_key,
             Self::TestFailover(t) => &mut t.sealed_key,
+            Self::PlannedFailover(p) => &mut p.sealed_key,
             _ => return false,
         };
         key.take().is_some()
@@ -399,6 +480,29 @@ impl JobInput {
         match self {
             Self::UnplannedFailover(f) => f.sealed_key.clone(),
             Self::TestFailover(t) => t.sealed_key.clone(),
+            Self::PlannedFailover(p) => p.sealed_key.clone(),
+            _ => None,
+        }
+    }
+
+    /// Records the final point of a planned failover in its input; `true`
+    /// if the input changed.
+    pub fn set_final_point(&mut self, point: &str) -> bool {
+        match self {
+            Self::PlannedFailover(p) if p.final_point.as_deref() != Some(point) => {
+                p.final_point = Some(point.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The point a failover job brings the machine up from (a planned
+    /// failover's: once its final point is known).
+    fn failover_point(&self) -> Option<&str> {
+        match self {
+            Self::UnplannedFailover(f) => Some(&f.point_id),
+            Self::PlannedFailover(p) => p.final_point.as_deref(),
             _ => None,
         }
     }
@@ -513,6 +617,12 @@ pub enum Need {
         fabric: String,
         name: String,
     },
+    /// The latest point the item's source agent reported as the final
+    /// point of job `job_id`, and the source agent.
+    FinalPoint {
+        item: String,
+        job_id: String,
+    },
 }
 
 /// What the driver found for a [`Need`].
@@ -548,6 +658,12 @@ pub enum Observed {
     Stores(Vec<StoreTask>),
     Network {
         exists: bool,
+    },
+    FinalPoint {
+        point: Option<String>,
+        /// The agent replicating the item (`None`: no agent reports it).
+        source_agent: Option<String>,
+        source_last_seen_ms: Option<i64>,
     },
 }
 
@@ -675,6 +791,15 @@ pub enum Effect {
     ClearTestFailover {
         item: String,
     },
+    /// Record the final point of a planned failover in the job's input.
+    SetFinalPoint {
+        point_id: String,
+    },
+    /// The item is gone: its row, its recovery points' rows, its group
+    /// membership (disable protection's last step).
+    DeleteItem {
+        item: String,
+    },
     /// What the step wants the operator to know (`job_steps.output`).
     StepOutput(Value),
     /// The job's output (`jobs.output`).
@@ -735,6 +860,7 @@ fn task_id(job_id: &str, key: StepKey) -> String {
     match key {
         StepKey::MaterializeDisks => format!("{job_id}-materialize"),
         StepKey::StartVm | StepKey::StartTestVm => format!("{job_id}-start-replica"),
+        StepKey::RemoveReplicaData => format!("{job_id}-delete-replica"),
         _ => format!("{job_id}-remove-replica"),
     }
 }
@@ -764,11 +890,17 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
             item: t.item.clone(),
             point: Some(t.point_id.clone()),
         },
-        (K::CheckCommit | K::CheckCleanup, _) => Need::Item {
+        (K::CheckCommit | K::CheckCleanup | K::CheckPlannedFailover | K::CheckDisable, _) => {
+            Need::Item {
+                item: item(),
+                point: None,
+            }
+        }
+        (K::FinalReplication, _) => Need::FinalPoint {
             item: item(),
-            point: None,
+            job_id: job_id.to_string(),
         },
-        (K::MaterializeDisks | K::RemoveTestVm, _) => Need::Task {
+        (K::MaterializeDisks | K::RemoveTestVm | K::RemoveReplicaData, _) => Need::Task {
             item: item(),
             task_id: task_id(job_id, key),
         },
@@ -916,9 +1048,13 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
         // states (the API moved it there): source agents drop it from their
         // next heartbeat's assignments, and late points are refused.
         (K::StopReplication, _, _) => Decision::done(vec![]),
-        (K::MaterializeDisks, I::UnplannedFailover(f), Observed::Task(t)) => {
-            materialize(ctx, input, f, t)
-        }
+        (K::MaterializeDisks, _, Observed::Task(t)) => match input.failover_point() {
+            Some(point) => materialize(ctx, input, point, t),
+            None => Decision::fail(
+                "JobInconsistent",
+                "the disks are to be written before the failover's point is known: this is a bug in siterec",
+            ),
+        },
         (K::StartVm, _, Observed::Replica { task, placement }) => {
             start_replica(ctx, input, false, task, placement)
         }
@@ -948,6 +1084,64 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
             item,
             action: ItemAction::FinishCommit,
         }]),
+        (K::CheckPlannedFailover, _, Observed::Item { state, .. }) => match state {
+            Some(ProtectionState::PlannedFailoverInProgress) => Decision::done(vec![]),
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not in a planned failover"),
+            ),
+        },
+        (K::ShutDownSource, I::PlannedFailover(p), _) => {
+            if p.source_stopped {
+                Decision::done(vec![Effect::StepOutput(json!({
+                    "notes": ["the operator confirmed that the source server is stopped"]
+                }))])
+            } else {
+                Decision::fail(
+                    "SourceNotStopped",
+                    "siterec cannot stop a physical server: stop it (or take its disks out of service), then run the planned failover again saying so (--source-stopped)",
+                )
+            }
+        }
+        (
+            K::FinalReplication,
+            _,
+            Observed::FinalPoint {
+                point,
+                source_agent,
+                source_last_seen_ms,
+            },
+        ) => final_replication(ctx, &item, point, source_agent, *source_last_seen_ms),
+        (K::CompletePlannedFailover, I::PlannedFailover(p), _) => match &p.final_point {
+            Some(point) => Decision::done(vec![
+                Effect::Transition {
+                    item: item.clone(),
+                    action: ItemAction::FinishPlannedFailover,
+                },
+                Effect::RecordFailover {
+                    item,
+                    point_id: point.clone(),
+                },
+            ]),
+            None => Decision::fail(
+                "JobInconsistent",
+                "a planned failover completes without its final point: this is a bug in siterec",
+            ),
+        },
+        (K::CheckDisable, _, Observed::Item { state, .. }) => match state {
+            Some(ProtectionState::DisablingProtection) => Decision::done(vec![]),
+            None => Decision::done(vec![Effect::StepOutput(json!({
+                "notes": ["the item is already gone"]
+            }))]),
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not disabling protection"),
+            ),
+        },
+        (K::RemoveReplicaData, I::DisableProtection(d), Observed::Task(t)) => {
+            delete_replica(ctx, d, t)
+        }
+        (K::RemoveItem, _, _) => Decision::done(vec![Effect::DeleteItem { item }]),
         (K::VerifyStores, _, Observed::Stores(tasks)) => verify_stores(ctx, tasks),
         (
             K::CheckTestFailover,
@@ -1045,11 +1239,94 @@ fn task_error(error: &str) -> &str {
     }
 }
 
-fn materialize(ctx: &StepCtx<'_>, input: &JobInput, f: &FailoverInput, t: &TaskSeen) -> Decision {
+/// Decides the final replication of a planned failover: done once the
+/// source agent has reported the job's final point; failed when that agent
+/// is not heard from, since the last changes cannot be shipped then.
+fn final_replication(
+    ctx: &StepCtx<'_>,
+    item: &str,
+    point: &Option<String>,
+    source_agent: &Option<String>,
+    source_last_seen_ms: Option<i64>,
+) -> Decision {
+    if let Some(point) = point {
+        return Decision::done(vec![
+            Effect::SetFinalPoint {
+                point_id: point.clone(),
+            },
+            Effect::StepOutput(json!({ "finalPointId": point })),
+        ]);
+    }
+    let Some(agent) = source_agent else {
+        return Decision::fail(
+            "SourceAgentNotConnected",
+            format!(
+                "no agent reports the machine of item '{item}': its last changes cannot be replicated; start its agent and run the planned failover again, or run an unplanned failover"
+            ),
+        );
+    };
+    if ctx.now_ms - source_last_seen_ms.unwrap_or(0).max(ctx.started_ms) > AGENT_WAIT_MS {
+        return Decision::fail(
+            "SourceAgentNotConnected",
+            format!(
+                "source agent {agent} has not been heard from for 5 minutes: the last changes of item '{item}' cannot be replicated; start the agent and run the planned failover again, or run an unplanned failover"
+            ),
+        );
+    }
+    Decision::wait()
+}
+
+/// Asks the item's recovery agent to delete its recovery points and
+/// failover disks (when the job says so).
+fn delete_replica(ctx: &StepCtx<'_>, d: &DisableInput, t: &TaskSeen) -> Decision {
+    if !d.delete_replica {
+        return Decision::done(vec![Effect::StepOutput(json!({
+            "notes": ["the replica's recovery points and disks are kept (policy replicaDeletion: NotRequired)"]
+        }))]);
+    }
+    let Some(agent) = &t.agent else {
+        return Decision::done(vec![Effect::StepOutput(json!({
+            "notes": ["the item has no recovery agent: nothing was replicated"]
+        }))]);
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::RemoveReplicaData),
+                agent: agent.clone(),
+                work: TaskWork::DeleteReplica {
+                    item: d.item.clone(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { output } => {
+            Decision::done(effects).with([Effect::StepOutput(output)])
+        }
+        TaskResult::Failed { error } => Decision::fail(
+            "DeleteReplicaFailed",
+            format!(
+                "recovery agent {agent} could not delete the replica of item '{}': {}; run DisableProtection again",
+                d.item,
+                task_error(&error)
+            ),
+        ),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "disable protection")
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+fn materialize(ctx: &StepCtx<'_>, input: &JobInput, point: &str, t: &TaskSeen) -> Decision {
+    let item = input.item().unwrap_or_default().to_string();
     let Some(agent) = &t.agent else {
         return Decision::fail(
             "NoRecoveryAgent",
-            format!("item '{}' has no recovery agent", f.item),
+            format!("item '{item}' has no recovery agent"),
         );
     };
     let mut effects = Vec::new();
@@ -1060,8 +1337,8 @@ fn materialize(ctx: &StepCtx<'_>, input: &JobInput, f: &FailoverInput, t: &TaskS
                 id: task_id(ctx.job_id, StepKey::MaterializeDisks),
                 agent: agent.clone(),
                 work: TaskWork::Materialize {
-                    item: f.item.clone(),
-                    point_id: f.point_id.clone(),
+                    item: item.clone(),
+                    point_id: point.to_string(),
                     formats: vec!["raw".into(), "qcow2".into()],
                     sealed_key: input.sealed_key(),
                 },
@@ -1072,10 +1349,7 @@ fn materialize(ctx: &StepCtx<'_>, input: &JobInput, f: &FailoverInput, t: &TaskS
     match task {
         TaskResult::Succeeded { output } => Decision::done(effects).with([
             Effect::ForgetSealedKey,
-            Effect::SetFailoverOutput {
-                item: f.item.clone(),
-                output,
-            },
+            Effect::SetFailoverOutput { item, output },
         ]),
         TaskResult::Failed { error } => Decision::fail(
             "MaterializeFailed",
@@ -1345,6 +1619,18 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
             action: ItemAction::AbortUnplannedFailover,
             message,
         }],
+        JobInput::PlannedFailover(p) => vec![Effect::Compensate {
+            item: p.item.clone(),
+            action: ItemAction::AbortPlannedFailover,
+            message,
+        }],
+        // The item stays DisablingProtection, its error saying what
+        // failed: DisableProtection is what to run again.
+        JobInput::DisableProtection(d) => vec![Effect::Compensate {
+            item: d.item.clone(),
+            action: ItemAction::StartDisable,
+            message,
+        }],
         JobInput::CommitFailover(i) => vec![Effect::Compensate {
             item: i.item.clone(),
             action: ItemAction::AbortCommit,
@@ -1377,26 +1663,29 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
     effects
 }
 
-/// `action` applied to an item in `state`, idempotently: where the item
+/// `action` applied to an item's lifecycle, idempotently: where the item
 /// already is in the state the action leads to (a step re-run after a
-/// crash), it stays.
+/// crash), it stays — and its machine does not move twice.
 pub fn transition(
-    state: ProtectionState,
+    life: Lifecycle,
     action: ItemAction,
-) -> Result<ProtectionState, crate::state::TransitionError> {
+) -> Result<Lifecycle, crate::state::TransitionError> {
     use ItemAction as A;
     use ProtectionState as S;
-    state.apply(action).or_else(|e| {
+    life.apply(action).or_else(|e| {
         let there = matches!(
-            (state, action),
+            (life.state, action),
             (
                 S::InitialReplicationInProgress | S::Protected,
                 A::StartInitialReplication
             ) | (S::Protected, A::FinishInitialReplication)
                 | (S::UnplannedFailoverCompleted, A::FinishUnplannedFailover)
+                | (S::PlannedFailoverCompleted, A::FinishPlannedFailover)
+                | (S::UnplannedFailoverCompleted, A::FinishChangeRecoveryPoint)
                 | (S::FailoverCommitted, A::FinishCommit)
+                | (S::Protected, A::FinishReprotect)
         );
-        if there { Ok(state) } else { Err(e) }
+        if there { Ok(life) } else { Err(e) }
     })
 }
 

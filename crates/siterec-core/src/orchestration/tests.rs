@@ -10,11 +10,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::state::Location;
 use crate::wire::{NicInfo, VmInfo};
 
 const JOB: &str = "job-1";
 const ITEM: &str = "i1";
 const AGENT: &str = "agent-tgt";
+const SOURCE: &str = "agent-src";
+/// The point the source agent reports as a planned failover's final one.
+const FINAL: &str = "pf1";
 
 /// How the simulated recovery agent answers the tasks it is given.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +38,7 @@ enum AgentPlays {
 #[derive(Debug, Clone, PartialEq)]
 struct ItemRow {
     state: ProtectionState,
+    active: Location,
     test: TestFailoverState,
     agent: Option<String>,
     last_error: Option<String>,
@@ -64,6 +69,10 @@ struct World {
     tasks: BTreeMap<String, (String, TaskWork, TaskResult)>,
     plays: AgentPlays,
     agent_seen: i64,
+    /// The agent that reports the item's machine (`None`: none does).
+    source: Option<String>,
+    /// The final point the source reported for the job, if it did.
+    final_point: Option<String>,
 }
 
 fn vm_machine() -> MachineInfo {
@@ -97,6 +106,7 @@ fn policy() -> Policy {
 fn item(state: ProtectionState, test: TestFailoverState) -> ItemRow {
     ItemRow {
         state,
+        active: Location::Primary,
         test,
         agent: Some(AGENT.into()),
         last_error: None,
@@ -105,6 +115,15 @@ fn item(state: ProtectionState, test: TestFailoverState) -> ItemRow {
         test_output: None,
         failover_point: None,
         tested: false,
+    }
+}
+
+impl ItemRow {
+    fn life(&self) -> Lifecycle {
+        Lifecycle {
+            state: self.state,
+            active: self.active,
+        }
     }
 }
 
@@ -140,6 +159,8 @@ impl World {
             tasks: BTreeMap::new(),
             plays: AgentPlays::Succeeds,
             agent_seen: 1_000_000,
+            source: Some(SOURCE.into()),
+            final_point: None,
         }
     }
 
@@ -218,6 +239,11 @@ impl World {
             Need::Network { name, .. } => Observed::Network {
                 exists: self.networks.contains(name),
             },
+            Need::FinalPoint { .. } => Observed::FinalPoint {
+                point: self.final_point.clone(),
+                source_agent: self.source.clone(),
+                source_last_seen_ms: Some(self.agent_seen),
+            },
         }
     }
 
@@ -248,14 +274,15 @@ impl World {
             }
             Effect::Transition { action, .. } => {
                 let i = self.item.as_mut().ok_or("no item")?;
-                i.state = transition(i.state, *action).map_err(|e| e.to_string())?;
+                let life = transition(i.life(), *action).map_err(|e| e.to_string())?;
+                (i.state, i.active) = (life.state, life.active);
             }
             Effect::Compensate {
                 action, message, ..
             } => {
                 if let Some(i) = self.item.as_mut() {
-                    if let Ok(next) = transition(i.state, *action) {
-                        i.state = next;
+                    if let Ok(life) = transition(i.life(), *action) {
+                        (i.state, i.active) = (life.state, life.active);
                     }
                     i.last_error = Some(message.clone());
                 }
@@ -313,6 +340,13 @@ impl World {
                 i.test_output = None;
                 i.test_error = None;
             }
+            Effect::SetFinalPoint { point_id } => {
+                self.input.set_final_point(point_id);
+            }
+            Effect::DeleteItem { .. } => {
+                self.item = None;
+                self.points.clear();
+            }
             Effect::StepOutput(v) => {
                 self.step_outputs.insert(idx, v.clone());
             }
@@ -321,12 +355,21 @@ impl World {
         Ok(())
     }
 
-    /// The recovery agent takes its pending tasks and answers them.
+    /// The recovery agent takes its pending tasks and answers them; the
+    /// source agent takes a final point when its assignment asks for one.
     fn agent_runs(&mut self) {
         if self.plays == AgentPlays::Silent {
             return;
         }
         self.agent_seen = self.now;
+        let final_asked = self
+            .item
+            .as_ref()
+            .is_some_and(|i| i.state == ProtectionState::PlannedFailoverInProgress);
+        if final_asked && self.source.is_some() && self.final_point.is_none() {
+            self.final_point = Some(FINAL.into());
+            self.points.insert(FINAL.into(), true);
+        }
         for (_, work, result) in self.tasks.values_mut() {
             if *result != TaskResult::Pending {
                 continue;
@@ -581,6 +624,30 @@ fn commit() -> World {
     )
 }
 
+fn planned() -> World {
+    World::new(JobInput::PlannedFailover(PlannedFailoverInput {
+        item: ITEM.into(),
+        source_stopped: true,
+        final_point: None,
+        sealed_key: Some(SealedKey("sealed".into())),
+    }))
+    .with_item(
+        ProtectionState::PlannedFailoverInProgress,
+        TestFailoverState::None,
+    )
+}
+
+fn disable(delete_replica: bool) -> World {
+    World::new(JobInput::DisableProtection(DisableInput {
+        item: ITEM.into(),
+        delete_replica,
+    }))
+    .with_item(
+        ProtectionState::DisablingProtection,
+        TestFailoverState::None,
+    )
+}
+
 fn pairing() -> World {
     World::new(JobInput::ConfigureProtection(PairingInput {
         fabric: "primary".into(),
@@ -695,6 +762,47 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
     let w = survives_crashes(&commit());
     succeeded(&w);
     assert_eq!(w.item().state, ProtectionState::FailoverCommitted);
+
+    // A planned failover waits for the source's final point and brings the
+    // server up from exactly that point; the machine now runs at the
+    // recovery site.
+    let w = survives_crashes(&planned());
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(i.state, ProtectionState::PlannedFailoverCompleted);
+    assert_eq!(i.active, Location::Recovery);
+    assert_eq!(i.failover_point.as_deref(), Some(FINAL));
+    assert!(matches!(
+        &w.tasks["job-1-materialize"].1,
+        TaskWork::Materialize { point_id, sealed_key: None, .. } if point_id == FINAL
+    ));
+    assert_eq!(w.step_outputs[&2]["finalPointId"], FINAL);
+    assert!(
+        matches!(&w.input, JobInput::PlannedFailover(p) if p.final_point.as_deref() == Some(FINAL) && p.sealed_key.is_none())
+    );
+    // It waits as long as the source is heard from.
+    let mut waiting = planned();
+    waiting.plays = AgentPlays::Silent;
+    for _ in 0..4 {
+        round(&mut waiting, Crash::None);
+        waiting.now += 30_000;
+        waiting.agent_seen = waiting.now;
+    }
+    assert_eq!(waiting.job_state, JobState::InProgress);
+    assert_eq!(waiting.steps[2].state, JobState::InProgress);
+
+    // Disabling protection removes the item, and the replica when asked.
+    for delete in [false, true] {
+        let w = survives_crashes(&disable(delete));
+        succeeded(&w);
+        assert!(w.item.is_none() && w.points.is_empty());
+        assert_eq!(
+            w.tasks.contains_key("job-1-delete-replica"),
+            delete,
+            "{:?}",
+            w.tasks
+        );
+    }
 
     let w = survives_crashes(&test_failover());
     succeeded(&w);
@@ -950,6 +1058,96 @@ fn every_failure_fails_its_step_and_compensates() {
             .contains("no test VM")
     );
 
+    // Planned failover: the source is not stopped, is not heard from, or
+    // no agent reports it; each returns the item to Protected at the
+    // primary site.
+    let mut p = planned();
+    if let JobInput::PlannedFailover(i) = &mut p.input {
+        i.source_stopped = false;
+    }
+    let w = survives_crashes(&p);
+    failed_at(&mut seen, &w, K::ShutDownSource, "SourceNotStopped");
+    assert_eq!(
+        (w.item().state, w.item().active),
+        (S::Protected, Location::Primary)
+    );
+    assert!(
+        w.item()
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("--source-stopped")
+    );
+    for no_source in [false, true] {
+        let mut p = planned();
+        p.plays = AgentPlays::Silent;
+        if no_source {
+            p.source = None;
+        }
+        let w = survives_crashes(&p);
+        failed_at(
+            &mut seen,
+            &w,
+            K::FinalReplication,
+            "SourceAgentNotConnected",
+        );
+        assert_eq!(
+            (w.item().state, w.item().active),
+            (S::Protected, Location::Primary)
+        );
+        assert!(
+            w.tasks.is_empty(),
+            "no disk is written without the final point"
+        );
+    }
+    let mut p = planned();
+    p.item.as_mut().unwrap().state = S::Protected;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&p),
+        K::CheckPlannedFailover,
+        "InvalidState",
+    );
+    let mut p = planned();
+    p.plays = AgentPlays::Fails;
+    let w = survives_crashes(&p);
+    failed_at(&mut seen, &w, K::MaterializeDisks, "MaterializeFailed");
+    assert_eq!(
+        (w.item().state, w.item().active),
+        (S::Protected, Location::Primary)
+    );
+
+    // Disable protection: a failed deletion leaves the item disabling,
+    // with the error, for DisableProtection to run again.
+    let mut d = disable(true);
+    d.plays = AgentPlays::Fails;
+    let w = survives_crashes(&d);
+    failed_at(&mut seen, &w, K::RemoveReplicaData, "DeleteReplicaFailed");
+    assert_eq!(w.item().state, S::DisablingProtection);
+    assert!(
+        w.item()
+            .last_error
+            .as_ref()
+            .unwrap()
+            .contains("run DisableProtection again")
+    );
+    let mut d = disable(true);
+    d.plays = AgentPlays::Silent;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&d),
+        K::RemoveReplicaData,
+        "RecoveryAgentNotConnected",
+    );
+    let mut d = disable(false);
+    d.item.as_mut().unwrap().state = S::Protected;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&d),
+        K::CheckDisable,
+        "InvalidState",
+    );
+
     let mut m = map_networks();
     m.networks.clear();
     let w = survives_crashes(&m);
@@ -990,10 +1188,14 @@ fn every_failure_fails_its_step_and_compensates() {
     // Every step that looks at something can fail, and failed above; the
     // others only write what the job's own input says. Initial
     // replication waits as long as the first point takes: it looks, but
-    // never fails.
+    // never fails. Validating a policy and the operator's word that the
+    // source is stopped look at the input only, and can fail.
     let can_fail: BTreeSet<StepKey> = StepKey::ALL
         .into_iter()
-        .filter(|k| needs(*k, &sample_input(*k), JOB) != Need::Nothing || *k == K::ValidatePolicy)
+        .filter(|k| {
+            needs(*k, &sample_input(*k), JOB) != Need::Nothing
+                || matches!(k, K::ValidatePolicy | K::ShutDownSource)
+        })
         .filter(|k| *k != K::InitialReplication)
         .collect();
     assert_eq!(seen, can_fail);
@@ -1013,6 +1215,8 @@ fn sample_input(key: StepKey) -> JobInput {
         cleanup(),
         map_networks(),
         unmap_networks(),
+        planned(),
+        disable(true),
     ]
     .into_iter()
     .map(|w| w.input)
@@ -1127,6 +1331,9 @@ fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
         cleanup(),
         map_networks(),
         unmap_networks(),
+        planned(),
+        disable(true),
+        disable(false),
     ] {
         let kind = w.input.kind();
         let back = JobInput::parse(kind, &w.input.to_json()).unwrap();
@@ -1154,15 +1361,37 @@ fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
 fn idempotent_transitions_stay_where_a_rerun_step_left_them() {
     use ItemAction as A;
     use ProtectionState as S;
+    let at = |state, active| Lifecycle { state, active };
+    let (p, r) = (Location::Primary, Location::Recovery);
     assert_eq!(
-        transition(S::Protected, A::FinishInitialReplication).unwrap(),
-        S::Protected
+        transition(at(S::Protected, p), A::FinishInitialReplication).unwrap(),
+        at(S::Protected, p)
     );
     assert_eq!(
-        transition(S::FailoverCommitted, A::FinishCommit).unwrap(),
-        S::FailoverCommitted
+        transition(at(S::FailoverCommitted, r), A::FinishCommit).unwrap(),
+        at(S::FailoverCommitted, r)
     );
-    assert!(transition(S::Protected, A::FinishCommit).is_err());
+    assert!(transition(at(S::Protected, p), A::FinishCommit).is_err());
+    // A failover's end moves the machine once, however often it is run.
+    let once = transition(
+        at(S::PlannedFailoverInProgress, p),
+        A::FinishPlannedFailover,
+    )
+    .unwrap();
+    assert_eq!(once, at(S::PlannedFailoverCompleted, r));
+    assert_eq!(transition(once, A::FinishPlannedFailover).unwrap(), once);
+    let once = transition(
+        at(S::UnplannedFailoverInProgress, r),
+        A::FinishUnplannedFailover,
+    )
+    .unwrap();
+    assert_eq!(once, at(S::UnplannedFailoverCompleted, p));
+    assert_eq!(transition(once, A::FinishUnplannedFailover).unwrap(), once);
+    assert_eq!(
+        transition(at(S::Protected, r), A::FinishReprotect).unwrap(),
+        at(S::Protected, r)
+    );
+
     use TestAction as TA;
     use TestFailoverState as T;
     assert_eq!(

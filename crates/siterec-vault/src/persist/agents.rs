@@ -197,7 +197,7 @@ pub async fn target_sources(
     agent: &str,
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = $1",
+        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = $1 AND i.active_location = 'Primary'",
     )
     .bind(agent)
     .fetch_all(db)
@@ -215,6 +215,8 @@ pub struct SourceItem {
     pub info: String,
     pub target_id: String,
     pub target_url: Option<String>,
+    /// The running planned failover job waiting for the item's final point.
+    pub final_job: Option<String>,
 }
 
 /// The items whose machines `agent` of `fabric` hosts and that have a
@@ -225,11 +227,13 @@ pub async fn source_items(
     fabric: &str,
 ) -> Result<Vec<SourceItem>, sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url
+        "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url,
+           (SELECT j.id FROM jobs j WHERE j.kind = 'PlannedFailover' AND j.target_name = i.name
+              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
          JOIN agents a ON a.id = i.target_agent_id
-         WHERE m.agent_id = $1 AND i.fabric = $2",
+         WHERE m.agent_id = $1 AND i.fabric = $2 AND i.active_location = 'Primary'",
     )
     .bind(agent)
     .bind(fabric)
@@ -246,6 +250,7 @@ pub async fn source_items(
                 info: row.try_get("info")?,
                 target_id: row.try_get("target_id")?,
                 target_url: row.try_get("data_url")?,
+                final_job: row.try_get("final_job")?,
             })
         })
         .collect()
@@ -334,11 +339,13 @@ pub struct NewPoint<'a> {
     pub consistency: &'a str,
     pub bytes_sent: i64,
     pub bytes_read: i64,
+    /// The planned failover job this is the final point of.
+    pub final_for: Option<&'a str>,
 }
 
 pub async fn insert_point(tx: &mut Tx<'_>, p: &NewPoint<'_>, now: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms, final_for) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
     )
     .bind(p.item)
     .bind(p.point_id)
@@ -347,6 +354,7 @@ pub async fn insert_point(tx: &mut Tx<'_>, p: &NewPoint<'_>, now: i64) -> Result
     .bind(p.bytes_sent)
     .bind(p.bytes_read)
     .bind(now)
+    .bind(p.final_for)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -8,7 +8,7 @@ use sqlx::any::AnyRow;
 use crate::db::Db;
 use crate::persist::inventory::Exec;
 use crate::persist::jobs::Tx;
-use siterec_core::state::{ProtectionState, TestFailoverState};
+use siterec_core::state::{Lifecycle, Location, ProtectionState, TestFailoverState};
 
 /// A stored value the vault cannot have written: the row is corrupt.
 fn corrupt(message: String) -> sqlx::Error {
@@ -27,6 +27,8 @@ pub struct ItemRow {
     pub target_container: String,
     pub target_agent_id: Option<String>,
     pub state: ProtectionState,
+    /// Where the machine runs (`activeLocation`).
+    pub active: Location,
     pub last_error: Option<String>,
     pub failover_point_id: Option<String>,
     pub failover_output: Option<String>,
@@ -42,6 +44,13 @@ pub struct ItemRow {
 }
 
 impl ItemRow {
+    pub fn life(&self) -> Lifecycle {
+        Lifecycle {
+            state: self.state,
+            active: self.active,
+        }
+    }
+
     pub fn from_row(row: &AnyRow) -> Result<ItemRow, sqlx::Error> {
         let state: String = row.try_get("state")?;
         Ok(ItemRow {
@@ -56,6 +65,12 @@ impl ItemRow {
             state: ProtectionState::parse(&state).ok_or_else(|| {
                 corrupt(format!("item state '{state}' is not a protection state"))
             })?,
+            active: {
+                let a: String = row.try_get("active_location")?;
+                Location::parse(&a).ok_or_else(|| {
+                    corrupt(format!("active location '{a}' is not Primary or Recovery"))
+                })?
+            },
             last_error: row.try_get("last_error")?,
             failover_point_id: row.try_get("failover_point_id")?,
             failover_output: row.try_get("failover_output")?,
@@ -123,6 +138,26 @@ pub async fn item_of_machine<'e>(
         .bind(machine)
         .fetch_optional(db)
         .await
+}
+
+/// The protection state of the item protecting a machine, if any.
+pub async fn state_of_machine(
+    db: &Db,
+    fabric: &str,
+    machine: &str,
+) -> Result<Option<ProtectionState>, sqlx::Error> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM protected_items WHERE fabric = $1 AND machine = $2")
+            .bind(fabric)
+            .bind(machine)
+            .fetch_optional(db)
+            .await?;
+    state
+        .map(|s| {
+            ProtectionState::parse(&s)
+                .ok_or_else(|| corrupt(format!("item state '{s}' is not a protection state")))
+        })
+        .transpose()
 }
 
 /// A new item, as enable protection writes it.
@@ -202,21 +237,23 @@ pub async fn group_members(tx: &mut Tx<'_>, group: &str) -> Result<Vec<GroupMemb
         .collect()
 }
 
-/// The item's protection state, its last error cleared when `clear_error`.
-pub async fn set_state(
+/// The item's lifecycle (protection state and active location), its last
+/// error cleared when `clear_error`.
+pub async fn set_life(
     tx: &mut Tx<'_>,
     item: &str,
-    state: ProtectionState,
+    life: Lifecycle,
     clear_error: bool,
     now: i64,
 ) -> Result<(), sqlx::Error> {
     let sql = if clear_error {
-        "UPDATE protected_items SET state = $1, last_error = NULL, updated_ms = $2 WHERE name = $3"
+        "UPDATE protected_items SET state = $1, active_location = $2, last_error = NULL, updated_ms = $3 WHERE name = $4"
     } else {
-        "UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3"
+        "UPDATE protected_items SET state = $1, active_location = $2, updated_ms = $3 WHERE name = $4"
     };
     sqlx::query(sql)
-        .bind(state.as_str())
+        .bind(life.state.as_str())
+        .bind(life.active.as_str())
         .bind(now)
         .bind(item)
         .execute(&mut **tx)

@@ -14,7 +14,9 @@ use siterec_core::orchestration::{
     StoreTask, TaskResult, TaskSeen, test_transition, transition,
 };
 use siterec_core::policy::Policy;
-use siterec_core::state::{JobKind, JobState, ProtectionState, TestFailoverState};
+use siterec_core::state::{
+    JobKind, JobState, Lifecycle, Location, ProtectionState, TestFailoverState,
+};
 use siterec_core::wire::{MachineInfo, TaskWork};
 
 pub type Tx<'a> = Transaction<'a, Any>;
@@ -296,16 +298,40 @@ async fn task_seen(tx: &mut Tx<'_>, item: &str, task_id: &str) -> anyhow::Result
     })
 }
 
-async fn load_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<ProtectionState>> {
-    let s: Option<String> = sqlx::query_scalar("SELECT state FROM protected_items WHERE name = $1")
-        .bind(item)
-        .fetch_optional(&mut **tx)
-        .await?;
-    s.map(|s| {
-        ProtectionState::parse(&s)
-            .ok_or_else(|| anyhow::anyhow!("item '{item}' has state '{s}', not a protection state"))
+async fn load_life(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<Lifecycle>> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT state, active_location FROM protected_items WHERE name = $1")
+            .bind(item)
+            .fetch_optional(&mut **tx)
+            .await?;
+    row.map(|(s, a)| {
+        Ok(Lifecycle {
+            state: ProtectionState::parse(&s).ok_or_else(|| {
+                anyhow::anyhow!("item '{item}' has state '{s}', not a protection state")
+            })?,
+            active: Location::parse(&a).ok_or_else(|| {
+                anyhow::anyhow!("item '{item}' has active location '{a}', not Primary or Recovery")
+            })?,
+        })
     })
     .transpose()
+}
+
+async fn load_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<ProtectionState>> {
+    Ok(load_life(tx, item).await?.map(|l| l.state))
+}
+
+async fn set_life(tx: &mut Tx<'_>, item: &str, life: Lifecycle) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE protected_items SET state = $1, active_location = $2, updated_ms = $3 WHERE name = $4",
+    )
+    .bind(life.state.as_str())
+    .bind(life.active.as_str())
+    .bind(now_ms())
+    .bind(item)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 async fn load_test_state(tx: &mut Tx<'_>, item: &str) -> anyhow::Result<Option<TestFailoverState>> {
@@ -401,6 +427,30 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
             }
         }
         Need::Task { item, task_id } => Observed::Task(task_seen(tx, item, task_id).await?),
+        Need::FinalPoint { item, job_id } => {
+            let point: Option<String> = sqlx::query_scalar(
+                "SELECT point_id FROM recovery_points WHERE item = $1 AND final_for = $2 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
+            )
+            .bind(item)
+            .bind(job_id)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let source_agent: Option<String> = sqlx::query_scalar(
+                "SELECT m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.name = $1",
+            )
+            .bind(item)
+            .fetch_optional(&mut **tx)
+            .await?;
+            let source_last_seen_ms = match &source_agent {
+                Some(a) => agent_last_seen(tx, a).await?,
+                None => None,
+            };
+            Observed::FinalPoint {
+                point,
+                source_agent,
+                source_last_seen_ms,
+            }
+        }
         Need::Replica { item, task_id } => {
             let task = task_seen(tx, item, task_id).await?;
             // Placement is looked at only to create the task.
@@ -617,12 +667,12 @@ pub async fn apply(
             network_mapping(tx, "UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Unpairing'", m).await?
         }
         Effect::Transition { item, action } => {
-            let Some(state) = load_state(tx, item).await? else {
+            let Some(life) = load_life(tx, item).await? else {
                 anyhow::bail!("protected item '{item}' does not exist");
             };
-            let next = transition(state, *action)?;
-            if next != state {
-                set_item(tx, "UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3", Some(next.as_str()), item).await?;
+            let next = transition(life, *action)?;
+            if next != life {
+                set_life(tx, item, next).await?;
             }
         }
         Effect::Compensate {
@@ -630,11 +680,9 @@ pub async fn apply(
             action,
             message,
         } => {
-            match load_state(tx, item).await {
-                Ok(Some(state)) => match transition(state, *action) {
-                    Ok(next) => {
-                        set_item(tx, "UPDATE protected_items SET state = $1, updated_ms = $2 WHERE name = $3", Some(next.as_str()), item).await?
-                    }
+            match load_life(tx, item).await {
+                Ok(Some(life)) => match transition(life, *action) {
+                    Ok(next) => set_life(tx, item, next).await?,
                     Err(e) => tracing::warn!("compensation for {item}: {e}"),
                 },
                 Ok(None) => {}
@@ -705,6 +753,29 @@ pub async fn apply(
         Effect::ClearTestFailover { item } => {
             sqlx::query("UPDATE protected_items SET test_failover_output = NULL, test_failover_point_id = NULL, test_failover_error = NULL, updated_ms = $1 WHERE name = $2")
                 .bind(now_ms())
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Effect::SetFinalPoint { point_id } => {
+            let Some(Ok(job)) = load(tx, job_id).await? else {
+                anyhow::bail!("job {job_id} does not read: its final point cannot be recorded");
+            };
+            let mut input = JobInput::parse(job.kind, &job.input)?;
+            if input.set_final_point(point_id) {
+                sqlx::query("UPDATE jobs SET input = $1 WHERE id = $2")
+                    .bind(input.to_json())
+                    .bind(job_id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        }
+        Effect::DeleteItem { item } => {
+            sqlx::query("DELETE FROM recovery_points WHERE item = $1")
+                .bind(item)
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("DELETE FROM protected_items WHERE name = $1")
                 .bind(item)
                 .execute(&mut **tx)
                 .await?;
