@@ -632,6 +632,15 @@ pub struct PlannedFailoverDetails {
     pub primary_kek_certificate_pfx: Option<String>,
 }
 
+/// POST …/applyRecoveryPoint (the SDK's `ApplyRecoveryPointInput`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyRecoveryPointInput {
+    /// The recovery point's id.
+    pub recovery_point_id: String,
+    pub provider_specific_details: PlannedFailoverDetails,
+}
+
 /// POST …/remove (the SDK's `DisableProtectionInput`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

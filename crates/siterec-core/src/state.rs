@@ -738,6 +738,7 @@ pub enum JobKind {
     DeleteNetworkMapping,
     PlannedFailover,
     DisableProtection,
+    ChangeRecoveryPoint,
 }
 
 impl JobKind {
@@ -756,6 +757,7 @@ impl JobKind {
             Self::DeleteNetworkMapping => "UnmapNetwork",
             Self::PlannedFailover => "PlannedFailover",
             Self::DisableProtection => "DisableDr",
+            Self::ChangeRecoveryPoint => "ApplyRecoveryPoint",
         }
     }
 
@@ -773,6 +775,7 @@ impl JobKind {
             Self::DeleteNetworkMapping,
             Self::PlannedFailover,
             Self::DisableProtection,
+            Self::ChangeRecoveryPoint,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -793,6 +796,7 @@ impl JobKind {
             Self::DeleteNetworkMapping => "Remove network mapping",
             Self::PlannedFailover => "Planned failover",
             Self::DisableProtection => "Disable protection",
+            Self::ChangeRecoveryPoint => "Change recovery point",
         }
     }
 }

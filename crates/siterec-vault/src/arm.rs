@@ -24,8 +24,9 @@ use crate::{AppState, Shared};
 use siterec_api as api;
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
 use siterec_core::orchestration::{
-    CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput, NetworkMappingInput,
-    NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput, TestFailoverInput, VerifyInput,
+    ChangePointInput, CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput,
+    NetworkMappingInput, NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput,
+    TestFailoverInput, VerifyInput,
 };
 use siterec_core::policy::Policy;
 use siterec_core::state::{
@@ -691,6 +692,18 @@ async fn handle(
                 "plannedfailover",
             ],
         ) => planned_failover(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+                "applyrecoverypoint",
+            ],
+        ) => change_recovery_point(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // Disable protection: the SDK's `remove` action (DisableProtectionInput)
         // and DELETE of the item do the same here.
         (
@@ -1302,17 +1315,29 @@ fn check_direction(item: &ItemRow, p: &Value) -> ApiResult<()> {
 /// (`providerSpecificDetails.recoveryPointId`: a point id of this item, or
 /// a bare point id).
 fn wanted_point(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<String>> {
-    const FIELD: &str = "properties.providerSpecificDetails.recoveryPointId";
-    let Some(v) = p
-        .get("providerSpecificDetails")
-        .and_then(|d| d.get("recoveryPointId"))
-        .filter(|v| !v.is_null())
-    else {
+    point_named(
+        st,
+        item,
+        "properties.providerSpecificDetails.recoveryPointId",
+        p.get("providerSpecificDetails")
+            .and_then(|d| d.get("recoveryPointId")),
+    )
+}
+
+/// The recovery point of `item` that `FIELD` (its value `v`) names: a
+/// point id of this item, or a bare point id; `None` when absent or empty.
+fn point_named(
+    st: &AppState,
+    item: &ItemRow,
+    field: &'static str,
+    v: Option<&Value>,
+) -> ApiResult<Option<String>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
     };
     let id = v
         .as_str()
-        .ok_or_else(|| ApiError::bad_request(format!("{FIELD} must be a string, got {v}")))?
+        .ok_or_else(|| ApiError::bad_request(format!("{field} must be a string, got {v}")))?
         .trim();
     if id.is_empty() {
         return Ok(None);
@@ -1320,13 +1345,13 @@ fn wanted_point(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<St
     if !id.contains('/') {
         return Ok(Some(id.to_string()));
     }
-    let names = parse_ref(st, FIELD, id, ResourceKind::RecoveryPoint)?;
+    let names = parse_ref(st, field, id, ResourceKind::RecoveryPoint)?;
     if !names[2].eq_ignore_ascii_case(&item.name) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "InvalidResourceId",
             format!(
-                "{FIELD} is a recovery point of item '{}', not of '{}': list this item's points with 'siterec points list {}'",
+                "{field} is a recovery point of item '{}', not of '{}': list this item's points with 'siterec points list {}'",
                 names[2], item.name, item.name
             ),
         ));
@@ -1493,6 +1518,70 @@ async fn planned_failover(
     let job = create_job(
         &mut tx,
         &input,
+        "ProtectionEntity",
+        &item.name,
+        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Change recovery point (SDK `applyRecoveryPoint`,
+/// `ApplyRecoveryPointInput`: `properties.recoveryPointId`): before commit,
+/// the failed-over server's disks are written again from another point.
+async fn change_recovery_point(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let p = props(body);
+    let wanted = point_named(st, &item, "properties.recoveryPointId", p.get("recoveryPointId"))?
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "properties.recoveryPointId is required: the point to rebuild the machine from ('siterec points list {}')",
+                item.name
+            ))
+        })?;
+    if model::machine_info(&st.db, &item.fabric, &item.machine)
+        .await?
+        .is_some_and(|m| model::is_vm(&m))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "ChangeRecoveryPointNotSupported",
+            format!(
+                "item '{}' is a virtual machine: this build changes the recovery point of physical servers only",
+                item.name
+            ),
+        ));
+    }
+    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.state == ProtectionState::ChangeRecoveryPointInProgress
+        && let Some(job) = running_job(&mut tx, JobKind::ChangeRecoveryPoint, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .life()
+        .apply(ItemAction::StartChangeRecoveryPoint)
+        .map_err(transition_error)?;
+    let point = choose_point(&mut tx, &item, Some(&wanted)).await?;
+    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::ChangeRecoveryPoint(ChangePointInput {
+            item: item.name.clone(),
+            point_id: point,
+            sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+        }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
@@ -2172,7 +2261,8 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
                 .ok_or_else(|| ApiError::not_found("protection container mapping", &p.name))?;
             ok(model::mapping_json(&st.info, &row))
         }
-        JobInput::EnableProtection(ItemInput { item })
+        JobInput::ChangeRecoveryPoint(ChangePointInput { item, .. })
+        | JobInput::EnableProtection(ItemInput { item })
         | JobInput::CommitFailover(ItemInput { item })
         | JobInput::UnplannedFailover(FailoverInput { item, .. })
         | JobInput::TestFailover(TestFailoverInput { item, .. })
@@ -2912,7 +3002,21 @@ mod tests {
         setup(&st).await;
         exec(&st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0)").await;
         let enable = enable_body(&st, "pc", "phys1", json!({}));
-        let cases: [(&str, Method, &str, Value, &str); 7] = [
+        let cases: [(&str, Method, &str, Value, &str); 9] = [
+            (
+                "FailoverCommitted",
+                Method::POST,
+                "applyRecoveryPoint",
+                json!({"properties": {"recoveryPointId": "q1"}}),
+                "can no longer be changed",
+            ),
+            (
+                "Protected",
+                Method::POST,
+                "applyRecoveryPoint",
+                json!({"properties": {"recoveryPointId": "q1"}}),
+                "fail the item over first",
+            ),
             (
                 "Protected",
                 Method::POST,

@@ -460,6 +460,19 @@ enum FailoverCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Rebuild a failed-over (not yet committed) server from another
+    /// recovery point.
+    ChangePoint {
+        item: String,
+        /// The recovery point id.
+        #[arg(long)]
+        point: String,
+        /// The recovery key file, for an item in an encrypted replica store.
+        #[arg(long, value_name = "FILE")]
+        encryption_key: Option<std::path::PathBuf>,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Commit a completed failover.
     Commit {
         item: String,
@@ -1435,6 +1448,32 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
                 .await?;
             finish(op, out, &format!("planned failover of {item}"))
+        }
+        FailoverCmd::ChangePoint {
+            item,
+            point,
+            encryption_key,
+            no_wait,
+        } => {
+            let key = read_optional_key(encryption_key.as_deref())?;
+            let (rel, _) = api.item_path(&item).await?;
+            let body = input(sapi::ApplyRecoveryPointInput {
+                recovery_point_id: format!("{}/{rel}/recoveryPoints/{point}", api.vault_id()),
+                provider_specific_details: sapi::PlannedFailoverDetails {
+                    instance_type: "HyperVReplicaAzure".into(),
+                    source_stopped: false,
+                    primary_kek_certificate_pfx: key,
+                },
+            });
+            let path = format!("{rel}/applyRecoveryPoint");
+            if no_wait {
+                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
+                return Ok(started(&job, out, "change of recovery point"));
+            }
+            let op = api
+                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
+                .await?;
+            finish(op, out, &format!("change of recovery point of {item}"))
         }
         FailoverCmd::Commit { item, no_wait } => {
             let (rel, _) = api.item_path(&item).await?;

@@ -76,6 +76,8 @@ fn planned_failover_commit_and_disable_protection() {
     env.wait_machine("web01");
     env.wait_machine("db01");
     assert_eq!(protection_status(&env, "web01"), "Unprotected");
+    let initial_state = env.path("web01-initial.img");
+    std::fs::copy(&web, &initial_state).unwrap();
     for m in ["web01", "db01"] {
         let out = env.enable(m);
         let props = &out["result"]["properties"];
@@ -86,6 +88,7 @@ fn planned_failover_commit_and_disable_protection() {
             ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
         );
     }
+    let enabled_at = std::time::Instant::now();
     assert_eq!(protection_status(&env, "web01"), "Protected");
 
     // Forbidden transitions through the API answer 409 naming the state
@@ -127,6 +130,12 @@ fn planned_failover_commit_and_disable_protection() {
             .any(|j| j["properties"]["scenarioName"] == "PlannedFailover"),
         "a refused planned failover creates no job"
     );
+
+    // Retention keeps points 20 s apart in the first hour (30 s copy
+    // frequency): let the initial point age past that, so that it stays
+    // beside the final one for the change of recovery point below.
+    let since_enable = std::time::Instant::now() - enabled_at;
+    std::thread::sleep(Duration::from_secs(22).saturating_sub(since_enable));
 
     // The server's last writes, then it "stops": the planned failover must
     // bring them over although no regular cycle (every 30 s) took them.
@@ -192,7 +201,51 @@ fn planned_failover_commit_and_disable_protection() {
     );
     let err = env.fails(&["item", "disable", "web01"]);
     assert!(err.contains("commit the failover first"), "{err}");
-    assert_eq!(protection_status(&env, "web01"), "PlannedFailoverCompleted");
+
+    // Change the recovery point before commit: the server is rebuilt from
+    // the initial replication's point (the oldest listed), which the
+    // failover's disks then equal; a point that does not exist changes
+    // nothing.
+    let err = env.fails(&[
+        "failover",
+        "change-point",
+        "web01",
+        "--point",
+        "no-such-point",
+    ]);
+    assert!(err.contains("not found"), "{err}");
+    let item = env.json(&["item", "show", "web01"]);
+    assert_eq!(
+        item["properties"]["protectionState"],
+        "PlannedFailoverCompleted"
+    );
+    let oldest = env.points("web01").last().unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = env.json(&["failover", "change-point", "web01", "--point", &oldest]);
+    assert_eq!(out["status"], "Succeeded", "{out}");
+    let props = &out["result"]["properties"];
+    assert_eq!(props["protectionState"], "UnplannedFailoverCompleted");
+    assert_eq!(props["activeLocation"], "Recovery");
+    assert_eq!(
+        props["providerSpecificDetails"]["failoverRecoveryPointId"],
+        oldest.as_str()
+    );
+    assert_eq!(ops(&out["result"]), ["Commit", "ChangePit"]);
+    for format in ["raw", "qcow2"] {
+        assert!(
+            qemu_img_identical(&initial_state, &failover_disk(&out, format), format),
+            "the {format} disk after the change is not the state at point {oldest}: {:#?}\n{}",
+            env.points("web01"),
+            env.logs()
+        );
+    }
+    assert!(!qemu_img_identical(&initial_state, &last_state, "raw"));
+    assert_eq!(
+        protection_status(&env, "web01"),
+        "UnplannedFailoverCompleted"
+    );
 
     let out = env.json(&["failover", "commit", "web01"]);
     assert_eq!(out["status"], "Succeeded", "{out}");

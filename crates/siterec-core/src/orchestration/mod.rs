@@ -76,10 +76,12 @@ pub enum StepKey {
     CheckDisable,
     RemoveReplicaData,
     RemoveItem,
+    CheckChangePoint,
+    CompleteChangePoint,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 33] = [
+    pub const ALL: [StepKey; 35] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -113,6 +115,8 @@ impl StepKey {
         Self::CheckDisable,
         Self::RemoveReplicaData,
         Self::RemoveItem,
+        Self::CheckChangePoint,
+        Self::CompleteChangePoint,
     ];
 
     /// The stored name.
@@ -151,6 +155,8 @@ impl StepKey {
             Self::CheckDisable => "CheckDisable",
             Self::RemoveReplicaData => "RemoveReplicaData",
             Self::RemoveItem => "RemoveItem",
+            Self::CheckChangePoint => "CheckChangePoint",
+            Self::CompleteChangePoint => "CompleteChangePoint",
         }
     }
 
@@ -194,6 +200,8 @@ impl StepKey {
             Self::CheckDisable => "Prerequisites check for disabling protection",
             Self::RemoveReplicaData => "Delete the replica's recovery points and disks",
             Self::RemoveItem => "Remove the protected item",
+            Self::CheckChangePoint => "Prerequisites check for changing the recovery point",
+            Self::CompleteChangePoint => "Complete the change of recovery point",
         }
     }
 }
@@ -242,6 +250,11 @@ impl JobKind {
                 K::MaterializeDisks,
                 K::CompletePlannedFailover,
             ],
+            Self::ChangeRecoveryPoint => &[
+                K::CheckChangePoint,
+                K::MaterializeDisks,
+                K::CompleteChangePoint,
+            ],
             Self::DisableProtection => &[
                 K::CheckDisable,
                 K::StopReplication,
@@ -273,6 +286,7 @@ pub enum JobInput {
     DeleteNetworkMapping(NetworkRef),
     PlannedFailover(PlannedFailoverInput),
     DisableProtection(DisableInput),
+    ChangeRecoveryPoint(ChangePointInput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -325,6 +339,16 @@ pub struct PlannedFailoverInput {
     /// The final point, once the source's agent has reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_point: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<SealedKey>,
+}
+
+/// A failed-over server's disks written again from another point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangePointInput {
+    pub item: String,
+    pub point_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
 }
@@ -411,6 +435,7 @@ impl JobInput {
             Self::DeleteNetworkMapping(_) => JobKind::DeleteNetworkMapping,
             Self::PlannedFailover(_) => JobKind::PlannedFailover,
             Self::DisableProtection(_) => JobKind::DisableProtection,
+            Self::ChangeRecoveryPoint(_) => JobKind::ChangeRecoveryPoint,
         }
     }
 
@@ -432,6 +457,7 @@ impl JobInput {
             JobKind::DeleteNetworkMapping => read(json).map(Self::DeleteNetworkMapping),
             JobKind::PlannedFailover => read(json).map(Self::PlannedFailover),
             JobKind::DisableProtection => read(json).map(Self::DisableProtection),
+            JobKind::ChangeRecoveryPoint => read(json).map(Self::ChangeRecoveryPoint),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -461,6 +487,7 @@ impl JobInput {
             Self::TestFailoverCleanup(c) => Some(&c.item),
             Self::PlannedFailover(p) => Some(&p.item),
             Self::DisableProtection(d) => Some(&d.item),
+            Self::ChangeRecoveryPoint(c) => Some(&c.item),
             _ => None,
         }
     }
@@ -471,6 +498,7 @@ impl JobInput {
             Self::UnplannedFailover(f) => &mut f.sealed_key,
             Self::TestFailover(t) => &mut t.sealed_key,
             Self::PlannedFailover(p) => &mut p.sealed_key,
+            Self::ChangeRecoveryPoint(c) => &mut c.sealed_key,
             _ => return false,
         };
         key.take().is_some()
@@ -481,6 +509,7 @@ impl JobInput {
             Self::UnplannedFailover(f) => f.sealed_key.clone(),
             Self::TestFailover(t) => t.sealed_key.clone(),
             Self::PlannedFailover(p) => p.sealed_key.clone(),
+            Self::ChangeRecoveryPoint(c) => c.sealed_key.clone(),
             _ => None,
         }
     }
@@ -503,6 +532,7 @@ impl JobInput {
         match self {
             Self::UnplannedFailover(f) => Some(&f.point_id),
             Self::PlannedFailover(p) => p.final_point.as_deref(),
+            Self::ChangeRecoveryPoint(c) => Some(&c.point_id),
             _ => None,
         }
     }
@@ -886,6 +916,10 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
             item: f.item.clone(),
             point: Some(f.point_id.clone()),
         },
+        (K::CheckChangePoint, I::ChangeRecoveryPoint(c)) => Need::Item {
+            item: c.item.clone(),
+            point: Some(c.point_id.clone()),
+        },
         (K::CheckTestFailover, I::TestFailover(t)) => Need::Item {
             item: t.item.clone(),
             point: Some(t.point_id.clone()),
@@ -1142,6 +1176,33 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
             delete_replica(ctx, d, t)
         }
         (K::RemoveItem, _, _) => Decision::done(vec![Effect::DeleteItem { item }]),
+        (
+            K::CheckChangePoint,
+            I::ChangeRecoveryPoint(c),
+            Observed::Item {
+                state,
+                point_listed,
+                ..
+            },
+        ) => match state {
+            Some(ProtectionState::ChangeRecoveryPointInProgress) => {
+                point_check(&item, &c.point_id, *point_listed)
+            }
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not changing its recovery point"),
+            ),
+        },
+        (K::CompleteChangePoint, I::ChangeRecoveryPoint(c), _) => Decision::done(vec![
+            Effect::Transition {
+                item: item.clone(),
+                action: ItemAction::FinishChangeRecoveryPoint,
+            },
+            Effect::RecordFailover {
+                item,
+                point_id: c.point_id.clone(),
+            },
+        ]),
         (K::VerifyStores, _, Observed::Stores(tasks)) => verify_stores(ctx, tasks),
         (
             K::CheckTestFailover,
@@ -1629,6 +1690,13 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
         JobInput::DisableProtection(d) => vec![Effect::Compensate {
             item: d.item.clone(),
             action: ItemAction::StartDisable,
+            message,
+        }],
+        // The disks may be from neither point: the item stays failed over,
+        // its error saying so, for the point to be changed again.
+        JobInput::ChangeRecoveryPoint(c) => vec![Effect::Compensate {
+            item: c.item.clone(),
+            action: ItemAction::AbortChangeRecoveryPoint,
             message,
         }],
         JobInput::CommitFailover(i) => vec![Effect::Compensate {

@@ -637,6 +637,18 @@ fn planned() -> World {
     )
 }
 
+fn change_point() -> World {
+    World::new(JobInput::ChangeRecoveryPoint(ChangePointInput {
+        item: ITEM.into(),
+        point_id: "p1".into(),
+        sealed_key: Some(SealedKey("sealed".into())),
+    }))
+    .with_item(
+        ProtectionState::ChangeRecoveryPointInProgress,
+        TestFailoverState::None,
+    )
+}
+
 fn disable(delete_replica: bool) -> World {
     World::new(JobInput::DisableProtection(DisableInput {
         item: ITEM.into(),
@@ -790,6 +802,25 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
     }
     assert_eq!(waiting.job_state, JobState::InProgress);
     assert_eq!(waiting.steps[2].state, JobState::InProgress);
+
+    // A change of recovery point writes the disks from the other point.
+    let mut c = change_point();
+    c.item.as_mut().unwrap().active = Location::Recovery;
+    let w = survives_crashes(&c);
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(
+        (i.state, i.active),
+        (
+            ProtectionState::UnplannedFailoverCompleted,
+            Location::Recovery
+        )
+    );
+    assert_eq!(i.failover_point.as_deref(), Some("p1"));
+    assert!(matches!(
+        &w.tasks["job-1-materialize"].1,
+        TaskWork::Materialize { point_id, sealed_key: None, .. } if point_id == "p1"
+    ));
 
     // Disabling protection removes the item, and the replica when asked.
     for delete in [false, true] {
@@ -1117,6 +1148,25 @@ fn every_failure_fails_its_step_and_compensates() {
         (S::Protected, Location::Primary)
     );
 
+    // Change of point: the point went, the item is not changing, the
+    // agent failed (the item stays failed over, with the error).
+    let mut c = change_point();
+    c.points.clear();
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::CheckChangePoint, "RecoveryPointNotFound");
+    assert_eq!(w.item().state, S::UnplannedFailoverCompleted);
+    let mut c = change_point();
+    c.item.as_mut().unwrap().state = S::FailoverCommitted;
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::CheckChangePoint, "InvalidState");
+    assert_eq!(w.item().state, S::FailoverCommitted, "a commit stays");
+    let mut c = change_point();
+    c.plays = AgentPlays::Fails;
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::MaterializeDisks, "MaterializeFailed");
+    assert_eq!(w.item().state, S::UnplannedFailoverCompleted);
+    assert!(w.item().last_error.as_ref().unwrap().contains("disk full"));
+
     // Disable protection: a failed deletion leaves the item disabling,
     // with the error, for DisableProtection to run again.
     let mut d = disable(true);
@@ -1217,6 +1267,7 @@ fn sample_input(key: StepKey) -> JobInput {
         unmap_networks(),
         planned(),
         disable(true),
+        change_point(),
     ]
     .into_iter()
     .map(|w| w.input)
@@ -1334,6 +1385,7 @@ fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
         planned(),
         disable(true),
         disable(false),
+        change_point(),
     ] {
         let kind = w.input.kind();
         let back = JobInput::parse(kind, &w.input.to_json()).unwrap();
