@@ -1418,7 +1418,6 @@ async fn unplanned_failover(
         return Err(transition_error(e));
     }
     let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
-    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
         item: item.name.clone(),
         point_id: point.clone(),
@@ -1428,9 +1427,25 @@ async fn unplanned_failover(
         // task that needs it is over (Effect::ForgetSealedKey).
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
     });
+    start_item_job(st, headers, tx, &item, next, true, &input).await
+}
+
+/// Writes an item's new lifecycle and the job that carries the operation
+/// on, in the request's transaction (`clear_error`: the item's last error
+/// goes), and answers 202 with the job.
+async fn start_item_job(
+    st: &Shared,
+    headers: &HeaderMap,
+    mut tx: Tx<'_>,
+    item: &ItemRow,
+    next: siterec_core::state::Lifecycle,
+    clear_error: bool,
+    input: &JobInput,
+) -> ApiResult<Response> {
+    items::set_life(&mut tx, &item.name, next, clear_error, now_ms()).await?;
     let job = create_job(
         &mut tx,
-        &input,
+        input,
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
@@ -1508,24 +1523,13 @@ async fn planned_failover(
     if let Some(e) = test_blocks(ItemAction::StartPlannedFailover, item.test_state) {
         return Err(transition_error(e));
     }
-    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
     let input = JobInput::PlannedFailover(PlannedFailoverInput {
         item: item.name.clone(),
         source_stopped,
         final_point: None,
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
     });
-    let job = create_job(
-        &mut tx,
-        &input,
-        "ProtectionEntity",
-        &item.name,
-        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
-    )
-    .await?;
-    tx.commit().await?;
-    st.wake.notify_one();
-    accepted(st, headers, &job)
+    start_item_job(st, headers, tx, &item, next, true, &input).await
 }
 
 /// Change recovery point (SDK `applyRecoveryPoint`,
@@ -1574,22 +1578,20 @@ async fn change_recovery_point(
         .apply(ItemAction::StartChangeRecoveryPoint)
         .map_err(transition_error)?;
     let point = choose_point(&mut tx, &item, Some(&wanted)).await?;
-    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
-    let job = create_job(
-        &mut tx,
+    start_item_job(
+        st,
+        headers,
+        tx,
+        &item,
+        next,
+        true,
         &JobInput::ChangeRecoveryPoint(ChangePointInput {
             item: item.name.clone(),
             point_id: point,
             sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
         }),
-        "ProtectionEntity",
-        &item.name,
-        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
     )
-    .await?;
-    tx.commit().await?;
-    st.wake.notify_one();
-    accepted(st, headers, &job)
+    .await
 }
 
 /// Disable protection (SDK `remove`, or DELETE of the item): replication
@@ -1618,21 +1620,19 @@ async fn disable_protection(
     if let Some(e) = test_blocks(ItemAction::StartDisable, item.test_state) {
         return Err(transition_error(e));
     }
-    items::set_life(&mut tx, &item.name, next, true, now_ms()).await?;
-    let job = create_job(
-        &mut tx,
+    start_item_job(
+        st,
+        headers,
+        tx,
+        &item,
+        next,
+        true,
         &JobInput::DisableProtection(DisableInput {
             item: item.name.clone(),
             delete_replica: policy.replica_deletion,
         }),
-        "ProtectionEntity",
-        &item.name,
-        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
     )
-    .await?;
-    tx.commit().await?;
-    st.wake.notify_one();
-    accepted(st, headers, &job)
+    .await
 }
 
 /// Test failover (SDK `TestFailoverInput`): the recovery agent creates and
@@ -2142,20 +2142,18 @@ async fn commit_failover(
         .life()
         .apply(ItemAction::StartCommit)
         .map_err(transition_error)?;
-    items::set_life(&mut tx, &item.name, next, false, now_ms()).await?;
-    let job = create_job(
-        &mut tx,
+    start_item_job(
+        st,
+        headers,
+        tx,
+        &item,
+        next,
+        false,
         &JobInput::CommitFailover(ItemInput {
             item: item.name.clone(),
         }),
-        "ProtectionEntity",
-        &item.name,
-        &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
     )
-    .await?;
-    tx.commit().await?;
-    st.wake.notify_one();
-    accepted(st, headers, &job)
+    .await
 }
 
 /// siterec's own action: verify every replica store of a site's agents.
