@@ -163,6 +163,7 @@ impl Compute {
                 format: "qcow2".into(),
                 path: overlay.display().to_string(),
                 size_bytes: d.size,
+                bytes_written: None,
             });
         }
         let nics: Vec<NicSpec> = req

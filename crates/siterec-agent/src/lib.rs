@@ -145,6 +145,22 @@ pub async fn run(
         };
         let tg = target::Target::open_backend(encryption.as_ref(), &backend, failover_dir).await?;
         tg.set_transport_key(transport.clone());
+        tg.set_local_machines(
+            cfg.machines
+                .iter()
+                .map(|m| {
+                    let disks = m
+                        .disks
+                        .iter()
+                        .map(|d| target::LocalDisk {
+                            name: d.name.clone(),
+                            path: d.path.clone(),
+                        })
+                        .collect();
+                    (m.name.clone(), disks)
+                })
+                .collect(),
+        );
         let listener = tokio::net::TcpListener::bind(t.listen)
             .await
             .with_context(|| format!("binding the data endpoint {}", t.listen))?;

@@ -118,6 +118,44 @@ impl SourceCtx {
     }
 }
 
+/// The file naming the replication epoch the item's saved state belongs to.
+fn epoch_marker(state_dir: &Path) -> PathBuf {
+    state_dir.join("epoch")
+}
+
+/// Makes the item's saved state that of the assignment's epoch. When the
+/// epoch changed (a reprotect set up this direction; the vault names it),
+/// everything saved of the item — acknowledged hashes, page records,
+/// dirty-bitmap generations, a final-point marker, the spool, pending
+/// reports — belongs to another direction and another store: it goes, and
+/// the next cycle resynchronizes, asking the target for each block's chunk
+/// and sending only those it lacks.
+fn enter_epoch(ctx: &SourceCtx, a: &ReplicationAssignment) -> anyhow::Result<()> {
+    let dir = ctx.state_dir(&a.item);
+    let marker = epoch_marker(&dir);
+    let saved = match std::fs::read_to_string(&marker) {
+        Ok(s) => Some(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", marker.display())),
+    };
+    if saved == a.epoch {
+        return Ok(());
+    }
+    tracing::info!(item = %a.item, from = ?saved, to = ?a.epoch, "new replication epoch: starting over from what the target holds");
+    for gone in [dir.clone(), ctx.data_dir.join("spool").join(&a.item)] {
+        match std::fs::remove_dir_all(&gone) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", gone.display())),
+        }
+    }
+    if let Some(epoch) = &a.epoch {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::util::write_durably(&marker, epoch.as_bytes(), 0o600)?;
+    }
+    Ok(())
+}
+
 /// Replicates one item until `stop` turns true. `previous`: the replicator
 /// of the item's earlier assignment, told to stop; it finishes its cycle
 /// before this one starts, so that two cycles of an item never overlap.
@@ -132,6 +170,11 @@ pub async fn run_item(
 ) {
     if let Some(p) = previous {
         let _ = p.await;
+    }
+    if let Err(e) = enter_epoch(&ctx, &a) {
+        tracing::warn!(item = %a.item, "starting the item's replication epoch: {e:#}");
+        ctx.update(&a.item, |c| c.last_error = Some(format!("{e:#}")));
+        return;
     }
     if let Some(job) = &a.final_point {
         return final_point(&ctx, &a, job, stop).await;
@@ -1150,6 +1193,15 @@ impl Planner {
             fps,
         );
         self.records.write(index, &record)?;
+        // Resynchronizing, a block goes whole: its chunk is named by the
+        // block's hash, which the target may hold already (seeded by a
+        // reprotect, or from another point), while a delta (on zeros) is
+        // named by block and base and would be sent again.
+        let plan = if self.baseline.is_none() {
+            Plan::Whole
+        } else {
+            plan
+        };
         let out = match plan {
             Plan::Whole => {
                 self.block_bases.remove(&i);
@@ -1349,7 +1401,13 @@ async fn upload(
         let (resync, throttle) = (opts.resync, opts.throttle.clone());
         set.spawn(async move {
             let chunk = match job {
-                Job::Batch(chunks) => {
+                Job::Batch(mut chunks) => {
+                    if resync {
+                        chunks = lacking(&client, &base, chunks).await?;
+                        if chunks.is_empty() {
+                            return Ok((0, 0));
+                        }
+                    }
                     return put_batch(&client, &base, chunks, &throttle).await;
                 }
                 Job::One(chunk) => chunk,
@@ -1379,6 +1437,45 @@ async fn upload(
 enum Job {
     One(EncodedChunk),
     Batch(Vec<EncodedChunk>),
+}
+
+/// The chunks of a batch the target does not hold (`POST chunks/have`,
+/// one request for the whole batch): what a resynchronizing cycle sends.
+async fn lacking(
+    client: &reqwest::Client,
+    base: &str,
+    chunks: Vec<EncodedChunk>,
+) -> anyhow::Result<Vec<EncodedChunk>> {
+    let mut ids = Vec::with_capacity(chunks.len() * 32);
+    for c in &chunks {
+        ids.extend_from_slice(c.id.as_bytes());
+    }
+    let body = axum::body::Bytes::from(ids);
+    let url = format!("{base}/have");
+    let resp = send_to_target(|| client.post(&url).body(body.clone()))
+        .await
+        .context("asking the target which chunks it holds")?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!(
+            "the target answered {status} when asked which chunks it holds: {}",
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let have = resp.bytes().await?;
+    if have.len() != chunks.len() {
+        bail!(
+            "the target answered {} flags for {} chunks it was asked about",
+            have.len(),
+            chunks.len()
+        );
+    }
+    Ok(chunks
+        .into_iter()
+        .zip(have.iter())
+        .filter(|(_, h)| **h == 0)
+        .map(|(c, _)| c)
+        .collect())
 }
 
 /// Sends `chunks` as one batch; returns (bytes, chunks).

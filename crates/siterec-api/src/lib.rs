@@ -649,6 +649,17 @@ pub struct DisableProtectionInput {
     pub disable_protection_reason: String,
 }
 
+/// POST …/reProtect (the SDK's `ReverseReplicationInput`): replication
+/// from where the machine runs back to the site it left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReverseReplicationInput {
+    /// RecoveryToPrimary after a failover, PrimaryToRecovery after a
+    /// failback; checked against where the machine runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_direction: Option<String>,
+}
+
 /// POST …/testFailover.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -306,6 +306,19 @@ impl Lifecycle {
     /// The lifecycle after `action`: a completed failover moves the
     /// machine to the other location; nothing else moves it.
     pub fn apply(self, action: ItemAction) -> Result<Lifecycle, TransitionError> {
+        // Failback is planned: the primary site's copy is written back in
+        // place from the final point, which an unplanned failover has not.
+        if self.active == Location::Recovery
+            && self.state == ProtectionState::Protected
+            && action == ItemAction::StartUnplannedFailover
+        {
+            return Err(TransitionError {
+                state: "protected at the recovery site (replicating back)".into(),
+                action: action_name(action).into(),
+                hint: "fail it back with a planned failover (PlannedFailover, --source-stopped)"
+                    .into(),
+            });
+        }
         let state = self.state.apply(action)?;
         let active = match action {
             ItemAction::FinishPlannedFailover | ItemAction::FinishUnplannedFailover => {
@@ -532,7 +545,7 @@ pub fn allowed_operations(life: Lifecycle, test: TestFailoverState, vm: bool) ->
                 "DisableProtection" => ItemAction::StartDisable,
                 _ => return true,
             };
-            test_blocks(action, test).is_none()
+            test_blocks(action, test).is_none() && life.apply(action).is_ok()
         })
         .collect();
     if vm
@@ -739,6 +752,7 @@ pub enum JobKind {
     PlannedFailover,
     DisableProtection,
     ChangeRecoveryPoint,
+    Reprotect,
 }
 
 impl JobKind {
@@ -758,6 +772,7 @@ impl JobKind {
             Self::PlannedFailover => "PlannedFailover",
             Self::DisableProtection => "DisableDr",
             Self::ChangeRecoveryPoint => "ApplyRecoveryPoint",
+            Self::Reprotect => "ReverseReplication",
         }
     }
 
@@ -776,6 +791,7 @@ impl JobKind {
             Self::PlannedFailover,
             Self::DisableProtection,
             Self::ChangeRecoveryPoint,
+            Self::Reprotect,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -797,6 +813,7 @@ impl JobKind {
             Self::PlannedFailover => "Planned failover",
             Self::DisableProtection => "Disable protection",
             Self::ChangeRecoveryPoint => "Change recovery point",
+            Self::Reprotect => "Reprotect",
         }
     }
 }
@@ -990,15 +1007,18 @@ mod tests {
             allowed_operations(at(S::Protected), F::None, false),
             ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
         );
-        // Replicating back from the recovery site: no test failover there.
+        // Replicating back from the recovery site: no test failover there,
+        // and failback is planned only.
         let reversed = Lifecycle {
             state: S::Protected,
             active: Location::Recovery,
         };
         assert_eq!(
             allowed_operations(reversed, F::None, true),
-            ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
+            ["PlannedFailover", "DisableProtection"]
         );
+        let e = reversed.apply(A::StartUnplannedFailover).unwrap_err();
+        assert!(e.to_string().contains("planned failover"), "{e}");
         assert!(allowed_operations(at(S::Protected), F::TestFailoverInitiated, true).is_empty());
         assert_eq!(
             allowed_operations(at(S::Protected), F::TestFailoverCompleted, true),
@@ -1268,9 +1288,9 @@ mod tests {
         assert!(back.reversed());
         // An aborted failover leaves the machine where it ran.
         let aborted = back
-            .apply(A::StartUnplannedFailover)
+            .apply(A::StartPlannedFailover)
             .unwrap()
-            .apply(A::AbortUnplannedFailover)
+            .apply(A::AbortPlannedFailover)
             .unwrap();
         assert_eq!(aborted, back);
         assert_eq!(Location::parse("Recovery"), Some(R));

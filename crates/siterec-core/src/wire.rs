@@ -260,6 +260,12 @@ pub struct ReplicationAssignment {
     /// now, report it with `finalFor` set to this id, and take no more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_point: Option<String>,
+    /// The replication epoch (the reprotect job that set up this direction;
+    /// `None` before any). When it changes, the agent forgets what it
+    /// saved of the item and starts over from what the target holds
+    /// (blocks whose chunks the target has are not sent again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -316,6 +322,27 @@ pub enum TaskWork {
     /// does not exist is answered ok.
     #[serde(rename_all = "camelCase")]
     RemoveReplica { item: String, vm_name: String },
+    /// Target of a reprotect: hash the disks this agent still has of the
+    /// machine (its own config's disks of `machine`, else the item's
+    /// failover disks) into the replica store as point `seed_id`, so that
+    /// the new source sends only the blocks that differ. Idempotent.
+    #[serde(rename_all = "camelCase")]
+    SeedReplica {
+        item: String,
+        machine: String,
+        seed_id: String,
+    },
+    /// Failback: write recovery point `point_id` from this agent's store
+    /// onto the disks of `machine` (this agent's own), in place, only the
+    /// blocks that differ. The output is a list of [`MaterializedDisk`].
+    #[serde(rename_all = "camelCase")]
+    WriteBack {
+        item: String,
+        machine: String,
+        point_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_key: Option<SealedKey>,
+    },
     /// Delete every recovery point of the item from the store (and collect
     /// its chunks), its failover disks, and a replica VM of it if one runs
     /// (disabling protection with replica deletion).
@@ -354,6 +381,10 @@ pub struct MaterializedDisk {
     pub format: String,
     pub path: String,
     pub size_bytes: u64,
+    /// Written back in place (failback): the bytes written where the disk
+    /// differed from the point; the rest was left as it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_written: Option<u64>,
 }
 
 /// The vault's answer to a task result: the state the task has now (the

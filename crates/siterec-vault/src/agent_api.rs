@@ -28,8 +28,8 @@ use siterec_core::retention::points_to_prune;
 use siterec_core::state::ProtectionState;
 use siterec_core::wire::{
     AgentTask, DiskInfo, EnrolRequest, EnrolResponse, HeartbeatRequest, HeartbeatResponse,
-    MachineInfo, PointRecorded, PointReport, ReplicationAssignment, TaskResult, TaskResultRecorded,
-    TaskWork,
+    MachineInfo, MaterializedDisk, PointRecorded, PointReport, ReplicationAssignment, TaskResult,
+    TaskResultRecorded, TaskWork,
 };
 use siterec_pki::PeerIdentity;
 
@@ -233,6 +233,13 @@ async fn assignments(
         if !siterec_core::state::ProtectionState::parse(&state).is_some_and(|s| s.replicating()) {
             continue;
         }
+        // A reprotect's new direction starts once the target's store holds
+        // the seed (the job sets the epoch then).
+        if ProtectionState::parse(&state) == Some(ProtectionState::ReprotectInProgress)
+            && row.epoch.is_none()
+        {
+            continue;
+        }
         let Some(target_url) = row.target_url else {
             continue;
         };
@@ -247,9 +254,34 @@ async fn assignments(
             })
             .map(|o| o.export_path.clone());
         let machine = row.machine;
-        let info: MachineInfo = serde_json::from_str(&row.info)
-            .map_err(|e| ApiError::internal(&format!("stored report of machine '{machine}'"), e))?;
-        let disks: Vec<DiskInfo> = info.disks;
+        let disks: Vec<DiskInfo> = if row.reverse {
+            // At the recovery site the machine's disks are its failover
+            // disks (the raw images).
+            let written: Vec<MaterializedDisk> = serde_json::from_str(
+                row.failover_output.as_deref().unwrap_or("[]"),
+            )
+            .map_err(|e| {
+                ApiError::internal(&format!("stored failover disks of item '{}'", row.name), e)
+            })?;
+            written
+                .into_iter()
+                .filter(|d| d.format == "raw")
+                .map(|d| DiskInfo {
+                    name: d.disk,
+                    path: d.path,
+                    size_bytes: d.size_bytes,
+                })
+                .collect()
+        } else {
+            let info: MachineInfo = serde_json::from_str(&row.info).map_err(|e| {
+                ApiError::internal(&format!("stored report of machine '{machine}'"), e)
+            })?;
+            info.disks
+        };
+        if row.reverse && disks.is_empty() {
+            tracing::warn!(item = %row.name, "the item has no failover disks to replicate back from");
+            continue;
+        }
         out.push(ReplicationAssignment {
             item: row.name,
             machine,
@@ -267,6 +299,7 @@ async fn assignments(
             final_point: row.final_job.filter(|_| {
                 ProtectionState::parse(&state) == Some(ProtectionState::PlannedFailoverInProgress)
             }),
+            epoch: row.epoch,
         });
     }
     Ok(out)
@@ -304,6 +337,8 @@ async fn report_point(
         policy,
         name: item,
         target,
+        site,
+        epoch,
     }) = persist::reported_item(&st.db, &rep.item, &fabric, &agent).await?
     else {
         return Err(ApiError::not_found(
@@ -333,12 +368,14 @@ async fn report_point(
         bytes_sent: i64::try_from(rep.bytes_sent).unwrap_or(i64::MAX),
         bytes_read: i64::try_from(rep.bytes_read).unwrap_or(i64::MAX),
         final_for: rep.final_for.as_deref(),
+        site: &site,
+        epoch: epoch.as_deref(),
     };
     persist::insert_point(&mut tx, &point, now).await?;
     // Retention: hide the points the policy lets go, then ask the target to
     // delete them. A point is never listed again once hidden.
     let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
-    let ages = persist::listed_points(&mut tx, &item).await?;
+    let ages = persist::listed_points(&mut tx, &item, &site).await?;
     let mut prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
     // The point a test failover is creating its VM from stays until the VM
     // exists (replication, and so retention, goes on meanwhile); a later

@@ -26,7 +26,7 @@ use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, p
 use siterec_core::orchestration::{
     ChangePointInput, CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput,
     NetworkMappingInput, NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput,
-    TestFailoverInput, VerifyInput,
+    ReprotectInput, TestFailoverInput, VerifyInput,
 };
 use siterec_core::policy::Policy;
 use siterec_core::state::{
@@ -704,6 +704,18 @@ async fn handle(
                 "applyrecoverypoint",
             ],
         ) => change_recovery_point(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotecteditems",
+                _,
+                "reprotect",
+            ],
+        ) => reprotect(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // Disable protection: the SDK's `remove` action (DisableProtectionInput)
         // and DELETE of the item do the same here.
         (
@@ -1360,13 +1372,20 @@ fn point_named(
 }
 
 /// The point to fail over to: the one asked for, else the latest.
-async fn choose_point(tx: &mut Tx<'_>, item: &ItemRow, wanted: Option<&str>) -> ApiResult<String> {
+/// The point a failover or change of point uses: the one named, or the
+/// latest, among the points kept in the store at `site`.
+async fn choose_point(
+    tx: &mut Tx<'_>,
+    item: &ItemRow,
+    wanted: Option<&str>,
+    site: Location,
+) -> ApiResult<String> {
     let point: Option<String> = match wanted {
-        Some(id) => items::listed_point(tx, &item.name, id)
+        Some(id) => items::listed_point(tx, &item.name, id, site)
             .await?
             .ok_or_else(|| ApiError::not_found("recovery point", &format!("{}/{id}", item.name)))
             .map(Some)?,
-        None => items::latest_point(tx, &item.name).await?,
+        None => items::latest_point(tx, &item.name, site).await?,
     };
     point.ok_or_else(|| {
         ApiError::conflict(format!(
@@ -1396,7 +1415,7 @@ async fn unplanned_failover(
     let p = props(body);
     check_direction(&item, p)?;
     // Before anything is written: a refused key creates no job.
-    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let sealed_key = seal_recovery_key(st, &item, p, Location::Recovery).await?;
     let wanted = wanted_point(st, &item, p)?;
     // A VM is created and started at the recovery site; a physical
     // server's disks are written as images.
@@ -1417,7 +1436,7 @@ async fn unplanned_failover(
     if let Some(e) = test_blocks(ItemAction::StartUnplannedFailover, item.test_state) {
         return Err(transition_error(e));
     }
-    let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
+    let point = choose_point(&mut tx, &item, wanted.as_deref(), Location::Recovery).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
         item: item.name.clone(),
         point_id: point.clone(),
@@ -1426,6 +1445,7 @@ async fn unplanned_failover(
         // Sealed to the recovery agent's transport key; forgotten once the
         // task that needs it is over (Effect::ForgetSealedKey).
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+        to: Location::Recovery,
     });
     start_item_job(st, headers, tx, &item, next, true, &input).await
 }
@@ -1507,8 +1527,11 @@ async fn planned_failover(
             ),
         ));
     }
+    // The machine goes to the other site, whose store holds the final
+    // point (a failback: the primary site's).
+    let to = item.active.other();
     // Before anything is written: a refused key creates no job.
-    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let sealed_key = seal_recovery_key(st, &item, p, to).await?;
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, &item.name).await?;
     if item.state == ProtectionState::PlannedFailoverInProgress
@@ -1528,8 +1551,101 @@ async fn planned_failover(
         source_stopped,
         final_point: None,
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+        to: item.active.other(),
+        machine: item.machine.clone(),
     });
     start_item_job(st, headers, tx, &item, next, true, &input).await
+}
+
+/// Reprotect (SDK `reprotect`, `ReverseReplicationInput`): after a
+/// committed failover, replication runs from where the machine runs now
+/// back to the site it left. That site's agent needs a replica store (its
+/// `[target]`); it first hashes the disks it still has into it, so that
+/// only the blocks that differ are sent.
+async fn reprotect(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<Response> {
+    let item = model::load_item_at(&st.db, fabric, container, name).await?;
+    let p = props(body);
+    let to = item.active.other();
+    if item.state == ProtectionState::FailoverCommitted {
+        // Reprotect goes from where the machine runs: any other direction
+        // is refused naming it.
+        let want = item.active.failover_direction();
+        match p.get("failoverDirection") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(d)) if d.eq_ignore_ascii_case(want) => {}
+            Some(other) => {
+                return Err(ApiError::conflict(format!(
+                    "failoverDirection {other} does not apply: item '{}' runs at its {} site, so it is reprotected {want}",
+                    item.name,
+                    item.active.as_str().to_lowercase()
+                )));
+            }
+        }
+        if model::machine_info(&st.db, &item.fabric, &item.machine)
+            .await?
+            .is_some_and(|m| model::is_vm(&m))
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "ReprotectNotSupported",
+                format!(
+                    "item '{}' is a virtual machine: this build reprotects physical servers only",
+                    item.name
+                ),
+            ));
+        }
+        let agent = items::agent_at(&st.db, &item, to).await?;
+        let has_store = match &agent {
+            Some(a) => items::agent_has_store(&st.db, a).await?,
+            None => false,
+        };
+        if !has_store {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "NoReplicaStore",
+                format!(
+                    "item '{}' cannot be replicated back to its {} site: the agent there ({}) has no replica store; add a [target] section (store, data address) to its agent.toml, restart it, then reprotect again",
+                    item.name,
+                    to.as_str().to_lowercase(),
+                    agent.as_deref().unwrap_or("none reports the machine")
+                ),
+            ));
+        }
+    }
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, &item.name).await?;
+    if item.state == ProtectionState::ReprotectInProgress
+        && let Some(job) = running_job(&mut tx, JobKind::Reprotect, &item.name).await?
+    {
+        return accepted(st, headers, &job);
+    }
+    let next = item
+        .life()
+        .apply(ItemAction::StartReprotect)
+        .map_err(transition_error)?;
+    // Nothing replicates in the new direction before its seed is in.
+    items::clear_epoch(&mut tx, &item.name).await?;
+    start_item_job(
+        st,
+        headers,
+        tx,
+        &item,
+        next,
+        true,
+        &JobInput::Reprotect(ReprotectInput {
+            item: item.name.clone(),
+            machine: item.machine.clone(),
+            to,
+        }),
+    )
+    .await
 }
 
 /// Change recovery point (SDK `applyRecoveryPoint`,
@@ -1565,7 +1681,7 @@ async fn change_recovery_point(
             ),
         ));
     }
-    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let sealed_key = seal_recovery_key(st, &item, p, item.active).await?;
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, &item.name).await?;
     if item.state == ProtectionState::ChangeRecoveryPointInProgress
@@ -1577,7 +1693,8 @@ async fn change_recovery_point(
         .life()
         .apply(ItemAction::StartChangeRecoveryPoint)
         .map_err(transition_error)?;
-    let point = choose_point(&mut tx, &item, Some(&wanted)).await?;
+    // The failed-over machine is rebuilt where it runs, from that site's store.
+    let point = choose_point(&mut tx, &item, Some(&wanted), item.active).await?;
     start_item_job(
         st,
         headers,
@@ -1589,6 +1706,7 @@ async fn change_recovery_point(
             item: item.name.clone(),
             point_id: point,
             sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
+            at: item.active,
         }),
     )
     .await
@@ -1630,6 +1748,13 @@ async fn disable_protection(
         &JobInput::DisableProtection(DisableInput {
             item: item.name.clone(),
             delete_replica: policy.replica_deletion,
+            // The replica is at the other site while the item replicates;
+            // a committed failover's is where the machine now runs.
+            at: if item.state == ProtectionState::FailoverCommitted {
+                item.active
+            } else {
+                item.active.other()
+            },
         }),
     )
     .await
@@ -1677,7 +1802,7 @@ async fn test_failover(
     }
     let network = test_network(st, &item, p).await?;
     // Before anything is written: a refused key creates no job.
-    let sealed_key = seal_recovery_key(st, &item, p).await?;
+    let sealed_key = seal_recovery_key(st, &item, p, Location::Recovery).await?;
     let wanted = wanted_point(st, &item, p)?;
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, &item.name).await?;
@@ -1690,7 +1815,7 @@ async fn test_failover(
         .test_state
         .apply(TestAction::Start, item.state)
         .map_err(transition_error)?;
-    let point = choose_point(&mut tx, &item, wanted.as_deref()).await?;
+    let point = choose_point(&mut tx, &item, wanted.as_deref(), Location::Recovery).await?;
     items::start_test_failover(&mut tx, &item.name, next, &point, now_ms()).await?;
     let input = JobInput::TestFailover(TestFailoverInput {
         item: item.name.clone(),
@@ -2057,12 +2182,18 @@ async fn latest_job_for(
 /// against the store's key id and sealed at once to the recovery agent's
 /// transport key. Only the sealed form (`SRKT0001`, base64) is returned:
 /// the vault never writes the key in the clear. `None` for a plain store.
-async fn seal_recovery_key(st: &AppState, item: &ItemRow, p: &Value) -> ApiResult<Option<String>> {
+async fn seal_recovery_key(
+    st: &AppState,
+    item: &ItemRow,
+    p: &Value,
+    site: Location,
+) -> ApiResult<Option<String>> {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD as BASE64;
-    let Some(agent) = &item.target_agent_id else {
+    let Some(agent) = items::agent_at(&st.db, item, site).await? else {
         return Ok(None);
     };
+    let agent = &agent;
     let Some(inventory::StoreKeys {
         encrypted,
         key_id: store_key_id,
@@ -2265,7 +2396,8 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         | JobInput::UnplannedFailover(FailoverInput { item, .. })
         | JobInput::TestFailover(TestFailoverInput { item, .. })
         | JobInput::TestFailoverCleanup(CleanupInput { item, .. })
-        | JobInput::PlannedFailover(PlannedFailoverInput { item, .. }) => {
+        | JobInput::PlannedFailover(PlannedFailoverInput { item, .. })
+        | JobInput::Reprotect(ReprotectInput { item, .. }) => {
             let item = model::load_item(&st.db, &item).await?;
             ok(model::item_json(&st.db, &st.info, &item).await?)
         }

@@ -80,6 +80,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (8, include_str!("../migrations/sqlite/0008_item_pages.sql")),
     (9, include_str!("../migrations/sqlite/0009_lifecycle.sql")),
+    (
+        10,
+        include_str!("../migrations/sqlite/0010_reverse_replication.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -89,6 +93,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/postgres/0002_item_pages.sql"),
     ),
     (3, include_str!("../migrations/postgres/0003_lifecycle.sql")),
+    (
+        4,
+        include_str!("../migrations/postgres/0004_reverse_replication.sql"),
+    ),
 ];
 
 /// The advisory lock key every PostgreSQL write transaction takes.

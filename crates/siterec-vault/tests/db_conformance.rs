@@ -311,6 +311,7 @@ async fn jobs_their_steps_and_effects_read_back_as_written() {
             vm: true,
             vm_name: Some("web01".into()),
             sealed_key: Some(SealedKey("c2VhbGVk".into())),
+            to: siterec_core::state::Location::Recovery,
         });
         let mut tx = db::begin(&db).await.unwrap();
         let job = job_store::create(&mut tx, &input, "ProtectionEntity", "web01", "/web01")
@@ -675,6 +676,8 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             bytes_sent: 1 << 40,
             bytes_read: 7,
             final_for: None,
+            site: "Recovery",
+            epoch: None,
         };
         agents::insert_point(&mut tx, &point("p1", 100), 60)
             .await
@@ -697,7 +700,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             .await
             .unwrap();
         assert_eq!(
-            items::latest_point(&mut tx, "web01")
+            items::latest_point(&mut tx, "web01", Location::Recovery)
                 .await
                 .unwrap()
                 .as_deref(),
@@ -705,7 +708,9 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             "{e}"
         );
         assert_eq!(
-            items::listed_point(&mut tx, "web01", "p1").await.unwrap(),
+            items::listed_point(&mut tx, "web01", "p1", Location::Recovery)
+                .await
+                .unwrap(),
             None,
             "{e}: pruned"
         );
@@ -723,6 +728,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
                 &Need::FinalPoint {
                     item: "web01".into(),
                     job_id: job.into(),
+                    source: Location::Primary,
                 },
                 65,
             )
@@ -732,6 +738,47 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
                 Observed::FinalPoint { point, .. } => {
                     assert_eq!(point.as_deref(), want, "{e}: {job}")
                 }
+                other => panic!("{e}: {other:?}"),
+            }
+        }
+        // A point of the reverse direction is kept at the primary site:
+        // it is the latest there only, and counts for its epoch.
+        let reverse = agents::NewPoint {
+            site: "Primary",
+            epoch: Some("job-r"),
+            ..point("p4", 400)
+        };
+        agents::insert_point(&mut tx, &reverse, 66).await.unwrap();
+        for (site, want) in [(Location::Recovery, "p3"), (Location::Primary, "p4")] {
+            assert_eq!(
+                items::latest_point(&mut tx, "web01", site)
+                    .await
+                    .unwrap()
+                    .as_deref(),
+                Some(want),
+                "{e}: {site:?}"
+            );
+        }
+        assert_eq!(
+            items::listed_point(&mut tx, "web01", "p4", Location::Recovery)
+                .await
+                .unwrap(),
+            None,
+            "{e}: not in the recovery site's store"
+        );
+        for (epoch, want) in [(Some("job-r"), 1), (Some("job-x"), 0), (None, 3)] {
+            match job_store::observe(
+                &mut tx,
+                &Need::Points {
+                    item: "web01".into(),
+                    epoch: epoch.map(str::to_string),
+                },
+                67,
+            )
+            .await
+            .unwrap()
+            {
+                Observed::Points { listed } => assert_eq!(listed, want, "{e}: {epoch:?}"),
                 other => panic!("{e}: {other:?}"),
             }
         }
@@ -747,7 +794,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
         );
         assert_eq!(item.test_point_id.as_deref(), Some("p2"), "{e}");
         let points = items::points(&db, "web01").await.unwrap();
-        assert_eq!(points.len(), 2, "{e}: p1 pruned, p2 and p3 listed");
+        assert_eq!(points.len(), 3, "{e}: p1 pruned, p2, p3 and p4 listed");
         assert_eq!(
             (points[0].bytes_sent, points[0].bytes_read),
             (1 << 40, 7),

@@ -636,6 +636,7 @@ impl Rig {
             not_before: None,
             offline_export: None,
             final_point: None,
+            epoch: None,
         }
     }
 

@@ -423,6 +423,17 @@ enum ItemCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Reprotect a machine whose failover is committed: replicate it from
+    /// where it runs back to the site it left (whose agent needs a
+    /// [target] store). Only the blocks that differ from the disks still
+    /// there are sent.
+    ///
+    /// Example: siterec item reprotect web01
+    Reprotect {
+        item: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1308,17 +1319,46 @@ async fn item(conn: &Conn, out: Format, cmd: ItemCmd) -> anyhow::Result<ExitCode
             let body = input(sapi::DisableProtectionInput {
                 disable_protection_reason: "NotSpecified".into(),
             });
-            let path = format!("{rel}/remove");
-            if no_wait {
-                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
-                return Ok(started(&job, out, "disable protection"));
-            }
-            let op = api
-                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
-                .await?;
-            finish(op, out, &format!("disable protection of {item}"))
+            let what = format!("disable protection of {item}");
+            item_action(&api, &format!("{rel}/remove"), &body, no_wait, out, &what).await
+        }
+        ItemCmd::Reprotect { item, no_wait } => {
+            let (rel, _) = api.item_path(&item).await?;
+            let body = input(sapi::ReverseReplicationInput {
+                failover_direction: None,
+            });
+            let what = format!("reprotect of {item}");
+            item_action(
+                &api,
+                &format!("{rel}/reProtect"),
+                &body,
+                no_wait,
+                out,
+                &what,
+            )
+            .await
         }
     }
+}
+
+/// POSTs an item's action and waits for its job (`no_wait`: returns once
+/// it has started).
+async fn item_action(
+    api: &client::Api,
+    path: &str,
+    body: &Value,
+    no_wait: bool,
+    out: Format,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
+    if no_wait {
+        let (job, _, _) = api.start(reqwest::Method::POST, path, body).await?;
+        return Ok(started(&job, out, what));
+    }
+    let op = api
+        .run(reqwest::Method::POST, path, body, JOB_TIMEOUT)
+        .await?;
+    finish(op, out, what)
 }
 
 /// The recovery key file, base64-encoded as the ARM API takes it
@@ -1365,6 +1405,15 @@ fn input<P: serde::Serialize>(properties: P) -> Value {
     serde_json::to_value(sapi::Input { properties }).unwrap_or(Value::Null)
 }
 
+/// A failover of `item` now leaves where it runs.
+fn failover_direction(item: &sapi::ProtectedItem) -> &'static str {
+    if item.properties.active_location == "Recovery" {
+        "RecoveryToPrimary"
+    } else {
+        "PrimaryToRecovery"
+    }
+}
+
 async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<ExitCode> {
     let api = api(conn).await?;
     match cmd {
@@ -1376,10 +1425,10 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
         } => {
             // Read before anything is asked of the vault.
             let key = read_optional_key(encryption_key.as_deref())?;
-            let (rel, _) = api.item_path(&item).await?;
+            let (rel, v) = api.item_path(&item).await?;
             let details = failover_details(&api, &rel, &point, key);
             let body = input(sapi::UnplannedFailoverInput {
-                failover_direction: "PrimaryToRecovery".into(),
+                failover_direction: failover_direction(&v).into(),
                 source_site_operations: "NotRequired".into(),
                 provider_specific_details: details,
             });
@@ -1426,13 +1475,8 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
         } => {
             let key = read_optional_key(encryption_key.as_deref())?;
             let (rel, v) = api.item_path(&item).await?;
-            let direction = if v.properties.active_location == "Recovery" {
-                "RecoveryToPrimary"
-            } else {
-                "PrimaryToRecovery"
-            };
             let body = input(sapi::PlannedFailoverInput {
-                failover_direction: direction.into(),
+                failover_direction: failover_direction(&v).into(),
                 provider_specific_details: sapi::PlannedFailoverDetails {
                     instance_type: "HyperVReplicaAzure".into(),
                     source_stopped,

@@ -258,6 +258,15 @@ fn planned_failover_commit_and_disable_protection() {
         ["ReverseReplicate", "DisableProtection"]
     );
     assert_eq!(protection_status(&env, "web01"), "FailoverCommitted");
+    // Reprotect needs a replica store at the primary site: this primary
+    // agent has none, and the refusal names the setting.
+    let err = env.fails(&["item", "reprotect", "web01"]);
+    assert!(
+        err.contains("NoReplicaStore") && err.contains("[target]"),
+        "{err}"
+    );
+    let item = env.json(&["item", "show", "web01"]);
+    assert_eq!(item["properties"]["protectionState"], "FailoverCommitted");
 
     // Disable protection from a committed failover: with replicaDeletion
     // Required, the recovery agent deletes the points and the disks.

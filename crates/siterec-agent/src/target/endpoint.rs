@@ -11,6 +11,7 @@ impl Target {
                 put(put_chunk).head(head_chunk),
             )
             .route("/data/v1/items/{item}/chunks", post(put_chunk_batch))
+            .route("/data/v1/items/{item}/chunks/have", post(have_chunks))
             .route("/data/v1/items/{item}/points", post(commit_point))
             .route(
                 "/data/v1/items/{item}/points/{point}",
@@ -96,6 +97,49 @@ pub(super) async fn head_chunk(
     } else {
         StatusCode::NOT_FOUND
     })
+}
+
+/// Most chunk ids one `POST chunks/have` may ask about (a batch's worth).
+pub(super) const MAX_HAVE_IDS: usize = 1024;
+
+/// `POST chunks/have`: the body is chunk ids (32 bytes each); the answer is
+/// one byte per id, 1 if stored (and then vouched for, as `HEAD` does),
+/// else 0. A resynchronizing source asks this for a batch of small chunks
+/// instead of one `HEAD` each.
+pub(super) async fn have_chunks(
+    State(t): State<Arc<Target>>,
+    Extension(peer): Extension<PeerIdentity>,
+    UrlPath(item): UrlPath<String>,
+    body: Bytes,
+) -> Result<Vec<u8>, DataError> {
+    t.check_peer(&peer, &item)?;
+    siterec_core::names::check_name("item", &item)
+        .map_err(|e| DataError::new(StatusCode::BAD_REQUEST, "BadName", e.to_string()))?;
+    if !body.len().is_multiple_of(32) || body.len() / 32 > MAX_HAVE_IDS {
+        return Err(DataError::new(
+            StatusCode::BAD_REQUEST,
+            "BadIds",
+            format!(
+                "the body must be at most {MAX_HAVE_IDS} chunk ids of 32 bytes each, got {} bytes",
+                body.len()
+            ),
+        ));
+    }
+    let ids: Vec<ChunkId> = body
+        .chunks_exact(32)
+        .map(|c| {
+            let mut b = [0u8; 32];
+            b.copy_from_slice(c);
+            ChunkId(b)
+        })
+        .collect();
+    let have = t.store.has_chunks(&ids).await?;
+    for (id, h) in ids.iter().zip(&have) {
+        if *h {
+            t.remember(&item, *id);
+        }
+    }
+    Ok(have.into_iter().map(u8::from).collect())
 }
 
 /// Whether the target has committed a point (the source asks after an

@@ -11,7 +11,10 @@
 //!   references is absent.
 
 mod endpoint;
+mod reverse;
 mod tasks;
+
+pub use reverse::LocalDisk;
 
 pub use endpoint::DataError;
 
@@ -61,6 +64,9 @@ pub struct Target {
     /// When garbage collection last ran after a prune, and whether one is
     /// scheduled: see [`Target::collect_after_prune`].
     gc_pacing: Mutex<GcPacing>,
+    /// This agent's own machines (`[[machines]]`) by name: the disks a
+    /// reprotect seeds from and a failback writes back onto.
+    local_machines: Mutex<HashMap<String, Vec<LocalDisk>>>,
 }
 
 /// Garbage collection after a prune runs at most this often. A policy
@@ -129,6 +135,7 @@ impl Target {
                 last: None,
                 scheduled: false,
             }),
+            local_machines: Mutex::new(HashMap::new()),
         }))
     }
 

@@ -111,6 +111,21 @@ impl Target {
                 Ok(serde_json::json!({ "removed": vm_name }))
             }
             TaskWork::DeleteReplica { item } => self.delete_replica(item).await,
+            TaskWork::SeedReplica {
+                item,
+                machine,
+                seed_id,
+            } => self.seed_replica(item, machine, seed_id).await,
+            TaskWork::WriteBack {
+                item,
+                machine,
+                point_id,
+                sealed_key,
+            } => {
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let disks = self.write_back(&store, item, machine, point_id).await?;
+                Ok(serde_json::to_value(disks)?)
+            }
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;
@@ -291,6 +306,7 @@ impl Target {
                     format: fmt.as_str().into(),
                     path: path.display().to_string(),
                     size_bytes: disk.size,
+                    bytes_written: None,
                 });
             }
         }

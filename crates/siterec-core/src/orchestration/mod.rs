@@ -29,7 +29,8 @@ use serde_json::{Value, json};
 use crate::network::{NicPlan, resolve_nics};
 use crate::policy::Policy;
 use crate::state::{
-    ItemAction, JobKind, JobState, Lifecycle, ProtectionState, TestAction, TestFailoverState,
+    ItemAction, JobKind, JobState, Lifecycle, Location, ProtectionState, TestAction,
+    TestFailoverState,
 };
 use crate::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
@@ -78,10 +79,15 @@ pub enum StepKey {
     RemoveItem,
     CheckChangePoint,
     CompleteChangePoint,
+    CheckReprotect,
+    SeedReverseReplica,
+    ReverseReplication,
+    RemoveSeed,
+    CompleteReprotect,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 35] = [
+    pub const ALL: [StepKey; 40] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -117,6 +123,11 @@ impl StepKey {
         Self::RemoveItem,
         Self::CheckChangePoint,
         Self::CompleteChangePoint,
+        Self::CheckReprotect,
+        Self::SeedReverseReplica,
+        Self::ReverseReplication,
+        Self::RemoveSeed,
+        Self::CompleteReprotect,
     ];
 
     /// The stored name.
@@ -157,6 +168,11 @@ impl StepKey {
             Self::RemoveItem => "RemoveItem",
             Self::CheckChangePoint => "CheckChangePoint",
             Self::CompleteChangePoint => "CompleteChangePoint",
+            Self::CheckReprotect => "CheckReprotect",
+            Self::SeedReverseReplica => "SeedReverseReplica",
+            Self::ReverseReplication => "ReverseReplication",
+            Self::RemoveSeed => "RemoveSeed",
+            Self::CompleteReprotect => "CompleteReprotect",
         }
     }
 
@@ -202,6 +218,11 @@ impl StepKey {
             Self::RemoveItem => "Remove the protected item",
             Self::CheckChangePoint => "Prerequisites check for changing the recovery point",
             Self::CompleteChangePoint => "Complete the change of recovery point",
+            Self::CheckReprotect => "Prerequisites check for reprotect",
+            Self::SeedReverseReplica => "Hash the disks at the other site into its replica store",
+            Self::ReverseReplication => "Replicate what differs to the other site",
+            Self::RemoveSeed => "Remove the seed of the replica store",
+            Self::CompleteReprotect => "Complete reprotect",
         }
     }
 }
@@ -261,12 +282,28 @@ impl JobKind {
                 K::RemoveReplicaData,
                 K::RemoveItem,
             ],
+            Self::Reprotect => &[
+                K::CheckReprotect,
+                K::SeedReverseReplica,
+                K::ReverseReplication,
+                K::RemoveSeed,
+                K::CompleteReprotect,
+            ],
         }
     }
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// Jobs stored before inputs named a site acted on the recovery site.
+fn recovery() -> Location {
+    Location::Recovery
+}
+
+fn is_recovery(l: &Location) -> bool {
+    *l == Location::Recovery
 }
 
 /// The input of a job, per kind. Stored as the JSON of the inner struct in
@@ -287,6 +324,7 @@ pub enum JobInput {
     PlannedFailover(PlannedFailoverInput),
     DisableProtection(DisableInput),
     ChangeRecoveryPoint(ChangePointInput),
+    Reprotect(ReprotectInput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -323,6 +361,9 @@ pub struct FailoverInput {
     /// task that needs it is over, or when the job ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// The site the machine fails over to (where the points are stored).
+    #[serde(default = "recovery", skip_serializing_if = "is_recovery")]
+    pub to: Location,
 }
 
 /// A planned failover: the source is stopped (a physical server by its
@@ -341,6 +382,14 @@ pub struct PlannedFailoverInput {
     pub final_point: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// The site the machine fails over to: Recovery, or Primary for a
+    /// failback (the final point is written back onto the machine's own
+    /// disks, where they differ).
+    #[serde(default = "recovery", skip_serializing_if = "is_recovery")]
+    pub to: Location,
+    /// The protected machine (its agent finds its disks by this name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub machine: String,
 }
 
 /// A failed-over server's disks written again from another point.
@@ -351,6 +400,9 @@ pub struct ChangePointInput {
     pub point_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed_key: Option<SealedKey>,
+    /// Where the machine runs now, failed over (its disks are rewritten).
+    #[serde(default = "recovery", skip_serializing_if = "is_recovery")]
+    pub at: Location,
 }
 
 /// Disabling protection of an item.
@@ -362,6 +414,27 @@ pub struct DisableInput {
     /// (the policy's `replicaDeletion`).
     #[serde(default, skip_serializing_if = "is_false")]
     pub delete_replica: bool,
+    /// The site whose agent keeps the replica (its points and disks).
+    #[serde(default = "recovery", skip_serializing_if = "is_recovery")]
+    pub at: Location,
+}
+
+/// Reprotect: replication from where the machine runs (`to.other()`) to
+/// the site it left (`to`), whose agent first hashes the disks it still
+/// has into its replica store (a seed point, `seed-JOB`), so that only the
+/// blocks that differ travel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReprotectInput {
+    pub item: String,
+    pub machine: String,
+    /// The site replication goes to (the item's active location's other).
+    pub to: Location,
+}
+
+/// The seed point id of reprotect job `job_id`.
+pub fn seed_point_id(job_id: &str) -> String {
+    format!("seed-{job_id}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -436,6 +509,7 @@ impl JobInput {
             Self::PlannedFailover(_) => JobKind::PlannedFailover,
             Self::DisableProtection(_) => JobKind::DisableProtection,
             Self::ChangeRecoveryPoint(_) => JobKind::ChangeRecoveryPoint,
+            Self::Reprotect(_) => JobKind::Reprotect,
         }
     }
 
@@ -458,6 +532,7 @@ impl JobInput {
             JobKind::PlannedFailover => read(json).map(Self::PlannedFailover),
             JobKind::DisableProtection => read(json).map(Self::DisableProtection),
             JobKind::ChangeRecoveryPoint => read(json).map(Self::ChangeRecoveryPoint),
+            JobKind::Reprotect => read(json).map(Self::Reprotect),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -488,7 +563,22 @@ impl JobInput {
             Self::PlannedFailover(p) => Some(&p.item),
             Self::DisableProtection(d) => Some(&d.item),
             Self::ChangeRecoveryPoint(c) => Some(&c.item),
+            Self::Reprotect(r) => Some(&r.item),
             _ => None,
+        }
+    }
+
+    /// The site whose agent runs the job's tasks: where the machine goes
+    /// (failovers), where it runs (change of point), where the replica is
+    /// kept (disable, reprotect); the recovery site for the rest.
+    pub fn task_site(&self) -> Location {
+        match self {
+            Self::UnplannedFailover(f) => f.to,
+            Self::PlannedFailover(p) => p.to,
+            Self::ChangeRecoveryPoint(c) => c.at,
+            Self::DisableProtection(d) => d.at,
+            Self::Reprotect(r) => r.to,
+            _ => Location::Recovery,
         }
     }
 
@@ -619,19 +709,22 @@ pub enum Need {
     Target {
         item: String,
     },
-    /// How many recovery points the item has.
+    /// How many recovery points the item has (`epoch`: only those reported
+    /// since replication of that epoch, a reprotect job's id, began).
     Points {
         item: String,
+        epoch: Option<String>,
     },
     /// The item's states, and whether `point` (if any) is listed.
     Item {
         item: String,
         point: Option<String>,
     },
-    /// The item's recovery agent and the task `task_id`.
+    /// The item's agent at `site` and the task `task_id`.
     Task {
         item: String,
         task_id: String,
+        site: Location,
     },
     /// [`Need::Task`], and what a VM needs to be placed at the recovery site.
     Replica {
@@ -652,6 +745,8 @@ pub enum Need {
     FinalPoint {
         item: String,
         job_id: String,
+        /// Where the machine runs (its agent replicates it).
+        source: Location,
     },
 }
 
@@ -821,6 +916,14 @@ pub enum Effect {
     ClearTestFailover {
         item: String,
     },
+    /// The item's replication epoch (`replication_epoch`): replication
+    /// runs from the active location, the agents starting over from what
+    /// the target store holds when it changes; `None` stops a reverse
+    /// replication that has not finished its reprotect.
+    SetEpoch {
+        item: String,
+        epoch: Option<String>,
+    },
     /// Record the final point of a planned failover in the job's input.
     SetFinalPoint {
         point_id: String,
@@ -891,6 +994,8 @@ fn task_id(job_id: &str, key: StepKey) -> String {
         StepKey::MaterializeDisks => format!("{job_id}-materialize"),
         StepKey::StartVm | StepKey::StartTestVm => format!("{job_id}-start-replica"),
         StepKey::RemoveReplicaData => format!("{job_id}-delete-replica"),
+        StepKey::SeedReverseReplica => format!("{job_id}-seed"),
+        StepKey::RemoveSeed => format!("{job_id}-remove-seed"),
         _ => format!("{job_id}-remove-replica"),
     }
 }
@@ -911,7 +1016,14 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
         },
         (K::CheckEnable, _) => Need::Machine { item: item() },
         (K::IdentifyTarget, _) => Need::Target { item: item() },
-        (K::InitialReplication, _) => Need::Points { item: item() },
+        (K::InitialReplication, _) => Need::Points {
+            item: item(),
+            epoch: None,
+        },
+        (K::ReverseReplication, _) => Need::Points {
+            item: item(),
+            epoch: Some(job_id.to_string()),
+        },
         (K::CheckFailover, I::UnplannedFailover(f)) => Need::Item {
             item: f.item.clone(),
             point: Some(f.point_id.clone()),
@@ -924,19 +1036,33 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
             item: t.item.clone(),
             point: Some(t.point_id.clone()),
         },
-        (K::CheckCommit | K::CheckCleanup | K::CheckPlannedFailover | K::CheckDisable, _) => {
-            Need::Item {
-                item: item(),
-                point: None,
-            }
-        }
+        (
+            K::CheckCommit
+            | K::CheckCleanup
+            | K::CheckPlannedFailover
+            | K::CheckDisable
+            | K::CheckReprotect,
+            _,
+        ) => Need::Item {
+            item: item(),
+            point: None,
+        },
         (K::FinalReplication, _) => Need::FinalPoint {
             item: item(),
             job_id: job_id.to_string(),
+            source: input.task_site().other(),
         },
-        (K::MaterializeDisks | K::RemoveTestVm | K::RemoveReplicaData, _) => Need::Task {
+        (
+            K::MaterializeDisks
+            | K::RemoveTestVm
+            | K::RemoveReplicaData
+            | K::SeedReverseReplica
+            | K::RemoveSeed,
+            _,
+        ) => Need::Task {
             item: item(),
             task_id: task_id(job_id, key),
+            site: input.task_site(),
         },
         (K::StartVm | K::StartTestVm, _) => Need::Replica {
             item: item(),
@@ -1203,6 +1329,26 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
                 point_id: c.point_id.clone(),
             },
         ]),
+        (K::CheckReprotect, _, Observed::Item { state, .. }) => match state {
+            Some(ProtectionState::ReprotectInProgress) => Decision::done(vec![]),
+            other => Decision::fail(
+                "InvalidState",
+                format!("the item is {other:?}, not being reprotected"),
+            ),
+        },
+        (K::SeedReverseReplica, I::Reprotect(r), Observed::Task(t)) => seed_reverse(ctx, r, t),
+        (K::ReverseReplication, _, Observed::Points { listed }) => {
+            if *listed > 0 {
+                Decision::done(vec![])
+            } else {
+                Decision::wait()
+            }
+        }
+        (K::RemoveSeed, I::Reprotect(r), Observed::Task(t)) => remove_seed(ctx, r, t),
+        (K::CompleteReprotect, _, _) => Decision::done(vec![Effect::Transition {
+            item,
+            action: ItemAction::FinishReprotect,
+        }]),
         (K::VerifyStores, _, Observed::Stores(tasks)) => verify_stores(ctx, tasks),
         (
             K::CheckTestFailover,
@@ -1382,6 +1528,86 @@ fn delete_replica(ctx: &StepCtx<'_>, d: &DisableInput, t: &TaskSeen) -> Decision
     }
 }
 
+/// Asks the agent of the site replication goes to to hash the disks it
+/// still has of the machine into its store as a seed point; replication
+/// of the new epoch starts once it is there.
+fn seed_reverse(ctx: &StepCtx<'_>, r: &ReprotectInput, t: &TaskSeen) -> Decision {
+    let site = r.to.as_str();
+    let Some(agent) = &t.agent else {
+        return Decision::fail(
+            "NoReplicaStore",
+            format!("item '{}' has no agent at its {site} site", r.item),
+        );
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::SeedReverseReplica),
+                agent: agent.clone(),
+                work: TaskWork::SeedReplica {
+                    item: r.item.clone(),
+                    machine: r.machine.clone(),
+                    seed_id: seed_point_id(ctx.job_id),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { output } => Decision::done(vec![
+            Effect::SetEpoch {
+                item: r.item.clone(),
+                epoch: Some(ctx.job_id.to_string()),
+            },
+            Effect::StepOutput(output),
+        ]),
+        TaskResult::Failed { error } => Decision::fail(
+            "SeedFailed",
+            format!(
+                "the agent at the {site} site could not hash the machine's disks into its replica store: {}",
+                task_error(&error)
+            ),
+        ),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "reprotect")
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+/// Deletes the seed point once a point of the new epoch holds what it
+/// vouched for. A seed left behind costs space only: said, not failed.
+fn remove_seed(ctx: &StepCtx<'_>, r: &ReprotectInput, t: &TaskSeen) -> Decision {
+    let seed = seed_point_id(ctx.job_id);
+    let left = |why: String| {
+        Decision::done(vec![Effect::StepOutput(json!({
+            "notes": [format!("the seed point {seed} was left in the replica store: {why}")]
+        }))])
+    };
+    let Some(agent) = &t.agent else {
+        return left("the item has no agent there".into());
+    };
+    match &t.task {
+        None => Decision::wait().with([Effect::EnsureTask {
+            id: task_id(ctx.job_id, StepKey::RemoveSeed),
+            agent: agent.clone(),
+            work: TaskWork::Prune {
+                item: r.item.clone(),
+                point_ids: vec![seed.clone()],
+            },
+        }]),
+        Some(TaskResult::Succeeded { .. }) => Decision::done(vec![]),
+        Some(TaskResult::Failed { error }) => left(task_error(error).to_string()),
+        Some(TaskResult::Pending) => {
+            match agent_gone(ctx, agent, t.agent_last_seen_ms, "reprotect") {
+                Some(_) => left(format!("agent {agent} did not answer")),
+                None => Decision::wait(),
+            }
+        }
+    }
+}
+
 fn materialize(ctx: &StepCtx<'_>, input: &JobInput, point: &str, t: &TaskSeen) -> Decision {
     let item = input.item().unwrap_or_default().to_string();
     let Some(agent) = &t.agent else {
@@ -1394,15 +1620,25 @@ fn materialize(ctx: &StepCtx<'_>, input: &JobInput, point: &str, t: &TaskSeen) -
     let task = match &t.task {
         Some(task) => task.clone(),
         None => {
-            effects.push(Effect::EnsureTask {
-                id: task_id(ctx.job_id, StepKey::MaterializeDisks),
-                agent: agent.clone(),
-                work: TaskWork::Materialize {
+            let work = match input {
+                // Failback: the machine's own disks take the point, in place.
+                JobInput::PlannedFailover(p) if p.to == Location::Primary => TaskWork::WriteBack {
+                    item: item.clone(),
+                    machine: p.machine.clone(),
+                    point_id: point.to_string(),
+                    sealed_key: input.sealed_key(),
+                },
+                _ => TaskWork::Materialize {
                     item: item.clone(),
                     point_id: point.to_string(),
                     formats: vec!["raw".into(), "qcow2".into()],
                     sealed_key: input.sealed_key(),
                 },
+            };
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::MaterializeDisks),
+                agent: agent.clone(),
+                work,
             });
             TaskResult::Pending
         }
@@ -1699,6 +1935,18 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
             action: ItemAction::AbortChangeRecoveryPoint,
             message,
         }],
+        // Back to committed, and no replication of the new direction.
+        JobInput::Reprotect(r) => vec![
+            Effect::Compensate {
+                item: r.item.clone(),
+                action: ItemAction::AbortReprotect,
+                message,
+            },
+            Effect::SetEpoch {
+                item: r.item.clone(),
+                epoch: None,
+            },
+        ],
         JobInput::CommitFailover(i) => vec![Effect::Compensate {
             item: i.item.clone(),
             action: ItemAction::AbortCommit,

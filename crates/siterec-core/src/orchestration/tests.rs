@@ -73,6 +73,11 @@ struct World {
     source: Option<String>,
     /// The final point the source reported for the job, if it did.
     final_point: Option<String>,
+    /// The item's replication epoch, and the points reported in it.
+    epoch: Option<String>,
+    epoch_points: u64,
+    /// The seed points in the target's store.
+    seeds: BTreeSet<String>,
 }
 
 fn vm_machine() -> MachineInfo {
@@ -161,6 +166,9 @@ impl World {
             agent_seen: 1_000_000,
             source: Some(SOURCE.into()),
             final_point: None,
+            epoch: None,
+            epoch_points: 0,
+            seeds: BTreeSet::new(),
         }
     }
 
@@ -205,8 +213,15 @@ impl World {
                 recovery_fabric: "recovery".into(),
                 recovery_cloud: "rc".into(),
             },
-            Need::Points { .. } => Observed::Points {
+            Need::Points { epoch: None, .. } => Observed::Points {
                 listed: self.points.values().filter(|l| **l).count() as u64,
+            },
+            Need::Points { epoch: Some(e), .. } => Observed::Points {
+                listed: if self.epoch.as_ref() == Some(e) {
+                    self.epoch_points
+                } else {
+                    0
+                },
             },
             Need::Item { point, .. } => Observed::Item {
                 state: self.item.as_ref().map(|i| i.state),
@@ -316,6 +331,7 @@ impl World {
                 for (_, work, _) in self.tasks.values_mut() {
                     match work {
                         TaskWork::Materialize { sealed_key, .. }
+                        | TaskWork::WriteBack { sealed_key, .. }
                         | TaskWork::StartReplica { sealed_key, .. } => *sealed_key = None,
                         _ => {}
                     }
@@ -339,6 +355,10 @@ impl World {
                 let i = self.item.as_mut().ok_or("no item")?;
                 i.test_output = None;
                 i.test_error = None;
+            }
+            Effect::SetEpoch { epoch, .. } => {
+                self.item.as_ref().ok_or("no item")?;
+                self.epoch = epoch.clone();
             }
             Effect::SetFinalPoint { point_id } => {
                 self.input.set_final_point(point_id);
@@ -370,9 +390,31 @@ impl World {
             self.final_point = Some(FINAL.into());
             self.points.insert(FINAL.into(), true);
         }
+        // The new source replicates once the epoch is set.
+        if self.epoch.is_some()
+            && self
+                .item
+                .as_ref()
+                .is_some_and(|i| i.state == ProtectionState::ReprotectInProgress)
+        {
+            self.epoch_points += 1;
+        }
         for (_, work, result) in self.tasks.values_mut() {
             if *result != TaskResult::Pending {
                 continue;
+            }
+            if self.plays == AgentPlays::Succeeds {
+                match &*work {
+                    TaskWork::SeedReplica { seed_id, .. } => {
+                        self.seeds.insert(seed_id.clone());
+                    }
+                    TaskWork::Prune { point_ids, .. } => {
+                        for p in point_ids {
+                            self.seeds.remove(p);
+                        }
+                    }
+                    _ => {}
+                }
             }
             *result = match (&self.plays, &*work) {
                 (AgentPlays::Fails, _) => TaskResult::Failed {
@@ -543,6 +585,7 @@ fn end_state(w: &World) -> impl PartialEq + std::fmt::Debug {
         w.pairing,
         w.mapping,
         w.input.clone(),
+        (w.epoch.clone(), w.seeds.clone()),
     )
 }
 
@@ -584,6 +627,7 @@ fn failover(vm: bool) -> World {
         vm,
         vm_name: vm.then(|| "m1".into()),
         sealed_key: Some(SealedKey("sealed".into())),
+        to: Location::Recovery,
     }))
     .with_item(
         ProtectionState::UnplannedFailoverInProgress,
@@ -630,6 +674,8 @@ fn planned() -> World {
         source_stopped: true,
         final_point: None,
         sealed_key: Some(SealedKey("sealed".into())),
+        to: Location::Recovery,
+        machine: "m1".into(),
     }))
     .with_item(
         ProtectionState::PlannedFailoverInProgress,
@@ -642,6 +688,7 @@ fn change_point() -> World {
         item: ITEM.into(),
         point_id: "p1".into(),
         sealed_key: Some(SealedKey("sealed".into())),
+        at: Location::Recovery,
     }))
     .with_item(
         ProtectionState::ChangeRecoveryPointInProgress,
@@ -653,11 +700,38 @@ fn disable(delete_replica: bool) -> World {
     World::new(JobInput::DisableProtection(DisableInput {
         item: ITEM.into(),
         delete_replica,
+        at: Location::Recovery,
     }))
     .with_item(
         ProtectionState::DisablingProtection,
         TestFailoverState::None,
     )
+}
+
+/// Reprotect of a machine failed over to the recovery site: replication
+/// back to the primary site.
+fn reprotect() -> World {
+    let mut w = World::new(JobInput::Reprotect(ReprotectInput {
+        item: ITEM.into(),
+        machine: "m1".into(),
+        to: Location::Primary,
+    }))
+    .with_item(
+        ProtectionState::ReprotectInProgress,
+        TestFailoverState::None,
+    );
+    w.item.as_mut().unwrap().active = Location::Recovery;
+    w
+}
+
+/// Failback: a planned failover of a reprotected machine back home.
+fn failback() -> World {
+    let mut w = planned();
+    if let JobInput::PlannedFailover(p) = &mut w.input {
+        p.to = Location::Primary;
+    }
+    w.item.as_mut().unwrap().active = Location::Recovery;
+    w
 }
 
 fn pairing() -> World {
@@ -820,6 +894,37 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
     assert!(matches!(
         &w.tasks["job-1-materialize"].1,
         TaskWork::Materialize { point_id, sealed_key: None, .. } if point_id == "p1"
+    ));
+
+    // Reprotect seeds the other site's store, starts the new epoch, waits
+    // for its first point, removes the seed and leaves the item Protected
+    // where it runs.
+    let w = survives_crashes(&reprotect());
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(
+        (i.state, i.active),
+        (ProtectionState::Protected, Location::Recovery)
+    );
+    assert_eq!(w.epoch.as_deref(), Some(JOB));
+    assert!(w.epoch_points > 0);
+    assert!(w.seeds.is_empty(), "the seed is removed: {:?}", w.seeds);
+    assert!(matches!(
+        &w.tasks["job-1-seed"].1,
+        TaskWork::SeedReplica { seed_id, machine, .. } if seed_id == "seed-job-1" && machine == "m1"
+    ));
+
+    // Failback writes the final point back onto the machine's own disks.
+    let w = survives_crashes(&failback());
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(
+        (i.state, i.active),
+        (ProtectionState::PlannedFailoverCompleted, Location::Primary)
+    );
+    assert!(matches!(
+        &w.tasks["job-1-materialize"].1,
+        TaskWork::WriteBack { point_id, machine, sealed_key: None, .. } if point_id == FINAL && machine == "m1"
     ));
 
     // Disabling protection removes the item, and the replica when asked.
@@ -1198,6 +1303,53 @@ fn every_failure_fails_its_step_and_compensates() {
         "InvalidState",
     );
 
+    // A reprotect whose seed fails, or whose agent is gone, goes back to
+    // committed and replicates nothing in the new direction.
+    for (plays, code) in [
+        (AgentPlays::Fails, "SeedFailed"),
+        (AgentPlays::Silent, "RecoveryAgentNotConnected"),
+    ] {
+        let mut r = reprotect();
+        r.plays = plays;
+        let w = survives_crashes(&r);
+        failed_at(&mut seen, &w, K::SeedReverseReplica, code);
+        let i = w.item();
+        assert_eq!(
+            (i.state, i.active),
+            (S::FailoverCommitted, Location::Recovery)
+        );
+        assert_eq!(w.epoch, None);
+        assert!(i.last_error.is_some());
+    }
+    let mut r = reprotect();
+    r.item.as_mut().unwrap().state = S::FailoverCommitted;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&r),
+        K::CheckReprotect,
+        "InvalidState",
+    );
+    // A seed that cannot be removed is said, and the reprotect holds.
+    let mut r = reprotect();
+    r.plays = AgentPlays::Succeeds;
+    let mut w = r.clone();
+    while round(&mut w, Crash::None) {
+        w.now += 60_000;
+        if w.steps[3].state == JobState::InProgress {
+            w.plays = AgentPlays::Fails;
+        }
+        w.agent_runs();
+    }
+    succeeded(&w);
+    assert!(
+        w.step_outputs[&3]
+            .to_string()
+            .contains("seed point seed-job-1 was left"),
+        "{:?}",
+        w.step_outputs
+    );
+    seen.insert(K::RemoveSeed);
+
     let mut m = map_networks();
     m.networks.clear();
     let w = survives_crashes(&m);
@@ -1246,7 +1398,7 @@ fn every_failure_fails_its_step_and_compensates() {
             needs(*k, &sample_input(*k), JOB) != Need::Nothing
                 || matches!(k, K::ValidatePolicy | K::ShutDownSource)
         })
-        .filter(|k| *k != K::InitialReplication)
+        .filter(|k| !matches!(k, K::InitialReplication | K::ReverseReplication))
         .collect();
     assert_eq!(seen, can_fail);
 }
@@ -1268,6 +1420,7 @@ fn sample_input(key: StepKey) -> JobInput {
         planned(),
         disable(true),
         change_point(),
+        reprotect(),
     ]
     .into_iter()
     .map(|w| w.input)

@@ -190,14 +190,20 @@ pub async fn target_items(
         .await
 }
 
-/// The items a recovery agent keeps with their source agents: (item,
-/// state, source agent).
+/// The items `agent` keeps the replica of, with their source agents:
+/// (item, state, source agent). The recovery agent of items running at
+/// their primary site, the primary agent of items running at the recovery
+/// site (replicated back by reprotect).
 pub async fn target_sources(
     db: &Db,
     agent: &str,
 ) -> Result<Vec<(String, String, String)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.target_agent_id = $1 AND i.active_location = 'Primary'",
+        "SELECT i.name, i.state, m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+           WHERE i.target_agent_id = $1 AND i.active_location = 'Primary'
+         UNION ALL
+         SELECT i.name, i.state, i.target_agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+           WHERE m.agent_id = $1 AND i.active_location = 'Recovery' AND i.target_agent_id IS NOT NULL",
     )
     .bind(agent)
     .fetch_all(db)
@@ -217,6 +223,13 @@ pub struct SourceItem {
     pub target_url: Option<String>,
     /// The running planned failover job waiting for the item's final point.
     pub final_job: Option<String>,
+    /// The item runs at the recovery site and `agent` is its recovery
+    /// agent: it replicates the failover disks back to the primary agent.
+    pub reverse: bool,
+    /// The item's replication epoch (`replication_epoch`).
+    pub epoch: Option<String>,
+    /// The item's failover disks as the failover recorded them (JSON).
+    pub failover_output: Option<String>,
 }
 
 /// The items whose machines `agent` of `fabric` hosts and that have a
@@ -229,11 +242,21 @@ pub async fn source_items(
     let rows = sqlx::query(
         "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url,
            (SELECT j.id FROM jobs j WHERE j.kind = 'PlannedFailover' AND j.target_name = i.name
-              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job
+              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
+           0 AS reverse, i.replication_epoch, i.failover_output
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
          JOIN agents a ON a.id = i.target_agent_id
-         WHERE m.agent_id = $1 AND i.fabric = $2 AND i.active_location = 'Primary'",
+         WHERE m.agent_id = $1 AND i.fabric = $2 AND i.active_location = 'Primary'
+         UNION ALL
+         SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url,
+           (SELECT j.id FROM jobs j WHERE j.kind = 'PlannedFailover' AND j.target_name = i.name
+              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
+           1 AS reverse, i.replication_epoch, i.failover_output
+         FROM protected_items i
+         JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         JOIN agents a ON a.id = m.agent_id
+         WHERE i.target_agent_id = $1 AND i.target_fabric = $2 AND i.active_location = 'Recovery'",
     )
     .bind(agent)
     .bind(fabric)
@@ -251,6 +274,9 @@ pub async fn source_items(
                 target_id: row.try_get("target_id")?,
                 target_url: row.try_get("data_url")?,
                 final_job: row.try_get("final_job")?,
+                reverse: row.try_get::<i64, _>("reverse")? != 0,
+                epoch: row.try_get("replication_epoch")?,
+                failover_output: row.try_get("failover_output")?,
             })
         })
         .collect()
@@ -304,7 +330,12 @@ pub struct ReportedItem {
     pub policy: String,
     /// As stored (the report may spell it otherwise).
     pub name: String,
+    /// The agent whose store holds the point.
     pub target: Option<String>,
+    /// That agent's site ('Recovery', or 'Primary' when the item runs at
+    /// the recovery site and replicates back).
+    pub site: String,
+    pub epoch: Option<String>,
 }
 
 /// The item `item` of `fabric` whose machine `agent` hosts.
@@ -314,21 +345,38 @@ pub async fn reported_item(
     fabric: &str,
     agent: &str,
 ) -> Result<Option<ReportedItem>, sqlx::Error> {
-    let row: Option<(String, String, String, Option<String>)> = sqlx::query_as(
-        "SELECT i.state, i.policy, i.name, i.target_agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         WHERE i.name = $1 AND i.fabric = $2 AND m.agent_id = $3",
+    // Only the agent where the machine runs replicates it: an old primary
+    // reporting a point of a failed-over item is not heard.
+    type Row = (
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        Option<String>,
+    );
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT i.state, i.policy, i.name, i.target_agent_id, 'Recovery', i.replication_epoch FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         WHERE i.name = $1 AND i.fabric = $2 AND m.agent_id = $3 AND i.active_location = 'Primary'
+         UNION ALL
+         SELECT i.state, i.policy, i.name, m.agent_id, 'Primary', i.replication_epoch FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         WHERE i.name = $1 AND i.target_fabric = $2 AND i.target_agent_id = $3 AND i.active_location = 'Recovery'",
     )
     .bind(item)
     .bind(fabric)
     .bind(agent)
     .fetch_optional(db)
     .await?;
-    Ok(row.map(|(state, policy, name, target)| ReportedItem {
-        state,
-        policy,
-        name,
-        target,
-    }))
+    Ok(
+        row.map(|(state, policy, name, target, site, epoch)| ReportedItem {
+            state,
+            policy,
+            name,
+            target,
+            site,
+            epoch,
+        }),
+    )
 }
 
 /// A recovery point as reported (a repeat of a listed point changes nothing).
@@ -341,11 +389,14 @@ pub struct NewPoint<'a> {
     pub bytes_read: i64,
     /// The planned failover job this is the final point of.
     pub final_for: Option<&'a str>,
+    /// The site whose store holds it.
+    pub site: &'a str,
+    pub epoch: Option<&'a str>,
 }
 
 pub async fn insert_point(tx: &mut Tx<'_>, p: &NewPoint<'_>, now: i64) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms, final_for) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+        "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms, final_for, site, epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
     )
     .bind(p.item)
     .bind(p.point_id)
@@ -355,17 +406,24 @@ pub async fn insert_point(tx: &mut Tx<'_>, p: &NewPoint<'_>, now: i64) -> Result
     .bind(p.bytes_read)
     .bind(now)
     .bind(p.final_for)
+    .bind(p.site)
+    .bind(p.epoch)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// The item's listed (not pruned) points.
-pub async fn listed_points(tx: &mut Tx<'_>, item: &str) -> Result<Vec<PointAge>, sqlx::Error> {
+/// The item's listed (not pruned) points in the store at `site`.
+pub async fn listed_points(
+    tx: &mut Tx<'_>,
+    item: &str,
+    site: &str,
+) -> Result<Vec<PointAge>, sqlx::Error> {
     let points: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
+        "SELECT point_id, created_ms FROM recovery_points WHERE item = $1 AND site = $2 AND pruned_ms IS NULL",
     )
     .bind(item)
+    .bind(site)
     .fetch_all(&mut **tx)
     .await?;
     Ok(points

@@ -344,27 +344,75 @@ pub async fn point(db: &Db, item: &str, point: &str) -> Result<Option<PointRow>,
     row.as_ref().map(PointRow::from_row).transpose()
 }
 
-/// The point's id if it is listed.
+/// The point's id if it is listed and kept in the store at `site`.
 pub async fn listed_point(
     tx: &mut Tx<'_>,
     item: &str,
     point: &str,
+    site: Location,
 ) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT point_id FROM recovery_points WHERE item = $1 AND point_id = $2 AND pruned_ms IS NULL",
+        "SELECT point_id FROM recovery_points WHERE item = $1 AND point_id = $2 AND site = $3 AND pruned_ms IS NULL",
     )
     .bind(item)
     .bind(point)
+    .bind(site.as_str())
     .fetch_optional(&mut **tx)
     .await
 }
 
+/// The item's agent at `site`: its machine's agent at the primary site,
+/// its recovery agent at the recovery site.
+pub async fn agent_at(
+    db: &Db,
+    item: &ItemRow,
+    site: Location,
+) -> Result<Option<String>, sqlx::Error> {
+    match site {
+        Location::Recovery => Ok(item.target_agent_id.clone()),
+        Location::Primary => {
+            let agent: Option<Option<String>> =
+                sqlx::query_scalar("SELECT agent_id FROM machines WHERE fabric = $1 AND name = $2")
+                    .bind(&item.fabric)
+                    .bind(&item.machine)
+                    .fetch_optional(db)
+                    .await?;
+            Ok(agent.flatten())
+        }
+    }
+}
+
+/// Whether the agent has a replica store (its `[target]`: a data URL).
+pub async fn agent_has_store(db: &Db, agent: &str) -> Result<bool, sqlx::Error> {
+    let url: Option<Option<String>> =
+        sqlx::query_scalar("SELECT data_url FROM agents WHERE id = $1")
+            .bind(agent)
+            .fetch_optional(db)
+            .await?;
+    Ok(url.flatten().is_some())
+}
+
+/// Clears the item's replication epoch: no agent replicates it in a new
+/// direction until a reprotect job has seeded the target and set it.
+pub async fn clear_epoch(tx: &mut Tx<'_>, item: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE protected_items SET replication_epoch = NULL WHERE name = $1")
+        .bind(item)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// The item's latest listed point.
-pub async fn latest_point(tx: &mut Tx<'_>, item: &str) -> Result<Option<String>, sqlx::Error> {
+pub async fn latest_point(
+    tx: &mut Tx<'_>,
+    item: &str,
+    site: Location,
+) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT point_id FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
+        "SELECT point_id FROM recovery_points WHERE item = $1 AND site = $2 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
     )
     .bind(item)
+    .bind(site.as_str())
     .fetch_optional(&mut **tx)
     .await
 }

@@ -237,12 +237,27 @@ pub async fn ensure_task(
     Ok(())
 }
 
-async fn item_agent(tx: &mut Tx<'_>, item: &str) -> Result<Option<String>, sqlx::Error> {
-    let agent: Option<Option<String>> =
-        sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
-            .bind(item)
-            .fetch_optional(&mut **tx)
-            .await?;
+/// The item's agent at `site`: the one reporting its machine at the
+/// primary site, its recovery agent at the recovery site.
+async fn agent_at(
+    tx: &mut Tx<'_>,
+    item: &str,
+    site: Location,
+) -> Result<Option<String>, sqlx::Error> {
+    let agent: Option<Option<String>> = match site {
+        Location::Recovery => {
+            sqlx::query_scalar("SELECT target_agent_id FROM protected_items WHERE name = $1")
+                .bind(item)
+                .fetch_optional(&mut **tx)
+                .await?
+        }
+        Location::Primary => sqlx::query_scalar(
+            "SELECT m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.name = $1",
+        )
+        .bind(item)
+        .fetch_optional(&mut **tx)
+        .await?,
+    };
     Ok(agent.flatten())
 }
 
@@ -285,8 +300,13 @@ async fn task(tx: &mut Tx<'_>, id: &str) -> anyhow::Result<Option<TaskResult>> {
     }))
 }
 
-async fn task_seen(tx: &mut Tx<'_>, item: &str, task_id: &str) -> anyhow::Result<TaskSeen> {
-    let agent = item_agent(tx, item).await?;
+async fn task_seen(
+    tx: &mut Tx<'_>,
+    item: &str,
+    task_id: &str,
+    site: Location,
+) -> anyhow::Result<TaskSeen> {
+    let agent = agent_at(tx, item, site).await?;
     let agent_last_seen_ms = match &agent {
         Some(a) => agent_last_seen(tx, a).await?,
         None => None,
@@ -395,13 +415,22 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
             })
         }
         Need::Target { item } => observe_target(tx, item, now).await?,
-        Need::Points { item } => {
-            let listed: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
-            )
-            .bind(item)
-            .fetch_one(&mut **tx)
-            .await?;
+        Need::Points { item, epoch } => {
+            let listed: i64 = match epoch {
+                None => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND pruned_ms IS NULL",
+                )
+                .bind(item)
+                .fetch_one(&mut **tx)
+                .await?,
+                Some(e) => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM recovery_points WHERE item = $1 AND epoch = $2 AND pruned_ms IS NULL",
+                )
+                .bind(item)
+                .bind(e)
+                .fetch_one(&mut **tx)
+                .await?,
+            };
             Observed::Points {
                 listed: u64::try_from(listed).unwrap_or(0),
             }
@@ -426,8 +455,16 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
                 point_listed,
             }
         }
-        Need::Task { item, task_id } => Observed::Task(task_seen(tx, item, task_id).await?),
-        Need::FinalPoint { item, job_id } => {
+        Need::Task {
+            item,
+            task_id,
+            site,
+        } => Observed::Task(task_seen(tx, item, task_id, *site).await?),
+        Need::FinalPoint {
+            item,
+            job_id,
+            source,
+        } => {
             let point: Option<String> = sqlx::query_scalar(
                 "SELECT point_id FROM recovery_points WHERE item = $1 AND final_for = $2 AND pruned_ms IS NULL ORDER BY created_ms DESC LIMIT 1",
             )
@@ -435,12 +472,7 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
             .bind(job_id)
             .fetch_optional(&mut **tx)
             .await?;
-            let source_agent: Option<String> = sqlx::query_scalar(
-                "SELECT m.agent_id FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine WHERE i.name = $1",
-            )
-            .bind(item)
-            .fetch_optional(&mut **tx)
-            .await?;
+            let source_agent = agent_at(tx, item, *source).await?;
             let source_last_seen_ms = match &source_agent {
                 Some(a) => agent_last_seen(tx, a).await?,
                 None => None,
@@ -452,7 +484,7 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
             }
         }
         Need::Replica { item, task_id } => {
-            let task = task_seen(tx, item, task_id).await?;
+            let task = task_seen(tx, item, task_id, Location::Recovery).await?;
             // Placement is looked at only to create the task.
             let placement = match (&task.agent, &task.task) {
                 (Some(agent), None) => Box::new(placement(tx, item, agent).await?),
@@ -756,6 +788,9 @@ pub async fn apply(
                 .bind(item)
                 .execute(&mut **tx)
                 .await?;
+        }
+        Effect::SetEpoch { item, epoch } => {
+            set_item(tx, "UPDATE protected_items SET replication_epoch = $1, updated_ms = $2 WHERE name = $3", epoch.as_deref(), item).await?
         }
         Effect::SetFinalPoint { point_id } => {
             let Some(Ok(job)) = load(tx, job_id).await? else {
