@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_roundtrip;
 mod bench_vm;
 mod client;
 mod output;
@@ -110,6 +111,20 @@ enum Cmd {
 enum BenchCmd {
     /// The vault's API at a fleet's size: list 10,000 protected items page by page and get single items, on SQLite and PostgreSQL.
     Api(bench_api::ApiBenchOptions),
+    /// The way there and back of a physical server: planned failover, reprotect and failback with 1% changed on each side, against a full copy and rsync --inplace --no-whole-file bringing the disk back.
+    ///
+    /// Example: siterec bench roundtrip --dir /var/tmp/rt
+    Roundtrip {
+        /// Working directory (needs about 5× the disk size free).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Disk size in MiB.
+        #[arg(long, default_value_t = 2048)]
+        size_mib: u64,
+        /// Percentage of the disk written on each side.
+        #[arg(long, default_value_t = 1.0)]
+        change_percent: f64,
+    },
     /// Initial replication, a 1% delta cycle and restore, against restic, borg, rsync and qemu-img.
     Replication {
         /// Working directory (needs about 5× the image size free).
@@ -1057,6 +1072,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench(BenchCmd::Roundtrip {
+            dir,
+            size_mib,
+            change_percent,
+        }) => {
+            let ok = bench_roundtrip::roundtrip(
+                bench_roundtrip::RoundtripOptions {
+                    dir,
+                    size_mib,
+                    change_percent,
+                },
+                out,
+            )
+            .await?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Bench(BenchCmd::Api(opts)) => {
             bench_api::api(opts, out).await?;

@@ -1,10 +1,13 @@
-//! `siterec quickstart`: the whole job once, unattended, checked.
+//! `siterec quickstart`: the whole cycle once, unattended, checked.
 //!
-//! Starts a vault and two agents (site `primary` with a sample server, site
-//! `recovery` with the replica store) in this process, protects the sample
-//! disk, changes part of it, waits for a recovery point that contains the
-//! change, fails over to it, commits, and checks that the failed-over raw
-//! and qcow2 disks equal the source. Exits 0 only if they do.
+//! Starts a vault and two agents (site `primary` with a sample server and
+//! a replica store for the way back, site `recovery` with the replica
+//! store) in this process, protects the sample disk, changes part of it,
+//! waits for a recovery point that contains the change, then runs the
+//! cycle ([`cycle`]): planned failover, commit, writes at the recovery
+//! site, reprotect, failback, commit, reprotect — checking the data after
+//! each move. Exits 0 only if every check holds. `siterec bench roundtrip`
+//! runs the same cycle on a larger disk beside a full copy and rsync.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -47,84 +50,9 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
         disk.display()
     ));
 
-    // Vault.
-    let vault = siterec_vault::start(siterec_vault::VaultOptions {
-        data_dir: dir.join("vault"),
-        listen: "127.0.0.1:0".parse()?,
-        agent_listen: "127.0.0.1:0".parse()?,
-        name: "quickstart".into(),
-        database: None,
-    })
-    .await?;
-    let api = Api::from_vault_dir(&dir.join("vault"))?;
-    say(&format!(
-        "vault {} listening at {}",
-        vault.endpoint.vault_id, vault.endpoint.url
-    ));
-
-    // Agents.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut agents = Vec::new();
-    for (fabric, cloud, cfg) in [
-        (
-            "primary",
-            "primary-cloud",
-            format!(
-                "cloud = \"primary-cloud\"\n[[machines]]\nname = \"web01\"\ndisks = [ {{ name = \"disk0\", path = \"{}\" }} ]\n",
-                disk.display()
-            ),
-        ),
-        (
-            "recovery",
-            "recovery-cloud",
-            "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n".to_string(),
-        ),
-    ] {
-        let key = api.create_key(fabric, None).await?;
-        let key_path = dir.join(format!("{fabric}.key"));
-        std::fs::write(&key_path, serde_json::to_vec_pretty(&key)?)?;
-        let cfg_path = dir.join(format!("{fabric}-agent.toml"));
-        std::fs::write(&cfg_path, cfg)?;
-        let config = siterec_agent::AgentConfig::load(&cfg_path)?;
-        let opts = siterec_agent::AgentOptions {
-            data_dir: dir.join(format!("{fabric}-agent")),
-            key_file: Some(key_path),
-            config,
-        };
-        let mut rx = stop_rx.clone();
-        agents.push(tokio::spawn(async move {
-            let stop = async move {
-                let _ = rx.wait_for(|s| *s).await;
-            };
-            siterec_agent::run(opts, stop).await
-        }));
-        wait_for(|| async {
-            Ok(api
-                .list(&format!(
-                    "replicationFabrics/{fabric}/replicationProtectionContainers"
-                ))
-                .await
-                .ok()
-                .is_some_and(|c| c.iter().any(|c| c["name"] == cloud)))
-        })
-        .await
-        .with_context(|| format!("the {fabric} agent did not report"))?;
-        say(&format!(
-            "agent of site '{fabric}' enrolled and reported cloud '{cloud}'"
-        ));
-    }
-
-    let result = protect_and_fail_over(&api, &dir, &disk, size, say).await;
-    let _ = stop_tx.send(true);
-    for a in agents {
-        match a.await {
-            Ok(Err(e)) => eprintln!("agent stopped with an error: {e:#}"),
-            Err(e) => eprintln!("agent task: {e}"),
-            Ok(Ok(())) => {}
-        }
-    }
-    let url = vault.endpoint.url.clone();
-    vault.shutdown().await;
+    let sites = Sites::start(&dir, &disk, &say).await?;
+    let result = protect_and_cycle(&sites.api, &dir, &disk, size, &say).await;
+    let url = sites.stop().await;
     let mut report = result?;
     report["vaultUrl"] = url.into();
     report["totalSeconds"] = secs(t_all.elapsed());
@@ -140,11 +68,17 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
                 ("deltaBytesChanged", "bytes changed at the source"),
                 ("deltaBytesSent", "delta cycle bytes sent"),
                 ("changeToPointSeconds", "change to recovery point (s)"),
-                ("failoverSeconds", "failover (s)"),
+                ("plannedFailoverSeconds", "planned failover (s)"),
+                ("failedOverIdentical", "failed-over raw, qcow2 = source"),
+                ("recoveryBytesChanged", "bytes changed at recovery"),
+                ("reprotectSeconds", "reprotect (s)"),
+                ("reprotectBytesSent", "reprotect bytes sent"),
+                ("failbackSeconds", "failback (s)"),
+                ("failbackBytesWritten", "failback bytes written"),
+                ("failedBackIdentical", "failed-back disk = recovery copy"),
+                ("reprotectBackBytesSent", "second reprotect bytes sent"),
                 ("totalSeconds", "total (s)"),
                 ("vaultUrl", "vault URL (stopped now)"),
-                ("rawIdentical", "failed-over raw equals source"),
-                ("qcow2Identical", "failed-over qcow2 equals source"),
             ] {
                 println!("  {label:<34} {}", crate::output::cell(report.get(k)));
             }
@@ -160,6 +94,114 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A vault and the two sites' agents, running in this process.
+pub struct Sites {
+    vault: siterec_vault::RunningVault,
+    pub api: Api,
+    stop_tx: watch::Sender<bool>,
+    agents: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Sites {
+    /// The vault, a primary agent offering `web01` (its one disk `disk`)
+    /// with a replica store of its own (for reprotect), and a recovery
+    /// agent with the replica store; returns once both have reported.
+    pub async fn start(dir: &Path, disk: &Path, say: &impl Fn(&str)) -> anyhow::Result<Sites> {
+        Sites::start_inner(dir, disk, say).await
+    }
+
+    /// Stops the agents and the vault; returns the vault's URL.
+    pub async fn stop(self) -> String {
+        let _ = self.stop_tx.send(true);
+        for a in self.agents {
+            match a.await {
+                Ok(Err(e)) => eprintln!("agent stopped with an error: {e:#}"),
+                Err(e) => eprintln!("agent task: {e}"),
+                Ok(Ok(())) => {}
+            }
+        }
+        let url = self.vault.endpoint.url.clone();
+        self.vault.shutdown().await;
+        url
+    }
+
+    async fn start_inner(dir: &Path, disk: &Path, say: &impl Fn(&str)) -> anyhow::Result<Sites> {
+        // Vault.
+        let vault = siterec_vault::start(siterec_vault::VaultOptions {
+            data_dir: dir.join("vault"),
+            listen: "127.0.0.1:0".parse()?,
+            agent_listen: "127.0.0.1:0".parse()?,
+            name: "quickstart".into(),
+            database: None,
+        })
+        .await?;
+        let api = Api::from_vault_dir(&dir.join("vault"))?;
+        say(&format!(
+            "vault {} listening at {}",
+            vault.endpoint.vault_id, vault.endpoint.url
+        ));
+
+        // Agents.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut agents = Vec::new();
+        for (fabric, cloud, cfg) in [
+            (
+                "primary",
+                "primary-cloud",
+                format!(
+                    "cloud = \"primary-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n[[machines]]\nname = \"web01\"\ndisks = [ {{ name = \"disk0\", path = \"{}\" }} ]\n",
+                    disk.display()
+                ),
+            ),
+            (
+                "recovery",
+                "recovery-cloud",
+                "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n".to_string(),
+            ),
+        ] {
+            let key = api.create_key(fabric, None).await?;
+            let key_path = dir.join(format!("{fabric}.key"));
+            std::fs::write(&key_path, serde_json::to_vec_pretty(&key)?)?;
+            let cfg_path = dir.join(format!("{fabric}-agent.toml"));
+            std::fs::write(&cfg_path, cfg)?;
+            let config = siterec_agent::AgentConfig::load(&cfg_path)?;
+            let opts = siterec_agent::AgentOptions {
+                data_dir: dir.join(format!("{fabric}-agent")),
+                key_file: Some(key_path),
+                config,
+            };
+            let mut rx = stop_rx.clone();
+            agents.push(tokio::spawn(async move {
+                let stop = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                siterec_agent::run(opts, stop).await
+            }));
+            wait_for(|| async {
+                Ok(api
+                    .list(&format!(
+                        "replicationFabrics/{fabric}/replicationProtectionContainers"
+                    ))
+                    .await
+                    .ok()
+                    .is_some_and(|c| c.iter().any(|c| c["name"] == cloud)))
+            })
+            .await
+            .with_context(|| format!("the {fabric} agent did not report"))?;
+            say(&format!(
+                "agent of site '{fabric}' enrolled and reported cloud '{cloud}'"
+            ));
+        }
+
+        Ok(Sites {
+            vault,
+            api,
+            stop_tx,
+            agents,
+        })
+    }
 }
 
 fn secs(d: Duration) -> Value {
@@ -193,13 +235,13 @@ fn agent_counter(dir: &Path, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-async fn protect_and_fail_over(
+/// Policy, pairing and protection of `web01`; returns once it is Protected
+/// with the time and bytes of its initial replication.
+pub async fn protect(
     api: &Api,
     dir: &Path,
-    disk: &Path,
-    size: u64,
-    say: impl Fn(&str),
-) -> anyhow::Result<Value> {
+    say: &impl Fn(&str),
+) -> anyhow::Result<(Duration, u64)> {
     let vid = api.vault_id().to_string();
     let op = api
         .run(
@@ -234,11 +276,10 @@ async fn protect_and_fail_over(
     .context("machine web01 was not discovered")?;
 
     let t0 = Instant::now();
-    let item_rel = "replicationFabrics/primary/replicationProtectionContainers/primary-cloud/replicationProtectedItems/web01";
     let op = api
         .run(
             reqwest::Method::PUT,
-            item_rel,
+            ITEM_REL,
             &json!({"properties": {"protectableItemId": format!("{vid}/replicationFabrics/primary/replicationProtectionContainers/primary-cloud/replicationProtectableItems/web01")}}),
             STEP_TIMEOUT,
         )
@@ -250,6 +291,17 @@ async fn protect_and_fail_over(
         "protection enabled: initial replication took {:.1} s",
         initial_secs.as_secs_f64()
     ));
+    Ok((initial_secs, initial_sent))
+}
+
+async fn protect_and_cycle(
+    api: &Api,
+    dir: &Path,
+    disk: &Path,
+    size: u64,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let (initial_secs, initial_sent) = protect(api, dir, say).await?;
 
     // Change part of the disk: 4 MiB of random data and 1 MiB of zeros.
     let changed = 5 * 1024 * 1024u64;
@@ -261,6 +313,7 @@ async fn protect_and_fail_over(
         f.write_all(&vec![0u8; 1024 * 1024])?;
         f.sync_all()?;
     }
+    let item_rel = ITEM_REL;
     let changed_at_ms = now_ms();
     let t1 = Instant::now();
     say("changed 5 MiB of the source disk; waiting for the next recovery point");
@@ -290,71 +343,200 @@ async fn protect_and_fail_over(
         "recovery point {point_id} holds the change ({delta_sent} bytes sent)"
     ));
 
-    let t2 = Instant::now();
-    let op = api
-        .run(
-            reqwest::Method::POST,
-            &format!("{item_rel}/unplannedFailover"),
-            &json!({"properties": {"failoverDirection": "PrimaryToRecovery", "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "recoveryPointId": format!("{vid}/{item_rel}/recoveryPoints/{point_id}")}}}),
-            STEP_TIMEOUT,
-        )
-        .await?;
-    ensure_ok(&op, "fail over")?;
-    let op2 = api
-        .run(
-            reqwest::Method::POST,
-            &format!("{item_rel}/failoverCommit"),
-            &json!({}),
-            STEP_TIMEOUT,
-        )
-        .await?;
-    ensure_ok(&op2, "commit the failover")?;
-    let failover_secs = t2.elapsed();
-    let item = op2.result.unwrap_or(Value::Null);
-    say(&format!(
-        "failed over and committed: item is {}",
-        item["properties"]["protectionState"]
-            .as_str()
-            .unwrap_or("?")
-    ));
-
-    let disks = item["properties"]["providerSpecificDetails"]["failoverDisks"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let path_of = |fmt: &str| {
-        disks
-            .iter()
-            .find(|d| d["format"] == fmt)
-            .and_then(|d| d["path"].as_str())
-            .map(std::path::PathBuf::from)
-    };
-    let source_hash = sample::hash_file(disk)?;
-    let raw_ok = match path_of("raw") {
-        Some(p) => sample::hash_file(&p)? == source_hash,
-        None => false,
-    };
-    let qcow2_ok = match path_of("qcow2") {
-        Some(p) => qemu_img_compare(disk, &p)?,
-        None => false,
-    };
-    say(&format!(
-        "checked the failed-over disks against the source: raw {}, qcow2 {}",
-        verdict(raw_ok),
-        verdict(qcow2_ok)
-    ));
-    Ok(json!({
-        "passed": raw_ok && qcow2_ok,
-        "rawIdentical": raw_ok,
-        "qcow2Identical": qcow2_ok,
+    // The cycle, with 1 % of the disk written at the recovery site.
+    let mut report = cycle(api, disk, size, size / 100, say).await?;
+    let extra = json!({
         "recoveryPoint": point_id,
         "initialReplicationSeconds": secs(initial_secs),
         "initialBytesSent": initial_sent,
         "deltaBytesChanged": changed,
         "deltaBytesSent": delta_sent,
         "changeToPointSeconds": secs(change_secs),
-        "failoverSeconds": secs(failover_secs),
-        "failoverDisks": disks,
+    });
+    if let (Some(r), Some(e)) = (report.as_object_mut(), extra.as_object()) {
+        r.extend(e.clone());
+    }
+    Ok(report)
+}
+
+const ITEM_REL: &str = "replicationFabrics/primary/replicationProtectionContainers/primary-cloud/replicationProtectedItems/web01";
+
+/// Writes `total` bytes of random data in 16 regions spread over the disk.
+fn scatter(path: &Path, size: u64, total: u64, seed: u64) -> anyhow::Result<()> {
+    let n = 16u64;
+    let len = (total / n).max(4096);
+    for i in 0..n {
+        let off = (size / n) * i + (size / n / 3);
+        let off = off.min(size.saturating_sub(len)) & !4095;
+        sample::overwrite_random(path, off, len as usize, seed + i)?;
+    }
+    Ok(())
+}
+
+/// Runs an item action and waits for its job; returns the item after it
+/// and how long it took.
+async fn act(
+    api: &Api,
+    action: &str,
+    body: Value,
+    what: &str,
+) -> anyhow::Result<(Value, Duration)> {
+    let t = Instant::now();
+    let op = api
+        .run(
+            reqwest::Method::POST,
+            &format!("{ITEM_REL}/{action}"),
+            &body,
+            STEP_TIMEOUT,
+        )
+        .await?;
+    ensure_ok(&op, what)?;
+    Ok((op.result.unwrap_or(Value::Null), t.elapsed()))
+}
+
+/// The bytes the source sent for `point` (the newest point if `None`).
+async fn point_bytes(api: &Api, point: Option<&str>) -> anyhow::Result<u64> {
+    let points = api.list(&format!("{ITEM_REL}/recoveryPoints")).await?;
+    let p = match point {
+        Some(id) => points.iter().find(|p| p["name"] == id),
+        None => points.iter().max_by_key(|p| {
+            parse_ms(
+                p["properties"]["recoveryPointTime"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+        }),
+    };
+    Ok(
+        p.and_then(|p| p["properties"]["providerSpecificDetails"]["bytesSent"].as_u64())
+            .unwrap_or(0),
+    )
+}
+
+fn disk_of(item: &Value, format: &str) -> Option<std::path::PathBuf> {
+    item["properties"]["providerSpecificDetails"]["failoverDisks"]
+        .as_array()?
+        .iter()
+        .find(|d| d["format"] == format)
+        .and_then(|d| d["path"].as_str())
+        .map(std::path::PathBuf::from)
+}
+
+fn state_of(item: &Value) -> String {
+    format!(
+        "{} at the {} site",
+        item["properties"]["protectionState"]
+            .as_str()
+            .unwrap_or("?"),
+        item["properties"]["activeLocation"]
+            .as_str()
+            .unwrap_or("?")
+            .to_lowercase()
+    )
+}
+
+/// The way there and back for the protected `web01` whose disk is `disk`:
+/// planned failover (checked: the recovery copy equals the source), commit,
+/// `recovery_change` bytes written at the recovery site, reprotect,
+/// failback (checked: the source disk equals the recovery copy), commit,
+/// reprotect. Returns the times, bytes and checks; `passed` only if every
+/// check holds.
+pub async fn cycle(
+    api: &Api,
+    disk: &Path,
+    size: u64,
+    recovery_change: u64,
+    say: &impl Fn(&str),
+) -> anyhow::Result<Value> {
+    let stopped = json!({"properties": {"failoverDirection": "PrimaryToRecovery", "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "sourceStopped": true}}});
+    let (item, planned_secs) =
+        act(api, "plannedFailover", stopped, "run the planned failover").await?;
+    let final_point = item["properties"]["providerSpecificDetails"]["failoverRecoveryPointId"]
+        .as_str()
+        .map(str::to_string);
+    let planned_bytes = point_bytes(api, final_point.as_deref()).await?;
+    let source_hash = sample::hash_file(disk)?;
+    let recovery_disk = disk_of(&item, "raw").context("the failover wrote no raw disk")?;
+    let raw_ok = sample::hash_file(&recovery_disk)? == source_hash;
+    let qcow2_ok = match disk_of(&item, "qcow2") {
+        Some(p) => qemu_img_compare(disk, &p)?,
+        None => false,
+    };
+    say(&format!(
+        "planned failover in {:.1} s ({planned_bytes} bytes of last changes): {}; raw {}, qcow2 {}",
+        planned_secs.as_secs_f64(),
+        state_of(&item),
+        verdict(raw_ok),
+        verdict(qcow2_ok)
+    ));
+    let (item, _) = act(api, "failoverCommit", json!({}), "commit the failover").await?;
+    say(&format!("committed: {}", state_of(&item)));
+
+    scatter(&recovery_disk, size, recovery_change, 1000)?;
+    say(&format!(
+        "the server ran at the recovery site and wrote {recovery_change} bytes there"
+    ));
+    let (item, reprotect_secs) =
+        act(api, "reProtect", json!({"properties": {}}), "reprotect").await?;
+    let reprotect_bytes = point_bytes(api, None).await?;
+    say(&format!(
+        "reprotected in {:.1} s, {reprotect_bytes} bytes sent back: {}",
+        reprotect_secs.as_secs_f64(),
+        state_of(&item)
+    ));
+
+    let at_failback = sample::hash_file(&recovery_disk)?;
+    let stopped = json!({"properties": {"failoverDirection": "RecoveryToPrimary", "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "sourceStopped": true}}});
+    let (item, failback_secs) = act(api, "plannedFailover", stopped, "fail back").await?;
+    let failback_point = item["properties"]["providerSpecificDetails"]["failoverRecoveryPointId"]
+        .as_str()
+        .map(str::to_string);
+    let failback_sent = point_bytes(api, failback_point.as_deref()).await?;
+    let written: u64 = item["properties"]["providerSpecificDetails"]["failoverDisks"]
+        .as_array()
+        .map(|d| d.iter().filter_map(|d| d["bytesWritten"].as_u64()).sum())
+        .unwrap_or(0);
+    let back_ok = sample::hash_file(disk)? == at_failback;
+    say(&format!(
+        "failed back in {:.1} s ({failback_sent} bytes of last changes, {written} bytes written in place): {}; source disk {}",
+        failback_secs.as_secs_f64(),
+        state_of(&item),
+        verdict(back_ok)
+    ));
+    let (item, _) = act(api, "failoverCommit", json!({}), "commit the failback").await?;
+    say(&format!("committed: {}", state_of(&item)));
+    let (item, reprotect_back_secs) = act(
+        api,
+        "reProtect",
+        json!({"properties": {}}),
+        "reprotect after failback",
+    )
+    .await?;
+    let reprotect_back_bytes = point_bytes(api, None).await?;
+    let home = item["properties"]["protectionState"] == "Protected"
+        && item["properties"]["activeLocation"] == "Primary";
+    say(&format!(
+        "reprotected in {:.1} s, {reprotect_back_bytes} bytes sent: {}",
+        reprotect_back_secs.as_secs_f64(),
+        state_of(&item)
+    ));
+    Ok(json!({
+        "passed": raw_ok && qcow2_ok && back_ok && home,
+        "diskBytes": size,
+        "plannedFailoverSeconds": secs(planned_secs),
+        "plannedFailoverBytesSent": planned_bytes,
+        "failedOverIdentical": raw_ok && qcow2_ok,
+        "recoveryBytesChanged": recovery_change,
+        "reprotectSeconds": secs(reprotect_secs),
+        "reprotectBytesSent": reprotect_bytes,
+        "failbackSeconds": secs(failback_secs),
+        "failbackBytesSent": failback_sent,
+        "failbackBytesWritten": written,
+        "failedBackIdentical": back_ok,
+        "reprotectBackSeconds": secs(reprotect_back_secs),
+        "reprotectBackBytesSent": reprotect_back_bytes,
+        "protectedAtPrimary": home,
+        "recoveryDisk": recovery_disk.display().to_string(),
     }))
 }
 

@@ -226,6 +226,38 @@ impl Target {
     }
 }
 
+/// The page size writes back are compared and written in.
+const PAGE: usize = 4096;
+
+/// Writes `data` at `off` where the file differs from it, in runs of
+/// whole 4 KiB pages; returns the bytes written.
+fn write_differing_pages(f: &std::fs::File, data: &[u8], off: u64) -> std::io::Result<u64> {
+    let mut now = vec![0u8; data.len()];
+    f.read_exact_at(&mut now, off)?;
+    let mut written = 0u64;
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + PAGE).min(data.len());
+        if data[i..end] == now[i..end] {
+            i = end;
+            continue;
+        }
+        // A run of differing pages, written at once.
+        let mut j = end;
+        while j < data.len() {
+            let e = (j + PAGE).min(data.len());
+            if data[j..e] == now[j..e] {
+                break;
+            }
+            j = e;
+        }
+        f.write_all_at(&data[i..j], off + i as u64)?;
+        written += (j - i) as u64;
+        i = j;
+    }
+    Ok(written)
+}
+
 /// Reads a disk in chunk-size blocks (the last may be short) into `tx`.
 fn read_blocks(
     path: &Path,
@@ -288,7 +320,7 @@ async fn write_back_disk(
         .filter(|(_, c)| c.is_some_and(|id| manifest.bases.contains_key(&id)))
         .map(|(i, _)| i)
         .collect();
-    let deltas_too = deltas.clone();
+    let deltas_too = deltas;
     let chunk_size = disk.chunk_size;
     let f = Arc::clone(&file);
     let p = path.to_path_buf();
@@ -322,24 +354,12 @@ async fn write_back_disk(
         let off = disk.offset_of(i);
         let f = Arc::clone(&file);
         let p = path.to_path_buf();
-        let check = deltas.contains(&i);
-        let wrote = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
-            if check {
-                let mut now = vec![0u8; data.len()];
-                f.read_exact_at(&mut now, off)
-                    .with_context(|| format!("reading {} at {off}", p.display()))?;
-                if now == data {
-                    return Ok(false);
-                }
-            }
-            f.write_all_at(&data, off)
-                .with_context(|| format!("writing {} at {off}", p.display()))?;
-            Ok(true)
+        let wrote = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            write_differing_pages(&f, &data, off)
+                .with_context(|| format!("writing {} at {off}", p.display()))
         })
         .await??;
-        if wrote {
-            written += len as u64;
-        }
+        written += wrote;
     }
     let p = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
