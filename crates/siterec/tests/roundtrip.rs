@@ -77,14 +77,18 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
     std::fs::create_dir_all(&disks).unwrap();
     let web = disks.join("web01.img");
     make_image(&web, DISK, 31);
+    let db = disks.join("db01.img");
+    make_image(&db, 16 << 20, 41);
     // The primary agent keeps a replica store too: reprotect replicates to it.
-    let (primary_dir, _recovery_dir) = env.start_sites_with(
-        &[("web01", vec![("disk0", &web)])],
+    let (primary_dir, recovery_dir) = env.start_sites_with(
+        &[("web01", vec![("disk0", &web)]), ("db01", vec![("disk0", &db)])],
         "[target]\nlisten = \"127.0.0.1:0\"\n",
     );
-    env.pair(&["--retention-hours", "2"]);
+    env.pair(&["--retention-hours", "2", "--delete-replica"]);
     env.wait_machine("web01");
+    env.wait_machine("db01");
     env.enable("web01");
+    env.enable("db01");
 
     // Planned failover: the server's last writes come over.
     scribble(&web, 5 << 20, 2 << 20, 32);
@@ -216,4 +220,35 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
         history.contains(&final_point) && history.len() >= 2,
         "{history:?}"
     );
+
+    // Disable protection in the reverse direction: db01 runs at the
+    // recovery site and replicates back; disabling it stops that, deletes
+    // the replica kept at the primary site (its points in the primary's
+    // store) and leaves the running copy alone; the machine can then be
+    // protected again from the primary site.
+    let out = env.json(&["failover", "planned", "db01", "--source-stopped"]);
+    assert_eq!(out["status"], "Succeeded", "{out}");
+    let db_running = failover_disk(&out, "raw");
+    env.json(&["failover", "commit", "db01"]);
+    let out = env.json(&["item", "reprotect", "db01"]);
+    assert_eq!(state(&out), ("Protected".into(), "Recovery".into()));
+    let out = env.json(&["item", "disable", "db01"]);
+    assert_eq!(out["status"], "Succeeded", "{out}");
+    let err = env.fails(&["item", "show", "db01"]);
+    assert!(err.contains("'db01' was not found"), "{err}");
+    assert!(db_running.exists(), "the copy running at the recovery site stays");
+    let cycles = agent_counter(&recovery_dir, "db01", "cycles");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        agent_counter(&recovery_dir, "db01", "cycles"),
+        cycles,
+        "the recovery agent stopped replicating db01 back"
+    );
+    let store = open_store(&primary_dir.join("store"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let left = rt.block_on(store.list_points(Some("db01"))).unwrap();
+    assert!(left.is_empty(), "points left at the primary site: {left:?}");
+    drop(store);
+    let out = env.enable("db01");
+    assert_eq!(state(&out), ("Protected".into(), "Primary".into()));
 }
