@@ -60,6 +60,10 @@ pub struct AgentStatus {
     #[serde(default)]
     pub last_heartbeat_error: Option<String>,
     pub items: BTreeMap<String, ItemCounters>,
+    /// Machines of this agent whose items failed over: not started here
+    /// (as the vault last said).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<String>,
 }
 
 impl AgentStatus {
@@ -262,6 +266,13 @@ pub async fn run(
         }
         match result {
             Ok(resp) => {
+                ctx.vms.set_fenced(&resp.fenced);
+                if let Ok(mut st) = status.lock()
+                    && st.fenced != resp.fenced
+                {
+                    st.fenced = resp.fenced.clone();
+                    st.save(&data);
+                }
                 if let Some(t) = &target {
                     t.set_sources(resp.sources.clone());
                     start_imports(t, &resp.imports, &importing);

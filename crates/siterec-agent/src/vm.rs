@@ -104,18 +104,57 @@ pub fn virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
 /// The VMs of the agent's config, each with its QEMU once started.
 pub struct VmHost {
     slots: std::collections::BTreeMap<String, Arc<Mutex<VmSlot>>>,
+    fence: Arc<Fence>,
 }
+
+/// The VMs this agent must not start: their items failed over (the vault
+/// says so in every heartbeat answer; kept in `DATA/fenced.json` so that
+/// a restarted agent knows before it hears from the vault).
+pub struct Fence {
+    path: PathBuf,
+    names: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    answered: tokio::sync::watch::Sender<bool>,
+}
+
+impl Fence {
+    fn load(path: PathBuf) -> Fence {
+        let names = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<Vec<String>>(&b).unwrap_or_else(|e| {
+                // Unreadable: fence nothing until the vault says; the
+                // first answer is waited for before any VM starts.
+                tracing::warn!("{}: {e}; waiting for the vault's word", path.display());
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        };
+        Fence {
+            path,
+            names: std::sync::Mutex::new(names.into_iter().collect()),
+            answered: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.lock().map(|n| n.contains(name)).unwrap_or(true)
+    }
+}
+
+/// How long the agent waits for the vault's first answer before starting
+/// its VMs (fenced ones stay down whatever happens).
+const FIRST_ANSWER_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One configured VM.
 pub struct VmSlot {
     pub(crate) spec: VmSpec,
     pub(crate) run_dir: PathBuf,
     pub(crate) vm: Option<Vm>,
+    fence: Arc<Fence>,
 }
 
 impl VmHost {
     /// The config's VMs, with their runtime files in `DATA/vms/NAME`.
     pub fn new(specs: &[VmSpec], data_dir: &Path) -> VmHost {
+        let fence = Arc::new(Fence::load(data_dir.join("fenced.json")));
         VmHost {
             slots: specs
                 .iter()
@@ -124,17 +163,53 @@ impl VmHost {
                         spec: s.clone(),
                         run_dir: data_dir.join("vms").join(&s.name),
                         vm: None,
+                        fence: fence.clone(),
                     };
                     (s.name.clone(), Arc::new(Mutex::new(slot)))
                 })
                 .collect(),
+            fence,
         }
     }
 
-    /// Starts (or adopts) every VM; one that cannot start is logged and
-    /// tried again at its next replication cycle.
+    /// The machines the vault says are fenced (a heartbeat answer): kept
+    /// durably when they change.
+    pub fn set_fenced(&self, names: &[String]) {
+        let new: std::collections::BTreeSet<String> = names.iter().cloned().collect();
+        let changed = match self.fence.names.lock() {
+            Ok(mut n) if *n != new => {
+                *n = new.clone();
+                true
+            }
+            _ => false,
+        };
+        if changed {
+            tracing::info!(fenced = ?new, "machines that failed over are fenced: not started here");
+            let bytes = serde_json::to_vec(&new).unwrap_or_default();
+            if let Err(e) = crate::util::write_durably(&self.fence.path, &bytes, 0o600) {
+                tracing::warn!("keeping the fence: {e:#}");
+            }
+        }
+        self.fence.answered.send_replace(true);
+    }
+
+    /// Starts (or adopts) every VM that is not fenced, once the vault has
+    /// answered (or after [`FIRST_ANSWER_WAIT`] without an answer, going by
+    /// the fence kept on disk); one that cannot start is logged and tried
+    /// again at its next replication cycle.
     pub async fn start_all(&self) {
+        let mut answered = self.fence.answered.subscribe();
+        if tokio::time::timeout(FIRST_ANSWER_WAIT, answered.wait_for(|a| *a))
+            .await
+            .is_err()
+        {
+            tracing::warn!("no answer from the vault yet: starting the VMs the kept fence allows");
+        }
         for (name, slot) in &self.slots {
+            if self.fence.contains(name) {
+                tracing::warn!(vm = %name, "not starting the VM: its item failed over (fenced until a failback)");
+                continue;
+            }
             if let Err(e) = slot.lock().await.running().await {
                 tracing::warn!(vm = %name, "starting the VM: {e:#}");
             }
@@ -161,6 +236,11 @@ impl VmSlot {
                 let _ = old.kill().await;
             }
             let name = &self.spec.name;
+            if self.fence.contains(name) {
+                anyhow::bail!(
+                    "VM '{name}' is fenced: its item failed over and runs at the other site; it is not started here until a failback"
+                );
+            }
             let vm = match Vm::adopt(self.spec.clone(), &self.run_dir)
                 .await
                 .with_context(|| format!("taking over VM '{name}' left running"))?

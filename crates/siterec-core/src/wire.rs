@@ -225,6 +225,12 @@ pub struct HeartbeatResponse {
     /// from (items in offline initial replication only).
     #[serde(default)]
     pub imports: std::collections::BTreeMap<String, String>,
+    /// Source role: the machines of this agent whose items have failed
+    /// over (they run, or are being brought up, at the other site). The
+    /// agent never starts them on its own and says they are fenced; a
+    /// failback lifts it. Complete each time.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fenced: Vec<String>,
 }
 
 /// Replicate one machine to a target agent's data endpoint.

@@ -177,12 +177,14 @@ async fn heartbeat(
     let replications = assignments(&st, &agent, &fabric).await?;
     let sources = sources_of(&st, &agent).await?;
     let imports = imports_of(&st, &agent).await?;
+    let fenced = persist::fenced_machines(&st.db, &agent).await?;
     Ok(Json(HeartbeatResponse {
         agent_id: agent,
         tasks,
         replications,
         sources,
         imports,
+        fenced,
     }))
 }
 

@@ -81,7 +81,10 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
     make_image(&db, 16 << 20, 41);
     // The primary agent keeps a replica store too: reprotect replicates to it.
     let (primary_dir, recovery_dir) = env.start_sites_with(
-        &[("web01", vec![("disk0", &web)]), ("db01", vec![("disk0", &db)])],
+        &[
+            ("web01", vec![("disk0", &web)]),
+            ("db01", vec![("disk0", &db)]),
+        ],
         "[target]\nlisten = \"127.0.0.1:0\"\n",
     );
     env.pair(&["--retention-hours", "2", "--delete-replica"]);
@@ -236,7 +239,10 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
     assert_eq!(out["status"], "Succeeded", "{out}");
     let err = env.fails(&["item", "show", "db01"]);
     assert!(err.contains("'db01' was not found"), "{err}");
-    assert!(db_running.exists(), "the copy running at the recovery site stays");
+    assert!(
+        db_running.exists(),
+        "the copy running at the recovery site stays"
+    );
     let cycles = agent_counter(&recovery_dir, "db01", "cycles");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(

@@ -197,4 +197,57 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:01" }} ]
         op["result"]["properties"]["protectionState"], "FailoverCommitted",
         "{op}"
     );
+
+    // Fencing: the primary site goes down — its agent and the old VM
+    // killed — and comes back. The agent learns (and keeps) that app01
+    // failed over, and does not start the old VM again: one copy runs.
+    let pid_file = primary.join("vms/app01/qemu.pid");
+    let old_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    env.kill("primary-agent");
+    sigkill(old_pid);
+    wait_until(Duration::from_secs(20), "the old VM to die", || {
+        !Path::new(&format!("/proc/{old_pid}")).exists()
+    });
+    let fence = primary.join("fenced.json");
+    assert_eq!(
+        std::fs::read_to_string(&fence).unwrap().trim(),
+        r#"["app01"]"#,
+        "the fence was kept on disk before the site went down"
+    );
+    env.restart("primary-agent");
+    wait_until(
+        Duration::from_secs(30),
+        "the primary agent to report",
+        || {
+            siterec_agent::AgentStatus::read(&primary).is_ok_and(|s| {
+                s.fenced == ["app01"] && s.last_heartbeat_ms.is_some_and(|t| t > now_ms() - 5_000)
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let pid_now = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    let restarted = pid_now
+        .trim()
+        .parse::<i32>()
+        .is_ok_and(|p| p != old_pid && Path::new(&format!("/proc/{p}")).exists());
+    assert!(
+        !restarted,
+        "the old primary started the failed-over VM again\n{}",
+        env.logs()
+    );
+    assert!(
+        env.logs()
+            .contains("not starting the VM: its item failed over"),
+        "{}",
+        env.logs()
+    );
+}
+
+/// SIGKILL, as a power cut would.
+fn sigkill(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
 }

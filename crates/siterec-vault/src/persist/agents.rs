@@ -210,6 +210,19 @@ pub async fn target_sources(
     .await
 }
 
+/// The machines `agent` hosts whose items have failed over: they run (or
+/// are being brought up) at the recovery site.
+pub async fn fenced_machines(db: &Db, agent: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT m.name FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
+         WHERE m.agent_id = $1 AND (i.active_location = 'Recovery' OR i.state = 'UnplannedFailoverInProgress')
+         ORDER BY m.name",
+    )
+    .bind(agent)
+    .fetch_all(db)
+    .await
+}
+
 /// An item whose machine a source agent hosts, with its recovery agent.
 pub struct SourceItem {
     pub name: String,
