@@ -3132,7 +3132,21 @@ mod tests {
         setup(&st).await;
         exec(&st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0)").await;
         let enable = enable_body(&st, "pc", "phys1", json!({}));
-        let cases: [(&str, Method, &str, Value, &str); 9] = [
+        let cases: [(&str, Method, &str, Value, &str); 11] = [
+            (
+                "Protected",
+                Method::POST,
+                "reProtect",
+                json!({"properties": {}}),
+                "already protected and replicating",
+            ),
+            (
+                "UnplannedFailoverCompleted",
+                Method::POST,
+                "reProtect",
+                json!({"properties": {}}),
+                "commit the failover first (Commit), then reprotect",
+            ),
             (
                 "FailoverCommitted",
                 Method::POST,

@@ -258,3 +258,79 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
     let out = env.enable("db01");
     assert_eq!(state(&out), ("Protected".into(), "Primary".into()));
 }
+
+/// The cycle after an unplanned failover whose old primary comes back: it
+/// does not replicate the failed-over server, reprotect sends only what
+/// differs (the recovery site's writes, and the old primary's writes the
+/// failover lost), and failback restores the recovery site's writes onto
+/// the server's own disk.
+#[test]
+fn after_an_unplanned_failover_the_old_primary_comes_back_and_the_cycle_holds() {
+    let mut env = Env::start();
+    let disks = env.path("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let app = disks.join("app02.img");
+    make_image(&app, DISK, 51);
+    let (primary_dir, _) = env.start_sites_with(
+        &[("app02", vec![("disk0", &app)])],
+        "[target]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    env.pair(&["--retention-hours", "2"]);
+    env.wait_machine("app02");
+    env.enable("app02");
+
+    // The primary site goes down with writes no point holds.
+    scribble(&app, 9 << 20, 128 << 10, 52);
+    env.kill("primary-agent");
+    let out = env.json(&["failover", "unplanned", "app02", "--point", "latest"]);
+    assert_eq!(out["status"], "Succeeded", "{out}");
+    assert_eq!(
+        state(&out),
+        ("UnplannedFailoverCompleted".into(), "Recovery".into())
+    );
+    let recovery_disk = failover_disk(&out, "raw");
+    env.json(&["failover", "commit", "app02"]);
+    scribble(&recovery_disk, 33 << 20, 192 << 10, 53);
+
+    // The old primary comes back with its old config: it is not assigned
+    // the item, so it takes no point of it.
+    let points_before = env.points("app02").len();
+    let cycles = agent_counter(&primary_dir, "app02", "cycles");
+    env.restart("primary-agent");
+    wait_until(
+        Duration::from_secs(30),
+        "the primary agent to report",
+        || {
+            siterec_agent::AgentStatus::read(&primary_dir)
+                .is_ok_and(|s| s.last_heartbeat_ms.is_some_and(|t| t > now_ms() - 3_000))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent_counter(&primary_dir, "app02", "cycles"), cycles);
+    assert_eq!(env.points("app02").len(), points_before);
+
+    let out = env.json(&["item", "reprotect", "app02"]);
+    assert_eq!(out["status"], "Succeeded", "{out}\n{}", env.logs());
+    assert_eq!(state(&out), ("Protected".into(), "Recovery".into()));
+    let (_, sent) = newest_point_bytes(&env, "app02");
+    // Two blocks differ: the recovery site's write and the lost one.
+    assert!(
+        sent <= (2 << 20) + 4096 && sent >= 192 << 10,
+        "reprotect sent {sent} bytes"
+    );
+    let at_failback = env.path("app02-at-failback.img");
+    std::fs::copy(&recovery_disk, &at_failback).unwrap();
+    let out = env.json(&["failover", "planned", "app02", "--source-stopped"]);
+    assert_eq!(out["status"], "Succeeded", "{out}\n{}", env.logs());
+    assert_eq!(
+        state(&out),
+        ("PlannedFailoverCompleted".into(), "Primary".into())
+    );
+    assert!(
+        qemu_img_identical(&at_failback, &app, "raw"),
+        "failback restores the recovery site's writes (and drops the lost ones)"
+    );
+    env.json(&["failover", "commit", "app02"]);
+    let out = env.json(&["item", "reprotect", "app02"]);
+    assert_eq!(state(&out), ("Protected".into(), "Primary".into()));
+}
