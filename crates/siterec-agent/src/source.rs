@@ -255,10 +255,21 @@ async fn final_point(
             return;
         }
         match cycle(ctx, a).await {
-            Ok(c) => {
+            Ok(Cycle::Committed(point)) => {
                 ctx.update(&a.item, |c| c.last_error = None);
-                tracing::info!(item = %a.item, point = %c.point_id(), job, "planned failover cycle");
+                tracing::info!(item = %a.item, point = %point, job, "planned failover cycle");
+                // Told to stop meanwhile (a new assignment, e.g. the
+                // target's address changed): the next replicator waits
+                // for this one.
+                if *stop.borrow() {
+                    return;
+                }
                 continue;
+            }
+            Ok(c) => {
+                // Spooled: the target is away. The final point must reach
+                // it; try again shortly (and stop when told to).
+                tracing::warn!(item = %a.item, point = %c.point_id(), job, "the target is unreachable: the final point waits");
             }
             Err(e) => {
                 tracing::warn!(item = %a.item, "final replication cycle failed: {e:#}");

@@ -87,7 +87,11 @@ fn run_killed(env: &mut Env, rng: &mut impl Rng, args: &[&str], log: &mut Vec<St
             return kills;
         }
         attempt += 1;
-        assert!(attempt < 4, "{args:?} failed {attempt} times\n{}", env.logs());
+        assert!(
+            attempt < 4,
+            "{args:?} failed {attempt} times\n{}",
+            env.logs()
+        );
     }
 }
 
@@ -170,7 +174,12 @@ fn sigkill_during_planned_failover_reprotect_and_failback_loses_nothing() {
         let out = env.json(&["failover", "commit", "web01"]);
         assert_eq!(out["status"], "Succeeded", "{out}");
 
-        made += run_killed(&mut env, &mut rng, &["item", "reprotect", "web01"], &mut log);
+        made += run_killed(
+            &mut env,
+            &mut rng,
+            &["item", "reprotect", "web01"],
+            &mut log,
+        );
         let it = item(&env);
         assert_eq!(it["properties"]["protectionState"], "Protected", "{it}");
         assert_eq!(it["properties"]["activeLocation"], want, "{it}");
