@@ -1518,15 +1518,16 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                     primary_kek_certificate_pfx: key,
                 },
             });
-            let path = format!("{rel}/plannedFailover");
-            if no_wait {
-                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
-                return Ok(started(&job, out, "planned failover"));
-            }
-            let op = api
-                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
-                .await?;
-            finish(op, out, &format!("planned failover of {item}"))
+            let what = format!("planned failover of {item}");
+            item_action(
+                &api,
+                &format!("{rel}/plannedFailover"),
+                &body,
+                no_wait,
+                out,
+                &what,
+            )
+            .await
         }
         FailoverCmd::ChangePoint {
             item,
@@ -1544,37 +1545,29 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                     primary_kek_certificate_pfx: key,
                 },
             });
-            let path = format!("{rel}/applyRecoveryPoint");
-            if no_wait {
-                let (job, _, _) = api.start(reqwest::Method::POST, &path, &body).await?;
-                return Ok(started(&job, out, "change of recovery point"));
-            }
-            let op = api
-                .run(reqwest::Method::POST, &path, &body, JOB_TIMEOUT)
-                .await?;
-            finish(op, out, &format!("change of recovery point of {item}"))
+            let what = format!("change of recovery point of {item}");
+            item_action(
+                &api,
+                &format!("{rel}/applyRecoveryPoint"),
+                &body,
+                no_wait,
+                out,
+                &what,
+            )
+            .await
         }
         FailoverCmd::Commit { item, no_wait } => {
             let (rel, _) = api.item_path(&item).await?;
-            if no_wait {
-                let (job, _, _) = api
-                    .start(
-                        reqwest::Method::POST,
-                        &format!("{rel}/failoverCommit"),
-                        &json!({}),
-                    )
-                    .await?;
-                return Ok(started(&job, out, "commit"));
-            }
-            let op = api
-                .run(
-                    reqwest::Method::POST,
-                    &format!("{rel}/failoverCommit"),
-                    &json!({}),
-                    JOB_TIMEOUT,
-                )
-                .await?;
-            finish(op, out, &format!("commit of {item}"))
+            let what = format!("commit of {item}");
+            item_action(
+                &api,
+                &format!("{rel}/failoverCommit"),
+                &json!({}),
+                no_wait,
+                out,
+                &what,
+            )
+            .await
         }
         FailoverCmd::Test {
             item,

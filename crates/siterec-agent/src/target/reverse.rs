@@ -305,22 +305,18 @@ async fn write_back_disk(
             .open(path)
             .with_context(|| format!("opening {} for writing", path.display()))?,
     );
-    // Which blocks differ, from the disk's own hashes. A block stored as
-    // a delta chunk is named by block and base, not by its hash: it is
-    // compared by content below.
-    let want: Vec<Option<ChunkId>> = disk
+    // Which blocks differ, from the disk's own hashes: the hash each
+    // block must have (`None` of a zero block); a block stored as a delta
+    // chunk is named by block and base, not by its hash, so it is `None`
+    // here and always looked at, page by page, below.
+    let want: Vec<Option<Option<ChunkId>>> = disk
         .chunks
         .iter()
-        .map(|c| c.filter(|id| !manifest.bases.contains_key(id)))
+        .map(|c| match c {
+            Some(id) if manifest.bases.contains_key(id) => None,
+            other => Some(*other),
+        })
         .collect();
-    let deltas: HashSet<usize> = disk
-        .chunks
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.is_some_and(|id| manifest.bases.contains_key(&id)))
-        .map(|(i, _)| i)
-        .collect();
-    let deltas_too = deltas;
     let chunk_size = disk.chunk_size;
     let f = Arc::clone(&file);
     let p = path.to_path_buf();
@@ -337,7 +333,7 @@ async fn write_back_disk(
             } else {
                 Some(ChunkId::of(&buf[..len]))
             };
-            if have != *id || deltas_too.contains(&i) {
+            if *id != Some(have) {
                 differ.push(i);
             }
         }
