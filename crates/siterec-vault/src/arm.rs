@@ -1422,20 +1422,19 @@ async fn unplanned_failover(
     let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
         .await?
         .is_some_and(|m| model::is_vm(&m));
-    let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
-    if item.state == ProtectionState::UnplannedFailoverInProgress
-        && let Some(job) = running_job(&mut tx, JobKind::UnplannedFailover, &item.name).await?
+    let (mut tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::UnplannedFailoverInProgress,
+        JobKind::UnplannedFailover,
+        ItemAction::StartUnplannedFailover,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartUnplannedFailover)
-        .map_err(transition_error)?;
-    if let Some(e) = test_blocks(ItemAction::StartUnplannedFailover, item.test_state) {
-        return Err(transition_error(e));
-    }
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     let point = choose_point(&mut tx, &item, wanted.as_deref(), Location::Recovery).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
         item: item.name.clone(),
@@ -1448,6 +1447,41 @@ async fn unplanned_failover(
         to: Location::Recovery,
     });
     start_item_job(st, headers, tx, &item, next, true, &input).await
+}
+
+/// How an item operation starts, in the request's transaction.
+enum Begun<'a> {
+    /// The operation's job runs already (the SDK retried): its answer.
+    Running(Response),
+    /// The item as it is now and the lifecycle `action` leads it to.
+    Start(Tx<'a>, ItemRow, siterec_core::state::Lifecycle),
+}
+
+/// Reloads the item inside a new write transaction (two requests racing
+/// see each other's writes); a retry while the item is `running` with a
+/// job of `kind` is answered with that job; otherwise `action` must apply
+/// (else 409 naming the state and what to do), and no test failover may
+/// stand in its way.
+async fn begin_item_op<'a>(
+    st: &'a Shared,
+    headers: &HeaderMap,
+    name: &str,
+    running: ProtectionState,
+    kind: JobKind,
+    action: ItemAction,
+) -> ApiResult<Begun<'a>> {
+    let mut tx = crate::db::begin(&st.db).await?;
+    let item = reload_item(&mut tx, name).await?;
+    if item.state == running
+        && let Some(job) = running_job(&mut tx, kind, &item.name).await?
+    {
+        return Ok(Begun::Running(accepted(st, headers, &job)?));
+    }
+    let next = item.life().apply(action).map_err(transition_error)?;
+    if let Some(e) = test_blocks(action, item.test_state) {
+        return Err(transition_error(e));
+    }
+    Ok(Begun::Start(tx, item, next))
 }
 
 /// Writes an item's new lifecycle and the job that carries the operation
@@ -1532,20 +1566,19 @@ async fn planned_failover(
     let to = item.active.other();
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p, to).await?;
-    let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
-    if item.state == ProtectionState::PlannedFailoverInProgress
-        && let Some(job) = running_job(&mut tx, JobKind::PlannedFailover, &item.name).await?
+    let (tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::PlannedFailoverInProgress,
+        JobKind::PlannedFailover,
+        ItemAction::StartPlannedFailover,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartPlannedFailover)
-        .map_err(transition_error)?;
-    if let Some(e) = test_blocks(ItemAction::StartPlannedFailover, item.test_state) {
-        return Err(transition_error(e));
-    }
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     let input = JobInput::PlannedFailover(PlannedFailoverInput {
         item: item.name.clone(),
         source_stopped,
@@ -1619,17 +1652,19 @@ async fn reprotect(
             ));
         }
     }
-    let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
-    if item.state == ProtectionState::ReprotectInProgress
-        && let Some(job) = running_job(&mut tx, JobKind::Reprotect, &item.name).await?
+    let (mut tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::ReprotectInProgress,
+        JobKind::Reprotect,
+        ItemAction::StartReprotect,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartReprotect)
-        .map_err(transition_error)?;
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     // Nothing replicates in the new direction before its seed is in.
     items::clear_epoch(&mut tx, &item.name).await?;
     start_item_job(
@@ -1682,17 +1717,19 @@ async fn change_recovery_point(
         ));
     }
     let sealed_key = seal_recovery_key(st, &item, p, item.active).await?;
-    let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
-    if item.state == ProtectionState::ChangeRecoveryPointInProgress
-        && let Some(job) = running_job(&mut tx, JobKind::ChangeRecoveryPoint, &item.name).await?
+    let (mut tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::ChangeRecoveryPointInProgress,
+        JobKind::ChangeRecoveryPoint,
+        ItemAction::StartChangeRecoveryPoint,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartChangeRecoveryPoint)
-        .map_err(transition_error)?;
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     // The failed-over machine is rebuilt where it runs, from that site's store.
     let point = choose_point(&mut tx, &item, Some(&wanted), item.active).await?;
     start_item_job(
@@ -1724,20 +1761,19 @@ async fn disable_protection(
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
     let (_, policy) = model::load_policy(&st.db, &item.policy).await?;
-    let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
-    if item.state == ProtectionState::DisablingProtection
-        && let Some(job) = running_job(&mut tx, JobKind::DisableProtection, &item.name).await?
+    let (tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::DisablingProtection,
+        JobKind::DisableProtection,
+        ItemAction::StartDisable,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartDisable)
-        .map_err(transition_error)?;
-    if let Some(e) = test_blocks(ItemAction::StartDisable, item.test_state) {
-        return Err(transition_error(e));
-    }
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     start_item_job(
         st,
         headers,
@@ -2263,16 +2299,19 @@ async fn commit_failover(
     name: &str,
 ) -> ApiResult<Response> {
     let item = model::load_item_at(&st.db, fabric, container, name).await?;
-    let mut tx = crate::db::begin(&st.db).await?;
-    if item.state == ProtectionState::FailoverCommitInProgress
-        && let Some(job) = running_job(&mut tx, JobKind::CommitFailover, &item.name).await?
+    let (tx, item, next) = match begin_item_op(
+        st,
+        headers,
+        &item.name,
+        ProtectionState::FailoverCommitInProgress,
+        JobKind::CommitFailover,
+        ItemAction::StartCommit,
+    )
+    .await?
     {
-        return accepted(st, headers, &job);
-    }
-    let next = item
-        .life()
-        .apply(ItemAction::StartCommit)
-        .map_err(transition_error)?;
+        Begun::Running(answer) => return Ok(answer),
+        Begun::Start(tx, item, next) => (tx, item, next),
+    };
     start_item_job(
         st,
         headers,
