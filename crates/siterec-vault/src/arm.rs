@@ -1433,7 +1433,7 @@ async fn unplanned_failover(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     let point = choose_point(&mut tx, &item, wanted.as_deref(), Location::Recovery).await?;
     let input = JobInput::UnplannedFailover(FailoverInput {
@@ -1454,7 +1454,7 @@ enum Begun<'a> {
     /// The operation's job runs already (the SDK retried): its answer.
     Running(Response),
     /// The item as it is now and the lifecycle `action` leads it to.
-    Start(Tx<'a>, ItemRow, siterec_core::state::Lifecycle),
+    Start(Tx<'a>, Box<ItemRow>, siterec_core::state::Lifecycle),
 }
 
 /// Reloads the item inside a new write transaction (two requests racing
@@ -1481,7 +1481,7 @@ async fn begin_item_op<'a>(
     if let Some(e) = test_blocks(action, item.test_state) {
         return Err(transition_error(e));
     }
-    Ok(Begun::Start(tx, item, next))
+    Ok(Begun::Start(tx, Box::new(item), next))
 }
 
 /// Writes an item's new lifecycle and the job that carries the operation
@@ -1577,7 +1577,7 @@ async fn planned_failover(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     let input = JobInput::PlannedFailover(PlannedFailoverInput {
         item: item.name.clone(),
@@ -1663,7 +1663,7 @@ async fn reprotect(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     // Nothing replicates in the new direction before its seed is in.
     items::clear_epoch(&mut tx, &item.name).await?;
@@ -1728,7 +1728,7 @@ async fn change_recovery_point(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     // The failed-over machine is rebuilt where it runs, from that site's store.
     let point = choose_point(&mut tx, &item, Some(&wanted), item.active).await?;
@@ -1772,7 +1772,7 @@ async fn disable_protection(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     start_item_job(
         st,
@@ -2310,7 +2310,7 @@ async fn commit_failover(
     .await?
     {
         Begun::Running(answer) => return Ok(answer),
-        Begun::Start(tx, item, next) => (tx, item, next),
+        Begun::Start(tx, item, next) => (tx, *item, next),
     };
     start_item_job(
         st,
