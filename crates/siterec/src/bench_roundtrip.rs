@@ -52,7 +52,7 @@ pub async fn roundtrip(opts: RoundtripOptions, out: Format) -> anyhow::Result<bo
         quickstart::protect(&sites.api, &dir, &say).await?;
         // 1 % changes at the primary site before it stops: the planned
         // failover's final point ships them.
-        scatter(&disk, size, change, 500)?;
+        sample::overwrite_scattered(&disk, size, change, 2, 500)?;
         // The primary's disk as the failover leaves it: what rsync would
         // update in place when bringing the recovery site's disk back.
         let old = dir.join("old-primary.img");
@@ -153,16 +153,6 @@ pub async fn roundtrip(opts: RoundtripOptions, out: Format) -> anyhow::Result<bo
         }
     }
     Ok(passed)
-}
-
-fn scatter(path: &std::path::Path, size: u64, total: u64, seed: u64) -> anyhow::Result<()> {
-    let n = 16u64;
-    let len = (total / n).max(4096);
-    for i in 0..n {
-        let off = ((size / n) * i + size / n / 2).min(size.saturating_sub(len)) & !4095;
-        sample::overwrite_random(path, off, len as usize, seed + i)?;
-    }
-    Ok(())
 }
 
 fn copy_sparse(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {

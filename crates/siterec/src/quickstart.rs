@@ -361,18 +361,6 @@ async fn protect_and_cycle(
 
 const ITEM_REL: &str = "replicationFabrics/primary/replicationProtectionContainers/primary-cloud/replicationProtectedItems/web01";
 
-/// Writes `total` bytes of random data in 16 regions spread over the disk.
-fn scatter(path: &Path, size: u64, total: u64, seed: u64) -> anyhow::Result<()> {
-    let n = 16u64;
-    let len = (total / n).max(4096);
-    for i in 0..n {
-        let off = (size / n) * i + (size / n / 3);
-        let off = off.min(size.saturating_sub(len)) & !4095;
-        sample::overwrite_random(path, off, len as usize, seed + i)?;
-    }
-    Ok(())
-}
-
 /// Runs an item action and waits for its job; returns the item after it
 /// and how long it took.
 async fn act(
@@ -472,7 +460,7 @@ pub async fn cycle(
     let (item, _) = act(api, "failoverCommit", json!({}), "commit the failover").await?;
     say(&format!("committed: {}", state_of(&item)));
 
-    scatter(&recovery_disk, size, recovery_change, 1000)?;
+    sample::overwrite_scattered(&recovery_disk, size, recovery_change, 3, 1000)?;
     say(&format!(
         "the server ran at the recovery site and wrote {recovery_change} bytes there"
     ));

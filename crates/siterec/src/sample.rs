@@ -96,6 +96,24 @@ pub fn overwrite_random(path: &Path, offset: u64, len: usize, seed: u64) -> anyh
     Ok(())
 }
 
+/// Overwrites `total` bytes with random data in 16 runs spread over a disk
+/// of `size` bytes, each `1/part` of the way into its sixteenth.
+pub fn overwrite_scattered(
+    path: &Path,
+    size: u64,
+    total: u64,
+    part: u64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let n = 16u64;
+    let len = (total / n).max(4096);
+    for i in 0..n {
+        let off = ((size / n) * i + size / n / part.max(1)).min(size.saturating_sub(len)) & !4095;
+        overwrite_random(path, off, len as usize, seed + i)?;
+    }
+    Ok(())
+}
+
 /// BLAKE3 of a whole file.
 pub fn hash_file(path: &Path) -> anyhow::Result<blake3::Hash> {
     let mut h = blake3::Hasher::new();

@@ -26,14 +26,8 @@ struct Version {
 
 #[test]
 fn sigkill_anything_anytime_loses_nothing() {
-    let kills: usize = std::env::var("SITEREC_CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let seed: u64 = std::env::var("SITEREC_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let kills: usize = env_or("SITEREC_CRASH_KILLS", 50);
+    let seed: u64 = env_or("SITEREC_CRASH_SEED", 7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let mut env = Env::start();

@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -99,29 +99,14 @@ fn item(env: &Env) -> Value {
     env.json(&["item", "show", "web01"])
 }
 
-fn raw_failover_disk(item: &Value) -> PathBuf {
-    item["properties"]["providerSpecificDetails"]["failoverDisks"]
-        .as_array()
-        .and_then(|d| d.iter().find(|d| d["format"] == "raw"))
-        .and_then(|d| d["path"].as_str())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("no raw failover disk in {item}"))
-}
-
 fn snapshot(from: &Path, to: &Path) {
     std::fs::copy(from, to).unwrap();
 }
 
 #[test]
 fn sigkill_during_planned_failover_reprotect_and_failback_loses_nothing() {
-    let kills: usize = std::env::var("SITEREC_CYCLE_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
-    let seed: u64 = std::env::var("SITEREC_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7);
+    let kills: usize = env_or("SITEREC_CYCLE_KILLS", 30);
+    let seed: u64 = env_or("SITEREC_CRASH_SEED", 7);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut env = Env::start();
     let disk = env.path("web01.img");
@@ -161,7 +146,7 @@ fn sigkill_during_planned_failover_reprotect_and_failback_loses_nothing() {
         let want = if at_primary { "Recovery" } else { "Primary" };
         assert_eq!(p["activeLocation"], want, "{it}");
         active_disk = if at_primary {
-            raw_failover_disk(&it)
+            item_disk(&it, "raw")
         } else {
             disk.clone()
         };

@@ -14,16 +14,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-fn ops(item: &Value) -> Vec<String> {
-    item["properties"]["allowedOperations"]
-        .as_array()
-        .expect("allowedOperations")
-        .iter()
-        .map(|o| o.as_str().unwrap().to_string())
-        .collect()
-}
 
 fn protection_status(env: &Env, machine: &str) -> String {
     let list = env.json(&[

@@ -15,15 +15,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn ops(item: &Value) -> Vec<String> {
-    item["properties"]["allowedOperations"]
-        .as_array()
-        .expect("allowedOperations")
-        .iter()
-        .map(|o| o.as_str().unwrap().to_string())
-        .collect()
-}
-
 fn steps(env: &Env, op: &Value) -> Vec<String> {
     let shown = env.json(&["jobs", "show", op["jobId"].as_str().unwrap()]);
     let tasks = shown["properties"]["tasks"].as_array().unwrap();

@@ -504,12 +504,35 @@ impl Env {
 
 /// The path of the `format` image a failover (CLI `--output json`) wrote.
 pub fn failover_disk(op: &Value, format: &str) -> PathBuf {
-    op["result"]["properties"]["providerSpecificDetails"]["failoverDisks"]
+    item_disk(&op["result"], format)
+}
+
+/// The path of the item's `format` failover disk (`item show`).
+pub fn item_disk(item: &Value, format: &str) -> PathBuf {
+    item["properties"]["providerSpecificDetails"]["failoverDisks"]
         .as_array()
         .and_then(|disks| disks.iter().find(|d| d["format"] == format))
         .and_then(|d| d["path"].as_str())
         .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("no {format} disk in {op}"))
+        .unwrap_or_else(|| panic!("no {format} disk in {item}"))
+}
+
+/// The item's `allowedOperations`.
+pub fn ops(item: &Value) -> Vec<String> {
+    item["properties"]["allowedOperations"]
+        .as_array()
+        .expect("allowedOperations")
+        .iter()
+        .map(|o| o.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A number from the environment (a test's knob), else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// A port that was free a moment ago.
