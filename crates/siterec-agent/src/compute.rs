@@ -22,7 +22,6 @@
 //! network (QEMU user-mode NAT in this version) or, without one, to an
 //! isolated network with no route anywhere (`restrict=on`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -36,6 +35,7 @@ use siterec_store::Store;
 use tokio::sync::Mutex;
 
 use crate::util::write_durably;
+use crate::vm::VmHost;
 
 /// The network name a NIC without a mapped network is reported on.
 pub const ISOLATED_NETWORK: &str = "isolated";
@@ -64,18 +64,56 @@ struct ReplicaRecord {
     started: ReplicaStarted,
 }
 
-/// The replica VMs of this agent.
+/// The replica VMs of this agent. They run in the agent's [`VmHost`]
+/// beside its configured VMs, so that a reprotect replicates a replica VM
+/// through its QEMU as any VM.
 pub struct Compute {
     root: PathBuf,
-    vms: Mutex<HashMap<String, Vm>>,
+    host: std::sync::RwLock<Arc<VmHost>>,
+    /// One VM operation at a time.
+    ops: Mutex<()>,
 }
 
 impl Compute {
     pub fn new(root: PathBuf) -> Compute {
+        let host = Arc::new(VmHost::new(&[], &root));
         Compute {
             root,
-            vms: Mutex::new(HashMap::new()),
+            host: std::sync::RwLock::new(host),
+            ops: Mutex::new(()),
         }
+    }
+
+    /// The agent's VMs, which replica VMs join.
+    pub fn set_host(&self, host: Arc<VmHost>) {
+        if let Ok(mut h) = self.host.write() {
+            *h = host;
+        }
+    }
+
+    pub fn host(&self) -> Arc<VmHost> {
+        match self.host.read() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The disks of the failed-over (not test) replica VM of `item`, if
+    /// this agent has one: what a reprotect seeds from here.
+    pub fn replica_disks_of(&self, item: &str) -> Option<Vec<DiskSpec>> {
+        let entries = std::fs::read_dir(&self.root).ok()?;
+        for entry in entries.flatten() {
+            let Ok(bytes) = std::fs::read(entry.path().join("replica.json")) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<ReplicaRecord>(&bytes) else {
+                continue;
+            };
+            if record.item == item && !record.test {
+                return Some(record.spec.disks);
+            }
+        }
+        None
     }
 
     fn dir(&self, vm_name: &str) -> PathBuf {
@@ -94,10 +132,19 @@ impl Compute {
         siterec_core::names::check_name("vm", req.vm_name)?;
         let dir = self.dir(req.vm_name);
         let record_path = dir.join("replica.json");
-        let mut vms = self.vms.lock().await;
-        if let Ok(bytes) = std::fs::read(&record_path) {
-            let record: ReplicaRecord = serde_json::from_slice(&bytes)
-                .with_context(|| format!("reading {}", record_path.display()))?;
+        let _op = self.ops.lock().await;
+        let host = self.host();
+        let old = std::fs::read(&record_path)
+            .ok()
+            .map(|bytes| serde_json::from_slice::<ReplicaRecord>(&bytes))
+            .transpose()
+            .with_context(|| format!("reading {}", record_path.display()))?;
+        // The item's own failed-over VM made from another point (failed
+        // back since, or a change of point) is replaced.
+        let replaced = old.as_ref().is_some_and(|r| {
+            r.item == req.item && !r.test && !req.test && r.point_id != req.point_id
+        });
+        if let Some(record) = old.filter(|_| !replaced) {
             if record.item != req.item || record.point_id != req.point_id {
                 bail!(
                     "a replica VM named '{}' already exists (item {}, point {}): remove it first (test failover cleanup)",
@@ -114,7 +161,9 @@ impl Compute {
             } else {
                 Vec::new()
             };
-            let running = match vms.get_mut(req.vm_name) {
+            let slot = host.replica(record.spec.clone(), dir.clone()).await?;
+            let mut slot = slot.lock().await;
+            let running = match &mut slot.vm {
                 Some(vm) => vm.status().await.is_ok(),
                 None => false,
             };
@@ -125,11 +174,12 @@ impl Compute {
                         .await
                         .with_context(|| format!("starting replica VM '{}'", req.vm_name))?,
                 };
-                vms.insert(req.vm_name.to_string(), vm);
+                slot.vm = Some(vm);
             }
             if record.copying {
-                let vm = vms
-                    .get_mut(req.vm_name)
+                let vm = slot
+                    .vm
+                    .as_mut()
                     .ok_or_else(|| anyhow::anyhow!("replica VM '{}' is gone", req.vm_name))?;
                 stream_disks(vm, &record.spec).await?;
                 stop_serving(servers).await;
@@ -139,8 +189,11 @@ impl Compute {
             }
             return Ok(record.started);
         }
-        // A start that did not finish: begin again from nothing.
-        if let Some(mut vm) = vms.remove(req.vm_name) {
+        // A start that did not finish, or a VM replaced: begin again from
+        // nothing.
+        if let Some(slot) = host.get(req.vm_name)
+            && let Some(mut vm) = slot.lock().await.vm.take()
+        {
             let _ = vm.kill().await;
         }
         kill_leftover(&dir).await;
@@ -218,7 +271,9 @@ impl Compute {
         write_durably(&record_path, &serde_json::to_vec_pretty(&record)?, 0o600)?;
         tracing::info!(vm = req.vm_name, item = req.item, point = req.point_id, test = req.test, pid = ?vm.pid(), "replica VM started from the replica store; copying its disks");
         let copy_started = std::time::Instant::now();
-        let vm = vms.entry(req.vm_name.to_string()).or_insert(vm);
+        let slot = host.replica(record.spec.clone(), dir.clone()).await?;
+        let mut slot = slot.lock().await;
+        let vm = slot.vm.insert(vm);
         stream_disks(vm, &record.spec).await?;
         stop_serving(servers).await;
         record.copying = false;
@@ -236,7 +291,8 @@ impl Compute {
     pub async fn remove_replica(&self, item: &str, vm_name: &str) -> anyhow::Result<()> {
         siterec_core::names::check_name("vm", vm_name)?;
         let dir = self.dir(vm_name);
-        let mut vms = self.vms.lock().await;
+        let _op = self.ops.lock().await;
+        let host = self.host();
         if let Ok(bytes) = std::fs::read(dir.join("replica.json"))
             && let Ok(record) = serde_json::from_slice::<ReplicaRecord>(&bytes)
             && record.item != item
@@ -246,11 +302,15 @@ impl Compute {
                 record.item
             );
         }
-        if let Some(vm) = vms.remove(vm_name) {
-            vm.quit(std::time::Duration::from_secs(5))
-                .await
-                .with_context(|| format!("powering off replica VM '{vm_name}'"))?;
+        if let Some(slot) = host.get(vm_name) {
+            let vm = slot.lock().await.vm.take();
+            if let Some(vm) = vm {
+                vm.quit(std::time::Duration::from_secs(5))
+                    .await
+                    .with_context(|| format!("powering off replica VM '{vm_name}'"))?;
+            }
         }
+        host.forget_replica(vm_name);
         kill_leftover(&dir).await;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {

@@ -13,6 +13,7 @@ pub mod config;
 pub mod cvs;
 pub mod group;
 pub mod identity;
+pub mod image;
 pub mod instant;
 pub mod limits;
 pub mod pages;
@@ -123,6 +124,9 @@ pub async fn run(
     let transport = identity::load_or_create_transport_key(&data)?;
     let transport_public = transport.public_key_base64();
 
+    // The config's VMs, which replica VMs made here join.
+    let vms = Arc::new(vm::VmHost::new(&cfg.vms, &data));
+
     // Target role.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut target = None;
@@ -149,6 +153,7 @@ pub async fn run(
         };
         let tg = target::Target::open_backend(encryption.as_ref(), &backend, failover_dir).await?;
         tg.set_transport_key(transport.clone());
+        tg.compute.set_host(vms.clone());
         tg.set_local_machines(
             cfg.machines
                 .iter()
@@ -159,10 +164,23 @@ pub async fn run(
                         .map(|d| target::LocalDisk {
                             name: d.name.clone(),
                             path: d.path.clone(),
+                            format: siterec_qemu::DiskFormat::Raw,
                         })
                         .collect();
                     (m.name.clone(), disks)
                 })
+                .chain(cfg.vms.iter().map(|v| {
+                    let disks = v
+                        .disks
+                        .iter()
+                        .map(|d| target::LocalDisk {
+                            name: d.name.clone(),
+                            path: d.path.clone(),
+                            format: d.format,
+                        })
+                        .collect();
+                    (v.name.clone(), disks)
+                }))
                 .collect(),
         );
         let listener = tokio::net::TcpListener::bind(t.listen)
@@ -211,7 +229,6 @@ pub async fn run(
     // The VMs are started beside the heartbeat, not before it (a slow
     // QEMU must not hold up enrolment); an item's cycle waits for its VM,
     // and one that could not start is retried by its item's cycles.
-    let vms = Arc::new(vm::VmHost::new(&cfg.vms, &data));
     tokio::spawn({
         let vms = vms.clone();
         async move { vms.start_all().await }
@@ -283,6 +300,7 @@ pub async fn run(
                         &client,
                         &id.agent_url,
                         target.clone(),
+                        ctx.vms.clone(),
                         task,
                         &running_tasks,
                         &finished_tasks,
@@ -431,6 +449,7 @@ fn start_task(
     client: &reqwest::Client,
     vault: &str,
     target: Option<Arc<target::Target>>,
+    vms: Arc<vm::VmHost>,
     task: AgentTask,
     running: &Arc<Mutex<HashSet<String>>>,
     finished: &Arc<Mutex<HashSet<String>>>,
@@ -451,9 +470,26 @@ fn start_task(
     let finished = finished.clone();
     tokio::spawn(async move {
         tracing::info!(task = %task.id, "running task {:?}", task.work);
-        let result = match &target {
-            Some(t) => t.run_task(&task.work).await,
-            None => Err(anyhow::anyhow!(
+        let result = match (&target, &task.work) {
+            // A planned failover's source site needs no replica store.
+            (
+                _,
+                siterec_core::wire::TaskWork::StopVm {
+                    vm_name,
+                    timeout_secs,
+                    force,
+                    ..
+                },
+            ) => {
+                vms.stop_vm(
+                    vm_name,
+                    Duration::from_secs(u64::from(*timeout_secs)),
+                    *force,
+                )
+                .await
+            }
+            (Some(t), _) => t.run_task(&task.work).await,
+            (None, _) => Err(anyhow::anyhow!(
                 "this agent has no replica store (no [target] section in its config)"
             )),
         };

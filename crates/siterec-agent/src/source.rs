@@ -251,6 +251,8 @@ async fn final_point(
         }
         if let Some(point) = final_point_taken(&state_dir, job) {
             tracing::info!(item = %a.item, point = %point, job, "final point taken: replication stopped");
+            // A VM shut down for this failover: its QEMU ends now.
+            ctx.vms.power_off_held(&a.machine).await;
             let _ = stop.wait_for(|s| *s).await;
             return;
         }

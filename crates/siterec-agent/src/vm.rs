@@ -101,9 +101,13 @@ pub fn virtual_size(path: &Path, format: DiskFormat) -> std::io::Result<u64> {
 // ---------------------------------------------------------------------------
 // Running the configured VMs.
 
-/// The VMs of the agent's config, each with its QEMU once started.
+/// The VMs this agent runs, each with its QEMU once started: those of its
+/// config, and the replica VMs its compute driver made at failovers
+/// (added as they are made, so that a reprotect replicates them like any
+/// VM).
 pub struct VmHost {
-    slots: std::collections::BTreeMap<String, Arc<Mutex<VmSlot>>>,
+    configured: Vec<String>,
+    slots: std::sync::Mutex<std::collections::BTreeMap<String, Arc<Mutex<VmSlot>>>>,
     fence: Arc<Fence>,
 }
 
@@ -156,20 +160,164 @@ impl VmHost {
     pub fn new(specs: &[VmSpec], data_dir: &Path) -> VmHost {
         let fence = Arc::new(Fence::load(data_dir.join("fenced.json")));
         VmHost {
-            slots: specs
-                .iter()
-                .map(|s| {
-                    let slot = VmSlot {
-                        spec: s.clone(),
-                        run_dir: data_dir.join("vms").join(&s.name),
-                        vm: None,
-                        fence: fence.clone(),
-                    };
-                    (s.name.clone(), Arc::new(Mutex::new(slot)))
-                })
-                .collect(),
+            configured: specs.iter().map(|s| s.name.clone()).collect(),
+            slots: std::sync::Mutex::new(
+                specs
+                    .iter()
+                    .map(|s| {
+                        let slot = VmSlot {
+                            spec: s.clone(),
+                            run_dir: data_dir.join("vms").join(&s.name),
+                            vm: None,
+                            fence: fence.clone(),
+                        };
+                        (s.name.clone(), Arc::new(Mutex::new(slot)))
+                    })
+                    .collect(),
+            ),
             fence,
         }
+    }
+
+    /// The slot of replica VM `spec.name`, whose runtime files are in
+    /// `run_dir` (made now, or the one made before with its spec updated).
+    /// A name the config uses is refused.
+    pub async fn replica(
+        &self,
+        spec: VmSpec,
+        run_dir: PathBuf,
+    ) -> anyhow::Result<Arc<Mutex<VmSlot>>> {
+        if self.configured.contains(&spec.name) {
+            anyhow::bail!(
+                "a VM named '{}' is configured on this agent ([[vms]]): a replica VM cannot take its name",
+                spec.name
+            );
+        }
+        let slot = {
+            let mut slots = self
+                .slots
+                .lock()
+                .map_err(|_| anyhow::anyhow!("the VM table is poisoned"))?;
+            slots
+                .entry(spec.name.clone())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(VmSlot {
+                        spec: spec.clone(),
+                        run_dir: run_dir.clone(),
+                        vm: None,
+                        fence: self.fence.clone(),
+                    }))
+                })
+                .clone()
+        };
+        {
+            let mut s = slot.lock().await;
+            s.spec = spec;
+            s.run_dir = run_dir;
+        }
+        Ok(slot)
+    }
+
+    /// Forgets a replica VM (deleted); the config's VMs stay.
+    pub fn forget_replica(&self, name: &str) {
+        if self.configured.iter().any(|n| n == name) {
+            return;
+        }
+        if let Ok(mut slots) = self.slots.lock() {
+            slots.remove(name);
+        }
+    }
+
+    /// Planned failover: shuts VM `name` down (see [`VmSlot::shut_down`]).
+    pub async fn stop_vm(
+        &self,
+        name: &str,
+        timeout: std::time::Duration,
+        force: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let slot = self.get(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no VM named '{name}' runs on this agent (neither in its config's [[vms]] nor a replica VM): nothing to shut down here"
+            )
+        })?;
+        let mut slot = slot.lock().await;
+        slot.shut_down(timeout, force).await
+    }
+
+    /// Ends the QEMU of a VM held down for a planned failover (its final
+    /// point is taken): it flushes and closes the disks. The VM stays held.
+    pub async fn power_off_held(&self, name: &str) {
+        let Some(slot) = self.get(name) else { return };
+        let mut slot = slot.lock().await;
+        if !held_marker(&slot.run_dir).exists() {
+            return;
+        }
+        if let Some(vm) = slot.vm.take() {
+            match vm.quit(std::time::Duration::from_secs(20)).await {
+                Ok(_) => tracing::info!(vm = name, "VM powered off after its final point"),
+                Err(e) => tracing::warn!(vm = name, "ending the QEMU of the VM: {e}"),
+            }
+        }
+    }
+
+    /// Fails unless VM `name` is down here: no QEMU of it runs, one left
+    /// by an earlier run of the agent included (a QEMU in state `shutdown`
+    /// still holds the disks).
+    pub async fn ensure_stopped(&self, name: &str) -> anyhow::Result<()> {
+        let Some(slot) = self.get(name) else {
+            return Ok(());
+        };
+        let mut slot = slot.lock().await;
+        let alive = match &mut slot.vm {
+            Some(vm) => vm.status().await.is_ok(),
+            None => false,
+        };
+        let left = if alive {
+            false
+        } else {
+            slot.vm = None;
+            Vm::adopt(slot.spec.clone(), &slot.run_dir)
+                .await
+                .ok()
+                .flatten()
+                .map(|vm| slot.vm = Some(vm))
+                .is_some()
+        };
+        if alive || left {
+            anyhow::bail!(
+                "VM '{name}' runs here (its QEMU holds its disks): its disks cannot be written back while it runs; shut it down first"
+            );
+        }
+        Ok(())
+    }
+
+    /// Failback: VM `name` (of this agent's config) runs here again. Its
+    /// hold and the fence kept here are lifted (the vault lifts its own
+    /// once the failback completes) and it is started.
+    pub async fn release_and_start(&self, name: &str) -> anyhow::Result<()> {
+        let slot = self.get(name).ok_or_else(|| {
+            anyhow::anyhow!("no VM named '{name}' in this agent's config: nothing to start")
+        })?;
+        if let Ok(mut n) = self.fence.names.lock()
+            && n.remove(name)
+        {
+            let bytes = serde_json::to_vec(&*n).unwrap_or_default();
+            if let Err(e) = crate::util::write_durably(&self.fence.path, &bytes, 0o600) {
+                tracing::warn!("keeping the fence: {e:#}");
+            }
+        }
+        let mut slot = slot.lock().await;
+        match std::fs::remove_file(held_marker(&slot.run_dir)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("releasing VM '{name}' held for a failover"));
+            }
+        }
+        slot.running().await?;
+        tracing::info!(vm = name, "VM started again at its own site");
+        Ok(())
     }
 
     /// The machines the vault says are fenced (a heartbeat answer): kept
@@ -205,7 +353,8 @@ impl VmHost {
         {
             tracing::warn!("no answer from the vault yet: starting the VMs the kept fence allows");
         }
-        for (name, slot) in &self.slots {
+        for name in &self.configured {
+            let Some(slot) = self.get(name) else { continue };
             if self.fence.contains(name) {
                 tracing::warn!(vm = %name, "not starting the VM: its item failed over (fenced until a failback)");
                 continue;
@@ -217,7 +366,7 @@ impl VmHost {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Mutex<VmSlot>>> {
-        self.slots.get(name).cloned()
+        self.slots.lock().ok().and_then(|s| s.get(name).cloned())
     }
 }
 
@@ -236,6 +385,11 @@ impl VmSlot {
                 let _ = old.kill().await;
             }
             let name = &self.spec.name;
+            if held_marker(&self.run_dir).exists() {
+                anyhow::bail!(
+                    "VM '{name}' was shut down for a planned failover: it is not started again here until a failback releases it"
+                );
+            }
             if self.fence.contains(name) {
                 anyhow::bail!(
                     "VM '{name}' is fenced: its item failed over and runs at the other site; it is not started here until a failback"
@@ -271,6 +425,95 @@ impl VmSlot {
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("VM '{}' is not running", self.spec.name))
     }
+
+    /// Whether the VM is held down for a planned failover.
+    pub fn held(&self) -> bool {
+        held_marker(&self.run_dir).exists()
+    }
+
+    /// Planned failover: ACPI power-down through QMP, then up to `timeout`
+    /// for the guest to power off (QEMU stays, in state `shutdown`, for the
+    /// final point); `force`: then its vCPUs are stopped where they are (as
+    /// pulling the plug). From the power-down on, the VM is held: nothing
+    /// starts it again here (see [`held_marker`]). A guest that does not
+    /// power off in time, unforced, is left running and released.
+    /// Idempotent: a VM already down answers ok.
+    pub async fn shut_down(
+        &mut self,
+        timeout: std::time::Duration,
+        force: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let name = self.spec.name.clone();
+        let held = held_marker(&self.run_dir);
+        if self.vm.is_none() {
+            // A QEMU an earlier run of the agent left: take it over, but
+            // never start one to stop it.
+            self.vm = Vm::adopt(self.spec.clone(), &self.run_dir)
+                .await
+                .with_context(|| format!("taking over VM '{name}' left running"))?;
+        }
+        let Some(vm) = self.vm.as_mut() else {
+            std::fs::create_dir_all(&self.run_dir)
+                .with_context(|| format!("creating {}", self.run_dir.display()))?;
+            write_durably(&held, b"", 0o600)?;
+            return Ok(serde_json::json!({ "vm": name, "stopped": "notRunning" }));
+        };
+        let status = vm
+            .status()
+            .await
+            .with_context(|| format!("asking VM '{name}' its state"))?;
+        if status.status == "shutdown" || (held.exists() && !status.running) {
+            write_durably(&held, b"", 0o600)?;
+            return Ok(serde_json::json!({ "vm": name, "stopped": "alreadyStopped" }));
+        }
+        write_durably(&held, b"", 0o600)?;
+        let begun = std::time::Instant::now();
+        if let Err(e) = vm.qmp().execute("system_powerdown", None).await {
+            let _ = std::fs::remove_file(&held);
+            return Err(e).with_context(|| format!("asking VM '{name}' to power down (ACPI)"));
+        }
+        tracing::info!(vm = %name, timeout_secs = timeout.as_secs(), "ACPI power-down sent: waiting for the guest to power off");
+        while begun.elapsed() < timeout {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            match vm.status().await {
+                Ok(s) if s.status == "shutdown" => {
+                    let secs = begun.elapsed().as_secs_f64();
+                    tracing::info!(vm = %name, secs, "the guest powered off");
+                    return Ok(serde_json::json!({
+                        "vm": name, "stopped": "poweredDown", "secs": secs,
+                    }));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("asking VM '{name}' its state"));
+                }
+            }
+        }
+        if force {
+            vm.qmp()
+                .execute("stop", None)
+                .await
+                .with_context(|| format!("powering VM '{name}' off"))?;
+            tracing::warn!(vm = %name, "the guest did not power off in time: powered off (forced)");
+            return Ok(serde_json::json!({
+                "vm": name, "stopped": "forcedOff", "secs": begun.elapsed().as_secs_f64(),
+                "notes": [format!("the guest did not power off within {} s of the ACPI power-down; it was powered off (--force): the final point is crash-consistent", timeout.as_secs())],
+            }));
+        }
+        let _ = std::fs::remove_file(&held);
+        anyhow::bail!(
+            "the guest of VM '{name}' did not power off within {} s of the ACPI power-down and keeps running: shut it down from inside the guest and run the planned failover again, or run it with --force to power the VM off",
+            timeout.as_secs()
+        )
+    }
+}
+
+/// Marks a VM shut down for a planned failover: no cycle, restart of the
+/// agent or adoption starts it again at this site (the fence from the
+/// vault may not say so yet, or not at all: a replica VM at the recovery
+/// site). Lifted by a failback's start ([`VmHost::release_and_start`]).
+pub(crate) fn held_marker(run_dir: &Path) -> PathBuf {
+    run_dir.join("held-for-failover")
 }
 
 // ---------------------------------------------------------------------------

@@ -630,6 +630,14 @@ pub struct PlannedFailoverDetails {
     /// The recovery key of an encrypted store, base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_kek_certificate_pfx: Option<String>,
+    /// siterec's own, for a VM: how long the guest has to power off after
+    /// the ACPI power-down (default 120 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_seconds: Option<u32>,
+    /// siterec's own, for a VM: power it off when the guest does not
+    /// power off in time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_shutdown: bool,
 }
 
 /// POST …/applyRecoveryPoint (the SDK's `ApplyRecoveryPointInput`).

@@ -349,6 +349,21 @@ pub enum TaskWork {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sealed_key: Option<SealedKey>,
     },
+    /// The agent where VM `vm_name` runs (a planned failover's source
+    /// site): ACPI power-down through QMP, then wait up to `timeout_secs`
+    /// for the guest to power off; `force`: then power it off (its vCPUs
+    /// stop where they are). The VM then stays down at this site: its QEMU
+    /// is kept (stopped) for the final point, and this agent does not start
+    /// it again. Idempotent: a VM already down is answered ok. Runs
+    /// without a replica store.
+    #[serde(rename_all = "camelCase")]
+    StopVm {
+        item: String,
+        vm_name: String,
+        timeout_secs: u32,
+        #[serde(default)]
+        force: bool,
+    },
     /// Delete every recovery point of the item from the store (and collect
     /// its chunks), its failover disks, and a replica VM of it if one runs
     /// (disabling protection with replica deletion).

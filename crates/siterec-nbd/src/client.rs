@@ -90,6 +90,7 @@ pub struct NbdClient<S> {
     structured: bool,
     contexts: Vec<(String, u32)>,
     max_read: u32,
+    max_write: u32,
     next_cookie: u64,
     broken: Option<String>,
 }
@@ -158,12 +159,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             .min(info.max_block);
         // Keep reads aligned to the server's minimum block size.
         let max_read = (max_read - max_read % info.min_block).max(info.min_block);
+        // Writes: the same caps, without the caller's read size.
+        let max_write = proto::MAX_READ_PAYLOAD.min(info.max_block);
+        let max_write = (max_write - max_write % info.min_block).max(info.min_block);
         Ok(NbdClient {
             stream: hs.stream,
             info,
             structured,
             contexts,
             max_read,
+            max_write,
             next_cookie: 1,
             broken: None,
         })
@@ -247,6 +252,121 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             pos += piece.len() as u64;
         }
         Ok(())
+    }
+
+    /// Writes `data` at `offset` (`NBD_CMD_WRITE`). Larger writes are split
+    /// into requests of at most 32 MiB (or the server's maximum block
+    /// size), sent one after the other; each is acknowledged before the
+    /// next is sent.
+    ///
+    /// Refused before anything is sent ([`NbdError::InvalidRequest`], the
+    /// connection stays usable) on a read-only export and for a range past
+    /// the end of the export.
+    ///
+    /// When the server's minimum block size is larger than 1 and `offset`
+    /// or the end of the write is not a multiple of it, the partial blocks
+    /// at either end are **read, modified and written back** (the aligned
+    /// middle is written directly). That read-modify-write is not atomic:
+    /// a concurrent writer of the same blocks on another connection can be
+    /// overwritten. Aligned writes never read.
+    ///
+    /// The server may keep the data in a cache: call [`Self::flush`] before
+    /// relying on it being on stable storage (e.g. before disconnecting).
+    /// If a request fails part-way, the earlier requests of the same call
+    /// have been written.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        if self.is_read_only() {
+            return Err(NbdError::InvalidRequest(format!(
+                "write of {} bytes at offset {offset}: the export is read-only (the server set NBD_FLAG_READ_ONLY); export it writable to write to it",
+                data.len()
+            )));
+        }
+        self.check_range("write", offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let min = u64::from(self.info.min_block);
+        let end = offset + data.len() as u64;
+        if offset.is_multiple_of(min) && (end.is_multiple_of(min) || end == self.info.size) {
+            return self.write_aligned(offset, data).await;
+        }
+        let mut pos = offset;
+        let mut rest = data;
+        // The partial block at the start (which may hold the whole write).
+        if !pos.is_multiple_of(min) {
+            let block = pos - pos % min;
+            let block_end = (block + min).min(self.info.size);
+            let n = (block_end.min(end) - pos) as usize;
+            self.patch_block(block, block_end, pos, &rest[..n]).await?;
+            pos += n as u64;
+            rest = &rest[n..];
+        }
+        // `pos` is aligned now, or the write is done.
+        let tail = (rest.len() as u64 % min) as usize;
+        let middle = rest.len() - tail;
+        if middle > 0 {
+            self.write_aligned(pos, &rest[..middle]).await?;
+            pos += middle as u64;
+            rest = &rest[middle..];
+        }
+        // The partial block at the end.
+        if !rest.is_empty() {
+            let block_end = (pos + min).min(self.info.size);
+            self.patch_block(pos, block_end, pos, rest).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `at` inside the block `[block, block_end)`: reads the
+    /// block, patches it and writes it back (only the write if it covers the
+    /// whole block).
+    async fn patch_block(
+        &mut self,
+        block: u64,
+        block_end: u64,
+        at: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        if at == block && at + data.len() as u64 == block_end {
+            return self.write_aligned(at, data).await;
+        }
+        let mut tmp = vec![0u8; (block_end - block) as usize];
+        self.read_aligned(block, &mut tmp).await?;
+        let start = (at - block) as usize;
+        tmp[start..start + data.len()].copy_from_slice(data);
+        self.write_aligned(block, &tmp).await
+    }
+
+    async fn write_aligned(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let step = self.max_write as usize;
+        let mut pos = offset;
+        for piece in data.chunks(step) {
+            let r = self.write_one(pos, piece).await;
+            self.note(r)?;
+            pos += piece.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Asks the server to put every write it has acknowledged on stable
+    /// storage (`NBD_CMD_FLUSH`).
+    ///
+    /// Only sent when the server advertises `NBD_FLAG_SEND_FLUSH`. Without
+    /// that flag the protocol forbids sending it (such a server is taken to
+    /// write through, or offers no way to flush), and this returns `Ok(())`
+    /// without sending anything.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.check_usable()?;
+        if self.info.flags & proto::TFLAG_SEND_FLUSH == 0 {
+            return Ok(());
+        }
+        let cookie = self.cookie();
+        let r = match self.send_request(proto::CMD_FLUSH, cookie, 0, 0).await {
+            Ok(()) => self.ack_reply("flush", cookie, 0, 0).await,
+            Err(e) => Err(e),
+        };
+        self.note(r)
     }
 
     /// Asks for the block status of `[offset, offset + len)` in meta context
@@ -358,6 +478,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
     }
 
     async fn send_request(&mut self, cmd: u16, cookie: u64, offset: u64, len: u32) -> Result<()> {
+        self.write_request_header(cmd, cookie, offset, len).await?;
+        self.stream.flush().await?;
+        Ok(())
+    }
+
+    /// Writes a request header into the send buffer (not flushed).
+    async fn write_request_header(
+        &mut self,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<()> {
         let mut req = [0u8; 28];
         req[0..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
         req[4..6].copy_from_slice(&0u16.to_be_bytes());
@@ -366,7 +499,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
         req[16..24].copy_from_slice(&offset.to_be_bytes());
         req[24..28].copy_from_slice(&len.to_be_bytes());
         self.stream.write_all(&req).await?;
-        self.stream.flush().await?;
         Ok(())
     }
 
@@ -545,6 +677,90 @@ impl<S: AsyncRead + AsyncWrite + Unpin> NbdClient<S> {
             )));
         }
         Ok(())
+    }
+
+    /// One `NBD_CMD_WRITE` request with its payload, and its reply.
+    async fn write_one(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        let req_len = u32::try_from(data.len())
+            .map_err(|_| NbdError::InvalidRequest(format!("write of {len} bytes")))?;
+        let cookie = self.cookie();
+        self.write_request_header(proto::CMD_WRITE, cookie, offset, req_len)
+            .await?;
+        self.stream.write_all(data).await?;
+        self.stream.flush().await?;
+        self.ack_reply("write", cookie, offset, len).await
+    }
+
+    /// Reads the reply to a command that returns no data (write, flush): a
+    /// simple reply, or structured chunks that may only be errors or
+    /// `NBD_REPLY_TYPE_NONE`, ending with the done flag. A server error
+    /// comes back as [`NbdError::Server`] (the connection goes on); anything
+    /// else unexpected is a protocol error. `len` 0 means the command has no
+    /// range (flush): an error chunk then must not carry an offset.
+    async fn ack_reply(
+        &mut self,
+        command: &'static str,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let end = offset.saturating_add(len);
+        let mut first_error: Option<NbdError> = None;
+        loop {
+            match self.reply_header(cookie).await? {
+                ReplyHeader::Simple { error, .. } => {
+                    // Simple replies are allowed for commands without data
+                    // even when structured replies were negotiated.
+                    if error != 0 {
+                        return Err(server_error(command, offset, error, String::new()));
+                    }
+                    return Ok(());
+                }
+                ReplyHeader::Chunk {
+                    flags,
+                    kind,
+                    length,
+                    ..
+                } => {
+                    match kind {
+                        proto::REPLY_TYPE_NONE => {
+                            if length != 0 || flags & proto::REPLY_FLAG_DONE == 0 {
+                                return Err(NbdError::protocol(
+                                    "NBD_REPLY_TYPE_NONE chunk with a payload or without the done flag",
+                                ));
+                            }
+                        }
+                        k if k & proto::REPLY_TYPE_FLAG_ERROR != 0 => {
+                            let (errno, msg, at) = self.error_chunk(k, length).await?;
+                            if let Some(at) = at
+                                && (at < offset || at >= end)
+                            {
+                                return Err(NbdError::protocol(format!(
+                                    "error offset {at} outside the {command} [{offset}, {end})"
+                                )));
+                            }
+                            if first_error.is_none() {
+                                first_error =
+                                    Some(server_error(command, at.unwrap_or(offset), errno, msg));
+                            }
+                        }
+                        k => {
+                            return Err(NbdError::protocol(format!(
+                                "unexpected chunk type {k} in a {command} reply"
+                            )));
+                        }
+                    }
+                    if flags & proto::REPLY_FLAG_DONE != 0 {
+                        break;
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn block_status_one(

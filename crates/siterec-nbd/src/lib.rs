@@ -2,7 +2,9 @@
 //!
 //! The **client** ([`NbdClient`]) reads disks that QEMU exports — in
 //! particular only the extents a `qemu:dirty-bitmap:NAME` meta context
-//! reports dirty (changed-block tracking from a fleecing export).
+//! reports dirty (changed-block tracking from a fleecing export) — and
+//! writes the qcow2 images `qemu-nbd` serves (failback writes a point back
+//! onto a VM's own disk).
 //!
 //! The **server** ([`NbdServer`]) serves one read-only [`Export`] — for
 //! instant failover, a recovery point of the replica store that a replica VM
@@ -24,6 +26,9 @@
 //!   zeros, error chunks), split into requests of at most 32 MiB;
 //! - `NBD_CMD_BLOCK_STATUS` (`NBD_REPLY_TYPE_BLOCK_STATUS`) for one context,
 //!   also over ranges longer than one request ([`NbdClient::block_status_range`]);
+//! - `NBD_CMD_WRITE`, split like reads, read-modify-write at unaligned ends
+//!   when the server's minimum block size is above 1; `NBD_CMD_FLUSH` when
+//!   the server advertises it;
 //! - `NBD_CMD_DISC`.
 //!
 //! Everything the server sends is checked before it is used: reply magics
@@ -33,8 +38,7 @@
 //! with [`NbdError::Protocol`] and the connection refuses further requests.
 //!
 //! Client, not supported (yet): TLS (`NBD_OPT_STARTTLS`), extended headers
-//! (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`), writes, trim, flush
-//! and other write-side commands, `NBD_OPT_LIST`/`NBD_OPT_INFO`, oldstyle and
+//! (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`), trim, write-zeroes, `NBD_OPT_LIST`/`NBD_OPT_INFO`, oldstyle and
 //! non-fixed newstyle servers, `NBD_OPT_EXPORT_NAME` fallback for servers
 //! without `NBD_OPT_GO`, and more than one request in flight (the cookie
 //! bookkeeping is per request so pipelining can be added). There are no

@@ -16,6 +16,16 @@
 //! `SITEREC-GUEST FSFREEZE freeze` before a freeze and
 //! `SITEREC-GUEST FSFREEZE thaw` after a thaw ([`guest_lines`]).
 //!
+//! In every mode, at any time after its kernel modules are loaded, it
+//! honours an ACPI power-button press (QMP `system_powerdown`, as a
+//! planned failover stops a VM): it stops what it does (churn included),
+//! syncs, unmounts `/mnt` if mounted, prints `SITEREC-GUEST POWERDOWN`
+//! (`SITEREC-GUEST POWERDOWN /mnt still mounted: <why>` should the unmount
+//! fail) and powers off, which QEMU under `-no-shutdown` reports as status
+//! `shutdown`. It watches the fixed-feature power button's press counter,
+//! `/sys/firmware/acpi/interrupts/ff_pwr_btn`, twice a second, so the
+//! power-off follows the press within about a second.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use siterec_testguest::{Mode, TestGuest, Verdict};
@@ -449,7 +459,7 @@ pub fn parse_verdict(log: &str) -> Verdict {
 /// Every `SITEREC-GUEST` line in a serial log, without that prefix, in
 /// order: the report and the lines around it (`MODE write`,
 /// `AGENT started vport0p1`, `FSFREEZE freeze`, `FSFREEZE thaw`,
-/// `CHURN 256 KiB/s over 15360 KiB`, …).
+/// `CHURN 256 KiB/s over 15360 KiB`, `POWERDOWN`, …).
 pub fn guest_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter_map(|line| {

@@ -255,19 +255,31 @@ async fn assignments(
                     == Some(ProtectionState::InitialReplicationInProgress)
             })
             .map(|o| o.export_path.clone());
-        let machine = row.machine;
+        let mut machine = row.machine;
         let disks: Vec<DiskInfo> = if row.reverse {
-            // At the recovery site the machine's disks are its failover
+            // At the recovery site the machine is what its failover made:
+            // a replica VM (replicated through its QEMU like any VM), or
             // disks (the raw images).
-            let written: Vec<MaterializedDisk> = serde_json::from_str(
-                row.failover_output.as_deref().unwrap_or("[]"),
-            )
-            .map_err(|e| {
-                ApiError::internal(&format!("stored failover disks of item '{}'", row.name), e)
-            })?;
+            let output = row.failover_output.as_deref().unwrap_or("[]");
+            let written: Vec<MaterializedDisk> =
+                match serde_json::from_str::<siterec_core::wire::ReplicaStarted>(output) {
+                    Ok(vm) => {
+                        machine = vm.vm_name;
+                        vm.disks
+                    }
+                    Err(_) => serde_json::from_str::<Vec<MaterializedDisk>>(output)
+                        .map_err(|e| {
+                            ApiError::internal(
+                                &format!("stored failover disks of item '{}'", row.name),
+                                e,
+                            )
+                        })?
+                        .into_iter()
+                        .filter(|d| d.format == "raw")
+                        .collect(),
+                };
             written
                 .into_iter()
-                .filter(|d| d.format == "raw")
                 .map(|d| DiskInfo {
                     name: d.disk,
                     path: d.path,

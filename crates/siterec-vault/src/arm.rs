@@ -1541,17 +1541,29 @@ async fn planned_failover(
     let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
         .await?
         .is_some_and(|m| model::is_vm(&m));
-    if vm {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "PlannedFailoverNotSupported",
-            format!(
-                "item '{}' is a virtual machine: this build runs planned failovers of physical servers only; shut the VM down and run an unplanned failover from its latest point",
-                item.name
-            ),
-        ));
-    }
-    if !source_stopped && item.state != ProtectionState::PlannedFailoverInProgress {
+    let details = p.get("providerSpecificDetails");
+    let force = match details.and_then(|d| d.get("forceShutdown")) {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "properties.providerSpecificDetails.forceShutdown must be true or false, got {other}"
+            )));
+        }
+    };
+    let shutdown_timeout_secs = match details.and_then(|d| d.get("shutdownTimeoutSeconds")) {
+        None | Some(Value::Null) => siterec_core::orchestration::DEFAULT_SHUTDOWN_SECS,
+        Some(v) => v
+            .as_u64()
+            .filter(|s| (1..=3600).contains(s))
+            .map(|s| s as u32)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "properties.providerSpecificDetails.shutdownTimeoutSeconds must be a number of seconds from 1 to 3600, got {v}"
+                ))
+            })?,
+    };
+    if !vm && !source_stopped && item.state != ProtectionState::PlannedFailoverInProgress {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "SourceNotStopped",
@@ -1561,6 +1573,26 @@ async fn planned_failover(
             ),
         ));
     }
+    // A failback stops the replica VM that runs at the recovery site.
+    let source_vm = if vm && item.active == siterec_core::state::Location::Recovery {
+        let started = item
+            .failover_output
+            .as_deref()
+            .and_then(|o| serde_json::from_str::<siterec_core::wire::ReplicaStarted>(o).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "NoReplicaVm",
+                    format!(
+                        "item '{}' runs at the recovery site but its failover recorded no replica VM: fail it back with an unplanned failover from its latest point",
+                        item.name
+                    ),
+                )
+            })?;
+        Some(started.vm_name)
+    } else {
+        None
+    };
     // The machine goes to the other site, whose store holds the final
     // point (a failback: the primary site's).
     let to = item.active.other();
@@ -1586,6 +1618,10 @@ async fn planned_failover(
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
         to: item.active.other(),
         machine: item.machine.clone(),
+        vm,
+        source_vm,
+        shutdown_timeout_secs,
+        force,
     });
     start_item_job(st, headers, tx, &item, next, true, &input).await
 }
@@ -1620,19 +1656,6 @@ async fn reprotect(
                     item.active.as_str().to_lowercase()
                 )));
             }
-        }
-        if model::machine_info(&st.db, &item.fabric, &item.machine)
-            .await?
-            .is_some_and(|m| model::is_vm(&m))
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "ReprotectNotSupported",
-                format!(
-                    "item '{}' is a virtual machine: this build reprotects physical servers only",
-                    item.name
-                ),
-            ));
         }
         let agent = items::agent_at(&st.db, &item, to).await?;
         let has_store = match &agent {
@@ -1703,15 +1726,15 @@ async fn change_recovery_point(
                 item.name
             ))
         })?;
-    if model::machine_info(&st.db, &item.fabric, &item.machine)
+    let vm = model::machine_info(&st.db, &item.fabric, &item.machine)
         .await?
-        .is_some_and(|m| model::is_vm(&m))
-    {
+        .is_some_and(|m| model::is_vm(&m));
+    if vm && item.active == siterec_core::state::Location::Primary {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "ChangeRecoveryPointNotSupported",
             format!(
-                "item '{}' is a virtual machine: this build changes the recovery point of physical servers only",
+                "item '{}' is a virtual machine failed back to its primary site: its own VM runs there from the final point; a change of point remakes replica VMs at the recovery site only",
                 item.name
             ),
         ));
@@ -1744,6 +1767,7 @@ async fn change_recovery_point(
             point_id: point,
             sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
             at: item.active,
+            vm,
         }),
     )
     .await

@@ -475,11 +475,22 @@ enum FailoverCmd {
     /// Planned failover, without data loss: the source's last changes are
     /// replicated into a final point and the machine comes up from it. A
     /// physical server must be stopped first; say so with --source-stopped.
+    /// A VM is shut down by siterec (ACPI power-down, then up to
+    /// --shutdown-timeout for the guest to power off; --force powers it off
+    /// after that).
     Planned {
         item: String,
         /// The source server is stopped (or its disks are out of service).
         #[arg(long)]
         source_stopped: bool,
+        /// A VM: seconds the guest has to power off after the ACPI
+        /// power-down (default 120).
+        #[arg(long, value_name = "SECONDS")]
+        shutdown_timeout: Option<u32>,
+        /// A VM: power it off when the guest does not power off in time
+        /// (its final point is then crash-consistent).
+        #[arg(long)]
+        force: bool,
         /// The recovery key file, for an item in an encrypted replica store.
         #[arg(long, value_name = "FILE")]
         encryption_key: Option<std::path::PathBuf>,
@@ -1505,6 +1516,8 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
         FailoverCmd::Planned {
             item,
             source_stopped,
+            shutdown_timeout,
+            force,
             encryption_key,
             no_wait,
         } => {
@@ -1516,6 +1529,8 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                     instance_type: "HyperVReplicaAzure".into(),
                     source_stopped,
                     primary_kek_certificate_pfx: key,
+                    shutdown_timeout_seconds: shutdown_timeout,
+                    force_shutdown: force,
                 },
             });
             let what = format!("planned failover of {item}");
@@ -1543,6 +1558,8 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                     instance_type: "HyperVReplicaAzure".into(),
                     source_stopped: false,
                     primary_kek_certificate_pfx: key,
+                    shutdown_timeout_seconds: None,
+                    force_shutdown: false,
                 },
             });
             let what = format!("change of recovery point of {item}");

@@ -108,6 +108,9 @@ pub(crate) async fn capture_disks(
         disks.push(s.clone());
     }
     let slot_run_dir = slot.run_dir.clone();
+    // Shut down for a planned failover: its final point is of disks at
+    // rest (no guest to freeze, no vCPUs to pause or resume).
+    let held = slot.held();
     let vm = slot.running().await?;
     // Dirty bitmaps are read against the saved block hashes: every disk
     // needs usable ones (else the read is whole, compared by hashes).
@@ -213,12 +216,12 @@ pub(crate) async fn capture_disks(
         .collect::<anyhow::Result<_>>()?;
     // App-consistent when due: the guest's filesystems are frozen through
     // its agent for just the instant of the view (one QMP transaction).
-    let app_due = app_consistent_due(state_dir, a);
+    let app_due = !held && app_consistent_due(state_dir, a);
     let frozen = app_due && freeze_guest(vm, &spec.name, spec.guest_agent).await;
     // A group member pauses its VM until every member's VM is paused: the
     // group's instant (see `crate::group`).
     let mut group_instant = None;
-    if let Some(g) = &a.group
+    if let Some(g) = a.group.as_ref().filter(|_| !held)
         && let Some(rendezvous) = ctx.groups.get(g)
     {
         pause_vm(vm, &slot_run_dir).await?;
@@ -229,7 +232,7 @@ pub(crate) async fn capture_disks(
         }
     }
     let fleece = vm.start_fleece(&plan).await;
-    if a.group.is_some() {
+    if a.group.is_some() && !held {
         resume_vm(vm, &slot_run_dir).await;
     }
     if frozen {

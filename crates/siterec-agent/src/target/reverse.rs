@@ -2,21 +2,23 @@
 //! this site still has before a reprotect, and writing a point back onto a
 //! machine's own disks in place at failback. Both compare block hashes
 //! first, so what is read from the network or written to the disk is only
-//! what differs.
+//! what differs. Disks are raw files or devices, or a VM's qcow2 images
+//! (through `qemu-nbd`, see [`crate::image`]).
 
-use std::os::unix::fs::FileExt;
-
-use siterec_drivers::capture::DiskSource;
+use siterec_qemu::DiskFormat;
 use siterec_store::{DiskManifest, Manifest};
 
 use super::*;
+use crate::image::DiskImage;
 use crate::limits::CHUNK_SIZE;
 
-/// A disk of a machine this agent has locally: its name and path.
+/// A disk of a machine this agent has locally: its name, path and format
+/// (a physical server's disks are raw; a VM's may be qcow2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalDisk {
     pub name: String,
     pub path: PathBuf,
+    pub format: DiskFormat,
 }
 
 /// What a seed put into the store.
@@ -33,8 +35,8 @@ struct SeedReport {
 }
 
 impl Target {
-    /// The machines of this agent's own config (`[[machines]]`), by name:
-    /// what a seed reads and a failback writes.
+    /// The machines of this agent's own config (`[[machines]]` and
+    /// `[[vms]]`), by name: what a seed reads and a failback writes.
     pub fn set_local_machines(&self, machines: HashMap<String, Vec<LocalDisk>>) {
         if let Ok(mut m) = self.local_machines.lock() {
             *m = machines;
@@ -49,10 +51,21 @@ impl Target {
     }
 
     /// The disks of `machine` here: this agent's own machine of that name,
-    /// else the item's failover disks (raw images) written at failover.
+    /// else the disks of the item's replica VM, else the item's failover
+    /// disks (raw images) written at failover.
     fn seed_disks(&self, item: &str, machine: &str) -> anyhow::Result<Vec<LocalDisk>> {
         if let Some(d) = self.local_disks(machine) {
             return Ok(d);
+        }
+        if let Some(disks) = self.compute.replica_disks_of(item) {
+            return Ok(disks
+                .into_iter()
+                .map(|d| LocalDisk {
+                    name: d.name,
+                    path: d.path,
+                    format: d.format,
+                })
+                .collect());
         }
         let dir = self.failover_dir.join(item);
         let mut disks = Vec::new();
@@ -76,6 +89,7 @@ impl Target {
                 disks.push(LocalDisk {
                     name: disk.to_string(),
                     path: path.clone(),
+                    format: DiskFormat::Raw,
                 });
             }
         }
@@ -117,8 +131,7 @@ impl Target {
             bases: Default::default(),
         };
         for disk in &disks {
-            let chunks = self.seed_disk(item, disk, &mut report).await?;
-            let size = DiskSource::open(&disk.path)?.size();
+            let (chunks, size) = self.seed_disk(item, disk, &mut report).await?;
             manifest.disks.push(DiskManifest {
                 disk_id: disk.name.clone(),
                 size,
@@ -144,16 +157,18 @@ impl Target {
         Ok(serde_json::to_value(report)?)
     }
 
+    /// Seeds one disk; answers its chunks and its size.
     async fn seed_disk(
         &self,
         item: &str,
         disk: &LocalDisk,
         report: &mut SeedReport,
-    ) -> anyhow::Result<Vec<Option<ChunkId>>> {
+    ) -> anyhow::Result<(Vec<Option<ChunkId>>, u64)> {
         let mut chunks = Vec::new();
+        let image = DiskImage::open(&disk.path, disk.format, false).await?;
+        let size = image.size();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<u8>>>(8);
-        let path = disk.path.clone();
-        let reader = tokio::task::spawn_blocking(move || read_blocks(&path, &tx));
+        let reader = tokio::spawn(read_blocks(image, tx));
         while let Some(block) = rx.recv().await {
             let block = block?;
             report.blocks += 1;
@@ -173,7 +188,7 @@ impl Target {
             chunks.push(Some(id));
         }
         reader.await??;
-        Ok(chunks)
+        Ok((chunks, size))
     }
 
     /// Failback: writes point `point_id` of `item` from this store onto
@@ -197,9 +212,16 @@ impl Target {
         }
         let local = self.local_disks(machine).ok_or_else(|| {
             anyhow::anyhow!(
-                "machine '{machine}' is not in this agent's config ([[machines]]): the point cannot be written back onto its disks here"
+                "machine '{machine}' is not in this agent's config ([[machines]] or [[vms]]): the point cannot be written back onto its disks here"
             )
         })?;
+        // A VM of this agent: it must be down while its disks are written
+        // (it was shut down at the failover, and fenced since).
+        let host = self.compute.host();
+        let vm = host.get(machine);
+        if vm.is_some() {
+            host.ensure_stopped(machine).await?;
+        }
         let manifest = store.read_manifest(item, point_id).await?;
         let mut out = Vec::new();
         for disk in &manifest.disks {
@@ -212,15 +234,19 @@ impl Target {
                         disk.disk_id
                     )
                 })?;
-            let written = write_back_disk(store, &manifest, disk, &target.path).await?;
+            let written = write_back_disk(store, &manifest, disk, target).await?;
             tracing::info!(item, disk = %disk.disk_id, bytes = written, "written back in place");
             out.push(MaterializedDisk {
                 disk: disk.disk_id.clone(),
-                format: "raw".into(),
+                format: target.format.as_str().into(),
                 path: target.path.display().to_string(),
                 size_bytes: disk.size,
                 bytes_written: Some(written),
             });
+        }
+        if vm.is_some() {
+            // Its disks hold the point: the VM runs here again.
+            host.release_and_start(machine).await?;
         }
         Ok(out)
     }
@@ -229,12 +255,10 @@ impl Target {
 /// The page size writes back are compared and written in.
 const PAGE: usize = 4096;
 
-/// Writes `data` at `off` where the file differs from it, in runs of
-/// whole 4 KiB pages; returns the bytes written.
-fn write_differing_pages(f: &std::fs::File, data: &[u8], off: u64) -> std::io::Result<u64> {
-    let mut now = vec![0u8; data.len()];
-    f.read_exact_at(&mut now, off)?;
-    let mut written = 0u64;
+/// The runs of whole 4 KiB pages where `now` differs from `data`, as
+/// (start, end) byte ranges of `data`.
+fn differing_runs(data: &[u8], now: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
     let mut i = 0;
     while i < data.len() {
         let end = (i + PAGE).min(data.len());
@@ -251,46 +275,46 @@ fn write_differing_pages(f: &std::fs::File, data: &[u8], off: u64) -> std::io::R
             }
             j = e;
         }
-        f.write_all_at(&data[i..j], off + i as u64)?;
-        written += (j - i) as u64;
+        runs.push((i, j));
         i = j;
     }
-    Ok(written)
+    runs
 }
 
-/// Reads a disk in chunk-size blocks (the last may be short) into `tx`.
-fn read_blocks(
-    path: &Path,
-    tx: &tokio::sync::mpsc::Sender<anyhow::Result<Vec<u8>>>,
+/// Reads a disk in chunk-size blocks (the last may be short) into `tx`,
+/// then closes it.
+async fn read_blocks(
+    mut image: DiskImage,
+    tx: tokio::sync::mpsc::Sender<anyhow::Result<Vec<u8>>>,
 ) -> anyhow::Result<()> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let size = DiskSource::open(path)?.size();
+    let size = image.size();
     let mut off = 0u64;
     while off < size {
         let len = (size - off).min(u64::from(CHUNK_SIZE)) as usize;
         let mut buf = vec![0u8; len];
-        let r = f
-            .read_exact_at(&mut buf, off)
-            .with_context(|| format!("reading {} at {off}", path.display()));
+        let r = image.read_at(off, &mut buf).await;
         let failed = r.is_err();
-        if tx.blocking_send(r.map(|()| buf)).is_err() || failed {
+        if tx.send(r.map(|()| buf)).await.is_err() || failed {
             break;
         }
         off += len as u64;
     }
-    Ok(())
+    image.close().await
 }
 
-/// Writes the blocks of `disk` that differ onto the file or device at
-/// `path`; returns the bytes written.
+/// Writes the blocks of `disk` that differ onto the local disk `target`;
+/// returns the bytes written.
 async fn write_back_disk(
     store: &Store,
     manifest: &Manifest,
     disk: &DiskManifest,
-    path: &Path,
+    target: &LocalDisk,
 ) -> anyhow::Result<u64> {
-    let size = DiskSource::open(path)?.size();
+    let path = &target.path;
+    let mut image = DiskImage::open(path, target.format, true).await?;
+    let size = image.size();
     if size != disk.size {
+        let _ = image.close().await;
         anyhow::bail!(
             "{} is {size} bytes, the point's disk '{}' {} bytes: write it back onto a disk of the same size",
             path.display(),
@@ -298,49 +322,56 @@ async fn write_back_disk(
             disk.size
         );
     }
-    let file = Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .with_context(|| format!("opening {} for writing", path.display()))?,
-    );
+    let result = write_back_image(store, manifest, disk, &mut image).await;
+    match result {
+        Ok(written) => {
+            image
+                .close()
+                .await
+                .with_context(|| format!("closing {}", path.display()))?;
+            Ok(written)
+        }
+        Err(e) => {
+            let _ = image.close().await;
+            Err(e.context(format!("writing back onto {}", path.display())))
+        }
+    }
+}
+
+async fn write_back_image(
+    store: &Store,
+    manifest: &Manifest,
+    disk: &DiskManifest,
+    image: &mut DiskImage,
+) -> anyhow::Result<u64> {
     // Which blocks differ, from the disk's own hashes: the hash each
     // block must have (`None` of a zero block); a block stored as a delta
-    // chunk is named by block and base, not by its hash, so it is `None`
-    // here and always looked at, page by page, below.
-    let want: Vec<Option<Option<ChunkId>>> = disk
-        .chunks
-        .iter()
-        .map(|c| match c {
+    // chunk is named by block and base, not by its hash, so it is looked
+    // at page by page below.
+    let mut differ = Vec::new();
+    let mut buf = vec![0u8; disk.chunk_size as usize];
+    for (i, c) in disk.chunks.iter().enumerate() {
+        let want = match c {
             Some(id) if manifest.bases.contains_key(id) => None,
             other => Some(*other),
-        })
-        .collect();
-    let chunk_size = disk.chunk_size;
-    let f = Arc::clone(&file);
-    let p = path.to_path_buf();
-    let differ: Vec<usize> = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<usize>> {
-        let mut differ = Vec::new();
-        let mut buf = vec![0u8; chunk_size as usize];
-        for (i, id) in want.iter().enumerate() {
-            let off = i as u64 * u64::from(chunk_size);
-            let len = (size - off).min(u64::from(chunk_size)) as usize;
-            f.read_exact_at(&mut buf[..len], off)
-                .with_context(|| format!("reading {} at {off}", p.display()))?;
-            let have = if siterec_drivers::capture::is_zero(&buf[..len]) {
-                None
-            } else {
-                Some(ChunkId::of(&buf[..len]))
-            };
-            if *id != Some(have) {
-                differ.push(i);
-            }
+        };
+        let off = disk.offset_of(i);
+        let len = disk.len_of(i) as usize;
+        image
+            .read_at(off, &mut buf[..len])
+            .await
+            .with_context(|| format!("reading at {off}"))?;
+        let have = if siterec_drivers::capture::is_zero(&buf[..len]) {
+            None
+        } else {
+            Some(ChunkId::of(&buf[..len]))
+        };
+        if want != Some(have) {
+            differ.push(i);
         }
-        Ok(differ)
-    })
-    .await??;
+    }
     let mut written = 0u64;
+    let mut now = vec![0u8; disk.chunk_size as usize];
     for i in differ {
         let len = disk.len_of(i) as usize;
         let data = store
@@ -348,20 +379,18 @@ async fn write_back_disk(
             .await?
             .unwrap_or_else(|| vec![0u8; len]);
         let off = disk.offset_of(i);
-        let f = Arc::clone(&file);
-        let p = path.to_path_buf();
-        let wrote = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            write_differing_pages(&f, &data, off)
-                .with_context(|| format!("writing {} at {off}", p.display()))
-        })
-        .await??;
-        written += wrote;
+        image
+            .read_at(off, &mut now[..len])
+            .await
+            .with_context(|| format!("reading at {off}"))?;
+        for (a, b) in differing_runs(&data, &now[..len]) {
+            image
+                .write_at(off + a as u64, &data[a..b])
+                .await
+                .with_context(|| format!("writing at {}", off + a as u64))?;
+            written += (b - a) as u64;
+        }
     }
-    let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        file.sync_all()
-            .with_context(|| format!("syncing {}", p.display()))
-    })
-    .await??;
+    image.sync().await.context("syncing")?;
     Ok(written)
 }

@@ -126,6 +126,21 @@ impl Target {
                 let disks = self.write_back(&store, item, machine, point_id).await?;
                 Ok(serde_json::to_value(disks)?)
             }
+            TaskWork::StopVm {
+                vm_name,
+                timeout_secs,
+                force,
+                ..
+            } => {
+                self.compute
+                    .host()
+                    .stop_vm(
+                        vm_name,
+                        std::time::Duration::from_secs(u64::from(*timeout_secs)),
+                        *force,
+                    )
+                    .await
+            }
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;

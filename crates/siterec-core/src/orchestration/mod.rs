@@ -228,8 +228,8 @@ impl StepKey {
 }
 
 impl JobKind {
-    /// The steps a job of this kind runs, in order (`vm`: an unplanned
-    /// failover that boots a VM instead of writing disk images).
+    /// The steps a job of this kind runs, in order (`vm`: a failover that
+    /// boots a VM at the recovery site instead of writing disk images).
     pub fn step_keys(self, vm: bool) -> &'static [StepKey] {
         use StepKey as K;
         match self {
@@ -264,6 +264,13 @@ impl JobKind {
             Self::TestFailoverCleanup => &[K::CheckCleanup, K::RemoveTestVm, K::CompleteCleanup],
             Self::CreateNetworkMapping => &[K::CheckNetworkMapping, K::MapNetworks],
             Self::DeleteNetworkMapping => &[K::RemoveNetworkMapping],
+            Self::PlannedFailover if vm => &[
+                K::CheckPlannedFailover,
+                K::ShutDownSource,
+                K::FinalReplication,
+                K::StartVm,
+                K::CompletePlannedFailover,
+            ],
             Self::PlannedFailover => &[
                 K::CheckPlannedFailover,
                 K::ShutDownSource,
@@ -271,6 +278,9 @@ impl JobKind {
                 K::MaterializeDisks,
                 K::CompletePlannedFailover,
             ],
+            Self::ChangeRecoveryPoint if vm => {
+                &[K::CheckChangePoint, K::StartVm, K::CompleteChangePoint]
+            }
             Self::ChangeRecoveryPoint => &[
                 K::CheckChangePoint,
                 K::MaterializeDisks,
@@ -390,6 +400,36 @@ pub struct PlannedFailoverInput {
     /// The protected machine (its agent finds its disks by this name).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub machine: String,
+    /// The machine is a VM: the source site's agent shuts it down (ACPI
+    /// power-down through QMP), and a failover to the recovery site boots
+    /// it there.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vm: bool,
+    /// The VM running at the source site, when it is not `machine` (a
+    /// failback: the replica VM at the recovery site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_vm: Option<String>,
+    /// How long the guest has to power off after the ACPI power-down.
+    #[serde(default = "default_shutdown_secs")]
+    pub shutdown_timeout_secs: u32,
+    /// Power the VM off when the guest does not power off in time (as
+    /// pulling its plug: the final point is crash-consistent).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub force: bool,
+}
+
+/// How long a guest has to power off by default, in seconds.
+pub const DEFAULT_SHUTDOWN_SECS: u32 = 120;
+
+fn default_shutdown_secs() -> u32 {
+    DEFAULT_SHUTDOWN_SECS
+}
+
+impl PlannedFailoverInput {
+    /// The VM to shut down at the source site.
+    pub fn vm_to_stop(&self) -> &str {
+        self.source_vm.as_deref().unwrap_or(&self.machine)
+    }
 }
 
 /// A failed-over server's disks written again from another point.
@@ -403,6 +443,9 @@ pub struct ChangePointInput {
     /// Where the machine runs now, failed over (its disks are rewritten).
     #[serde(default = "recovery", skip_serializing_if = "is_recovery")]
     pub at: Location,
+    /// The machine is a VM: its replica VM is made again from the point.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vm: bool,
 }
 
 /// Disabling protection of an item.
@@ -549,7 +592,13 @@ impl JobInput {
 
     /// The steps a job with this input runs.
     pub fn step_keys(&self) -> &'static [StepKey] {
-        let vm = matches!(self, Self::UnplannedFailover(f) if f.vm);
+        let vm = match self {
+            Self::UnplannedFailover(f) => f.vm,
+            // A failback writes the VM's own disks back, then starts it.
+            Self::PlannedFailover(p) => p.vm && p.to == Location::Recovery,
+            Self::ChangeRecoveryPoint(c) => c.vm,
+            _ => false,
+        };
         self.kind().step_keys(vm)
     }
 
@@ -996,6 +1045,7 @@ fn task_id(job_id: &str, key: StepKey) -> String {
         StepKey::RemoveReplicaData => format!("{job_id}-delete-replica"),
         StepKey::SeedReverseReplica => format!("{job_id}-seed"),
         StepKey::RemoveSeed => format!("{job_id}-remove-seed"),
+        StepKey::ShutDownSource => format!("{job_id}-shutdown"),
         _ => format!("{job_id}-remove-replica"),
     }
 }
@@ -1063,6 +1113,11 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
             item: item(),
             task_id: task_id(job_id, key),
             site: input.task_site(),
+        },
+        (K::ShutDownSource, I::PlannedFailover(p)) if p.vm => Need::Task {
+            item: item(),
+            task_id: task_id(job_id, key),
+            site: input.task_site().other(),
         },
         (K::StartVm | K::StartTestVm, _) => Need::Replica {
             item: item(),
@@ -1251,6 +1306,9 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
                 format!("the item is {other:?}, not in a planned failover"),
             ),
         },
+        (K::ShutDownSource, I::PlannedFailover(p), Observed::Task(t)) if p.vm => {
+            shut_down_vm(ctx, p, t)
+        }
         (K::ShutDownSource, I::PlannedFailover(p), _) => {
             if p.source_stopped {
                 Decision::done(vec![Effect::StepOutput(json!({
@@ -1686,6 +1744,11 @@ fn start_replica(
                 .unwrap_or_else(|| placement.machine.clone()),
             None,
         ),
+        JobInput::PlannedFailover(PlannedFailoverInput {
+            final_point: Some(point),
+            ..
+        }) => (point, placement.machine.clone(), None),
+        JobInput::ChangeRecoveryPoint(c) => (&c.point_id, placement.machine.clone(), None),
         _ => {
             return Decision::fail(
                 "JobInconsistent",
@@ -1776,6 +1839,54 @@ fn start_replica(
         )
         .with([Effect::ForgetSealedKey]),
         TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, what)
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+/// A planned failover of a VM: the agent of the site it runs at powers it
+/// down through ACPI and waits for the guest to power off (or, forced,
+/// powers it off); the VM then stays down there.
+fn shut_down_vm(ctx: &StepCtx<'_>, p: &PlannedFailoverInput, t: &TaskSeen) -> Decision {
+    let Some(agent) = &t.agent else {
+        return Decision::fail(
+            "NoSourceAgent",
+            format!(
+                "no agent reports machine '{}' at the source site: its VM cannot be shut down",
+                p.machine
+            ),
+        );
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::ShutDownSource),
+                agent: agent.clone(),
+                work: TaskWork::StopVm {
+                    item: p.item.clone(),
+                    vm_name: p.vm_to_stop().to_string(),
+                    timeout_secs: p.shutdown_timeout_secs,
+                    force: p.force,
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { output } => {
+            Decision::done(effects).with([Effect::StepOutput(output)])
+        }
+        TaskResult::Failed { error } => Decision::fail(
+            "SourceNotStopped",
+            format!(
+                "VM '{}' was not shut down: {}",
+                p.vm_to_stop(),
+                task_error(&error)
+            ),
+        ),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "planned failover")
             .unwrap_or_else(Decision::wait)
             .with(effects),
     }

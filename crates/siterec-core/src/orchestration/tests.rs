@@ -676,6 +676,10 @@ fn planned() -> World {
         sealed_key: Some(SealedKey("sealed".into())),
         to: Location::Recovery,
         machine: "m1".into(),
+        vm: false,
+        source_vm: None,
+        shutdown_timeout_secs: 120,
+        force: false,
     }))
     .with_item(
         ProtectionState::PlannedFailoverInProgress,
@@ -689,6 +693,7 @@ fn change_point() -> World {
         point_id: "p1".into(),
         sealed_key: Some(SealedKey("sealed".into())),
         at: Location::Recovery,
+        vm: false,
     }))
     .with_item(
         ProtectionState::ChangeRecoveryPointInProgress,
@@ -722,6 +727,22 @@ fn reprotect() -> World {
     );
     w.item.as_mut().unwrap().active = Location::Recovery;
     w
+}
+
+/// A planned failover of a VM: shut down at the primary site, booted at
+/// the recovery site from its final point.
+fn planned_vm() -> World {
+    let JobInput::PlannedFailover(mut p) = planned().input else {
+        unreachable!()
+    };
+    p.vm = true;
+    p.source_stopped = false;
+    p.force = true;
+    p.shutdown_timeout_secs = 30;
+    World::new(JobInput::PlannedFailover(p)).with_item(
+        ProtectionState::PlannedFailoverInProgress,
+        TestFailoverState::None,
+    )
 }
 
 /// Failback: a planned failover of a reprotected machine back home.
@@ -896,6 +917,28 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
         TaskWork::Materialize { point_id, sealed_key: None, .. } if point_id == "p1"
     ));
 
+    // A VM's change of point makes its replica VM again from the point.
+    let mut c = World::new(JobInput::ChangeRecoveryPoint(ChangePointInput {
+        item: ITEM.into(),
+        point_id: "p1".into(),
+        sealed_key: None,
+        at: Location::Recovery,
+        vm: true,
+    }))
+    .with_item(
+        ProtectionState::ChangeRecoveryPointInProgress,
+        TestFailoverState::None,
+    );
+    c.item.as_mut().unwrap().active = Location::Recovery;
+    let w = survives_crashes(&c);
+    succeeded(&w);
+    assert_eq!(w.item().state, ProtectionState::UnplannedFailoverCompleted);
+    assert!(matches!(
+        &w.tasks["job-1-start-replica"].1,
+        TaskWork::StartReplica { point_id, test: false, vm_name, .. } if point_id == "p1" && vm_name == "m1"
+    ));
+    assert_eq!(w.item().failover_output.as_ref().unwrap()["vmName"], "m1");
+
     // Reprotect seeds the other site's store, starts the new epoch, waits
     // for its first point, removes the seed and leaves the item Protected
     // where it runs.
@@ -925,6 +968,61 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
     assert!(matches!(
         &w.tasks["job-1-materialize"].1,
         TaskWork::WriteBack { point_id, machine, sealed_key: None, .. } if point_id == FINAL && machine == "m1"
+    ));
+
+    // A VM's planned failover shuts it down at the source site (its
+    // agent's task, forced as asked), then boots it at the recovery site
+    // from the final point.
+    let w = survives_crashes(&planned_vm());
+    succeeded(&w);
+    assert_eq!(
+        w.input.step_keys(),
+        &[
+            StepKey::CheckPlannedFailover,
+            StepKey::ShutDownSource,
+            StepKey::FinalReplication,
+            StepKey::StartVm,
+            StepKey::CompletePlannedFailover
+        ]
+    );
+    let i = w.item();
+    assert_eq!(
+        (i.state, i.active),
+        (
+            ProtectionState::PlannedFailoverCompleted,
+            Location::Recovery
+        )
+    );
+    assert_eq!(i.failover_point.as_deref(), Some(FINAL));
+    assert!(matches!(
+        &w.tasks["job-1-shutdown"].1,
+        TaskWork::StopVm { vm_name, timeout_secs: 30, force: true, .. } if vm_name == "m1"
+    ));
+    assert!(matches!(
+        &w.tasks["job-1-start-replica"].1,
+        TaskWork::StartReplica { point_id, test: false, .. } if point_id == FINAL
+    ));
+    assert_eq!(i.failover_output.as_ref().unwrap()["vmName"], "m1");
+    // Its failback stops the replica VM at the recovery site and writes
+    // the final point back onto the VM's own disks.
+    let mut fb = failback();
+    if let JobInput::PlannedFailover(p) = &mut fb.input {
+        p.vm = true;
+        p.source_vm = Some("m1-replica".into());
+    }
+    let w = survives_crashes(&fb);
+    succeeded(&w);
+    assert_eq!(
+        (w.item().state, w.item().active),
+        (ProtectionState::PlannedFailoverCompleted, Location::Primary)
+    );
+    assert!(matches!(
+        &w.tasks["job-1-shutdown"].1,
+        TaskWork::StopVm { vm_name, force: false, .. } if vm_name == "m1-replica"
+    ));
+    assert!(matches!(
+        &w.tasks["job-1-materialize"].1,
+        TaskWork::WriteBack { point_id, machine, .. } if point_id == FINAL && machine == "m1"
     ));
 
     // Disabling protection removes the item, and the replica when asked.
@@ -1236,6 +1334,21 @@ fn every_failure_fails_its_step_and_compensates() {
             "no disk is written without the final point"
         );
     }
+    // A VM whose guest does not power off (the agent's task fails): the
+    // job says so and the item is Protected at the primary site again.
+    let mut p = planned_vm();
+    p.plays = AgentPlays::Fails;
+    let w = survives_crashes(&p);
+    failed_at(&mut seen, &w, K::ShutDownSource, "SourceNotStopped");
+    assert_eq!(
+        (w.item().state, w.item().active),
+        (S::Protected, Location::Primary)
+    );
+    assert!(
+        w.tasks.keys().all(|t| t.ends_with("shutdown")),
+        "{:?}",
+        w.tasks.keys()
+    );
     let mut p = planned();
     p.item.as_mut().unwrap().state = S::Protected;
     failed_at(

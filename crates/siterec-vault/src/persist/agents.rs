@@ -210,12 +210,13 @@ pub async fn target_sources(
     .await
 }
 
-/// The machines `agent` hosts whose items have failed over: they run (or
-/// are being brought up) at the recovery site.
+/// The machines `agent` hosts whose items have failed over or are failing
+/// over: they run (or are being brought up) at the recovery site, or are
+/// being shut down for a planned failover.
 pub async fn fenced_machines(db: &Db, agent: &str) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT m.name FROM protected_items i JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
-         WHERE m.agent_id = $1 AND (i.active_location = 'Recovery' OR i.state = 'UnplannedFailoverInProgress')
+         WHERE m.agent_id = $1 AND (i.active_location = 'Recovery' OR i.state IN ('UnplannedFailoverInProgress', 'PlannedFailoverInProgress'))
          ORDER BY m.name",
     )
     .bind(agent)
