@@ -91,6 +91,30 @@ impl Compute {
         }
     }
 
+    /// Puts the replica VMs an earlier run of the agent made (each with a
+    /// `replica.json`) into the agent's VMs, so that their QEMUs are taken
+    /// over and a reprotect finds them after a restart.
+    pub async fn register_existing(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let host = self.host();
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Ok(bytes) = std::fs::read(dir.join("replica.json")) else {
+                continue;
+            };
+            match serde_json::from_slice::<ReplicaRecord>(&bytes) {
+                Ok(record) => {
+                    if let Err(e) = host.replica(record.spec, dir.clone()).await {
+                        tracing::warn!(dir = %dir.display(), "replica VM not taken over: {e:#}");
+                    }
+                }
+                Err(e) => tracing::warn!(dir = %dir.display(), "unreadable replica.json: {e}"),
+            }
+        }
+    }
+
     pub fn host(&self) -> Arc<VmHost> {
         match self.host.read() {
             Ok(h) => h.clone(),

@@ -154,6 +154,7 @@ pub async fn run(
         let tg = target::Target::open_backend(encryption.as_ref(), &backend, failover_dir).await?;
         tg.set_transport_key(transport.clone());
         tg.compute.set_host(vms.clone());
+        tg.compute.register_existing().await;
         tg.set_local_machines(
             cfg.machines
                 .iter()
