@@ -255,6 +255,9 @@ pub async fn run(
     tracing::info!(agent = %id.agent_id, fabric = %id.fabric, data_url = ?data_url, "agent running");
 
     let mut shutdown = std::pin::pin!(shutdown);
+    // The version of the vault's last answer: the next heartbeat waits for
+    // it to change (a long poll of up to one period) instead of sleeping.
+    let mut seen_version: Option<u64> = None;
     loop {
         // Throttling can change while replicating: re-read it every round.
         match throttle::ThrottleSettings::read(&data) {
@@ -270,8 +273,20 @@ pub async fn run(
             store_key_id: target.as_ref().and_then(|t| t.store.key_id()),
             transport_key: target.as_ref().map(|_| transport_public.clone()),
             counters: status.lock().map(|s| s.items.clone()).unwrap_or_default(),
+            seen_version,
+            wait_ms: period.as_millis() as u32,
         };
-        let result = heartbeat(&client, &id.agent_url, &req).await;
+        let result = tokio::select! {
+            _ = &mut shutdown => break,
+            r = heartbeat(&client, &id.agent_url, &req) => r,
+        };
+        // Waited at the vault: go round at once (an old vault, or a failed
+        // heartbeat, waits here).
+        let waited = matches!(&result, Ok(r) if r.version != 0 && seen_version.is_some());
+        seen_version = match &result {
+            Ok(r) if r.version != 0 => Some(r.version),
+            _ => None,
+        };
         if let Ok(mut st) = status.lock() {
             match &result {
                 Ok(_) => {
@@ -309,6 +324,9 @@ pub async fn run(
                 }
             }
             Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
+        }
+        if waited {
+            continue;
         }
         tokio::select! {
             _ = &mut shutdown => break,

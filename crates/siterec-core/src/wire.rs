@@ -206,6 +206,13 @@ pub struct HeartbeatRequest {
     pub transport_key: Option<String>,
     #[serde(default)]
     pub counters: std::collections::BTreeMap<String, ItemCounters>,
+    /// The `version` of the last answer this agent has: the vault answers
+    /// once that changed, or after `wait_ms` (a long poll), so that tasks
+    /// and assignments reach the agent as soon as the vault has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen_version: Option<u64>,
+    #[serde(default)]
+    pub wait_ms: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +238,10 @@ pub struct HeartbeatResponse {
     /// failback lifts it. Complete each time.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fenced: Vec<String>,
+    /// What the answer reflects (the vault's count of job engine passes);
+    /// 0 from a vault that does not wait for changes.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// Replicate one machine to a target agent's data endpoint.

@@ -166,6 +166,17 @@ async fn heartbeat(
         now,
     )
     .await?;
+    // A long poll: an agent that has the answer of `seen_version` waits
+    // (at most `wait_ms`, capped) until the job engine may have changed it.
+    if let Some(seen) = req.seen_version
+        && req.wait_ms > 0
+    {
+        let mut rx = st.changes.subscribe();
+        let wait =
+            std::time::Duration::from_millis(u64::from(req.wait_ms.min(MAX_HEARTBEAT_WAIT_MS)));
+        let _ = tokio::time::timeout(wait, rx.wait_for(|v| *v != seen)).await;
+    }
+    let version = *st.changes.borrow();
     let rows = persist::pending_tasks(&st.db, &agent).await?;
     let mut tasks = Vec::new();
     for (id, work) in rows {
@@ -185,8 +196,12 @@ async fn heartbeat(
         sources,
         imports,
         fenced,
+        version,
     }))
 }
+
+/// The longest a heartbeat waits for a change.
+const MAX_HEARTBEAT_WAIT_MS: u32 = 10_000;
 
 /// For a target agent: the items in offline initial replication it keeps,
 /// with the directory to import each one's initial copy from.
@@ -442,6 +457,7 @@ mod tests {
             vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::channel(1).0,
         })
     }
 
@@ -459,6 +475,8 @@ mod tests {
             store_key_id: None,
             transport_key: None,
             counters: Default::default(),
+            seen_version: None,
+            wait_ms: 0,
         }
     }
 
@@ -467,6 +485,55 @@ mod tests {
             .fetch_all(&st.db)
             .await
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_heartbeat_that_has_the_current_answer_waits_for_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        exec(&st, "INSERT INTO agents (id, fabric, hostname, key_id, version, enrolled_ms) VALUES ('a1', 'recovery', 'h1', 'k', '0', 0)").await;
+        let me = || Extension(PeerIdentity(Some("a1".into())));
+        let Json(first) = heartbeat(State(st.clone()), me(), Json(beat(&[])))
+            .await
+            .unwrap();
+        assert_ne!(first.version, 0, "a vault that waits says its version");
+        // Nothing changes: answered after the wait.
+        let mut req = beat(&[]);
+        req.seen_version = Some(first.version);
+        req.wait_ms = 300;
+        let t = std::time::Instant::now();
+        let Json(again) = heartbeat(State(st.clone()), me(), Json(req.clone()))
+            .await
+            .unwrap();
+        assert!(t.elapsed() >= std::time::Duration::from_millis(300));
+        assert_eq!(again.version, first.version);
+        // The job engine moves meanwhile: answered at once, with the new version.
+        req.wait_ms = 5_000;
+        let bump = {
+            let st = st.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                st.changes.send_modify(|v| *v += 1);
+            })
+        };
+        let t = std::time::Instant::now();
+        let Json(moved) = heartbeat(State(st.clone()), me(), Json(req)).await.unwrap();
+        bump.await.unwrap();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(moved.version, first.version + 1);
+        // An old answer's version: no wait at all.
+        let mut stale = beat(&[]);
+        stale.seen_version = Some(first.version);
+        stale.wait_ms = 5_000;
+        let t = std::time::Instant::now();
+        let _ = heartbeat(State(st.clone()), me(), Json(stale))
+            .await
+            .unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[tokio::test]

@@ -2536,6 +2536,7 @@ mod tests {
             vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::channel(1).0,
         });
         sqlx::query(
             "INSERT INTO api_tokens (token_hash, name, created_ms) VALUES ($1, 'admin', 0)",

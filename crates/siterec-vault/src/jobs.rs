@@ -49,6 +49,9 @@ pub async fn run_engine(st: crate::Shared) {
                     if let Err(e) = advance(&st, &id).await {
                         tracing::warn!(job = %id, "job step will be retried: {e:#}");
                     }
+                    // Agents waiting for a change hear of it now, not at
+                    // their next heartbeat.
+                    st.changes.send_modify(|v| *v += 1);
                 }
             }
             Err(e) => tracing::warn!("listing jobs: {e:#}"),
@@ -180,6 +183,7 @@ mod tests {
             vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::channel(1).0,
         }
     }
 

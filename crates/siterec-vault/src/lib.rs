@@ -80,6 +80,9 @@ pub struct AppState {
     pub agent_url: String,
     /// Wakes the job engine when something it waits for may have happened.
     pub wake: Notify,
+    /// Counts the job engine's passes that may have changed what agents
+    /// are told: a heartbeat that waits for a change returns when it moves.
+    pub changes: tokio::sync::watch::Sender<u64>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -176,6 +179,7 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
         vault_ca,
         agent_url,
         wake: Notify::new(),
+        changes: tokio::sync::watch::channel(1).0,
     });
     let stop = Arc::new(Notify::new());
     let mut tasks = Vec::new();

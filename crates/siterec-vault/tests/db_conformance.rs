@@ -512,6 +512,8 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             store_key_id: None,
             transport_key: None,
             counters: Default::default(),
+            seen_version: None,
+            wait_ms: 0,
         };
         let infos = vec![serde_json::to_string(&machine).unwrap()];
         let lan = "lan".to_string();

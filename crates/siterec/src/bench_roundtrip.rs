@@ -145,6 +145,16 @@ pub async fn roundtrip(opts: RoundtripOptions, out: Format) -> anyhow::Result<bo
                     "rsync --inplace --no-whole-file (back)", "n/a"
                 ),
             }
+            if let Some(steps) = report["reprotectSteps"].as_array() {
+                println!("  reprotect's steps:");
+                for st in steps {
+                    println!(
+                        "    {:<52} {:>6.2} s",
+                        st["name"].as_str().unwrap_or_default(),
+                        st["seconds"].as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
             println!(
                 "  failback wrote {} bytes in place; data checks {}",
                 report["failbackBytesWritten"],

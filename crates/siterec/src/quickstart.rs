@@ -379,7 +379,27 @@ async fn act(
         )
         .await?;
     ensure_ok(&op, what)?;
-    Ok((op.result.unwrap_or(Value::Null), t.elapsed()))
+    let took = t.elapsed();
+    let mut result = op.result.unwrap_or(Value::Null);
+    // Where the time went: the job's steps.
+    if let Ok(job) = api
+        .get_as::<Value>(&format!("replicationJobs/{}", op.job_id))
+        .await
+        && let Some(tasks) = job["properties"]["tasks"].as_array()
+    {
+        let steps: Vec<Value> = tasks
+            .iter()
+            .map(|t| {
+                let at = |k: &str| parse_ms(t[k].as_str().unwrap_or_default());
+                json!({
+                    "name": t["name"],
+                    "seconds": (at("endTime") - at("startTime")).max(0) as f64 / 1000.0,
+                })
+            })
+            .collect();
+        result["jobSteps"] = json!(steps);
+    }
+    Ok((result, took))
 }
 
 /// The bytes the source sent for `point` (the newest point if `None`).
@@ -467,6 +487,7 @@ pub async fn cycle(
     let (item, reprotect_secs) =
         act(api, "reProtect", json!({"properties": {}}), "reprotect").await?;
     let reprotect_bytes = point_bytes(api, None).await?;
+    let reprotect_steps = item["jobSteps"].clone();
     say(&format!(
         "reprotected in {:.1} s, {reprotect_bytes} bytes sent back: {}",
         reprotect_secs.as_secs_f64(),
@@ -517,6 +538,7 @@ pub async fn cycle(
         "recoveryBytesChanged": recovery_change,
         "reprotectSeconds": secs(reprotect_secs),
         "reprotectBytesSent": reprotect_bytes,
+        "reprotectSteps": reprotect_steps,
         "failbackSeconds": secs(failback_secs),
         "failbackBytesSent": failback_sent,
         "failbackBytesWritten": written,

@@ -108,7 +108,7 @@ impl Target {
     /// sends only those missing — the blocks that differ. Idempotent: a
     /// seed already committed is answered as it is.
     pub(crate) async fn seed_replica(
-        &self,
+        self: &Arc<Self>,
         item: &str,
         machine: &str,
         seed_id: &str,
@@ -157,37 +157,70 @@ impl Target {
         Ok(serde_json::to_value(report)?)
     }
 
-    /// Seeds one disk; answers its chunks and its size.
+    /// Seeds one disk; answers its chunks and its size. Blocks are hashed
+    /// and stored a few at a time, beside the read of the next ones.
     async fn seed_disk(
-        &self,
+        self: &Arc<Self>,
         item: &str,
         disk: &LocalDisk,
         report: &mut SeedReport,
     ) -> anyhow::Result<(Vec<Option<ChunkId>>, u64)> {
-        let mut chunks = Vec::new();
         let image = DiskImage::open(&disk.path, disk.format, false).await?;
         let size = image.size();
+        let blocks = size.div_ceil(u64::from(CHUNK_SIZE)) as usize;
+        let mut chunks: Vec<Option<ChunkId>> = vec![None; blocks];
         let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<u8>>>(8);
         let reader = tokio::spawn(read_blocks(image, tx));
+        let mut storing: tokio::task::JoinSet<anyhow::Result<(usize, ChunkId, bool)>> =
+            tokio::task::JoinSet::new();
+        let mut index = 0usize;
+        let absorb = |done: anyhow::Result<(usize, ChunkId, bool)>,
+                      chunks: &mut Vec<Option<ChunkId>>,
+                      report: &mut SeedReport|
+         -> anyhow::Result<()> {
+            let (i, id, stored) = done?;
+            chunks[i] = Some(id);
+            report.chunks_stored += u64::from(stored);
+            Ok(())
+        };
         while let Some(block) = rx.recv().await {
             let block = block?;
+            let i = index;
+            index += 1;
             report.blocks += 1;
             report.bytes_read += block.len() as u64;
             if siterec_drivers::capture::is_zero(&block) {
                 report.zero_blocks += 1;
-                chunks.push(None);
                 continue;
             }
-            let id = ChunkId::of(&block);
-            // Kept from garbage collection until the seed is committed.
-            self.remember(item, id);
-            if !self.store.has_chunk(id).await? {
-                self.store.put_plain_chunk(block, true).await?;
-                report.chunks_stored += 1;
+            while storing.len() >= SEED_STORING {
+                if let Some(done) = storing.join_next().await {
+                    absorb(done?, &mut chunks, report)?;
+                }
             }
-            chunks.push(Some(id));
+            let me = Arc::clone(self);
+            let item = item.to_string();
+            storing.spawn(async move {
+                let (id, block) =
+                    tokio::task::spawn_blocking(move || (ChunkId::of(&block), block)).await?;
+                // Kept from garbage collection until the seed is committed.
+                me.remember(&item, id);
+                let stored = if me.store.has_chunk(id).await? {
+                    false
+                } else {
+                    me.store.put_plain_chunk(block, true).await?;
+                    true
+                };
+                Ok((i, id, stored))
+            });
+        }
+        while let Some(done) = storing.join_next().await {
+            absorb(done?, &mut chunks, report)?;
         }
         reader.await??;
+        if index != blocks {
+            anyhow::bail!("{}: read {index} blocks of {blocks}", disk.path.display());
+        }
         Ok((chunks, size))
     }
 
@@ -251,6 +284,9 @@ impl Target {
         Ok(out)
     }
 }
+
+/// Blocks of a seed being hashed and stored at once.
+const SEED_STORING: usize = 4;
 
 /// The page size writes back are compared and written in.
 const PAGE: usize = 4096;
