@@ -235,7 +235,9 @@ pub struct SourceItem {
     pub info: String,
     pub target_id: String,
     pub target_url: Option<String>,
-    /// The running planned failover job waiting for the item's final point.
+    /// The running planned failover job waiting for the item's final point
+    /// (once its source is shut down: a point taken before would miss the
+    /// last writes).
     pub final_job: Option<String>,
     /// The item runs at the recovery site and `agent` is its recovery
     /// agent: it replicates the failover disks back to the primary agent.
@@ -256,7 +258,9 @@ pub async fn source_items(
     let rows = sqlx::query(
         "SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url,
            (SELECT j.id FROM jobs j WHERE j.kind = 'PlannedFailover' AND j.target_name = i.name
-              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
+              AND j.state IN ('NotStarted', 'InProgress')
+              AND NOT EXISTS (SELECT 1 FROM job_steps s WHERE s.job_id = j.id AND s.step = 'ShutDownSource' AND s.state <> 'Succeeded')
+              ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
            0 AS reverse, i.replication_epoch, i.failover_output
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
@@ -265,7 +269,9 @@ pub async fn source_items(
          UNION ALL
          SELECT i.name, i.machine, i.state, i.policy, i.multi_vm_group, m.info, a.id AS target_id, a.data_url,
            (SELECT j.id FROM jobs j WHERE j.kind = 'PlannedFailover' AND j.target_name = i.name
-              AND j.state IN ('NotStarted', 'InProgress') ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
+              AND j.state IN ('NotStarted', 'InProgress')
+              AND NOT EXISTS (SELECT 1 FROM job_steps s WHERE s.job_id = j.id AND s.step = 'ShutDownSource' AND s.state <> 'Succeeded')
+              ORDER BY j.created_ms DESC LIMIT 1) AS final_job,
            1 AS reverse, i.replication_epoch, i.failover_output
          FROM protected_items i
          JOIN machines m ON m.fabric = i.fabric AND m.name = i.machine
