@@ -138,6 +138,15 @@ impl Fence {
         }
     }
 
+    /// Keeps `names` durably in `DATA/fenced.json` (a failure is logged:
+    /// the vault says the fence again in every answer).
+    fn save(&self, names: &std::collections::BTreeSet<String>) {
+        let bytes = serde_json::to_vec(names).unwrap_or_default();
+        if let Err(e) = crate::util::write_durably(&self.path, &bytes, 0o600) {
+            tracing::warn!("keeping the fence: {e:#}");
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.names.lock().map(|n| n.contains(name)).unwrap_or(true)
     }
@@ -268,22 +277,17 @@ impl VmHost {
             return Ok(());
         };
         let mut slot = slot.lock().await;
-        let alive = match &mut slot.vm {
+        if !match &mut slot.vm {
             Some(vm) => vm.status().await.is_ok(),
             None => false,
-        };
-        let left = if alive {
-            false
-        } else {
-            slot.vm = None;
-            Vm::adopt(slot.spec.clone(), &slot.run_dir)
+        } {
+            // Gone, or never ours: one an earlier run left is taken over.
+            slot.vm = Vm::adopt(slot.spec.clone(), &slot.run_dir)
                 .await
                 .ok()
-                .flatten()
-                .map(|vm| slot.vm = Some(vm))
-                .is_some()
-        };
-        if alive || left {
+                .flatten();
+        }
+        if slot.vm.is_some() {
             anyhow::bail!(
                 "VM '{name}' runs here (its QEMU holds its disks): its disks cannot be written back while it runs; shut it down first"
             );
@@ -301,10 +305,7 @@ impl VmHost {
         if let Ok(mut n) = self.fence.names.lock()
             && n.remove(name)
         {
-            let bytes = serde_json::to_vec(&*n).unwrap_or_default();
-            if let Err(e) = crate::util::write_durably(&self.fence.path, &bytes, 0o600) {
-                tracing::warn!("keeping the fence: {e:#}");
-            }
+            self.fence.save(&n);
         }
         let mut slot = slot.lock().await;
         match std::fs::remove_file(held_marker(&slot.run_dir)) {
@@ -333,10 +334,7 @@ impl VmHost {
         };
         if changed {
             tracing::info!(fenced = ?new, "machines that failed over are fenced: not started here");
-            let bytes = serde_json::to_vec(&new).unwrap_or_default();
-            if let Err(e) = crate::util::write_durably(&self.fence.path, &bytes, 0o600) {
-                tracing::warn!("keeping the fence: {e:#}");
-            }
+            self.fence.save(&new);
         }
         self.fence.answered.send_replace(true);
     }

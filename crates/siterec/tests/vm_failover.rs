@@ -19,18 +19,14 @@ use siterec_testguest::{Mode, TestGuest};
 
 const SEED: u64 = 90210;
 
-fn serial(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 /// Waits for the guest's verdict on a serial log; returns the log.
 fn verdict(path: &Path) -> String {
     wait_until(
         Duration::from_secs(180),
         "the replica guest's verdict",
-        || serial(path).contains("SITEREC-GUEST VERDICT"),
+        || serial_log(path).contains("SITEREC-GUEST VERDICT"),
     );
-    serial(path)
+    serial_log(path)
 }
 
 fn qemu_cmdline(run_dir: &Path) -> (u32, String) {
@@ -89,7 +85,7 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:01" }} ]
     wait_until(
         Duration::from_secs(120),
         "the guest to write its files",
-        || serial(&primary_serial).contains("SITEREC-GUEST WROTE"),
+        || serial_log(&primary_serial).contains("SITEREC-GUEST WROTE"),
     );
 
     env.json(&[

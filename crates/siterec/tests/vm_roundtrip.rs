@@ -21,10 +21,6 @@ use siterec_testguest::{Mode, Options, TestGuest};
 
 const SEED: u64 = 4711;
 
-fn serial(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
-
 fn state(op: &Value) -> (String, String) {
     let p = &op["result"]["properties"];
     (
@@ -165,7 +161,7 @@ listen = "127.0.0.1:0"
     let primary_run = primary.join("vms/app01");
     let primary_serial = primary_run.join("serial.log");
     wait_until(Duration::from_secs(120), "the guest to churn", || {
-        serial(&primary_serial).contains("SITEREC-GUEST CHURN")
+        serial_log(&primary_serial).contains("SITEREC-GUEST CHURN")
     });
     env.pair(&["--retention-hours", "2", "--delete-replica"]);
     env.wait_machine("app01");
@@ -192,7 +188,7 @@ listen = "127.0.0.1:0"
             "Complete planned failover",
         ]
     );
-    let log = serial(&primary_serial);
+    let log = serial_log(&primary_serial);
     assert!(log.contains("SITEREC-GUEST POWERDOWN"), "{log}");
     assert!(!pid_alive(&primary_run), "the old VM's QEMU is gone");
     let at_failover = final_point(&op);
@@ -211,12 +207,12 @@ listen = "127.0.0.1:0"
     wait_until(
         Duration::from_secs(120),
         "the replica guest's verdict",
-        || serial(&replica_serial).contains("SITEREC-GUEST VERDICT"),
+        || serial_log(&replica_serial).contains("SITEREC-GUEST VERDICT"),
     );
     assert!(
-        serial(&replica_serial).contains("SITEREC-GUEST VERDICT OK"),
+        serial_log(&replica_serial).contains("SITEREC-GUEST VERDICT OK"),
         "{}",
-        serial(&replica_serial)
+        serial_log(&replica_serial)
     );
     let op = env.json(&["failover", "commit", "app01"]);
     assert_eq!(state(&op), ("FailoverCommitted".into(), "Recovery".into()));
@@ -249,9 +245,9 @@ listen = "127.0.0.1:0"
         ("PlannedFailoverCompleted".into(), "Primary".into())
     );
     assert!(
-        serial(&replica_serial).contains("SITEREC-GUEST POWERDOWN"),
+        serial_log(&replica_serial).contains("SITEREC-GUEST POWERDOWN"),
         "{}",
-        serial(&replica_serial)
+        serial_log(&replica_serial)
     );
     assert!(!pid_alive(&replica_run), "the replica VM's QEMU is gone");
     let at_failback = final_point(&op);
@@ -279,12 +275,12 @@ listen = "127.0.0.1:0"
     wait_until(
         Duration::from_secs(120),
         "the guest's verdict at home",
-        || serial(&primary_serial).contains("SITEREC-GUEST VERDICT"),
+        || serial_log(&primary_serial).contains("SITEREC-GUEST VERDICT"),
     );
     assert!(
-        serial(&primary_serial).contains("SITEREC-GUEST VERDICT OK"),
+        serial_log(&primary_serial).contains("SITEREC-GUEST VERDICT OK"),
         "{}",
-        serial(&primary_serial)
+        serial_log(&primary_serial)
     );
     let op = env.json(&["failover", "commit", "app01"]);
     assert_eq!(state(&op), ("FailoverCommitted".into(), "Primary".into()));

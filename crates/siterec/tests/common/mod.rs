@@ -663,6 +663,11 @@ pub fn open_store(dir: &Path) -> siterec_store::Store {
         .expect("open store")
 }
 
+/// A VM's serial console so far (empty before QEMU made it).
+pub fn serial_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
 /// A write as a VM's guest makes it (through the disk's device), then a
 /// flush as the guest's sync, on the VM's operator QMP socket
 /// (`RUN/admin.sock`): the flush puts qcow2 metadata in the file, where
