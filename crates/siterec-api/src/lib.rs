@@ -393,6 +393,10 @@ pub struct ReplicationDetails {
     pub vm_nics: Option<Vec<ItemNic>>,
     /// The VM of the test failover in progress.
     pub test_vm: Option<ReplicaVm>,
+    /// A physical server's test copy: the disks its test failover wrote
+    /// (null when none).
+    #[serde(default)]
+    pub test_disks: Value,
     /// As the SDK's InMageAzureV2ReplicationDetails: a group's id is its
     /// name (as Azure PowerShell sets both).
     pub multi_vm_group_id: Option<String>,

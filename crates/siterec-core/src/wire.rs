@@ -307,6 +307,22 @@ pub enum TaskWork {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         sealed_key: Option<SealedKey>,
     },
+    /// Target: a physical server's test failover. Like `Materialize`, but
+    /// into the item's test directory (`<failover dir>/.test/<item>/`),
+    /// never over its failover disks; replication goes on. The output is a
+    /// list of [`MaterializedDisk`].
+    #[serde(rename_all = "camelCase")]
+    MaterializeTest {
+        item: String,
+        point_id: String,
+        formats: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sealed_key: Option<SealedKey>,
+    },
+    /// Target: delete the item's test directory (a physical test failover's
+    /// cleanup). Idempotent: a directory that is gone is answered ok.
+    #[serde(rename_all = "camelCase")]
+    RemoveTestDisks { item: String },
     /// Target: delete these points of an item and collect unreferenced chunks.
     #[serde(rename_all = "camelCase")]
     Prune {

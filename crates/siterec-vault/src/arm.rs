@@ -1823,8 +1823,10 @@ async fn disable_protection(
 /// Test failover (SDK `TestFailoverInput`): the recovery agent creates and
 /// starts a copy of the VM from a recovery point, named `<machine>-test`,
 /// on the network the input names (`networkType: VmNetworkAsInput` with
-/// `networkId`, a network of the recovery fabric) or on an isolated one.
-/// The item stays Protected and goes on replicating.
+/// `networkId`, a network of the recovery fabric) or on an isolated one;
+/// a physical server's test copy is its disks written as images in a test
+/// directory of the recovery agent (no network). The item stays Protected
+/// and goes on replicating.
 async fn test_failover(
     st: &Shared,
     headers: &HeaderMap,
@@ -1837,18 +1839,8 @@ async fn test_failover(
     let p = props(body);
     check_direction(&item, p)?;
     let machine = model::machine_info(&st.db, &item.fabric, &item.machine).await?;
-    match &machine {
-        Some(m) if model::is_vm(m) => {}
-        Some(m) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "TestFailoverNotSupported",
-                format!(
-                    "item '{}' protects machine '{}', a {}: test failover boots a copy of a virtual machine at the recovery site, and only VMs (an agent's [[vms]]) can be booted there. 'siterec failover unplanned {}' writes its disks as images instead",
-                    item.name, item.machine, m.kind, item.name
-                ),
-            ));
-        }
+    let vm = match &machine {
+        Some(m) => model::is_vm(m),
         None => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -1859,8 +1851,18 @@ async fn test_failover(
                 ),
             ));
         }
-    }
+    };
     let network = test_network(st, &item, p).await?;
+    if let (false, Some(n)) = (vm, &network) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "TestFailoverNetworkNotSupported",
+            format!(
+                "item '{}' protects a physical server: its test failover writes the disks as images at the recovery site and attaches no network, so network '{n}' cannot be used; leave networkType/networkId out (or use NoNetworkAttachAsInput)",
+                item.name
+            ),
+        ));
+    }
     // Before anything is written: a refused key creates no job.
     let sealed_key = seal_recovery_key(st, &item, p, Location::Recovery).await?;
     let wanted = wanted_point(st, &item, p)?;
@@ -1881,6 +1883,7 @@ async fn test_failover(
         item: item.name.clone(),
         point_id: point.clone(),
         vm_name: format!("{}-test", item.machine),
+        vm,
         network: network.map(|n| n.to_string()),
         // Forgotten once the StartReplica task is over.
         sealed_key: sealed_key.map(siterec_core::wire::SealedKey),
@@ -2011,18 +2014,29 @@ async fn test_failover_cleanup(
         .test_state
         .apply(TestAction::StartCleanup, item.state)
         .map_err(transition_error)?;
-    let vm_name = item
+    let output = item
         .test_output
         .as_deref()
-        .and_then(|o| serde_json::from_str::<Value>(o).ok())
+        .and_then(|o| serde_json::from_str::<Value>(o).ok());
+    let vm_name = output
+        .as_ref()
         .and_then(|o| o.get("vmName").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_else(|| format!("{}-test", item.machine));
+    // A physical test copy's output lists its disks; without an output (the
+    // test failover failed early) the machine says what it is.
+    let vm = match output.as_ref().map(|o| o.get("disks").is_some()) {
+        Some(true) => false,
+        _ => model::machine_info(&st.db, &item.fabric, &item.machine)
+            .await?
+            .is_none_or(|m| model::is_vm(&m)),
+    };
     items::set_test_state(&mut tx, &item.name, next, now_ms()).await?;
     let job = create_job(
         &mut tx,
         &JobInput::TestFailoverCleanup(CleanupInput {
             item: item.name.clone(),
             vm_name: vm_name.to_string(),
+            vm,
             comments: Some(comments.clone()),
         }),
         "ProtectionEntity",
@@ -2936,9 +2950,9 @@ mod tests {
             (
                 PHYS,
                 "testFailover",
-                json!({"properties": {"failoverDirection": "PrimaryToRecovery"}}),
+                json!({"properties": {"networkType": "VmNetworkAsInput", "networkId": rnet(&st, "recovery", "TEST-NET")}}),
                 400,
-                "only VMs",
+                "attaches no network",
             ),
             (
                 VM,

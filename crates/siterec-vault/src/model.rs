@@ -614,11 +614,18 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
         ),
         other => (other.clone(), None),
     };
-    let test_vm = item
+    let test_output = item
         .test_output
         .as_deref()
-        .and_then(|s| serde_json::from_str::<Value>(s).ok())
-        .and_then(|o| replica_vm(&o, item.test_point_id.as_deref()));
+        .and_then(|s| serde_json::from_str::<Value>(s).ok());
+    let test_vm = test_output
+        .as_ref()
+        .and_then(|o| replica_vm(o, item.test_point_id.as_deref()));
+    // A physical server's test copy is its disks.
+    let test_disks = match &test_output {
+        Some(o) if test_vm.is_none() => o.get("disks").cloned().unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
     let machine = facts
         .machine(&item.fabric, &item.machine)
         .and_then(|(_, m)| m.as_ref());
@@ -726,6 +733,7 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
                 failover_vm,
                 vm_nics,
                 test_vm,
+                test_disks,
                 multi_vm_group_id: item.group.clone(),
                 multi_vm_group_name: item.group.clone(),
                 multi_vm_sync_status: if item.group.is_some() {

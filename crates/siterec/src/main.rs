@@ -517,7 +517,9 @@ enum FailoverCmd {
         no_wait: bool,
     },
     /// Test failover: start a copy of a protected VM at the recovery site,
-    /// named ITEM's machine with `-test`, while replication goes on.
+    /// named ITEM's machine with `-test`, while replication goes on; for a
+    /// physical server, write its disks as images into a test directory
+    /// of the recovery agent (no network).
     Test {
         item: String,
         /// `latest` or a recovery point id.
@@ -533,7 +535,7 @@ enum FailoverCmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Power off and delete a test failover's VM.
+    /// Power off and delete a test failover's VM (a server's: its disks).
     TestCleanup {
         item: String,
         /// Notes on the test (kept with the cleanup job).
@@ -1635,6 +1637,19 @@ async fn failover(conn: &Conn, out: Format, cmd: FailoverCmd) -> anyhow::Result<
                 for n in &vm.nics {
                     let net = n.network.as_deref().unwrap_or("an isolated network");
                     println!("  NIC {}: {net}", n.name);
+                }
+                println!("clean it up with 'siterec failover test-cleanup {item}'");
+            } else if op.status == "Succeeded"
+                && out == Format::Table
+                && let Some(tested) = op.result_as::<sapi::ProtectedItem>()?
+                && let Ok(disks) = serde_json::from_value::<Vec<siterec_core::wire::MaterializedDisk>>(
+                    tested.properties.provider_specific_details.test_disks,
+                )
+                && !disks.is_empty()
+            {
+                println!("test copy of {item}'s disks written at the recovery site:");
+                for d in &disks {
+                    println!("  {} ({}): {}", d.disk, d.format, d.path);
                 }
                 println!("clean it up with 'siterec failover test-cleanup {item}'");
             }

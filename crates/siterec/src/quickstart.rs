@@ -3,7 +3,8 @@
 //! Starts a vault and two agents (site `primary` with a sample server and
 //! a replica store for the way back, site `recovery` with the replica
 //! store) in this process, protects the sample disk, changes part of it,
-//! waits for a recovery point that contains the change, then runs the
+//! waits for a recovery point that contains the change, runs a test
+//! failover from it (the test copy checked, then cleaned up), then the
 //! cycle ([`cycle`]): planned failover, commit, writes at the recovery
 //! site, reprotect, failback, commit, reprotect — checking the data after
 //! each move. Exits 0 only if every check holds. `siterec bench roundtrip`
@@ -68,6 +69,8 @@ pub async fn run(dir: &Path, disk_mib: u64, out: Format) -> anyhow::Result<ExitC
                 ("deltaBytesChanged", "bytes changed at the source"),
                 ("deltaBytesSent", "delta cycle bytes sent"),
                 ("changeToPointSeconds", "change to recovery point (s)"),
+                ("testFailoverSeconds", "test failover (s)"),
+                ("testCopyIdentical", "test copy raw, qcow2 = source"),
                 ("plannedFailoverSeconds", "planned failover (s)"),
                 ("failedOverIdentical", "failed-over raw, qcow2 = source"),
                 ("recoveryBytesChanged", "bytes changed at recovery"),
@@ -343,8 +346,13 @@ async fn protect_and_cycle(
         "recovery point {point_id} holds the change ({delta_sent} bytes sent)"
     ));
 
+    // A test failover from that point while replication goes on: the
+    // test copy's disks equal the source's, then the cleanup deletes them.
+    let (tested_ok, test_secs) = test_failover(api, disk, &point_id, say).await?;
+
     // The cycle, with 1 % of the disk written at the recovery site.
     let mut report = cycle(api, disk, size, size / 100, say).await?;
+    let passed = report["passed"].as_bool().unwrap_or(false) && tested_ok;
     let extra = json!({
         "recoveryPoint": point_id,
         "initialReplicationSeconds": secs(initial_secs),
@@ -352,11 +360,71 @@ async fn protect_and_cycle(
         "deltaBytesChanged": changed,
         "deltaBytesSent": delta_sent,
         "changeToPointSeconds": secs(change_secs),
+        "testFailoverSeconds": secs(test_secs),
+        "testCopyIdentical": tested_ok,
+        "passed": passed,
     });
     if let (Some(r), Some(e)) = (report.as_object_mut(), extra.as_object()) {
         r.extend(e.clone());
     }
     Ok(report)
+}
+
+/// Test failover of `web01` from `point_id` (its disks written as images in
+/// the recovery agent's test directory; the item goes on replicating),
+/// checked against the source disk, then cleaned up (checked: the test
+/// disks are gone, the item has no test failover left).
+async fn test_failover(
+    api: &Api,
+    disk: &Path,
+    point_id: &str,
+    say: &impl Fn(&str),
+) -> anyhow::Result<(bool, Duration)> {
+    let body = json!({"properties": {
+        "failoverDirection": "PrimaryToRecovery",
+        "networkType": "NoNetworkAttachAsInput",
+        "providerSpecificDetails": {"instanceType": "HyperVReplicaAzure", "recoveryPointId": point_id},
+    }});
+    let (item, took) = act(api, "testFailover", body, "run the test failover").await?;
+    let p = &item["properties"];
+    let test_disk = |format: &str| {
+        p["providerSpecificDetails"]["testDisks"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["format"] == format))
+            .and_then(|d| d["path"].as_str())
+            .map(std::path::PathBuf::from)
+    };
+    let raw = test_disk("raw").context("the test failover wrote no raw disk")?;
+    let raw_ok = sample::hash_file(&raw)? == sample::hash_file(disk)?;
+    let qcow2_ok = match test_disk("qcow2") {
+        Some(q) => qemu_img_compare(disk, &q)?,
+        None => false,
+    };
+    let replicating =
+        p["protectionState"] == "Protected" && p["testFailoverState"] == "TestFailoverCompleted";
+    say(&format!(
+        "test failover in {:.1} s from point {point_id}: test copy {} ({}), raw {}, qcow2 {}",
+        took.as_secs_f64(),
+        raw.parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        state_of(&item),
+        verdict(raw_ok),
+        verdict(qcow2_ok)
+    ));
+    let (item, _) = act(
+        api,
+        "testFailoverCleanup",
+        json!({"properties": {"comments": "quickstart: test copy checked"}}),
+        "clean up the test failover",
+    )
+    .await?;
+    let cleaned = !raw.exists() && item["properties"]["testFailoverState"] == "None";
+    say(&format!(
+        "test failover cleaned up: test disks {}",
+        if cleaned { "deleted" } else { "STILL THERE" }
+    ));
+    Ok((raw_ok && qcow2_ok && replicating && cleaned, took))
 }
 
 const ITEM_REL: &str = "replicationFabrics/primary/replicationProtectionContainers/primary-cloud/replicationProtectedItems/web01";

@@ -90,3 +90,55 @@ fn roundtrip_of_a_2_gib_disk_sends_and_writes_a_few_percent() {
     // that takes them already holds every chunk.
     assert!(report["reprotectBackBytesSent"].as_u64().unwrap() < disk / 100);
 }
+
+/// The quickstart, as a new user runs it (a smaller disk): protect, test
+/// failover (its copy checked, then cleaned up), planned failover,
+/// reprotect, failback and reprotect, each checked by the quickstart
+/// itself; its report must say so, and the moves must not copy the disk.
+#[test]
+fn quickstart_runs_the_whole_cycle_and_checks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "quickstart",
+            "--disk-mib",
+            "64",
+            "--output",
+            "json",
+            "--dir",
+        ])
+        .arg(dir.path().join("qs"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(out.status.success(), "quickstart failed:\n{stdout}\n{tail}");
+    let json = &stdout[stdout.find('{').expect("a JSON report")..];
+    let report: serde_json::Value = serde_json::from_str(json).unwrap();
+    for check in [
+        "passed",
+        "testCopyIdentical",
+        "failedOverIdentical",
+        "failedBackIdentical",
+        "protectedAtPrimary",
+    ] {
+        assert_eq!(report[check], true, "{check}: {report}");
+    }
+    let disk = report["diskBytes"].as_u64().unwrap();
+    assert_eq!(disk, 64 << 20);
+    let reprotect = report["reprotectBytesSent"].as_u64().unwrap();
+    assert!(reprotect < disk / 4, "reprotect sent {reprotect} of {disk}");
+    assert_eq!(report["reprotectBackBytesSent"], 0, "{report}");
+    // The test copy is gone with its cleanup.
+    let test_dir = dir.path().join("qs/recovery-agent/failover/.test/web01");
+    assert!(!test_dir.exists(), "{} still exists", test_dir.display());
+}

@@ -184,14 +184,18 @@ name = "spare"
     ]);
     assert!(err.contains("has no mapping"), "{err}");
 
-    // Test failover boots VMs only: a protected physical server is refused,
-    // and there is nothing to clean up; neither creates a job.
+    // A physical server's test copy is its disks, with no network: a
+    // network is refused, and there is nothing to clean up; neither
+    // creates a job.
     env.pair(&["--retention-hours", "1"]);
     env.wait_machine("phys1");
     env.enable("phys1");
     let jobs_before = env.json(&["jobs", "list"]).as_array().unwrap().len();
-    let err = env.fails(&["failover", "test", "phys1"]);
-    assert!(err.contains("only VMs") && err.contains("400"), "{err}");
+    let err = env.fails(&["failover", "test", "phys1", "--network", "dr-lan"]);
+    assert!(
+        err.contains("attaches no network") && err.contains("400"),
+        "{err}"
+    );
     let err = env.fails(&["failover", "test-cleanup", "phys1"]);
     assert!(
         err.contains("no test failover to clean up") && err.contains("409"),

@@ -79,6 +79,33 @@ impl Target {
                     .await?;
                 Ok(serde_json::to_value(disks)?)
             }
+            TaskWork::MaterializeTest {
+                item,
+                point_id,
+                formats,
+                sealed_key,
+            } => {
+                siterec_core::names::check_name("protected item", item)?;
+                let store = self.reading_store(sealed_key.as_ref())?;
+                let dir = self.test_dir(item);
+                let disks = self
+                    .materialize_into(&store, item, point_id, formats, &dir)
+                    .await?;
+                Ok(serde_json::to_value(disks)?)
+            }
+            TaskWork::RemoveTestDisks { item } => {
+                siterec_core::names::check_name("protected item", item)?;
+                let dir = self.test_dir(item);
+                let removed = match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("removing {}", dir.display()));
+                    }
+                };
+                tracing::info!(item, dir = %dir.display(), removed, "test failover disks removed");
+                Ok(serde_json::json!({ "removed": removed, "dir": dir }))
+            }
             TaskWork::Verify => self.verify().await,
             TaskWork::StartReplica {
                 item,
@@ -160,6 +187,12 @@ impl Target {
         }
     }
 
+    /// Where a physical server's test failover writes its disks: apart from
+    /// the failover disks (a dot name is never an item's).
+    pub fn test_dir(&self, item: &str) -> PathBuf {
+        self.failover_dir.join(".test").join(item)
+    }
+
     /// Deletes everything this agent keeps of `item`: its replica VMs, its
     /// failover disks and every recovery point, then collects the chunks
     /// no other point references. Idempotent: what is already gone is
@@ -173,6 +206,12 @@ impl Target {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
         };
+        let test = self.test_dir(item);
+        match std::fs::remove_dir_all(&test) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", test.display())),
+        }
         let points = self.store.list_points(Some(item)).await?;
         for p in &points {
             self.store.delete_point(item, &p.point_id).await?;

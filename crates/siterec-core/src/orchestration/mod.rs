@@ -84,10 +84,12 @@ pub enum StepKey {
     ReverseReplication,
     RemoveSeed,
     CompleteReprotect,
+    WriteTestDisks,
+    RemoveTestDisks,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 40] = [
+    pub const ALL: [StepKey; 42] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -128,6 +130,8 @@ impl StepKey {
         Self::ReverseReplication,
         Self::RemoveSeed,
         Self::CompleteReprotect,
+        Self::WriteTestDisks,
+        Self::RemoveTestDisks,
     ];
 
     /// The stored name.
@@ -173,6 +177,8 @@ impl StepKey {
             Self::ReverseReplication => "ReverseReplication",
             Self::RemoveSeed => "RemoveSeed",
             Self::CompleteReprotect => "CompleteReprotect",
+            Self::WriteTestDisks => "WriteTestDisks",
+            Self::RemoveTestDisks => "RemoveTestDisks",
         }
     }
 
@@ -223,6 +229,8 @@ impl StepKey {
             Self::ReverseReplication => "Replicate what differs to the other site",
             Self::RemoveSeed => "Remove the seed of the replica store",
             Self::CompleteReprotect => "Complete reprotect",
+            Self::WriteTestDisks => "Write the test copy's disks at the recovery site",
+            Self::RemoveTestDisks => "Delete the test copy's disks",
         }
     }
 }
@@ -256,12 +264,20 @@ impl JobKind {
             ],
             Self::CommitFailover => &[K::CheckCommit, K::Commit],
             Self::VerifyStore => &[K::VerifyStores],
-            Self::TestFailover => &[
+            Self::TestFailover if vm => &[
                 K::CheckTestFailover,
                 K::StartTestVm,
                 K::CompleteTestFailover,
             ],
-            Self::TestFailoverCleanup => &[K::CheckCleanup, K::RemoveTestVm, K::CompleteCleanup],
+            Self::TestFailover => &[
+                K::CheckTestFailover,
+                K::WriteTestDisks,
+                K::CompleteTestFailover,
+            ],
+            Self::TestFailoverCleanup if vm => {
+                &[K::CheckCleanup, K::RemoveTestVm, K::CompleteCleanup]
+            }
+            Self::TestFailoverCleanup => &[K::CheckCleanup, K::RemoveTestDisks, K::CompleteCleanup],
             Self::CreateNetworkMapping => &[K::CheckNetworkMapping, K::MapNetworks],
             Self::DeleteNetworkMapping => &[K::RemoveNetworkMapping],
             Self::PlannedFailover if vm => &[
@@ -301,6 +317,10 @@ impl JobKind {
             ],
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn is_false(b: &bool) -> bool {
@@ -485,7 +505,13 @@ pub fn seed_point_id(job_id: &str) -> String {
 pub struct TestFailoverInput {
     pub item: String,
     pub point_id: String,
+    /// The test copy's name: `<machine>-test`.
     pub vm_name: String,
+    /// A VM is booted; else (a physical server) the point's disks are
+    /// written as images for the operator to test. Jobs stored before
+    /// physical test failovers were all of VMs.
+    #[serde(default = "yes")]
+    pub vm: bool,
     /// The recovery network every NIC goes on; `None`: isolated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
@@ -498,6 +524,9 @@ pub struct TestFailoverInput {
 pub struct CleanupInput {
     pub item: String,
     pub vm_name: String,
+    /// The test copy is a VM; else its disks are deleted.
+    #[serde(default = "yes")]
+    pub vm: bool,
     #[serde(default)]
     pub comments: Option<String>,
 }
@@ -597,6 +626,8 @@ impl JobInput {
             // A failback writes the VM's own disks back, then starts it.
             Self::PlannedFailover(p) => p.vm && p.to == Location::Recovery,
             Self::ChangeRecoveryPoint(c) => c.vm,
+            Self::TestFailover(t) => t.vm,
+            Self::TestFailoverCleanup(c) => c.vm,
             _ => false,
         };
         self.kind().step_keys(vm)
@@ -1046,6 +1077,8 @@ fn task_id(job_id: &str, key: StepKey) -> String {
         StepKey::SeedReverseReplica => format!("{job_id}-seed"),
         StepKey::RemoveSeed => format!("{job_id}-remove-seed"),
         StepKey::ShutDownSource => format!("{job_id}-shutdown"),
+        StepKey::WriteTestDisks => format!("{job_id}-test-disks"),
+        StepKey::RemoveTestDisks => format!("{job_id}-remove-test-disks"),
         _ => format!("{job_id}-remove-replica"),
     }
 }
@@ -1105,6 +1138,8 @@ pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
         (
             K::MaterializeDisks
             | K::RemoveTestVm
+            | K::WriteTestDisks
+            | K::RemoveTestDisks
             | K::RemoveReplicaData
             | K::SeedReverseReplica
             | K::RemoveSeed,
@@ -1443,6 +1478,12 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
         },
         (K::RemoveTestVm, I::TestFailoverCleanup(c), Observed::Task(t)) => {
             remove_replica(ctx, c, t)
+        }
+        (K::WriteTestDisks, I::TestFailover(tf), Observed::Task(t)) => {
+            write_test_disks(ctx, input, tf, t)
+        }
+        (K::RemoveTestDisks, I::TestFailoverCleanup(c), Observed::Task(t)) => {
+            remove_test_disks(ctx, c, t)
         }
         (K::CompleteCleanup, _, _) => Decision::done(vec![
             Effect::TestTransition {
@@ -1889,6 +1930,104 @@ fn shut_down_vm(ctx: &StepCtx<'_>, p: &PlannedFailoverInput, t: &TaskSeen) -> De
         TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "planned failover")
             .unwrap_or_else(Decision::wait)
             .with(effects),
+    }
+}
+
+/// A physical server's test failover: the recovery agent writes the
+/// point's disks as images in a test directory of their own (beside, never
+/// over, the failover disks), for the operator to boot or mount in an
+/// isolated place; replication goes on.
+fn write_test_disks(
+    ctx: &StepCtx<'_>,
+    input: &JobInput,
+    tf: &TestFailoverInput,
+    t: &TaskSeen,
+) -> Decision {
+    let Some(agent) = &t.agent else {
+        return Decision::fail(
+            "NoRecoveryAgent",
+            format!("item '{}' has no recovery agent", tf.item),
+        );
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::WriteTestDisks),
+                agent: agent.clone(),
+                work: TaskWork::MaterializeTest {
+                    item: tf.item.clone(),
+                    point_id: tf.point_id.clone(),
+                    formats: vec!["raw".into(), "qcow2".into()],
+                    sealed_key: input.sealed_key(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { output } => Decision::done(effects).with([
+            Effect::ForgetSealedKey,
+            Effect::SetTestFailoverOutput {
+                item: tf.item.clone(),
+                output: json!({
+                    "vmName": tf.vm_name,
+                    "pointId": tf.point_id,
+                    "agent": agent,
+                    "disks": output,
+                }),
+            },
+        ]),
+        TaskResult::Failed { error } => Decision::fail(
+            "MaterializeFailed",
+            format!(
+                "the recovery agent could not write the test copy's disks: {}",
+                task_error(&error)
+            ),
+        )
+        .with([Effect::ForgetSealedKey]),
+        TaskResult::Pending => agent_gone(ctx, agent, t.agent_last_seen_ms, "test failover")
+            .unwrap_or_else(Decision::wait)
+            .with(effects),
+    }
+}
+
+/// Asks the item's recovery agent to delete a physical test copy's disks.
+fn remove_test_disks(ctx: &StepCtx<'_>, c: &CleanupInput, t: &TaskSeen) -> Decision {
+    let Some(agent) = &t.agent else {
+        return Decision::done(vec![Effect::StepOutput(json!({
+            "notes": ["the item has no recovery agent: no test disks to delete"]
+        }))]);
+    };
+    let mut effects = Vec::new();
+    let task = match &t.task {
+        Some(task) => task.clone(),
+        None => {
+            effects.push(Effect::EnsureTask {
+                id: task_id(ctx.job_id, StepKey::RemoveTestDisks),
+                agent: agent.clone(),
+                work: TaskWork::RemoveTestDisks {
+                    item: c.item.clone(),
+                },
+            });
+            TaskResult::Pending
+        }
+    };
+    match task {
+        TaskResult::Succeeded { .. } => Decision::done(effects),
+        TaskResult::Failed { error } => Decision::fail(
+            "RemoveTestDisksFailed",
+            format!(
+                "the recovery agent could not delete the test copy's disks: {}",
+                task_error(&error)
+            ),
+        ),
+        TaskResult::Pending => {
+            agent_gone(ctx, agent, t.agent_last_seen_ms, "test failover cleanup")
+                .unwrap_or_else(Decision::wait)
+                .with(effects)
+        }
     }
 }
 

@@ -636,11 +636,16 @@ fn failover(vm: bool) -> World {
 }
 
 fn test_failover() -> World {
+    test_failover_of(true)
+}
+
+fn test_failover_of(vm: bool) -> World {
     World::new(JobInput::TestFailover(TestFailoverInput {
         item: ITEM.into(),
         point_id: "p1".into(),
         vm_name: "m1-test".into(),
-        network: Some("rnet".into()),
+        vm,
+        network: vm.then(|| "rnet".into()),
         sealed_key: None,
     }))
     .with_item(
@@ -650,9 +655,14 @@ fn test_failover() -> World {
 }
 
 fn cleanup() -> World {
+    cleanup_of(true)
+}
+
+fn cleanup_of(vm: bool) -> World {
     World::new(JobInput::TestFailoverCleanup(CleanupInput {
         item: ITEM.into(),
         vm_name: "m1-test".into(),
+        vm,
         comments: Some("ok".into()),
     }))
     .with_item(
@@ -1054,6 +1064,32 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
         TaskWork::RemoveReplica { .. }
     ));
 
+    // A physical server's test copy is its disks, in the test directory;
+    // its cleanup deletes them. No VM is started or removed.
+    let w = survives_crashes(&test_failover_of(false));
+    succeeded(&w);
+    let i = w.item();
+    assert_eq!(i.test, TestFailoverState::TestFailoverCompleted);
+    assert_eq!(i.state, ProtectionState::Protected, "replication goes on");
+    assert!(i.tested);
+    let out = i.test_output.as_ref().unwrap();
+    assert_eq!(out["vmName"], "m1-test");
+    assert_eq!(out["pointId"], "p1");
+    assert!(out.get("disks").is_some(), "{out}");
+    assert_eq!(w.tasks.len(), 1, "{:?}", w.tasks);
+    assert!(matches!(
+        &w.tasks["job-1-test-disks"].1,
+        TaskWork::MaterializeTest { point_id, formats, .. } if point_id == "p1" && formats.len() == 2
+    ));
+    let w = survives_crashes(&cleanup_of(false));
+    succeeded(&w);
+    assert_eq!(w.item().test, TestFailoverState::None);
+    assert_eq!(w.tasks.len(), 1, "{:?}", w.tasks);
+    assert!(matches!(
+        &w.tasks["job-1-remove-test-disks"].1,
+        TaskWork::RemoveTestDisks { item } if item == ITEM
+    ));
+
     let w = survives_crashes(&map_networks());
     succeeded(&w);
     assert_eq!(w.mapping, Some("Paired"));
@@ -1257,6 +1293,26 @@ fn every_failure_fails_its_step_and_compensates() {
         K::StartTestVm,
         "RecoveryAgentNotConnected",
     );
+
+    let mut t = test_failover_of(false);
+    t.plays = AgentPlays::Fails;
+    let w = survives_crashes(&t);
+    failed_at(&mut seen, &w, K::WriteTestDisks, "MaterializeFailed");
+    assert_eq!(w.item().state, S::Protected);
+    assert_eq!(w.item().test, T::TestFailoverFailed);
+    let mut t = test_failover_of(false);
+    t.plays = AgentPlays::Silent;
+    failed_at(
+        &mut seen,
+        &survives_crashes(&t),
+        K::WriteTestDisks,
+        "RecoveryAgentNotConnected",
+    );
+    let mut c = cleanup_of(false);
+    c.plays = AgentPlays::Fails;
+    let w = survives_crashes(&c);
+    failed_at(&mut seen, &w, K::RemoveTestDisks, "RemoveTestDisksFailed");
+    assert_eq!(w.item().test, T::MarkedForDeletion);
 
     let mut c = cleanup();
     c.plays = AgentPlays::Fails;
@@ -1528,6 +1584,8 @@ fn sample_input(key: StepKey) -> JobInput {
         verify(),
         test_failover(),
         cleanup(),
+        test_failover_of(false),
+        cleanup_of(false),
         map_networks(),
         unmap_networks(),
         planned(),
@@ -1646,6 +1704,8 @@ fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
         verify(),
         test_failover(),
         cleanup(),
+        test_failover_of(false),
+        cleanup_of(false),
         map_networks(),
         unmap_networks(),
         planned(),
