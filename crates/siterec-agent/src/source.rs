@@ -1216,6 +1216,15 @@ impl Planner {
             plan
         };
         let out = match plan {
+            // Resynchronizing: encoded only if the target lacks it.
+            Plan::Whole if self.baseline.is_none() => {
+                self.block_bases.remove(&i);
+                Outgoing::Plain {
+                    id: ChunkId(*hash),
+                    data: data.to_vec(),
+                    compress: self.compress,
+                }
+            }
             Plan::Whole => {
                 self.block_bases.remove(&i);
                 Outgoing::Whole(encode_chunk_with_id(data, ChunkId(*hash), self.compress))
@@ -1303,6 +1312,14 @@ enum Outgoing {
     /// A delta chunk: the block's changed pages against an earlier whole
     /// chunk (a few KiB).
     Delta(EncodedChunk),
+    /// A whole block not encoded yet (resynchronizing: the target likely
+    /// holds it, seeded by a reprotect or from another point, so it is
+    /// compressed only once the target is known to lack it).
+    Plain {
+        id: ChunkId,
+        data: Vec<u8>,
+        compress: bool,
+    },
 }
 
 /// Blocks handed from the scan to the uploads at once: at most this many
@@ -1336,16 +1353,19 @@ impl Blocks {
 }
 
 impl Outgoing {
+    /// Encoded (blocking: a plain block is compressed here).
     fn into_chunk(self) -> EncodedChunk {
         match self {
             Outgoing::Whole(c) | Outgoing::Delta(c) => c,
+            Outgoing::Plain { id, data, compress } => encode_chunk_with_id(&data, id, compress),
         }
     }
 
-    /// Bytes it sends.
+    /// Bytes it sends (a plain block: at most).
     fn len(&self) -> usize {
         match self {
             Outgoing::Whole(c) | Outgoing::Delta(c) => c.bytes.len(),
+            Outgoing::Plain { data, .. } => data.len(),
         }
     }
 }
@@ -1388,7 +1408,7 @@ async fn upload(
                 batch.len() + 1 >= crate::batch::MAX_BATCH_CHUNKS
                     || batch_bytes >= crate::batch::BATCH_BYTES
             }
-            Some(Outgoing::Whole(_)) => false,
+            Some(Outgoing::Whole(_) | Outgoing::Plain { .. }) => false,
             None => !batch.is_empty(),
         };
         let job = match block {
@@ -1401,6 +1421,7 @@ async fn upload(
                 Job::Batch(std::mem::take(&mut batch))
             }
             Some(Outgoing::Whole(c)) => Job::One(c),
+            Some(Outgoing::Plain { id, data, compress }) => Job::Plain { id, data, compress },
             None if flush => Job::Batch(std::mem::take(&mut batch)),
             None => break,
         };
@@ -1424,6 +1445,18 @@ async fn upload(
                     return put_batch(&client, &base, chunks, &throttle).await;
                 }
                 Job::One(chunk) => chunk,
+                Job::Plain { id, data, compress } => {
+                    let url = format!("{base}/{}", id.to_hex());
+                    let head = send_to_target(|| client.head(&url))
+                        .await
+                        .with_context(|| format!("asking the target for chunk {id}"))?;
+                    if head.status().is_success() {
+                        return Ok((0, 0));
+                    }
+                    tokio::task::spawn_blocking(move || encode_chunk_with_id(&data, id, compress))
+                        .await
+                        .context("encoding a block")?
+                }
             };
             if resync {
                 let id = chunk.id;
@@ -1449,6 +1482,12 @@ async fn upload(
 /// One upload request's worth of chunks.
 enum Job {
     One(EncodedChunk),
+    /// An [`Outgoing::Plain`] block: asked about, then encoded if lacking.
+    Plain {
+        id: ChunkId,
+        data: Vec<u8>,
+        compress: bool,
+    },
     Batch(Vec<EncodedChunk>),
 }
 

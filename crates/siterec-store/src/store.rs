@@ -834,13 +834,37 @@ impl Store {
         plain: Vec<u8>,
         compress: bool,
     ) -> Result<Option<ChunkId>, StoreError> {
+        self.put_plain(plain, None, compress).await
+    }
+
+    /// [`Store::put_plain_chunk`] for a caller that has hashed `plain`
+    /// already (`id` = [`ChunkId::of`]`(plain)`): the data is not hashed
+    /// again. A wrong id stores a chunk every reader rejects.
+    pub async fn put_plain_chunk_hashed(
+        &self,
+        plain: Vec<u8>,
+        id: ChunkId,
+        compress: bool,
+    ) -> Result<Option<ChunkId>, StoreError> {
+        self.put_plain(plain, Some(id), compress).await
+    }
+
+    async fn put_plain(
+        &self,
+        plain: Vec<u8>,
+        id: Option<ChunkId>,
+        compress: bool,
+    ) -> Result<Option<ChunkId>, StoreError> {
         let inner = Arc::clone(&self.inner);
         let dek = self.session_key().await?;
         let sealed = tokio::task::spawn_blocking(move || {
             if is_all_zero(&plain) {
                 return Ok(None);
             }
-            let enc = encode_chunk(&plain, compress);
+            let enc = match id {
+                Some(id) => crate::chunk::encode_chunk_with_id(&plain, id, compress),
+                None => encode_chunk(&plain, compress),
+            };
             let key = inner.object_key(&enc.id);
             let bytes = seal_stored(dek.as_deref(), &key, enc.bytes)?;
             Ok::<_, StoreError>(Some((enc.id, key, bytes)))

@@ -208,7 +208,7 @@ impl Target {
                 let stored = if me.store.has_chunk(id).await? {
                     false
                 } else {
-                    me.store.put_plain_chunk(block, true).await?;
+                    me.store.put_plain_chunk_hashed(block, id, true).await?;
                     true
                 };
                 Ok((i, id, stored))
