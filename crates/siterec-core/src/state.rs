@@ -530,9 +530,10 @@ pub fn test_blocks(action: ItemAction, test: TestFailoverState) -> Option<Transi
 
 /// `allowedOperations` of an item: its protection state's, less what its
 /// test failover stands in the way of ([`test_blocks`]), plus TestFailover
-/// (VMs only: the recovery site's compute driver boots VMs; from the
-/// primary site only) and TestFailoverCleanup when one is due.
-pub fn allowed_operations(life: Lifecycle, test: TestFailoverState, vm: bool) -> Vec<&'static str> {
+/// (from the primary site only: a VM is booted at the recovery site, a
+/// physical server's disks are written there) and TestFailoverCleanup when
+/// one is due.
+pub fn allowed_operations(life: Lifecycle, test: TestFailoverState) -> Vec<&'static str> {
     let mut ops: Vec<&'static str> = life
         .state
         .allowed_operations()
@@ -548,8 +549,7 @@ pub fn allowed_operations(life: Lifecycle, test: TestFailoverState, vm: bool) ->
             test_blocks(action, test).is_none() && life.apply(action).is_ok()
         })
         .collect();
-    if vm
-        && life.state == ProtectionState::Protected
+    if life.state == ProtectionState::Protected
         && life.active == Location::Primary
         && test == TestFailoverState::None
     {
@@ -987,25 +987,22 @@ mod tests {
     }
 
     #[test]
-    fn allowed_operations_follow_both_states_and_the_machine_kind() {
+    fn allowed_operations_follow_both_states() {
         use TestFailoverState as F;
         let at = |state| Lifecycle {
             state,
             active: Location::Primary,
         };
+        // VMs and physical servers alike (a server's test copy is its
+        // disks).
         assert_eq!(
-            allowed_operations(at(S::Protected), F::None, true),
+            allowed_operations(at(S::Protected), F::None),
             [
                 "PlannedFailover",
                 "UnplannedFailover",
                 "DisableProtection",
                 "TestFailover"
             ]
-        );
-        // Physical servers cannot be booted by the compute driver.
-        assert_eq!(
-            allowed_operations(at(S::Protected), F::None, false),
-            ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
         );
         // Replicating back from the recovery site: no test failover there,
         // and failback is planned only.
@@ -1014,14 +1011,14 @@ mod tests {
             active: Location::Recovery,
         };
         assert_eq!(
-            allowed_operations(reversed, F::None, true),
+            allowed_operations(reversed, F::None),
             ["PlannedFailover", "DisableProtection"]
         );
         let e = reversed.apply(A::StartUnplannedFailover).unwrap_err();
         assert!(e.to_string().contains("planned failover"), "{e}");
-        assert!(allowed_operations(at(S::Protected), F::TestFailoverInitiated, true).is_empty());
+        assert!(allowed_operations(at(S::Protected), F::TestFailoverInitiated).is_empty());
         assert_eq!(
-            allowed_operations(at(S::Protected), F::TestFailoverCompleted, true),
+            allowed_operations(at(S::Protected), F::TestFailoverCompleted),
             [
                 "PlannedFailover",
                 "UnplannedFailover",
@@ -1029,7 +1026,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            allowed_operations(at(S::FailoverCommitted), F::MarkedForDeletion, true),
+            allowed_operations(at(S::FailoverCommitted), F::MarkedForDeletion),
             ["ReverseReplicate", "TestFailoverCleanup"]
         );
         assert!(test_blocks(A::StartUnplannedFailover, F::TestFailoverCleanupInitiated).is_some());

@@ -2022,10 +2022,12 @@ async fn test_failover_cleanup(
         .as_ref()
         .and_then(|o| o.get("vmName").and_then(|n| n.as_str()).map(str::to_string))
         .unwrap_or_else(|| format!("{}-test", item.machine));
-    // A physical test copy's output lists its disks; without an output (the
-    // test failover failed early) the machine says what it is.
-    let vm = match output.as_ref().map(|o| o.get("disks").is_some()) {
-        Some(true) => false,
+    // A test VM's output names its run directory, a physical test copy's
+    // only lists its disks; without an output (the test failover failed
+    // early) the machine says what it is.
+    let vm = match &output {
+        Some(o) if o.get("runDir").is_some() => true,
+        Some(o) if o.get("disks").is_some() => false,
         _ => model::machine_info(&st.db, &item.fabric, &item.machine)
             .await?
             .is_none_or(|m| model::is_vm(&m)),
@@ -3175,7 +3177,12 @@ mod tests {
         let (_, phys, _) = call(&st, Method::GET, PHYS, Value::Null).await;
         assert_eq!(
             phys["properties"]["allowedOperations"],
-            json!(["PlannedFailover", "UnplannedFailover", "DisableProtection"])
+            json!([
+                "PlannedFailover",
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailover"
+            ])
         );
         assert_eq!(phys["properties"]["protectedItemType"], "PhysicalServer");
 

@@ -713,7 +713,6 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
             allowed_operations: siterec_core::state::allowed_operations(
                 item.life(),
                 item.test_state,
-                vm,
             )
             .iter()
             .map(|s| s.to_string())

@@ -75,7 +75,12 @@ fn planned_failover_commit_and_disable_protection() {
         assert_eq!(props["activeLocation"], "Primary");
         assert_eq!(
             ops(&out["result"]),
-            ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
+            [
+                "PlannedFailover",
+                "UnplannedFailover",
+                "DisableProtection",
+                "TestFailover"
+            ]
         );
     }
     let enabled_at = std::time::Instant::now();

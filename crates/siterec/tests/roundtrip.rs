@@ -192,7 +192,12 @@ fn protect_fail_over_reprotect_fail_back_and_reprotect_again() {
     assert_eq!(state(&out), ("Protected".into(), "Primary".into()));
     assert_eq!(
         ops(&out["result"]),
-        ["PlannedFailover", "UnplannedFailover", "DisableProtection"]
+        [
+            "PlannedFailover",
+            "UnplannedFailover",
+            "DisableProtection",
+            "TestFailover"
+        ]
     );
     let (_, sent) = newest_point_bytes(&env, "web01");
     eprintln!("second reprotect: {sent} bytes sent");
