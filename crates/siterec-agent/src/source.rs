@@ -1444,13 +1444,14 @@ async fn upload(
                     }
                     return put_batch(&client, &base, chunks, &throttle).await;
                 }
-                Job::One(chunk) => chunk,
+                Job::One(chunk) => {
+                    if resync && target_holds(&client, &base, chunk.id).await? {
+                        return Ok((0, 0));
+                    }
+                    chunk
+                }
                 Job::Plain { id, data, compress } => {
-                    let url = format!("{base}/{}", id.to_hex());
-                    let head = send_to_target(|| client.head(&url))
-                        .await
-                        .with_context(|| format!("asking the target for chunk {id}"))?;
-                    if head.status().is_success() {
+                    if target_holds(&client, &base, id).await? {
                         return Ok((0, 0));
                     }
                     tokio::task::spawn_blocking(move || encode_chunk_with_id(&data, id, compress))
@@ -1458,16 +1459,6 @@ async fn upload(
                         .context("encoding a block")?
                 }
             };
-            if resync {
-                let id = chunk.id;
-                let url = format!("{base}/{}", id.to_hex());
-                let head = send_to_target(|| client.head(&url))
-                    .await
-                    .with_context(|| format!("asking the target for chunk {id}"))?;
-                if head.status().is_success() {
-                    return Ok((0, 0));
-                }
-            }
             let name = chunk.id.to_hex();
             let sent = put_encoded(&client, &base, &name, chunk.bytes, &throttle).await?;
             Ok((sent, 1))
@@ -1477,6 +1468,15 @@ async fn upload(
         account(r)?;
     }
     Ok((bytes, chunks))
+}
+
+/// Whether the target holds chunk `id` already (`HEAD`).
+async fn target_holds(client: &reqwest::Client, base: &str, id: ChunkId) -> anyhow::Result<bool> {
+    let url = format!("{base}/{}", id.to_hex());
+    let head = send_to_target(|| client.head(&url))
+        .await
+        .with_context(|| format!("asking the target for chunk {id}"))?;
+    Ok(head.status().is_success())
 }
 
 /// One upload request's worth of chunks.
