@@ -63,6 +63,10 @@ pub struct AgentConfig {
     pub networks: Vec<NetworkConfig>,
     #[serde(default)]
     pub target: Option<TargetConfig>,
+    /// Where recovery plans' scripts are (their paths are relative to it;
+    /// default `DATA/scripts`). Only programs in it are run.
+    #[serde(default)]
+    pub scripts_dir: Option<PathBuf>,
 }
 
 /// A VM network of the host. Version 1 connects NICs with QEMU's user-mode

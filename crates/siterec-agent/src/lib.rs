@@ -17,6 +17,7 @@ pub mod image;
 pub mod instant;
 pub mod limits;
 pub mod pages;
+pub mod script;
 pub mod source;
 pub mod spool;
 pub mod target;
@@ -252,6 +253,10 @@ pub async fn run(
     let importing: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let finished_tasks: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
     let period = Duration::from_millis(cfg.heartbeat_ms.unwrap_or(1000).max(100));
+    let scripts_dir = cfg
+        .scripts_dir
+        .clone()
+        .unwrap_or_else(|| data.join("scripts"));
     tracing::info!(agent = %id.agent_id, fabric = %id.fabric, data_url = ?data_url, "agent running");
 
     let mut shutdown = std::pin::pin!(shutdown);
@@ -317,6 +322,7 @@ pub async fn run(
                         &id.agent_url,
                         target.clone(),
                         ctx.vms.clone(),
+                        (&data, &scripts_dir),
                         task,
                         &running_tasks,
                         &finished_tasks,
@@ -464,11 +470,14 @@ fn reconcile(
     }
 }
 
+// The task's context is this loop's state, passed as it is.
+#[allow(clippy::too_many_arguments)]
 fn start_task(
     client: &reqwest::Client,
     vault: &str,
     target: Option<Arc<target::Target>>,
     vms: Arc<vm::VmHost>,
+    (data, scripts_dir): (&std::path::Path, &std::path::Path),
     task: AgentTask,
     running: &Arc<Mutex<HashSet<String>>>,
     finished: &Arc<Mutex<HashSet<String>>>,
@@ -487,6 +496,7 @@ fn start_task(
     let url = format!("{vault}/agent/v1/tasks/{}/result", task.id);
     let running = running.clone();
     let finished = finished.clone();
+    let (data, scripts_dir) = (data.to_path_buf(), scripts_dir.to_path_buf());
     tokio::spawn(async move {
         tracing::info!(task = %task.id, "running task {:?}", task.work);
         let result = match (&target, &task.work) {
@@ -504,6 +514,25 @@ fn start_task(
                     vm_name,
                     Duration::from_secs(u64::from(*timeout_secs)),
                     *force,
+                )
+                .await
+            }
+            // A recovery plan's script runs on any agent of its site.
+            (
+                _,
+                siterec_core::wire::TaskWork::RunScript {
+                    path,
+                    timeout_secs,
+                    env,
+                },
+            ) => {
+                script::run(
+                    &data,
+                    &scripts_dir,
+                    &task.id,
+                    path,
+                    Duration::from_secs(u64::from(*timeout_secs)),
+                    env,
                 )
                 .await
             }

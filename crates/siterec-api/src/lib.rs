@@ -34,6 +34,7 @@ pub mod types {
         "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks";
     pub const NETWORK_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks/replicationNetworkMappings";
     pub const JOB: &str = "Microsoft.RecoveryServices/vaults/replicationJobs";
+    pub const RECOVERY_PLAN: &str = "Microsoft.RecoveryServices/vaults/replicationRecoveryPlans";
 }
 
 /// The location siterec's resources report.
@@ -755,6 +756,7 @@ pub type ContainerMapping = Resource<ContainerMappingProperties>;
 pub type ProtectedItem = Resource<ProtectedItemProperties>;
 pub type RecoveryPoint = Resource<RecoveryPointProperties>;
 pub type Job = Resource<JobProperties>;
+pub type RecoveryPlan = Resource<RecoveryPlanProperties>;
 pub type Vault = Resource<VaultProperties>;
 
 #[cfg(test)]
@@ -839,4 +841,162 @@ mod tests {
         // Unknown optional values are written as null, not left out.
         assert!(v["macAddress"].is_null());
     }
+}
+
+// ---------- recovery plans ----------
+
+/// A recovery plan (the SDK's `RecoveryPlanProperties`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanProperties {
+    pub friendly_name: String,
+    pub primary_fabric_id: String,
+    pub primary_fabric_friendly_name: String,
+    pub recovery_fabric_id: String,
+    pub recovery_fabric_friendly_name: String,
+    pub failover_deployment_model: String,
+    pub replication_providers: Vec<String>,
+    /// What every machine of the plan allows now.
+    pub allowed_operations: Vec<String>,
+    pub last_planned_failover_time: Option<String>,
+    pub last_unplanned_failover_time: Option<String>,
+    pub last_test_failover_time: Option<String>,
+    /// The plan's job that runs now, if one does.
+    pub current_scenario: Option<CurrentScenario>,
+    pub current_scenario_status: Option<String>,
+    pub current_scenario_status_description: Option<String>,
+    pub groups: Vec<RecoveryPlanGroup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CurrentScenario {
+    pub scenario_name: String,
+    pub job_id: String,
+    pub start_time: Option<String>,
+}
+
+/// A group of a plan: Shutdown and Failover groups (which siterec keeps
+/// empty), then the Boot groups (Group 1, 2, ...) that hold the machines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanGroup {
+    /// Shutdown, Failover or Boot.
+    pub group_type: String,
+    #[serde(default)]
+    pub replication_protected_items: Vec<PlanItemRef>,
+    #[serde(default)]
+    pub start_group_actions: Vec<RecoveryPlanAction>,
+    #[serde(default)]
+    pub end_group_actions: Vec<RecoveryPlanAction>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanItemRef {
+    /// The protected item's id (siterec also takes its bare name).
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_machine_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanAction {
+    pub action_name: String,
+    /// The operations it runs for (TestFailover, PlannedFailover,
+    /// UnplannedFailover, ...); empty: every failover.
+    #[serde(default)]
+    pub failover_types: Vec<String>,
+    /// PrimaryToRecovery, RecoveryToPrimary; empty: both.
+    #[serde(default)]
+    pub failover_directions: Vec<String>,
+    pub custom_details: ActionDetails,
+}
+
+/// `ScriptActionDetails` (path, timeout, fabricLocation) or
+/// `ManualActionDetails` (description).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ActionDetails {
+    pub instance_type: String,
+    /// A script's path, relative to the agent's scripts directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// A script's timeout: seconds, or an ISO 8601 duration (PT10M).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Where the script runs; siterec runs it at the failover's
+    /// destination (Recovery for failovers to the recovery site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric_location: Option<String>,
+    /// A manual action's instructions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// PUT replicationRecoveryPlans/{name} (`CreateRecoveryPlanInputProperties`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateRecoveryPlanInput {
+    pub primary_fabric_id: String,
+    pub recovery_fabric_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_deployment_model: Option<String>,
+    pub groups: Vec<RecoveryPlanGroup>,
+}
+
+/// PATCH replicationRecoveryPlans/{name} (`UpdateRecoveryPlanInputProperties`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateRecoveryPlanInput {
+    pub groups: Vec<RecoveryPlanGroup>,
+}
+
+/// POST replicationRecoveryPlans/{name}/plannedFailover, unplannedFailover,
+/// testFailover (the SDK's RecoveryPlan*FailoverInputProperties).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanFailoverInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_direction: Option<String>,
+    /// Test failover: NoNetworkAttachAsInput or VmNetworkAsInput.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_site_operations: Option<String>,
+    #[serde(default)]
+    pub provider_specific_details: Vec<RecoveryPlanProviderInput>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanProviderInput {
+    pub instance_type: String,
+    /// Latest (the default) or LatestProcessed; multi-VM groups use the
+    /// latest point their members share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_type: Option<String>,
+    /// siterec's own: the operator says the plan's physical servers are
+    /// stopped (planned failover).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_stopped: bool,
+}
+
+/// POST replicationRecoveryPlans/{name}/testFailoverCleanup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPlanCleanupInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comments: Option<String>,
+}
+
+/// POST replicationJobs/{name}/resume (`ResumeJobParamsProperties`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResumeJobInput {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comments: Option<String>,
 }

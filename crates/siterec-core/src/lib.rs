@@ -15,6 +15,7 @@ pub mod consistency;
 pub mod names;
 pub mod network;
 pub mod orchestration;
+pub mod plan;
 pub mod policy;
 pub mod retention;
 pub mod state;

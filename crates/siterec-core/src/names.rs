@@ -72,6 +72,7 @@ pub enum ResourceKind {
     ProtectedItem,
     RecoveryPoint,
     Network,
+    Fabric,
 }
 
 impl ResourceKind {
@@ -99,6 +100,7 @@ impl ResourceKind {
                 "recoveryPoints",
             ],
             ResourceKind::Network => &["replicationFabrics", "replicationNetworks"],
+            ResourceKind::Fabric => &["replicationFabrics"],
         }
     }
 
@@ -111,6 +113,7 @@ impl ResourceKind {
             ResourceKind::ProtectedItem => "protected item",
             ResourceKind::RecoveryPoint => "recovery point",
             ResourceKind::Network => "network",
+            ResourceKind::Fabric => "fabric",
         }
     }
 

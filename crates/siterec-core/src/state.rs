@@ -681,6 +681,9 @@ pub enum JobState {
     Cancelled,
     /// Steps only: not needed for this job (e.g. no VM to shut down).
     Skipped,
+    /// Jobs only: waiting for an operator (a recovery plan's manual
+    /// action) to resume it.
+    Suspended,
 }
 
 impl JobState {
@@ -692,6 +695,7 @@ impl JobState {
             Self::Failed => "Failed",
             Self::Cancelled => "Cancelled",
             Self::Skipped => "Skipped",
+            Self::Suspended => "Suspended",
         }
     }
 
@@ -703,6 +707,7 @@ impl JobState {
             Self::Failed,
             Self::Cancelled,
             Self::Skipped,
+            Self::Suspended,
         ]
         .into_iter()
         .find(|st| st.as_str() == s)
@@ -728,7 +733,7 @@ impl JobState {
     /// The Azure-AsyncOperation `status` for a job in this state.
     pub fn operation_status(self) -> &'static str {
         match self {
-            Self::NotStarted | Self::InProgress => "InProgress",
+            Self::NotStarted | Self::InProgress | Self::Suspended => "InProgress",
             Self::Succeeded | Self::Skipped => "Succeeded",
             Self::Failed => "Failed",
             Self::Cancelled => "Canceled",
@@ -753,9 +758,41 @@ pub enum JobKind {
     DisableProtection,
     ChangeRecoveryPoint,
     Reprotect,
+    RecoveryPlanTestFailover,
+    RecoveryPlanTestFailoverCleanup,
+    RecoveryPlanPlannedFailover,
+    RecoveryPlanUnplannedFailover,
+    RecoveryPlanCommit,
+    RecoveryPlanReprotect,
 }
 
 impl JobKind {
+    /// The kind of a recovery plan's job running `op`.
+    pub fn for_plan(op: crate::plan::PlanOp) -> Self {
+        use crate::plan::PlanOp as O;
+        match op {
+            O::TestFailover => Self::RecoveryPlanTestFailover,
+            O::TestFailoverCleanup => Self::RecoveryPlanTestFailoverCleanup,
+            O::PlannedFailover => Self::RecoveryPlanPlannedFailover,
+            O::UnplannedFailover => Self::RecoveryPlanUnplannedFailover,
+            O::Commit => Self::RecoveryPlanCommit,
+            O::Reprotect => Self::RecoveryPlanReprotect,
+        }
+    }
+
+    /// A recovery plan's job.
+    pub fn is_plan(self) -> bool {
+        matches!(
+            self,
+            Self::RecoveryPlanTestFailover
+                | Self::RecoveryPlanTestFailoverCleanup
+                | Self::RecoveryPlanPlannedFailover
+                | Self::RecoveryPlanUnplannedFailover
+                | Self::RecoveryPlanCommit
+                | Self::RecoveryPlanReprotect
+        )
+    }
+
     /// ARM `scenarioName`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -773,6 +810,12 @@ impl JobKind {
             Self::DisableProtection => "DisableDr",
             Self::ChangeRecoveryPoint => "ApplyRecoveryPoint",
             Self::Reprotect => "ReverseReplication",
+            Self::RecoveryPlanTestFailover => "RecoveryPlanTestFailover",
+            Self::RecoveryPlanTestFailoverCleanup => "RecoveryPlanTestFailoverCleanup",
+            Self::RecoveryPlanPlannedFailover => "RecoveryPlanPlannedFailover",
+            Self::RecoveryPlanUnplannedFailover => "RecoveryPlanUnplannedFailover",
+            Self::RecoveryPlanCommit => "RecoveryPlanFailoverCommit",
+            Self::RecoveryPlanReprotect => "RecoveryPlanReprotect",
         }
     }
 
@@ -792,6 +835,12 @@ impl JobKind {
             Self::DisableProtection,
             Self::ChangeRecoveryPoint,
             Self::Reprotect,
+            Self::RecoveryPlanTestFailover,
+            Self::RecoveryPlanTestFailoverCleanup,
+            Self::RecoveryPlanPlannedFailover,
+            Self::RecoveryPlanUnplannedFailover,
+            Self::RecoveryPlanCommit,
+            Self::RecoveryPlanReprotect,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -814,6 +863,12 @@ impl JobKind {
             Self::DisableProtection => "Disable protection",
             Self::ChangeRecoveryPoint => "Change recovery point",
             Self::Reprotect => "Reprotect",
+            Self::RecoveryPlanTestFailover => "Recovery plan test failover",
+            Self::RecoveryPlanTestFailoverCleanup => "Recovery plan test failover cleanup",
+            Self::RecoveryPlanPlannedFailover => "Recovery plan planned failover",
+            Self::RecoveryPlanUnplannedFailover => "Recovery plan unplanned failover",
+            Self::RecoveryPlanCommit => "Recovery plan commit",
+            Self::RecoveryPlanReprotect => "Recovery plan reprotect",
         }
     }
 }

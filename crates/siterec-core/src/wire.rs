@@ -396,6 +396,19 @@ pub enum TaskWork {
     /// (disabling protection with replica deletion).
     #[serde(rename_all = "camelCase")]
     DeleteReplica { item: String },
+    /// A recovery plan's script: run `path` (relative to the agent's
+    /// scripts directory) with `env` added to its environment, stopped
+    /// after `timeout_secs`. The task succeeds with `exitCode` (`null`
+    /// when killed), `timedOut`, `stdout`/`stderr` (their last 64 KiB),
+    /// `startedMs`, `endedMs`, whatever the exit status: the plan's job
+    /// judges it. Runs without a replica store.
+    #[serde(rename_all = "camelCase")]
+    RunScript {
+        path: String,
+        timeout_secs: u32,
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// A recovery key sealed to an agent's transport key (base64 of an

@@ -8,10 +8,13 @@
 //! and host the client used, and `Retry-After`.
 
 use axum::Router;
+
+mod plans;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+pub use plans::start_plan_item;
 use serde_json::Value;
 
 use crate::db::{now_ms, secret_hash};
@@ -289,6 +292,9 @@ async fn handle(
     let lower: Vec<String> = rest.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let r: Vec<&str> = rest.iter().map(String::as_str).collect();
+    if let Some(answer) = plans::route(st, method, headers, &l, &r, body).await {
+        return answer;
+    }
     let db = &st.db;
     let v = &st.info;
     let m = method.clone();
@@ -1284,7 +1290,16 @@ async fn latest_job(tx: &mut Tx<'_>, kind: JobKind, target: &str) -> ApiResult<O
 }
 
 async fn running_job(tx: &mut Tx<'_>, kind: JobKind, target: &str) -> ApiResult<Option<String>> {
-    Ok(jobs_db::find(tx, kind, JobOf::RunningOn(target)).await?)
+    let running = jobs_db::find(tx, kind, JobOf::RunningOn(target)).await?;
+    // A retried request is answered with the job that runs; a recovery
+    // plan's machine operation is not a retry: it is refused.
+    if let (Some(job), Some(_)) = (&running, crate::jobs::plan_child()) {
+        return Err(ApiError::conflict(format!(
+            "item '{target}' has a {} job running already ({job}): wait for it to end, then restart the plan's job",
+            kind.display_name()
+        )));
+    }
+    Ok(running)
 }
 
 fn transition_error(e: siterec_core::state::TransitionError) -> ApiError {
@@ -2457,6 +2472,7 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         JobInput::VerifyStore(_)
         | JobInput::DeleteNetworkMapping(_)
         | JobInput::DisableProtection(_) => ok(model::job_json(&st.db, &st.info, job_id).await?),
+        JobInput::RecoveryPlan(p) => plans::get_plan(st, &p.plan).await,
         JobInput::CreateNetworkMapping(m) => {
             let row = config::network_mapping(&st.db, &m.fabric, &m.network, &m.name)
                 .await?

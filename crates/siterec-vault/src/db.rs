@@ -84,6 +84,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../migrations/sqlite/0010_reverse_replication.sql"),
     ),
+    (
+        12,
+        include_str!("../migrations/sqlite/0012_recovery_plans.sql"),
+    ),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -96,6 +100,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../migrations/postgres/0004_reverse_replication.sql"),
+    ),
+    (
+        6,
+        include_str!("../migrations/postgres/0006_recovery_plans.sql"),
     ),
 ];
 
@@ -249,6 +257,11 @@ pub fn random_secret(bytes: usize) -> String {
 /// that reads and then writes can fail with "database is locked" without
 /// waiting, when another writer got in between); on PostgreSQL an advisory
 /// lock held until commit or rollback.
+/// A transaction for reading only (no write lock taken).
+pub async fn begin_read(db: &Db) -> Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
+    db.begin().await
+}
+
 pub async fn begin(db: &Db) -> Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
     match Engine::of(db) {
         Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await,

@@ -16,13 +16,16 @@
 //! Protected). Database errors are treated as transient: the round is
 //! tried again on the next pass.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use crate::AppState;
 use crate::db::now_ms;
 use crate::persist::jobs::{self as jobs_db, Tx};
 use siterec_core::orchestration::{
-    JobInput, Next, Outcome, StepCtx, decide, needs, next_step, on_failure, on_success,
+    Effect, JobInput, Next, Outcome, PlanInput, StepCtx, decide, needs, next_step, on_failure,
+    on_success,
 };
 use siterec_core::state::JobState;
 
@@ -36,18 +39,80 @@ pub async fn create_job(
     target_name: &str,
     target_id: &str,
 ) -> Result<String, sqlx::Error> {
+    // A recovery plan starting a machine's operation names its job.
+    if let Some(id) = plan_child() {
+        jobs_db::create_with_id(tx, &id, input, target_type, target_name, target_id).await?;
+        return Ok(id);
+    }
     jobs_db::create(tx, input, target_type, target_name, target_id).await
 }
 
+tokio::task_local! {
+    /// Set while a recovery plan's job starts a machine's operation
+    /// through the API's own code: the id that operation's job gets.
+    pub static PLAN_CHILD: String;
+}
+
+/// The id a machine operation started by a recovery plan gets, if this
+/// is one.
+pub fn plan_child() -> Option<String> {
+    PLAN_CHILD.try_with(|id| id.clone()).ok()
+}
+
+/// Why a recovery plan's machine operation was not started (what the API
+/// would have answered).
+#[derive(Debug, Clone)]
+pub struct StartRefused {
+    pub code: String,
+    pub message: String,
+}
+
+/// Starts one machine's operation of a recovery plan as job `job_id`
+/// (plan input, item, job id), with the API's checks: the ARM layer's
+/// `start_plan_item`, given to the engine so that the engine does not
+/// depend on the API above it.
+pub type StartItem = fn(
+    crate::Shared,
+    PlanInput,
+    String,
+    String,
+) -> Pin<Box<dyn Future<Output = Result<(), StartRefused>> + Send>>;
+
+/// A recovery plan's job asks for a machine's operation.
+#[derive(Debug, Clone)]
+pub struct ItemStart {
+    pub plan_job: String,
+    pub input: PlanInput,
+    pub item: String,
+    pub job_id: String,
+}
+
+/// What a job's rounds did.
+#[derive(Debug, Default)]
+pub struct Advanced {
+    /// A step or the job ended: the jobs waiting on it may move.
+    pub moved: bool,
+    pub starts: Vec<ItemStart>,
+}
+
 /// Runs until the task is aborted: advances every unfinished job, then
-/// sleeps until woken or for a second.
-pub async fn run_engine(st: crate::Shared) {
+/// sleeps until woken or for a second (at once when a pass moved a job:
+/// a plan's job waiting for its machines' jobs sees them end in the same
+/// second).
+pub async fn run_engine(st: crate::Shared, start_item: StartItem) {
     loop {
+        let mut moved = false;
         match jobs_db::active(&st.db).await {
             Ok(ids) => {
                 for id in ids {
-                    if let Err(e) = advance(&st, &id).await {
-                        tracing::warn!(job = %id, "job step will be retried: {e:#}");
+                    match advance(&st, &id).await {
+                        Ok(a) => {
+                            moved |= a.moved || !a.starts.is_empty();
+                            for s in a.starts {
+                                start_plan_item(&st, start_item, s).await;
+                            }
+                        }
+                        Err(e) => tracing::warn!(job = %id, "job step will be retried: {e:#}"),
                     }
                     // Agents waiting for a change hear of it now, not at
                     // their next heartbeat.
@@ -56,16 +121,46 @@ pub async fn run_engine(st: crate::Shared) {
             }
             Err(e) => tracing::warn!("listing jobs: {e:#}"),
         }
+        if moved {
+            tokio::task::yield_now().await;
+            continue;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), st.wake.notified()).await;
     }
 }
 
+/// Starts a plan's machine operation; a refusal is recorded in the plan
+/// job's input (the plan reports it as that machine's outcome). A failure
+/// to record it is retried by the next round, which asks again.
+async fn start_plan_item(st: &crate::Shared, start_item: StartItem, s: ItemStart) {
+    let refused = match start_item(st.clone(), s.input, s.item.clone(), s.job_id.clone()).await {
+        Ok(()) => return,
+        Err(r) => r,
+    };
+    tracing::warn!(plan_job = %s.plan_job, item = %s.item, "the plan's operation of the machine was refused: {}", refused.message);
+    let effect = Effect::PlanRefused {
+        item: s.item.clone(),
+        code: refused.code,
+        message: refused.message,
+    };
+    let recorded = async {
+        let mut tx = crate::db::begin(&st.db).await?;
+        jobs_db::apply(&mut tx, &s.plan_job, 0, &effect).await?;
+        tx.commit().await?;
+        anyhow::Ok(())
+    };
+    if let Err(e) = recorded.await {
+        tracing::warn!(plan_job = %s.plan_job, "recording a refusal (asked again next round): {e:#}");
+    }
+}
+
 /// Runs rounds of the job until it waits or ends.
-async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
+async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advanced> {
+    let mut out = Advanced::default();
     loop {
         let mut tx = crate::db::begin(&st.db).await?;
         let record = match jobs_db::load(&mut tx, job_id).await? {
-            None => return Ok(()),
+            None => return Ok(out),
             Some(Ok(record)) => record,
             Some(Err(e)) => {
                 // Not a job this build can read: fail it, loudly, rather
@@ -73,11 +168,13 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                 tracing::error!(job = %job_id, "failing an unreadable job: {e}");
                 jobs_db::fail_job(&mut tx, job_id, None, "JobNotReadable", &e.to_string()).await?;
                 tx.commit().await?;
-                return Ok(());
+                out.moved = true;
+                return Ok(out);
             }
         };
-        if record.state.is_terminal() {
-            return Ok(());
+        // Ended, or waiting for an operator.
+        if record.state.is_terminal() || record.state == JobState::Suspended {
+            return Ok(out);
         }
         let now = now_ms();
         if record.state == JobState::NotStarted {
@@ -89,7 +186,8 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                 tracing::error!(job = %job_id, "failing a job whose input does not read: {e}");
                 jobs_db::fail_job(&mut tx, job_id, None, "JobNotReadable", &e.to_string()).await?;
                 tx.commit().await?;
-                return Ok(());
+                out.moved = true;
+                return Ok(out);
             }
         };
         let steps = jobs_db::steps(&mut tx, job_id).await?;
@@ -100,12 +198,14 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
                 }
                 jobs_db::succeed_job(&mut tx, job_id).await?;
                 tx.commit().await?;
-                return Ok(());
+                out.moved = true;
+                return Ok(out);
             }
             Next::Unrunnable { idx, code, message } => {
                 fail(&mut tx, job_id, &input, idx, code, &message).await?;
                 tx.commit().await?;
-                return Ok(());
+                out.moved = true;
+                return Ok(out);
             }
             Next::Run { idx, key } => (idx, key),
         };
@@ -118,27 +218,47 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
         };
         let ctx = StepCtx {
             job_id,
+            idx,
             started_ms,
             now_ms: now,
         };
-        let seen = jobs_db::observe(&mut tx, &needs(key, &input, job_id), now).await?;
+        let seen = jobs_db::observe(&mut tx, &needs(key, &input, job_id, idx), now).await?;
         let decision = decide(key, &input, &ctx, &seen);
         for effect in &decision.effects {
             jobs_db::apply(&mut tx, job_id, idx, effect).await?;
         }
+        let starts = decision.effects.iter().filter_map(|e| match (e, &input) {
+            (
+                Effect::StartPlanItem {
+                    item,
+                    job_id: child,
+                },
+                JobInput::RecoveryPlan(p),
+            ) => Some(ItemStart {
+                plan_job: job_id.to_string(),
+                input: p.clone(),
+                item: item.clone(),
+                job_id: child.clone(),
+            }),
+            _ => None,
+        });
         match decision.outcome {
             Outcome::Done => {
                 jobs_db::finish_step(&mut tx, job_id, idx).await?;
                 tx.commit().await?;
+                out.moved = true;
+                out.starts.extend(starts);
             }
             Outcome::Wait => {
                 tx.commit().await?;
-                return Ok(());
+                out.starts.extend(starts);
+                return Ok(out);
             }
             Outcome::Fail { code, message } => {
                 fail(&mut tx, job_id, &input, idx, code, &message).await?;
                 tx.commit().await?;
-                return Ok(());
+                out.moved = true;
+                return Ok(out);
             }
         }
     }

@@ -213,7 +213,10 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
             }
         }));
     }
-    tasks.push(tokio::spawn(jobs::run_engine(state.clone())));
+    tasks.push(tokio::spawn(jobs::run_engine(
+        state.clone(),
+        arm::start_plan_item,
+    )));
     write_endpoint(&opts.data_dir, &endpoint)?;
     Ok(RunningVault {
         endpoint,

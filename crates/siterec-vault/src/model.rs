@@ -843,6 +843,13 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
         .transpose()
         .map_err(|e| ApiError::internal("stored job output", e))?;
     let st = JobState::parse(&state);
+    let plan = JobKind::parse(&kind).is_some_and(|k| k.is_plan());
+    let allowed_actions = match st {
+        Some(JobState::Suspended) => vec!["Resume".to_string(), "Cancel".to_string()],
+        Some(JobState::Failed) if plan => vec!["Restart".to_string()],
+        Some(JobState::NotStarted | JobState::InProgress) if plan => vec!["Cancel".to_string()],
+        _ => vec![],
+    };
     Ok(resource(
         crate::model::job_id(v, job_id),
         job_id,
@@ -857,7 +864,7 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
             errors,
             start_time: opt_rfc3339(row.start_ms),
             end_time: opt_rfc3339(row.end_ms),
-            allowed_actions: vec![],
+            allowed_actions,
             target_object_id: row.target_id,
             target_object_name: row.target_name,
             target_instance_type: row.target_type,

@@ -218,6 +218,18 @@ impl Api {
         Ok(())
     }
 
+    pub async fn put_sync(&self, rel: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self.send(self.http.put(self.full(rel)).json(body)).await?;
+        read(resp, &format!("PUT {rel}")).await
+    }
+
+    pub async fn patch_sync(&self, rel: &str, body: &Value) -> anyhow::Result<Value> {
+        let resp = self
+            .send(self.http.patch(self.full(rel)).json(body))
+            .await?;
+        read(resp, &format!("PATCH {rel}")).await
+    }
+
     pub async fn post_sync(&self, rel: &str, body: &Value) -> anyhow::Result<Value> {
         let resp = self.send(self.http.post(self.full(rel)).json(body)).await?;
         read(resp, &format!("POST {rel}")).await

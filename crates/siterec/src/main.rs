@@ -6,6 +6,7 @@ mod bench_roundtrip;
 mod bench_vm;
 mod client;
 mod output;
+mod plan_cli;
 mod quickstart;
 mod sample;
 
@@ -87,6 +88,10 @@ enum Cmd {
     /// Fail a protected item over, and commit the failover.
     #[command(subcommand)]
     Failover(FailoverCmd),
+    /// Recovery plans: machines in ordered groups, with scripts and manual
+    /// actions, failed over (and back) together.
+    #[command(subcommand)]
+    Plan(plan_cli::PlanCmd),
     /// Jobs: every long operation, with its steps.
     #[command(subcommand)]
     Jobs(JobsCmd),
@@ -559,7 +564,22 @@ enum StoreCmd {
 #[derive(Subcommand)]
 enum JobsCmd {
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
+    /// Run a failed recovery plan's job again from the step that failed
+    /// (machines whose operation failed are tried again).
+    Restart {
+        id: String,
+        /// Follow the job to its end.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a recovery plan's job between its steps (machines whose
+    /// operations run finish them; no further group starts).
+    Cancel {
+        id: String,
+    },
 }
 
 /// Caps glibc's malloc arenas. The agent moves 1 MiB chunk buffers
@@ -1017,6 +1037,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ("END", "/properties/endTime"),
                 ],
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Plan(cmd) => plan_cli::run(api(&cli.conn).await?, cmd, out).await,
+        Cmd::Jobs(JobsCmd::Restart { id, wait }) => {
+            let api = api(&cli.conn).await?;
+            api.start(
+                reqwest::Method::POST,
+                &format!("replicationJobs/{id}/restart"),
+                &json!({}),
+            )
+            .await?;
+            if wait {
+                return plan_cli::follow(&api, &id, out).await;
+            }
+            Ok(started(&id, out, "restart"))
+        }
+        Cmd::Jobs(JobsCmd::Cancel { id }) => {
+            api(&cli.conn)
+                .await?
+                .start(
+                    reqwest::Method::POST,
+                    &format!("replicationJobs/{id}/cancel"),
+                    &json!({}),
+                )
+                .await?;
+            if out == Format::Table {
+                println!("job {id} cancelled");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Jobs(JobsCmd::Show { id }) => {

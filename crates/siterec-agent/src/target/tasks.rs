@@ -168,6 +168,10 @@ impl Target {
                     )
                     .await
             }
+            // Run by the agent's task loop (lib.rs), store or not.
+            TaskWork::RunScript { .. } => {
+                anyhow::bail!("a recovery plan's script is run by the agent, not its store")
+            }
             TaskWork::Prune { item, point_ids } => {
                 for p in point_ids {
                     self.store.delete_point(item, p).await?;

@@ -34,8 +34,13 @@ use crate::state::{
 };
 use crate::wire::{MachineInfo, ReplicaStarted, SealedKey, TaskWork};
 
+mod plan;
+#[cfg(test)]
+mod plan_tests;
 #[cfg(test)]
 mod tests;
+
+pub use plan::{ChildJob, ChildSeen, PlanInput, PlanItemSeen, Refusal, script_env, script_task_id};
 
 /// How long a step waits for an agent that is not heard from before failing.
 pub const AGENT_WAIT_MS: i64 = 5 * 60_000;
@@ -86,10 +91,14 @@ pub enum StepKey {
     CompleteReprotect,
     WriteTestDisks,
     RemoveTestDisks,
+    CheckPlan,
+    PlanAction,
+    PlanItems,
+    CompletePlan,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 42] = [
+    pub const ALL: [StepKey; 46] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -132,6 +141,10 @@ impl StepKey {
         Self::CompleteReprotect,
         Self::WriteTestDisks,
         Self::RemoveTestDisks,
+        Self::CheckPlan,
+        Self::PlanAction,
+        Self::PlanItems,
+        Self::CompletePlan,
     ];
 
     /// The stored name.
@@ -179,6 +192,10 @@ impl StepKey {
             Self::CompleteReprotect => "CompleteReprotect",
             Self::WriteTestDisks => "WriteTestDisks",
             Self::RemoveTestDisks => "RemoveTestDisks",
+            Self::CheckPlan => "CheckPlan",
+            Self::PlanAction => "PlanAction",
+            Self::PlanItems => "PlanItems",
+            Self::CompletePlan => "CompletePlan",
         }
     }
 
@@ -231,6 +248,10 @@ impl StepKey {
             Self::CompleteReprotect => "Complete reprotect",
             Self::WriteTestDisks => "Write the test copy's disks at the recovery site",
             Self::RemoveTestDisks => "Delete the test copy's disks",
+            Self::CheckPlan => "Check the recovery plan",
+            Self::PlanAction => "Run an action of the recovery plan",
+            Self::PlanItems => "Run the operation on a group's machines",
+            Self::CompletePlan => "Complete the recovery plan",
         }
     }
 }
@@ -308,6 +329,14 @@ impl JobKind {
                 K::RemoveReplicaData,
                 K::RemoveItem,
             ],
+            Self::RecoveryPlanTestFailover
+            | Self::RecoveryPlanTestFailoverCleanup
+            | Self::RecoveryPlanPlannedFailover
+            | Self::RecoveryPlanUnplannedFailover
+            | Self::RecoveryPlanCommit
+            | Self::RecoveryPlanReprotect => {
+                &[K::CheckPlan, K::PlanAction, K::PlanItems, K::CompletePlan]
+            }
             Self::Reprotect => &[
                 K::CheckReprotect,
                 K::SeedReverseReplica,
@@ -355,6 +384,7 @@ pub enum JobInput {
     DisableProtection(DisableInput),
     ChangeRecoveryPoint(ChangePointInput),
     Reprotect(ReprotectInput),
+    RecoveryPlan(PlanInput),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -582,6 +612,7 @@ impl JobInput {
             Self::DisableProtection(_) => JobKind::DisableProtection,
             Self::ChangeRecoveryPoint(_) => JobKind::ChangeRecoveryPoint,
             Self::Reprotect(_) => JobKind::Reprotect,
+            Self::RecoveryPlan(p) => JobKind::for_plan(p.op),
         }
     }
 
@@ -605,6 +636,22 @@ impl JobInput {
             JobKind::DisableProtection => read(json).map(Self::DisableProtection),
             JobKind::ChangeRecoveryPoint => read(json).map(Self::ChangeRecoveryPoint),
             JobKind::Reprotect => read(json).map(Self::Reprotect),
+            JobKind::RecoveryPlanTestFailover
+            | JobKind::RecoveryPlanTestFailoverCleanup
+            | JobKind::RecoveryPlanPlannedFailover
+            | JobKind::RecoveryPlanUnplannedFailover
+            | JobKind::RecoveryPlanCommit
+            | JobKind::RecoveryPlanReprotect => read::<PlanInput>(json).and_then(|p| {
+                if JobKind::for_plan(p.op) == kind {
+                    Ok(Self::RecoveryPlan(p))
+                } else {
+                    Err(serde::de::Error::custom(format!(
+                        "the plan's operation {} is not a {} job's",
+                        p.op.as_str(),
+                        kind.as_str()
+                    )))
+                }
+            }),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -631,6 +678,31 @@ impl JobInput {
             _ => false,
         };
         self.kind().step_keys(vm)
+    }
+
+    /// The steps a new job with this input gets, with their titles (a
+    /// plan's depend on its groups and actions).
+    pub fn steps(&self) -> Vec<(StepKey, String)> {
+        match self {
+            Self::RecoveryPlan(p) => p
+                .layout()
+                .into_iter()
+                .map(|s| {
+                    let key = match s {
+                        crate::plan::PlanStep::Check => StepKey::CheckPlan,
+                        crate::plan::PlanStep::Action { .. } => StepKey::PlanAction,
+                        crate::plan::PlanStep::Items { .. } => StepKey::PlanItems,
+                        crate::plan::PlanStep::Complete => StepKey::CompletePlan,
+                    };
+                    (key, p.title(s))
+                })
+                .collect(),
+            _ => self
+                .step_keys()
+                .iter()
+                .map(|k| (*k, k.title().to_string()))
+                .collect(),
+        }
     }
 
     /// The protected item the job acts on, if any.
@@ -738,6 +810,23 @@ pub fn next_step(input: &JobInput, steps: &[StepRow]) -> Next {
         return Next::Finished;
     };
     let keys = input.step_keys();
+    if let JobInput::RecoveryPlan(_) = input {
+        let layout = input.steps();
+        let stored = steps[idx].key.as_deref().and_then(StepKey::parse);
+        return match (stored, layout.get(idx)) {
+            (Some(k), Some((want, _))) if k == *want && steps.len() == layout.len() => {
+                Next::Run { idx, key: k }
+            }
+            _ => Next::Unrunnable {
+                idx,
+                code: "StepNotRunnable",
+                message: format!(
+                    "step {} of this recovery plan job does not match the plan's steps as this build lays them out; run the plan again",
+                    idx + 1
+                ),
+            },
+        };
+    }
     let key = match &steps[idx].key {
         Some(name) => match StepKey::parse(name) {
             Some(k) if keys.contains(&k) => k,
@@ -828,6 +917,27 @@ pub enum Need {
         /// Where the machine runs (its agent replicates it).
         source: Location,
     },
+    /// A plan's items: their states, groups and points at `site`'s store
+    /// (the store a failover toward `site` reads).
+    PlanItems {
+        items: Vec<String>,
+        site: Location,
+    },
+    /// Each item's child jobs (ids by attempt, from 0).
+    PlanChildren {
+        children: Vec<(String, Vec<String>)>,
+    },
+    /// A script's task, and an agent of `fabric` to run it (the one most
+    /// recently heard from).
+    PlanScript {
+        task_id: String,
+        fabric: String,
+    },
+    /// Whether step `idx` of the job was resumed by an operator.
+    Resumed {
+        job_id: String,
+        idx: usize,
+    },
 }
 
 /// What the driver found for a [`Need`].
@@ -869,6 +979,18 @@ pub enum Observed {
         /// The agent replicating the item (`None`: no agent reports it).
         source_agent: Option<String>,
         source_last_seen_ms: Option<i64>,
+    },
+    PlanItems(Vec<PlanItemSeen>),
+    PlanChildren(Vec<ChildSeen>),
+    PlanScript {
+        task: Option<TaskResult>,
+        /// The task's agent, else the candidate.
+        agent: Option<String>,
+        agent_last_seen_ms: Option<i64>,
+    },
+    Resumed {
+        /// When, and the operator's comments.
+        resumed: Option<(i64, Option<String>)>,
     },
 }
 
@@ -1015,6 +1137,28 @@ pub enum Effect {
     },
     /// What the step wants the operator to know (`job_steps.output`).
     StepOutput(Value),
+    /// Record the points a plan's items fail over to in its input.
+    SetPlanPoints(BTreeMap<String, String>),
+    /// Start `item`'s operation of the plan as job `job_id` (the vault does
+    /// it after the round commits, as the API would; a refusal is recorded
+    /// with [`Effect::PlanRefused`]).
+    StartPlanItem {
+        item: String,
+        job_id: String,
+    },
+    /// Record in the plan job's input why `item`'s operation was refused.
+    PlanRefused {
+        item: String,
+        code: String,
+        message: String,
+    },
+    /// The job waits for an operator (`Suspended`) until resumed.
+    SuspendJob,
+    /// The plan's last run of `op` (its `lastTestFailoverTime`, ...).
+    RecordPlanRun {
+        plan: String,
+        op: crate::plan::PlanOp,
+    },
     /// The job's output (`jobs.output`).
     JobOutput(Value),
 }
@@ -1064,6 +1208,8 @@ impl Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StepCtx<'a> {
     pub job_id: &'a str,
+    /// The step's index in the job.
+    pub idx: usize,
     /// When the step started (its first round).
     pub started_ms: i64,
     pub now_ms: i64,
@@ -1089,11 +1235,12 @@ pub fn verify_task_id(job_id: &str, agent: &str) -> String {
 }
 
 /// What `key` must look at.
-pub fn needs(key: StepKey, input: &JobInput, job_id: &str) -> Need {
+pub fn needs(key: StepKey, input: &JobInput, job_id: &str, idx: usize) -> Need {
     use JobInput as I;
     use StepKey as K;
     let item = || input.item().unwrap_or_default().to_string();
     match (key, input) {
+        (_, I::RecoveryPlan(p)) => plan::needs(p, idx, job_id),
         (K::CheckPairing, I::ConfigureProtection(p)) => Need::Policy {
             name: p.policy.clone(),
         },
@@ -1196,6 +1343,9 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
     use JobInput as I;
     use StepKey as K;
     let item = input.item().unwrap_or_default().to_string();
+    if let I::RecoveryPlan(p) = input {
+        return plan::decide(p, ctx, seen);
+    }
     match (key, input, seen) {
         (K::ValidatePolicy, I::CreatePolicy(p), _) => match p.policy.validate() {
             Ok(()) => Decision::done(vec![]),
@@ -2223,7 +2373,11 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
             })]
         }
         JobInput::DeleteNetworkMapping(m) => vec![Effect::KeepNetworkMapping(m.clone())],
-        JobInput::CreatePolicy(_) | JobInput::VerifyStore(_) => vec![],
+        // Each machine's job compensates its own operation; the plan's
+        // job says where it stopped.
+        JobInput::CreatePolicy(_) | JobInput::VerifyStore(_) | JobInput::RecoveryPlan(_) => {
+            vec![]
+        }
     };
     effects.push(Effect::ForgetSealedKey);
     effects

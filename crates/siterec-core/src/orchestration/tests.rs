@@ -259,6 +259,11 @@ impl World {
                 source_agent: self.source.clone(),
                 source_last_seen_ms: Some(self.agent_seen),
             },
+            // Recovery plans have tests of their own (plan_tests).
+            Need::PlanItems { .. }
+            | Need::PlanChildren { .. }
+            | Need::PlanScript { .. }
+            | Need::Resumed { .. } => Observed::Nothing,
         }
     }
 
@@ -371,6 +376,11 @@ impl World {
                 self.step_outputs.insert(idx, v.clone());
             }
             Effect::JobOutput(v) => self.job_output = Some(v.clone()),
+            Effect::SetPlanPoints(_)
+            | Effect::StartPlanItem { .. }
+            | Effect::PlanRefused { .. }
+            | Effect::SuspendJob
+            | Effect::RecordPlanRun { .. } => {}
         }
         Ok(())
     }
@@ -487,10 +497,11 @@ fn round(w: &mut World, crash: Crash) -> bool {
     let started_ms = *step.started_ms.get_or_insert(w.now);
     let ctx = StepCtx {
         job_id: JOB,
+        idx,
         started_ms,
         now_ms: w.now,
     };
-    let seen = w.observe(&needs(key, &w.input, JOB));
+    let seen = w.observe(&needs(key, &w.input, JOB, idx));
     let decision = decide(key, &w.input, &ctx, &seen);
     for e in &decision.effects {
         if let Err(e) = w.apply(idx, e) {
@@ -1564,16 +1575,31 @@ fn every_failure_fails_its_step_and_compensates() {
     let can_fail: BTreeSet<StepKey> = StepKey::ALL
         .into_iter()
         .filter(|k| {
-            needs(*k, &sample_input(*k), JOB) != Need::Nothing
+            needs(*k, &sample_input(*k), JOB, 0) != Need::Nothing
                 || matches!(k, K::ValidatePolicy | K::ShutDownSource)
         })
         .filter(|k| !matches!(k, K::InitialReplication | K::ReverseReplication))
+        // Recovery plans' steps: plan_tests.
+        .filter(|k| {
+            !matches!(
+                k,
+                K::CheckPlan | K::PlanAction | K::PlanItems | K::CompletePlan
+            )
+        })
         .collect();
     assert_eq!(seen, can_fail);
 }
 
 /// An input of the job kind `key` belongs to.
 fn sample_input(key: StepKey) -> JobInput {
+    if matches!(
+        key,
+        StepKey::CheckPlan | StepKey::PlanAction | StepKey::PlanItems | StepKey::CompletePlan
+    ) {
+        return JobInput::RecoveryPlan(super::plan_tests::sample_plan(
+            crate::plan::PlanOp::TestFailover,
+        ));
+    }
     [
         create_policy(policy()),
         pairing(),

@@ -10,8 +10,9 @@ use sqlx::{Any, Row, Transaction};
 use crate::db::now_ms;
 use crate::persist::inventory::AGENT_ONLINE_MS;
 use siterec_core::orchestration::{
-    Effect, JobInput, MachineSeen, Need, NetworkRef, Observed, PairingInput, Placement, StepRow,
-    StoreTask, TaskResult, TaskSeen, test_transition, transition,
+    ChildJob, ChildSeen, Effect, JobInput, MachineSeen, Need, NetworkRef, Observed, PairingInput,
+    Placement, PlanItemSeen, Refusal, StepRow, StoreTask, TaskResult, TaskSeen, test_transition,
+    transition,
 };
 use siterec_core::policy::Policy;
 use siterec_core::state::{
@@ -47,6 +48,21 @@ pub async fn create(
     target_id: &str,
 ) -> Result<String, sqlx::Error> {
     let id = uuid::Uuid::new_v4().to_string();
+    create_with_id(tx, &id, input, target_type, target_name, target_id).await?;
+    Ok(id)
+}
+
+/// [`create`] under a given id (a recovery plan's job names its
+/// machines' jobs after itself, so that each is started once).
+pub async fn create_with_id(
+    tx: &mut Tx<'_>,
+    id: &str,
+    input: &JobInput,
+    target_type: &str,
+    target_name: &str,
+    target_id: &str,
+) -> Result<(), sqlx::Error> {
+    let id = id.to_string();
     let now = now_ms();
     sqlx::query(
         "INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, seq) VALUES ($1, $2, 'NotStarted', $3, $4, $5, $6, $7, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs))",
@@ -60,18 +76,128 @@ pub async fn create(
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    for (idx, key) in input.step_keys().iter().enumerate() {
+    for (idx, (key, title)) in input.steps().iter().enumerate() {
         sqlx::query(
             "INSERT INTO job_steps (job_id, idx, name, step, state) VALUES ($1, $2, $3, $4, 'NotStarted')",
         )
         .bind(&id)
         .bind(idx as i64)
-        .bind(key.title())
+        .bind(title)
         .bind(key.as_str())
         .execute(&mut **tx)
         .await?;
     }
-    Ok(id)
+    Ok(())
+}
+
+/// Whether a job of that id exists.
+pub async fn exists(tx: &mut Tx<'_>, job_id: &str) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Records a machine's operation that a recovery plan could not start
+/// as a failed job of that id (what the API would have answered is its
+/// error), so that the plan and the operator see it like any other.
+pub async fn create_refused(
+    tx: &mut Tx<'_>,
+    id: &str,
+    input: &JobInput,
+    target: (&str, &str, &str),
+    code: &str,
+    message: &str,
+) -> Result<(), sqlx::Error> {
+    create_with_id(tx, id, input, target.0, target.1, target.2).await?;
+    let now = now_ms();
+    sqlx::query("UPDATE jobs SET state = 'Failed', start_ms = $1, end_ms = $1, error_code = $2, error_message = $3 WHERE id = $4")
+        .bind(now)
+        .bind(code)
+        .bind(message)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE job_steps SET state = 'Skipped' WHERE job_id = $1")
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// How [`resume`] went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resumed {
+    Done,
+    NoSuchJob,
+    /// The job is in this state, not waiting for an operator.
+    NotSuspended(String),
+}
+
+/// An operator resumes a job waiting at a manual action: the step is
+/// marked resumed (with the comments) and the job runs on.
+pub async fn resume(
+    tx: &mut Tx<'_>,
+    job_id: &str,
+    comments: Option<&str>,
+    now: i64,
+) -> Result<Resumed, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+        .bind(job_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match state.as_deref() {
+        None => return Ok(Resumed::NoSuchJob),
+        Some("Suspended") => {}
+        Some(other) => return Ok(Resumed::NotSuspended(other.to_string())),
+    }
+    sqlx::query("UPDATE job_steps SET resumed_ms = $1, resume_comments = $2 WHERE job_id = $3 AND idx = (SELECT MIN(idx) FROM job_steps WHERE job_id = $3 AND state NOT IN ('Succeeded', 'Failed', 'Cancelled', 'Skipped'))")
+        .bind(now)
+        .bind(comments)
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE jobs SET state = 'InProgress' WHERE id = $1")
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(Resumed::Done)
+}
+
+/// Sets a job's state (restart and cancel).
+pub async fn set_state(tx: &mut Tx<'_>, job_id: &str, state: JobState) -> Result<(), sqlx::Error> {
+    let end = state.is_terminal().then(now_ms);
+    sqlx::query("UPDATE jobs SET state = $1, end_ms = $2 WHERE id = $3")
+        .bind(state.as_str())
+        .bind(end)
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A failed job runs again from its failed step: that step and the ones
+/// after it are NotStarted again, the error goes, and the input is the
+/// one given (a plan's with its attempt counted).
+/// `from`: every step from that index runs again too.
+pub async fn restart(
+    tx: &mut Tx<'_>,
+    job_id: &str,
+    input: &JobInput,
+    from: Option<usize>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE job_steps SET state = 'NotStarted', start_ms = NULL, end_ms = NULL, error = NULL WHERE job_id = $1 AND (state NOT IN ('Succeeded', 'Skipped') OR idx >= $2)")
+        .bind(job_id)
+        .bind(from.map(|i| i as i64).unwrap_or(i64::MAX))
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE jobs SET state = 'InProgress', end_ms = NULL, error_code = NULL, error_message = NULL, input = $1 WHERE id = $2")
+        .bind(input.to_json())
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The jobs not yet ended, oldest first.
@@ -503,6 +629,105 @@ pub async fn observe(tx: &mut Tx<'_>, need: &Need, now: i64) -> anyhow::Result<O
             }
             Observed::Stores(seen)
         }
+        Need::PlanItems { items, site } => {
+            let mut seen = Vec::new();
+            for item in items {
+                let life = load_life(tx, item).await?;
+                let test = load_test_state(tx, item)
+                    .await?
+                    .unwrap_or(TestFailoverState::None);
+                let group: Option<Option<String>> = sqlx::query_scalar(
+                    "SELECT multi_vm_group FROM protected_items WHERE name = $1",
+                )
+                .bind(item)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let points: Vec<(i64, String)> = sqlx::query_as(
+                    "SELECT created_ms, point_id FROM recovery_points WHERE item = $1 AND site = $2 AND pruned_ms IS NULL ORDER BY created_ms",
+                )
+                .bind(item)
+                .bind(site.as_str())
+                .fetch_all(&mut **tx)
+                .await?;
+                seen.push(PlanItemSeen {
+                    item: item.clone(),
+                    life,
+                    test,
+                    group: group.flatten(),
+                    points,
+                });
+            }
+            Observed::PlanItems(seen)
+        }
+        Need::PlanChildren { children } => {
+            let mut seen = Vec::new();
+            for (item, ids) in children {
+                let mut jobs = Vec::new();
+                for (attempt, id) in ids.iter().enumerate() {
+                    let row: Option<(String, Option<String>)> =
+                        sqlx::query_as("SELECT state, error_message FROM jobs WHERE id = $1")
+                            .bind(id)
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                    if let Some((state, error)) = row {
+                        let state = JobState::parse(&state).ok_or_else(|| {
+                            anyhow::anyhow!("job {id} has state '{state}', not a job state")
+                        })?;
+                        jobs.push((
+                            attempt as u32,
+                            ChildJob {
+                                id: id.clone(),
+                                state,
+                                error,
+                            },
+                        ));
+                    }
+                }
+                seen.push(ChildSeen {
+                    item: item.clone(),
+                    jobs,
+                });
+            }
+            Observed::PlanChildren(seen)
+        }
+        Need::PlanScript { task_id, fabric } => {
+            let row: Option<String> =
+                sqlx::query_scalar("SELECT agent_id FROM agent_tasks WHERE id = $1")
+                    .bind(task_id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            let agent = match row {
+                Some(a) => Some(a),
+                None => sqlx::query_scalar(
+                    "SELECT id FROM agents WHERE fabric = $1 AND last_seen_ms > $2 ORDER BY last_seen_ms DESC, id LIMIT 1",
+                )
+                .bind(fabric)
+                .bind(now - AGENT_ONLINE_MS)
+                .fetch_optional(&mut **tx)
+                .await?,
+            };
+            let agent_last_seen_ms = match &agent {
+                Some(a) => agent_last_seen(tx, a).await?,
+                None => None,
+            };
+            Observed::PlanScript {
+                task: task(tx, task_id).await?,
+                agent,
+                agent_last_seen_ms,
+            }
+        }
+        Need::Resumed { job_id, idx } => {
+            let row: Option<(Option<i64>, Option<String>)> = sqlx::query_as(
+                "SELECT resumed_ms, resume_comments FROM job_steps WHERE job_id = $1 AND idx = $2",
+            )
+            .bind(job_id)
+            .bind(*idx as i64)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Observed::Resumed {
+                resumed: row.and_then(|(at, c)| at.map(|at| (at, c))),
+            }
+        }
         Need::Network { fabric, name } => {
             let there: i64 =
                 sqlx::query_scalar("SELECT COUNT(*) FROM networks WHERE fabric = $1 AND name = $2")
@@ -830,7 +1055,61 @@ pub async fn apply(
                 .execute(&mut **tx)
                 .await?;
         }
+        Effect::SetPlanPoints(points) => {
+            update_plan_input(tx, job_id, |p| p.points = points.clone()).await?
+        }
+        Effect::PlanRefused {
+            item,
+            code,
+            message,
+        } => {
+            update_plan_input(tx, job_id, |p| {
+                p.refused.insert(
+                    item.to_lowercase(),
+                    Refusal {
+                        code: code.clone(),
+                        message: message.clone(),
+                        attempt: p.attempt,
+                    },
+                );
+            })
+            .await?
+        }
+        // The engine starts the machine's operation once the round is
+        // committed (as the API would, in a transaction of its own).
+        Effect::StartPlanItem { .. } => {}
+        Effect::SuspendJob => {
+            sqlx::query("UPDATE jobs SET state = 'Suspended' WHERE id = $1 AND state = 'InProgress'")
+                .bind(job_id)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Effect::RecordPlanRun { plan, op } => {
+            crate::persist::plans::record_run(tx, plan, *op, now_ms()).await?
+        }
     }
+    Ok(())
+}
+
+/// Changes a plan job's stored input.
+async fn update_plan_input(
+    tx: &mut Tx<'_>,
+    job_id: &str,
+    change: impl FnOnce(&mut siterec_core::orchestration::PlanInput),
+) -> anyhow::Result<()> {
+    let Some(Ok(job)) = load(tx, job_id).await? else {
+        anyhow::bail!("job {job_id} does not read: its plan input cannot be updated");
+    };
+    let mut input = JobInput::parse(job.kind, &job.input)?;
+    let JobInput::RecoveryPlan(p) = &mut input else {
+        anyhow::bail!("job {job_id} is not a recovery plan's job");
+    };
+    change(p);
+    sqlx::query("UPDATE jobs SET input = $1 WHERE id = $2")
+        .bind(input.to_json())
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //!   registration keys.
 //! - [`items`]: protected items and their recovery points.
 //! - [`config`]: policies, cloud pairings and network mappings.
+//! - [`plans`]: recovery plans.
 //! - [`seed`]: a fleet of rows for the API benchmark.
 //! - [`agents`]: what the agent API reads and writes: enrolment, the
 //!   heartbeat's inventory, task results, recovery point reports.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod inventory;
 pub mod items;
 pub mod jobs;
+pub mod plans;
 pub mod seed;
 
 /// `$first, $first+1, ...` for `n` values bound in an `IN (...)` list.
