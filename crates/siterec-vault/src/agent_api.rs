@@ -388,6 +388,11 @@ async fn report_point(
         Consistency::CrashConsistent => "CrashConsistent",
         Consistency::Inconsistent => "Inconsistent",
     };
+    // Read before the write transaction: a statement on another pool
+    // connection while this one holds the write lock deadlocks once every
+    // connection is taken by reports waiting for that lock (100 items
+    // reporting at once did, for the 10 s of the busy timeout).
+    let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
     let mut tx = crate::db::begin(&st.db).await?;
     let point = persist::NewPoint {
         item: &item,
@@ -403,7 +408,6 @@ async fn report_point(
     persist::insert_point(&mut tx, &point, now).await?;
     // Retention: hide the points the policy lets go, then ask the target to
     // delete them. A point is never listed again once hidden.
-    let (_, policy) = crate::model::load_policy(&st.db, &policy).await?;
     let ages = persist::listed_points(&mut tx, &item, &site).await?;
     let mut prune = points_to_prune(&ages, policy.retention, policy.copy_frequency_secs, now);
     // The point a test failover is creating its VM from stays until the VM

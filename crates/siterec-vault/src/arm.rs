@@ -2018,6 +2018,12 @@ async fn test_failover_cleanup(
             )));
         }
     };
+    // Read before the write transaction (no second connection while it
+    // holds the write lock): whether the machine is a VM, should the test
+    // failover's output not say.
+    let machine_is_vm = model::machine_info(&st.db, &item.fabric, &item.machine)
+        .await?
+        .is_none_or(|m| model::is_vm(&m));
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, &item.name).await?;
     if item.test_state == TestFailoverState::TestFailoverCleanupInitiated
@@ -2043,9 +2049,7 @@ async fn test_failover_cleanup(
     let vm = match &output {
         Some(o) if o.get("runDir").is_some() => true,
         Some(o) if o.get("disks").is_some() => false,
-        _ => model::machine_info(&st.db, &item.fabric, &item.machine)
-            .await?
-            .is_none_or(|m| model::is_vm(&m)),
+        _ => machine_is_vm,
     };
     items::set_test_state(&mut tx, &item.name, next, now_ms()).await?;
     let job = create_job(

@@ -122,7 +122,9 @@ pub async fn run_engine(st: crate::Shared, start_item: StartItem) {
             Err(e) => tracing::warn!("listing jobs: {e:#}"),
         }
         if moved {
-            tokio::task::yield_now().await;
+            // A breath between passes: the API and agents' writes (which
+            // wait for the database's write lock) get theirs.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), st.wake.notified()).await;

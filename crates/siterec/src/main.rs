@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_plan;
 mod bench_roundtrip;
 mod bench_vm;
 mod client;
@@ -116,6 +117,10 @@ enum Cmd {
 enum BenchCmd {
     /// The vault's API at a fleet's size: list 10,000 protected items page by page and get single items, on SQLite and PostgreSQL.
     Api(bench_api::ApiBenchOptions),
+    /// Test failover of a recovery plan of 10 and of 100 file-backed machines (disks written at the recovery site, no boot), and where the time goes.
+    ///
+    /// Example: siterec bench plan --dir /var/tmp/plan
+    Plan(bench_plan::PlanBenchOptions),
     /// The way there and back of a physical server: planned failover, reprotect and failback with 1% changed on each side, against a full copy and rsync --inplace --no-whole-file bringing the disk back.
     ///
     /// Example: siterec bench roundtrip --dir /var/tmp/rt
@@ -1153,6 +1158,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Bench(BenchCmd::Plan(opts)) => {
+            bench_plan::plan(opts, out).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Bench(BenchCmd::Api(opts)) => {
             bench_api::api(opts, out).await?;

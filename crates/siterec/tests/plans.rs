@@ -188,6 +188,67 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
         "{created}"
     );
 
+    // Refused plans change nothing.
+    let (code, v) = env.arm(
+        "PUT",
+        "replicationRecoveryPlans/bad",
+        "api-version=2025-08-01",
+        Some(serde_json::json!({"properties": {"primaryFabricId": "primary", "recoveryFabricId": "recovery", "groups": [
+            {"groupType": "Boot", "replicationProtectedItems": [{"id": "db"}, {"id": "nosuch"}]}
+        ]}})),
+    );
+    assert_eq!(code, 404, "{v}");
+    assert!(v.to_string().contains("nosuch"), "{v}");
+    for (groups, needle) in [
+        (
+            serde_json::json!([{"groupType": "Boot", "replicationProtectedItems": [{"id": "db"}]}, {"groupType": "Boot", "replicationProtectedItems": [{"id": "DB"}]}]),
+            "twice",
+        ),
+        (
+            serde_json::json!([{"groupType": "Boot", "replicationProtectedItems": [{"id": "db"}], "startGroupActions": [
+            {"actionName": "x", "customDetails": {"instanceType": "ScriptActionDetails", "path": "/etc/passwd"}}]}]),
+            "relative",
+        ),
+        (
+            serde_json::json!([{"groupType": "Boot", "replicationProtectedItems": [{"id": "db"}], "startGroupActions": [
+            {"actionName": "x", "customDetails": {"instanceType": "AutomationRunbookActionDetails"}}]}]),
+            "not supported",
+        ),
+        (
+            serde_json::json!([{"groupType": "Shutdown", "replicationProtectedItems": [{"id": "db"}]}]),
+            "Boot groups only",
+        ),
+    ] {
+        let (code, v) = env.arm(
+            "PUT",
+            "replicationRecoveryPlans/bad",
+            "api-version=2025-08-01",
+            Some(serde_json::json!({"properties": {"primaryFabricId": "primary", "recoveryFabricId": "recovery", "groups": groups}})),
+        );
+        assert_eq!(code, 400, "{v}");
+        assert!(v.to_string().contains(needle), "{needle}: {v}");
+    }
+    let listed = env.json(&["plan", "list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // An ended job is not cancelled, a job that did not fail not restarted.
+    let jobs = env.json(&["jobs", "list"]);
+    let item_job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["properties"]["scenarioName"] == "EnableDr")
+        .and_then(|j| j["name"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(
+        env.fails(&["jobs", "cancel", &item_job])
+            .contains("nothing to cancel")
+    );
+    assert!(
+        env.fails(&["jobs", "restart", &item_job])
+            .contains("only a failed job")
+    );
+
     // app2 cannot be written at the recovery site: its failover fails.
     let blocked = recovery.join("failover").join("app2");
     std::fs::create_dir_all(blocked.parent().unwrap()).unwrap();
@@ -214,6 +275,20 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     let paused = wait_job(&env, &id, &["Suspended"], Duration::from_secs(60));
     let allowed = paused["properties"]["allowedActions"].clone();
     assert!(allowed.to_string().contains("Resume"), "{paused:#}");
+    // While the plan runs it is neither edited nor deleted, nor run again.
+    assert!(env.fails(&["plan", "delete", "shop"]).contains("runs job"));
+    assert!(
+        env.fails(&["plan", "edit", "shop", "--group", "db"])
+            .contains("runs job")
+    );
+    assert!(
+        env.fails(&["plan", "test-failover", "shop"])
+            .contains("runs job")
+    );
+    assert!(
+        env.fails(&["jobs", "restart", &id])
+            .contains("only a failed job")
+    );
     let resumed_at = now_ms();
     env.json(&["plan", "resume", &id, "--comments", "app checked"]);
     let done = wait_job(
@@ -223,6 +298,7 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
         Duration::from_secs(180),
     );
 
+    assert!(env.fails(&["plan", "resume", &id]).contains("not waiting"));
     // The job ran to its end and says which machine failed.
     assert_eq!(done["properties"]["state"], "Failed", "{done:#}");
     let err = done["properties"]["errors"][0]["serviceErrorDetails"].clone();

@@ -661,6 +661,8 @@ async fn resume_job(
 }
 
 async fn restart_job(st: &Shared, headers: &HeaderMap, job: &str) -> ApiResult<Response> {
+    // Read before the write transaction (one connection at a time).
+    let view = jobs_db::view(&st.db, job).await?;
     let mut tx = crate::db::begin(&st.db).await?;
     let record = jobs_db::load(&mut tx, job)
         .await
@@ -701,7 +703,6 @@ async fn restart_job(st: &Shared, headers: &HeaderMap, job: &str) -> ApiResult<R
     }
     // A job that ran to its end with machines failed goes on from the
     // first group holding one of them.
-    let view = jobs_db::view(&st.db, job).await?;
     let failed: Vec<String> = view
         .and_then(|v| v.output)
         .and_then(|o| serde_json::from_str::<Value>(&o).ok())
