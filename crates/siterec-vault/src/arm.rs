@@ -18,6 +18,7 @@ use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::create_job;
 use crate::model::{self, ItemRow};
+use crate::persist::events as events_db;
 use crate::persist::jobs::{self as jobs_db, JobOf, Tx};
 use crate::persist::{config, inventory, items};
 use crate::{AppState, Shared};
@@ -571,6 +572,25 @@ async fn handle(
             create_policy(st, headers, r[1], &body_json(body)?).await
         }
         (Method::DELETE, ["replicationpolicies", _]) => delete_policy(st, r[1]).await,
+        // ----- events and alert settings -----
+        (Method::GET, ["replicationevents"]) => list_events(st, uri).await,
+        (Method::GET, ["replicationevents", _]) => {
+            let row = events_db::get(db, r[1])
+                .await?
+                .ok_or_else(|| ApiError::not_found("event", r[1]))?;
+            ok(model::event_json(v, &row)?)
+        }
+        (Method::GET, ["replicationalertsettings"]) => ok(model::list(vec![model::alert_json(
+            v,
+            &alert_setting(st).await?,
+        )])),
+        (Method::GET, ["replicationalertsettings", _]) => {
+            check_alert_setting_name(r[1])?;
+            ok(model::alert_json(v, &alert_setting(st).await?))
+        }
+        (Method::PUT, ["replicationalertsettings", _]) => {
+            configure_alerts(st, r[1], &body_json(body)?).await
+        }
         // ----- protected items -----
         (Method::GET, ["replicationprotecteditems"]) => {
             item_page(st, uri, headers, None, "replicationProtectedItems").await
@@ -830,6 +850,157 @@ async fn machine_protected(
 
 fn props(body: &Value) -> &Value {
     body.get("properties").unwrap_or(&Value::Null)
+}
+
+/// The events the `$filter` asks for (newest [`EVENT_LIST_MAX`]), oldest first.
+async fn list_events(st: &Shared, uri: &Uri) -> ApiResult<Response> {
+    let filter = query_param(uri, "$filter")
+        .or_else(|| query_param(uri, "%24filter"))
+        .map(|f| percent_decode(&f))
+        .transpose()?
+        .unwrap_or_default();
+    let q = siterec_core::events::EventQuery::parse_filter(&filter)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidFilter", e))?;
+    let rows = events_db::list(&st.db, &q, EVENT_LIST_MAX).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        out.push(model::event_json(&st.info, row)?);
+    }
+    ok(model::list(out))
+}
+
+/// The most events one list answers (the newest that match).
+pub const EVENT_LIST_MAX: i64 = 1000;
+
+/// A query value as sent: `%XX` escapes and `+` for a space.
+fn percent_decode(s: &str) -> ApiResult<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "the query value '{s}' has a bad percent escape at character {i}"
+                        ))
+                    })?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad_request(format!("the query value '{s}' is not UTF-8")))
+}
+
+fn check_alert_setting_name(name: &str) -> ApiResult<()> {
+    if name.eq_ignore_ascii_case(events_db::DEFAULT_ALERT_SETTING) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(
+            "alert setting (there is one: defaultAlertSetting)",
+            name,
+        ))
+    }
+}
+
+/// The alert setting, or the defaults until one is configured.
+async fn alert_setting(st: &AppState) -> ApiResult<events_db::AlertRow> {
+    Ok(
+        events_db::alert_setting(&st.db, events_db::DEFAULT_ALERT_SETTING)
+            .await?
+            .unwrap_or_else(|| events_db::AlertRow {
+                name: events_db::DEFAULT_ALERT_SETTING.into(),
+                send_to_owners: "DoNotSend".into(),
+                emails: Vec::new(),
+                locale: None,
+                webhook_url: None,
+            }),
+    )
+}
+
+/// PUT `replicationAlertSettings/defaultAlertSetting` (ASR
+/// `ConfigureAlertRequest`): fields given replace the stored ones; an
+/// empty `webhookUrl` removes the webhook.
+async fn configure_alerts(st: &Shared, name: &str, body: &Value) -> ApiResult<Response> {
+    check_alert_setting_name(name)?;
+    let req: api::ConfigureAlertRequest = serde_json::from_value(body.clone()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not a ConfigureAlertRequest ({{\"properties\": {{\"sendToOwners\", \"customEmailAddresses\", \"locale\", \"webhookUrl\"}}}}): {e}"
+        ))
+    })?;
+    let p = req.properties;
+    let mut row = alert_setting(st).await?;
+    if let Some(s) = p.send_to_owners {
+        row.send_to_owners = match s.to_ascii_lowercase().as_str() {
+            "send" => "Send".into(),
+            "donotsend" => "DoNotSend".into(),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "properties.sendToOwners '{s}' must be Send or DoNotSend"
+                )));
+            }
+        };
+    }
+    if let Some(emails) = p.custom_email_addresses {
+        for e in &emails {
+            let ok = e.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty() && host.contains('.') && !e.chars().any(char::is_whitespace)
+            });
+            if !ok {
+                return Err(ApiError::bad_request(format!(
+                    "properties.customEmailAddresses: '{e}' is not an email address (user@example.com)"
+                )));
+            }
+        }
+        row.emails = emails;
+    }
+    if let Some(l) = p.locale {
+        row.locale = Some(l).filter(|l| !l.is_empty());
+    }
+    if let Some(url) = p.webhook_url {
+        row.webhook_url = if url.is_empty() {
+            None
+        } else {
+            Some(check_webhook_url(&url)?)
+        };
+    }
+    events_db::put_alert_setting(&st.db, &row, now_ms()).await?;
+    ok(model::alert_json(&st.info, &row))
+}
+
+/// A webhook must be an http or https URL with a host.
+fn check_webhook_url(url: &str) -> ApiResult<String> {
+    let bad = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidWebhookUrl",
+            format!(
+                "properties.webhookUrl '{url}' {why}: give an http:// or https:// URL such as https://alerts.example.com/siterec"
+            ),
+        )
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad(&format!("has scheme '{}'", parsed.scheme())));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(url.to_string())
 }
 
 async fn create_policy(
@@ -2003,12 +2174,26 @@ async fn test_failover_cleanup(
             )));
         }
     };
+    let job = start_test_cleanup(st, &item.name, &comments, None).await?;
+    accepted(st, headers, &job)
+}
+
+/// Starts the cleanup of an item's test failover (or finds the one
+/// running): the API's, or the vault's own for a test failover left
+/// completed longer than it allows (`forced_age_ms`: how long; the event
+/// saying so is recorded with the job). Returns the job.
+pub(crate) async fn start_test_cleanup(
+    st: &AppState,
+    name: &str,
+    comments: &str,
+    forced_age_ms: Option<i64>,
+) -> ApiResult<String> {
     let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
+    let item = reload_item(&mut tx, name).await?;
     if item.test_state == TestFailoverState::TestFailoverCleanupInitiated
         && let Some(job) = running_job(&mut tx, JobKind::TestFailoverCleanup, &item.name).await?
     {
-        return accepted(st, headers, &job);
+        return Ok(job);
     }
     let next = item
         .test_state
@@ -2039,16 +2224,20 @@ async fn test_failover_cleanup(
             item: item.name.clone(),
             vm_name: vm_name.to_string(),
             vm,
-            comments: Some(comments.clone()),
+            comments: Some(comments.to_string()),
         }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
     )
     .await?;
+    if let Some(age) = forced_age_ms {
+        let event = siterec_core::events::forced_cleanup(&item.name, &item.fabric, &job, age);
+        crate::persist::events::insert(&mut tx, &event, now_ms()).await?;
+    }
     tx.commit().await?;
     st.wake.notify_one();
-    accepted(st, headers, &job)
+    Ok(job)
 }
 
 /// The networks of a fabric as resources, with the agents that report each.

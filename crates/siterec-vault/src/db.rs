@@ -84,6 +84,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../migrations/sqlite/0010_reverse_replication.sql"),
     ),
+    (11, include_str!("../migrations/sqlite/0011_events.sql")),
 ];
 
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
@@ -97,6 +98,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/postgres/0004_reverse_replication.sql"),
     ),
+    (5, include_str!("../migrations/postgres/0005_events.sql")),
 ];
 
 /// The advisory lock key every PostgreSQL write transaction takes.

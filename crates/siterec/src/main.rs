@@ -190,6 +190,10 @@ struct VaultCmd {
     /// Without it, SQLite in the data directory (vault.db).
     #[arg(long, env = "SITEREC_DATABASE")]
     database: Option<String>,
+    /// A test failover left completed longer than this is cleaned up by
+    /// the vault (an event says so): 14d, 36h, 90m or 600s.
+    #[arg(long, default_value = "14d", value_parser = parse_duration)]
+    test_failover_max_age: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -676,6 +680,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             agent_listen,
             name,
             database,
+            test_failover_max_age,
         }) => {
             let v = siterec_vault::start(siterec_vault::VaultOptions {
                 data_dir: data.clone(),
@@ -683,6 +688,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent_listen,
                 name,
                 database,
+                events: siterec_vault::events::EventOptions {
+                    test_failover_max_age,
+                },
             })
             .await?;
             println!("vault {}", v.endpoint.vault_id);
