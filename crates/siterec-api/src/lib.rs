@@ -587,6 +587,12 @@ pub struct PolicyProviderInput {
     pub offline_replication_export_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_replication_import_path: Option<String>,
+    /// The RPO alert threshold, minutes (ASR InMage's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_threshold_in_minutes: Option<u32>,
+    /// siterec extension: the threshold in seconds (wins over minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_threshold_in_seconds: Option<u32>,
 }
 
 /// PUT …/replicationProtectionContainerMappings/{name}.
