@@ -3819,4 +3819,198 @@ mod tests {
         .await;
         assert_eq!(code, 202, "{v}");
     }
+
+    // ----- events and alert settings -----
+
+    /// Bad alert settings are refused (400, 404) naming the field and
+    /// write nothing; good ones are read back; an empty webhook removes it.
+    #[tokio::test]
+    async fn alert_settings_refuse_bad_webhooks_and_addresses_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let rel = "replicationAlertSettings/defaultAlertSetting";
+        for (body, code, needle) in [
+            (
+                serde_json::json!({"properties": {"webhookUrl": "ftp://h/x"}}),
+                400,
+                "scheme 'ftp'",
+            ),
+            (
+                serde_json::json!({"properties": {"webhookUrl": "not a url"}}),
+                400,
+                "is not a URL",
+            ),
+            (
+                serde_json::json!({"properties": {"customEmailAddresses": ["ops"]}}),
+                400,
+                "'ops' is not an email",
+            ),
+            (
+                serde_json::json!({"properties": {"sendToOwners": "Maybe"}}),
+                400,
+                "Send or DoNotSend",
+            ),
+            (
+                serde_json::json!({"properties": {"webhookUrl": 7}}),
+                400,
+                "ConfigureAlertRequest",
+            ),
+        ] {
+            let (status, v, _) = call(&st, Method::PUT, rel, body.clone()).await;
+            assert_eq!(status, code, "{body}: {v}");
+            assert!(message(&v).contains(needle), "{body}: {v}");
+        }
+        let (status, v, _) = call(
+            &st,
+            Method::PUT,
+            "replicationAlertSettings/other",
+            serde_json::json!({"properties": {}}),
+        )
+        .await;
+        assert_eq!(status, 404, "{v}");
+        assert!(message(&v).contains("defaultAlertSetting"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM alert_settings").await, 0);
+        // Unset, the defaults are shown.
+        let (status, v, _) = call(&st, Method::GET, rel, Value::Null).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["properties"]["sendToOwners"], "DoNotSend");
+
+        let (status, v, _) = call(
+            &st,
+            Method::PUT,
+            rel,
+            serde_json::json!({"properties": {"sendToOwners": "send", "customEmailAddresses": ["ops@example.com"], "webhookUrl": "https://alerts.example.com/h"}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let (_, v, _) = call(&st, Method::GET, "replicationAlertSettings", Value::Null).await;
+        let p = &v["value"][0]["properties"];
+        assert_eq!(p["sendToOwners"], "Send");
+        assert_eq!(p["customEmailAddresses"][0], "ops@example.com");
+        assert_eq!(p["webhookUrl"], "https://alerts.example.com/h");
+        // Only what is given changes; "" removes the webhook.
+        call(
+            &st,
+            Method::PUT,
+            rel,
+            serde_json::json!({"properties": {"webhookUrl": ""}}),
+        )
+        .await;
+        let (_, v, _) = call(&st, Method::GET, rel, Value::Null).await;
+        assert!(v["properties"]["webhookUrl"].is_null(), "{v}");
+        assert_eq!(
+            v["properties"]["customEmailAddresses"][0],
+            "ops@example.com"
+        );
+    }
+
+    /// Events are listed by `$filter` and got by name; a filter the
+    /// vault cannot read is a 400.
+    #[tokio::test]
+    async fn events_are_listed_by_filter_and_a_bad_filter_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
+        for (sev, code, item) in [
+            (
+                siterec_core::events::Severity::Warning,
+                "RpoThresholdExceeded",
+                "i-vm",
+            ),
+            (
+                siterec_core::events::Severity::Warning,
+                "RpoThresholdExceeded",
+                "i-phys",
+            ),
+            (
+                siterec_core::events::Severity::Info,
+                "RpoWithinThreshold",
+                "i-vm",
+            ),
+        ] {
+            let e = siterec_core::events::NewEvent {
+                severity: sev,
+                code,
+                kind: "ProtectedItem",
+                name: item.into(),
+                correlation: item.into(),
+                fabric: Some("primary".into()),
+                summary: format!("{code} {item}"),
+                details: serde_json::json!({}),
+            };
+            events_db::insert(&mut tx, &e, now_ms()).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let (status, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &format!("{}/replicationEvents?api-version={API_VERSION}&%24filter=Severity%20eq%20%27Warning%27%20and%20AffectedObjectFriendlyName%20eq%20%27i-vm%27", st.info.id()),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let list = v["value"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{v}");
+        assert_eq!(list[0]["properties"]["eventCode"], "RpoThresholdExceeded");
+        let name = list[0]["name"].as_str().unwrap();
+        let (status, one, _) = call(
+            &st,
+            Method::GET,
+            &format!("replicationEvents/{name}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(one, list[0]);
+        let (status, v, _) = call(&st, Method::GET, "replicationEvents/nope", Value::Null).await;
+        assert_eq!(status, 404, "{v}");
+        let (status, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &format!(
+                "{}/replicationEvents?api-version={API_VERSION}&$filter=Colour%20eq%20'red'",
+                st.info.id()
+            ),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "InvalidFilter");
+        assert!(message(&v).contains("'Colour' is not a field"), "{v}");
+    }
+
+    /// Disabling protection honours the policy's replicaDeletion: the
+    /// job's RemoveReplicaData step deletes the replica only when it is
+    /// Required.
+    #[tokio::test]
+    async fn disable_protection_deletes_the_replica_only_when_the_policy_requires_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        exec(&st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('del', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"replicaDeletion":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(
+            &st,
+            "UPDATE protected_items SET policy = 'del' WHERE name = 'i-vm'",
+        )
+        .await;
+        for (item, deletes) in [("i-phys", false), ("i-vm", true)] {
+            let (status, v, job) = call(
+                &st,
+                Method::DELETE,
+                &format!("replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/{item}"),
+                Value::Null,
+            )
+            .await;
+            assert_eq!(status, 202, "{item}: {v}");
+            let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
+                .bind(job.unwrap())
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+            match JobInput::parse(JobKind::DisableProtection, &input).unwrap() {
+                JobInput::DisableProtection(d) => assert_eq!(d.delete_replica, deletes, "{item}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }

@@ -16,18 +16,17 @@
 //!   at most [`MAX_BACKOFF`]). Deliveries are remembered per event in the
 //!   database: at least once, across restarts; never on the API's path.
 //!
-//! Jobs' outcomes are recorded by the job engine itself ([`job_ended`]),
-//! in the transaction that ends the job.
+//! Jobs' outcomes are recorded by the job engine itself
+//! ([`crate::persist::events::job_ended`]), in the transaction that ends
+//! the job.
 
 use std::time::Duration;
 
 use siterec_core::events::{AgentSeen, ItemSeen};
-use siterec_core::orchestration::JobInput;
 use siterec_core::policy::Policy;
 
 use crate::db::now_ms;
 use crate::persist::events as events_db;
-use crate::persist::jobs::Tx;
 use crate::{AppState, model, persist};
 
 /// How often the watcher looks.
@@ -54,22 +53,6 @@ impl Default for EventOptions {
             test_failover_max_age: DEFAULT_TEST_FAILOVER_MAX_AGE,
         }
     }
-}
-
-/// Records the outcome of a job that ended, if its kind is reported
-/// (failovers, test failovers, commits, reprotects): inside the
-/// transaction that ends it. `failure`: the error of a failed job.
-pub async fn job_ended(
-    tx: &mut Tx<'_>,
-    job_id: &str,
-    input: &JobInput,
-    failure: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let target = input.item().unwrap_or(job_id);
-    if let Some(e) = siterec_core::events::job_outcome(input.kind(), job_id, target, failure) {
-        events_db::insert(tx, &e, now_ms()).await?;
-    }
-    Ok(())
 }
 
 /// Runs until aborted: one watch round every [`WATCH_EVERY`].
@@ -259,4 +242,205 @@ pub async fn deliver_once(st: &AppState, client: &reqwest::Client) -> anyhow::Re
         }
     }
     Ok(delivered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::VaultInfo;
+    use siterec_core::orchestration::JobInput;
+    use siterec_core::state::JobKind;
+
+    async fn open(dir: &std::path::Path) -> crate::Shared {
+        std::sync::Arc::new(AppState {
+            db: crate::db::open_for_test(dir).await.unwrap(),
+            info: VaultInfo {
+                subscription: "s".into(),
+                resource_group: "rg".into(),
+                name: "v".into(),
+                location: "local".into(),
+            },
+            agent_ca: siterec_pki::Ca::generate("test agent CA").unwrap(),
+            vault_ca: siterec_pki::Ca::generate("test vault CA").unwrap(),
+            agent_url: "https://127.0.0.1:1".into(),
+            wake: tokio::sync::Notify::new(),
+            changes: tokio::sync::watch::channel(1).0,
+        })
+    }
+
+    async fn exec(st: &AppState, sql: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&st.db)
+            .await
+            .unwrap();
+    }
+
+    async fn count(st: &AppState, sql: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&st.db)
+            .await
+            .unwrap()
+    }
+
+    /// Two Protected items (a VM and a server) of a 30 s policy, each with
+    /// a point from 1970, and their agents heard from now.
+    async fn setup(st: &AppState) {
+        let now = now_ms();
+        exec(
+            st,
+            "INSERT INTO fabrics (name, created_ms) VALUES ('primary', 0), ('recovery', 0)",
+        )
+        .await;
+        exec(st, "INSERT INTO containers (fabric, name, created_ms) VALUES ('primary', 'pc', 0), ('recovery', 'rc', 0)").await;
+        exec(st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('pol', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(st, &format!("INSERT INTO agents (id, fabric, hostname, key_id, cloud, data_url, version, enrolled_ms, last_seen_ms) VALUES ('agent-src', 'primary', 'h1', 'k', 'pc', NULL, '0', 0, {now}), ('agent-tgt', 'recovery', 'h2', 'k', 'rc', 'https://127.0.0.1:2', '0', 0, {now})")).await;
+        exec(st, r#"INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES
+            ('primary', 'pc', 'vm1', 'agent-src', '{"name":"vm1","kind":"VirtualMachine","disks":[],"nics":[],"vm":{"memoryMib":256,"cpus":1}}', 0),
+            ('primary', 'pc', 'phys1', 'agent-src', '{"name":"phys1","kind":"PhysicalServer","disks":[]}', 0)"#).await;
+        exec(st, "INSERT INTO protected_items (name, fabric, container, machine, policy, target_fabric, target_container, target_agent_id, state, created_ms, updated_ms) VALUES ('i-vm', 'primary', 'pc', 'vm1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0), ('i-phys', 'primary', 'pc', 'phys1', 'pol', 'recovery', 'rc', 'agent-tgt', 'Protected', 0, 0)").await;
+        exec(st, "INSERT INTO recovery_points (item, point_id, created_ms, consistency, bytes_sent, bytes_read, reported_ms) VALUES ('i-vm', 'p1', 1, 'CrashConsistent', 0, 0, 1), ('i-phys', 'q1', 1, 'CrashConsistent', 0, 0, 1)").await;
+    }
+
+    /// Each condition is raised once: the next round records nothing new;
+    /// with no webhook set, nothing waits for delivery. An agent that
+    /// goes silent is raised once too.
+    #[tokio::test]
+    async fn the_watcher_raises_each_condition_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let opts = EventOptions::default();
+        let since = now_ms();
+        // Points from 1970: both items are far over the threshold.
+        assert_eq!(watch_once(&st, &opts, since).await.unwrap(), 2);
+        assert_eq!(watch_once(&st, &opts, since).await.unwrap(), 0);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM events WHERE code = 'RpoThresholdExceeded' AND delivery IS NULL").await,
+            2
+        );
+        exec(
+            &st,
+            "UPDATE agents SET last_seen_ms = 0 WHERE id = 'agent-src'",
+        )
+        .await;
+        // Watching since long ago: the agent's silence counts.
+        assert_eq!(watch_once(&st, &opts, 0).await.unwrap(), 1);
+        assert_eq!(watch_once(&st, &opts, 0).await.unwrap(), 0);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM events WHERE code = 'ServerNotHeardFrom' AND correlation_id = 'agent-src'").await,
+            1
+        );
+    }
+
+    /// A test failover completed longer ago than the vault allows is
+    /// cleaned up by the vault, with an event; a recent one is left.
+    #[tokio::test]
+    async fn a_test_failover_left_too_long_is_cleaned_up_by_force_with_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let now = now_ms();
+        let day = 86_400_000;
+        exec(&st, &format!("UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted', test_failover_output = '{{\"disks\":[]}}', test_failover_ms = {} WHERE name = 'i-phys'", now - 15 * day)).await;
+        exec(&st, &format!("UPDATE protected_items SET test_failover_state = 'TestFailoverCompleted', test_failover_output = '{{\"vmName\":\"vm1-test\",\"runDir\":\"/r\"}}', test_failover_ms = {} WHERE name = 'i-vm'", now - 13 * day)).await;
+        let opts = EventOptions::default();
+        watch_once(&st, &opts, now).await.unwrap();
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM jobs WHERE kind = 'TestFailoverCleanup' AND target_name = 'i-phys'").await,
+            1
+        );
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM jobs WHERE kind = 'TestFailoverCleanup' AND target_name = 'i-vm'").await,
+            0,
+            "13 days is within the two weeks"
+        );
+        let state: String = sqlx::query_scalar(
+            "SELECT test_failover_state FROM protected_items WHERE name = 'i-phys'",
+        )
+        .fetch_one(&st.db)
+        .await
+        .unwrap();
+        assert_eq!(state, "TestFailoverCleanupInitiated");
+        let summary: String = sqlx::query_scalar("SELECT summary FROM events WHERE code = 'TestFailoverCompletedByForce' AND object_name = 'i-phys'")
+            .fetch_one(&st.db)
+            .await
+            .unwrap();
+        assert!(summary.contains("15.0 days"), "{summary}");
+        // The next round starts nothing more.
+        watch_once(&st, &opts, now_ms()).await.unwrap();
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM jobs WHERE kind = 'TestFailoverCleanup'"
+            )
+            .await,
+            1
+        );
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM events WHERE code = 'TestFailoverCompletedByForce'"
+            )
+            .await,
+            1
+        );
+        // A shorter limit (the vault's --test-failover-max-age) takes the other.
+        let short = EventOptions {
+            test_failover_max_age: std::time::Duration::from_secs(12 * 86_400),
+        };
+        watch_once(&st, &short, now_ms()).await.unwrap();
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM jobs WHERE kind = 'TestFailoverCleanup' AND target_name = 'i-vm'").await,
+            1
+        );
+    }
+
+    /// A failover job that ends is an event, recorded by the engine as the
+    /// job ends; a policy job that ends is not.
+    #[tokio::test]
+    async fn a_failed_failover_is_a_critical_event_and_a_policy_job_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
+        let failover = JobInput::parse(
+            JobKind::UnplannedFailover,
+            r#"{"item":"ghost","pointId":"p1"}"#,
+        )
+        .unwrap();
+        let job = crate::jobs::create_job(&mut tx, &failover, "ProtectionEntity", "ghost", "/x")
+            .await
+            .unwrap();
+        let policy = JobInput::parse(
+            JobKind::CreatePolicy,
+            r#"{"name":"p","policy":{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"initialReplicationStart":null}}"#,
+        )
+        .unwrap();
+        crate::jobs::create_job(&mut tx, &policy, "ProtectionProfile", "p", "/p")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let engine = tokio::spawn(crate::jobs::run_engine(st.clone()));
+        let q = siterec_core::events::EventQuery::default();
+        for _ in 0..100 {
+            if !events_db::list(&st.db, &q, 10).await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The policy job has ended too by now, raising nothing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        engine.abort();
+        let rows = events_db::list(&st.db, &q, 10).await.unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let e = &rows[0];
+        assert_eq!(
+            (e.severity.as_str(), e.code.as_str()),
+            ("Critical", "JobFailed")
+        );
+        assert_eq!(
+            (e.object_name.as_str(), e.correlation_id.as_str()),
+            ("ghost", job.as_str())
+        );
+        assert!(e.summary.contains("ghost"), "{}", e.summary);
+    }
 }

@@ -9,6 +9,7 @@ use crate::db::Db;
 use crate::persist::inventory::Exec;
 use crate::persist::jobs::Tx;
 use siterec_core::events::{Conditions, EventQuery, NewEvent};
+use siterec_core::orchestration::JobInput;
 
 /// The only alert setting there is (ASR's name for it).
 pub const DEFAULT_ALERT_SETTING: &str = "defaultAlertSetting";
@@ -81,6 +82,23 @@ pub async fn insert(tx: &mut Tx<'_>, e: &NewEvent, now: i64) -> Result<String, s
     .execute(&mut **tx)
     .await?;
     Ok(name)
+}
+
+/// Records the outcome of a job that ended, if its kind is reported
+/// (failovers, test failovers, commits, reprotects): the job engine calls
+/// it inside the transaction that ends the job. `failure`: the error of a
+/// failed job.
+pub async fn job_ended(
+    tx: &mut Tx<'_>,
+    job_id: &str,
+    input: &JobInput,
+    failure: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let target = input.item().unwrap_or(job_id);
+    if let Some(e) = siterec_core::events::job_outcome(input.kind(), job_id, target, failure) {
+        insert(tx, &e, crate::db::now_ms()).await?;
+    }
+    Ok(())
 }
 
 /// Events matching the query, oldest first, at most `limit` of the newest.
@@ -229,11 +247,12 @@ pub async fn set_conditions(
     Ok(())
 }
 
+/// (id, host name, fabric, last heartbeat, heartbeat period).
+pub type AgentSeenRow = (String, String, String, Option<i64>, Option<i64>);
+
 /// Every enrolled agent as the evaluator sees it: id, host name, fabric,
 /// last heartbeat, heartbeat period.
-pub async fn agents_seen(
-    db: &Db,
-) -> Result<Vec<(String, String, String, Option<i64>, Option<i64>)>, sqlx::Error> {
+pub async fn agents_seen(db: &Db) -> Result<Vec<AgentSeenRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT id, hostname, fabric, last_seen_ms, heartbeat_ms FROM agents ORDER BY enrolled_ms, id",
     )
@@ -270,7 +289,8 @@ pub async fn alert_setting<'e>(
     db: impl Exec<'e>,
     name: &str,
 ) -> Result<Option<AlertRow>, sqlx::Error> {
-    let row: Option<(String, String, String, Option<String>, Option<String>)> = sqlx::query_as(
+    type Stored = (String, String, String, Option<String>, Option<String>);
+    let row: Option<Stored> = sqlx::query_as(
         "SELECT name, send_to_owners, emails, locale, webhook_url FROM alert_settings WHERE name = $1",
     )
     .bind(name)
