@@ -35,6 +35,8 @@ pub mod types {
     pub const NETWORK_MAPPING: &str = "Microsoft.RecoveryServices/vaults/replicationFabrics/replicationNetworks/replicationNetworkMappings";
     pub const JOB: &str = "Microsoft.RecoveryServices/vaults/replicationJobs";
     pub const RECOVERY_PLAN: &str = "Microsoft.RecoveryServices/vaults/replicationRecoveryPlans";
+    pub const EVENT: &str = "Microsoft.RecoveryServices/vaults/replicationEvents";
+    pub const ALERT_SETTING: &str = "Microsoft.RecoveryServices/vaults/replicationAlertSettings";
 }
 
 /// The location siterec's resources report.
@@ -276,6 +278,16 @@ pub struct PolicyDetails {
     pub recovery_points: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online_replication_start_time: Option<String>,
+    /// The RPO alert threshold (ASR InMage's name), minutes, rounded up;
+    /// absent when the policy sets none (the vault then uses two copy
+    /// intervals and a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_threshold_in_minutes: Option<u32>,
+    /// siterec extension: the same threshold exactly, in seconds (it may
+    /// be under a minute for continuous replication); on input it wins
+    /// over the minutes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_threshold_in_seconds: Option<u32>,
 }
 
 fn not_required() -> String {
@@ -314,6 +326,8 @@ impl From<&siterec_core::policy::Policy> for PolicyDetails {
             recovery_point_history_duration: hours,
             recovery_points: points,
             online_replication_start_time: p.start_time_rfc3339(),
+            recovery_point_threshold_in_minutes: p.rpo_threshold_secs.map(|s| s.div_ceil(60)),
+            rpo_threshold_in_seconds: p.rpo_threshold_secs,
         }
     }
 }
@@ -574,6 +588,12 @@ pub struct PolicyProviderInput {
     pub offline_replication_export_path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_replication_import_path: Option<String>,
+    /// The RPO alert threshold, minutes (ASR InMage's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_threshold_in_minutes: Option<u32>,
+    /// siterec extension: the threshold in seconds (wins over minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_threshold_in_seconds: Option<u32>,
 }
 
 /// PUT …/replicationProtectionContainerMappings/{name}.
@@ -759,6 +779,77 @@ pub type Job = Resource<JobProperties>;
 pub type RecoveryPlan = Resource<RecoveryPlanProperties>;
 pub type Vault = Resource<VaultProperties>;
 
+// ---------- events and alert settings ----------
+
+/// An event (ASR `Event`): something the vault noticed — a replication
+/// health change, an RPO over its policy's threshold, a server not heard
+/// from, a failover's outcome.
+pub type Event = Resource<EventProperties>;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventProperties {
+    /// What happened, as a stable code (e.g. `RpoThresholdExceeded`).
+    pub event_code: String,
+    pub description: String,
+    /// The kind of object it is about: `ProtectedItem`, `Server` or `Job`.
+    pub event_type: String,
+    /// The item's, agent's (its host name) or job's name.
+    pub affected_object_friendly_name: String,
+    /// The item's or job's name, or the agent's id.
+    pub affected_object_correlation_id: String,
+    /// Critical, Warning or Info.
+    pub severity: String,
+    /// RFC 3339 (the spec spells it `timeOfOccurrence`).
+    pub time_of_occurrence: String,
+    /// The fabric (site) it happened at, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fabric_id: Option<String>,
+    /// What was observed (RPO and threshold, last heartbeat, the job).
+    pub event_specific_details: serde_json::Value,
+}
+
+/// Alert settings (ASR `Alert`). Only `defaultAlertSetting` exists.
+pub type AlertSetting = Resource<AlertProperties>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlertProperties {
+    /// Send to the subscription's owners: Send or DoNotSend (stored only).
+    pub send_to_owners: String,
+    /// Stored; siterec has no mail server to send through.
+    pub custom_email_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+    /// siterec extension: every new event is POSTed here as JSON (the
+    /// event resource), retried with backoff until it is answered 2xx.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
+/// The body of PUT `replicationAlertSettings/{name}` (ASR
+/// `ConfigureAlertRequest`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureAlertRequest {
+    pub properties: ConfigureAlertProperties,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigureAlertProperties {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_to_owners: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub custom_email_addresses: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+    /// siterec extension (see [`AlertProperties::webhook_url`]); an empty
+    /// string removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -801,6 +892,8 @@ mod tests {
             json!({"instanceType": "HyperVReplicaAzure", "recoveryPointHistoryDuration": 3, "replicationInterval": 300, "onlineReplicationStartTime": "2026-01-31T22:00:00Z"}),
             json!({"instanceType": "InMageAzureV2", "replicationInterval": 30, "recoveryPoints": 2, "compression": "Disable", "encryption": "Enable", "applicationConsistentSnapshotFrequencyInHours": 1}),
             json!({"instanceType": "HyperVReplicaAzure", "replicationInterval": 300, "initialReplicationMethod": "Offline", "offlineReplicationExportPath": "/mnt/export", "offlineReplicationImportPath": "/mnt/import"}),
+            json!({"instanceType": "InMageAzureV2", "replicationInterval": 30, "recoveryPointThresholdInMinutes": 15}),
+            json!({"instanceType": "InMageAzureV2", "replicationInterval": 5, "rpoThresholdInSeconds": 90}),
         ] {
             let p = Policy::from_arm_input(&input).unwrap();
             let details = PolicyDetails::from(&p);

@@ -9,9 +9,11 @@
 //! - [`wire`]: the agent protocol's messages.
 //! - [`names`]: resource names and ARM ids.
 //! - [`network`]: network mapping: the recovery network of each replica NIC.
+//! - [`events`]: which events and alerts the vault raises from what it observes.
 //! - [`orchestration`]: the job engine's decisions: which step, what it writes, compensation.
 
 pub mod consistency;
+pub mod events;
 pub mod names;
 pub mod network;
 pub mod orchestration;

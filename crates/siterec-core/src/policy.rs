@@ -25,6 +25,8 @@ pub const POLICY_INSTANCE_TYPES: [&str; 4] = [
     "HyperVReplica2012",
     "InMageAzureV2",
 ];
+/// Longest RPO alert threshold, in minutes (a day).
+pub const MAX_RPO_THRESHOLD_MINUTES: u32 = 24 * 60;
 /// Longest app-consistent snapshot frequency, in hours.
 pub const MAX_APP_CONSISTENT_HOURS: u32 = 12;
 
@@ -68,6 +70,13 @@ pub struct Policy {
     /// method, site to site): `None` = over the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline: Option<OfflineReplication>,
+    /// The RPO alert threshold, seconds (the seeds' "RPO threshold": an
+    /// alert when the item's RPO exceeds it; ARM
+    /// `recoveryPointThresholdInMinutes`, or siterec's
+    /// `rpoThresholdInSeconds` for thresholds under a minute). `None`:
+    /// [`Policy::rpo_threshold_secs`]'s default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpo_threshold_secs: Option<u32>,
 }
 
 /// Where an offline initial copy goes: the source agent exports it to
@@ -99,6 +108,12 @@ pub enum PolicyError {
         "app-consistent snapshot frequency ({app} h) must be less than the recovery point retention ({window}); raise the retention or lower the frequency"
     )]
     AppConsistentBeyondRetention { app: u32, window: u32 },
+    #[error(
+        "RPO threshold of {threshold} s is below the copy frequency ({copy} s): every cycle would alert; use at least {copy} s"
+    )]
+    RpoThresholdBelowCopyFrequency { threshold: u32, copy: u32 },
+    #[error("RPO threshold of {0} s is out of range: use 1 s to 1440 minutes")]
+    RpoThreshold(u32),
     #[error("{field}: {message}")]
     Field { field: String, message: String },
     #[error(
@@ -135,7 +150,28 @@ impl Policy {
         if app > 0 && window > 0 && app >= window {
             return Err(PolicyError::AppConsistentBeyondRetention { app, window });
         }
+        if let Some(t) = self.rpo_threshold_secs {
+            if t == 0 || t > MAX_RPO_THRESHOLD_MINUTES * 60 {
+                return Err(PolicyError::RpoThreshold(t));
+            }
+            if t < self.copy_frequency_secs {
+                return Err(PolicyError::RpoThresholdBelowCopyFrequency {
+                    threshold: t,
+                    copy: self.copy_frequency_secs,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The RPO over which the item is unhealthy and an alert is raised:
+    /// the policy's threshold, or — when it sets none — two copy
+    /// intervals and a minute (a cycle may be late once without alarm).
+    pub fn rpo_threshold_secs(&self) -> i64 {
+        match self.rpo_threshold_secs {
+            Some(t) => i64::from(t),
+            None => 2 * i64::from(self.copy_frequency_secs) + 60,
+        }
     }
 
     /// Builds a policy from an ARM `providerSpecificInput` object, accepting
@@ -288,6 +324,22 @@ impl Policy {
                 });
             }
         };
+        // ASR's InMage policies take the threshold in minutes
+        // (`recoveryPointThresholdInMinutes`, shown by some clients as
+        // `rpoThresholdInMinutes`); siterec also takes seconds, which win.
+        let rpo_threshold_secs = match int(&["rpoThresholdInSeconds"])? {
+            Some(s) => Some(non_negative("rpoThresholdInSeconds", s)?),
+            None => match int(&["recoveryPointThresholdInMinutes", "rpoThresholdInMinutes"])? {
+                Some(m) => {
+                    let m = non_negative("recoveryPointThresholdInMinutes", m)?;
+                    if m > MAX_RPO_THRESHOLD_MINUTES {
+                        return Err(PolicyError::RpoThreshold(m.saturating_mul(60)));
+                    }
+                    Some(m * 60)
+                }
+                None => None,
+            },
+        };
         let policy = Policy {
             instance_type,
             copy_frequency_secs,
@@ -298,6 +350,7 @@ impl Policy {
             replica_deletion,
             initial_replication_start,
             offline,
+            rpo_threshold_secs,
         };
         policy.validate()?;
         Ok(policy)
@@ -431,6 +484,57 @@ mod tests {
             );
         }
         assert!(Policy::from_arm_input(&json!([1])).is_err());
+    }
+
+    #[test]
+    fn the_rpo_threshold_is_read_in_minutes_or_seconds_and_checked() {
+        let base = json!({"instanceType": "InMageAzureV2", "replicationInterval": 30});
+        let p = Policy::from_arm_input(&base).unwrap();
+        assert_eq!(p.rpo_threshold_secs, None);
+        assert_eq!(p.rpo_threshold_secs(), 2 * 30 + 60, "the default");
+        let mut m = base.clone();
+        m["recoveryPointThresholdInMinutes"] = 15.into();
+        assert_eq!(
+            Policy::from_arm_input(&m).unwrap().rpo_threshold_secs(),
+            900
+        );
+        let mut m = base.clone();
+        m["rpoThresholdInMinutes"] = 2.into();
+        assert_eq!(
+            Policy::from_arm_input(&m).unwrap().rpo_threshold_secs(),
+            120
+        );
+        let mut s = m.clone();
+        s["rpoThresholdInSeconds"] = 45.into();
+        assert_eq!(
+            Policy::from_arm_input(&s).unwrap().rpo_threshold_secs(),
+            45,
+            "seconds win over minutes"
+        );
+        for (field, v, needle) in [
+            (
+                "rpoThresholdInSeconds",
+                json!(10),
+                "below the copy frequency (30 s)",
+            ),
+            ("rpoThresholdInSeconds", json!(0), "out of range"),
+            (
+                "recoveryPointThresholdInMinutes",
+                json!(1441),
+                "out of range",
+            ),
+            (
+                "recoveryPointThresholdInMinutes",
+                json!(-1),
+                "recoveryPointThresholdInMinutes",
+            ),
+            ("rpoThresholdInSeconds", json!("soon"), "must be an integer"),
+        ] {
+            let mut input = base.clone();
+            input[field] = v;
+            let err = Policy::from_arm_input(&input).unwrap_err().to_string();
+            assert!(err.contains(needle), "{input}: {err}");
+        }
     }
 
     #[test]

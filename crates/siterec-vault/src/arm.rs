@@ -21,6 +21,7 @@ use crate::db::{now_ms, secret_hash};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::create_job;
 use crate::model::{self, ItemRow};
+use crate::persist::events as events_db;
 use crate::persist::jobs::{self as jobs_db, JobOf, Tx};
 use crate::persist::{config, inventory, items};
 use crate::{AppState, Shared};
@@ -577,6 +578,25 @@ async fn handle(
             create_policy(st, headers, r[1], &body_json(body)?).await
         }
         (Method::DELETE, ["replicationpolicies", _]) => delete_policy(st, r[1]).await,
+        // ----- events and alert settings -----
+        (Method::GET, ["replicationevents"]) => list_events(st, uri).await,
+        (Method::GET, ["replicationevents", _]) => {
+            let row = events_db::get(db, r[1])
+                .await?
+                .ok_or_else(|| ApiError::not_found("event", r[1]))?;
+            ok(model::event_json(v, &row)?)
+        }
+        (Method::GET, ["replicationalertsettings"]) => ok(model::list(vec![model::alert_json(
+            v,
+            &alert_setting(st).await?,
+        )])),
+        (Method::GET, ["replicationalertsettings", _]) => {
+            check_alert_setting_name(r[1])?;
+            ok(model::alert_json(v, &alert_setting(st).await?))
+        }
+        (Method::PUT, ["replicationalertsettings", _]) => {
+            configure_alerts(st, r[1], &body_json(body)?).await
+        }
         // ----- protected items -----
         (Method::GET, ["replicationprotecteditems"]) => {
             item_page(st, uri, headers, None, "replicationProtectedItems").await
@@ -836,6 +856,157 @@ async fn machine_protected(
 
 fn props(body: &Value) -> &Value {
     body.get("properties").unwrap_or(&Value::Null)
+}
+
+/// The events the `$filter` asks for (newest [`EVENT_LIST_MAX`]), oldest first.
+async fn list_events(st: &Shared, uri: &Uri) -> ApiResult<Response> {
+    let filter = query_param(uri, "$filter")
+        .or_else(|| query_param(uri, "%24filter"))
+        .map(|f| percent_decode(&f))
+        .transpose()?
+        .unwrap_or_default();
+    let q = siterec_core::events::EventQuery::parse_filter(&filter)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "InvalidFilter", e))?;
+    let rows = events_db::list(&st.db, &q, EVENT_LIST_MAX).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        out.push(model::event_json(&st.info, row)?);
+    }
+    ok(model::list(out))
+}
+
+/// The most events one list answers (the newest that match).
+pub const EVENT_LIST_MAX: i64 = 1000;
+
+/// A query value as sent: `%XX` escapes and `+` for a space.
+fn percent_decode(s: &str) -> ApiResult<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "the query value '{s}' has a bad percent escape at character {i}"
+                        ))
+                    })?;
+                out.push(hex);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| ApiError::bad_request(format!("the query value '{s}' is not UTF-8")))
+}
+
+fn check_alert_setting_name(name: &str) -> ApiResult<()> {
+    if name.eq_ignore_ascii_case(events_db::DEFAULT_ALERT_SETTING) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(
+            "alert setting (there is one: defaultAlertSetting)",
+            name,
+        ))
+    }
+}
+
+/// The alert setting, or the defaults until one is configured.
+async fn alert_setting(st: &AppState) -> ApiResult<events_db::AlertRow> {
+    Ok(
+        events_db::alert_setting(&st.db, events_db::DEFAULT_ALERT_SETTING)
+            .await?
+            .unwrap_or_else(|| events_db::AlertRow {
+                name: events_db::DEFAULT_ALERT_SETTING.into(),
+                send_to_owners: "DoNotSend".into(),
+                emails: Vec::new(),
+                locale: None,
+                webhook_url: None,
+            }),
+    )
+}
+
+/// PUT `replicationAlertSettings/defaultAlertSetting` (ASR
+/// `ConfigureAlertRequest`): fields given replace the stored ones; an
+/// empty `webhookUrl` removes the webhook.
+async fn configure_alerts(st: &Shared, name: &str, body: &Value) -> ApiResult<Response> {
+    check_alert_setting_name(name)?;
+    let req: api::ConfigureAlertRequest = serde_json::from_value(body.clone()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not a ConfigureAlertRequest ({{\"properties\": {{\"sendToOwners\", \"customEmailAddresses\", \"locale\", \"webhookUrl\"}}}}): {e}"
+        ))
+    })?;
+    let p = req.properties;
+    let mut row = alert_setting(st).await?;
+    if let Some(s) = p.send_to_owners {
+        row.send_to_owners = match s.to_ascii_lowercase().as_str() {
+            "send" => "Send".into(),
+            "donotsend" => "DoNotSend".into(),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "properties.sendToOwners '{s}' must be Send or DoNotSend"
+                )));
+            }
+        };
+    }
+    if let Some(emails) = p.custom_email_addresses {
+        for e in &emails {
+            let ok = e.split_once('@').is_some_and(|(user, host)| {
+                !user.is_empty() && host.contains('.') && !e.chars().any(char::is_whitespace)
+            });
+            if !ok {
+                return Err(ApiError::bad_request(format!(
+                    "properties.customEmailAddresses: '{e}' is not an email address (user@example.com)"
+                )));
+            }
+        }
+        row.emails = emails;
+    }
+    if let Some(l) = p.locale {
+        row.locale = Some(l).filter(|l| !l.is_empty());
+    }
+    if let Some(url) = p.webhook_url {
+        row.webhook_url = if url.is_empty() {
+            None
+        } else {
+            Some(check_webhook_url(&url)?)
+        };
+    }
+    events_db::put_alert_setting(&st.db, &row, now_ms()).await?;
+    ok(model::alert_json(&st.info, &row))
+}
+
+/// A webhook must be an http or https URL with a host.
+fn check_webhook_url(url: &str) -> ApiResult<String> {
+    let bad = |why: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidWebhookUrl",
+            format!(
+                "properties.webhookUrl '{url}' {why}: give an http:// or https:// URL such as https://alerts.example.com/siterec"
+            ),
+        )
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad(&format!("has scheme '{}'", parsed.scheme())));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(url.to_string())
 }
 
 async fn create_policy(
@@ -2018,18 +2189,35 @@ async fn test_failover_cleanup(
             )));
         }
     };
+    let job = start_test_cleanup(st, &item.name, &comments, None).await?;
+    accepted(st, headers, &job)
+}
+
+/// Starts the cleanup of an item's test failover (or finds the one
+/// running): the API's, or the vault's own for a test failover left
+/// completed longer than it allows (`forced_age_ms`: how long; the event
+/// saying so is recorded with the job). Returns the job.
+pub(crate) async fn start_test_cleanup(
+    st: &AppState,
+    name: &str,
+    comments: &str,
+    forced_age_ms: Option<i64>,
+) -> ApiResult<String> {
     // Read before the write transaction (no second connection while it
     // holds the write lock): whether the machine is a VM, should the test
     // failover's output not say.
-    let machine_is_vm = model::machine_info(&st.db, &item.fabric, &item.machine)
-        .await?
-        .is_none_or(|m| model::is_vm(&m));
+    let machine_is_vm = match items::load(&st.db, name).await? {
+        Some(i) => model::machine_info(&st.db, &i.fabric, &i.machine)
+            .await?
+            .is_none_or(|m| model::is_vm(&m)),
+        None => true,
+    };
     let mut tx = crate::db::begin(&st.db).await?;
-    let item = reload_item(&mut tx, &item.name).await?;
+    let item = reload_item(&mut tx, name).await?;
     if item.test_state == TestFailoverState::TestFailoverCleanupInitiated
         && let Some(job) = running_job(&mut tx, JobKind::TestFailoverCleanup, &item.name).await?
     {
-        return accepted(st, headers, &job);
+        return Ok(job);
     }
     let next = item
         .test_state
@@ -2058,16 +2246,20 @@ async fn test_failover_cleanup(
             item: item.name.clone(),
             vm_name: vm_name.to_string(),
             vm,
-            comments: Some(comments.clone()),
+            comments: Some(comments.to_string()),
         }),
         "ProtectionEntity",
         &item.name,
         &model::item_id(&st.info, &item.fabric, &item.container, &item.name),
     )
     .await?;
+    if let Some(age) = forced_age_ms {
+        let event = siterec_core::events::forced_cleanup(&item.name, &item.fabric, &job, age);
+        crate::persist::events::insert(&mut tx, &event, now_ms()).await?;
+    }
     tx.commit().await?;
     st.wake.notify_one();
-    accepted(st, headers, &job)
+    Ok(job)
 }
 
 /// The networks of a fabric as resources, with the agents that report each.
@@ -3649,5 +3841,199 @@ mod tests {
         )
         .await;
         assert_eq!(code, 202, "{v}");
+    }
+
+    // ----- events and alert settings -----
+
+    /// Bad alert settings are refused (400, 404) naming the field and
+    /// write nothing; good ones are read back; an empty webhook removes it.
+    #[tokio::test]
+    async fn alert_settings_refuse_bad_webhooks_and_addresses_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let rel = "replicationAlertSettings/defaultAlertSetting";
+        for (body, code, needle) in [
+            (
+                serde_json::json!({"properties": {"webhookUrl": "ftp://h/x"}}),
+                400,
+                "scheme 'ftp'",
+            ),
+            (
+                serde_json::json!({"properties": {"webhookUrl": "not a url"}}),
+                400,
+                "is not a URL",
+            ),
+            (
+                serde_json::json!({"properties": {"customEmailAddresses": ["ops"]}}),
+                400,
+                "'ops' is not an email",
+            ),
+            (
+                serde_json::json!({"properties": {"sendToOwners": "Maybe"}}),
+                400,
+                "Send or DoNotSend",
+            ),
+            (
+                serde_json::json!({"properties": {"webhookUrl": 7}}),
+                400,
+                "ConfigureAlertRequest",
+            ),
+        ] {
+            let (status, v, _) = call(&st, Method::PUT, rel, body.clone()).await;
+            assert_eq!(status, code, "{body}: {v}");
+            assert!(message(&v).contains(needle), "{body}: {v}");
+        }
+        let (status, v, _) = call(
+            &st,
+            Method::PUT,
+            "replicationAlertSettings/other",
+            serde_json::json!({"properties": {}}),
+        )
+        .await;
+        assert_eq!(status, 404, "{v}");
+        assert!(message(&v).contains("defaultAlertSetting"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM alert_settings").await, 0);
+        // Unset, the defaults are shown.
+        let (status, v, _) = call(&st, Method::GET, rel, Value::Null).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["properties"]["sendToOwners"], "DoNotSend");
+
+        let (status, v, _) = call(
+            &st,
+            Method::PUT,
+            rel,
+            serde_json::json!({"properties": {"sendToOwners": "send", "customEmailAddresses": ["ops@example.com"], "webhookUrl": "https://alerts.example.com/h"}}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let (_, v, _) = call(&st, Method::GET, "replicationAlertSettings", Value::Null).await;
+        let p = &v["value"][0]["properties"];
+        assert_eq!(p["sendToOwners"], "Send");
+        assert_eq!(p["customEmailAddresses"][0], "ops@example.com");
+        assert_eq!(p["webhookUrl"], "https://alerts.example.com/h");
+        // Only what is given changes; "" removes the webhook.
+        call(
+            &st,
+            Method::PUT,
+            rel,
+            serde_json::json!({"properties": {"webhookUrl": ""}}),
+        )
+        .await;
+        let (_, v, _) = call(&st, Method::GET, rel, Value::Null).await;
+        assert!(v["properties"]["webhookUrl"].is_null(), "{v}");
+        assert_eq!(
+            v["properties"]["customEmailAddresses"][0],
+            "ops@example.com"
+        );
+    }
+
+    /// Events are listed by `$filter` and got by name; a filter the
+    /// vault cannot read is a 400.
+    #[tokio::test]
+    async fn events_are_listed_by_filter_and_a_bad_filter_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        let mut tx = crate::db::begin(&st.db).await.unwrap();
+        for (sev, code, item) in [
+            (
+                siterec_core::events::Severity::Warning,
+                "RpoThresholdExceeded",
+                "i-vm",
+            ),
+            (
+                siterec_core::events::Severity::Warning,
+                "RpoThresholdExceeded",
+                "i-phys",
+            ),
+            (
+                siterec_core::events::Severity::Info,
+                "RpoWithinThreshold",
+                "i-vm",
+            ),
+        ] {
+            let e = siterec_core::events::NewEvent {
+                severity: sev,
+                code,
+                kind: "ProtectedItem",
+                name: item.into(),
+                correlation: item.into(),
+                fabric: Some("primary".into()),
+                summary: format!("{code} {item}"),
+                details: serde_json::json!({}),
+            };
+            events_db::insert(&mut tx, &e, now_ms()).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        let (status, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &format!("{}/replicationEvents?api-version={API_VERSION}&%24filter=Severity%20eq%20%27Warning%27%20and%20AffectedObjectFriendlyName%20eq%20%27i-vm%27", st.info.id()),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let list = v["value"].as_array().unwrap();
+        assert_eq!(list.len(), 1, "{v}");
+        assert_eq!(list[0]["properties"]["eventCode"], "RpoThresholdExceeded");
+        let name = list[0]["name"].as_str().unwrap();
+        let (status, one, _) = call(
+            &st,
+            Method::GET,
+            &format!("replicationEvents/{name}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(one, list[0]);
+        let (status, v, _) = call(&st, Method::GET, "replicationEvents/nope", Value::Null).await;
+        assert_eq!(status, 404, "{v}");
+        let (status, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &format!(
+                "{}/replicationEvents?api-version={API_VERSION}&$filter=Colour%20eq%20'red'",
+                st.info.id()
+            ),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["code"], "InvalidFilter");
+        assert!(message(&v).contains("'Colour' is not a field"), "{v}");
+    }
+
+    /// Disabling protection honours the policy's replicaDeletion: the
+    /// job's RemoveReplicaData step deletes the replica only when it is
+    /// Required.
+    #[tokio::test]
+    async fn disable_protection_deletes_the_replica_only_when_the_policy_requires_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        exec(&st, r#"INSERT INTO policies (name, body, created_ms) VALUES ('del', '{"instanceType":"HyperVReplicaAzure","copyFrequencySecs":30,"retention":{"kind":"hours","hours":1},"appConsistentFrequencyHours":0,"compression":true,"replicaDeletion":true,"initialReplicationStart":null}', 0)"#).await;
+        exec(
+            &st,
+            "UPDATE protected_items SET policy = 'del' WHERE name = 'i-vm'",
+        )
+        .await;
+        for (item, deletes) in [("i-phys", false), ("i-vm", true)] {
+            let (status, v, job) = call(
+                &st,
+                Method::DELETE,
+                &format!("replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/{item}"),
+                Value::Null,
+            )
+            .await;
+            assert_eq!(status, 202, "{item}: {v}");
+            let input: String = sqlx::query_scalar("SELECT input FROM jobs WHERE id = $1")
+                .bind(job.unwrap())
+                .fetch_one(&st.db)
+                .await
+                .unwrap();
+            match JobInput::parse(JobKind::DisableProtection, &input).unwrap() {
+                JobInput::DisableProtection(d) => assert_eq!(d.delete_replica, deletes, "{item}"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

@@ -84,6 +84,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         10,
         include_str!("../migrations/sqlite/0010_reverse_replication.sql"),
     ),
+    (11, include_str!("../migrations/sqlite/0011_events.sql")),
     (
         12,
         include_str!("../migrations/sqlite/0012_recovery_plans.sql"),
@@ -101,6 +102,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../migrations/postgres/0004_reverse_replication.sql"),
     ),
+    (5, include_str!("../migrations/postgres/0005_events.sql")),
     (
         6,
         include_str!("../migrations/postgres/0006_recovery_plans.sql"),

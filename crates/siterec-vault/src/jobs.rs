@@ -199,6 +199,7 @@ async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advanced> {
                     jobs_db::apply(&mut tx, job_id, 0, &effect).await?;
                 }
                 jobs_db::succeed_job(&mut tx, job_id).await?;
+                crate::persist::events::job_ended(&mut tx, job_id, &input, None).await?;
                 tx.commit().await?;
                 out.moved = true;
                 return Ok(out);
@@ -279,6 +280,7 @@ async fn fail(
     for effect in on_failure(input, message) {
         jobs_db::apply(tx, job_id, idx, &effect).await?;
     }
+    crate::persist::events::job_ended(tx, job_id, input, Some(message)).await?;
     tracing::warn!(job = %job_id, "job failed: {message}");
     Ok(())
 }

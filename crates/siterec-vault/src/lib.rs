@@ -7,6 +7,9 @@
 //!   vault; the vault never connects to them.
 //! - [`jobs`]: the durable job engine. Every state change is a job whose
 //!   steps are rows in the database; a restarted vault resumes them.
+//! - [`events`]: the watcher that raises events (RPO over threshold, a
+//!   server not heard from, health changes, stale test failovers) and the
+//!   webhook sender.
 //! - [`persist`]: persistence — the SQL the vault runs, per area, on either engine.
 //! - [`db`]: the database (SQLite or PostgreSQL) and its migrations.
 
@@ -14,6 +17,7 @@ pub mod agent_api;
 pub mod arm;
 pub mod db;
 pub mod error;
+pub mod events;
 pub mod jobs;
 pub mod model;
 pub mod persist;
@@ -40,6 +44,8 @@ pub struct VaultOptions {
     pub name: String,
     /// A PostgreSQL URL for the database; `None`: SQLite, `DATA/vault.db`.
     pub database: Option<String>,
+    /// Events and alerts: how old a completed test failover may get.
+    pub events: events::EventOptions,
 }
 
 /// Identity of the one vault resource this process serves.
@@ -217,6 +223,11 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
         state.clone(),
         arm::start_plan_item,
     )));
+    tasks.push(tokio::spawn(events::run_watcher(
+        state.clone(),
+        opts.events.clone(),
+    )));
+    tasks.push(tokio::spawn(events::run_webhook(state.clone())));
     write_endpoint(&opts.data_dir, &endpoint)?;
     Ok(RunningVault {
         endpoint,

@@ -556,10 +556,13 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
         .get(&item.name.to_ascii_lowercase())
         .cloned()
         .unwrap_or((0, None));
-    let (policy_instance, copy_secs) = match facts.policies.get(&item.policy.to_ascii_lowercase()) {
-        Some(p) => (p.instance_type.clone(), i64::from(p.copy_frequency_secs)),
-        None => ("HyperVReplicaAzure".to_string(), 300),
-    };
+    // Unhealthy past the policy's RPO threshold (by default two copy
+    // intervals and a minute).
+    let (policy_instance, threshold_secs) =
+        match facts.policies.get(&item.policy.to_ascii_lowercase()) {
+            Some(p) => (p.instance_type.clone(), p.rpo_threshold_secs()),
+            None => ("HyperVReplicaAzure".to_string(), 2 * 300 + 60),
+        };
     let rpo_secs = latest.as_ref().map(|(_, t)| (now - t) / 1000);
     // The source agent's counters for this item, as last reported.
     let counters = facts
@@ -581,7 +584,7 @@ pub fn item_view(v: &VaultInfo, item: &ItemRow, facts: &ItemFacts, now: i64) -> 
         (None, ProtectionState::ProtectionFailed, _) => "Critical",
         (Some(_), _, _) => "Warning",
         _ if item.state.replicating() && !agent_warnings.is_empty() => "Warning",
-        (None, ProtectionState::Protected, Some(rpo)) if rpo > 2 * copy_secs + 60 => "Warning",
+        (None, ProtectionState::Protected, Some(rpo)) if rpo > threshold_secs => "Warning",
         _ => "Normal",
     };
     let mut health_errors: Vec<api::HealthError> = item
@@ -783,6 +786,43 @@ pub fn point_json(v: &VaultInfo, item: &ItemRow, row: &items::PointRow) -> api::
                 bytes_sent: row.bytes_sent,
                 bytes_read: row.bytes_read,
             },
+        },
+    )
+}
+
+// ---------- events and alert settings ----------
+
+pub fn event_json(v: &VaultInfo, row: &crate::persist::events::EventRow) -> ApiResult<api::Event> {
+    let details: Value = serde_json::from_str(&row.details)
+        .map_err(|e| ApiError::internal(&format!("stored details of event {}", row.name), e))?;
+    Ok(resource(
+        format!("{}/replicationEvents/{}", v.id(), row.name),
+        &row.name,
+        types::EVENT,
+        api::EventProperties {
+            event_code: row.code.clone(),
+            description: row.summary.clone(),
+            event_type: row.kind.clone(),
+            affected_object_friendly_name: row.object_name.clone(),
+            affected_object_correlation_id: row.correlation_id.clone(),
+            severity: row.severity.clone(),
+            time_of_occurrence: rfc3339(row.time_ms),
+            fabric_id: row.fabric.as_deref().map(|f| fabric_id(v, f)),
+            event_specific_details: details,
+        },
+    ))
+}
+
+pub fn alert_json(v: &VaultInfo, row: &crate::persist::events::AlertRow) -> api::AlertSetting {
+    resource(
+        format!("{}/replicationAlertSettings/{}", v.id(), row.name),
+        &row.name,
+        types::ALERT_SETTING,
+        api::AlertProperties {
+            send_to_owners: row.send_to_owners.clone(),
+            custom_email_addresses: row.emails.clone(),
+            locale: row.locale.clone(),
+            webhook_url: row.webhook_url.clone(),
         },
     )
 }

@@ -847,3 +847,197 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
         );
     }
 }
+
+#[tokio::test]
+async fn events_conditions_alert_settings_and_deliveries_read_back_as_written() {
+    use siterec_core::events::{Conditions, EventQuery, NewEvent, Severity};
+    use siterec_vault::persist::agents;
+    use siterec_vault::persist::events::{self as ev, AlertRow};
+
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        let event = |sev: Severity, code: &'static str, name: &str| NewEvent {
+            severity: sev,
+            code,
+            kind: "ProtectedItem",
+            name: name.into(),
+            correlation: name.into(),
+            fabric: Some("Primary".into()),
+            summary: format!("{code} of {name}"),
+            details: serde_json::json!({"rpoInSeconds": 61}),
+        };
+        // Raised before any webhook: nothing to deliver.
+        let mut tx = db::begin(&db).await.unwrap();
+        let first = ev::insert(
+            &mut tx,
+            &event(Severity::Warning, "RpoThresholdExceeded", "Web01"),
+            1000,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        assert!(
+            ev::due_deliveries(&db, i64::MAX, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+
+        assert_eq!(
+            ev::alert_setting(&db, "defaultalertsetting").await.unwrap(),
+            None,
+            "{e}"
+        );
+        let setting = AlertRow {
+            name: ev::DEFAULT_ALERT_SETTING.into(),
+            send_to_owners: "DoNotSend".into(),
+            emails: vec!["ops@example.com".into()],
+            locale: None,
+            webhook_url: Some("http://127.0.0.1:9/h".into()),
+        };
+        ev::put_alert_setting(&db, &setting, 5).await.unwrap();
+        assert_eq!(
+            ev::alert_setting(&db, "DEFAULTALERTSETTING")
+                .await
+                .unwrap()
+                .as_ref(),
+            Some(&setting),
+            "{e}: names ignore case"
+        );
+        assert_eq!(
+            ev::webhook_url(&db).await.unwrap().as_deref(),
+            Some("http://127.0.0.1:9/h")
+        );
+
+        let mut tx = db::begin(&db).await.unwrap();
+        let second = ev::insert(
+            &mut tx,
+            &event(Severity::Critical, "ServerNotHeardFrom", "host1"),
+            2000,
+        )
+        .await
+        .unwrap();
+        let third = ev::insert(
+            &mut tx,
+            &event(Severity::Info, "RpoWithinThreshold", "web01"),
+            3000,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+
+        let all = ev::list(&db, &EventQuery::default(), 100).await.unwrap();
+        let names: Vec<&str> = all.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, [&first, &second, &third], "{e}: raising order");
+        assert_eq!(all[0].details, r#"{"rpoInSeconds":61}"#, "{e}");
+        assert_eq!(all[0].delivery, None, "{e}");
+        let q = EventQuery {
+            affected_object_friendly_name: Some("WEB01".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            ev::list(&db, &q, 100).await.unwrap().len(),
+            2,
+            "{e}: names ignore case"
+        );
+        let q = EventQuery {
+            severity: Some(Severity::Critical),
+            ..Default::default()
+        };
+        assert_eq!(ev::list(&db, &q, 100).await.unwrap()[0].name, second, "{e}");
+        let q = EventQuery {
+            start_ms: Some(2000),
+            end_ms: Some(2999),
+            fabric_name: Some("primary".into()),
+            ..Default::default()
+        };
+        let timed = ev::list(&db, &q, 100).await.unwrap();
+        assert_eq!(timed.len(), 1, "{e}");
+        assert_eq!(timed[0].name, second, "{e}");
+        let newest = ev::list(&db, &EventQuery::default(), 1).await.unwrap();
+        assert_eq!(newest[0].name, third, "{e}: a limit keeps the newest");
+
+        // Deliveries: due in order; a failure waits; a success is done.
+        let due = ev::due_deliveries(&db, 3000, 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+            [&second, &third],
+            "{e}"
+        );
+        ev::delivery_failed(&db, &second, 10_000, "answered 503")
+            .await
+            .unwrap();
+        ev::delivered(&db, &third).await.unwrap();
+        assert!(
+            ev::due_deliveries(&db, 9999, 10).await.unwrap().is_empty(),
+            "{e}"
+        );
+        let again = ev::due_deliveries(&db, 10_000, 10).await.unwrap();
+        assert_eq!(again.len(), 1, "{e}");
+        assert_eq!(
+            (again[0].attempts, again[0].last_delivery_error.as_deref()),
+            (1, Some("answered 503")),
+            "{e}"
+        );
+        assert_eq!(
+            ev::get(&db, &third)
+                .await
+                .unwrap()
+                .unwrap()
+                .delivery
+                .as_deref(),
+            Some("Delivered"),
+            "{e}"
+        );
+        assert_eq!(ev::get(&db, "nope").await.unwrap(), None, "{e}");
+
+        // Conditions: only changes are written; gone keys are removed.
+        let mut a = Conditions::new();
+        a.insert("item/web01/rpo".into(), "Exceeded".into());
+        a.insert("agent/a1/seen".into(), "HeardFrom".into());
+        let mut tx = db::begin(&db).await.unwrap();
+        ev::set_conditions(&mut tx, &Conditions::new(), &a, 1)
+            .await
+            .unwrap();
+        let mut b = Conditions::new();
+        b.insert("item/web01/rpo".into(), "Within".into());
+        ev::set_conditions(&mut tx, &a, &b, 2).await.unwrap();
+        assert_eq!(ev::conditions(&mut tx).await.unwrap(), b, "{e}");
+        tx.commit().await.unwrap();
+
+        // The agent's heartbeat period is what the evaluator reads.
+        agents::insert_agent(
+            &db,
+            &agents::NewAgent {
+                id: "agent-9",
+                fabric: "Primary",
+                hostname: "h9",
+                key_id: "k",
+                version: "0",
+            },
+            50,
+        )
+        .await
+        .unwrap();
+        let seen = ev::agents_seen(&db).await.unwrap();
+        assert_eq!(
+            seen,
+            [(
+                "agent-9".to_string(),
+                "h9".to_string(),
+                "Primary".to_string(),
+                Some(50),
+                None
+            )],
+            "{e}"
+        );
+        assert!(
+            ev::completed_test_failovers_before(&db, i64::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

@@ -140,6 +140,7 @@ async fn one_engine(opts: &ApiBenchOptions, server: Option<&str>) -> anyhow::Res
         agent_listen: "127.0.0.1:0".parse()?,
         name: "bench-vault".into(),
         database: url.clone(),
+        events: Default::default(),
     })
     .await?;
     let api = Api::from_vault_dir(&data_dir)?;

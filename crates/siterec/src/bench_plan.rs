@@ -194,6 +194,7 @@ pub async fn plan(opts: PlanBenchOptions, out: Format) -> anyhow::Result<()> {
         agent_listen: "127.0.0.1:0".parse()?,
         name: "bench-plan".into(),
         database: None,
+        events: Default::default(),
     })
     .await?;
     let api = Api::from_vault_dir(&dir.join("vault"))?;

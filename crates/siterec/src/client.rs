@@ -213,6 +213,34 @@ impl Api {
             .collect()
     }
 
+    /// GET a list of `T` with query parameters, each as JSON, following `nextLink`.
+    pub async fn rows_query<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        rel: &str,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<Value>> {
+        let query: Vec<_> = query.iter().filter(|(_, v)| !v.is_empty()).collect();
+        let resp = self
+            .send(self.http.get(self.full(rel)).query(&query))
+            .await?;
+        let mut page: sapi::List<T> = read(resp, &format!("GET {rel}")).await?;
+        let mut out = std::mem::take(&mut page.value);
+        while let Some(link) = page.next_link.take() {
+            let resp = self.send(self.http.get(&link)).await?;
+            page = read(resp, &format!("GET {link}")).await?;
+            out.append(&mut page.value);
+        }
+        out.iter()
+            .map(|r| serde_json::to_value(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// A PUT answered at once (not a long-running operation), read as `T`.
+    pub async fn put_as<T: DeserializeOwned>(&self, rel: &str, body: &Value) -> anyhow::Result<T> {
+        let resp = self.send(self.http.put(self.full(rel)).json(body)).await?;
+        read(resp, &format!("PUT {rel}")).await
+    }
+
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.full(rel))).await?;
         Ok(())

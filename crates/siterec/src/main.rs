@@ -99,6 +99,14 @@ enum Cmd {
     /// Replica stores.
     #[command(subcommand)]
     Store(StoreCmd),
+    /// Events the vault raised: RPO over threshold, servers not heard
+    /// from, replication health changes, failover outcomes.
+    #[command(subcommand)]
+    Events(EventsCmd),
+    /// Alert settings: email addresses (stored) and a webhook every new
+    /// event is POSTed to.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
     /// Benchmarks that run the peers (restic, borg, rsync, qemu-img) side by side.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -200,6 +208,10 @@ struct VaultCmd {
     /// Without it, SQLite in the data directory (vault.db).
     #[arg(long, env = "SITEREC_DATABASE")]
     database: Option<String>,
+    /// A test failover left completed longer than this is cleaned up by
+    /// the vault (an event says so): 14d, 36h, 90m or 600s.
+    #[arg(long, default_value = "14d", value_parser = parse_duration)]
+    test_failover_max_age: std::time::Duration,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +353,14 @@ enum PolicyCmd {
         /// the recovery agent imports it from there.
         #[arg(long, requires = "offline_export_path")]
         offline_import_path: Option<String>,
+        /// Alert when an item's RPO exceeds this many minutes (default:
+        /// two copy intervals and a minute).
+        #[arg(long, conflicts_with = "rpo_threshold_secs")]
+        rpo_threshold_minutes: Option<u32>,
+        /// The RPO alert threshold in seconds, for thresholds under a
+        /// minute (siterec's rpoThresholdInSeconds).
+        #[arg(long)]
+        rpo_threshold_secs: Option<u32>,
     },
     List,
     Show {
@@ -587,6 +607,51 @@ enum JobsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Events, oldest first (the newest 1,000 that match).
+    List {
+        /// Critical, Warning or Info.
+        #[arg(long)]
+        severity: Option<String>,
+        /// Only events about this protected item (or agent host, or job target).
+        #[arg(long)]
+        item: Option<String>,
+        /// Only events since this time: RFC 3339 (2026-01-31T22:00:00Z) or
+        /// an age (90s, 10m, 2h, 1d).
+        #[arg(long)]
+        since: Option<String>,
+    },
+    /// One event, with its details.
+    Show { name: String },
+}
+
+#[derive(Subcommand)]
+enum AlertsCmd {
+    /// Change the alert settings (what is not given stays as it was).
+    Set {
+        /// An email address to notify (repeat for more; stored only — siterec
+        /// sends no mail). Replaces the stored list.
+        #[arg(long = "email")]
+        emails: Vec<String>,
+        /// Remove every stored email address.
+        #[arg(long, conflicts_with = "emails")]
+        no_email: bool,
+        /// POST every new event as JSON to this http(s) URL, retried with
+        /// backoff until it answers 2xx.
+        #[arg(long, conflicts_with = "no_webhook")]
+        webhook: Option<String>,
+        /// Stop sending events to the webhook.
+        #[arg(long)]
+        no_webhook: bool,
+        /// Also notify the subscription's owners (stored only).
+        #[arg(long)]
+        send_to_owners: Option<bool>,
+    },
+    /// The alert settings.
+    Show,
+}
+
 /// Caps glibc's malloc arenas. The agent moves 1 MiB chunk buffers
 /// between many threads (the runtime's and its blocking pool's); with an
 /// arena per thread, freed buffers stay scattered over the arenas and the
@@ -701,6 +766,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             agent_listen,
             name,
             database,
+            test_failover_max_age,
         }) => {
             let v = siterec_vault::start(siterec_vault::VaultOptions {
                 data_dir: data.clone(),
@@ -708,6 +774,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agent_listen,
                 name,
                 database,
+                events: siterec_vault::events::EventOptions {
+                    test_failover_max_age,
+                },
             })
             .await?;
             println!("vault {}", v.endpoint.vault_id);
@@ -947,6 +1016,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Policy(p) => policy(&cli.conn, out, p).await,
+        Cmd::Events(e) => events(&cli.conn, out, e).await,
+        Cmd::Alerts(a) => alerts(&cli.conn, out, a).await,
         Cmd::Pairing(PairingCmd::Create {
             fabric,
             cloud,
@@ -1223,6 +1294,10 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             "ENCRYPTION",
             "/properties/providerSpecificDetails/encryption",
         ),
+        (
+            "RPO THRESHOLD (S)",
+            "/properties/providerSpecificDetails/rpoThresholdInSeconds",
+        ),
     ];
     match cmd {
         PolicyCmd::Create {
@@ -1237,6 +1312,8 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             instance_type,
             offline_export_path,
             offline_import_path,
+            rpo_threshold_minutes,
+            rpo_threshold_secs,
         } => {
             let (history, points) = match (retention_hours, recovery_points) {
                 (_, Some(n)) => (None, Some(n)),
@@ -1259,6 +1336,8 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
                 initial_replication_method: offline.as_ref().map(|_| "Offline".to_string()),
                 offline_replication_export_path: offline.as_ref().map(|o| o.0.clone()),
                 offline_replication_import_path: offline.map(|o| o.1),
+                recovery_point_threshold_in_minutes: rpo_threshold_minutes,
+                rpo_threshold_in_seconds: rpo_threshold_secs,
             };
             let op = api
                 .run(
@@ -1297,6 +1376,145 @@ async fn policy(conn: &Conn, out: Format, cmd: PolicyCmd) -> anyhow::Result<Exit
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `90s`, `10m`, `36h`, `14d` (or plain seconds) as a duration.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration: use e.g. 90s, 10m, 36h or 14d"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("'{s}': the unit must be s, m, h or d")),
+    };
+    n.checked_mul(secs)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("'{s}' is too long"))
+}
+
+const EVENT_COLS: [(&str, &str); 6] = [
+    ("TIME", "/properties/timeOfOccurrence"),
+    ("SEVERITY", "/properties/severity"),
+    ("CODE", "/properties/eventCode"),
+    ("TYPE", "/properties/eventType"),
+    ("OBJECT", "/properties/affectedObjectFriendlyName"),
+    ("DESCRIPTION", "/properties/description"),
+];
+
+async fn events(conn: &Conn, out: Format, cmd: EventsCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    match cmd {
+        EventsCmd::List {
+            severity,
+            item,
+            since,
+        } => {
+            // An OData string literal: quotes doubled.
+            let lit = |v: &str| format!("'{}'", v.replace('\'', "''"));
+            let mut clauses = Vec::new();
+            if let Some(s) = severity {
+                clauses.push(format!("Severity eq {}", lit(&s)));
+            }
+            if let Some(i) = item {
+                clauses.push(format!("AffectedObjectFriendlyName eq {}", lit(&i)));
+            }
+            if let Some(s) = since {
+                let t = match parse_duration(&s) {
+                    Ok(age) => time::OffsetDateTime::now_utc() - age,
+                    Err(_) => time::OffsetDateTime::parse(
+                        &s,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "--since '{s}' is neither an RFC 3339 time (2026-01-31T22:00:00Z) nor an age (90s, 10m, 2h, 1d)"
+                        )
+                    })?,
+                };
+                let t = t
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .context("formatting --since")?;
+                clauses.push(format!("StartTime ge {}", lit(&t)));
+            }
+            let rows = api
+                .rows_query::<sapi::Event>(
+                    "replicationEvents",
+                    &[("$filter", &clauses.join(" and "))],
+                )
+                .await?;
+            output::rows(out, &rows, &EVENT_COLS);
+        }
+        EventsCmd::Show { name } => {
+            let e: sapi::Event = api.get_as(&format!("replicationEvents/{name}")).await?;
+            output::object(
+                out,
+                &serde_json::to_value(&e)?,
+                &[
+                    ("NAME", "/name"),
+                    ("TIME", "/properties/timeOfOccurrence"),
+                    ("SEVERITY", "/properties/severity"),
+                    ("CODE", "/properties/eventCode"),
+                    ("TYPE", "/properties/eventType"),
+                    ("OBJECT", "/properties/affectedObjectFriendlyName"),
+                    ("ID", "/properties/affectedObjectCorrelationId"),
+                    ("DESCRIPTION", "/properties/description"),
+                    ("DETAILS", "/properties/eventSpecificDetails"),
+                ],
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn alerts(conn: &Conn, out: Format, cmd: AlertsCmd) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    let rel = "replicationAlertSettings/defaultAlertSetting";
+    let setting = match cmd {
+        AlertsCmd::Set {
+            emails,
+            no_email,
+            webhook,
+            no_webhook,
+            send_to_owners,
+        } => {
+            let body = sapi::ConfigureAlertRequest {
+                properties: sapi::ConfigureAlertProperties {
+                    send_to_owners: send_to_owners
+                        .map(|s| if s { "Send" } else { "DoNotSend" }.to_string()),
+                    custom_email_addresses: if no_email {
+                        Some(Vec::new())
+                    } else {
+                        Some(emails).filter(|e| !e.is_empty())
+                    },
+                    locale: None,
+                    webhook_url: if no_webhook {
+                        Some(String::new())
+                    } else {
+                        webhook
+                    },
+                },
+            };
+            api.put_as::<sapi::AlertSetting>(rel, &serde_json::to_value(&body)?)
+                .await?
+        }
+        AlertsCmd::Show => api.get_as::<sapi::AlertSetting>(rel).await?,
+    };
+    output::object(
+        out,
+        &serde_json::to_value(&setting)?,
+        &[
+            ("NAME", "/name"),
+            ("EMAILS", "/properties/customEmailAddresses"),
+            ("SEND TO OWNERS", "/properties/sendToOwners"),
+            ("WEBHOOK", "/properties/webhookUrl"),
+        ],
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 const ITEM_COLS: [(&str, &str); 8] = [

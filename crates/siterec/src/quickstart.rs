@@ -138,6 +138,7 @@ impl Sites {
             agent_listen: "127.0.0.1:0".parse()?,
             name: "quickstart".into(),
             database: None,
+            events: Default::default(),
         })
         .await?;
         let api = Api::from_vault_dir(&dir.join("vault"))?;

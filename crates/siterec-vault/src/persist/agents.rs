@@ -94,7 +94,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<()
     } = *h;
     let mut tx = crate::db::begin(db).await?;
     sqlx::query(
-        "UPDATE agents SET last_seen_ms = $1, cloud = $2, data_url = $3, store_encrypted = $4, store_key_id = $5, transport_key = $6, counters = $7 WHERE id = $8",
+        "UPDATE agents SET last_seen_ms = $1, cloud = $2, data_url = $3, store_encrypted = $4, store_key_id = $5, transport_key = $6, counters = $7, heartbeat_ms = $9 WHERE id = $8",
     )
     .bind(now)
     .bind(&req.cloud)
@@ -104,6 +104,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<()
     .bind(&req.transport_key)
     .bind(counters)
     .bind(agent)
+    .bind(i64::from(req.wait_ms))
     .execute(&mut *tx)
     .await?;
     sqlx::query(

@@ -11,12 +11,15 @@
 //! - [`items`]: protected items and their recovery points.
 //! - [`config`]: policies, cloud pairings and network mappings.
 //! - [`plans`]: recovery plans.
+//! - [`events`]: events, the conditions they were raised for, alert
+//!   settings and webhook deliveries.
 //! - [`seed`]: a fleet of rows for the API benchmark.
 //! - [`agents`]: what the agent API reads and writes: enrolment, the
 //!   heartbeat's inventory, task results, recovery point reports.
 
 pub mod agents;
 pub mod config;
+pub mod events;
 pub mod inventory;
 pub mod items;
 pub mod jobs;
