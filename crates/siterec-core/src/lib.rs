@@ -10,8 +10,10 @@
 //! - [`names`]: resource names and ARM ids.
 //! - [`network`]: network mapping: the recovery network of each replica NIC.
 //! - [`orchestration`]: the job engine's decisions: which step, what it writes, compensation.
+//! - [`jobquery`]: which jobs a `$filter` or an export asks for, and the export's CSV.
 
 pub mod consistency;
+pub mod jobquery;
 pub mod names;
 pub mod network;
 pub mod orchestration;

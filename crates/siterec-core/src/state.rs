@@ -753,6 +753,8 @@ pub enum JobKind {
     DisableProtection,
     ChangeRecoveryPoint,
     Reprotect,
+    DeletePairing,
+    ExportJobs,
 }
 
 impl JobKind {
@@ -773,6 +775,8 @@ impl JobKind {
             Self::DisableProtection => "DisableDr",
             Self::ChangeRecoveryPoint => "ApplyRecoveryPoint",
             Self::Reprotect => "ReverseReplication",
+            Self::DeletePairing => "UnconfigureProtection",
+            Self::ExportJobs => "ExportJobs",
         }
     }
 
@@ -792,6 +796,8 @@ impl JobKind {
             Self::DisableProtection,
             Self::ChangeRecoveryPoint,
             Self::Reprotect,
+            Self::DeletePairing,
+            Self::ExportJobs,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -814,6 +820,8 @@ impl JobKind {
             Self::DisableProtection => "Disable protection",
             Self::ChangeRecoveryPoint => "Change recovery point",
             Self::Reprotect => "Reprotect",
+            Self::DeletePairing => "Remove cloud pairing",
+            Self::ExportJobs => "Export jobs",
         }
     }
 }

@@ -86,10 +86,12 @@ pub enum StepKey {
     CompleteReprotect,
     WriteTestDisks,
     RemoveTestDisks,
+    RemovePairing,
+    ExportJobs,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 42] = [
+    pub const ALL: [StepKey; 44] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -132,6 +134,8 @@ impl StepKey {
         Self::CompleteReprotect,
         Self::WriteTestDisks,
         Self::RemoveTestDisks,
+        Self::RemovePairing,
+        Self::ExportJobs,
     ];
 
     /// The stored name.
@@ -179,6 +183,8 @@ impl StepKey {
             Self::CompleteReprotect => "CompleteReprotect",
             Self::WriteTestDisks => "WriteTestDisks",
             Self::RemoveTestDisks => "RemoveTestDisks",
+            Self::RemovePairing => "RemovePairing",
+            Self::ExportJobs => "ExportJobs",
         }
     }
 
@@ -231,6 +237,8 @@ impl StepKey {
             Self::CompleteReprotect => "Complete reprotect",
             Self::WriteTestDisks => "Write the test copy's disks at the recovery site",
             Self::RemoveTestDisks => "Delete the test copy's disks",
+            Self::RemovePairing => "Remove the cloud pairing",
+            Self::ExportJobs => "Write the jobs' CSV",
         }
     }
 }
@@ -315,6 +323,8 @@ impl JobKind {
                 K::RemoveSeed,
                 K::CompleteReprotect,
             ],
+            Self::DeletePairing => &[K::RemovePairing],
+            Self::ExportJobs => &[K::ExportJobs],
         }
     }
 }
@@ -355,6 +365,17 @@ pub enum JobInput {
     DisableProtection(DisableInput),
     ChangeRecoveryPoint(ChangePointInput),
     Reprotect(ReprotectInput),
+    /// A cloud pairing being removed (Unpairing, then gone).
+    DeletePairing(PairingInput),
+    /// An export of the jobs a query names; the CSV is written when the
+    /// export is asked for (the job's output), the job only completes it.
+    ExportJobs(ExportInput),
+}
+
+/// The query of a jobs export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInput {
+    pub query: crate::jobquery::JobQuery,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -582,6 +603,8 @@ impl JobInput {
             Self::DisableProtection(_) => JobKind::DisableProtection,
             Self::ChangeRecoveryPoint(_) => JobKind::ChangeRecoveryPoint,
             Self::Reprotect(_) => JobKind::Reprotect,
+            Self::DeletePairing(_) => JobKind::DeletePairing,
+            Self::ExportJobs(_) => JobKind::ExportJobs,
         }
     }
 
@@ -605,6 +628,8 @@ impl JobInput {
             JobKind::DisableProtection => read(json).map(Self::DisableProtection),
             JobKind::ChangeRecoveryPoint => read(json).map(Self::ChangeRecoveryPoint),
             JobKind::Reprotect => read(json).map(Self::Reprotect),
+            JobKind::DeletePairing => read(json).map(Self::DeletePairing),
+            JobKind::ExportJobs => read(json).map(Self::ExportJobs),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -942,6 +967,10 @@ pub enum Effect {
     RemoveNetworkMapping(NetworkRef),
     /// Unpairing → Paired.
     KeepNetworkMapping(NetworkRef),
+    /// Delete the cloud pairing.
+    RemovePairing(PairingInput),
+    /// Unpairing → Paired (a failed removal).
+    KeepPairing(PairingInput),
     /// The item's state by `action`, idempotently ([`transition`]); an
     /// action that does not apply is an error (the round is retried).
     Transition {
@@ -1515,6 +1544,10 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
         (K::RemoveNetworkMapping, I::DeleteNetworkMapping(m), _) => {
             Decision::done(vec![Effect::RemoveNetworkMapping(m.clone())])
         }
+        (K::RemovePairing, I::DeletePairing(p), _) => {
+            Decision::done(vec![Effect::RemovePairing(p.clone())])
+        }
+        (K::ExportJobs, I::ExportJobs(_), _) => Decision::done(vec![]),
         (key, input, seen) => Decision::fail(
             "JobInconsistent",
             format!(
@@ -2223,6 +2256,8 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
             })]
         }
         JobInput::DeleteNetworkMapping(m) => vec![Effect::KeepNetworkMapping(m.clone())],
+        JobInput::DeletePairing(p) => vec![Effect::KeepPairing(p.clone())],
+        JobInput::ExportJobs(_) => vec![],
         JobInput::CreatePolicy(_) | JobInput::VerifyStore(_) => vec![],
     };
     effects.push(Effect::ForgetSealedKey);
