@@ -108,7 +108,8 @@ impl JobQuery {
             let value = unquote(value.trim()).map_err(err)?;
             raw.set(field, &value).map_err(err)?;
         }
-        raw.finish().map_err(|(clause, reason)| FilterError { clause, reason })
+        raw.finish()
+            .map_err(|(clause, reason)| FilterError { clause, reason })
     }
 
     /// Reads an export's body: a `JobQueryParameter` (`{"startTime": …}`),
@@ -160,7 +161,8 @@ impl JobQuery {
                 reason,
             })?;
         }
-        raw.finish().map_err(|(clause, reason)| FilterError { clause, reason })
+        raw.finish()
+            .map_err(|(clause, reason)| FilterError { clause, reason })
     }
 
     /// Whether the job is one the query asks for.
@@ -220,7 +222,13 @@ impl Raw {
             "jobstatus" => {
                 let states = list(value);
                 for s in &states {
-                    let known = ["NotStarted", "InProgress", "Succeeded", "Failed", "Cancelled"];
+                    let known = [
+                        "NotStarted",
+                        "InProgress",
+                        "Succeeded",
+                        "Failed",
+                        "Cancelled",
+                    ];
                     if !known.iter().any(|k| k.eq_ignore_ascii_case(s)) {
                         return Err(format!(
                             "'{s}' is not a job state (NotStarted, InProgress, Succeeded, Failed, Cancelled)"
@@ -250,10 +258,12 @@ impl Raw {
             (&mut self.query.end_ms, &self.end),
         ] {
             if let Some((field, v)) = raw {
-                *slot = Some(
-                    parse_time(v, offset)
-                        .ok_or_else(|| (format!("{field} eq '{v}'"), format!("'{v}' is not an RFC 3339 time (e.g. 2026-12-01T00:00:00Z)")))?,
-                );
+                *slot = Some(parse_time(v, offset).ok_or_else(|| {
+                    (
+                        format!("{field} eq '{v}'"),
+                        format!("'{v}' is not an RFC 3339 time (e.g. 2026-12-01T00:00:00Z)"),
+                    )
+                })?);
             }
         }
         if let (Some(s), Some(e)) = (self.query.start_ms, self.query.end_ms)
@@ -307,8 +317,7 @@ fn split_and(filter: &str) -> Result<Vec<String>, FilterError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
-    let mut words = filter.split_inclusive(char::is_whitespace).peekable();
-    while let Some(w) = words.next() {
+    for w in filter.split_inclusive(char::is_whitespace) {
         let quotes = w.matches('\'').count();
         if !quoted && w.trim().eq_ignore_ascii_case("and") {
             out.push(std::mem::take(&mut cur));
@@ -425,7 +434,9 @@ mod tests {
             state: state.into(),
             target_type: "ProtectionEntity".into(),
             target_name: target.into(),
-            target_id: format!("/subscriptions/s/resourceGroups/g/providers/Microsoft.RecoveryServices/vaults/v/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/{target}"),
+            target_id: format!(
+                "/subscriptions/s/resourceGroups/g/providers/Microsoft.RecoveryServices/vaults/v/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/{target}"
+            ),
             created_ms: start_ms - 5,
             start_ms: Some(start_ms),
             end_ms: None,
@@ -438,10 +449,9 @@ mod tests {
 
     #[test]
     fn the_sdks_filter_reads_as_the_query_it_says() {
-        let q = JobQuery::parse_filter(
-            "startTime eq '2026-12-01T00:00:00Z' and jobStatus eq 'Failed'",
-        )
-        .unwrap();
+        let q =
+            JobQuery::parse_filter("startTime eq '2026-12-01T00:00:00Z' and jobStatus eq 'Failed'")
+                .unwrap();
         assert_eq!(
             q,
             JobQuery {
@@ -460,10 +470,9 @@ mod tests {
         assert_eq!(q.target_object_name.as_deref(), Some("it's"));
         assert_eq!(q.end_ms, Some(DEC1 + 23 * 3_600_000));
         // A time without an offset is local at timezoneOffset.
-        let q = JobQuery::parse_filter(
-            "startTime eq '2026-12-01T02:00:00' and timezoneOffset eq 120",
-        )
-        .unwrap();
+        let q =
+            JobQuery::parse_filter("startTime eq '2026-12-01T02:00:00' and timezoneOffset eq 120")
+                .unwrap();
         assert_eq!(q.start_ms, Some(DEC1));
         assert_eq!(JobQuery::parse_filter("  ").unwrap(), JobQuery::default());
     }
@@ -471,15 +480,43 @@ mod tests {
     #[test]
     fn a_bad_filter_is_refused_naming_its_clause() {
         for (filter, clause, says) in [
-            ("jobStatus eq 'Failed' and colour eq 'red'", "colour eq 'red'", "not a job query field"),
-            ("startTime eq 'yesterday'", "startTime eq 'yesterday'", "RFC 3339"),
-            ("jobStatus eq 'Broken'", "jobStatus eq 'Broken'", "not a job state"),
-            ("startTime gt '2026-12-01T00:00:00Z'", "startTime gt '2026-12-01T00:00:00Z'", "only 'eq'"),
-            ("jobStatus eq Failed", "jobStatus eq Failed", "single quotes"),
+            (
+                "jobStatus eq 'Failed' and colour eq 'red'",
+                "colour eq 'red'",
+                "not a job query field",
+            ),
+            (
+                "startTime eq 'yesterday'",
+                "startTime eq 'yesterday'",
+                "RFC 3339",
+            ),
+            (
+                "jobStatus eq 'Broken'",
+                "jobStatus eq 'Broken'",
+                "not a job state",
+            ),
+            (
+                "startTime gt '2026-12-01T00:00:00Z'",
+                "startTime gt '2026-12-01T00:00:00Z'",
+                "only 'eq'",
+            ),
+            (
+                "jobStatus eq Failed",
+                "jobStatus eq Failed",
+                "single quotes",
+            ),
             ("jobStatus eq 'Failed", "jobStatus eq 'Failed", "not closed"),
             ("jobStatus", "jobStatus", "FIELD eq"),
-            ("jobStatus eq 'Failed' and", "jobStatus eq 'Failed' and", "empty"),
-            ("jobOutputType eq 'Xml'", "jobOutputType eq 'Xml'", "only Excel"),
+            (
+                "jobStatus eq 'Failed' and",
+                "jobStatus eq 'Failed' and",
+                "empty",
+            ),
+            (
+                "jobOutputType eq 'Xml'",
+                "jobOutputType eq 'Xml'",
+                "only Excel",
+            ),
             ("timezoneOffset eq 'x'", "timezoneOffset eq 'x'", "minutes"),
             (
                 "startTime eq '2026-12-02T00:00:00Z' and endTime eq '2026-12-01T00:00:00Z'",
@@ -510,8 +547,12 @@ mod tests {
         assert_eq!(q.start_ms, Some(DEC1));
         assert_eq!(q.job_status, ["Failed", "Succeeded"]);
         assert_eq!(q.affected_object_types, ["ProtectionEntity"]);
-        assert_eq!(JobQuery::from_body(&Value::Null).unwrap(), JobQuery::default());
-        let e = JobQuery::from_body(&serde_json::json!({"properties": {"jobStatus": 3}})).unwrap_err();
+        assert_eq!(
+            JobQuery::from_body(&Value::Null).unwrap(),
+            JobQuery::default()
+        );
+        let e =
+            JobQuery::from_body(&serde_json::json!({"properties": {"jobStatus": 3}})).unwrap_err();
         assert!(e.to_string().contains("jobStatus"), "{e}");
         assert!(JobQuery::from_body(&serde_json::json!({"size": "big"})).is_err());
     }
@@ -525,14 +566,20 @@ mod tests {
         ];
         let kept = |f: &str| -> Vec<String> {
             let q = JobQuery::parse_filter(f).unwrap();
-            jobs.iter().filter(|j| q.matches(j)).map(|j| j.id.clone()).collect()
+            jobs.iter()
+                .filter(|j| q.matches(j))
+                .map(|j| j.id.clone())
+                .collect()
         };
         assert_eq!(kept("").len(), 3);
         assert_eq!(
             kept("startTime eq '2026-12-01T00:00:00Z' and jobStatus eq 'failed'"),
             ["UnplannedFailover-web"]
         );
-        assert_eq!(kept("targetObjectName eq 'WEB'"), ["UnplannedFailover-web", "EnableDr-web"]);
+        assert_eq!(
+            kept("targetObjectName eq 'WEB'"),
+            ["UnplannedFailover-web", "EnableDr-web"]
+        );
         assert_eq!(kept("jobName eq 'EnableDr'"), ["EnableDr-web"]);
         assert_eq!(kept("endTime eq '2026-12-01T00:00:00Z'"), ["EnableDr-web"]);
         assert_eq!(kept("fabricId eq 'primary'").len(), 3);
@@ -552,6 +599,10 @@ mod tests {
         let lines: Vec<&str> = csv.split("\r\n").collect();
         assert_eq!(lines[0], CSV_HEADER.join(","));
         assert!(lines[1].starts_with("EnableDr-web,EnableDr,EnableDr!,Failed,web,"));
-        assert!(lines[1].ends_with(",\"disk 'a', line\nbreak\""), "{}", lines[1]);
+        assert!(
+            lines[1].ends_with(",\"disk 'a', line\nbreak\""),
+            "{}",
+            lines[1]
+        );
     }
 }

@@ -56,9 +56,14 @@ async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, Stri
     let fabric = persist::agent_fabric(&st.db, id).await?;
     match fabric {
         Some(f) => Ok((id.to_string(), f)),
-        None => Err(unauthorized(format!(
-            "agent {id} is not enrolled in this vault"
-        ))),
+        // Unregistered (or never enrolled here): the agent stops on this code.
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            siterec_core::wire::AGENT_NOT_REGISTERED,
+            format!(
+                "agent {id} is not registered with this vault (it was unregistered, or enrolled with another vault); to bring it back, enrol it again with a new registration key and an empty data directory"
+            ),
+        )),
     }
 }
 

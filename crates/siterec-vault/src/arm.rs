@@ -22,7 +22,9 @@ use crate::persist::jobs::{self as jobs_db, JobOf, Tx};
 use crate::persist::{config, inventory, items};
 use crate::{AppState, Shared};
 use siterec_api as api;
+use siterec_core::jobquery::{self, JobFacts, JobQuery};
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
+use siterec_core::orchestration::ExportInput;
 use siterec_core::orchestration::{
     ChangePointInput, CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput,
     NetworkMappingInput, NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput,
@@ -120,7 +122,9 @@ fn query_values(uri: &Uri, name: &str) -> Vec<String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .filter(|(k, _)| {
+            k.eq_ignore_ascii_case(name) || percent_decode(k).eq_ignore_ascii_case(name)
+        })
         .map(|(_, v)| v.to_string())
         .collect()
 }
@@ -322,6 +326,29 @@ async fn handle(
         (Method::POST, ["replicationfabrics", _, "siterecverifystores"]) => {
             verify_stores(st, headers, r[1]).await
         }
+        (Method::DELETE, ["replicationfabrics", _])
+        | (Method::POST, ["replicationfabrics", _, "remove"]) => delete_fabric(st, r[1]).await,
+        // Unregistering an agent: DELETE, or POST .../remove (ASR's
+        // "remove" of a provider is its unregistration).
+        (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationrecoveryservicesproviders",
+                _,
+            ],
+        )
+        | (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationrecoveryservicesproviders",
+                _,
+                "remove",
+            ],
+        ) => unregister_agent(st, r[1], r[3]).await,
         (
             Method::GET,
             [
@@ -463,6 +490,31 @@ async fn handle(
                 _,
             ],
         ) => create_mapping(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        // Deleting a pairing: DELETE, or the SDK's `delete` action (POST
+        // .../remove, with RemoveProtectionContainerMappingInput), alike.
+        (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotectioncontainermappings",
+                _,
+            ],
+        )
+        | (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotectioncontainermappings",
+                _,
+                "remove",
+            ],
+        ) => delete_pairing(st, headers, r[1], r[3], r[5]).await,
         // ----- networks and network mappings -----
         (Method::GET, ["replicationnetworks"]) => {
             let mut out = Vec::new();
@@ -767,12 +819,20 @@ async fn handle(
         ) => test_failover_cleanup(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // ----- jobs and operations -----
         (Method::GET, ["replicationjobs"]) => {
+            let query = match query_param(uri, "$filter") {
+                Some(f) => JobQuery::parse_filter(&percent_decode(&f)).map_err(bad_filter)?,
+                None => JobQuery::default(),
+            };
             let mut out = Vec::new();
-            for id in jobs_db::ids(db).await? {
-                out.push(model::job_json(db, v, &id).await?);
+            for job in matching_jobs(st, &query).await? {
+                out.push(model::job_json(db, v, &job.id).await?);
             }
             ok(model::list(out))
         }
+        (Method::POST, ["replicationjobs", "export"]) => {
+            export_jobs(st, headers, &body_json(body)?).await
+        }
+        (Method::GET, ["replicationjobs", _, "siterecexport"]) => exported_csv(st, r[1]).await,
         (Method::GET, ["replicationjobs", _]) => ok(model::job_json(db, v, r[1]).await?),
         (Method::GET, ["replicationoperationstatus", _]) => operation_status(st, r[1]).await,
         (Method::GET, ["operationresults", _]) => operation_result(st, headers, r[1]).await,
@@ -936,7 +996,7 @@ async fn create_mapping(
             && row.policy.eq_ignore_ascii_case(&policy);
         if !same {
             return Err(ApiError::conflict(format!(
-                "mapping '{name}' exists with other settings; delete it first"
+                "mapping '{name}' exists with other settings; delete it first ('siterec pairing delete --fabric {fabric} --cloud {container} --name {name}'), then pair again"
             )));
         }
     } else {
@@ -944,7 +1004,7 @@ async fn create_mapping(
             let n = config::cloud_pairings(&mut tx, f, c).await?;
             if n > 0 {
                 return Err(ApiError::conflict(format!(
-                    "cloud {f}/{c} is already paired: a cloud belongs to at most one pairing, as primary or recovery"
+                    "cloud {f}/{c} is already paired: a cloud belongs to at most one pairing, as primary or recovery; delete that pairing first ('siterec pairing list' names it, 'siterec pairing delete' removes it)"
                 )));
             }
         }
@@ -2457,6 +2517,11 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         JobInput::VerifyStore(_)
         | JobInput::DeleteNetworkMapping(_)
         | JobInput::DisableProtection(_) => ok(model::job_json(&st.db, &st.info, job_id).await?),
+        // A removed pairing is gone; an export's result is its job, whose
+        // customDetails (ExportJobDetails) say where the CSV is.
+        JobInput::DeletePairing(_) | JobInput::ExportJobs(_) => {
+            ok(model::job_json(&st.db, &st.info, job_id).await?)
+        }
         JobInput::CreateNetworkMapping(m) => {
             let row = config::network_mapping(&st.db, &m.fabric, &m.network, &m.name)
                 .await?
@@ -2529,6 +2594,246 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         expires_at: expires_ms / 1000,
     };
     ok(key)
+}
+
+// ----- taking things apart -----
+
+/// Removes a cloud pairing (a job: 202): refused (409) while it protects
+/// items, naming them. A pairing that does not exist is already removed
+/// (204), as ARM deletes go.
+async fn delete_pairing(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let container = model::container_exists(&st.db, &fabric, container).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(row) = config::pairing(&mut *tx, &fabric, &container, name).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let id = format!(
+        "{}/replicationProtectionContainerMappings/{}",
+        model::container_id(&st.info, &fabric, &container),
+        row.name
+    );
+    match row.state.as_str() {
+        "Unpairing" => {
+            if let Some(job) = latest_job_for(&mut tx, JobKind::DeletePairing, &id).await? {
+                return accepted(st, headers, &job);
+            }
+        }
+        "Pairing" => {
+            return Err(ApiError::conflict(format!(
+                "pairing '{}' is being created; wait for its job to finish, then delete it",
+                row.name
+            )));
+        }
+        _ => {}
+    }
+    let items = config::pairing_items(&mut tx, &row).await?;
+    if !items.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PairingInUse",
+            format!(
+                "pairing '{}' of cloud {fabric}/{container} protects {} item(s): {}; disable their protection first ('siterec item disable ITEM'), then delete the pairing",
+                row.name,
+                items.len(),
+                items.join(", ")
+            ),
+        ));
+    }
+    config::unpair(&mut tx, &fabric, &container, &row.name).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::DeletePairing(PairingInput {
+            fabric: fabric.clone(),
+            container: container.clone(),
+            name: row.name.clone(),
+            policy: row.policy.clone(),
+        }),
+        "ProtectionContainerMapping",
+        &row.name,
+        &id,
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Unregisters an agent: refused (409) while a protected item needs it
+/// (its machines' or its replicas'), naming them; else its row, machines,
+/// networks and tasks go in one transaction, and from its next heartbeat
+/// on its certificate is refused (`AgentNotRegistered`: the agent stops).
+/// Done at once, it answers 204, as a finished long-running delete (and
+/// 204 for an agent the fabric does not have: already removed).
+async fn unregister_agent(st: &Shared, fabric: &str, agent: &str) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(id) = inventory::agent_of_fabric(&mut tx, &fabric, agent).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let items = inventory::agent_items(&mut tx, &id).await?;
+    if !items.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "AgentInUse",
+            format!(
+                "agent {id} of fabric '{fabric}' is in use by {} protected item(s): {} (it reports their machines or keeps their replicas); disable their protection first ('siterec item disable ITEM'), then unregister it",
+                items.len(),
+                items.join(", ")
+            ),
+        ));
+    }
+    inventory::remove_agent(&mut tx, &id).await?;
+    tx.commit().await?;
+    tracing::info!(agent = %id, fabric = %fabric, "agent unregistered");
+    st.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Deletes a fabric (site): refused (409) while it has agents, pairings,
+/// protected items or network mappings (either side), naming them. Done
+/// at once: 204, and 204 for a fabric that does not exist.
+async fn delete_fabric(st: &Shared, fabric: &str) -> ApiResult<Response> {
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(name) = inventory::fabric(&mut *tx, fabric).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let uses = inventory::fabric_uses(&mut tx, &name).await?;
+    if !uses.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "FabricInUse",
+            format!(
+                "fabric '{name}' is in use: {}; disable protection of its items, delete its pairings ('siterec pairing delete') and network mappings ('siterec network unmap') and unregister its agents ('siterec agent unregister') first",
+                uses.join("; ")
+            ),
+        ));
+    }
+    inventory::remove_fabric(&mut tx, &name, now_ms()).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- jobs filtered and exported -----
+
+fn bad_filter(e: jobquery::FilterError) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "InvalidJobQuery",
+        format!("{e}; a filter is clauses FIELD eq 'VALUE' joined by 'and'"),
+    )
+}
+
+/// `%XX` and `+` of a query string decoded (bytes that do not decode are
+/// kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The jobs the query asks for, newest first.
+async fn matching_jobs(st: &AppState, query: &JobQuery) -> ApiResult<Vec<JobFacts>> {
+    Ok(jobs_db::facts(&st.db, query.start_ms)
+        .await?
+        .into_iter()
+        .filter(|j| query.matches(j))
+        .collect())
+}
+
+/// `replicationJobs/export`: the jobs the body (a JobQueryParameter) asks
+/// for, written as CSV at once — the export is of the jobs as they are
+/// when it is asked for — into an ExportJobs job's output; the job (202,
+/// then its result) says where to GET it: `blobUri` + `sasToken`, a URL of
+/// this vault (`replicationJobs/{id}/siterecExport`, with the bearer token).
+async fn export_jobs(st: &Shared, headers: &HeaderMap, body: &Value) -> ApiResult<Response> {
+    let query = JobQuery::from_body(body).map_err(bad_filter)?;
+    let rows = matching_jobs(st, &query).await?;
+    let csv = jobquery::to_csv(
+        &rows,
+        |k| {
+            JobKind::parse(k)
+                .map(|k| k.display_name())
+                .unwrap_or(k)
+                .to_string()
+        },
+        crate::db::rfc3339,
+    );
+    let mut tx = crate::db::begin(&st.db).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::ExportJobs(ExportInput { query }),
+        "Vault",
+        "replicationJobs",
+        &format!("{}/replicationJobs", st.info.id()),
+    )
+    .await?;
+    let output = model::ExportOutput {
+        blob_uri: format!(
+            "{}/replicationJobs/{job}/siterecExport",
+            base_url(st, headers)
+        ),
+        sas_token: format!("?api-version={API_VERSION}"),
+        rows: rows.len(),
+        csv,
+    };
+    let output =
+        serde_json::to_string(&output).map_err(|e| ApiError::internal("export output", e))?;
+    jobs_db::set_output(&mut tx, &job, &output).await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// The CSV of an export job.
+async fn exported_csv(st: &Shared, job_id: &str) -> ApiResult<Response> {
+    let job = jobs_db::view(&st.db, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", job_id))?;
+    if job.kind != JobKind::ExportJobs.as_str() {
+        return Err(ApiError::bad_request(format!(
+            "job {job_id} is a {} job, not an export: only an export (POST replicationJobs/export) has a CSV",
+            job.kind
+        )));
+    }
+    let out: model::ExportOutput = job
+        .output
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| ApiError::internal(&format!("stored output of export job {job_id}"), e))?
+        .ok_or_else(|| ApiError::internal(&format!("export job {job_id}"), "it has no output"))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        out.csv,
+    )
+        .into_response())
 }
 
 #[cfg(test)]

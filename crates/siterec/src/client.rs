@@ -213,6 +213,36 @@ impl Api {
             .collect()
     }
 
+    /// GET a list of `T` with query parameters (a `$filter`), each as
+    /// JSON, following `nextLink`.
+    pub async fn rows_query<T: DeserializeOwned + serde::Serialize>(
+        &self,
+        rel: &str,
+        query: &[(&str, &str)],
+    ) -> anyhow::Result<Vec<Value>> {
+        let resp = self
+            .send(self.http.get(self.full(rel)).query(query))
+            .await?;
+        let mut page: sapi::List<T> = read(resp, &format!("GET {rel}")).await?;
+        let mut out = std::mem::take(&mut page.value);
+        while let Some(link) = page.next_link.take() {
+            let resp = self.send(self.http.get(&link)).await?;
+            page = read(resp, &format!("GET {link}")).await?;
+            out.append(&mut page.value);
+        }
+        out.iter()
+            .map(|r| serde_json::to_value(r).map_err(Into::into))
+            .collect()
+    }
+
+    /// GET an absolute URL the vault gave, as text (an export's CSV).
+    pub async fn get_text_url(&self, url: &str) -> anyhow::Result<String> {
+        let resp = self.send(self.http.get(url)).await?;
+        resp.text()
+            .await
+            .with_context(|| format!("reading GET {url}"))
+    }
+
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {
         self.send(self.http.delete(self.full(rel))).await?;
         Ok(())

@@ -321,3 +321,33 @@ where
         .map(|(n, rf, rn)| (n.to_ascii_lowercase(), (rf, rn)))
         .collect())
 }
+
+/// The protected items a pairing protects (its clouds'), by name.
+pub async fn pairing_items(tx: &mut Tx<'_>, p: &PairingRow) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT name FROM protected_items WHERE fabric = $1 AND container = $2 AND target_fabric = $3 AND target_container = $4 ORDER BY name",
+    )
+    .bind(&p.fabric)
+    .bind(&p.container)
+    .bind(&p.target_fabric)
+    .bind(&p.target_container)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// The pairing is being removed (its job removes it): no item is enabled
+/// under it from now on (only Paired pairings are).
+pub async fn unpair(
+    tx: &mut Tx<'_>,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE container_mappings SET state = 'Unpairing' WHERE fabric = $1 AND container = $2 AND name = $3")
+        .bind(fabric)
+        .bind(container)
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
