@@ -47,7 +47,7 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
 }
 
 /// The enrolled agent behind the client certificate.
-async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, String)> {
+pub(crate) async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, String)> {
     let Some(id) = peer.0.as_deref() else {
         return Err(unauthorized(
             "this call needs the agent's client certificate; enrol the agent first",

@@ -923,11 +923,16 @@ async fn create_policy(
 
 async fn delete_policy(st: &Shared, name: &str) -> ApiResult<Response> {
     let (name, _) = model::load_policy(&st.db, name).await?;
-    let used = config::policy_uses(&st.db, &name).await?;
-    if used > 0 {
-        return Err(ApiError::conflict(format!(
-            "policy '{name}' is used by {used} cloud pairing(s) or protected item(s); remove those first"
-        )));
+    let users = config::policy_users(&st.db, &name).await?;
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PolicyInUse",
+            format!(
+                "policy '{name}' is used by {}; delete those pairings ('siterec pairing delete') and disable those items' protection first",
+                users.join(", ")
+            ),
+        ));
     }
     config::delete_policy(&st.db, &name).await?;
     // The delete is a long-running operation in the API: done at once, it
@@ -3934,5 +3939,450 @@ mod tests {
         )
         .await;
         assert_eq!(code, 202, "{v}");
+    }
+
+    // ----- taking things apart; jobs filtered and exported -----
+
+    const PAIRING: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectionContainerMappings/map1";
+
+    async fn pair(st: &AppState) {
+        exec(st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0)").await;
+    }
+
+    /// (status, body as text, content type): for answers that are not JSON.
+    async fn call_raw(st: &Shared, uri: &str) -> (u16, String, String) {
+        let uri: Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer tok"));
+        let resp = match handle(st, &Method::GET, &uri, &h, &Bytes::new()).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap(), ct)
+    }
+
+    /// A pairing that protects items is refused naming them, and nothing
+    /// changes; without items its removal is a job (Unpairing, then gone),
+    /// a retried delete answers with that job, and the clouds pair again.
+    #[tokio::test]
+    async fn a_pairing_with_items_is_refused_naming_them_and_one_without_is_removed_by_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        pair(&st).await;
+        let (code, v, job) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (409, Some("PairingInUse")),
+            "{v}"
+        );
+        assert!(message(&v).contains("i-phys, i-vm"), "{v}");
+        assert!(message(&v).contains("siterec item disable"), "{v}");
+        assert!(job.is_none());
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Paired'"
+            )
+            .await,
+            1
+        );
+        // The policy is in use too, by the pairing and the items.
+        let (code, v, _) = call(&st, Method::DELETE, "replicationPolicies/pol", Value::Null).await;
+        assert_eq!(code, 409);
+        assert!(
+            message(&v).contains("pairing map1, protected item i-phys, protected item i-vm"),
+            "{v}"
+        );
+
+        exec(
+            &st,
+            "DELETE FROM recovery_points; DELETE FROM protected_items",
+        )
+        .await;
+        let (code, v, job) = call(
+            &st,
+            Method::POST,
+            &format!("{PAIRING}/remove"),
+            json!({"properties": {}}),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        let job = job.unwrap();
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Unpairing'"
+            )
+            .await,
+            1
+        );
+        // No item can be enabled under a pairing being removed.
+        assert!(
+            config::paired_target(&st.db, "primary", "pc")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (code, _, again) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!((code, again.as_deref()), (202, Some(job.as_str())));
+        crate::jobs::advance(&st, &job).await.unwrap();
+        let (_, v, _) = call(
+            &st,
+            Method::GET,
+            &format!("replicationJobs/{job}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(v["properties"]["state"], "Succeeded", "{v}");
+        assert_eq!(v["properties"]["scenarioName"], "UnconfigureProtection");
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM container_mappings").await,
+            0
+        );
+        let (code, _, _) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(code, 204);
+        // Built again: the clouds pair as before.
+        let body = json!({"properties": {
+            "targetProtectionContainerId": model::container_id(&st.info, "recovery", "rc"),
+            "policyId": model::policy_id(&st.info, "pol"),
+            "providerSpecificInput": {"instanceType": "ReplicationProviderSpecificContainerMappingInput"},
+        }});
+        let (code, v, job) = call(&st, Method::PUT, PAIRING, body).await;
+        assert_eq!(code, 202, "{v}");
+        crate::jobs::advance(&st, &job.unwrap()).await.unwrap();
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Paired'"
+            )
+            .await,
+            1
+        );
+        // Now the policy goes only once the pairing has.
+        let (code, _, job) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(code, 202);
+        crate::jobs::advance(&st, &job.unwrap()).await.unwrap();
+        let (code, _, _) = call(&st, Method::DELETE, "replicationPolicies/pol", Value::Null).await;
+        assert_eq!(code, 204);
+    }
+
+    /// An agent that a protected item needs (its machine's or its
+    /// replica's) is not unregistered, the items named; an unused one is
+    /// forgotten with what it reported, and its certificate is refused.
+    #[tokio::test]
+    async fn an_agent_in_use_is_not_unregistered_and_an_unused_one_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let provider = |f: &str, a: &str| {
+            format!("replicationFabrics/{f}/replicationRecoveryServicesProviders/{a}")
+        };
+        for (f, a) in [("recovery", "agent-tgt"), ("primary", "agent-src")] {
+            let (code, v, _) = call(&st, Method::DELETE, &provider(f, a), Value::Null).await;
+            assert_eq!(
+                (code, v["error"]["code"].as_str()),
+                (409, Some("AgentInUse")),
+                "{v}"
+            );
+            assert!(message(&v).contains("i-phys, i-vm"), "{v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM agents").await, 3);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM machines").await, 2);
+
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{}/remove", provider("recovery", "agent-tgt2")),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204, "{v}");
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM agents WHERE id = 'agent-tgt2'").await,
+            0
+        );
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM networks WHERE agent_id = 'agent-tgt2'"
+            )
+            .await,
+            0
+        );
+        // Retried: already gone.
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("recovery", "agent-tgt2"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        // An agent of another fabric is not this fabric's to remove.
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("recovery", "agent-src"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM agents WHERE id = 'agent-src'").await,
+            1
+        );
+
+        exec(
+            &st,
+            "DELETE FROM recovery_points; DELETE FROM protected_items",
+        )
+        .await;
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("primary", "agent-src"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM machines").await, 0);
+        let (_, v, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/primary/replicationRecoveryServicesProviders",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(v["value"], json!([]));
+        let e =
+            crate::agent_api::agent_of(&st, &siterec_pki::PeerIdentity(Some("agent-src".into())))
+                .await
+                .unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code),
+            (401, siterec_core::wire::AGENT_NOT_REGISTERED)
+        );
+    }
+
+    /// A fabric in use is not deleted, and what uses it is named; an
+    /// unused one goes with its clouds and keys, and can be made again.
+    #[tokio::test]
+    async fn a_fabric_in_use_is_not_deleted_and_an_unused_one_is_and_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        pair(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::DELETE,
+            "replicationFabrics/recovery",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (409, Some("FabricInUse")),
+            "{v}"
+        );
+        for named in [
+            "agents agent-tgt, agent-tgt2",
+            "cloud pairings map1",
+            "protected items i-phys, i-vm",
+        ] {
+            assert!(message(&v).contains(named), "{named}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM fabrics").await, 2);
+
+        exec(&st, "INSERT INTO fabrics (name, created_ms) VALUES ('Spare', 0); INSERT INTO containers (fabric, name, created_ms) VALUES ('Spare', 'sc', 0); INSERT INTO registration_keys (key_id, fabric, secret_hash, created_ms, expires_ms) VALUES ('k-spare', 'Spare', 'x', 0, 9999999999999)").await;
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            "replicationFabrics/spare/remove",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204, "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM fabrics").await, 2);
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM containers WHERE fabric = 'Spare'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM registration_keys WHERE revoked_ms IS NOT NULL"
+            )
+            .await,
+            1
+        );
+        let (code, _, _) = call(&st, Method::GET, "replicationFabrics/spare", Value::Null).await;
+        assert_eq!(code, 404);
+        let (code, _, _) = call(&st, Method::DELETE, "replicationFabrics/spare", Value::Null).await;
+        assert_eq!(code, 204);
+        let (code, v, _) = call(&st, Method::PUT, "replicationFabrics/spare", json!({})).await;
+        assert_eq!((code, v["name"].as_str()), (200, Some("spare")), "{v}");
+    }
+
+    async fn some_jobs(st: &AppState) {
+        // 2026-12-01T00:00:00Z = 1796083200000.
+        exec(st, r#"INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, start_ms, end_ms, error_code, error_message, seq) VALUES
+            ('j-old', 'EnableDr', 'Failed', 'ProtectionEntity', 'i-vm', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm', '{"item":"i-vm"}', 1796083100000, 1796083100000, 1796083100001, 'E', 'old, failed', 1),
+            ('j-fail', 'UnplannedFailover', 'Failed', 'ProtectionEntity', 'i-phys', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-phys', '{}', 1796083300000, 1796083300000, 1796083300001, 'MaterializeFailed', 'disk "d0": =gone', 2),
+            ('j-ok', 'UnplannedFailover', 'Succeeded', 'ProtectionEntity', 'i-vm', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm', '{}', 1796083400000, 1796083400000, 1796083400001, NULL, NULL, 3)"#).await;
+    }
+
+    fn names(v: &Value) -> Vec<&str> {
+        v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["name"].as_str().unwrap())
+            .collect()
+    }
+
+    /// `$filter` as the SDK sends it (URL-encoded) picks the jobs it says;
+    /// a bad clause is 400 naming it.
+    #[tokio::test]
+    async fn jobs_are_listed_by_filter_and_a_bad_clause_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        some_jobs(&st).await;
+        let list = |filter: &str| {
+            format!(
+                "{}/replicationJobs?api-version={API_VERSION}&%24filter={}",
+                st.info.id(),
+                filter.replace(' ', "%20").replace('\'', "%27")
+            )
+        };
+        let (code, v, _) = call_uri(&st, Method::GET, &list("startTime%20eq%20%272026-12-01T00%3A00%3A00Z%27%20and%20jobStatus%20eq%20%27Failed%27"), Value::Null).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(names(&v), ["j-fail"]);
+        let (_, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("targetObjectName+eq+'i-vm'"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(names(&v), ["j-ok", "j-old"]);
+        let (_, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("jobName eq 'UnplannedFailover' and fabricId eq 'primary'"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(names(&v), ["j-ok", "j-fail"]);
+        let (_, v, _) = call(&st, Method::GET, "replicationJobs", Value::Null).await;
+        assert_eq!(names(&v), ["j-ok", "j-fail", "j-old"]);
+        let (code, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("jobStatus%20eq%20%27Failed%27%20and%20colour%20eq%20%27red%27"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (400, Some("InvalidJobQuery")),
+            "{v}"
+        );
+        assert!(message(&v).contains("\"colour eq 'red'\""), "{v}");
+    }
+
+    /// An export is a job whose result says where its CSV is; the vault
+    /// serves that CSV, the jobs the query named in it. A bad query is 400
+    /// and no job.
+    #[tokio::test]
+    async fn an_export_is_a_job_whose_csv_the_vault_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        some_jobs(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            "replicationJobs/export",
+            json!({"jobStatus": "Failed", "jobOutputType": "Xml"}),
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (400, Some("InvalidJobQuery")),
+            "{v}"
+        );
+        assert!(message(&v).contains("jobOutputType"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 3);
+
+        let (code, v, job) = call(
+            &st,
+            Method::POST,
+            "replicationJobs/export",
+            json!({"jobStatus": "Failed", "jobOutputType": "Excel"}),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        let job = job.unwrap();
+        crate::jobs::advance(&st, &job).await.unwrap();
+        let (code, v, _) = call(
+            &st,
+            Method::GET,
+            &format!("operationresults/{job}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200, "{v}");
+        let d = &v["properties"]["customDetails"];
+        assert_eq!(d["instanceType"], "ExportJobDetails", "{v}");
+        assert_eq!(d["output"]["rows"], 2);
+        assert_eq!(d["sasToken"], format!("?api-version={API_VERSION}"));
+        let uri = d["blobUri"].as_str().unwrap();
+        let path = uri.strip_prefix("http://vault.test").unwrap();
+        assert_eq!(
+            path,
+            format!("{}/replicationJobs/{job}/siterecExport", st.info.id())
+        );
+        let (code, csv, ct) = call_raw(&st, &format!("{path}?api-version={API_VERSION}")).await;
+        assert_eq!(code, 200, "{csv}");
+        assert!(ct.starts_with("text/csv"), "{ct}");
+        let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines[0], siterec_core::jobquery::CSV_HEADER.join(","));
+        assert_eq!(lines.len(), 3, "{csv}");
+        assert!(
+            lines[1].starts_with("j-fail,UnplannedFailover,Unplanned failover,Failed,i-phys,"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].ends_with(",MaterializeFailed,\"disk \"\"d0\"\": =gone\""),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[2].starts_with("j-old,EnableDr,"), "{}", lines[2]);
+        // Another job has no CSV.
+        let (code, _, _) = call_raw(
+            &st,
+            &format!(
+                "{}/replicationJobs/j-ok/siterecExport?api-version={API_VERSION}",
+                st.info.id()
+            ),
+        )
+        .await;
+        assert_eq!(code, 400);
     }
 }

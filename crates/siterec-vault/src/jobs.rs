@@ -61,7 +61,7 @@ pub async fn run_engine(st: crate::Shared) {
 }
 
 /// Runs rounds of the job until it waits or ends.
-async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
+pub(crate) async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<()> {
     loop {
         let mut tx = crate::db::begin(&st.db).await?;
         let record = match jobs_db::load(&mut tx, job_id).await? {

@@ -179,17 +179,6 @@ where
         .await
 }
 
-/// How many pairings and protected items use the policy.
-pub async fn policy_uses(db: &Db, name: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM container_mappings WHERE policy = $1) + (SELECT COUNT(*) FROM protected_items WHERE policy = $2)",
-    )
-    .bind(name)
-    .bind(name)
-    .fetch_one(db)
-    .await
-}
-
 pub async fn delete_policy(db: &Db, name: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM policies WHERE name = $1")
         .bind(name)
@@ -350,4 +339,23 @@ pub async fn unpair(
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+/// What uses a policy, each named ("pairing P", "protected item I").
+pub async fn policy_users(db: &Db, name: &str) -> Result<Vec<String>, sqlx::Error> {
+    let pairings: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM container_mappings WHERE policy = $1 ORDER BY name")
+            .bind(name)
+            .fetch_all(db)
+            .await?;
+    let items: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM protected_items WHERE policy = $1 ORDER BY name")
+            .bind(name)
+            .fetch_all(db)
+            .await?;
+    Ok(pairings
+        .into_iter()
+        .map(|p| format!("pairing {p}"))
+        .chain(items.into_iter().map(|i| format!("protected item {i}")))
+        .collect())
 }
