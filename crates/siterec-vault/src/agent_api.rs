@@ -158,7 +158,7 @@ async fn heartbeat(
         .map_err(|e| ApiError::internal("machine info", e))?;
     let counters =
         serde_json::to_string(&req.counters).map_err(|e| ApiError::internal("counters", e))?;
-    persist::record_heartbeat(
+    let recorded = persist::record_heartbeat(
         &st.db,
         &persist::Heartbeat {
             agent: &agent,
@@ -171,6 +171,12 @@ async fn heartbeat(
         now,
     )
     .await?;
+    if !recorded {
+        // Unregistered while this heartbeat was on its way.
+        return Err(agent_of(&st, &peer).await.err().unwrap_or_else(|| {
+            ApiError::internal("heartbeat", format!("agent {agent} was not recorded"))
+        }));
+    }
     // A long poll: an agent that has the answer of `seen_version` waits
     // (at most `wait_ms`, capped) until the job engine may have changed it.
     if let Some(seen) = req.seen_version

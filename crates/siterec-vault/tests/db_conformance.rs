@@ -525,7 +525,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             counters: "{}",
             networks: &[&lan],
         };
-        agents::record_heartbeat(&db, &beat, 20).await.unwrap();
+        assert!(agents::record_heartbeat(&db, &beat, 20).await.unwrap());
         // Twice: nothing doubles.
         agents::record_heartbeat(&db, &beat, 21).await.unwrap();
         assert_eq!(
@@ -1069,6 +1069,18 @@ async fn taking_apart_and_job_queries_read_back_as_written() {
         assert_eq!(
             agents::agent_fabric(&db, "agent-1").await.unwrap(),
             None,
+            "{e}"
+        );
+        // A heartbeat of the removed agent writes nothing back.
+        assert!(
+            !agents::record_heartbeat(&db, &beat, 90).await.unwrap(),
+            "{e}"
+        );
+        assert!(
+            inventory::machines_of_cloud(&db, "primary", "cloud1")
+                .await
+                .unwrap()
+                .is_empty(),
             "{e}"
         );
         assert_eq!(
