@@ -1142,7 +1142,7 @@ async fn taking_apart_and_job_queries_read_back_as_written() {
             .collect();
         assert_eq!(
             since,
-            [second.clone()],
+            std::slice::from_ref(&second),
             "{e}: a job not started counts from its creation"
         );
         assert_eq!(
