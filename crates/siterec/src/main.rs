@@ -592,9 +592,10 @@ enum JobsCmd {
         /// CSV (the one format written; the flag says so in scripts).
         #[arg(long)]
         csv: bool,
-        /// Write the CSV here instead of stdout.
+        /// Write the CSV to this file instead of stdout (`--out`, as `vault
+        /// key create` has it: `--output` is the global output format).
         #[arg(long)]
-        output: Option<PathBuf>,
+        out: Option<PathBuf>,
         #[command(flatten)]
         filter: JobFilterArgs,
     },
@@ -1190,9 +1191,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Store(StoreCmd::Verify { fabric }) => verify_stores(&cli.conn, out, &fabric).await,
         Cmd::Jobs(JobsCmd::Export {
             csv: _,
-            output,
+            out: file,
             filter,
-        }) => export_jobs(&cli.conn, output, &filter).await,
+        }) => export_jobs(&cli.conn, file, &filter).await,
         Cmd::Pairing(PairingCmd::Delete {
             fabric,
             cloud,
