@@ -87,7 +87,7 @@ fn things_are_taken_apart_only_when_unused_and_jobs_are_filtered_and_exported() 
     assert_eq!(names(&env.json(&["pairing", "list"])).len(), 1);
     assert_eq!(
         names(&env.json(&["fabric", "agents", "primary"])),
-        [agent.clone()]
+        std::slice::from_ref(&agent)
     );
 
     // Jobs by type, state, item and time.
