@@ -263,6 +263,8 @@ pub async fn run(
     // The version of the vault's last answer: the next heartbeat waits for
     // it to change (a long poll of up to one period) instead of sleeping.
     let mut seen_version: Option<u64> = None;
+    // Set when the vault says this agent is unregistered: the loop ends.
+    let mut unregistered: Option<anyhow::Error> = None;
     loop {
         // Throttling can change while replicating: re-read it every round.
         match throttle::ThrottleSettings::read(&data) {
@@ -329,6 +331,11 @@ pub async fn run(
                     );
                 }
             }
+            Err(e) if e.downcast_ref::<Unregistered>().is_some() => {
+                tracing::error!("the vault refused this agent, stopping: {e:#}");
+                unregistered = Some(e);
+                break;
+            }
             Err(e) => tracing::warn!("heartbeat failed: {e:#}"),
         }
         if waited {
@@ -352,7 +359,10 @@ pub async fn run(
     if let Some(t) = target {
         t.store.sync().await.context("syncing the replica store")?;
     }
-    Ok(())
+    match unregistered {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// The machines and VMs of the config, with their disks' sizes; a disk that
@@ -413,13 +423,23 @@ async fn heartbeat(
         .with_context(|| format!("contacting the vault at {url}"))?;
     let status = resp.status();
     if !status.is_success() {
-        anyhow::bail!(
-            "the vault answered {status}: {}",
-            resp.text().await.unwrap_or_default()
-        );
+        let text = resp.text().await.unwrap_or_default();
+        if status == reqwest::StatusCode::UNAUTHORIZED
+            && let Ok(e) = serde_json::from_str::<serde_json::Value>(&text)
+            && e["error"]["code"] == siterec_core::wire::AGENT_NOT_REGISTERED
+        {
+            let message = e["error"]["message"].as_str().unwrap_or("unregistered");
+            return Err(Unregistered(message.to_string()).into());
+        }
+        anyhow::bail!("the vault answered {status}: {text}");
     }
     resp.json().await.context("reading the heartbeat answer")
 }
+
+/// The vault no longer knows this agent (it was unregistered): it stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unregistered(pub String);
 
 /// Starts replicators for new assignments, restarts changed ones and stops
 /// those the vault no longer lists.

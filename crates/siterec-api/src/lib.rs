@@ -538,9 +538,19 @@ pub struct JobError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobDetails {
+    /// `JobDetails`, or `ExportJobDetails` for a jobs export.
     pub instance_type: String,
-    /// A job's own output (a store verification's reports).
+    /// A job's own output (a store verification's reports, an export's
+    /// row count).
     pub output: Option<Value>,
+    /// An export's CSV: where to GET it from the vault (ASR gives a blob's
+    /// URL; siterec serves it itself, with the API's bearer token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_uri: Option<String>,
+    /// What to append to `blobUri` (ASR: a SAS token; here the query
+    /// string with the `api-version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sas_token: Option<String>,
 }
 
 // ---------- inputs ----------

@@ -11,9 +11,11 @@
 //! - [`network`]: network mapping: the recovery network of each replica NIC.
 //! - [`events`]: which events and alerts the vault raises from what it observes.
 //! - [`orchestration`]: the job engine's decisions: which step, what it writes, compensation.
+//! - [`jobquery`]: which jobs a `$filter` or an export asks for, and the export's CSV.
 
 pub mod consistency;
 pub mod events;
+pub mod jobquery;
 pub mod names;
 pub mod network;
 pub mod orchestration;

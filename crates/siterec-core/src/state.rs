@@ -764,6 +764,8 @@ pub enum JobKind {
     RecoveryPlanUnplannedFailover,
     RecoveryPlanCommit,
     RecoveryPlanReprotect,
+    DeletePairing,
+    ExportJobs,
 }
 
 impl JobKind {
@@ -816,6 +818,8 @@ impl JobKind {
             Self::RecoveryPlanUnplannedFailover => "RecoveryPlanUnplannedFailover",
             Self::RecoveryPlanCommit => "RecoveryPlanFailoverCommit",
             Self::RecoveryPlanReprotect => "RecoveryPlanReprotect",
+            Self::DeletePairing => "UnconfigureProtection",
+            Self::ExportJobs => "ExportJobs",
         }
     }
 
@@ -841,6 +845,8 @@ impl JobKind {
             Self::RecoveryPlanUnplannedFailover,
             Self::RecoveryPlanCommit,
             Self::RecoveryPlanReprotect,
+            Self::DeletePairing,
+            Self::ExportJobs,
         ]
         .into_iter()
         .find(|k| k.as_str() == s)
@@ -869,6 +875,8 @@ impl JobKind {
             Self::RecoveryPlanUnplannedFailover => "Recovery plan unplanned failover",
             Self::RecoveryPlanCommit => "Recovery plan commit",
             Self::RecoveryPlanReprotect => "Recovery plan reprotect",
+            Self::DeletePairing => "Remove cloud pairing",
+            Self::ExportJobs => "Export jobs",
         }
     }
 }

@@ -15,6 +15,10 @@ pub const KEY_FILE_FORMAT: &str = "siterec-registration-key/1";
 /// Registration keys are valid for 5 days, as in the seeds.
 pub const KEY_VALIDITY_SECS: i64 = 5 * 24 * 3600;
 
+/// The error code of the vault's answer (401) to an agent it does not know
+/// (unregistered): the agent stops instead of retrying.
+pub const AGENT_NOT_REGISTERED: &str = "AgentNotRegistered";
+
 /// A registration key file (the vault credentials an agent enrols with).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

@@ -47,7 +47,7 @@ fn unauthorized(message: impl Into<String>) -> ApiError {
 }
 
 /// The enrolled agent behind the client certificate.
-async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, String)> {
+pub(crate) async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, String)> {
     let Some(id) = peer.0.as_deref() else {
         return Err(unauthorized(
             "this call needs the agent's client certificate; enrol the agent first",
@@ -56,9 +56,14 @@ async fn agent_of(st: &AppState, peer: &PeerIdentity) -> ApiResult<(String, Stri
     let fabric = persist::agent_fabric(&st.db, id).await?;
     match fabric {
         Some(f) => Ok((id.to_string(), f)),
-        None => Err(unauthorized(format!(
-            "agent {id} is not enrolled in this vault"
-        ))),
+        // Unregistered (or never enrolled here): the agent stops on this code.
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            siterec_core::wire::AGENT_NOT_REGISTERED,
+            format!(
+                "agent {id} is not registered with this vault (it was unregistered, or enrolled with another vault); to bring it back, enrol it again with a new registration key and an empty data directory"
+            ),
+        )),
     }
 }
 
@@ -153,7 +158,7 @@ async fn heartbeat(
         .map_err(|e| ApiError::internal("machine info", e))?;
     let counters =
         serde_json::to_string(&req.counters).map_err(|e| ApiError::internal("counters", e))?;
-    persist::record_heartbeat(
+    let recorded = persist::record_heartbeat(
         &st.db,
         &persist::Heartbeat {
             agent: &agent,
@@ -166,6 +171,12 @@ async fn heartbeat(
         now,
     )
     .await?;
+    if !recorded {
+        // Unregistered while this heartbeat was on its way.
+        return Err(agent_of(&st, &peer).await.err().unwrap_or_else(|| {
+            ApiError::internal("heartbeat", format!("agent {agent} was not recorded"))
+        }));
+    }
     // A long poll: an agent that has the answer of `seen_version` waits
     // (at most `wait_ms`, capped) until the job engine may have changed it.
     if let Some(seen) = req.seen_version

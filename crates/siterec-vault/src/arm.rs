@@ -26,7 +26,9 @@ use crate::persist::jobs::{self as jobs_db, JobOf, Tx};
 use crate::persist::{config, inventory, items};
 use crate::{AppState, Shared};
 use siterec_api as api;
+use siterec_core::jobquery::{self, JobFacts, JobQuery};
 use siterec_core::names::{API_VERSION, API_VERSIONS, ResourceKind, check_name, parse_id};
+use siterec_core::orchestration::ExportInput;
 use siterec_core::orchestration::{
     ChangePointInput, CleanupInput, DisableInput, FailoverInput, ItemInput, JobInput,
     NetworkMappingInput, NetworkRef, PairingInput, PlannedFailoverInput, PolicyInput,
@@ -124,7 +126,9 @@ fn query_values(uri: &Uri, name: &str) -> Vec<String> {
         .unwrap_or("")
         .split('&')
         .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .filter(|(k, _)| {
+            k.eq_ignore_ascii_case(name) || percent_decode_lossy(k).eq_ignore_ascii_case(name)
+        })
         .map(|(_, v)| v.to_string())
         .collect()
 }
@@ -329,6 +333,29 @@ async fn handle(
         (Method::POST, ["replicationfabrics", _, "siterecverifystores"]) => {
             verify_stores(st, headers, r[1]).await
         }
+        (Method::DELETE, ["replicationfabrics", _])
+        | (Method::POST, ["replicationfabrics", _, "remove"]) => delete_fabric(st, r[1]).await,
+        // Unregistering an agent: DELETE, or POST .../remove (ASR's
+        // "remove" of a provider is its unregistration).
+        (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationrecoveryservicesproviders",
+                _,
+            ],
+        )
+        | (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationrecoveryservicesproviders",
+                _,
+                "remove",
+            ],
+        ) => unregister_agent(st, r[1], r[3]).await,
         (
             Method::GET,
             [
@@ -470,6 +497,31 @@ async fn handle(
                 _,
             ],
         ) => create_mapping(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
+        // Deleting a pairing: DELETE, or the SDK's `delete` action (POST
+        // .../remove, with RemoveProtectionContainerMappingInput), alike.
+        (
+            Method::DELETE,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotectioncontainermappings",
+                _,
+            ],
+        )
+        | (
+            Method::POST,
+            [
+                "replicationfabrics",
+                _,
+                "replicationprotectioncontainers",
+                _,
+                "replicationprotectioncontainermappings",
+                _,
+                "remove",
+            ],
+        ) => delete_pairing(st, headers, r[1], r[3], r[5]).await,
         // ----- networks and network mappings -----
         (Method::GET, ["replicationnetworks"]) => {
             let mut out = Vec::new();
@@ -793,12 +845,20 @@ async fn handle(
         ) => test_failover_cleanup(st, headers, r[1], r[3], r[5], &body_json(body)?).await,
         // ----- jobs and operations -----
         (Method::GET, ["replicationjobs"]) => {
+            let query = match query_param(uri, "$filter") {
+                Some(f) => JobQuery::parse_filter(&percent_decode_lossy(&f)).map_err(bad_filter)?,
+                None => JobQuery::default(),
+            };
             let mut out = Vec::new();
-            for id in jobs_db::ids(db).await? {
-                out.push(model::job_json(db, v, &id).await?);
+            for job in matching_jobs(st, &query).await? {
+                out.push(model::job_json(db, v, &job.id).await?);
             }
             ok(model::list(out))
         }
+        (Method::POST, ["replicationjobs", "export"]) => {
+            export_jobs(st, headers, &body_json(body)?).await
+        }
+        (Method::GET, ["replicationjobs", _, "siterecexport"]) => exported_csv(st, r[1]).await,
         (Method::GET, ["replicationjobs", _]) => ok(model::job_json(db, v, r[1]).await?),
         (Method::GET, ["replicationoperationstatus", _]) => operation_status(st, r[1]).await,
         (Method::GET, ["operationresults", _]) => operation_result(st, headers, r[1]).await,
@@ -1040,11 +1100,16 @@ async fn create_policy(
 
 async fn delete_policy(st: &Shared, name: &str) -> ApiResult<Response> {
     let (name, _) = model::load_policy(&st.db, name).await?;
-    let used = config::policy_uses(&st.db, &name).await?;
-    if used > 0 {
-        return Err(ApiError::conflict(format!(
-            "policy '{name}' is used by {used} cloud pairing(s) or protected item(s); remove those first"
-        )));
+    let users = config::policy_users(&st.db, &name).await?;
+    if !users.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PolicyInUse",
+            format!(
+                "policy '{name}' is used by {}; delete those pairings ('siterec pairing delete') and disable those items' protection first",
+                users.join(", ")
+            ),
+        ));
     }
     config::delete_policy(&st.db, &name).await?;
     // The delete is a long-running operation in the API: done at once, it
@@ -1113,7 +1178,7 @@ async fn create_mapping(
             && row.policy.eq_ignore_ascii_case(&policy);
         if !same {
             return Err(ApiError::conflict(format!(
-                "mapping '{name}' exists with other settings; delete it first"
+                "mapping '{name}' exists with other settings; delete it first ('siterec pairing delete --fabric {fabric} --cloud {container} --name {name}'), then pair again"
             )));
         }
     } else {
@@ -1121,7 +1186,7 @@ async fn create_mapping(
             let n = config::cloud_pairings(&mut tx, f, c).await?;
             if n > 0 {
                 return Err(ApiError::conflict(format!(
-                    "cloud {f}/{c} is already paired: a cloud belongs to at most one pairing, as primary or recovery"
+                    "cloud {f}/{c} is already paired: a cloud belongs to at most one pairing, as primary or recovery; delete that pairing first ('siterec pairing list' names it, 'siterec pairing delete' removes it)"
                 )));
             }
         }
@@ -2669,6 +2734,11 @@ async fn operation_result(st: &Shared, headers: &HeaderMap, job_id: &str) -> Api
         | JobInput::DeleteNetworkMapping(_)
         | JobInput::DisableProtection(_) => ok(model::job_json(&st.db, &st.info, job_id).await?),
         JobInput::RecoveryPlan(p) => plans::get_plan(st, &p.plan).await,
+        // A removed pairing is gone; an export's result is its job, whose
+        // customDetails (ExportJobDetails) say where the CSV is.
+        JobInput::DeletePairing(_) | JobInput::ExportJobs(_) => {
+            ok(model::job_json(&st.db, &st.info, job_id).await?)
+        }
         JobInput::CreateNetworkMapping(m) => {
             let row = config::network_mapping(&st.db, &m.fabric, &m.network, &m.name)
                 .await?
@@ -2741,6 +2811,246 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
         expires_at: expires_ms / 1000,
     };
     ok(key)
+}
+
+// ----- taking things apart -----
+
+/// Removes a cloud pairing (a job: 202): refused (409) while it protects
+/// items, naming them. A pairing that does not exist is already removed
+/// (204), as ARM deletes go.
+async fn delete_pairing(
+    st: &Shared,
+    headers: &HeaderMap,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let container = model::container_exists(&st.db, &fabric, container).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(row) = config::pairing(&mut *tx, &fabric, &container, name).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let id = format!(
+        "{}/replicationProtectionContainerMappings/{}",
+        model::container_id(&st.info, &fabric, &container),
+        row.name
+    );
+    match row.state.as_str() {
+        "Unpairing" => {
+            if let Some(job) = latest_job_for(&mut tx, JobKind::DeletePairing, &id).await? {
+                return accepted(st, headers, &job);
+            }
+        }
+        "Pairing" => {
+            return Err(ApiError::conflict(format!(
+                "pairing '{}' is being created; wait for its job to finish, then delete it",
+                row.name
+            )));
+        }
+        _ => {}
+    }
+    let items = config::pairing_items(&mut tx, &row).await?;
+    if !items.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "PairingInUse",
+            format!(
+                "pairing '{}' of cloud {fabric}/{container} protects {} item(s): {}; disable their protection first ('siterec item disable ITEM'), then delete the pairing",
+                row.name,
+                items.len(),
+                items.join(", ")
+            ),
+        ));
+    }
+    config::unpair(&mut tx, &fabric, &container, &row.name).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::DeletePairing(PairingInput {
+            fabric: fabric.clone(),
+            container: container.clone(),
+            name: row.name.clone(),
+            policy: row.policy.clone(),
+        }),
+        "ProtectionContainerMapping",
+        &row.name,
+        &id,
+    )
+    .await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// Unregisters an agent: refused (409) while a protected item needs it
+/// (its machines' or its replicas'), naming them; else its row, machines,
+/// networks and tasks go in one transaction, and from its next heartbeat
+/// on its certificate is refused (`AgentNotRegistered`: the agent stops).
+/// Done at once, it answers 204, as a finished long-running delete (and
+/// 204 for an agent the fabric does not have: already removed).
+async fn unregister_agent(st: &Shared, fabric: &str, agent: &str) -> ApiResult<Response> {
+    let fabric = model::fabric_exists(&st.db, fabric).await?;
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(id) = inventory::agent_of_fabric(&mut tx, &fabric, agent).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let items = inventory::agent_items(&mut tx, &id).await?;
+    if !items.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "AgentInUse",
+            format!(
+                "agent {id} of fabric '{fabric}' is in use by {} protected item(s): {} (it reports their machines or keeps their replicas); disable their protection first ('siterec item disable ITEM'), then unregister it",
+                items.len(),
+                items.join(", ")
+            ),
+        ));
+    }
+    inventory::remove_agent(&mut tx, &id).await?;
+    tx.commit().await?;
+    tracing::info!(agent = %id, fabric = %fabric, "agent unregistered");
+    st.wake.notify_one();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Deletes a fabric (site): refused (409) while it has agents, pairings,
+/// protected items or network mappings (either side), naming them. Done
+/// at once: 204, and 204 for a fabric that does not exist.
+async fn delete_fabric(st: &Shared, fabric: &str) -> ApiResult<Response> {
+    let mut tx = crate::db::begin(&st.db).await?;
+    let Some(name) = inventory::fabric(&mut *tx, fabric).await? else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let uses = inventory::fabric_uses(&mut tx, &name).await?;
+    if !uses.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "FabricInUse",
+            format!(
+                "fabric '{name}' is in use: {}; disable protection of its items, delete its pairings ('siterec pairing delete') and network mappings ('siterec network unmap') and unregister its agents ('siterec agent unregister') first",
+                uses.join("; ")
+            ),
+        ));
+    }
+    inventory::remove_fabric(&mut tx, &name, now_ms()).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+// ----- jobs filtered and exported -----
+
+fn bad_filter(e: jobquery::FilterError) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "InvalidJobQuery",
+        format!("{e}; a filter is clauses FIELD eq 'VALUE' joined by 'and'"),
+    )
+}
+
+/// `%XX` and `+` of a query string decoded (bytes that do not decode are
+/// kept as they are).
+fn percent_decode_lossy(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The jobs the query asks for, newest first.
+async fn matching_jobs(st: &AppState, query: &JobQuery) -> ApiResult<Vec<JobFacts>> {
+    Ok(jobs_db::facts(&st.db, query.start_ms)
+        .await?
+        .into_iter()
+        .filter(|j| query.matches(j))
+        .collect())
+}
+
+/// `replicationJobs/export`: the jobs the body (a JobQueryParameter) asks
+/// for, written as CSV at once — the export is of the jobs as they are
+/// when it is asked for — into an ExportJobs job's output; the job (202,
+/// then its result) says where to GET it: `blobUri` + `sasToken`, a URL of
+/// this vault (`replicationJobs/{id}/siterecExport`, with the bearer token).
+async fn export_jobs(st: &Shared, headers: &HeaderMap, body: &Value) -> ApiResult<Response> {
+    let query = JobQuery::from_body(body).map_err(bad_filter)?;
+    let rows = matching_jobs(st, &query).await?;
+    let csv = jobquery::to_csv(
+        &rows,
+        |k| {
+            JobKind::parse(k)
+                .map(|k| k.display_name())
+                .unwrap_or(k)
+                .to_string()
+        },
+        crate::db::rfc3339,
+    );
+    let mut tx = crate::db::begin(&st.db).await?;
+    let job = create_job(
+        &mut tx,
+        &JobInput::ExportJobs(ExportInput { query }),
+        "Vault",
+        "replicationJobs",
+        &format!("{}/replicationJobs", st.info.id()),
+    )
+    .await?;
+    let output = model::ExportOutput {
+        blob_uri: format!(
+            "{}/replicationJobs/{job}/siterecExport",
+            base_url(st, headers)
+        ),
+        sas_token: format!("?api-version={API_VERSION}"),
+        rows: rows.len(),
+        csv,
+    };
+    let output =
+        serde_json::to_string(&output).map_err(|e| ApiError::internal("export output", e))?;
+    jobs_db::set_output(&mut tx, &job, &output).await?;
+    tx.commit().await?;
+    st.wake.notify_one();
+    accepted(st, headers, &job)
+}
+
+/// The CSV of an export job.
+async fn exported_csv(st: &Shared, job_id: &str) -> ApiResult<Response> {
+    let job = jobs_db::view(&st.db, job_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("job", job_id))?;
+    if job.kind != JobKind::ExportJobs.as_str() {
+        return Err(ApiError::bad_request(format!(
+            "job {job_id} is a {} job, not an export: only an export (POST replicationJobs/export) has a CSV",
+            job.kind
+        )));
+    }
+    let out: model::ExportOutput = job
+        .output
+        .as_deref()
+        .map(serde_json::from_str)
+        .transpose()
+        .map_err(|e| ApiError::internal(&format!("stored output of export job {job_id}"), e))?
+        .ok_or_else(|| ApiError::internal(&format!("export job {job_id}"), "it has no output"))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+        out.csv,
+    )
+        .into_response())
 }
 
 #[cfg(test)]
@@ -4035,5 +4345,450 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    // ----- taking things apart; jobs filtered and exported -----
+
+    const PAIRING: &str = "replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectionContainerMappings/map1";
+
+    async fn pair(st: &AppState) {
+        exec(st, "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('primary', 'pc', 'map1', 'recovery', 'rc', 'pol', 'Paired', 0)").await;
+    }
+
+    /// (status, body as text, content type): for answers that are not JSON.
+    async fn call_raw(st: &Shared, uri: &str) -> (u16, String, String) {
+        let uri: Uri = uri.parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer tok"));
+        let resp = match handle(st, &Method::GET, &uri, &h, &Bytes::new()).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let status = resp.status().as_u16();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap(), ct)
+    }
+
+    /// A pairing that protects items is refused naming them, and nothing
+    /// changes; without items its removal is a job (Unpairing, then gone),
+    /// a retried delete answers with that job, and the clouds pair again.
+    #[tokio::test]
+    async fn a_pairing_with_items_is_refused_naming_them_and_one_without_is_removed_by_a_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        pair(&st).await;
+        let (code, v, job) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (409, Some("PairingInUse")),
+            "{v}"
+        );
+        assert!(message(&v).contains("i-phys, i-vm"), "{v}");
+        assert!(message(&v).contains("siterec item disable"), "{v}");
+        assert!(job.is_none());
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 0);
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Paired'"
+            )
+            .await,
+            1
+        );
+        // The policy is in use too, by the pairing and the items.
+        let (code, v, _) = call(&st, Method::DELETE, "replicationPolicies/pol", Value::Null).await;
+        assert_eq!(code, 409);
+        assert!(
+            message(&v).contains("pairing map1, protected item i-phys, protected item i-vm"),
+            "{v}"
+        );
+
+        exec(
+            &st,
+            "DELETE FROM recovery_points; DELETE FROM protected_items",
+        )
+        .await;
+        let (code, v, job) = call(
+            &st,
+            Method::POST,
+            &format!("{PAIRING}/remove"),
+            json!({"properties": {}}),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        let job = job.unwrap();
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Unpairing'"
+            )
+            .await,
+            1
+        );
+        // No item can be enabled under a pairing being removed.
+        assert!(
+            config::paired_target(&st.db, "primary", "pc")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (code, _, again) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!((code, again.as_deref()), (202, Some(job.as_str())));
+        crate::jobs::advance(&st, &job).await.unwrap();
+        let (_, v, _) = call(
+            &st,
+            Method::GET,
+            &format!("replicationJobs/{job}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(v["properties"]["state"], "Succeeded", "{v}");
+        assert_eq!(v["properties"]["scenarioName"], "UnconfigureProtection");
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM container_mappings").await,
+            0
+        );
+        let (code, _, _) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(code, 204);
+        // Built again: the clouds pair as before.
+        let body = json!({"properties": {
+            "targetProtectionContainerId": model::container_id(&st.info, "recovery", "rc"),
+            "policyId": model::policy_id(&st.info, "pol"),
+            "providerSpecificInput": {"instanceType": "ReplicationProviderSpecificContainerMappingInput"},
+        }});
+        let (code, v, job) = call(&st, Method::PUT, PAIRING, body).await;
+        assert_eq!(code, 202, "{v}");
+        crate::jobs::advance(&st, &job.unwrap()).await.unwrap();
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM container_mappings WHERE state = 'Paired'"
+            )
+            .await,
+            1
+        );
+        // Now the policy goes only once the pairing has.
+        let (code, _, job) = call(&st, Method::DELETE, PAIRING, Value::Null).await;
+        assert_eq!(code, 202);
+        crate::jobs::advance(&st, &job.unwrap()).await.unwrap();
+        let (code, _, _) = call(&st, Method::DELETE, "replicationPolicies/pol", Value::Null).await;
+        assert_eq!(code, 204);
+    }
+
+    /// An agent that a protected item needs (its machine's or its
+    /// replica's) is not unregistered, the items named; an unused one is
+    /// forgotten with what it reported, and its certificate is refused.
+    #[tokio::test]
+    async fn an_agent_in_use_is_not_unregistered_and_an_unused_one_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        let provider = |f: &str, a: &str| {
+            format!("replicationFabrics/{f}/replicationRecoveryServicesProviders/{a}")
+        };
+        for (f, a) in [("recovery", "agent-tgt"), ("primary", "agent-src")] {
+            let (code, v, _) = call(&st, Method::DELETE, &provider(f, a), Value::Null).await;
+            assert_eq!(
+                (code, v["error"]["code"].as_str()),
+                (409, Some("AgentInUse")),
+                "{v}"
+            );
+            assert!(message(&v).contains("i-phys, i-vm"), "{v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM agents").await, 3);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM machines").await, 2);
+
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            &format!("{}/remove", provider("recovery", "agent-tgt2")),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204, "{v}");
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM agents WHERE id = 'agent-tgt2'").await,
+            0
+        );
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM networks WHERE agent_id = 'agent-tgt2'"
+            )
+            .await,
+            0
+        );
+        // Retried: already gone.
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("recovery", "agent-tgt2"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        // An agent of another fabric is not this fabric's to remove.
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("recovery", "agent-src"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        assert_eq!(
+            count(&st, "SELECT COUNT(*) FROM agents WHERE id = 'agent-src'").await,
+            1
+        );
+
+        exec(
+            &st,
+            "DELETE FROM recovery_points; DELETE FROM protected_items",
+        )
+        .await;
+        let (code, _, _) = call(
+            &st,
+            Method::DELETE,
+            &provider("primary", "agent-src"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204);
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM machines").await, 0);
+        let (_, v, _) = call(
+            &st,
+            Method::GET,
+            "replicationFabrics/primary/replicationRecoveryServicesProviders",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(v["value"], json!([]));
+        let e =
+            crate::agent_api::agent_of(&st, &siterec_pki::PeerIdentity(Some("agent-src".into())))
+                .await
+                .unwrap_err();
+        assert_eq!(
+            (e.status.as_u16(), e.code),
+            (401, siterec_core::wire::AGENT_NOT_REGISTERED)
+        );
+    }
+
+    /// A fabric in use is not deleted, and what uses it is named; an
+    /// unused one goes with its clouds and keys, and can be made again.
+    #[tokio::test]
+    async fn a_fabric_in_use_is_not_deleted_and_an_unused_one_is_and_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        setup(&st).await;
+        pair(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::DELETE,
+            "replicationFabrics/recovery",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (409, Some("FabricInUse")),
+            "{v}"
+        );
+        for named in [
+            "agents agent-tgt, agent-tgt2",
+            "cloud pairings map1",
+            "protected items i-phys, i-vm",
+        ] {
+            assert!(message(&v).contains(named), "{named}: {v}");
+        }
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM fabrics").await, 2);
+
+        exec(&st, "INSERT INTO fabrics (name, created_ms) VALUES ('Spare', 0); INSERT INTO containers (fabric, name, created_ms) VALUES ('Spare', 'sc', 0); INSERT INTO registration_keys (key_id, fabric, secret_hash, created_ms, expires_ms) VALUES ('k-spare', 'Spare', 'x', 0, 9999999999999)").await;
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            "replicationFabrics/spare/remove",
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 204, "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM fabrics").await, 2);
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM containers WHERE fabric = 'Spare'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                &st,
+                "SELECT COUNT(*) FROM registration_keys WHERE revoked_ms IS NOT NULL"
+            )
+            .await,
+            1
+        );
+        let (code, _, _) = call(&st, Method::GET, "replicationFabrics/spare", Value::Null).await;
+        assert_eq!(code, 404);
+        let (code, _, _) = call(&st, Method::DELETE, "replicationFabrics/spare", Value::Null).await;
+        assert_eq!(code, 204);
+        let (code, v, _) = call(&st, Method::PUT, "replicationFabrics/spare", json!({})).await;
+        assert_eq!((code, v["name"].as_str()), (200, Some("spare")), "{v}");
+    }
+
+    async fn some_jobs(st: &AppState) {
+        // 2026-12-01T00:00:00Z = 1796083200000.
+        exec(st, r#"INSERT INTO jobs (id, kind, state, target_type, target_name, target_id, input, created_ms, start_ms, end_ms, error_code, error_message, seq) VALUES
+            ('j-old', 'EnableDr', 'Failed', 'ProtectionEntity', 'i-vm', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm', '{"item":"i-vm"}', 1796083100000, 1796083100000, 1796083100001, 'E', 'old, failed', 1),
+            ('j-fail', 'UnplannedFailover', 'Failed', 'ProtectionEntity', 'i-phys', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-phys', '{}', 1796083300000, 1796083300000, 1796083300001, 'MaterializeFailed', 'disk "d0": =gone', 2),
+            ('j-ok', 'UnplannedFailover', 'Succeeded', 'ProtectionEntity', 'i-vm', '/x/replicationFabrics/primary/replicationProtectionContainers/pc/replicationProtectedItems/i-vm', '{}', 1796083400000, 1796083400000, 1796083400001, NULL, NULL, 3)"#).await;
+    }
+
+    fn names(v: &Value) -> Vec<&str> {
+        v["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["name"].as_str().unwrap())
+            .collect()
+    }
+
+    /// `$filter` as the SDK sends it (URL-encoded) picks the jobs it says;
+    /// a bad clause is 400 naming it.
+    #[tokio::test]
+    async fn jobs_are_listed_by_filter_and_a_bad_clause_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        some_jobs(&st).await;
+        let list = |filter: &str| {
+            format!(
+                "{}/replicationJobs?api-version={API_VERSION}&%24filter={}",
+                st.info.id(),
+                filter.replace(' ', "%20").replace('\'', "%27")
+            )
+        };
+        let (code, v, _) = call_uri(&st, Method::GET, &list("startTime%20eq%20%272026-12-01T00%3A00%3A00Z%27%20and%20jobStatus%20eq%20%27Failed%27"), Value::Null).await;
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(names(&v), ["j-fail"]);
+        let (_, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("targetObjectName+eq+'i-vm'"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(names(&v), ["j-ok", "j-old"]);
+        let (_, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("jobName eq 'UnplannedFailover' and fabricId eq 'primary'"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(names(&v), ["j-ok", "j-fail"]);
+        let (_, v, _) = call(&st, Method::GET, "replicationJobs", Value::Null).await;
+        assert_eq!(names(&v), ["j-ok", "j-fail", "j-old"]);
+        let (code, v, _) = call_uri(
+            &st,
+            Method::GET,
+            &list("jobStatus%20eq%20%27Failed%27%20and%20colour%20eq%20%27red%27"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (400, Some("InvalidJobQuery")),
+            "{v}"
+        );
+        assert!(message(&v).contains("\"colour eq 'red'\""), "{v}");
+    }
+
+    /// An export is a job whose result says where its CSV is; the vault
+    /// serves that CSV, the jobs the query named in it. A bad query is 400
+    /// and no job.
+    #[tokio::test]
+    async fn an_export_is_a_job_whose_csv_the_vault_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = open(dir.path()).await;
+        some_jobs(&st).await;
+        let (code, v, _) = call(
+            &st,
+            Method::POST,
+            "replicationJobs/export",
+            json!({"jobStatus": "Failed", "jobOutputType": "Xml"}),
+        )
+        .await;
+        assert_eq!(
+            (code, v["error"]["code"].as_str()),
+            (400, Some("InvalidJobQuery")),
+            "{v}"
+        );
+        assert!(message(&v).contains("jobOutputType"), "{v}");
+        assert_eq!(count(&st, "SELECT COUNT(*) FROM jobs").await, 3);
+
+        let (code, v, job) = call(
+            &st,
+            Method::POST,
+            "replicationJobs/export",
+            json!({"jobStatus": "Failed", "jobOutputType": "Excel"}),
+        )
+        .await;
+        assert_eq!(code, 202, "{v}");
+        let job = job.unwrap();
+        crate::jobs::advance(&st, &job).await.unwrap();
+        let (code, v, _) = call(
+            &st,
+            Method::GET,
+            &format!("operationresults/{job}"),
+            Value::Null,
+        )
+        .await;
+        assert_eq!(code, 200, "{v}");
+        let d = &v["properties"]["customDetails"];
+        assert_eq!(d["instanceType"], "ExportJobDetails", "{v}");
+        assert_eq!(d["output"]["rows"], 2);
+        assert_eq!(d["sasToken"], format!("?api-version={API_VERSION}"));
+        let uri = d["blobUri"].as_str().unwrap();
+        let path = uri.strip_prefix("http://vault.test").unwrap();
+        assert_eq!(
+            path,
+            format!("{}/replicationJobs/{job}/siterecExport", st.info.id())
+        );
+        let (code, csv, ct) = call_raw(&st, &format!("{path}?api-version={API_VERSION}")).await;
+        assert_eq!(code, 200, "{csv}");
+        assert!(ct.starts_with("text/csv"), "{ct}");
+        let lines: Vec<&str> = csv.split("\r\n").filter(|l| !l.is_empty()).collect();
+        assert_eq!(lines[0], siterec_core::jobquery::CSV_HEADER.join(","));
+        assert_eq!(lines.len(), 3, "{csv}");
+        assert!(
+            lines[1].starts_with("j-fail,UnplannedFailover,Unplanned failover,Failed,i-phys,"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].ends_with(",MaterializeFailed,\"disk \"\"d0\"\": =gone\""),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[2].starts_with("j-old,EnableDr,"), "{}", lines[2]);
+        // Another job has no CSV.
+        let (code, _, _) = call_raw(
+            &st,
+            &format!(
+                "{}/replicationJobs/j-ok/siterecExport?api-version={API_VERSION}",
+                st.info.id()
+            ),
+        )
+        .await;
+        assert_eq!(code, 400);
     }
 }

@@ -157,7 +157,7 @@ async fn start_plan_item(st: &crate::Shared, start_item: StartItem, s: ItemStart
 }
 
 /// Runs rounds of the job until it waits or ends.
-async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advanced> {
+pub(crate) async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advanced> {
     let mut out = Advanced::default();
     loop {
         let mut tx = crate::db::begin(&st.db).await?;

@@ -882,6 +882,16 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
         .map(|o| serde_json::from_str::<Value>(&o))
         .transpose()
         .map_err(|e| ApiError::internal("stored job output", e))?;
+    let custom_details = if kind == JobKind::ExportJobs.as_str() {
+        export_details(output.as_ref())
+    } else {
+        api::JobDetails {
+            instance_type: "JobDetails".into(),
+            output,
+            blob_uri: None,
+            sas_token: None,
+        }
+    };
     let st = JobState::parse(&state);
     let plan = JobKind::parse(&kind).is_some_and(|k| k.is_plan());
     let allowed_actions = match st {
@@ -908,12 +918,40 @@ pub async fn job_json(db: &Db, v: &VaultInfo, job_id: &str) -> ApiResult<api::Jo
             target_object_id: row.target_id,
             target_object_name: row.target_name,
             target_instance_type: row.target_type,
-            custom_details: api::JobDetails {
-                instance_type: "JobDetails".into(),
-                output,
-            },
+            custom_details,
         },
     ))
+}
+
+/// What an export job keeps as its output (`jobs.output`): its CSV, and
+/// where the API serves it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportOutput {
+    pub blob_uri: String,
+    pub sas_token: String,
+    pub rows: usize,
+    pub csv: String,
+}
+
+#[derive(serde::Serialize)]
+struct ExportSummary {
+    rows: Option<usize>,
+}
+
+/// An export job's details: where its CSV is, and how many rows it has
+/// (the CSV itself is served at `blobUri`, not shown in the job).
+fn export_details(output: Option<&Value>) -> api::JobDetails {
+    let out = output.and_then(|o| serde_json::from_value::<ExportOutput>(o.clone()).ok());
+    api::JobDetails {
+        instance_type: "ExportJobDetails".into(),
+        output: serde_json::to_value(ExportSummary {
+            rows: out.as_ref().map(|o| o.rows),
+        })
+        .ok(),
+        blob_uri: out.as_ref().map(|o| o.blob_uri.clone()),
+        sas_token: out.map(|o| o.sas_token),
+    }
 }
 
 pub use crate::persist::seed::seed_fleet;

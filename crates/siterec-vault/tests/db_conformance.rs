@@ -1041,3 +1041,313 @@ async fn events_conditions_alert_settings_and_deliveries_read_back_as_written() 
         );
     }
 }
+
+/// Taking things apart and job queries, the same on each engine: what
+/// keeps a pairing, an agent, a fabric or a policy (names compared
+/// ignoring case), their removal, and jobs read for a query since a time
+/// with an export's output.
+#[tokio::test]
+async fn taking_apart_and_job_queries_read_back_as_written() {
+    use siterec_core::orchestration::{Effect, ExportInput, JobInput, PairingInput};
+    use siterec_core::state::ProtectionState;
+    use siterec_vault::persist::{agents, config, inventory, items, jobs};
+
+    let dir = tempfile::tempdir().unwrap();
+    for db in engines(dir.path()).await {
+        let e = Engine::of(&db).name();
+        for f in ["Primary", "recovery", "spare"] {
+            inventory::ensure_fabric(&db, f, 1).await.unwrap();
+        }
+        for (id, fabric) in [
+            ("agent-1", "Primary"),
+            ("agent-2", "recovery"),
+            ("agent-3", "recovery"),
+        ] {
+            let a = agents::NewAgent {
+                id,
+                fabric,
+                hostname: "h",
+                key_id: "k",
+                version: "0.1",
+            };
+            agents::insert_agent(&db, &a, 10).await.unwrap();
+        }
+        let machine = siterec_core::wire::MachineInfo {
+            name: "web01".into(),
+            kind: "PhysicalServer".into(),
+            disks: vec![],
+            nics: vec![],
+            vm: None,
+            error: None,
+        };
+        let req = siterec_core::wire::HeartbeatRequest {
+            cloud: "Cloud1".into(),
+            machines: vec![machine.clone()],
+            data_url: None,
+            networks: vec!["lan".into()],
+            store_encrypted: false,
+            store_key_id: None,
+            transport_key: None,
+            counters: Default::default(),
+            seen_version: None,
+            wait_ms: 0,
+        };
+        let infos = vec![serde_json::to_string(&machine).unwrap()];
+        let lan = "lan".to_string();
+        let beat = agents::Heartbeat {
+            agent: "agent-1",
+            fabric: "Primary",
+            req: &req,
+            infos: &infos,
+            counters: "{}",
+            networks: &[&lan],
+        };
+        agents::record_heartbeat(&db, &beat, 20).await.unwrap();
+        let mut tx = db::begin(&db).await.unwrap();
+        let pairing = config::PairingRow {
+            fabric: "Primary".into(),
+            container: "Cloud1".into(),
+            name: "map1".into(),
+            target_fabric: "recovery".into(),
+            target_container: "rc".into(),
+            policy: "pol".into(),
+            state: "Pairing".into(),
+        };
+        config::insert_pairing(&mut tx, &pairing, 30).await.unwrap();
+        let new = items::NewItem {
+            name: "web01",
+            fabric: "PRIMARY",
+            container: "cloud1",
+            machine: "WEB01",
+            policy: "POL",
+            target_fabric: "Recovery",
+            target_container: "RC",
+            state: ProtectionState::Protected,
+            group: None,
+        };
+        items::insert(&mut tx, &new, 50).await.unwrap();
+        sqlx::query("UPDATE protected_items SET target_agent_id = 'agent-2'")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // What keeps each thing, named.
+        assert_eq!(
+            config::pairing_items(&mut tx, &pairing).await.unwrap(),
+            ["web01"],
+            "{e}"
+        );
+        assert_eq!(
+            inventory::agent_items(&mut tx, "agent-1").await.unwrap(),
+            ["web01"],
+            "{e}: its machine"
+        );
+        assert_eq!(
+            inventory::agent_items(&mut tx, "agent-2").await.unwrap(),
+            ["web01"],
+            "{e}: its replica"
+        );
+        assert!(
+            inventory::agent_items(&mut tx, "agent-3")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        assert_eq!(
+            inventory::agent_of_fabric(&mut tx, "RECOVERY", "agent-3")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("agent-3"),
+            "{e}"
+        );
+        assert_eq!(
+            inventory::agent_of_fabric(&mut tx, "primary", "agent-3")
+                .await
+                .unwrap(),
+            None,
+            "{e}"
+        );
+        assert_eq!(
+            inventory::fabric_uses(&mut tx, "recovery").await.unwrap(),
+            [
+                "agents agent-2, agent-3",
+                "cloud pairings map1",
+                "protected items web01"
+            ],
+            "{e}"
+        );
+        assert!(
+            inventory::fabric_uses(&mut tx, "SPARE")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        tx.commit().await.unwrap();
+        assert_eq!(
+            config::policy_users(&db, "Pol").await.unwrap(),
+            ["pairing map1", "protected item web01"],
+            "{e}"
+        );
+
+        // Removal: the item goes, then the pairing (Unpairing, then gone),
+        // then the agents and a fabric.
+        let mut tx = db::begin(&db).await.unwrap();
+        sqlx::query("DELETE FROM protected_items")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        config::unpair(&mut tx, "primary", "CLOUD1", "MAP1")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            config::pairing(&db, "primary", "cloud1", "map1")
+                .await
+                .unwrap()
+                .map(|p| p.state),
+            Some("Unpairing".into()),
+            "{e}"
+        );
+        let p = PairingInput {
+            fabric: "primary".into(),
+            container: "cloud1".into(),
+            name: "map1".into(),
+            policy: "pol".into(),
+        };
+        let mut tx = db::begin(&db).await.unwrap();
+        jobs::apply(&mut tx, "j", 0, &Effect::KeepPairing(p.clone()))
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(
+            config::pairing(&db, "primary", "cloud1", "map1")
+                .await
+                .unwrap()
+                .map(|p| p.state),
+            Some("Paired".into()),
+            "{e}: a failed removal keeps it"
+        );
+        let mut tx = db::begin(&db).await.unwrap();
+        jobs::apply(&mut tx, "j", 0, &Effect::RemovePairing(p))
+            .await
+            .unwrap();
+        inventory::remove_agent(&mut tx, "agent-1").await.unwrap();
+        inventory::remove_fabric(&mut tx, "Spare", 99)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(config::pairings(&db, None).await.unwrap().is_empty(), "{e}");
+        assert!(
+            inventory::agents_of_fabric(&db, "primary")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        assert!(
+            inventory::machines_of_cloud(&db, "primary", "cloud1")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        assert!(
+            inventory::agent_networks(&db, "agent-1")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        assert_eq!(
+            agents::agent_fabric(&db, "agent-1").await.unwrap(),
+            None,
+            "{e}"
+        );
+        // A heartbeat of the removed agent writes nothing back.
+        assert!(
+            !agents::record_heartbeat(&db, &beat, 90).await.unwrap(),
+            "{e}"
+        );
+        assert!(
+            inventory::machines_of_cloud(&db, "primary", "cloud1")
+                .await
+                .unwrap()
+                .is_empty(),
+            "{e}"
+        );
+        assert_eq!(
+            inventory::fabric_names(&db).await.unwrap(),
+            ["Primary", "recovery"],
+            "{e}"
+        );
+
+        // Jobs for a query: since a time, newest first; an export's output.
+        let mut tx = db::begin(&db).await.unwrap();
+        let input = JobInput::ExportJobs(ExportInput {
+            query: Default::default(),
+        });
+        let first = jobs::create(
+            &mut tx,
+            &input,
+            "Vault",
+            "replicationJobs",
+            "/v/replicationJobs",
+        )
+        .await
+        .unwrap();
+        let second = jobs::create(
+            &mut tx,
+            &input,
+            "Vault",
+            "replicationJobs",
+            "/v/replicationJobs",
+        )
+        .await
+        .unwrap();
+        jobs::set_output(&mut tx, &second, r#"{"rows":0}"#)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        sqlx::query("UPDATE jobs SET created_ms = 100, start_ms = 150 WHERE id = $1")
+            .bind(&first)
+            .execute(&db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE jobs SET created_ms = 200, start_ms = NULL WHERE id = $1")
+            .bind(&second)
+            .execute(&db)
+            .await
+            .unwrap();
+        let all = jobs::facts(&db, None).await.unwrap();
+        let ids: Vec<&str> = all.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(ids, [second.as_str(), first.as_str()], "{e}");
+        assert_eq!(
+            (all[1].start_ms, all[1].kind.as_str(), all[1].state.as_str()),
+            (Some(150), "ExportJobs", "NotStarted"),
+            "{e}"
+        );
+        let since: Vec<String> = jobs::facts(&db, Some(151))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(
+            since,
+            std::slice::from_ref(&second),
+            "{e}: a job not started counts from its creation"
+        );
+        assert_eq!(
+            jobs::view(&db, &second)
+                .await
+                .unwrap()
+                .unwrap()
+                .output
+                .as_deref(),
+            Some(r#"{"rows":0}"#),
+            "{e}"
+        );
+    }
+}

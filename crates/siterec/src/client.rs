@@ -213,7 +213,8 @@ impl Api {
             .collect()
     }
 
-    /// GET a list of `T` with query parameters, each as JSON, following `nextLink`.
+    /// GET a list of `T` with query parameters (a `$filter`), each as
+    /// JSON, following `nextLink`.
     pub async fn rows_query<T: DeserializeOwned + serde::Serialize>(
         &self,
         rel: &str,
@@ -239,6 +240,14 @@ impl Api {
     pub async fn put_as<T: DeserializeOwned>(&self, rel: &str, body: &Value) -> anyhow::Result<T> {
         let resp = self.send(self.http.put(self.full(rel)).json(body)).await?;
         read(resp, &format!("PUT {rel}")).await
+    }
+
+    /// GET an absolute URL the vault gave, as text (an export's CSV).
+    pub async fn get_text_url(&self, url: &str) -> anyhow::Result<String> {
+        let resp = self.send(self.http.get(url)).await?;
+        resp.text()
+            .await
+            .with_context(|| format!("reading GET {url}"))
     }
 
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {

@@ -287,6 +287,15 @@ enum AgentSub {
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         utc_offset_minutes: i32,
     },
+    /// Unregister an agent from the vault (refused while a protected item
+    /// needs it): its certificate is no longer accepted, and the agent
+    /// stops at its next heartbeat.
+    Unregister {
+        #[arg(long)]
+        fabric: String,
+        /// The agent's id (see 'siterec fabric agents FABRIC').
+        agent: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +303,11 @@ enum FabricCmd {
     List,
     /// The agents (recovery services providers) of a site.
     Agents {
+        fabric: String,
+    },
+    /// Delete a site (refused while it has agents, pairings, protected
+    /// items or network mappings).
+    Delete {
         fabric: String,
     },
 }
@@ -389,6 +403,16 @@ enum PairingCmd {
         name: Option<String>,
     },
     List,
+    /// Delete a cloud pairing (refused while it protects items).
+    Delete {
+        #[arg(long)]
+        fabric: String,
+        #[arg(long)]
+        cloud: String,
+        /// The pairing's name (default: the cloud's one pairing).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -588,9 +612,22 @@ enum StoreCmd {
 
 #[derive(Subcommand)]
 enum JobsCmd {
-    List,
+    /// The jobs, newest first; the options filter them (ARM `$filter`).
+    List(JobFilterArgs),
     Show {
         id: String,
+    },
+    /// Export the jobs as CSV (ARM replicationJobs/export), to stdout or a file.
+    Export {
+        /// CSV (the one format written; the flag says so in scripts).
+        #[arg(long)]
+        csv: bool,
+        /// Write the CSV to this file instead of stdout (`--out`, as `vault
+        /// key create` has it: `--output` is the global output format).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        filter: JobFilterArgs,
     },
     /// Run a failed recovery plan's job again from the step that failed
     /// (machines whose operation failed are tried again).
@@ -650,6 +687,87 @@ enum AlertsCmd {
     },
     /// The alert settings.
     Show,
+}
+
+/// Which jobs: each option a clause of the ARM `$filter`.
+#[derive(Args, Default)]
+struct JobFilterArgs {
+    /// Job type (scenarioName, e.g. UnplannedFailover, EnableDr); a comma-separated list.
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Job state (NotStarted, InProgress, Succeeded, Failed, Cancelled); a comma-separated list.
+    #[arg(long)]
+    state: Option<String>,
+    /// The job's target, e.g. a protected item's name.
+    #[arg(long)]
+    item: Option<String>,
+    /// Jobs started at or after this RFC 3339 time, or this long ago (30m, 2h, 1d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Jobs started at or before this RFC 3339 time.
+    #[arg(long)]
+    until: Option<String>,
+    /// Jobs on resources of this site.
+    #[arg(long)]
+    fabric: Option<String>,
+}
+
+impl JobFilterArgs {
+    /// (JobQueryParameter field, value) for each option given.
+    fn fields(&self) -> anyhow::Result<Vec<(&'static str, String)>> {
+        let mut out = Vec::new();
+        for (field, v) in [
+            ("jobName", &self.kind),
+            ("jobStatus", &self.state),
+            ("targetObjectName", &self.item),
+            ("fabricId", &self.fabric),
+        ] {
+            if let Some(v) = v {
+                out.push((field, v.clone()));
+            }
+        }
+        if let Some(t) = &self.since {
+            out.push(("startTime", cli_time(t)?));
+        }
+        if let Some(t) = &self.until {
+            out.push(("endTime", cli_time(t)?));
+        }
+        Ok(out)
+    }
+
+    /// The ARM `$filter`, if any option was given.
+    fn filter(&self) -> anyhow::Result<Option<String>> {
+        let clauses: Vec<String> = self
+            .fields()?
+            .into_iter()
+            .map(|(f, v)| format!("{f} eq '{}'", v.replace('\'', "''")))
+            .collect();
+        Ok((!clauses.is_empty()).then(|| clauses.join(" and ")))
+    }
+}
+
+/// A time for a job filter: RFC 3339 as given, or `N` followed by s, m, h
+/// or d: that long before now.
+fn cli_time(t: &str) -> anyhow::Result<String> {
+    let t = t.trim();
+    let unit = t.chars().last().unwrap_or(' ');
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        _ => return Ok(t.to_string()),
+    };
+    match t[..t.len() - 1].parse::<i64>() {
+        Ok(n) if n >= 0 => {
+            let at = time::OffsetDateTime::now_utc() - time::Duration::seconds(n * secs);
+            Ok(at
+                .replace_nanosecond(0)
+                .unwrap_or(at)
+                .format(&time::format_description::well_known::Rfc3339)?)
+        }
+        _ => Ok(t.to_string()),
+    }
 }
 
 /// Caps glibc's malloc arenas. The agent moves 1 MiB chunk buffers
@@ -1096,11 +1214,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Failover(f) => failover(&cli.conn, out, f).await,
-        Cmd::Jobs(JobsCmd::List) => {
-            let v = api(&cli.conn)
-                .await?
-                .rows::<sapi::Job>("replicationJobs")
-                .await?;
+        Cmd::Jobs(JobsCmd::List(filter)) => {
+            let api = api(&cli.conn).await?;
+            let v = match filter.filter()? {
+                Some(f) => {
+                    api.rows_query::<sapi::Job>("replicationJobs", &[("$filter", &f)])
+                        .await?
+                }
+                None => api.rows::<sapi::Job>("replicationJobs").await?,
+            };
             output::rows(
                 out,
                 &v,
@@ -1189,6 +1311,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Store(StoreCmd::Verify { fabric }) => verify_stores(&cli.conn, out, &fabric).await,
+        Cmd::Jobs(JobsCmd::Export {
+            csv: _,
+            out: file,
+            filter,
+        }) => export_jobs(&cli.conn, file, &filter).await,
+        Cmd::Pairing(PairingCmd::Delete {
+            fabric,
+            cloud,
+            name,
+        }) => delete_pairing(&cli.conn, out, &fabric, &cloud, name).await,
+        Cmd::Fabric(FabricCmd::Delete { fabric }) => {
+            let api = api(&cli.conn).await?;
+            // Named before anything is removed: a typo is an error, not a no-op.
+            api.get(&format!("replicationFabrics/{fabric}")).await?;
+            api.delete(&format!("replicationFabrics/{fabric}")).await?;
+            match out {
+                Format::Table => println!("fabric {fabric} deleted"),
+                Format::Json => output::json(&json!({"name": fabric, "deleted": true})),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Agent(AgentCmd {
+            sub: Some(AgentSub::Unregister { fabric, agent }),
+            ..
+        }) => {
+            let api = api(&cli.conn).await?;
+            let base = format!("replicationFabrics/{fabric}/replicationRecoveryServicesProviders");
+            let agents = api.list_as::<sapi::Provider>(&base).await?;
+            if !agents.iter().any(|a| a.name.eq_ignore_ascii_case(&agent)) {
+                bail!(
+                    "fabric '{fabric}' has no agent '{agent}'; 'siterec fabric agents {fabric}' lists them"
+                );
+            }
+            api.delete(&format!("{base}/{agent}")).await?;
+            match out {
+                Format::Table => println!("agent {agent} unregistered"),
+                Format::Json => output::json(&json!({"agent": agent, "unregistered": true})),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Quickstart { dir, disk_mib } => quickstart::run(&dir, disk_mib, out).await,
         Cmd::Bench(BenchCmd::Replication {
             dir,
@@ -2204,4 +2366,96 @@ fn write_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
     f.write_all(data)?;
     f.sync_all()?;
     Ok(())
+}
+
+/// `siterec pairing delete`: the pairing named (or the cloud's one), then
+/// its removal job.
+async fn delete_pairing(
+    conn: &Conn,
+    out: Format,
+    fabric: &str,
+    cloud: &str,
+    name: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    let base = format!(
+        "replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectionContainerMappings"
+    );
+    // Named before anything is removed: a typo is an error, not a no-op.
+    let name = match name {
+        Some(n) => {
+            api.get(&format!("{base}/{n}")).await?;
+            n
+        }
+        None => api
+            .list_as::<sapi::ContainerMapping>(&base)
+            .await?
+            .into_iter()
+            .next()
+            .map(|m| m.name)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "cloud '{cloud}' of fabric '{fabric}' has no pairing; 'siterec pairing list' lists them"
+                )
+            })?,
+    };
+    let op = api
+        .run(
+            reqwest::Method::DELETE,
+            &format!("{base}/{name}"),
+            &json!({}),
+            JOB_TIMEOUT,
+        )
+        .await?;
+    finish(op, out, &format!("deleting pairing {name}"))
+}
+
+/// `siterec jobs export --csv`: the export job run to its end, then its
+/// CSV fetched from where the job says (`blobUri` + `sasToken`).
+async fn export_jobs(
+    conn: &Conn,
+    output: Option<PathBuf>,
+    filter: &JobFilterArgs,
+) -> anyhow::Result<ExitCode> {
+    let api = api(conn).await?;
+    let mut body = serde_json::Map::new();
+    for (field, v) in filter.fields()? {
+        body.insert(field.into(), v.into());
+    }
+    body.insert("jobOutputType".into(), "Excel".into());
+    let op = api
+        .run(
+            reqwest::Method::POST,
+            "replicationJobs/export",
+            &Value::Object(body),
+            JOB_TIMEOUT,
+        )
+        .await?;
+    if op.status != "Succeeded" {
+        bail!(
+            "the export failed: {} (job {})",
+            op.error.unwrap_or_else(|| op.status.clone()),
+            op.job_id
+        );
+    }
+    let job: sapi::Job = op
+        .result_as()?
+        .ok_or_else(|| anyhow::anyhow!("the export job {} has no result", op.job_id))?;
+    let d = &job.properties.custom_details;
+    let (Some(uri), Some(token)) = (&d.blob_uri, &d.sas_token) else {
+        bail!(
+            "export job {} does not say where its CSV is (customDetails has no blobUri)",
+            op.job_id
+        );
+    };
+    let csv = api.get_text_url(&format!("{uri}{token}")).await?;
+    match output {
+        Some(path) => {
+            std::fs::write(&path, &csv).with_context(|| format!("writing {}", path.display()))?;
+            let rows = csv.lines().count().saturating_sub(1);
+            eprintln!("{rows} job(s) exported to {}", path.display());
+        }
+        None => print!("{csv}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

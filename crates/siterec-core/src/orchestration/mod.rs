@@ -95,10 +95,12 @@ pub enum StepKey {
     PlanAction,
     PlanItems,
     CompletePlan,
+    RemovePairing,
+    ExportJobs,
 }
 
 impl StepKey {
-    pub const ALL: [StepKey; 46] = [
+    pub const ALL: [StepKey; 48] = [
         Self::ValidatePolicy,
         Self::SavePolicy,
         Self::CheckPairing,
@@ -145,6 +147,8 @@ impl StepKey {
         Self::PlanAction,
         Self::PlanItems,
         Self::CompletePlan,
+        Self::RemovePairing,
+        Self::ExportJobs,
     ];
 
     /// The stored name.
@@ -196,6 +200,8 @@ impl StepKey {
             Self::PlanAction => "PlanAction",
             Self::PlanItems => "PlanItems",
             Self::CompletePlan => "CompletePlan",
+            Self::RemovePairing => "RemovePairing",
+            Self::ExportJobs => "ExportJobs",
         }
     }
 
@@ -252,6 +258,8 @@ impl StepKey {
             Self::PlanAction => "Run an action of the recovery plan",
             Self::PlanItems => "Run the operation on a group's machines",
             Self::CompletePlan => "Complete the recovery plan",
+            Self::RemovePairing => "Remove the cloud pairing",
+            Self::ExportJobs => "Write the jobs' CSV",
         }
     }
 }
@@ -344,6 +352,8 @@ impl JobKind {
                 K::RemoveSeed,
                 K::CompleteReprotect,
             ],
+            Self::DeletePairing => &[K::RemovePairing],
+            Self::ExportJobs => &[K::ExportJobs],
         }
     }
 }
@@ -385,6 +395,17 @@ pub enum JobInput {
     ChangeRecoveryPoint(ChangePointInput),
     Reprotect(ReprotectInput),
     RecoveryPlan(PlanInput),
+    /// A cloud pairing being removed (Unpairing, then gone).
+    DeletePairing(PairingInput),
+    /// An export of the jobs a query names; the CSV is written when the
+    /// export is asked for (the job's output), the job only completes it.
+    ExportJobs(ExportInput),
+}
+
+/// The query of a jobs export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInput {
+    pub query: crate::jobquery::JobQuery,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -613,6 +634,8 @@ impl JobInput {
             Self::ChangeRecoveryPoint(_) => JobKind::ChangeRecoveryPoint,
             Self::Reprotect(_) => JobKind::Reprotect,
             Self::RecoveryPlan(p) => JobKind::for_plan(p.op),
+            Self::DeletePairing(_) => JobKind::DeletePairing,
+            Self::ExportJobs(_) => JobKind::ExportJobs,
         }
     }
 
@@ -652,6 +675,8 @@ impl JobInput {
                     )))
                 }
             }),
+            JobKind::DeletePairing => read(json).map(Self::DeletePairing),
+            JobKind::ExportJobs => read(json).map(Self::ExportJobs),
         };
         parsed.map_err(|source| InputError {
             kind: kind.as_str(),
@@ -1064,6 +1089,10 @@ pub enum Effect {
     RemoveNetworkMapping(NetworkRef),
     /// Unpairing → Paired.
     KeepNetworkMapping(NetworkRef),
+    /// Delete the cloud pairing.
+    RemovePairing(PairingInput),
+    /// Unpairing → Paired (a failed removal).
+    KeepPairing(PairingInput),
     /// The item's state by `action`, idempotently ([`transition`]); an
     /// action that does not apply is an error (the round is retried).
     Transition {
@@ -1665,6 +1694,10 @@ pub fn decide(key: StepKey, input: &JobInput, ctx: &StepCtx<'_>, seen: &Observed
         (K::RemoveNetworkMapping, I::DeleteNetworkMapping(m), _) => {
             Decision::done(vec![Effect::RemoveNetworkMapping(m.clone())])
         }
+        (K::RemovePairing, I::DeletePairing(p), _) => {
+            Decision::done(vec![Effect::RemovePairing(p.clone())])
+        }
+        (K::ExportJobs, I::ExportJobs(_), _) => Decision::done(vec![]),
         (key, input, seen) => Decision::fail(
             "JobInconsistent",
             format!(
@@ -2373,6 +2406,8 @@ pub fn on_failure(input: &JobInput, message: &str) -> Vec<Effect> {
             })]
         }
         JobInput::DeleteNetworkMapping(m) => vec![Effect::KeepNetworkMapping(m.clone())],
+        JobInput::DeletePairing(p) => vec![Effect::KeepPairing(p.clone())],
+        JobInput::ExportJobs(_) => vec![],
         // Each machine's job compensates its own operation; the plan's
         // job says where it stopped.
         JobInput::CreatePolicy(_) | JobInput::VerifyStore(_) | JobInput::RecoveryPlan(_) => {

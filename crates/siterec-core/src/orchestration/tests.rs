@@ -287,6 +287,12 @@ impl World {
                 }
             }
             Effect::RemoveNetworkMapping(_) => self.mapping = None,
+            Effect::RemovePairing(_) => self.pairing = None,
+            Effect::KeepPairing(_) => {
+                if self.pairing == Some("Unpairing") {
+                    self.pairing = Some("Paired")
+                }
+            }
             Effect::KeepNetworkMapping(_) => {
                 if self.mapping == Some("Unpairing") {
                     self.mapping = Some("Paired")
@@ -812,6 +818,23 @@ fn unmap_networks() -> World {
     w
 }
 
+fn unpair() -> World {
+    let mut w = World::new(JobInput::DeletePairing(PairingInput {
+        fabric: "primary".into(),
+        container: "pc".into(),
+        name: "map1".into(),
+        policy: "pol".into(),
+    }));
+    w.pairing = Some("Unpairing");
+    w
+}
+
+fn export_jobs() -> World {
+    World::new(JobInput::ExportJobs(ExportInput {
+        query: crate::jobquery::JobQuery::parse_filter("jobStatus eq 'Failed'").unwrap(),
+    }))
+}
+
 fn verify() -> World {
     World::new(JobInput::VerifyStore(VerifyInput {
         fabric: "recovery".into(),
@@ -1107,6 +1130,12 @@ fn every_job_kind_runs_its_steps_and_survives_a_crash_in_any_round() {
     let w = survives_crashes(&unmap_networks());
     succeeded(&w);
     assert_eq!(w.mapping, None);
+    // A pairing is removed the same way.
+    let w = survives_crashes(&unpair());
+    succeeded(&w);
+    assert_eq!(w.pairing, None);
+    let w = survives_crashes(&export_jobs());
+    succeeded(&w);
 
     let w = survives_crashes(&verify());
     succeeded(&w);
@@ -1618,6 +1647,8 @@ fn sample_input(key: StepKey) -> JobInput {
         disable(true),
         change_point(),
         reprotect(),
+        unpair(),
+        export_jobs(),
     ]
     .into_iter()
     .map(|w| w.input)
@@ -1738,6 +1769,8 @@ fn job_inputs_read_back_as_written_and_refuse_what_is_not_theirs() {
         disable(true),
         disable(false),
         change_point(),
+        unpair(),
+        export_jobs(),
     ] {
         let kind = w.input.kind();
         let back = JobInput::parse(kind, &w.input.to_json()).unwrap();

@@ -82,8 +82,9 @@ pub struct Heartbeat<'a> {
 
 /// Records a heartbeat in one transaction: the agent is seen, its cloud
 /// exists, its machines are exactly the ones reported, and so are its
-/// networks.
-pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<(), sqlx::Error> {
+/// networks. `false`, and nothing written, when the agent is no longer
+/// registered (unregistered since its certificate was checked).
+pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bool, sqlx::Error> {
     let Heartbeat {
         agent,
         fabric,
@@ -93,7 +94,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<()
         networks,
     } = *h;
     let mut tx = crate::db::begin(db).await?;
-    sqlx::query(
+    let seen = sqlx::query(
         "UPDATE agents SET last_seen_ms = $1, cloud = $2, data_url = $3, store_encrypted = $4, store_key_id = $5, transport_key = $6, counters = $7, heartbeat_ms = $9 WHERE id = $8",
     )
     .bind(now)
@@ -107,6 +108,10 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<()
     .bind(i64::from(req.wait_ms))
     .execute(&mut *tx)
     .await?;
+    if seen.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     sqlx::query(
         "INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
     )
@@ -167,7 +172,8 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<()
         .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The agent's pending tasks, oldest first: (id, work as stored).

@@ -179,17 +179,6 @@ where
         .await
 }
 
-/// How many pairings and protected items use the policy.
-pub async fn policy_uses(db: &Db, name: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM container_mappings WHERE policy = $1) + (SELECT COUNT(*) FROM protected_items WHERE policy = $2)",
-    )
-    .bind(name)
-    .bind(name)
-    .fetch_one(db)
-    .await
-}
-
 pub async fn delete_policy(db: &Db, name: &str) -> Result<(), sqlx::Error> {
     sqlx::query("DELETE FROM policies WHERE name = $1")
         .bind(name)
@@ -319,5 +308,54 @@ where
     Ok(rows
         .into_iter()
         .map(|(n, rf, rn)| (n.to_ascii_lowercase(), (rf, rn)))
+        .collect())
+}
+
+/// The protected items a pairing protects (its clouds'), by name.
+pub async fn pairing_items(tx: &mut Tx<'_>, p: &PairingRow) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT name FROM protected_items WHERE fabric = $1 AND container = $2 AND target_fabric = $3 AND target_container = $4 ORDER BY name",
+    )
+    .bind(&p.fabric)
+    .bind(&p.container)
+    .bind(&p.target_fabric)
+    .bind(&p.target_container)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// The pairing is being removed (its job removes it): no item is enabled
+/// under it from now on (only Paired pairings are).
+pub async fn unpair(
+    tx: &mut Tx<'_>,
+    fabric: &str,
+    container: &str,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE container_mappings SET state = 'Unpairing' WHERE fabric = $1 AND container = $2 AND name = $3")
+        .bind(fabric)
+        .bind(container)
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// What uses a policy, each named ("pairing P", "protected item I").
+pub async fn policy_users(db: &Db, name: &str) -> Result<Vec<String>, sqlx::Error> {
+    let pairings: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM container_mappings WHERE policy = $1 ORDER BY name")
+            .bind(name)
+            .fetch_all(db)
+            .await?;
+    let items: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM protected_items WHERE policy = $1 ORDER BY name")
+            .bind(name)
+            .fetch_all(db)
+            .await?;
+    Ok(pairings
+        .into_iter()
+        .map(|p| format!("pairing {p}"))
+        .chain(items.into_iter().map(|i| format!("protected item {i}")))
         .collect())
 }

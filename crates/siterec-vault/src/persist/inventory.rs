@@ -456,3 +456,104 @@ pub async fn agent_counters(
     }
     q.fetch_all(db).await
 }
+
+// ---------- taking things apart ----------
+
+/// The agent of a fabric, as stored (its id as enrolled).
+pub async fn agent_of_fabric(
+    tx: &mut Tx<'_>,
+    fabric: &str,
+    agent: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM agents WHERE fabric = $1 AND id = $2")
+        .bind(fabric)
+        .bind(agent)
+        .fetch_optional(&mut **tx)
+        .await
+}
+
+/// The protected items that need the agent, by name: those of machines it
+/// reports, and those whose replicas it keeps.
+pub async fn agent_items(tx: &mut Tx<'_>, agent: &str) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT p.name FROM protected_items p WHERE p.target_agent_id = $1 OR EXISTS (SELECT 1 FROM machines m WHERE m.fabric = p.fabric AND m.name = p.machine AND m.agent_id = $2) ORDER BY p.name",
+    )
+    .bind(agent)
+    .bind(agent)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Forgets an agent: its row (its certificate is no longer accepted), the
+/// machines and networks it reported and its tasks.
+pub async fn remove_agent(tx: &mut Tx<'_>, agent: &str) -> Result<(), sqlx::Error> {
+    for sql in [
+        "DELETE FROM machines WHERE agent_id = $1",
+        "DELETE FROM networks WHERE agent_id = $1",
+        "DELETE FROM agent_tasks WHERE agent_id = $1",
+        "DELETE FROM agents WHERE id = $1",
+    ] {
+        sqlx::query(sql).bind(agent).execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// What keeps a fabric from being deleted, each as a phrase naming the
+/// things (e.g. "agents agent-1, agent-2"); empty when nothing does.
+pub async fn fabric_uses(tx: &mut Tx<'_>, fabric: &str) -> Result<Vec<String>, sqlx::Error> {
+    let mut out = Vec::new();
+    for (what, sql, binds) in [
+        (
+            "agents",
+            "SELECT id FROM agents WHERE fabric = $1 ORDER BY enrolled_ms",
+            1,
+        ),
+        (
+            "cloud pairings",
+            "SELECT name FROM container_mappings WHERE fabric = $1 OR target_fabric = $2 ORDER BY name",
+            2,
+        ),
+        (
+            "protected items",
+            "SELECT name FROM protected_items WHERE fabric = $1 OR target_fabric = $2 ORDER BY name",
+            2,
+        ),
+        (
+            "network mappings",
+            "SELECT name FROM network_mappings WHERE fabric = $1 OR recovery_fabric = $2 ORDER BY name",
+            2,
+        ),
+    ] {
+        let mut q = sqlx::query_scalar::<_, String>(sql).bind(fabric);
+        if binds == 2 {
+            q = q.bind(fabric);
+        }
+        let names = q.fetch_all(&mut **tx).await?;
+        if !names.is_empty() {
+            out.push(format!("{what} {}", names.join(", ")));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes a fabric that nothing uses: its clouds, what its agents
+/// reported, and its registration keys (revoked: no agent enrols with them
+/// into a fabric made again).
+pub async fn remove_fabric(tx: &mut Tx<'_>, fabric: &str, now: i64) -> Result<(), sqlx::Error> {
+    for sql in [
+        "DELETE FROM containers WHERE fabric = $1",
+        "DELETE FROM machines WHERE fabric = $1",
+        "DELETE FROM networks WHERE fabric = $1",
+        "DELETE FROM fabrics WHERE name = $1",
+    ] {
+        sqlx::query(sql).bind(fabric).execute(&mut **tx).await?;
+    }
+    sqlx::query(
+        "UPDATE registration_keys SET revoked_ms = $1 WHERE fabric = $2 AND revoked_ms IS NULL",
+    )
+    .bind(now)
+    .bind(fabric)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

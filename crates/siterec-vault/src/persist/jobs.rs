@@ -923,6 +923,12 @@ pub async fn apply(
         Effect::KeepNetworkMapping(m) => {
             network_mapping(tx, "UPDATE network_mappings SET state = 'Paired' WHERE fabric = $1 AND network = $2 AND name = $3 AND state = 'Unpairing'", m).await?
         }
+        Effect::RemovePairing(p) => {
+            pairing(tx, "DELETE FROM container_mappings WHERE fabric = $1 AND container = $2 AND name = $3", p).await?
+        }
+        Effect::KeepPairing(p) => {
+            pairing(tx, "UPDATE container_mappings SET state = 'Paired' WHERE fabric = $1 AND container = $2 AND name = $3 AND state = 'Unpairing'", p).await?
+        }
         Effect::Transition { item, action } => {
             let Some(life) = load_life(tx, item).await? else {
                 anyhow::bail!("protected item '{item}' does not exist");
@@ -1276,4 +1282,45 @@ pub async fn step_views(db: &crate::Db, job_id: &str) -> Result<Vec<StepView>, s
             })
         })
         .collect()
+}
+
+/// What a job query looks at of every job started (or, not started,
+/// created) at or after `since_ms`, newest first.
+pub async fn facts(
+    db: &crate::Db,
+    since_ms: Option<i64>,
+) -> Result<Vec<siterec_core::jobquery::JobFacts>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, kind, state, target_type, target_name, target_id, created_ms, start_ms, end_ms, error_code, error_message FROM jobs WHERE COALESCE(start_ms, created_ms) >= $1 ORDER BY created_ms DESC, seq DESC",
+    )
+    .bind(since_ms.unwrap_or(i64::MIN))
+    .fetch_all(db)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(siterec_core::jobquery::JobFacts {
+                id: r.try_get("id")?,
+                kind: r.try_get("kind")?,
+                state: r.try_get("state")?,
+                target_type: r.try_get("target_type")?,
+                target_name: r.try_get("target_name")?,
+                target_id: r.try_get("target_id")?,
+                created_ms: r.try_get("created_ms")?,
+                start_ms: r.try_get("start_ms")?,
+                end_ms: r.try_get("end_ms")?,
+                error_code: r.try_get("error_code")?,
+                error_message: r.try_get("error_message")?,
+            })
+        })
+        .collect()
+}
+
+/// Sets a job's own output (`jobs.output`), in the caller's transaction.
+pub async fn set_output(tx: &mut Tx<'_>, job_id: &str, output: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE jobs SET output = $1 WHERE id = $2")
+        .bind(output)
+        .bind(job_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
