@@ -1886,7 +1886,7 @@ fn failover_details(
 }
 
 /// A request body: `{"properties": ...}`, as JSON.
-fn input<P: serde::Serialize>(properties: P) -> Value {
+pub(crate) fn input<P: serde::Serialize>(properties: P) -> Value {
     serde_json::to_value(sapi::Input { properties }).unwrap_or(Value::Null)
 }
 

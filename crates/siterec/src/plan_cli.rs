@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::client::Api;
+use crate::input;
 use crate::output::{self, Format};
 use siterec_api as sapi;
 
@@ -242,10 +243,6 @@ fn groups(
         })
         .collect();
     Ok((out, None, None))
-}
-
-fn input<P: serde::Serialize>(properties: P) -> Value {
-    serde_json::to_value(sapi::Input { properties }).unwrap_or(Value::Null)
 }
 
 pub async fn run(api: Api, cmd: PlanCmd, out: Format) -> anyhow::Result<ExitCode> {

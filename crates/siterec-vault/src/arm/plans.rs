@@ -815,13 +815,8 @@ async fn start_child(st: &Shared, input: &PlanInput, name: &str) -> ApiResult<()
     let direction = input.to.other().failover_direction().to_string();
     let details = api::FailoverDetails {
         instance_type: "Siterec".into(),
-        recovery_point_id: input.points.get(&item.name).cloned().or_else(|| {
-            input
-                .points
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(&item.name))
-                .map(|(_, p)| p.clone())
-        }),
+        // The plan names items as their rows spell them.
+        recovery_point_id: input.points.get(&item.name).cloned(),
         primary_kek_certificate_pfx: None,
     };
     match input.op {
