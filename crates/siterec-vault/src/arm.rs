@@ -1170,7 +1170,7 @@ async fn create_mapping(
         ));
     }
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing = config::pairing(&mut *tx, fabric, &container, name).await?;
+    let existing = config::pairing(&mut **tx, fabric, &container, name).await?;
     if let Some(row) = existing {
         // Idempotent re-PUT of the same pairing.
         let same = row.target_fabric.eq_ignore_ascii_case(tf)
@@ -1319,7 +1319,7 @@ async fn enable_protection(
         ));
     }
     let mut tx = crate::db::begin(&st.db).await?;
-    let existing = items::load(&mut *tx, name).await?;
+    let existing = items::load(&mut **tx, name).await?;
     if let Some(item) = existing {
         if item.machine.eq_ignore_ascii_case(&machine) && item.fabric.eq_ignore_ascii_case(fabric) {
             if !same_group(item.group.as_deref(), group.as_deref()) {
@@ -1346,7 +1346,7 @@ async fn enable_protection(
             "a protected item named '{name}' already exists; choose another name"
         )));
     }
-    let other: Option<String> = items::item_of_machine(&mut *tx, fabric, &machine).await?;
+    let other: Option<String> = items::item_of_machine(&mut **tx, fabric, &machine).await?;
     if let Some(other) = other {
         return Err(ApiError::conflict(format!(
             "machine '{machine}' is already protected as item '{other}'"
@@ -1701,11 +1701,15 @@ async fn unplanned_failover(
 }
 
 /// How an item operation starts, in the request's transaction.
-enum Begun<'a> {
+enum Begun {
     /// The operation's job runs already (the SDK retried): its answer.
     Running(Response),
     /// The item as it is now and the lifecycle `action` leads it to.
-    Start(Tx<'a>, Box<ItemRow>, siterec_core::state::Lifecycle),
+    Start(
+        crate::db::WriteTx,
+        Box<ItemRow>,
+        siterec_core::state::Lifecycle,
+    ),
 }
 
 /// Reloads the item inside a new write transaction (two requests racing
@@ -1713,14 +1717,14 @@ enum Begun<'a> {
 /// job of `kind` is answered with that job; otherwise `action` must apply
 /// (else 409 naming the state and what to do), and no test failover may
 /// stand in its way.
-async fn begin_item_op<'a>(
-    st: &'a Shared,
+async fn begin_item_op(
+    st: &Shared,
     headers: &HeaderMap,
     name: &str,
     running: ProtectionState,
     kind: JobKind,
     action: ItemAction,
-) -> ApiResult<Begun<'a>> {
+) -> ApiResult<Begun> {
     let mut tx = crate::db::begin(&st.db).await?;
     let item = reload_item(&mut tx, name).await?;
     if item.state == running
@@ -1741,7 +1745,7 @@ async fn begin_item_op<'a>(
 async fn start_item_job(
     st: &Shared,
     headers: &HeaderMap,
-    mut tx: Tx<'_>,
+    mut tx: crate::db::WriteTx,
     item: &ItemRow,
     next: siterec_core::state::Lifecycle,
     clear_error: bool,
@@ -2477,7 +2481,7 @@ async fn delete_network_mapping(
 ) -> ApiResult<Response> {
     let fabric = model::fabric_exists(&st.db, fabric).await?;
     let mut tx = crate::db::begin(&st.db).await?;
-    let row = config::network_mapping(&mut *tx, &fabric, network, name).await?;
+    let row = config::network_mapping(&mut **tx, &fabric, network, name).await?;
     let Some(config::NetworkMappingRow {
         network,
         name,
@@ -2786,8 +2790,8 @@ async fn create_key(st: &Shared, body: &Value) -> ApiResult<Response> {
     };
     let expires_ms = now + valid_secs * 1000;
     let mut tx = crate::db::begin(&st.db).await?;
-    inventory::ensure_fabric(&mut *tx, fabric, now).await?;
-    let fabric = inventory::fabric(&mut *tx, fabric)
+    inventory::ensure_fabric(&mut **tx, fabric, now).await?;
+    let fabric = inventory::fabric(&mut **tx, fabric)
         .await?
         .ok_or_else(|| ApiError::internal("fabric", "created and not found"))?;
     let hash = secret_hash(&secret);
@@ -2828,7 +2832,7 @@ async fn delete_pairing(
     let fabric = model::fabric_exists(&st.db, fabric).await?;
     let container = model::container_exists(&st.db, &fabric, container).await?;
     let mut tx = crate::db::begin(&st.db).await?;
-    let Some(row) = config::pairing(&mut *tx, &fabric, &container, name).await? else {
+    let Some(row) = config::pairing(&mut **tx, &fabric, &container, name).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let id = format!(
@@ -2918,7 +2922,7 @@ async fn unregister_agent(st: &Shared, fabric: &str, agent: &str) -> ApiResult<R
 /// at once: 204, and 204 for a fabric that does not exist.
 async fn delete_fabric(st: &Shared, fabric: &str) -> ApiResult<Response> {
     let mut tx = crate::db::begin(&st.db).await?;
-    let Some(name) = inventory::fabric(&mut *tx, fabric).await? else {
+    let Some(name) = inventory::fabric(&mut **tx, fabric).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
     let uses = inventory::fabric_uses(&mut tx, &name).await?;

@@ -193,7 +193,7 @@ async fn migrate(pool: &Db) -> anyhow::Result<()> {
         .await?;
     let mut tx = begin(pool).await?;
     let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM schema_migrations")
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
     let newest = newest.unwrap_or(0);
     let known = engine.migrations().last().map(|m| m.0).unwrap_or(0);
@@ -208,13 +208,13 @@ async fn migrate(pool: &Db) -> anyhow::Result<()> {
             continue;
         }
         sqlx::raw_sql(*sql)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .with_context(|| format!("applying schema migration {version}"))?;
         sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
             .bind(version)
             .bind(now_ms())
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     tx.commit().await?;
@@ -254,26 +254,92 @@ pub fn random_secret(bytes: usize) -> String {
     hex::encode(buf)
 }
 
-/// Starts a write transaction, holding the database's write lock from its
-/// first statement. On SQLite `BEGIN IMMEDIATE` (a deferred transaction
-/// that reads and then writes can fail with "database is locked" without
-/// waiting, when another writer got in between); on PostgreSQL an advisory
-/// lock held until commit or rollback.
 /// A transaction for reading only (no write lock taken).
 pub async fn begin_read(db: &Db) -> Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
     db.begin().await
 }
 
-pub async fn begin(db: &Db) -> Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
+/// A write transaction: a [`sqlx::Transaction`] (it derefs to one) that
+/// also holds this process's turn at the database's write lock.
+pub struct WriteTx {
+    tx: sqlx::Transaction<'static, Any>,
+    // Dropped after `tx` (fields drop in order): the next writer of this
+    // process starts once this one has ended.
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::Transaction<'static, Any>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+/// SQLite's `busy_timeout` on the vault's connections (set when each opens).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This process's writers of each SQLite database, by URL, queue here for
+/// their turn. SQLite lets one writer in at a time and makes the others
+/// poll (its busy handler sleeps 1, 2, 5, 10… ms between tries), so eight
+/// writers arriving together would spend most of their time asleep after
+/// the lock was free; in this queue each starts the moment the one before
+/// it ends, in the order they came. Other processes (the CLI's offline
+/// commands) still meet the busy handler.
+fn write_turns(db: &Db) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex};
+    static TURNS: LazyLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        LazyLock::new(Default::default);
+    let url = db.connect_options().database_url.to_string();
+    let mut turns = TURNS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    turns.entry(url).or_default().clone()
+}
+
+/// Starts a write transaction, holding the database's write lock from its
+/// first statement. On SQLite `BEGIN IMMEDIATE` (a deferred transaction
+/// that reads and then writes can fail with "database is locked" without
+/// waiting, when another writer got in between), after this process's
+/// earlier writers (see [`write_turns`]); on PostgreSQL an advisory lock
+/// held until commit or rollback.
+pub async fn begin(db: &Db) -> Result<WriteTx, sqlx::Error> {
     match Engine::of(db) {
-        Engine::Sqlite => db.begin_with("BEGIN IMMEDIATE").await,
+        Engine::Sqlite => {
+            // A writer that waits longer than SQLite's own busy timeout
+            // goes on without its turn and meets the busy handler, as
+            // before this queue: a task that began a second write
+            // transaction while holding one fails with "database is
+            // locked" instead of hanging.
+            let turn = tokio::time::timeout(BUSY_TIMEOUT, write_turns(db).lock_owned())
+                .await
+                .ok();
+            let tx = db.begin_with("BEGIN IMMEDIATE").await?;
+            Ok(WriteTx { tx, _turn: turn })
+        }
         Engine::Postgres => {
             let mut tx = db.begin().await?;
             sqlx::query("SELECT pg_advisory_xact_lock($1)")
                 .bind(PG_WRITE_LOCK)
                 .execute(&mut *tx)
                 .await?;
-            Ok(tx)
+            Ok(WriteTx { tx, _turn: None })
         }
     }
 }

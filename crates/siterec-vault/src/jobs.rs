@@ -92,6 +92,9 @@ pub struct ItemStart {
 pub struct Advanced {
     /// A step or the job ended: the jobs waiting on it may move.
     pub moved: bool,
+    /// A round wrote effects (tasks for agents among them): agents waiting
+    /// for a change are told.
+    pub wrote: bool,
     pub starts: Vec<ItemStart>,
 }
 
@@ -101,26 +104,23 @@ pub struct Advanced {
 /// second).
 pub async fn run_engine(st: crate::Shared, start_item: StartItem) {
     loop {
-        let mut moved = false;
-        match jobs_db::active(&st.db).await {
-            Ok(ids) => {
-                for id in ids {
-                    match advance(&st, &id).await {
-                        Ok(a) => {
-                            moved |= a.moved || !a.starts.is_empty();
-                            for s in a.starts {
-                                start_plan_item(&st, start_item, s).await;
-                            }
-                        }
-                        Err(e) => tracing::warn!(job = %id, "job step will be retried: {e:#}"),
-                    }
-                    // Agents waiting for a change hear of it now, not at
-                    // their next heartbeat.
+        let moved = match pass(&st).await {
+            Ok(a) => {
+                let moved = a.moved || !a.starts.is_empty();
+                // Agents waiting for a change hear of it now, not at
+                // their next heartbeat; a pass that changed nothing wakes
+                // none of them (each wake is a heartbeat of every agent).
+                if a.moved || a.wrote {
                     st.changes.send_modify(|v| *v += 1);
                 }
+                start_plan_items(&st, start_item, a.starts).await;
+                moved
             }
-            Err(e) => tracing::warn!("listing jobs: {e:#}"),
-        }
+            Err(e) => {
+                tracing::warn!("a pass over the jobs will be retried: {e:#}");
+                false
+            }
+        };
         if moved {
             // A breath between passes: the API and agents' writes (which
             // wait for the database's write lock) get theirs.
@@ -130,6 +130,54 @@ pub async fn run_engine(st: crate::Shared, start_item: StartItem) {
         let _ = tokio::time::timeout(Duration::from_secs(1), st.wake.notified()).await;
     }
 }
+
+/// One pass over the unfinished jobs, in one transaction: each round of a
+/// job in a savepoint of its own (a round that fails is rolled back alone
+/// and retried next pass), one commit for all. A pass that moves a
+/// hundred machines' jobs costs one sync of the database, not a hundred.
+/// Nothing outside the database is touched here: the machines' operations
+/// a plan asks for are started once the pass is committed.
+async fn pass(st: &AppState) -> anyhow::Result<Advanced> {
+    let mut out = Advanced::default();
+    let ids = jobs_db::active(&st.db).await?;
+    if ids.is_empty() {
+        return Ok(out);
+    }
+    let mut tx = crate::db::begin(&st.db).await?;
+    for id in ids {
+        match advance_in(&mut tx, &id).await {
+            Ok(a) => {
+                out.moved |= a.moved;
+                out.wrote |= a.wrote;
+                out.starts.extend(a.starts);
+            }
+            Err(e) => tracing::warn!(job = %id, "job step will be retried: {e:#}"),
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Starts the machines' operations a pass asked for, a few at a time:
+/// each is the ARM handler of that operation, whose reads run side by side
+/// while their writes take the database's write lock in turn.
+async fn start_plan_items(st: &crate::Shared, start_item: StartItem, starts: Vec<ItemStart>) {
+    let mut starts = starts.into_iter();
+    loop {
+        let mut set = tokio::task::JoinSet::new();
+        for s in starts.by_ref().take(PARALLEL_STARTS) {
+            let st = st.clone();
+            set.spawn(async move { start_plan_item(&st, start_item, s).await });
+        }
+        if set.is_empty() {
+            return;
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
+
+/// How many of a plan's machine operations are started at once.
+const PARALLEL_STARTS: usize = 8;
 
 /// Starts a plan's machine operation; a refusal is recorded in the plan
 /// job's input (the plan reports it as that machine's outcome). A failure
@@ -156,11 +204,23 @@ async fn start_plan_item(st: &crate::Shared, start_item: StartItem, s: ItemStart
     }
 }
 
-/// Runs rounds of the job until it waits or ends.
+/// Runs rounds of the job until it waits or ends, in a transaction of its
+/// own.
+#[cfg(test)]
 pub(crate) async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advanced> {
+    let mut tx = crate::db::begin(&st.db).await?;
+    let out = advance_in(&mut tx, job_id).await?;
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Runs rounds of the job in `outer` until it waits or ends, each in a
+/// savepoint: a round that fails is rolled back (when its savepoint is
+/// dropped), the rounds before it are kept.
+async fn advance_in(outer: &mut Tx<'_>, job_id: &str) -> anyhow::Result<Advanced> {
     let mut out = Advanced::default();
     loop {
-        let mut tx = crate::db::begin(&st.db).await?;
+        let mut tx = sqlx::Acquire::begin(&mut *outer).await?;
         let record = match jobs_db::load(&mut tx, job_id).await? {
             None => return Ok(out),
             Some(Ok(record)) => record,
@@ -227,6 +287,7 @@ pub(crate) async fn advance(st: &AppState, job_id: &str) -> anyhow::Result<Advan
         };
         let seen = jobs_db::observe(&mut tx, &needs(key, &input, job_id, idx), now).await?;
         let decision = decide(key, &input, &ctx, &seen);
+        out.wrote |= !decision.effects.is_empty();
         for effect in &decision.effects {
             jobs_db::apply(&mut tx, job_id, idx, effect).await?;
         }

@@ -126,14 +126,14 @@ async fn write_transactions_are_serialized() {
                 let mut tx = db::begin(&db).await.unwrap();
                 let v: String =
                     sqlx::query_scalar("SELECT body FROM policies WHERE name = 'counter'")
-                        .fetch_one(&mut *tx)
+                        .fetch_one(&mut **tx)
                         .await
                         .unwrap();
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 let next = v.parse::<i64>().unwrap() + 1;
                 sqlx::query("UPDATE policies SET body = $1 WHERE name = 'counter'")
                     .bind(next.to_string())
-                    .execute(&mut *tx)
+                    .execute(&mut **tx)
                     .await
                     .unwrap();
                 tx.commit().await.unwrap();
@@ -1127,7 +1127,7 @@ async fn taking_apart_and_job_queries_read_back_as_written() {
         };
         items::insert(&mut tx, &new, 50).await.unwrap();
         sqlx::query("UPDATE protected_items SET target_agent_id = 'agent-2'")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .unwrap();
         // What keeps each thing, named.
@@ -1195,7 +1195,7 @@ async fn taking_apart_and_job_queries_read_back_as_written() {
         // then the agents and a fabric.
         let mut tx = db::begin(&db).await.unwrap();
         sqlx::query("DELETE FROM protected_items")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .unwrap();
         config::unpair(&mut tx, "primary", "CLOUD1", "MAP1")

@@ -1,10 +1,11 @@
 //! Recovery plans through real processes: a plan of three groups — a
 //! database server with a pre-script, then two application machines (one
-//! of them a QEMU VM in the VM test) with a post-script and a manual
+//! of them a QEMU VM, in both tests) with a post-script and a manual
 //! action, then a web server — run by the vault's job with real agents.
 //! The order is checked by the scripts' own log (their timestamps against
 //! the machines' jobs), the pause by the job's state until `plan resume`,
-//! each machine by its state and its disks (`qemu-img compare`), and the
+//! each machine by its state and its disks (`qemu-img compare`, and the
+//! test guest's verdict on its own files for the VM's copies), and the
 //! job's output by its per-machine outcome. The unplanned failover has one
 //! machine made to fail (its failover directory is a file), runs to its
 //! end, and survives a SIGKILLed vault during a script, during a group and
@@ -150,33 +151,118 @@ fn machine_outcome<'a>(j: &'a Value, item: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no outcome of {item}: {j:#}"))
 }
 
-#[test]
-fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machine() {
-    let mut env = Env::start();
-    let names = ["db", "app", "app2", "web"];
-    let disks: Vec<PathBuf> = names
+/// The plan's machines at the primary site: three file-backed servers
+/// (db, app2, web) and a QEMU VM (app1) running the test guest, which
+/// wrote its files before protection; the recovery agent has the plan's
+/// scripts. Each machine is protected.
+struct Shop {
+    servers: Vec<(&'static str, PathBuf)>,
+    recovery: PathBuf,
+    log: PathBuf,
+}
+
+const SERVERS: [&str; 3] = ["db", "app2", "web"];
+const MACHINES: [&str; 4] = ["db", "app1", "app2", "web"];
+
+fn start_shop(env: &mut Env, seed: u64) -> Shop {
+    use siterec_testguest::{Mode, Options, TestGuest};
+    let guest = TestGuest::build(&siterec_testguest::default_build_dir()).expect("test guest");
+    let servers: Vec<(&'static str, PathBuf)> = SERVERS
         .iter()
         .enumerate()
         .map(|(i, n)| {
             let p = env.path(&format!("{n}.img"));
-            make_image(&p, 2 << 20, 100 + i as u64);
-            p
+            make_image(&p, 2 << 20, seed + i as u64);
+            (*n, p)
         })
         .collect();
-    let machines: Vec<(&str, Vec<(&str, &Path)>)> = names
-        .iter()
-        .zip(&disks)
-        .map(|(n, d)| (*n, vec![("disk0", d.as_path())]))
-        .collect();
-    let (_primary, recovery) = env.start_sites(&machines);
+    let vda = env.path("vda.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&vda)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let append = Options {
+        stay: true,
+        agent: false,
+        ..Options::new(Mode::Auto, seed, 120)
+    }
+    .append();
+    let mut cfg = format!(
+        r#"cloud = "primary-cloud"
+[[vms]]
+name = "app1"
+memory_mib = 256
+cpus = 1
+kernel = "{}"
+initrd = "{}"
+append = "{append}"
+disks = [ {{ name = "vda", path = "{}", format = "qcow2" }} ]
+nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
+"#,
+        guest.kernel.display(),
+        guest.initrd.display(),
+        vda.display()
+    );
+    for (n, d) in &servers {
+        cfg.push_str(&format!(
+            "[[machines]]\nname = \"{n}\"\ndisks = [ {{ name = \"disk0\", path = \"{}\" }} ]\n",
+            d.display()
+        ));
+    }
+    let primary = env.start_agent("primary", &cfg);
+    let recovery = env.start_agent(
+        "recovery",
+        "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n",
+    );
+    env.wait_cloud("primary", "primary-cloud");
+    env.wait_cloud("recovery", "recovery-cloud");
     let log = env.path("scripts.log");
     write_scripts(&recovery, &log);
+    let primary_serial = primary.join("vms/app1/serial.log");
+    wait_until(
+        Duration::from_secs(120),
+        "the guest to write its files",
+        || serial_log(&primary_serial).contains("SITEREC-GUEST WROTE"),
+    );
     env.pair(&[]);
-    for n in names {
+    for n in MACHINES {
         env.wait_machine(n);
         env.enable(n);
     }
-    let file = plan_file(&env, "app");
+    Shop {
+        servers,
+        recovery,
+        log,
+    }
+}
+
+/// Waits for the guest's verdict on the serial log of `vm` (an item's
+/// `testVm` or `failoverVm`): the VM booted with the data it wrote.
+fn assert_vm_verdict(vm: &Value) {
+    let serial = PathBuf::from(
+        vm["serialLog"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no serial log in {vm:#}")),
+    );
+    wait_until(Duration::from_secs(180), "the VM's verdict", || {
+        serial_log(&serial).contains("SITEREC-GUEST VERDICT")
+    });
+    assert!(
+        serial_log(&serial).contains("SITEREC-GUEST VERDICT OK"),
+        "{}",
+        serial_log(&serial)
+    );
+}
+
+#[test]
+fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machine() {
+    let mut env = Env::start();
+    let shop = start_shop(&mut env, 100);
+    let (recovery, log) = (shop.recovery.clone(), shop.log.clone());
+    let file = plan_file(&env, "app1");
     let created = env.json(&["plan", "create", "shop", "--file", file.to_str().unwrap()]);
     assert_eq!(created["name"], "shop", "{created}");
     let ops = created["properties"]["allowedOperations"].clone();
@@ -263,7 +349,7 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     env.kill_and_restart("vault");
     // Group 2 runs: kill the vault while its machines fail over.
     wait_until(Duration::from_secs(90), "group 2 to start", || {
-        env.cli(&["--output", "json", "jobs", "show", &format!("{id}-app")])
+        env.cli(&["--output", "json", "jobs", "show", &format!("{id}-app1")])
             .status
             .success()
     });
@@ -304,7 +390,7 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     let err = done["properties"]["errors"][0]["serviceErrorDetails"].clone();
     assert_eq!(err["code"], "SomeMachinesFailed", "{done:#}");
     assert!(err["message"].as_str().unwrap().contains("app2"), "{err}");
-    for n in ["db", "app", "web"] {
+    for n in ["db", "app1", "web"] {
         assert_eq!(
             machine_outcome(&done, n)["state"],
             "Succeeded",
@@ -352,14 +438,14 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     let (post_ms, g, phase, _, items) = lines[1].clone();
     assert_eq!(
         (g.as_str(), phase.as_str(), items.as_str()),
-        ("2", "post", "app,app2")
+        ("2", "post", "app1,app2")
     );
     let (db_start, db_end) = job_times(&job(&env, &format!("{id}-db")));
     assert!(
         pre_ms < db_start,
         "pre-script {pre_ms} before db {db_start}"
     );
-    for n in ["app", "app2"] {
+    for n in ["app1", "app2"] {
         let (start, end) = job_times(&job(&env, &format!("{id}-{n}")));
         assert!(db_end <= start, "{n} starts after group 1 ended");
         assert!(end <= post_ms, "the post-script runs after {n} ended");
@@ -367,8 +453,9 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     let (web_start, _) = job_times(&job(&env, &format!("{id}-web")));
     assert!(web_start >= resumed_at, "group 3 after the resume");
 
-    // The machines that failed over have their disks.
-    for (n, d) in names.iter().zip(&disks) {
+    // The machines that failed over have their disks; the VM's replica
+    // runs with its data.
+    for (n, d) in &shop.servers {
         if *n == "app2" {
             continue;
         }
@@ -378,6 +465,7 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
             "{n}'s failover disk"
         );
     }
+    assert_vm_verdict(&item(&env, "app1")["properties"]["providerSpecificDetails"]["failoverVm"]);
 
     // Restart: app2 can be written now; only it fails over again.
     std::fs::remove_file(&blocked).unwrap();
@@ -405,86 +493,21 @@ fn an_unplanned_plan_runs_to_its_end_through_vault_kills_and_reports_each_machin
     // The plan commits its machines; the plan cannot be failed over now.
     let commit = start_plan(&env, &["plan", "commit", "shop"]);
     wait_job(&env, &commit, &["Succeeded"], Duration::from_secs(120));
-    for n in names {
+    for n in MACHINES {
         assert_eq!(state(&env, n), "FailoverCommitted", "{n}");
     }
     let refused = env.fails(&["plan", "unplanned-failover", "shop"]);
-    for n in names {
+    for n in MACHINES {
         assert!(refused.contains(&format!("item '{n}'")), "{refused}");
     }
+    kill_vms_under(env.path("").as_path());
 }
 
 #[test]
 fn a_plan_with_a_vm_is_test_failed_over_cleaned_up_and_failed_over_planned() {
-    use siterec_testguest::{Mode, Options, TestGuest};
-    let guest = TestGuest::build(&siterec_testguest::default_build_dir()).expect("test guest");
     let mut env = Env::start();
-    let servers = ["db", "app2", "web"];
-    let disks: Vec<PathBuf> = servers
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let p = env.path(&format!("{n}.img"));
-            make_image(&p, 2 << 20, 200 + i as u64);
-            p
-        })
-        .collect();
-    let vda = env.path("vda.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&vda)
-        .arg("64M")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let append = Options {
-        stay: true,
-        agent: false,
-        ..Options::new(Mode::Auto, 4242, 120)
-    }
-    .append();
-    let mut cfg = format!(
-        r#"cloud = "primary-cloud"
-[[vms]]
-name = "app1"
-memory_mib = 256
-cpus = 1
-kernel = "{}"
-initrd = "{}"
-append = "{append}"
-disks = [ {{ name = "vda", path = "{}", format = "qcow2" }} ]
-nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
-"#,
-        guest.kernel.display(),
-        guest.initrd.display(),
-        vda.display()
-    );
-    for (n, d) in servers.iter().zip(&disks) {
-        cfg.push_str(&format!(
-            "[[machines]]\nname = \"{n}\"\ndisks = [ {{ name = \"disk0\", path = \"{}\" }} ]\n",
-            d.display()
-        ));
-    }
-    let primary = env.start_agent("primary", &cfg);
-    let recovery = env.start_agent(
-        "recovery",
-        "cloud = \"recovery-cloud\"\n[target]\nlisten = \"127.0.0.1:0\"\n",
-    );
-    env.wait_cloud("primary", "primary-cloud");
-    env.wait_cloud("recovery", "recovery-cloud");
-    let log = env.path("scripts.log");
-    write_scripts(&recovery, &log);
-    let primary_serial = primary.join("vms/app1/serial.log");
-    wait_until(
-        Duration::from_secs(120),
-        "the guest to write its files",
-        || serial_log(&primary_serial).contains("SITEREC-GUEST WROTE"),
-    );
-    env.pair(&[]);
-    for n in ["db", "app1", "app2", "web"] {
-        env.wait_machine(n);
-        env.enable(n);
-    }
+    let shop = start_shop(&mut env, 200);
+    let log = shop.log.clone();
     let file = plan_file(&env, "app1");
     env.json(&["plan", "create", "shop", "--file", file.to_str().unwrap()]);
 
@@ -515,7 +538,7 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
     assert_eq!(test_state(&env, "web"), "TestFailoverCompleted");
     // Each machine's test copy: the servers' disks as they are, the VM
     // booted with its data (the guest's verdict).
-    for (n, d) in servers.iter().zip(&disks) {
+    for (n, d) in &shop.servers {
         let it = item(&env, n);
         let test_disks = it["properties"]["providerSpecificDetails"]["testDisks"].clone();
         let raw = test_disks
@@ -527,11 +550,7 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
         assert!(qemu_img_identical(d, &raw, "raw"), "{n}'s test copy");
     }
     let vm = item(&env, "app1")["properties"]["providerSpecificDetails"]["testVm"].clone();
-    let serial = PathBuf::from(vm["serialLog"].as_str().unwrap());
-    wait_until(Duration::from_secs(180), "the test VM's verdict", || {
-        serial_log(&serial).contains("SITEREC-GUEST VERDICT")
-    });
-    assert!(serial_log(&serial).contains("SITEREC-GUEST VERDICT OK"));
+    assert_vm_verdict(&vm);
     let lines = script_log(&log);
     assert_eq!(
         lines
@@ -553,7 +572,7 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
         Duration::from_secs(180),
     );
     assert_eq!(done["properties"]["state"], "Succeeded", "{done:#}");
-    for n in ["db", "app1", "app2", "web"] {
+    for n in MACHINES {
         assert_eq!(test_state(&env, n), "None", "{n}");
     }
     assert!(
@@ -577,22 +596,17 @@ nics = [ {{ name = "eth0", network = "prod-lan", mac = "52:54:00:00:00:31" }} ]
         Duration::from_secs(180),
     );
     assert_eq!(done["properties"]["state"], "Succeeded", "{done:#}");
-    for n in ["db", "app1", "app2", "web"] {
+    for n in MACHINES {
         assert_eq!(state(&env, n), "PlannedFailoverCompleted", "{n}");
         assert_eq!(machine_outcome(&done, n)["state"], "Succeeded");
     }
-    for (n, d) in servers.iter().zip(&disks) {
+    for (n, d) in &shop.servers {
         assert!(
             qemu_img_identical(d, &item_disk(&item(&env, n), "raw"), "raw"),
             "{n}'s failover disk"
         );
     }
-    let replica = item(&env, "app1")["properties"]["providerSpecificDetails"]["failoverVm"].clone();
-    let serial = PathBuf::from(replica["serialLog"].as_str().unwrap());
-    wait_until(Duration::from_secs(180), "the replica's verdict", || {
-        serial_log(&serial).contains("SITEREC-GUEST VERDICT")
-    });
-    assert!(serial_log(&serial).contains("SITEREC-GUEST VERDICT OK"));
+    assert_vm_verdict(&item(&env, "app1")["properties"]["providerSpecificDetails"]["failoverVm"]);
     let lines = script_log(&log);
     assert_eq!(lines.len(), 4, "{lines:?}");
     assert_eq!(lines[2].3, "PlannedFailover");

@@ -338,6 +338,7 @@ impl Target {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut out = Vec::new();
         for (di, disk) in manifest.disks.iter().enumerate() {
+            let mut images = Vec::new();
             for format in formats {
                 let fmt: ImageFormat = format.parse().map_err(|_| {
                     anyhow::anyhow!(
@@ -349,16 +350,20 @@ impl Target {
                     ImageFormat::VhdFixed => format!("{}.fixed.vhd", disk.disk_id),
                     _ => format!("{}.{}", disk.disk_id, fmt.extension()),
                 };
-                let path = dir.join(&name);
                 let tmp = dir.join(format!(".{name}.partial"));
-                let _ = item;
-                if let Err(e) = write_image(store, &manifest, di, fmt, &tmp).await {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e);
+                images.push((fmt, dir.join(&name), tmp));
+            }
+            let targets: Vec<(ImageFormat, PathBuf)> =
+                images.iter().map(|(f, _, t)| (*f, t.clone())).collect();
+            if let Err(e) = write_images(store, &manifest, di, &targets).await {
+                for (_, _, tmp) in &images {
+                    let _ = std::fs::remove_file(tmp);
                 }
+                return Err(e);
+            }
+            for (fmt, path, tmp) in images {
                 std::fs::rename(&tmp, &path)
                     .with_context(|| format!("renaming into {}", path.display()))?;
-                std::fs::File::open(dir)?.sync_all()?;
                 out.push(MaterializedDisk {
                     disk: disk.disk_id.clone(),
                     format: fmt.as_str().into(),
@@ -367,7 +372,9 @@ impl Target {
                     bytes_written: None,
                 });
             }
+            std::fs::File::open(dir)?.sync_all()?;
         }
+        let _ = item;
         Ok(out)
     }
 }
@@ -375,46 +382,65 @@ impl Target {
 /// Blocks fetched and decoded ahead of the image writer.
 const WRITE_AHEAD: usize = 8;
 
-async fn write_image(
+/// Writes disk `disk_index` of a point as each of `targets` (format, path)
+/// from one read of the store: each block is fetched and decoded once and
+/// handed to every image's writer, each writing on a thread of its own
+/// (direct writes wait for the device) while the blocks ahead of them are
+/// fetched and decoded. Every image is synced before this returns.
+async fn write_images(
     store: &Store,
     manifest: &Manifest,
     disk_index: usize,
-    fmt: ImageFormat,
-    path: &Path,
+    targets: &[(ImageFormat, PathBuf)],
 ) -> anyhow::Result<()> {
-    let disk = &manifest.disks[disk_index];
-    let size = disk.size;
-    let path_owned = path.to_path_buf();
-    let mut writer =
-        tokio::task::spawn_blocking(move || create_writer(fmt, &path_owned, size)).await??;
-    // One thread writes the image (direct writes wait for the device) while
-    // the chunks ahead of it are fetched and decoded: a write never holds
-    // up the reads, nor a read the writes.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Vec<u8>)>(WRITE_AHEAD);
-    let write_task = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        while let Some((offset, data)) = rx.blocking_recv() {
-            // Each block once, into a new image: its zero pages may stay holes.
-            writer.write_new_at(offset, &data)?;
-        }
-        Ok(writer)
-    });
+    let size = manifest.disks[disk_index].size;
+    let mut senders = Vec::new();
+    let mut writers = Vec::new();
+    for (fmt, path) in targets {
+        let (fmt, path) = (*fmt, path.clone());
+        let mut writer =
+            tokio::task::spawn_blocking(move || create_writer(fmt, &path, size)).await??;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Arc<Vec<u8>>)>(WRITE_AHEAD);
+        writers.push(tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            while let Some((offset, data)) = rx.blocking_recv() {
+                // Each block once, into a new image: its zero pages
+                // may stay holes.
+                writer.write_new_at(offset, &data)?;
+            }
+            Ok(writer)
+        }));
+        senders.push(tx);
+    }
     let reading = async {
         let mut reader = store.read_disk(manifest, disk_index, 8)?;
         while let Some(block) = reader.next().await {
             let block = block?;
-            if let Some(data) = block.data
-                && tx.send((block.offset, data)).await.is_err()
-            {
-                break; // The writer failed: its error is reported below.
+            if let Some(data) = block.data {
+                let data = Arc::new(data);
+                for tx in &senders {
+                    if tx.send((block.offset, data.clone())).await.is_err() {
+                        // A writer failed: its error is reported below.
+                        return anyhow::Ok(());
+                    }
+                }
             }
         }
         anyhow::Ok(())
     }
     .await;
-    drop(tx);
-    let writer = write_task.await?;
+    drop(senders);
+    let mut done = Vec::new();
+    for w in writers {
+        done.push(w.await?);
+    }
     reading?;
-    let writer = writer?;
-    tokio::task::spawn_blocking(move || writer.finish()).await??;
+    let mut finishing = Vec::new();
+    for writer in done {
+        let writer = writer?;
+        finishing.push(tokio::task::spawn_blocking(move || writer.finish()));
+    }
+    for f in finishing {
+        f.await??;
+    }
     Ok(())
 }

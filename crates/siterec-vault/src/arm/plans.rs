@@ -574,7 +574,7 @@ async fn start_plan(
     let mut loaded = Vec::new();
     let mut problems = Vec::new();
     for name in row.plan.items() {
-        match items::load(&mut *tx, name).await? {
+        match items::load(&mut **tx, name).await? {
             Some(item) => loaded.push(item),
             None => problems.push(format!("item '{name}' is not protected any more")),
         }

@@ -106,7 +106,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
     .bind(counters)
     .bind(agent)
     .bind(i64::from(req.wait_ms))
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     if seen.rows_affected() == 0 {
         tx.rollback().await?;
@@ -118,20 +118,21 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
     .bind(fabric)
     .bind(&req.cloud)
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     // The cloud as first spelled (names compare ignoring case).
     let cloud: String =
         sqlx::query_scalar("SELECT name FROM containers WHERE fabric = $1 AND name = $2")
             .bind(fabric)
             .bind(&req.cloud)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
     let mut reported = Vec::new();
     for (m, info) in req.machines.iter().zip(infos) {
         sqlx::query(
             "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms",
+             ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms
+             WHERE machines.container <> excluded.container OR machines.agent_id <> excluded.agent_id OR machines.info <> excluded.info",
         )
         .bind(fabric)
         .bind(&cloud)
@@ -139,27 +140,27 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
         .bind(agent)
         .bind(info)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         reported.push(m.name.to_ascii_lowercase());
     }
     let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = $1")
         .bind(agent)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
     for name in mine {
         if !reported.contains(&name.to_ascii_lowercase()) {
             sqlx::query("DELETE FROM machines WHERE agent_id = $1 AND name = $2")
                 .bind(agent)
                 .bind(&name)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
     }
     // The host's VM networks: exactly what this heartbeat reports.
     sqlx::query("DELETE FROM networks WHERE agent_id = $1")
         .bind(agent)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     for n in networks {
         sqlx::query(
@@ -169,7 +170,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
         .bind(*n)
         .bind(agent)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
     tx.commit().await?;

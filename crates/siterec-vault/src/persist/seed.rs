@@ -34,25 +34,25 @@ pub async fn seed_fleet(
         sqlx::query("INSERT INTO fabrics (name, created_ms) VALUES ($1, $2)")
             .bind(fabric)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         sqlx::query("INSERT INTO containers (fabric, name, created_ms) VALUES ($1, $2, $3)")
             .bind(fabric)
             .bind(cloud)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
     }
     sqlx::query("INSERT INTO policies (name, body, created_ms) VALUES ('bench', $1, $2)")
         .bind(serde_json::to_string(&policy).map_err(|e| ApiError::internal("bench policy", e))?)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     sqlx::query(
         "INSERT INTO container_mappings (fabric, container, name, target_fabric, target_container, policy, state, created_ms) VALUES ('bench-primary', 'primary-cloud', 'bench', 'bench-recovery', 'recovery-cloud', 'bench', 'Paired', $1)",
     )
     .bind(now)
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     let mut names = Vec::with_capacity(agents * items_per_agent);
     for a in 0..agents {
@@ -82,7 +82,7 @@ pub async fn seed_fleet(
             .bind(&agent_id)
             .bind(serde_json::to_string(&info).map_err(|e| ApiError::internal("bench machine", e))?)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             let created = now - 86_400_000 + (names.len() as i64);
             sqlx::query(
@@ -92,7 +92,7 @@ pub async fn seed_fleet(
             .bind(&name)
             .bind(created)
             .bind(now)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             for p in 0..points {
                 let at = now - (points - p) as i64 * 300_000;
@@ -103,7 +103,7 @@ pub async fn seed_fleet(
                 .bind(format!("{at}-{p:02}"))
                 .bind(at)
                 .bind(at)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             }
             counters.insert(
@@ -120,7 +120,7 @@ pub async fn seed_fleet(
         .bind(serde_json::Value::Object(counters).to_string())
         .bind(now)
         .bind(now)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     }
     tx.commit().await?;
