@@ -123,11 +123,10 @@ async fn breakdown(api: &Api, plan_job: &sapi::Job) -> anyhow::Result<Value> {
             }
         }
     }
-    // Every step of a machine's job commits at least once, its creation
-    // and its task's result once each, every plan step once.
-    let commits: usize = per_step.values().map(Vec::len).sum::<usize>()
-        + 2 * machines.len()
-        + plan_job.properties.tasks.len();
+    // A machine's job commits at least twice on its own (its creation by
+    // the ARM handler, its task's result from the agent); its steps commit
+    // with the engine's passes, shared by all jobs; every plan step once.
+    let commits: usize = 2 * machines.len() + plan_job.properties.tasks.len();
     let steps: Vec<Value> = per_step
         .into_iter()
         .map(|(name, mut v)| {
