@@ -158,6 +158,25 @@ async fn heartbeat(
         .map_err(|e| ApiError::internal("machine info", e))?;
     let counters =
         serde_json::to_string(&req.counters).map_err(|e| ApiError::internal("counters", e))?;
+    let digest = {
+        let mut h = blake3::Hasher::new();
+        for part in [fabric.as_str(), req.cloud.as_str()]
+            .into_iter()
+            .chain(infos.iter().map(String::as_str))
+        {
+            h.update(&(part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        h.finalize()
+    };
+    let machines_unchanged = st
+        .reported
+        .lock()
+        .map(|r| {
+            r.get(&agent)
+                .is_some_and(|(d, at)| *d == digest && now - at < REWRITE_MACHINES_MS)
+        })
+        .unwrap_or(false);
     let recorded = persist::record_heartbeat(
         &st.db,
         &persist::Heartbeat {
@@ -167,10 +186,17 @@ async fn heartbeat(
             infos: &infos,
             counters: &counters,
             networks: &networks,
+            machines_unchanged,
         },
         now,
     )
     .await?;
+    if recorded
+        && !machines_unchanged
+        && let Ok(mut r) = st.reported.lock()
+    {
+        r.insert(agent.clone(), (digest, now));
+    }
     if !recorded {
         // Unregistered while this heartbeat was on its way.
         return Err(agent_of(&st, &peer).await.err().unwrap_or_else(|| {
@@ -210,6 +236,10 @@ async fn heartbeat(
         version,
     }))
 }
+
+/// An agent's machines are written again at least this often even when
+/// unchanged (see [`crate::AppState::reported`]).
+const REWRITE_MACHINES_MS: i64 = 60_000;
 
 /// The longest a heartbeat waits for a change.
 const MAX_HEARTBEAT_WAIT_MS: u32 = 10_000;
@@ -256,6 +286,7 @@ async fn assignments(
     fabric: &str,
 ) -> ApiResult<Vec<ReplicationAssignment>> {
     let mut out = Vec::new();
+    let mut policies: std::collections::HashMap<String, Policy> = Default::default();
     for row in persist::source_items(&st.db, agent, fabric).await? {
         let state = row.state;
         if !siterec_core::state::ProtectionState::parse(&state).is_some_and(|s| s.replicating()) {
@@ -271,7 +302,15 @@ async fn assignments(
         let Some(target_url) = row.target_url else {
             continue;
         };
-        let (_, policy): (String, Policy) = crate::model::load_policy(&st.db, &row.policy).await?;
+        // Items share a few policies: each is read once per heartbeat.
+        let policy = match policies.get(&row.policy) {
+            Some(p) => p,
+            None => {
+                let (_, p): (String, Policy) =
+                    crate::model::load_policy(&st.db, &row.policy).await?;
+                policies.entry(row.policy.clone()).or_insert(p)
+            }
+        };
         // Only the initial copy goes offline; later cycles use the network.
         let offline_export = policy
             .offline
@@ -473,6 +512,7 @@ mod tests {
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
             changes: tokio::sync::watch::channel(1).0,
+            reported: Default::default(),
         })
     }
 

@@ -3079,6 +3079,7 @@ mod tests {
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
             changes: tokio::sync::watch::channel(1).0,
+            reported: Default::default(),
         });
         sqlx::query(
             "INSERT INTO api_tokens (token_hash, name, created_ms) VALUES ($1, 'admin', 0)",

@@ -369,6 +369,7 @@ mod tests {
             agent_url: "https://127.0.0.1:1".into(),
             wake: tokio::sync::Notify::new(),
             changes: tokio::sync::watch::channel(1).0,
+            reported: Default::default(),
         }
     }
 

@@ -89,6 +89,11 @@ pub struct AppState {
     /// Counts the job engine's passes that may have changed what agents
     /// are told: a heartbeat that waits for a change returns when it moves.
     pub changes: tokio::sync::watch::Sender<u64>,
+    /// Per agent: a digest of the inventory its last recorded heartbeat
+    /// reported, and when. A heartbeat reporting the same machines within a
+    /// minute does not write them again (an agent heartbeats each time the
+    /// engine moves, many times a second while a plan runs).
+    pub reported: std::sync::Mutex<std::collections::HashMap<String, (blake3::Hash, i64)>>,
 }
 
 pub type Shared = Arc<AppState>;
@@ -186,6 +191,7 @@ pub async fn start(opts: VaultOptions) -> anyhow::Result<RunningVault> {
         agent_url,
         wake: Notify::new(),
         changes: tokio::sync::watch::channel(1).0,
+        reported: Default::default(),
     });
     let stop = Arc::new(Notify::new());
     let mut tasks = Vec::new();

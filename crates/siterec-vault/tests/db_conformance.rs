@@ -524,6 +524,7 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             infos: &infos,
             counters: "{}",
             networks: &[&lan],
+            machines_unchanged: false,
         };
         agents::record_heartbeat(&db, &beat, 20).await.unwrap();
         // Twice: nothing doubles.
@@ -549,6 +550,36 @@ async fn inventory_pairings_items_and_keys_read_back_as_written() {
             (1, Some(21), Some("Cloud1")),
             "{e}"
         );
+        // A heartbeat whose machines are as last recorded (the API layer
+        // knows) writes when the agent was seen and leaves them alone; one
+        // that reports none removes them.
+        let req_none = HeartbeatRequest {
+            machines: vec![],
+            ..req.clone()
+        };
+        let unchanged = agents::Heartbeat {
+            req: &req_none,
+            infos: &[],
+            machines_unchanged: true,
+            ..beat
+        };
+        agents::record_heartbeat(&db, &unchanged, 22).await.unwrap();
+        let ms = inventory::machines_of_cloud(&db, "primary", "cloud1")
+            .await
+            .unwrap();
+        assert_eq!(ms.len(), 1, "{e}");
+        let a = inventory::agents_of_fabric(&db, "primary").await.unwrap();
+        assert_eq!(a[0].last_seen_ms, Some(22), "{e}");
+        let emptied = agents::Heartbeat {
+            machines_unchanged: false,
+            ..unchanged
+        };
+        agents::record_heartbeat(&db, &emptied, 23).await.unwrap();
+        let ms = inventory::machines_of_cloud(&db, "primary", "cloud1")
+            .await
+            .unwrap();
+        assert!(ms.is_empty(), "{e}");
+        agents::record_heartbeat(&db, &beat, 24).await.unwrap();
 
         // A pairing: written Pairing, read back, paired by its job.
         let mut tx = db::begin(&db).await.unwrap();
@@ -1101,6 +1132,7 @@ async fn taking_apart_and_job_queries_read_back_as_written() {
             infos: &infos,
             counters: "{}",
             networks: &[&lan],
+            machines_unchanged: false,
         };
         agents::record_heartbeat(&db, &beat, 20).await.unwrap();
         let mut tx = db::begin(&db).await.unwrap();

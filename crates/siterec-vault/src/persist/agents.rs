@@ -78,6 +78,9 @@ pub struct Heartbeat<'a> {
     pub counters: &'a str,
     /// The networks to record (those with valid names).
     pub networks: &'a [&'a String],
+    /// The machines are as this agent's last recorded heartbeat reported
+    /// them: they are not written again.
+    pub machines_unchanged: bool,
 }
 
 /// Records a heartbeat in one transaction: the agent is seen, its cloud
@@ -92,6 +95,7 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
         infos,
         counters,
         networks,
+        machines_unchanged,
     } = *h;
     let mut tx = crate::db::begin(db).await?;
     let seen = sqlx::query(
@@ -128,7 +132,12 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
             .fetch_one(&mut **tx)
             .await?;
     let mut reported = Vec::new();
-    for (m, info) in req.machines.iter().zip(infos) {
+    let machines = if machines_unchanged {
+        &[][..]
+    } else {
+        &req.machines[..]
+    };
+    for (m, info) in machines.iter().zip(infos) {
         sqlx::query(
             "INSERT INTO machines (fabric, container, name, agent_id, info, updated_ms) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (fabric, name) DO UPDATE SET container = excluded.container, agent_id = excluded.agent_id, info = excluded.info, updated_ms = excluded.updated_ms
@@ -144,10 +153,14 @@ pub async fn record_heartbeat(db: &Db, h: &Heartbeat<'_>, now: i64) -> Result<bo
         .await?;
         reported.push(m.name.to_ascii_lowercase());
     }
-    let mine: Vec<String> = sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = $1")
-        .bind(agent)
-        .fetch_all(&mut **tx)
-        .await?;
+    let mine: Vec<String> = if machines_unchanged {
+        Vec::new()
+    } else {
+        sqlx::query_scalar("SELECT name FROM machines WHERE agent_id = $1")
+            .bind(agent)
+            .fetch_all(&mut **tx)
+            .await?
+    };
     for name in mine {
         if !reported.contains(&name.to_ascii_lowercase()) {
             sqlx::query("DELETE FROM machines WHERE agent_id = $1 AND name = $2")
