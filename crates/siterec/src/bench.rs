@@ -407,11 +407,28 @@ const FLOOR: &str = "disk floor";
 /// No phase that must leave that many bytes durable can beat it here, so
 /// it says what the targets can mean on this machine.
 fn disk_floor(phase: &'static str, dir: &Path, bytes: u64) -> anyhow::Result<Row> {
+    eprintln!("{phase}: {FLOOR}…");
+    let (secs, written) = durable_write(dir, bytes)?;
+    Ok(Row {
+        phase,
+        tool: FLOOR.into(),
+        secs: Some(secs),
+        cpu: None,
+        sync: Some(timed_sync()),
+        note: format!(
+            "{:.0} MiB made durable: 4 threads, 1 MiB O_DIRECT writes, fsync",
+            written as f64 / 1048576.0
+        ),
+    })
+}
+
+/// Makes at least `bytes` durable in `dir` the way [`disk_floor`] says
+/// (after [`settle`]); returns the seconds it took and the bytes written.
+pub(crate) fn durable_write(dir: &Path, bytes: u64) -> anyhow::Result<(f64, u64)> {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     const THREADS: u64 = 4;
     const BLOCK: usize = 1 << 20;
     const ALIGN: usize = 4096;
-    eprintln!("{phase}: {FLOOR}…");
     let mut raw = vec![0u8; BLOCK + ALIGN];
     StdRng::seed_from_u64(7).fill_bytes(&mut raw);
     let start = raw.as_ptr().align_offset(ALIGN);
@@ -459,17 +476,7 @@ fn disk_floor(phase: &'static str, dir: &Path, bytes: u64) -> anyhow::Result<Row
     for path in &paths {
         let _ = std::fs::remove_file(path);
     }
-    Ok(Row {
-        phase,
-        tool: FLOOR.into(),
-        secs: Some(secs),
-        cpu: None,
-        sync: Some(timed_sync()),
-        note: format!(
-            "{:.0} MiB made durable: 4 threads, 1 MiB O_DIRECT writes, fsync",
-            (per_thread * THREADS * BLOCK as u64) as f64 / 1048576.0
-        ),
-    })
+    Ok((secs, per_thread * THREADS * BLOCK as u64))
 }
 
 /// What the "3× faster than restic" asks of `phase` here, beside

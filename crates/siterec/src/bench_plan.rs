@@ -266,45 +266,11 @@ fn fsync_latency_ms(dir: &Path) -> anyhow::Result<f64> {
 }
 
 /// The device's best write rate where the recovery agent writes (MB/s):
-/// 64 MiB in 1 MiB direct writes (around the page cache, as the agent
-/// writes images), then synced.
+/// 64 MiB made durable as the replication benchmark's disk floor does it
+/// (direct writes, as the agent writes images).
 fn direct_write_mb_s(dir: &Path) -> anyhow::Result<f64> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    const BLOCK: usize = 1 << 20;
-    let path = dir.join("write-probe.tmp");
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)?;
-    // A page-aligned buffer (direct writes need one), filled with bytes
-    // that do not compress.
-    let layout = std::alloc::Layout::from_size_align(BLOCK, 4096)?;
-    // SAFETY: the layout has a non-zero size; the pointer is checked and
-    // freed below with the same layout.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    anyhow::ensure!(!ptr.is_null(), "allocating the probe's buffer");
-    // SAFETY: `ptr` points to BLOCK bytes just allocated, used only here.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, BLOCK) };
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for b in buf.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    let n = 64;
-    let t = Instant::now();
-    let written = (0..n).try_for_each(|i| f.write_all_at(buf, (i * BLOCK) as u64));
-    let synced = written.and_then(|()| f.sync_all());
-    let secs = t.elapsed().as_secs_f64();
-    // SAFETY: allocated above with this layout, not used after this.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    drop(f);
-    let _ = std::fs::remove_file(&path);
-    synced?;
-    Ok((n * BLOCK) as f64 / secs / 1e6)
+    let (secs, bytes) = crate::bench::durable_write(dir, 64 << 20)?;
+    Ok(bytes as f64 / secs / 1e6)
 }
 
 /// The bytes a plan's test failover wrote at the recovery site: the
