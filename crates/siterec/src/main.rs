@@ -2213,33 +2213,10 @@ async fn network(conn: &Conn, out: Format, cmd: NetworkCmd) -> anyhow::Result<Ex
             let base = format!(
                 "replicationFabrics/{fabric}/replicationNetworks/{network}/replicationNetworkMappings"
             );
-            // Named before anything is removed: a typo is an error, not a no-op.
-            let name = match name {
-                Some(n) => {
-                    api.get(&format!("{base}/{n}")).await?;
-                    n
-                }
-                None => api
-                    .list_as::<sapi::NetworkMapping>(&base)
-                    .await?
-                    .into_iter()
-                    .next()
-                    .map(|m| m.name)
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "network '{network}' of fabric '{fabric}' has no mapping; 'siterec network mappings' lists them"
-                        )
-                    })?,
-            };
-            let op = api
-                .run(
-                    reqwest::Method::DELETE,
-                    &format!("{base}/{name}"),
-                    &json!({}),
-                    JOB_TIMEOUT,
-                )
-                .await?;
-            finish(op, out, &format!("removal of network mapping {name}"))
+            let none = format!(
+                "network '{network}' of fabric '{fabric}' has no mapping; 'siterec network mappings' lists them"
+            );
+            delete_named_or_only(&api, out, &base, name, &none, "removal of network mapping").await
         }
     }
 }
@@ -2381,23 +2358,35 @@ async fn delete_pairing(
     let base = format!(
         "replicationFabrics/{fabric}/replicationProtectionContainers/{cloud}/replicationProtectionContainerMappings"
     );
-    // Named before anything is removed: a typo is an error, not a no-op.
+    let none = format!(
+        "cloud '{cloud}' of fabric '{fabric}' has no pairing; 'siterec pairing list' lists them"
+    );
+    delete_named_or_only(&api, out, &base, name, &none, "deleting pairing").await
+}
+
+/// Deletes the resource `name` of the collection `base`, or its first one
+/// when no name is given (`none` is the error when there is none), through
+/// its job; `what` names the operation in the answer. The resource is
+/// looked up before anything is removed: a typo is an error, not a no-op.
+async fn delete_named_or_only(
+    api: &client::Api,
+    out: Format,
+    base: &str,
+    name: Option<String>,
+    none: &str,
+    what: &str,
+) -> anyhow::Result<ExitCode> {
     let name = match name {
         Some(n) => {
             api.get(&format!("{base}/{n}")).await?;
             n
         }
         None => api
-            .list_as::<sapi::ContainerMapping>(&base)
+            .list(base)
             .await?
             .into_iter()
-            .next()
-            .map(|m| m.name)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "cloud '{cloud}' of fabric '{fabric}' has no pairing; 'siterec pairing list' lists them"
-                )
-            })?,
+            .find_map(|m| m["name"].as_str().map(str::to_string))
+            .ok_or_else(|| anyhow::anyhow!("{none}"))?,
     };
     let op = api
         .run(
@@ -2407,7 +2396,7 @@ async fn delete_pairing(
             JOB_TIMEOUT,
         )
         .await?;
-    finish(op, out, &format!("deleting pairing {name}"))
+    finish(op, out, &format!("{what} {name}"))
 }
 
 /// `siterec jobs export --csv`: the export job run to its end, then its
